@@ -1,0 +1,77 @@
+"""Detector registry: built-in detectors, ``monitaur.detectors`` entry points and config plugins.
+
+The registry is computed from constants and the config, never mutated at import time,
+so that two pipelines in one process cannot disturb each other.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+from typing import Any
+
+from pydantic import ValidationError
+
+from exporter.detectors.base import Detector, DetectorParams, ModelContext, Signal, State
+
+__all__ = ["Detector", "DetectorParams", "ModelContext", "Signal", "State", "BUILTIN", "available_detectors", "resolve_detectors"]
+
+# name -> "module:Class", in the order detectors run.
+BUILTIN: dict[str, str] = {
+    "confidence": "exporter.detectors.confidence:ConfidenceDetector",
+    "repetition": "exporter.detectors.repetition:RepetitionDetector",
+    "near_duplicate": "exporter.detectors.near_duplicate:NearDuplicateDetector",
+}
+
+
+def _load(spec: str, where: str) -> type[Detector]:
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"{where}: cannot load {spec!r} ({exc})") from None
+    if not (isinstance(obj, type) and issubclass(obj, Detector)):
+        raise ValueError(f"{where}: {spec!r} is not a Detector subclass")
+    return obj
+
+
+def available_detectors(plugins: dict[str, str] | None = None) -> dict[str, str]:
+    """Every known detector name -> its 'module:Class' spec."""
+    found = dict(BUILTIN)
+    for ep in entry_points(group="monitaur.detectors"):
+        found.setdefault(ep.name, ep.value)
+    for name, spec in (plugins or {}).items():
+        if name in BUILTIN:
+            raise ValueError(f"plugins.{name}: the name is taken by a built-in detector")
+        if ":" not in spec:
+            raise ValueError(f"plugins.{name}: expected 'module:Class', got {spec!r}")
+        found[name] = spec
+    return found
+
+
+def resolve_detectors(config: dict[str, dict[str, Any]], plugins: dict[str, str] | None = None) -> dict[str, tuple[type[Detector], DetectorParams]]:
+    """Validate the ``detectors`` config section; return enabled detectors in run order.
+
+    A detector listed in the config is enabled unless it says ``enabled: false``; one not
+    listed runs if it is enabled by default.
+    """
+    known = available_detectors(plugins)
+    for name, section in config.items():
+        if name not in known:
+            raise ValueError(f"detectors.{name}: unknown detector; available: {', '.join(known)}")
+        if section is not None and not isinstance(section, dict):
+            raise ValueError(f"detectors.{name}: expected a mapping of parameters")
+    enabled: dict[str, tuple[type[Detector], DetectorParams]] = {}
+    for name, spec in known.items():
+        cls = _load(spec, f"detectors.{name}")
+        try:
+            params = cls.Params(**(config.get(name) or {}))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"detectors.{name}.{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
+            )
+            raise ValueError(problems) from None
+        on = params.enabled if name in config else cls.default_enabled
+        if on:
+            enabled[name] = (cls, params)
+    return enabled

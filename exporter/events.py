@@ -1,0 +1,284 @@
+"""The one event type, and the decoder that turns a raw log line or pushed object into it.
+
+Every source (tailed files, HTTP push, replay) goes through :class:`Decoder`, so validation
+and rejection reasons are the same everywhere. Error messages describe *what* is wrong
+(a length, a type, a field name) and never echo model inputs, which may be sensitive.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from exporter import reasons
+from exporter.config import ModelConfig, Settings
+
+Modality = Literal["tabular", "image", "text"]
+
+MAX_CLIENT_LENGTH = 256
+MAX_MODEL_LENGTH = 128
+MAX_IMAGE_PIXELS = 4096 * 4096
+PROBABILITY_TOLERANCE = 1e-2
+
+
+@dataclass(slots=True)
+class Event:
+    """A decoded, validated prediction event.
+
+    Exactly one of ``vector``, ``text`` and ``image`` is set, by ``modality``.
+    ``probs`` is set for probability outputs (already softmaxed and normalized);
+    ``label``/``label_score`` for label-only APIs.
+    """
+
+    client: str
+    model: str
+    ts: float
+    modality: Modality
+    vector: np.ndarray | None = None
+    text: str | None = None
+    image: np.ndarray | None = None
+    probs: np.ndarray | None = None
+    label: str | None = None
+    label_score: float | None = None
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def confidence(self) -> float | None:
+        """The top-1 probability, or the label score of a label-only API."""
+        if self.probs is not None:
+            return float(self.probs.max())
+        return self.label_score
+
+    @property
+    def predicted_class(self) -> int | str | None:
+        """The arg-max class index, or the label of a label-only API."""
+        if self.probs is not None:
+            return int(self.probs.argmax())
+        return self.label
+
+
+class Rejected(Exception):
+    """An input that cannot become an :class:`Event`; ``reason`` is one of :mod:`exporter.reasons`."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def _lookup(obj: dict[str, Any], dotted: str) -> Any:
+    cur: Any = obj
+    for part in dotted.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+class Decoder:
+    """Decodes events per the configured field mapping and model settings.
+
+    It learns a model's input and output lengths from its first valid event when the
+    config does not give them, and rejects later events of another length.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._fields = settings.fields
+        self._models = settings.models
+        self._default_model = settings.default_model
+        self._zone = ZoneInfo(settings.default_timezone) if settings.default_timezone else None
+        self.learned_input_dims: dict[str, int] = {}
+        self.learned_num_classes: dict[str, int] = {}
+
+    # -- entry points -------------------------------------------------------
+    def decode_line(self, line: bytes | str, now: float | None = None) -> Event:
+        """Decode one JSON-lines record."""
+        try:
+            obj = json.loads(line)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise Rejected(reasons.MALFORMED_JSON, f"not valid JSON ({type(exc).__name__})") from None
+        return self.decode_object(obj, now)
+
+    def decode_object(self, obj: Any, now: float | None = None) -> Event:
+        """Decode one already-parsed JSON value."""
+        if not isinstance(obj, dict):
+            raise Rejected(reasons.NOT_AN_OBJECT, f"expected a JSON object, got {type(obj).__name__}")
+        f = self._fields
+        client = _lookup(obj, f.client)
+        if client is None or client == "":
+            raise Rejected(reasons.MISSING_CLIENT, f"missing client field '{f.client}'")
+        if not isinstance(client, str) or len(client) > MAX_CLIENT_LENGTH:
+            raise Rejected(reasons.INVALID_CLIENT, f"field '{f.client}' must be a string of at most {MAX_CLIENT_LENGTH} characters")
+        model = _lookup(obj, f.model)
+        if model is None:
+            model = self._default_model
+        if not isinstance(model, str) or not model or len(model) > MAX_MODEL_LENGTH:
+            raise Rejected(reasons.INVALID_MODEL, f"field '{f.model}' must be a non-empty string of at most {MAX_MODEL_LENGTH} characters")
+        ts = self._timestamp(_lookup(obj, f.ts), now)
+        mcfg = self._models.get(model) or ModelConfig()
+        event = self._input(client, model, ts, mcfg, _lookup(obj, f.input))
+        self._output(event, mcfg, _lookup(obj, f.output))
+        self._learn(event, mcfg)
+        return event
+
+    # -- fields -------------------------------------------------------------
+    def _timestamp(self, raw: Any, now: float | None) -> float:
+        if raw is None:
+            return time.time() if now is None else now
+        if isinstance(raw, bool):
+            raise Rejected(reasons.INVALID_TIMESTAMP, "timestamp must be a number or an RFC 3339 string")
+        if isinstance(raw, (int, float)):
+            ts = float(raw)
+        elif isinstance(raw, str):
+            try:
+                parsed = datetime.fromisoformat(raw.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+            except ValueError:
+                raise Rejected(reasons.INVALID_TIMESTAMP, "timestamp string is not RFC 3339") from None
+            if parsed.tzinfo is None:
+                if self._zone is None:
+                    raise Rejected(reasons.INVALID_TIMESTAMP, "timestamp has no time zone and no default_timezone is configured")
+                parsed = parsed.replace(tzinfo=self._zone)
+            ts = parsed.astimezone(timezone.utc).timestamp()
+        else:
+            raise Rejected(reasons.INVALID_TIMESTAMP, f"timestamp must be a number or an RFC 3339 string, got {type(raw).__name__}")
+        if not math.isfinite(ts) or ts < 0 or ts > 32503680000:  # year 3000
+            raise Rejected(reasons.INVALID_TIMESTAMP, "timestamp is not a plausible Unix epoch in seconds")
+        return ts
+
+    def _input(self, client: str, model: str, ts: float, mcfg: ModelConfig, raw: Any) -> Event:
+        if raw is None:
+            raise Rejected(reasons.MISSING_INPUT, f"missing input field '{self._fields.input}'")
+        if isinstance(raw, str):
+            if mcfg.modality not in (None, "text"):
+                raise Rejected(reasons.INVALID_INPUT, f"model '{model}' is {mcfg.modality}; got a string input")
+            return Event(client, model, ts, "text", text=raw)
+        if isinstance(raw, dict):
+            if "image_b64" not in raw:
+                raise Rejected(reasons.INVALID_INPUT, "an object input must have an 'image_b64' key")
+            if mcfg.modality not in (None, "image"):
+                raise Rejected(reasons.INVALID_INPUT, f"model '{model}' is {mcfg.modality}; got an image input")
+            return Event(client, model, ts, "image", image=_decode_image(raw["image_b64"]))
+        if isinstance(raw, list):
+            if mcfg.modality == "text":
+                raise Rejected(reasons.INVALID_INPUT, f"model '{model}' is text; got an array input")
+            vec = _numbers(raw, "input", reasons.INVALID_INPUT)
+            expected = mcfg.input_dim or self.learned_input_dims.get(model)
+            if expected is not None and vec.shape[0] != expected:
+                raise Rejected(reasons.WRONG_DIMENSION, f"input has {vec.shape[0]} values; model '{model}' expects {expected}")
+            modality: Modality = "image" if mcfg.modality == "image" else "tabular"
+            event = Event(client, model, ts, modality, vector=vec)
+            if modality == "image":
+                event.image = _pixels_from_vector(vec, mcfg.image_shape)
+            return event
+        raise Rejected(reasons.INVALID_INPUT, f"input must be an array of numbers, a string or an image object, got {type(raw).__name__}")
+
+    def _output(self, event: Event, mcfg: ModelConfig, raw: Any) -> None:
+        if raw is None:
+            return
+        if isinstance(raw, dict):
+            if "label" not in raw:
+                raise Rejected(reasons.INVALID_OUTPUT, "an object output must have a 'label' key")
+            label = raw["label"]
+            if isinstance(label, bool) or not isinstance(label, (str, int)):
+                raise Rejected(reasons.INVALID_OUTPUT, "output label must be a string or an integer")
+            event.label = str(label)
+            score = raw.get("score")
+            if score is not None:
+                if isinstance(score, bool) or not isinstance(score, (int, float)):
+                    raise Rejected(reasons.INVALID_OUTPUT, "output score must be a number")
+                if not math.isfinite(score):
+                    raise Rejected(reasons.NON_FINITE, "output score is NaN or infinite")
+                if not 0.0 <= score <= 1.0:
+                    raise Rejected(reasons.NOT_PROBABILITIES, "output score must lie in [0, 1]")
+                event.label_score = float(score)
+            return
+        if not isinstance(raw, list):
+            raise Rejected(reasons.INVALID_OUTPUT, f"output must be an array of probabilities or a label object, got {type(raw).__name__}")
+        values = _numbers(raw, "output", reasons.INVALID_OUTPUT)
+        if values.shape[0] < 2:
+            raise Rejected(reasons.INVALID_OUTPUT, "output must have at least 2 classes")
+        expected = mcfg.num_classes or self.learned_num_classes.get(event.model)
+        if expected is not None and values.shape[0] != expected:
+            raise Rejected(reasons.WRONG_DIMENSION, f"output has {values.shape[0]} classes; model '{event.model}' expects {expected}")
+        if mcfg.output == "logits":
+            shifted = np.exp(values - values.max())
+            event.probs = shifted / shifted.sum()
+            return
+        total = float(values.sum())
+        if values.min() < -1e-6 or values.max() > 1 + 1e-6 or abs(total - 1.0) > PROBABILITY_TOLERANCE:
+            raise Rejected(
+                reasons.NOT_PROBABILITIES,
+                f"output values must lie in [0, 1] and sum to 1 (sum is {total:.4g}); set output: logits for raw scores",
+            )
+        event.probs = np.clip(values, 0.0, None) / total
+
+    def _learn(self, event: Event, mcfg: ModelConfig) -> None:
+        if event.vector is not None and mcfg.input_dim is None:
+            self.learned_input_dims.setdefault(event.model, int(event.vector.shape[0]))
+        if event.probs is not None and mcfg.num_classes is None:
+            self.learned_num_classes.setdefault(event.model, int(event.probs.shape[0]))
+
+
+def _numbers(raw: list[Any], what: str, reason: str) -> np.ndarray:
+    if not raw:
+        raise Rejected(reason, f"{what} array is empty")
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in raw):
+        raise Rejected(reason, f"{what} array must hold only numbers")
+    arr = np.asarray(raw, dtype=np.float64)
+    if not np.isfinite(arr).all():
+        raise Rejected(reasons.NON_FINITE, f"{what} array holds NaN or infinity")
+    return arr
+
+
+def _decode_image(b64: Any) -> np.ndarray:
+    if not isinstance(b64, str):
+        raise Rejected(reasons.IMAGE_DECODE_ERROR, "image_b64 must be a base64 string")
+    try:
+        data = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise Rejected(reasons.IMAGE_DECODE_ERROR, "image_b64 is not valid base64") from None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format not in ("PNG", "JPEG"):
+                raise Rejected(reasons.IMAGE_DECODE_ERROR, f"image format {img.format} is not PNG or JPEG")
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise Rejected(reasons.IMAGE_DECODE_ERROR, f"image of {img.width}x{img.height} pixels exceeds the limit")
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except Rejected:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise Rejected(reasons.IMAGE_DECODE_ERROR, f"image does not decode ({type(exc).__name__})") from None
+
+
+def _pixels_from_vector(vec: np.ndarray, shape: tuple[int, ...] | None) -> np.ndarray | None:
+    """Flattened pixels as a 2-D/3-D array when the model config gives the image shape."""
+    if shape is None:
+        return None
+    if int(np.prod(shape)) != vec.shape[0]:
+        raise Rejected(reasons.WRONG_DIMENSION, f"input has {vec.shape[0]} values; image_shape needs {int(np.prod(shape))}")
+    return vec.reshape(shape)
+
+
+def dumps(event: Event) -> str:
+    """Serialize an event back to the default JSON-lines schema (used by tests and tools)."""
+    obj: dict[str, Any] = {"ts": event.ts, "client": event.client, "model": event.model}
+    if event.text is not None:
+        obj["input"] = event.text
+    elif event.vector is not None:
+        obj["input"] = event.vector.tolist()
+    if event.probs is not None:
+        obj["output"] = event.probs.tolist()
+    elif event.label is not None:
+        obj["output"] = {"label": event.label} | ({"score": event.label_score} if event.label_score is not None else {})
+    return json.dumps(obj)

@@ -1,0 +1,161 @@
+"""Every metric the exporter exposes, in its own registry.
+
+Self-metrics are ordinary prometheus_client instruments. Per-client series come from
+:class:`ClientCollector`, which builds them at scrape time from the client store, so
+that the cardinality guard (top-N by score plus every flagged client, the rest under
+``client="__other__"``) and the removal of evicted clients' series cannot drift from
+the state they describe.
+"""
+
+from __future__ import annotations
+
+import platform
+import threading
+from collections import defaultdict
+from typing import TYPE_CHECKING, Iterable
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from exporter import __version__, reasons
+
+if TYPE_CHECKING:
+    from exporter.state import ClientState, ClientStore
+
+OTHER = "__other__"
+CONFIDENCE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
+DURATION_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
+
+# `_created` series double the exposition for no benefit to alerting.
+prometheus_client.disable_created_metrics()
+
+
+class Metrics:
+    """The exporter's metric instruments, bound to a private registry."""
+
+    def __init__(self, detectors: Iterable[str] = ()) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.events = Counter("monitaur_events", "Events accepted, by model.", ["model"], registry=r)
+        self.events_rejected = Counter("monitaur_events_rejected", "Events rejected, by reason.", ["reason"], registry=r)
+        self.prediction_confidence = Histogram(
+            "monitaur_prediction_confidence",
+            "Top-1 probability (or label score) of the model's answers.",
+            ["model"],
+            buckets=CONFIDENCE_BUCKETS,
+            registry=r,
+        )
+        self.detector_duration = Histogram(
+            "monitaur_detector_duration_seconds", "Time a detector spent on one event.", ["detector"], buckets=DURATION_BUCKETS, registry=r
+        )
+        self.detector_errors = Counter("monitaur_detector_errors", "Events a detector failed to judge.", ["detector"], registry=r)
+        self.tracked_clients = Gauge("monitaur_tracked_clients", "Clients with state in memory.", registry=r)
+        self.tracked_clients_limit = Gauge("monitaur_tracked_clients_limit", "Configured maximum of tracked clients.", registry=r)
+        self.client_evictions = Counter("monitaur_client_evictions", "Clients dropped from state, by reason (lru, ttl).", ["reason"], registry=r)
+        self.client_series = Gauge("monitaur_client_series", "Clients exported with their own series.", registry=r)
+        self.client_series_limit = Gauge("monitaur_client_series_limit", "Configured top-N of clients with their own series.", registry=r)
+        self.file_lines = Counter("monitaur_file_lines", "Lines read from a tailed file.", ["path"], registry=r)
+        self.file_offset = Gauge("monitaur_file_offset_bytes", "Read position in a tailed file.", ["path"], registry=r)
+        self.file_size = Gauge("monitaur_file_size_bytes", "Size of a tailed file.", ["path"], registry=r)
+        self.file_rotations = Counter("monitaur_file_rotations", "Rotations (a new file at a tailed path).", ["path"], registry=r)
+        self.file_truncations = Counter("monitaur_file_truncations", "Truncations (copytruncate) of a tailed file.", ["path"], registry=r)
+        self.checkpoint_errors = Counter("monitaur_checkpoint_errors", "Failed checkpoint writes or reads, by kind.", ["kind"], registry=r)
+        self.checkpoint_last_success = Gauge(
+            "monitaur_checkpoint_last_success_timestamp_seconds", "When state and offsets were last saved.", registry=r
+        )
+        self.push_requests = Counter("monitaur_push_requests", "HTTP push requests, by status code.", ["code"], registry=r)
+        self.build_info = Gauge("monitaur_build_info", "Build information.", ["version", "python"], registry=r)
+        self.build_info.labels(__version__, platform.python_version()).set(1)
+        # Zero-initialise the fixed label sets so that rate() and absent() work from the first scrape.
+        for reason in reasons.ALL:
+            self.events_rejected.labels(reason)
+        for name in detectors:
+            self.detector_errors.labels(name)
+        for kind in ("offsets", "state"):
+            self.checkpoint_errors.labels(kind)
+        for reason in ("lru", "ttl"):
+            self.client_evictions.labels(reason)
+
+    def forget_file(self, path: str) -> None:
+        """Remove a file's series once it is no longer tailed."""
+        for metric in (self.file_lines, self.file_offset, self.file_size, self.file_rotations, self.file_truncations):
+            try:
+                metric.remove(path)
+            except KeyError:
+                pass
+
+
+class ClientCollector(Collector):
+    """Builds the per-client series at scrape time, under the cardinality guard.
+
+    A client has its own series while it is among the top ``limit`` by score, or flagged.
+    Events of the other clients are counted under ``client="__other__"`` *as they happen*,
+    so that ``__other__``'s counters never go backwards when membership changes.
+    """
+
+    def __init__(self, store: "ClientStore", limit: int, lock: threading.Lock, detectors: Iterable[str]) -> None:
+        self.store = store
+        self.limit = limit
+        self.lock = lock
+        self.detectors = list(detectors)
+        self.exported: set[str] = set()
+        self.other_queries: dict[str, int] = defaultdict(int)
+        self.other_flags: dict[str, int] = defaultdict(int)
+
+    def describe(self) -> list:
+        return []
+
+    # -- called by the pipeline, under its lock ------------------------------
+    def count_event(self, client: "ClientState", model: str, flagged: Iterable[str]) -> None:
+        """Account one event of ``client`` to its own series or to ``__other__``."""
+        if client.client_id not in self.exported:
+            if client.suspicious or len(self.exported) < self.limit:
+                self.exported.add(client.client_id)
+                return
+            self.other_queries[model] += 1
+            for name in flagged:
+                self.other_flags[name] += 1
+
+    def forget(self, client_id: str) -> None:
+        """Drop an evicted client; its series vanish from the next scrape."""
+        self.exported.discard(client_id)
+
+    def refresh(self) -> None:
+        """Recompute the exported set: every flagged client plus the top-N by score."""
+        clients = list(self.store.values())
+        flagged = {c.client_id for c in clients if c.suspicious}
+        ranked = sorted((c for c in clients if c.client_id not in flagged), key=lambda c: c.score, reverse=True)
+        self.exported = flagged | {c.client_id for c in ranked[: max(self.limit - len(flagged), 0)]}
+
+    # -- scrape ---------------------------------------------------------------
+    def collect(self) -> Iterable:
+        with self.lock:
+            self.refresh()
+            queries = CounterMetricFamily("monitaur_client_queries", "Queries by client and model.", labels=["client", "model"])
+            flags = CounterMetricFamily("monitaur_client_flags", "Events at which a detector flagged the client.", labels=["client", "detector"])
+            score = GaugeMetricFamily("monitaur_client_score", "Client's current score per detector, 0 to 1.", labels=["client", "detector"])
+            suspicious = GaugeMetricFamily("monitaur_client_suspicious", "1 while any detector flags the client.", labels=["client"])
+            other_score: dict[str, float] = {}
+            for c in self.store.values():
+                if c.client_id not in self.exported:
+                    for name, value in c.scores.items():
+                        other_score[name] = max(other_score.get(name, 0.0), value)
+                    continue
+                for model, n in c.queries.items():
+                    queries.add_metric([c.client_id, model], n)
+                for name in self.detectors:
+                    flags.add_metric([c.client_id, name], c.flags.get(name, 0))
+                    if name in c.scores:
+                        score.add_metric([c.client_id, name], c.scores[name])
+                suspicious.add_metric([c.client_id], 1.0 if c.suspicious else 0.0)
+            if self.other_queries or len(self.store) > len(self.exported):
+                for model, n in self.other_queries.items():
+                    queries.add_metric([OTHER, model], n)
+                for name in self.detectors:
+                    flags.add_metric([OTHER, name], self.other_flags.get(name, 0))
+                    if name in other_score:
+                        score.add_metric([OTHER, name], other_score[name])
+                suspicious.add_metric([OTHER], 0.0)
+            return [queries, flags, score, suspicious]

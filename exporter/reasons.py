@@ -1,0 +1,39 @@
+"""The closed set of reasons an event can be rejected for.
+
+Each is a label value of ``monitaur_events_rejected_total{reason}``; keeping the set
+closed keeps that metric's cardinality fixed and lets dashboards list every reason.
+"""
+
+MALFORMED_JSON = "malformed_json"
+NOT_AN_OBJECT = "not_an_object"
+MISSING_CLIENT = "missing_client"
+INVALID_CLIENT = "invalid_client"
+INVALID_TIMESTAMP = "invalid_timestamp"
+INVALID_MODEL = "invalid_model"
+MISSING_INPUT = "missing_input"
+INVALID_INPUT = "invalid_input"
+NON_FINITE = "non_finite"
+WRONG_DIMENSION = "wrong_dimension"
+INVALID_OUTPUT = "invalid_output"
+NOT_PROBABILITIES = "not_probabilities"
+IMAGE_DECODE_ERROR = "image_decode_error"
+LINE_TOO_LONG = "line_too_long"
+BODY_TOO_LARGE = "body_too_large"
+
+ALL: tuple[str, ...] = (
+    MALFORMED_JSON,
+    NOT_AN_OBJECT,
+    MISSING_CLIENT,
+    INVALID_CLIENT,
+    INVALID_TIMESTAMP,
+    INVALID_MODEL,
+    MISSING_INPUT,
+    INVALID_INPUT,
+    NON_FINITE,
+    WRONG_DIMENSION,
+    INVALID_OUTPUT,
+    NOT_PROBABILITIES,
+    IMAGE_DECODE_ERROR,
+    LINE_TOO_LONG,
+    BODY_TOO_LARGE,
+)
