@@ -226,7 +226,8 @@ def load_settings(path: Path | str | None = None) -> Settings:
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML{where}") from None
+            problem = getattr(exc, "problem", None)
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML{where}{f': {problem}' if problem else ''}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -100,8 +100,18 @@ class Decoder:
         self._zone = ZoneInfo(settings.default_timezone) if settings.default_timezone else None
         self.learned_input_dims: dict[str, int] = {}
         self.learned_num_classes: dict[str, int] = {}
+        self.learned_modalities: dict[str, str] = {}
 
     # -- entry points -------------------------------------------------------
+    def learned(self) -> dict[str, dict[str, int | str]]:
+        """What was learned about each model, for snapshots."""
+        return {"input_dims": dict(self.learned_input_dims), "num_classes": dict(self.learned_num_classes), "modalities": dict(self.learned_modalities)}
+
+    def restore(self, learned: dict[str, dict[str, int | str]]) -> None:
+        self.learned_input_dims.update({k: int(v) for k, v in learned.get("input_dims", {}).items()})
+        self.learned_num_classes.update({k: int(v) for k, v in learned.get("num_classes", {}).items()})
+        self.learned_modalities.update({k: str(v) for k, v in learned.get("modalities", {}).items()})
+
     def decode_line(self, line: bytes | str, now: float | None = None) -> Event:
         """Decode one JSON-lines record."""
         try:
@@ -127,6 +137,9 @@ class Decoder:
             raise Rejected(reasons.INVALID_MODEL, f"field '{f.model}' must be a non-empty string of at most {MAX_MODEL_LENGTH} characters")
         ts = self._timestamp(_lookup(obj, f.ts), now)
         mcfg = self._models.get(model) or ModelConfig()
+        if mcfg.modality is None and model in self.learned_modalities:
+            # A model's modality is guessed from its first event, then held to.
+            mcfg = mcfg.model_copy(update={"modality": self.learned_modalities[model]})
         event = self._input(client, model, ts, mcfg, _lookup(obj, f.input))
         self._output(event, mcfg, _lookup(obj, f.output))
         self._learn(event, mcfg)
@@ -224,6 +237,7 @@ class Decoder:
         event.probs = np.clip(values, 0.0, None) / total
 
     def _learn(self, event: Event, mcfg: ModelConfig) -> None:
+        self.learned_modalities.setdefault(event.model, event.modality)
         if event.vector is not None and mcfg.input_dim is None:
             self.learned_input_dims.setdefault(event.model, int(event.vector.shape[0]))
         if event.probs is not None and mcfg.num_classes is None:

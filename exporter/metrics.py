@@ -112,6 +112,7 @@ class ClientCollector(Collector):
         """Account one event of ``client`` to its own series or to ``__other__``."""
         if client.client_id not in self.exported:
             if client.suspicious or len(self.exported) < self.limit:
+                # Flagged clients always get their own series; others while there is room.
                 self.exported.add(client.client_id)
                 return
             self.other_queries[model] += 1
@@ -127,7 +128,7 @@ class ClientCollector(Collector):
         clients = list(self.store.values())
         flagged = {c.client_id for c in clients if c.suspicious}
         ranked = sorted((c for c in clients if c.client_id not in flagged), key=lambda c: c.score, reverse=True)
-        self.exported = flagged | {c.client_id for c in ranked[: max(self.limit - len(flagged), 0)]}
+        self.exported = flagged | {c.client_id for c in ranked[: self.limit]}
 
     # -- scrape ---------------------------------------------------------------
     def collect(self) -> Iterable:

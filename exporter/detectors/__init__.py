@@ -35,6 +35,11 @@ def _load(spec: str, where: str) -> type[Detector]:
     return obj
 
 
+def _check_name(cls: type[Detector], name: str, where: str) -> None:
+    if getattr(cls, "name", None) != name:
+        raise ValueError(f"{where}: the class declares name {getattr(cls, 'name', None)!r}; register it under that name")
+
+
 def available_detectors(plugins: dict[str, str] | None = None) -> dict[str, str]:
     """Every known detector name -> its 'module:Class' spec."""
     found = dict(BUILTIN)
@@ -64,6 +69,7 @@ def resolve_detectors(config: dict[str, dict[str, Any]], plugins: dict[str, str]
     enabled: dict[str, tuple[type[Detector], DetectorParams]] = {}
     for name, spec in known.items():
         cls = _load(spec, f"detectors.{name}")
+        _check_name(cls, name, f"detectors.{name}")
         try:
             params = cls.Params(**(config.get(name) or {}))
         except ValidationError as exc:

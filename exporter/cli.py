@@ -1,0 +1,105 @@
+"""The ``monitaur-exporter`` command line: run, replay, check-config.
+
+Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from typing import Sequence
+
+from exporter import __version__
+from exporter.config import ConfigError, Settings, load_settings
+
+log = logging.getLogger("monitaur")
+
+
+def _setup_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from exporter.app import App
+
+    app = App(settings)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        app.start()
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    stopping.wait()
+    app.stop()
+    return 0
+
+
+def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from exporter.replay import replay
+
+    try:
+        report = replay(settings, args.logs)
+    except FileNotFoundError as exc:
+        print(f"monitaur-exporter replay: {exc}", file=sys.stderr)
+        return 2
+    json.dump(report, sys.stdout, indent=None if args.compact else 2)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_check_config(args: argparse.Namespace, settings: Settings) -> int:
+    detectors = ", ".join(settings.detector_params()) or "none"
+    print(f"{args.file}: OK (detectors: {detectors}; tailing: {', '.join(settings.files.paths) or 'nothing'})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="monitaur-exporter", description="Detect model-extraction traffic per client and export it to Prometheus.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="tail logs, accept pushes and serve /metrics until SIGTERM")
+    run.add_argument("--config", metavar="FILE", help="YAML config (default: the embedded default)")
+    run.set_defaults(func=_cmd_run)
+
+    rep = sub.add_parser("replay", help="run the detectors over historical logs and print a JSON report")
+    rep.add_argument("--config", metavar="FILE", help="YAML config (default: the embedded default)")
+    rep.add_argument("--compact", action="store_true", help="print the report on one line")
+    rep.add_argument("logs", nargs="+", metavar="LOG", help="JSON-lines log files or globs")
+    rep.set_defaults(func=_cmd_replay)
+
+    chk = sub.add_parser("check-config", help="validate a config file and exit")
+    chk.add_argument("file", metavar="FILE")
+    chk.set_defaults(func=_cmd_check_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    path = getattr(args, "config", None) or getattr(args, "file", None)
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        print(f"monitaur-exporter: invalid configuration{f' in {path}' if path else ''}:\n{exc}", file=sys.stderr)
+        return 2
+    _setup_logging(settings)
+    return int(args.func(args, settings))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

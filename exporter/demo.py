@@ -1,0 +1,90 @@
+"""A small, seeded, dependency-free traffic generator shaped like the digits dataset.
+
+It gives the README's first command a log to chew on, and tests realistic event shapes:
+64 features in 0..16 (8x8 images), a 10-class "victim" that answers with probabilities,
+benign clients that send natural inputs, and attackers whose traffic the core detectors
+should see (boundary probing, exact-repeat floods, tiny-perturbation searches).
+The extraction benchmark in ``bench/detection`` uses real datasets instead.
+
+Usage: ``python -m exporter.demo > logs/example.jsonl``
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Iterator
+
+import numpy as np
+
+DIM = 64
+CLASSES = 10
+
+
+class DigitsLike:
+    """Class prototypes, a sampler of natural inputs and a softmax victim model."""
+
+    def __init__(self, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.prototypes = np.clip(rng.gamma(1.2, 4.0, size=(CLASSES, DIM)) * (rng.random((CLASSES, DIM)) < 0.55), 0, 16)
+        self.temperature = 6.0
+
+    def sample(self, rng: np.random.Generator, n: int, classes: np.ndarray | None = None) -> np.ndarray:
+        """Natural inputs: a prototype plus noise, rounded to integers in 0..16."""
+        cls = rng.integers(0, CLASSES, n) if classes is None else classes
+        x = self.prototypes[cls] + rng.normal(0, 1.2, size=(n, DIM))
+        return np.clip(np.rint(x), 0, 16)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Class probabilities: a softmax over negative distances to the prototypes."""
+        d = np.sqrt(((x[:, None, :] - self.prototypes[None, :, :]) ** 2).sum(-1))
+        z = -(d - d.min(axis=1, keepdims=True)) / self.temperature
+        p = np.exp(z)
+        return p / p.sum(axis=1, keepdims=True)
+
+
+def _num(v: float) -> int | float:
+    r = round(float(v), 3)
+    return int(r) if r.is_integer() else r
+
+
+def _line(ts: float, client: str, x: np.ndarray, p: np.ndarray) -> str:
+    return json.dumps({"ts": round(ts, 3), "client": client, "model": "digits", "input": [_num(v) for v in x], "output": [round(float(v), 5) for v in p]})
+
+
+def example_log(seed: int = 0, benign_clients: int = 8, per_client: int = 60, start: float = 1764097200.0) -> Iterator[str]:
+    """Benign traffic from several clients, plus three attackers, interleaved in time order."""
+    world = DigitsLike(seed)
+    rng = np.random.default_rng(seed + 1)
+    rows: list[tuple[float, str, np.ndarray]] = []
+    for c in range(benign_clients):
+        x = world.sample(rng, per_client)
+        # an occasional honest retry
+        x[rng.random(per_client) < 0.05] = x[0]
+        ts = start + np.sort(rng.uniform(0, 600, per_client))
+        rows += [(t, f"app-{c:02d}", xi) for t, xi in zip(ts, x)]
+    # boundary prober: midpoints between two classes' prototypes
+    a, b = rng.integers(0, CLASSES, (2, per_client))
+    mid = np.clip(np.rint((world.prototypes[a] + world.prototypes[b]) / 2 + rng.normal(0, 0.3, (per_client, DIM))), 0, 16)
+    rows += [(t, "scraper-boundary", xi) for t, xi in zip(start + np.sort(rng.uniform(0, 600, per_client)), mid)]
+    # repeat flood: the same few inputs over and over
+    few = world.sample(rng, 3)
+    rows += [(t, "scraper-repeat", few[i % 3]) for i, t in enumerate(start + np.sort(rng.uniform(0, 600, per_client)))]
+    # perturbation search around one input (what HopSkipJump-like search looks like)
+    base = world.sample(rng, 1)[0]
+    steps = np.clip(base + rng.normal(0, 0.05, (per_client, DIM)).cumsum(axis=0) * 0.1, 0, 16)
+    rows += [(t, "scraper-search", xi) for t, xi in zip(start + np.sort(rng.uniform(0, 600, per_client)), steps)]
+    rows.sort(key=lambda r: r[0])
+    probs = world.predict(np.stack([r[2] for r in rows]))
+    for (t, client, x), p in zip(rows, probs):
+        yield _line(t, client, x, p)
+
+
+def main() -> int:
+    for line in example_log():
+        sys.stdout.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

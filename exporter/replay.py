@@ -1,0 +1,156 @@
+"""``monitaur-exporter replay``: the forensic mode.
+
+Runs the same pipeline as ``run`` over historical logs, as fast as it can, in event
+time order, with event time as the clock (so TTLs behave as they would have live),
+and reports per client when and by which detectors it was first flagged.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator, TextIO
+
+from exporter import reasons
+from exporter.config import Settings
+from exporter.events import Event, Rejected
+from exporter.pipeline import Pipeline
+from exporter.state import ClientState
+
+
+class Progress:
+    """Throttled progress lines on a terminal's stderr; silent when stderr is not a terminal."""
+
+    def __init__(self, stream: TextIO, enabled: bool | None = None, every: float = 0.5) -> None:
+        self.stream = stream
+        self.enabled = stream.isatty() if enabled is None else enabled
+        self.every = every
+        self.start = time.monotonic()
+        self._last = 0.0
+
+    def update(self, phase: str, done: int, total: int, unit: str, events: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self._last < self.every and done < total):
+            return
+        self._last = now
+        rate = events / max(now - self.start, 1e-9)
+        pct = 100.0 * done / total if total else 100.0
+        self.stream.write(f"\r{phase}: {pct:5.1f}% of {total:,} {unit}, {events:,} events, {rate:,.0f} events/s   ")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def expand(paths: list[str]) -> list[Path]:
+    """Expand globs; keep plain paths as given so a missing file gets a clear error."""
+    out: list[Path] = []
+    for p in paths:
+        matches = sorted(glob.glob(p)) if any(ch in p for ch in "*?[") else [p]
+        out.extend(Path(m) for m in matches)
+    return out
+
+
+def _read(paths: list[Path], pipeline: Pipeline, max_line: int, progress: Progress, rejected: Counter[str]) -> list[Event]:
+    total = sum(os.path.getsize(p) for p in paths)
+    done = 0
+    events: list[Event] = []
+    for path in paths:
+        last_ts = 0.0  # an event without a timestamp keeps its place after the one before it
+        with open(path, "rb") as fh:
+            for line in fh:
+                done += len(line)
+                if not line.strip():
+                    continue
+                if len(line) > max_line:
+                    pipeline.reject(reasons.LINE_TOO_LONG, f"line longer than {max_line} bytes")
+                    rejected[reasons.LINE_TOO_LONG] += 1
+                    continue
+                try:
+                    event = pipeline.decoder.decode_line(line, now=last_ts)
+                except Rejected as rej:
+                    pipeline.reject(rej.reason, rej.message)
+                    rejected[rej.reason] += 1
+                    continue
+                last_ts = event.ts
+                events.append(event)
+                if len(events) % 1000 == 0:
+                    progress.update("reading", done, total, "bytes", len(events))
+    progress.update("reading", total, total, "bytes", len(events))
+    return events
+
+
+def _summary(c: ClientState, detectors: list[str]) -> dict[str, Any]:
+    return {
+        "queries": c.total,
+        "flagged": c.first_flagged_query is not None,
+        "first_flagged_query": c.first_flagged_query,
+        "score": round(c.score, 6),
+        "detectors": {
+            name: {"flagged": name in c.first_flagged, "first_flagged_query": c.first_flagged.get(name), "value": round(c.scores.get(name, 0.0), 6)}
+            for name in detectors
+        },
+    }
+
+
+def _merge(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """Join two lives of a client that was evicted and came back: indexes continue."""
+    offset = earlier["queries"]
+
+    def first(a: int | None, b: int | None) -> int | None:
+        return a if a is not None else (b + offset if b is not None else None)
+
+    merged = dict(later)
+    merged["queries"] = offset + later["queries"]
+    merged["first_flagged_query"] = first(earlier["first_flagged_query"], later["first_flagged_query"])
+    merged["flagged"] = merged["first_flagged_query"] is not None
+    merged["detectors"] = {
+        n: {
+            "flagged": earlier["detectors"][n]["flagged"] or d["flagged"],
+            "first_flagged_query": first(earlier["detectors"][n]["first_flagged_query"], d["first_flagged_query"]),
+            "value": d["value"],
+        }
+        for n, d in later["detectors"].items()
+    }
+    return merged
+
+
+def replay(settings: Settings, paths: list[str], progress_stream: TextIO = sys.stderr, progress: bool | None = None) -> dict[str, Any]:
+    """Replay the logs at ``paths`` (globs allowed) and return the report."""
+    files = expand(paths)
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"no such log file: {f}")
+    clock_now = [0.0]
+    names = list(settings.detector_params())
+    report: dict[str, dict[str, Any]] = {}
+
+    def keep(client: ClientState, reason: str) -> None:
+        summary = _summary(client, names)
+        prev = report.get(client.client_id)
+        report[client.client_id] = _merge(prev, summary) if prev else summary
+
+    pipeline = Pipeline(settings, clock=lambda: clock_now[0], on_evict=keep)
+    bar = Progress(progress_stream, progress)
+    rejected: Counter[str] = Counter()
+    events = _read(files, pipeline, settings.files.max_line_bytes, bar, rejected)
+    events.sort(key=lambda e: e.ts)  # stable: equal timestamps keep file order
+    for i, event in enumerate(events, 1):
+        clock_now[0] = event.ts
+        pipeline.process(event, event.ts)
+        if i % 1000 == 0:
+            bar.update("detecting", i, len(events), "events", i)
+    bar.update("detecting", len(events), len(events), "events", len(events))
+    bar.close()
+    for client in pipeline.store.values():
+        keep(client, "end")
+    return {
+        "clients": dict(sorted(report.items())),
+        "events": {"accepted": len(events), "rejected": dict(sorted(rejected.items()))},
+    }

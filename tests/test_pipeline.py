@@ -1,0 +1,140 @@
+"""Pipeline: per-client state, detector failures, cardinality guard, eviction, snapshots."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from exporter.config import Settings
+from exporter.demo import DigitsLike
+from exporter.metrics import Metrics
+from exporter.pipeline import Pipeline
+
+PLUGINS = {"always": "tests.plugins:FlagClientsNamedBad", "broken": "tests.plugins:Broken"}
+
+
+class Clock:
+    def __init__(self, t: float = 1_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make(clock: Clock | None = None, **kw) -> Pipeline:
+    kw.setdefault("plugins", PLUGINS)
+    kw.setdefault("detectors", {"always": {}, "broken": {}})
+    settings = Settings(**kw)
+    return Pipeline(settings, Metrics(settings.detector_params()), clock=clock or Clock())
+
+
+def lines(client: str, n: int, seed: int = 0) -> list[str]:
+    world = DigitsLike(0)
+    x = world.sample(np.random.default_rng(seed), n)
+    p = world.predict(x)
+    return [json.dumps({"client": client, "model": "digits", "input": xi.tolist(), "output": pi.tolist()}) for xi, pi in zip(x, p)]
+
+
+def value(p: Pipeline, name: str, **labels: str) -> float | None:
+    return p.metrics.registry.get_sample_value(name, labels)
+
+
+def test_state_is_per_client() -> None:
+    p = make()
+    p.ingest_lines(lines("bad-1", 5) + lines("good-1", 7, seed=1))
+    assert p.store["bad-1"].total == 5 and p.store["good-1"].total == 7
+    assert p.store["bad-1"].suspicious and not p.store["good-1"].suspicious
+    assert p.store["bad-1"].first_flagged_query == 1
+    assert int(p.store["good-1"].detector_state["digits"]["always"]["n"]) == 7
+    assert value(p, "monitaur_client_queries_total", client="good-1", model="digits") == 7
+    assert value(p, "monitaur_client_suspicious", client="bad-1") == 1
+    assert value(p, "monitaur_events_total", model="digits") == 12
+
+
+def test_a_failing_detector_is_counted_not_treated_as_benign() -> None:
+    p = make()
+    result = p.ingest_lines(lines("crash-1", 4) + lines("weird-1", 3))
+    assert result.accepted == 7  # the events themselves are fine
+    assert value(p, "monitaur_detector_errors_total", detector="broken") == 7
+    # no "not suspicious" verdict was recorded for the events it could not judge
+    assert "broken" not in p.store["crash-1"].scores and "broken" not in p.store["weird-1"].current
+    # the other detector still ran
+    assert p.store["crash-1"].scores["always"] == pytest.approx(0.1)
+
+
+def test_bad_lines_are_counted_and_the_valid_ones_around_them_kept() -> None:
+    p = make()
+    good = lines("good-1", 3)
+    result = p.ingest_lines([good[0], "{broken", good[1], '{"input": [1]}', good[2]])
+    assert result.accepted == 3 and dict(result.rejected) == {"malformed_json": 1, "missing_client": 1}
+    assert value(p, "monitaur_events_rejected_total", reason="malformed_json") == 1
+    assert value(p, "monitaur_events_rejected_total", reason="non_finite") == 0  # zero-initialised
+
+
+def test_cardinality_guard_top_n_plus_flagged_and_other() -> None:
+    p = make(metrics={"max_client_series": 2})
+    for i in range(5):
+        p.ingest_lines(lines(f"good-{i}", 2, seed=i))
+    p.collector.refresh()
+    p.ingest_lines(lines("bad-1", 3))
+    text = p.metrics.registry.get_sample_value
+    exported = {c for c in p.collector.exported}
+    assert "bad-1" in exported  # flagged clients always get their own series
+    assert len(exported - {"bad-1"}) == 2
+    total = sum(text("monitaur_client_queries_total", {"client": c, "model": "digits"}) or 0 for c in exported | {"__other__"})
+    assert total >= 13  # nothing vanishes: what is not exported is counted under __other__
+    assert text("monitaur_client_queries_total", {"client": "__other__", "model": "digits"}) > 0
+    series = {s.labels["client"] for f in p.metrics.registry.collect() if f.name == "monitaur_client_suspicious" for s in f.samples}
+    assert series == exported | {"__other__"}
+
+
+def test_lru_eviction_removes_series_and_counts() -> None:
+    p = make(state={"max_clients": 2, "dir": None})
+    p.ingest_lines(lines("a", 1) + lines("b", 1) + lines("c", 1))
+    assert "a" not in p.store and len(p.store) == 2
+    assert value(p, "monitaur_client_evictions_total", reason="lru") == 1
+    assert value(p, "monitaur_client_queries_total", client="a", model="digits") is None
+    assert value(p, "monitaur_tracked_clients") == 2
+
+
+def test_idle_ttl_eviction() -> None:
+    clock = Clock()
+    p = make(clock, state={"idle_ttl_seconds": 60, "dir": None})
+    p.ingest_lines(lines("a", 1))
+    clock.t += 30
+    p.ingest_lines(lines("b", 1))
+    clock.t += 45
+    p.expire()
+    assert "a" not in p.store and "b" in p.store
+    assert value(p, "monitaur_client_evictions_total", reason="ttl") == 1
+
+
+def test_snapshot_round_trip_gives_no_clean_slate() -> None:
+    p = make()
+    p.ingest_lines(lines("bad-1", 4) + lines("good-1", 6, seed=3))
+    data = p.snapshot()
+    q = make()
+    assert q.restore(data) == 2
+    assert q.store["bad-1"].suspicious and q.store["good-1"].total == 6
+    q.ingest_lines(lines("good-1", 2, seed=9))
+    assert int(q.store["good-1"].detector_state["digits"]["always"]["n"]) == 8
+    # the decoder remembers the model's shape across the restart
+    assert q.ingest_lines([json.dumps({"client": "x", "model": "digits", "input": [1, 2]})]).rejected["wrong_dimension"] == 1
+
+
+def test_snapshot_from_another_configuration_drops_only_mismatched_detector_state() -> None:
+    p = make(detectors={"always": {}, "broken": {}, "confidence": {"window": 50}})
+    p.ingest_lines(lines("good-1", 5))
+    q = make(detectors={"always": {}, "broken": {}, "confidence": {"window": 80}})
+    q.restore(p.snapshot())
+    states = q.store["good-1"].detector_state["digits"]
+    assert "always" in states and "confidence" not in states
+    q.ingest_lines(lines("good-1", 1))  # the dropped detector starts afresh without error
+    assert value(q, "monitaur_detector_errors_total", detector="confidence") == 0
+
+
+def test_corrupt_snapshot_is_an_error_not_a_crash() -> None:
+    with pytest.raises(ValueError):
+        make().restore(b"definitely not a snapshot")
