@@ -12,7 +12,7 @@ from __future__ import annotations
 import platform
 import threading
 from collections import defaultdict
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -95,8 +95,16 @@ class ClientCollector(Collector):
     so that ``__other__``'s counters never go backwards when membership changes.
     """
 
-    def __init__(self, store: "ClientStore", limit: int, lock: threading.Lock, detectors: Iterable[str]) -> None:
+    def __init__(
+        self,
+        store: "ClientStore",
+        limit: int,
+        lock: threading.Lock,
+        detectors: Iterable[str],
+        peers: Callable[[str], tuple[int, dict[str, int]]] | None = None,
+    ) -> None:
         self.store = store
+        self.peers = peers
         self.limit = limit
         self.lock = lock
         self.detectors = list(detectors)
@@ -108,16 +116,16 @@ class ClientCollector(Collector):
         return []
 
     # -- called by the pipeline, under its lock ------------------------------
-    def count_event(self, client: "ClientState", model: str, flagged: Iterable[str]) -> None:
-        """Account one event of ``client`` to its own series or to ``__other__``."""
+    def count_events(self, client: "ClientState", model: str, n: int, flags: dict[str, int]) -> None:
+        """Account ``n`` events of ``client`` (``flags``: flagged events per detector) to its own series or to ``__other__``."""
         if client.client_id not in self.exported:
             if client.suspicious or len(self.exported) < self.limit:
                 # Flagged clients always get their own series; others while there is room.
                 self.exported.add(client.client_id)
                 return
-            self.other_queries[model] += 1
-            for name in flagged:
-                self.other_flags[name] += 1
+            self.other_queries[model] += n
+            for name, k in flags.items():
+                self.other_flags[name] += k
 
     def forget(self, client_id: str) -> None:
         """Drop an evicted client; its series vanish from the next scrape."""
@@ -137,7 +145,11 @@ class ClientCollector(Collector):
             queries = CounterMetricFamily("monitaur_client_queries", "Queries by client and model.", labels=["client", "model"])
             flags = CounterMetricFamily("monitaur_client_flags", "Events at which a detector flagged the client.", labels=["client", "detector"])
             score = GaugeMetricFamily("monitaur_client_score", "Client's current score per detector, 0 to 1.", labels=["client", "detector"])
-            suspicious = GaugeMetricFamily("monitaur_client_suspicious", "1 while any detector flags the client.", labels=["client"])
+            suspicious = GaugeMetricFamily("monitaur_client_suspicious", "1 while the client's verdict (risk, else any detector) is flagged.", labels=["client"])
+            cross = CounterMetricFamily(
+                "monitaur_client_cross_client_matches", "Queries of the client that matched other clients' queries.", labels=["client"]
+            )
+            peer = GaugeMetricFamily("monitaur_client_peer_matches", "Matches between the client's queries and a peer's (top peers).", labels=["client", "peer"])
             other_score: dict[str, float] = {}
             for c in self.store.values():
                 if c.client_id not in self.exported:
@@ -151,6 +163,11 @@ class ClientCollector(Collector):
                     if name in c.scores:
                         score.add_metric([c.client_id, name], c.scores[name])
                 suspicious.add_metric([c.client_id], 1.0 if c.suspicious else 0.0)
+                if self.peers is not None:
+                    total, peers = self.peers(c.client_id)
+                    cross.add_metric([c.client_id], total)
+                    for other, n in peers.items():
+                        peer.add_metric([c.client_id, other], n)
             if self.other_queries or len(self.store) > len(self.exported):
                 for model, n in self.other_queries.items():
                     queries.add_metric([OTHER, model], n)
@@ -159,4 +176,5 @@ class ClientCollector(Collector):
                     if name in other_score:
                         score.add_metric([OTHER, name], other_score[name])
                 suspicious.add_metric([OTHER], 0.0)
-            return [queries, flags, score, suspicious]
+            families = [queries, flags, score, suspicious]
+            return families + [cross, peer] if self.peers is not None else families

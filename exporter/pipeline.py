@@ -15,18 +15,22 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+import numpy as np
+
 from exporter import reasons
 from exporter.config import ModelConfig, Settings
-from exporter.detectors import Detector, ModelContext
+from exporter.detectors import FUSION, Batch, Detector, ModelContext, Signals
 from exporter.events import Decoder, Event, Rejected
 from exporter.logutil import RateLimitedLog
 from exporter.metrics import ClientCollector, Metrics
+from exporter.profile import Profile, params_digest
 from exporter.snapshot import pack, unpack
 from exporter.state import ClientState, ClientStore
 from exporter.stats import FeatureStats
 
 log = logging.getLogger("monitaur.pipeline")
 SNAPSHOT_VERSION = 1
+VERDICT = FUSION  # the detector whose flag is the client's verdict, when enabled
 
 
 @dataclass(slots=True)
@@ -36,6 +40,9 @@ class ModelRuntime:
     context: ModelContext
     detectors: list[Detector]
     versions: dict[str, str]
+    events: Any  # the model's metric children, looked up once
+    confidence: Any
+    durations: dict[str, Any]
 
 
 @dataclass(slots=True)
@@ -55,17 +62,33 @@ class Pipeline:
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         on_evict: Callable[[ClientState, str], None] | None = None,
+        event_time: bool = False,
+        profile: Profile | None = None,
+        observer: Callable[[Batch, str, Signals], None] | None = None,
     ) -> None:
         self.settings = settings
         self.specs = settings.detector_params()
         self.metrics = metrics or Metrics(self.specs)
         self.clock = clock
+        self.event_time = event_time  # replay: a batch's last event time is "now"
         self.lock = threading.RLock()
         self.decoder = Decoder(settings)
+        self.profile = profile
+        self.observer = observer
+        if profile is not None:
+            # A calibrated model's shape is known before its first event: others are rejected.
+            for name, mp in profile.models.items():
+                self.decoder.restore(
+                    {
+                        "input_dims": {name: mp.input_dim} if mp.input_dim else {},
+                        "num_classes": {name: mp.num_classes} if mp.num_classes else {},
+                        "modalities": {name: mp.modality},
+                    }
+                )
         self.runtimes: dict[str, ModelRuntime] = {}
         self._on_evict = on_evict
         self.store = ClientStore(settings.state.max_clients, settings.state.idle_ttl_seconds, self._evicted)
-        self.collector = ClientCollector(self.store, settings.metrics.max_client_series, self.lock, self.specs)
+        self.collector = ClientCollector(self.store, settings.metrics.max_client_series, self.lock, self.specs, self.peer_matches)
         self.metrics.registry.register(self.collector)
         self.metrics.tracked_clients_limit.set(settings.state.max_clients)
         self.metrics.client_series_limit.set(settings.metrics.max_client_series)
@@ -84,16 +107,15 @@ class Pipeline:
     def _ingest(self, items: Iterable[Any], decode: Callable[[Any, float | None], Event]) -> IngestResult:
         result = IngestResult(0, Counter())
         with self.lock:
+            events: list[Event] = []
             for item in items:
-                now = self.clock()
                 try:
-                    event = decode(item, now)
+                    events.append(decode(item, self.clock()))
                 except Rejected as rej:
                     self.reject(rej.reason, rej.message)
                     result.rejected[rej.reason] += 1
-                    continue
-                self.process(event, now)
-                result.accepted += 1
+            self.process(events)
+            result.accepted = len(events)
         return result
 
     def reject(self, reason: str, message: str = "") -> None:
@@ -112,6 +134,9 @@ class Pipeline:
         """Instantiate the detectors for a model once the decoder knows its shape."""
         mcfg = self.settings.models.get(model) or ModelConfig()
         dim = mcfg.input_dim or self.decoder.learned_input_dims.get(model)
+        mp = self.profile.models.get(model) if self.profile is not None else None
+        if mp is not None and mp.stats is not None:
+            stats = mp.stats  # calibrated standardization, frozen
         fs = None
         if dim is not None:
             fs = FeatureStats.from_state(stats) if stats is not None else FeatureStats(dim)
@@ -123,70 +148,133 @@ class Pipeline:
             input_dim=dim,
             num_classes=mcfg.num_classes or self.decoder.learned_num_classes.get(model),
             stats=fs,
+            detectors=tuple(self.specs),
         )
-        detectors = [cls(params, context) for cls, params in self.specs.values()]
-        rt = self.runtimes[model] = ModelRuntime(context, detectors, {d.name: d.state_version() for d in detectors})
+        detectors = []
+        for name, (cls, params) in self.specs.items():
+            calibrated = mp is not None and mp.params.get(name) == params_digest(params, cls.threshold_param)
+            if calibrated and cls.threshold_param and name in mp.thresholds:  # type: ignore[union-attr]
+                params = params.model_copy(update={cls.threshold_param: mp.thresholds[name]})  # type: ignore[union-attr]
+            det = cls(params, context)
+            if calibrated and name in mp.references:  # type: ignore[union-attr]
+                det.load_reference(mp.references[name])  # type: ignore[union-attr]
+            detectors.append(det)
+        if self.profile is not None and mp is None:
+            log.warning("model %s is not in the calibration profile; its detectors run uncalibrated", model)
+        m = self.metrics
+        rt = self.runtimes[model] = ModelRuntime(
+            context,
+            detectors,
+            {d.name: d.state_version() for d in detectors},
+            m.events.labels(model),
+            m.prediction_confidence.labels(model),
+            {d.name: m.detector_duration.labels(d.name) for d in detectors},
+        )
         return rt
 
-    def process(self, event: Event, now: float | None = None) -> ClientState:
-        """Run every detector on one decoded event and update the client's verdict."""
-        now = self.clock() if now is None else now
-        with self.lock:
-            rt = self._runtime(event)
-            if event.vector is not None and rt.context.stats is not None:
-                rt.context.stats.update(event.vector)
-            client = self.store.touch(event.client, now)
-            client.total += 1
-            client.queries[event.model] = client.queries.get(event.model, 0) + 1
-            states = client.detector_state.setdefault(event.model, {})
-            flagged_now: list[str] = []
-            m = self.metrics
-            for det in rt.detectors:
-                name = det.name
-                state = states.get(name)
-                if state is None:
-                    state = states[name] = det.init_state()
-                start = time.perf_counter()
-                try:
-                    signal = det.update(state, event)
-                    if signal is not None and not (math.isfinite(signal.value) and 0.0 <= signal.value <= 1.0):
-                        raise ValueError(f"score {signal.value!r} is outside [0, 1]")
-                except Exception as exc:  # a broken detector must not stop the others
-                    m.detector_errors.labels(name).inc()
-                    self._errors.log(logging.ERROR, name, "detector %s failed on an event of model %s: %s", name, event.model, type(exc).__name__)
-                    continue
-                finally:
-                    m.detector_duration.labels(name).observe(time.perf_counter() - start)
-                if signal is None:
-                    continue
-                client.scores[name] = float(signal.value)
-                client.current[name] = bool(signal.flagged)
-                if signal.flagged:
-                    flagged_now.append(name)
-                    client.flags[name] = client.flags.get(name, 0) + 1
-                    client.first_flagged.setdefault(name, client.total)
-            self._verdict(client)
-            m.events.labels(event.model).inc()
-            confidence = event.confidence
-            if confidence is not None:
-                m.prediction_confidence.labels(event.model).observe(confidence)
-            self.collector.count_event(client, event.model, flagged_now)
-            m.tracked_clients.set(len(self.store))
-            return client
+    def process(self, events: list[Event], now: float | None = None) -> None:
+        """Run every detector on decoded events, one batch per (client, model) run.
 
-    def _verdict(self, client: ClientState) -> None:
+        Events of one client keep their order; clients are independent, so grouping a
+        block of events by client changes no per-client result.
+        """
+        if not events:
+            return
+        groups: dict[tuple[str, str], list[Event]] = {}
+        for e in events:
+            groups.setdefault((e.client, e.model), []).append(e)
+        with self.lock:
+            for (client_id, model), evs in groups.items():
+                when = evs[-1].ts if self.event_time else (self.clock() if now is None else now)
+                self._process_batch(Batch(client_id, model, evs), when)
+            self.metrics.tracked_clients.set(len(self.store))
+
+    def _process_batch(self, batch: Batch, now: float) -> None:
+        m = self.metrics
+        n = len(batch)
+        rt = self._runtime(batch.events[0])
+        stats = rt.context.stats
+        if stats is not None and batch.vectors is not None:
+            stats.update_many(batch.vectors)
+        client = self.store.touch(batch.client, now)
+        before = client.total
+        client.total += n
+        client.queries[batch.model] = client.queries.get(batch.model, 0) + n
+        states = client.detector_state.setdefault(batch.model, {})
+        first_flag: dict[str, int] = {}
+        flag_counts: dict[str, int] = {}
+        for det in rt.detectors:
+            name = det.name
+            state = states.get(name)
+            if state is None:
+                state = states[name] = det.init_state()
+            start = time.perf_counter()
+            try:
+                signals = det.update(state, batch)
+                if signals is not None:
+                    _check(signals, n)
+            except Exception as exc:  # a broken detector must not stop the others
+                m.detector_errors.labels(name).inc(n)
+                self._errors.log(logging.ERROR, name, "detector %s failed on %d events of model %s: %s", name, n, batch.model, type(exc).__name__)
+                continue
+            finally:
+                rt.durations[name].observe((time.perf_counter() - start) / n)
+            if signals is None:
+                continue
+            batch.signals[name] = signals
+            if self.observer is not None:
+                self.observer(batch, name, signals)
+            judged = np.flatnonzero(~np.isnan(signals.values))
+            if judged.size == 0:
+                continue
+            last = judged[-1]
+            client.scores[name] = float(signals.values[last])
+            client.current[name] = bool(signals.flagged[last])
+            hits = np.flatnonzero(signals.flagged)
+            if hits.size:
+                first_flag[name] = before + int(hits[0]) + 1
+                flag_counts[name] = int(hits.size)
+                client.flags[name] = client.flags.get(name, 0) + int(hits.size)
+                client.first_flagged.setdefault(name, first_flag[name])
+        self._verdict(client, first_flag)
+        rt.events.inc(n)
+        for c in batch.confidence[~np.isnan(batch.confidence)]:
+            rt.confidence.observe(c)
+        self.collector.count_events(client, batch.model, n, flag_counts)
+
+    def _verdict(self, client: ClientState, first_flag: dict[str, int], announce: bool = True) -> None:
+        """The client's overall verdict: the fused ``risk`` detector's when enabled, else any detector's."""
         was = client.suspicious
-        client.suspicious = any(client.current.values())
-        client.score = max(client.scores.values(), default=0.0)
-        if client.suspicious and client.first_flagged_query is None:
-            client.first_flagged_query = client.total
-        if client.suspicious and not was:
+        if VERDICT in self.specs:
+            client.suspicious = client.current.get(VERDICT, False)
+            client.score = client.scores.get(VERDICT, 0.0)
+            first = first_flag.get(VERDICT)
+        else:
+            client.suspicious = any(client.current.values())
+            client.score = max(client.scores.values(), default=0.0)
+            first = min(first_flag.values(), default=None)
+        if first is not None and client.first_flagged_query is None:
+            client.first_flagged_query = first
+        if announce and client.suspicious and not was:
             names = ", ".join(n for n, on in client.current.items() if on)
             log.info("client %s flagged by %s at its query %d", client.client_id, names, client.total)
+
+    def peer_matches(self, client_id: str) -> tuple[int, dict[str, int]]:
+        """Cross-client evidence for a client, summed over models and detectors."""
+        total, peers = 0, Counter[str]()
+        for rt in self.runtimes.values():
+            for det in rt.detectors:
+                n, p = det.peer_matches(client_id)
+                total += n
+                peers.update(p)
+        return total, dict(peers)
 
     def _evicted(self, client: ClientState, reason: str) -> None:
         self.metrics.client_evictions.labels(reason).inc()
         self.collector.forget(client.client_id)
+        for rt in self.runtimes.values():
+            for det in rt.detectors:
+                det.forget_client(client.client_id)
         if self._on_evict is not None:
             self._on_evict(client, reason)
 
@@ -221,7 +309,15 @@ class Pipeline:
                     }
                 )
             models = {
-                name: {"stats": rt.context.stats.to_state() if rt.context.stats is not None else None} for name, rt in self.runtimes.items()
+                name: {
+                    "stats": rt.context.stats.to_state() if rt.context.stats is not None else None,
+                    "shared": {
+                        d.name: {"version": rt.versions[d.name], "state": st}
+                        for d in rt.detectors
+                        if (st := d.shared_state()) is not None
+                    },
+                }
+                for name, rt in self.runtimes.items()
             }
             return pack({"version": SNAPSHOT_VERSION, "saved_at": self.clock(), "decoder": self.decoder.learned(), "models": models, "clients": clients})
 
@@ -238,6 +334,12 @@ class Pipeline:
             self.decoder.restore(doc.get("decoder", {}))
             stats = {name: m.get("stats") for name, m in doc.get("models", {}).items()}
             dropped = 0
+            for model, m in doc.get("models", {}).items():
+                rt = self._restore_runtime(model, stats.get(model))
+                for det in rt.detectors if rt is not None else []:
+                    shared = m.get("shared", {}).get(det.name)
+                    if shared is not None and shared["version"] == rt.versions[det.name]:
+                        det.load_shared_state(shared["state"])
             for raw in doc.get("clients", []):
                 c = ClientState(
                     client_id=raw["id"],
@@ -257,8 +359,7 @@ class Pipeline:
                     kept = {name: e["state"] for name, e in per.items() if rt.versions.get(name) == e["version"]}
                     dropped += len(per) - len(kept)
                     c.detector_state[model] = kept
-                c.suspicious = any(c.current.values())
-                c.score = max(c.scores.values(), default=0.0)
+                self._verdict(c, {}, announce=False)
                 self.store.put(c)
             if dropped:
                 log.warning("dropped %d detector states made under another configuration; those detectors start afresh", dropped)
@@ -271,3 +372,13 @@ class Pipeline:
             return self.runtimes[model]
         modality = (self.settings.models.get(model) or ModelConfig()).modality or self.decoder.learned_modalities.get(model)
         return None if modality is None else self._build_runtime(model, modality, stats)
+
+
+def _check(signals: Signals, n: int) -> None:
+    """Reject malformed detector output, so it is counted as an error rather than trusted."""
+    values, flagged = signals
+    if values.shape != (n,) or flagged.shape != (n,):
+        raise ValueError(f"signals of shape {values.shape}/{flagged.shape} for a batch of {n}")
+    judged = values[~np.isnan(values)]
+    if judged.size and (judged.min() < 0.0 or judged.max() > 1.0):
+        raise ValueError("a score is outside [0, 1]")

@@ -19,7 +19,11 @@ from exporter import reasons
 from exporter.config import Settings
 from exporter.events import Event, Rejected
 from exporter.pipeline import Pipeline
+from exporter.profile import Profile
 from exporter.state import ClientState
+
+
+BLOCK = 4096  # events handed to the pipeline at once; batches form per client within a block
 
 
 class Progress:
@@ -48,6 +52,17 @@ class Progress:
             self.stream.flush()
 
 
+def existing_files(paths: list[str]) -> list[Path]:
+    """Expand globs and check every file exists (FileNotFoundError names the first missing one)."""
+    files = expand(paths)
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"no such log file: {f}")
+    if not files:
+        raise FileNotFoundError(f"no log file matches {' '.join(paths)}")
+    return files
+
+
 def expand(paths: list[str]) -> list[Path]:
     """Expand globs; keep plain paths as given so a missing file gets a clear error."""
     out: list[Path] = []
@@ -57,7 +72,8 @@ def expand(paths: list[str]) -> list[Path]:
     return out
 
 
-def _read(paths: list[Path], pipeline: Pipeline, max_line: int, progress: Progress, rejected: Counter[str]) -> list[Event]:
+def read_events(paths: list[Path], pipeline: Pipeline, max_line: int, progress: Progress, rejected: Counter[str]) -> list[Event]:
+    """Decode every line of ``paths`` with the pipeline's decoder, in event-time order; count rejections."""
     total = sum(os.path.getsize(p) for p in paths)
     done = 0
     events: list[Event] = []
@@ -83,7 +99,17 @@ def _read(paths: list[Path], pipeline: Pipeline, max_line: int, progress: Progre
                 if len(events) % 1000 == 0:
                     progress.update("reading", done, total, "bytes", len(events))
     progress.update("reading", total, total, "bytes", len(events))
+    events.sort(key=lambda e: e.ts)  # stable: equal timestamps keep file order
     return events
+
+
+def run_blocks(pipeline: Pipeline, events: list[Event], progress: Progress, phase: str = "detecting") -> None:
+    """Feed time-ordered events to the pipeline a block at a time (batches form per client)."""
+    for i in range(0, len(events), BLOCK):
+        block = events[i : i + BLOCK]
+        pipeline.process(block)
+        progress.update(phase, i + len(block), len(events), "events", i + len(block))
+    progress.update(phase, len(events), len(events), "events", len(events))
 
 
 def _summary(c: ClientState, detectors: list[str]) -> dict[str, Any]:
@@ -121,13 +147,11 @@ def _merge(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def replay(settings: Settings, paths: list[str], progress_stream: TextIO = sys.stderr, progress: bool | None = None) -> dict[str, Any]:
+def replay(
+    settings: Settings, paths: list[str], progress_stream: TextIO = sys.stderr, progress: bool | None = None, profile: Profile | None = None
+) -> dict[str, Any]:
     """Replay the logs at ``paths`` (globs allowed) and return the report."""
-    files = expand(paths)
-    for f in files:
-        if not f.is_file():
-            raise FileNotFoundError(f"no such log file: {f}")
-    clock_now = [0.0]
+    files = existing_files(paths)
     names = list(settings.detector_params())
     report: dict[str, dict[str, Any]] = {}
 
@@ -136,17 +160,11 @@ def replay(settings: Settings, paths: list[str], progress_stream: TextIO = sys.s
         prev = report.get(client.client_id)
         report[client.client_id] = _merge(prev, summary) if prev else summary
 
-    pipeline = Pipeline(settings, clock=lambda: clock_now[0], on_evict=keep)
+    pipeline = Pipeline(settings, on_evict=keep, event_time=True, profile=profile)
     bar = Progress(progress_stream, progress)
     rejected: Counter[str] = Counter()
-    events = _read(files, pipeline, settings.files.max_line_bytes, bar, rejected)
-    events.sort(key=lambda e: e.ts)  # stable: equal timestamps keep file order
-    for i, event in enumerate(events, 1):
-        clock_now[0] = event.ts
-        pipeline.process(event, event.ts)
-        if i % 1000 == 0:
-            bar.update("detecting", i, len(events), "events", i)
-    bar.update("detecting", len(events), len(events), "events", len(events))
+    events = read_events(files, pipeline, settings.files.max_line_bytes, bar, rejected)
+    run_blocks(pipeline, events, bar)
     bar.close()
     for client in pipeline.store.values():
         keep(client, "end")

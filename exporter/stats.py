@@ -20,6 +20,7 @@ class FeatureStats:
         self.mean = np.zeros(dim, dtype=np.float64)
         self.m2 = np.zeros(dim, dtype=np.float64)
         self.frozen = False
+        self._std: np.ndarray | None = None  # cache, invalidated by updates
 
     @property
     def dim(self) -> int:
@@ -33,14 +34,35 @@ class FeatureStats:
         delta = x - self.mean
         self.mean += delta / self.count
         self.m2 += delta * (x - self.mean)
+        self._std = None
+
+    def update_many(self, xs: np.ndarray) -> None:
+        """Fold a (m, d) block in at once (Chan et al.'s parallel merge of moments)."""
+        if self.frozen or xs.shape[0] == 0:
+            return
+        if xs.shape[0] == 1:
+            self.update(xs[0])
+            return
+        n_b = xs.shape[0]
+        mean_b = xs.mean(axis=0)
+        m2_b = ((xs - mean_b) ** 2).sum(axis=0)
+        n = self.count + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / n)
+        self.m2 = self.m2 + m2_b + delta**2 * (self.count * n_b / n)
+        self.count = n
+        self._std = None
 
     @property
     def std(self) -> np.ndarray:
         """Per-feature standard deviation; constant features get 1 so they neither vanish nor explode."""
-        if self.count < 2:
-            return np.ones_like(self.mean)
-        std = np.sqrt(self.m2 / (self.count - 1))
-        return np.where(std > self.MIN_STD, std, 1.0)
+        if self._std is None:
+            if self.count < 2:
+                self._std = np.ones_like(self.mean)
+            else:
+                std = np.sqrt(self.m2 / (self.count - 1))
+                self._std = np.where(std > self.MIN_STD, std, 1.0)
+        return self._std
 
     def standardize(self, x: np.ndarray) -> np.ndarray:
         return (x - self.mean) / self.std
@@ -56,4 +78,5 @@ class FeatureStats:
         out.mean = mean.copy()
         out.m2 = np.asarray(state["m2"], dtype=np.float64).copy()
         out.frozen = bool(state["frozen"])
+        out._std = None
         return out

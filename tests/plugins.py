@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from exporter.detectors import Detector, DetectorParams, Signal, State
-from exporter.events import Event
+from exporter.detectors import Batch, Detector, Signals, State
 
 
 class FlagClientsNamedBad(Detector):
@@ -16,27 +15,23 @@ class FlagClientsNamedBad(Detector):
     def init_state(self) -> State:
         return {"n": np.zeros((), dtype=np.int64)}
 
-    def update(self, state: State, event: Event) -> Signal:
-        state["n"][...] = int(state["n"]) + 1
-        bad = event.client.startswith("bad")
-        return Signal(1.0 if bad else 0.1, bad)
+    def update(self, state: State, batch: Batch) -> Signals:
+        state["n"][...] = int(state["n"]) + len(batch)
+        bad = batch.client.startswith("bad")
+        return Signals.constant(len(batch), 1.0 if bad else 0.1, bad)
 
 
 class Broken(Detector):
-    """Fails on every event of clients named 'crash*', and returns an out-of-range score for 'weird*'."""
+    """Fails on every batch of clients named 'crash*', and returns an out-of-range score for 'weird*'."""
 
     name = "broken"
 
     def init_state(self) -> State:
         return {}
 
-    def update(self, state: State, event: Event) -> Signal:
-        if event.client.startswith("crash"):
+    def update(self, state: State, batch: Batch) -> Signals:
+        if batch.client.startswith("crash"):
             raise RuntimeError("boom")
-        if event.client.startswith("weird"):
-            return Signal(1.5, True)
-        return Signal(0.0, False)
-
-
-class Params(DetectorParams):
-    pass
+        if batch.client.startswith("weird"):
+            return Signals.constant(len(batch), 1.5, True)
+        return Signals.constant(len(batch), 0.0, False)

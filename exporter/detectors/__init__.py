@@ -12,16 +12,18 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from exporter.detectors.base import Detector, DetectorParams, ModelContext, Signal, State
+from exporter.detectors.base import Batch, Detector, DetectorParams, ModelContext, Signals, State
 
-__all__ = ["Detector", "DetectorParams", "ModelContext", "Signal", "State", "BUILTIN", "available_detectors", "resolve_detectors"]
+__all__ = ["Batch", "Detector", "DetectorParams", "ModelContext", "Signals", "State", "BUILTIN", "available_detectors", "resolve_detectors"]
 
 # name -> "module:Class", in the order detectors run.
 BUILTIN: dict[str, str] = {
     "confidence": "exporter.detectors.confidence:ConfidenceDetector",
     "repetition": "exporter.detectors.repetition:RepetitionDetector",
     "near_duplicate": "exporter.detectors.near_duplicate:NearDuplicateDetector",
+    "risk": "exporter.detectors.risk:RiskDetector",
 }
+FUSION = "risk"  # always runs last, after plugins too
 
 
 def _load(spec: str, where: str) -> type[Detector]:
@@ -80,4 +82,6 @@ def resolve_detectors(config: dict[str, dict[str, Any]], plugins: dict[str, str]
         on = params.enabled if name in config else cls.default_enabled
         if on:
             enabled[name] = (cls, params)
+    if FUSION in enabled:  # fusion reads every other detector's signals, so it runs last
+        enabled[FUSION] = enabled.pop(FUSION)
     return enabled

@@ -2,8 +2,15 @@
 
 A detector is configured once per model (``Params`` + :class:`ModelContext`) and keeps
 no per-client data itself: each client's history lives in an explicit ``State`` (a dict
-of numpy arrays) that the pipeline owns, bounds, snapshots and restores. ``update`` reads
-one event and that client's state, mutates the state, and returns a :class:`Signal`.
+of numpy arrays) that the pipeline owns, bounds, snapshots and restores.
+
+``update`` takes a :class:`Batch` — consecutive events of *one* client for *one* model,
+in time order — and returns one score per event. Batching is what makes numpy pay:
+a client's events arriving together are judged with a few array operations instead of
+a Python loop of small ones. A batch of one is the same computation.
+
+Detectors that need knowledge across clients (a shared fingerprint index, a global
+coverage map) keep it in ``shared_state``, one per model, also snapshotted.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import numpy as np
@@ -32,15 +40,29 @@ class DetectorParams(BaseModel):
     enabled: bool = True
 
 
-class Signal(NamedTuple):
-    """A detector's verdict on a client after one event.
+class Signals(NamedTuple):
+    """A detector's verdict on a client after each event of a batch.
 
-    ``value`` is the client's score in [0, 1] (1 = most suspicious); ``flagged`` says
-    whether the score crossed the detector's threshold.
+    ``values[i]`` is the client's score in [0, 1] right after event ``i`` (1 = most
+    suspicious), or NaN where the event gave the detector nothing to judge;
+    ``flagged[i]`` says whether the score had crossed the detector's threshold.
     """
 
-    value: float
-    flagged: bool
+    values: np.ndarray
+    flagged: np.ndarray
+
+    @classmethod
+    def constant(cls, n: int, value: float, flagged: bool) -> "Signals":
+        return cls(np.full(n, value, dtype=np.float64), np.full(n, flagged, dtype=bool))
+
+
+@dataclass(slots=True)
+class Reference:
+    """Benign data of one model, from which detectors learn reference statistics at calibration."""
+
+    vectors: np.ndarray | None  # (n, d) raw input vectors
+    probs: np.ndarray | None  # (n, K) probabilities, NaN rows where unknown
+    stats: "FeatureStats | None"  # frozen standardization learned from the same data
 
 
 @dataclass(slots=True)
@@ -52,20 +74,90 @@ class ModelContext:
     input_dim: int | None
     num_classes: int | None
     stats: "FeatureStats | None" = None
+    detectors: tuple[str, ...] = ()  # names of the model's enabled detectors, in run order
+
+
+class Batch:
+    """Consecutive events of one client and one model, with stacked views computed on demand."""
+
+    def __init__(self, client: str, model: str, events: list["Event"]) -> None:
+        self.client = client
+        self.model = model
+        self.events = events
+        # Signals of the detectors that already ran on this batch, by name (read by fusion).
+        self.signals: dict[str, Signals] = {}
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    @cached_property
+    def ts(self) -> np.ndarray:
+        return np.fromiter((e.ts for e in self.events), dtype=np.float64, count=len(self.events))
+
+    @cached_property
+    def vectors(self) -> np.ndarray | None:
+        """(m, d) input vectors, or None when the events carry no vectors (text, encoded images)."""
+        if self.events[0].vector is None:
+            return None
+        return np.stack([e.vector for e in self.events])
+
+    @cached_property
+    def probs(self) -> np.ndarray | None:
+        """(m, K) probabilities, NaN rows for events without them; None if no event has them."""
+        rows = [e.probs for e in self.events]
+        k = next((len(r) for r in rows if r is not None), None)
+        if k is None:
+            return None
+        if all(r is not None and len(r) == k for r in rows):
+            return np.stack(rows)  # type: ignore[arg-type]
+        out = np.full((len(rows), k), np.nan)
+        for i, r in enumerate(rows):
+            if r is not None and len(r) == k:
+                out[i] = r
+        return out
+
+    @cached_property
+    def confidence(self) -> np.ndarray:
+        """(m,) top-1 probability or label score; NaN where unknown."""
+        return np.array([np.nan if (c := e.confidence) is None else c for e in self.events], dtype=np.float64)
+
+    @cached_property
+    def top2(self) -> np.ndarray | None:
+        """(m, 2) the two largest probabilities per event (NaN rows where unknown)."""
+        p = self.probs
+        if p is None:
+            return None
+        part = -np.partition(-p, 1, axis=1)[:, :2] if p.shape[1] > 2 else -np.sort(-p, axis=1)
+        return part
+
+    @cached_property
+    def predicted(self) -> np.ndarray:
+        """(m,) predicted class index; -1 where unknown (label-only answers have no index)."""
+        p = self.probs
+        if p is None:
+            return np.full(len(self.events), -1, dtype=np.int64)
+        out = np.argmax(np.nan_to_num(p, nan=-1.0), axis=1).astype(np.int64)
+        out[np.isnan(p[:, 0])] = -1
+        return out
 
 
 class Detector(ABC):
-    """Base class: subclasses set ``name`` and ``Params`` and implement the two methods.
+    """Base class: subclasses set ``name`` and ``Params`` and implement ``init_state`` and ``update``.
 
-    ``update`` returns None when the event carries nothing this detector can judge
-    (an image for a text-only detector, a label-only answer for a probability test);
-    that is different from a "not suspicious" signal. An exception raised by ``update``
-    is counted as a detector error by the pipeline, never as "not suspicious".
+    ``update`` puts NaN in ``Signals.values`` for events with nothing this detector can
+    judge (an image for a text-only test, a label-only answer for a probability test),
+    or returns None when that holds for the whole batch; that is different from a
+    "not suspicious" score. An exception raised by ``update`` is counted by the pipeline
+    as a detector error for every event of the batch, never as "not suspicious".
     """
 
     name: ClassVar[str]
     Params: ClassVar[type[DetectorParams]] = DetectorParams
     default_enabled: ClassVar[bool] = True
+    # The Params field that is this detector's flag threshold on ``Signals.values``
+    # (flag when value >= threshold, once enough events are judged). Calibration sets it
+    # per model for a target false-alarm rate; None means the detector is not calibrated.
+    threshold_param: ClassVar[str | None] = None
 
     def __init__(self, params: DetectorParams, context: ModelContext) -> None:
         self.params = params
@@ -76,8 +168,31 @@ class Detector(ABC):
         """A fresh, empty per-client state of bounded size."""
 
     @abstractmethod
-    def update(self, state: State, event: "Event") -> Signal | None:
-        """Fold ``event`` into ``state``; return the client's current signal."""
+    def update(self, state: State, batch: Batch) -> Signals | None:
+        """Fold the batch into ``state``; return the client's signal after each event."""
+
+    # -- optional hooks --------------------------------------------------------
+    def fit(self, reference: Reference) -> State | None:
+        """Learn reference statistics from benign data (calibration); None if nothing to learn."""
+        return None
+
+    def load_reference(self, reference: State) -> None:
+        """Use reference statistics made by :meth:`fit` (from a calibration profile)."""
+
+    def peer_matches(self, client: str) -> tuple[int, dict[str, int]]:
+        """Cross-client evidence: (queries of ``client`` that matched other clients' queries,
+        the other clients with the most matches -> counts). Exported per client."""
+        return 0, {}
+
+    def shared_state(self) -> State | None:
+        """State shared by all clients of the model (None if the detector has none)."""
+        return None
+
+    def load_shared_state(self, state: State) -> None:
+        """Restore what :meth:`shared_state` returned before a restart."""
+
+    def forget_client(self, client: str) -> None:
+        """Called when a client is evicted, for detectors that index clients in shared state."""
 
     def state_version(self) -> str:
         """A digest of everything that shapes the state; a snapshot whose digest differs is discarded."""
