@@ -15,6 +15,7 @@ from exporter.atomic import atomic_write_bytes
 from exporter.config import Settings
 from exporter.metrics import Metrics
 from exporter.pipeline import Pipeline
+from exporter.profile import Profile
 from exporter.server import ExporterHTTPServer
 from exporter.tailer import Tailer
 
@@ -26,10 +27,10 @@ OFFSETS_FILE = "offsets.json"
 class App:
     """The running exporter: start(), then stop() on SIGTERM."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, profile: Profile | None = None) -> None:
         self.settings = settings
         self.metrics = Metrics(settings.detector_params())
-        self.pipeline = Pipeline(settings, self.metrics)
+        self.pipeline = Pipeline(settings, self.metrics, profile=profile)
         self.tailer = Tailer(settings.files, self._sink, self.metrics, self.pipeline.reject, logging.getLogger("monitaur.tailer"))
         self._stop = threading.Event()
         self._wake = threading.Event()

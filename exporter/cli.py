@@ -1,4 +1,4 @@
-"""The ``monitaur-exporter`` command line: run, replay, check-config.
+"""The ``monitaur-exporter`` command line: run, replay, calibrate, check-config.
 
 Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
 """
@@ -15,6 +15,7 @@ from typing import Sequence
 
 from exporter import __version__
 from exporter.config import ConfigError, Settings, load_settings
+from exporter.profile import Profile, ProfileError
 
 log = logging.getLogger("monitaur")
 
@@ -27,10 +28,16 @@ def _setup_logging(settings: Settings) -> None:
     )
 
 
+def _profile(args: argparse.Namespace, settings: Settings) -> Profile | None:
+    from exporter.profile import load_profile
+
+    return load_profile(getattr(args, "profile", None) or settings.profile, settings)
+
+
 def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from exporter.app import App
 
-    app = App(settings)
+    app = App(settings, _profile(args, settings))
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -53,11 +60,28 @@ def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     from exporter.replay import replay
 
     try:
-        report = replay(settings, args.logs)
+        report = replay(settings, args.logs, profile=_profile(args, settings))
     except FileNotFoundError as exc:
         print(f"monitaur-exporter replay: {exc}", file=sys.stderr)
         return 2
     json.dump(report, sys.stdout, indent=None if args.compact else 2)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace, settings: Settings) -> int:
+    from exporter.calibrate import calibrate
+
+    try:
+        profile, summary = calibrate(settings, args.logs)
+    except FileNotFoundError as exc:
+        print(f"monitaur-exporter calibrate: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"monitaur-exporter calibrate: {exc}", file=sys.stderr)
+        return 1
+    profile.save(args.out)
+    json.dump({"profile": str(args.out), **summary}, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0
 
@@ -75,13 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="tail logs, accept pushes and serve /metrics until SIGTERM")
     run.add_argument("--config", metavar="FILE", help="YAML config (default: the embedded default)")
+    run.add_argument("--profile", metavar="PROFILE", help="calibration profile made by `calibrate`")
     run.set_defaults(func=_cmd_run)
 
     rep = sub.add_parser("replay", help="run the detectors over historical logs and print a JSON report")
     rep.add_argument("--config", metavar="FILE", help="YAML config (default: the embedded default)")
+    rep.add_argument("--profile", metavar="PROFILE", help="calibration profile made by `calibrate`")
     rep.add_argument("--compact", action="store_true", help="print the report on one line")
     rep.add_argument("logs", nargs="+", metavar="LOG", help="JSON-lines log files or globs")
     rep.set_defaults(func=_cmd_replay)
+
+    cal = sub.add_parser("calibrate", help="learn reference statistics and thresholds from benign logs")
+    cal.add_argument("--config", metavar="FILE", help="YAML config (default: the embedded default)")
+    cal.add_argument("--out", metavar="PROFILE", required=True, help="where to write the profile")
+    cal.add_argument("logs", nargs="+", metavar="LOG", help="benign JSON-lines logs (or training data written as events)")
+    cal.set_defaults(func=_cmd_calibrate)
 
     chk = sub.add_parser("check-config", help="validate a config file and exit")
     chk.add_argument("file", metavar="FILE")
@@ -98,7 +130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"monitaur-exporter: invalid configuration{f' in {path}' if path else ''}:\n{exc}", file=sys.stderr)
         return 2
     _setup_logging(settings)
-    return int(args.func(args, settings))
+    try:
+        return int(args.func(args, settings))
+    except ProfileError as exc:
+        print(f"monitaur-exporter: unusable calibration profile: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -128,6 +128,15 @@ class MetricsConfig(_Section):
     max_client_series: int = Field(500, ge=0, description="top-N clients by score get their own series")
 
 
+class CalibrationConfig(_Section):
+    """How ``calibrate`` learns a profile from benign traffic."""
+
+    target_fpr: float = Field(0.01, gt=0.0, lt=0.5, description="target share of benign clients flagged, per detector and for risk")
+    max_reference_samples: int = Field(50_000, ge=100, description="benign inputs per model kept for fitting reference statistics")
+    null_samples: int = Field(20_000, ge=100, description="benign values per detector kept for risk p-values")
+    seed: int = 0
+
+
 class Settings(BaseSettings):
     """The whole configuration. ``Settings()`` is the embedded default."""
 
@@ -144,6 +153,8 @@ class Settings(BaseSettings):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     detectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
     plugins: dict[str, str] = Field(default_factory=dict, description="extra detectors: name -> 'module:Class'")
+    profile: Path | None = Field(None, description="calibration profile used by run and replay (--profile overrides)")
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     _detector_params: dict[str, Any] = PrivateAttr(default_factory=dict)

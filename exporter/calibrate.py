@@ -1,0 +1,166 @@
+"""``monitaur-exporter calibrate``: learn a profile from benign traffic.
+
+Three passes over the benign logs, each with the same pipeline ``replay`` uses:
+
+1. per model, freeze the feature standardization and let every detector ``fit`` its
+   reference statistics on (a sample of) the benign inputs;
+2. replay the logs with those references and record every detector's values: each
+   threshold becomes the value that at most ``target_fpr`` of benign clients ever
+   reach, and the pooled values become the null samples of the ``risk`` fusion;
+3. replay once more with the fusion calibrated and set its threshold the same way.
+
+Thresholds are per client, not per event: a benign client is "falsely alarmed" if
+it is flagged at any point of its history, which is what an operator experiences.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import numpy as np
+
+from exporter.config import Settings
+from exporter.detectors import Batch, ModelContext, Signals
+from exporter.detectors.base import Reference
+from exporter.detectors.risk import NULL_PREFIX
+from exporter.events import Event
+from exporter.pipeline import VERDICT, Pipeline
+from exporter.profile import ModelProfile, Profile, params_digest
+from exporter.replay import Progress, existing_files, read_events, run_blocks
+from exporter.stats import FeatureStats
+
+log = logging.getLogger("monitaur.calibrate")
+MIN_CLIENTS_PER_FPR = 5  # fewer than 5/target_fpr clients makes the quantile a guess
+
+
+@dataclass
+class _Recorder:
+    """Pipeline observer: per (model, detector), each client's largest value and a pool of values."""
+
+    maxima: dict[tuple[str, str], dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
+    pools: dict[tuple[str, str], list[np.ndarray]] = field(default_factory=lambda: defaultdict(list))
+
+    def __call__(self, batch: Batch, name: str, signals: Signals) -> None:
+        v = signals.values[~np.isnan(signals.values)]
+        if v.size == 0:
+            return
+        key = (batch.model, name)
+        per = self.maxima[key]
+        per[batch.client] = max(per.get(batch.client, -np.inf), float(v.max()))
+        self.pools[key].append(v)
+
+
+def threshold_for(maxima: list[float], target_fpr: float) -> float:
+    """The smallest threshold that at most ``target_fpr`` of these clients reach (flag: value >= threshold)."""
+    desc = np.sort(np.asarray(maxima, dtype=np.float64))[::-1]
+    k = int(np.floor(target_fpr * desc.size))
+    return float(np.nextafter(desc[k], np.inf)) if desc.size else 1.0
+
+
+def _sample(chunks: list[np.ndarray], n: int, rng: np.random.Generator) -> np.ndarray:
+    values = np.concatenate(chunks) if chunks else np.empty(0)
+    if values.size > n:
+        values = rng.choice(values, size=n, replace=False)
+    return np.sort(values).astype(np.float32)
+
+
+def _fit_model(settings: Settings, model: str, events: list[Event], rng: np.random.Generator) -> ModelProfile:
+    """Pass 1 for one model: frozen standardization and each detector's reference statistics."""
+    specs = settings.detector_params()
+    first = events[0]
+    limit = settings.calibration.max_reference_samples
+    pick = events if len(events) <= limit else [events[i] for i in np.sort(rng.choice(len(events), limit, replace=False))]
+    vectors = np.stack([e.vector for e in pick]) if first.vector is not None else None
+    probs = Batch("", model, pick).probs
+    stats = None
+    if vectors is not None:
+        stats = FeatureStats(vectors.shape[1])
+        stats.update_many(np.stack([e.vector for e in events]))
+        stats.frozen = True
+    mcfg = settings.models.get(model)
+    dim = vectors.shape[1] if vectors is not None else None
+    k = probs.shape[1] if probs is not None else (mcfg.num_classes if mcfg else None)
+    context = ModelContext(model, first.modality, dim, k, stats, tuple(specs))
+    reference = Reference(vectors, probs, stats)
+    references: dict[str, dict[str, np.ndarray]] = {}
+    for name, (cls, params) in specs.items():
+        fitted = cls(params, context).fit(reference)
+        if fitted:
+            references[name] = fitted
+    return ModelProfile(
+        modality=first.modality,
+        input_dim=dim,
+        num_classes=k,
+        stats=stats.to_state() if stats is not None else None,
+        references=references,
+        params={name: params_digest(params, cls.threshold_param) for name, (cls, params) in specs.items()},
+        clients=len({e.client for e in events}),
+        events=len(events),
+    )
+
+
+def calibrate(settings: Settings, paths: list[str], progress_stream: TextIO = sys.stderr, progress: bool | None = None) -> tuple[Profile, dict[str, Any]]:
+    """Learn a profile from benign logs; return it with a summary for the operator."""
+    cal = settings.calibration
+    rng = np.random.default_rng(cal.seed)
+    files = existing_files(paths)
+    bar = Progress(progress_stream, progress)
+    rejected: Counter[str] = Counter()
+    events = read_events(files, Pipeline(settings, event_time=True), settings.files.max_line_bytes, bar, rejected)
+    if not events:
+        raise ValueError("the calibration logs hold no valid events")
+    by_model: dict[str, list[Event]] = defaultdict(list)
+    for e in events:
+        by_model[e.model].append(e)
+    profile = Profile(target_fpr=cal.target_fpr, models={m: _fit_model(settings, m, evs, rng) for m, evs in by_model.items()})
+    specs = settings.detector_params()
+
+    # Pass 2: thresholds and the fusion's null samples.
+    rec = _Recorder()
+    run_blocks(Pipeline(settings, event_time=True, profile=profile, observer=rec), events, bar, "calibrating detectors")
+    for model, mp in profile.models.items():
+        for name, (cls, _) in specs.items():
+            maxima = list(rec.maxima.get((model, name), {}).values())
+            if cls.threshold_param and name != VERDICT and maxima:
+                mp.thresholds[name] = threshold_for(maxima, cal.target_fpr)
+        if VERDICT in specs:
+            nulls = {NULL_PREFIX + n: _sample(rec.pools[(model, n)], cal.null_samples, rng) for n in specs if n != VERDICT and rec.pools.get((model, n))}
+            mp.references[VERDICT] = nulls
+
+    # Pass 3: the fused verdict's threshold, then what the final profile flags.
+    if VERDICT in specs:
+        rec = _Recorder()
+        run_blocks(Pipeline(settings, event_time=True, profile=profile, observer=rec), events, bar, "calibrating risk")
+        for model, mp in profile.models.items():
+            maxima = list(rec.maxima.get((model, VERDICT), {}).values())
+            floor = specs[VERDICT][1].min_threshold  # type: ignore[attr-defined]
+            mp.thresholds[VERDICT] = max(threshold_for(maxima, cal.target_fpr), floor) if maxima else floor
+    bar.close()
+    summary = _summary(profile, events, rejected, cal.target_fpr)
+    return profile, summary
+
+
+def _summary(profile: Profile, events: list[Event], rejected: Counter[str], target_fpr: float) -> dict[str, Any]:
+    out: dict[str, Any] = {"events": {"accepted": len(events), "rejected": dict(rejected)}, "target_fpr": target_fpr, "models": {}}
+    for model, mp in profile.models.items():
+        note = None
+        if mp.clients < MIN_CLIENTS_PER_FPR / target_fpr:
+            note = (
+                f"only {mp.clients} benign clients: a {target_fpr:.1%} false-alarm threshold is estimated from very few of them; "
+                f"{int(MIN_CLIENTS_PER_FPR / target_fpr)} or more give a stable one"
+            )
+            log.warning("model %s: %s", model, note)
+        out["models"][model] = {
+            "clients": mp.clients,
+            "events": mp.events,
+            "input_dim": mp.input_dim,
+            "num_classes": mp.num_classes,
+            "thresholds": {k: round(v, 6) for k, v in mp.thresholds.items()},
+            "references": sorted(mp.references),
+            **({"warning": note} if note else {}),
+        }
+    return out
