@@ -68,6 +68,9 @@ class Event:
         return self.label
 
 
+_NO_CONFIG = ModelConfig()
+
+
 class Rejected(Exception):
     """An input that cannot become an :class:`Event`; ``reason`` is one of :mod:`exporter.reasons`."""
 
@@ -78,6 +81,8 @@ class Rejected(Exception):
 
 
 def _lookup(obj: dict[str, Any], dotted: str) -> Any:
+    if "." not in dotted:
+        return obj.get(dotted)
     cur: Any = obj
     for part in dotted.split("."):
         if not isinstance(cur, dict) or part not in cur:
@@ -136,11 +141,10 @@ class Decoder:
         if not isinstance(model, str) or not model or len(model) > MAX_MODEL_LENGTH:
             raise Rejected(reasons.INVALID_MODEL, f"field '{f.model}' must be a non-empty string of at most {MAX_MODEL_LENGTH} characters")
         ts = self._timestamp(_lookup(obj, f.ts), now)
-        mcfg = self._models.get(model) or ModelConfig()
-        if mcfg.modality is None and model in self.learned_modalities:
-            # A model's modality is guessed from its first event, then held to.
-            mcfg = mcfg.model_copy(update={"modality": self.learned_modalities[model]})
-        event = self._input(client, model, ts, mcfg, _lookup(obj, f.input))
+        mcfg = self._models.get(model) or _NO_CONFIG
+        # A model's modality is configured, or guessed from its first event and then held to.
+        modality = mcfg.modality or self.learned_modalities.get(model)
+        event = self._input(client, model, ts, mcfg, modality, _lookup(obj, f.input))
         self._output(event, mcfg, _lookup(obj, f.output))
         self._learn(event, mcfg)
         return event
@@ -169,29 +173,29 @@ class Decoder:
             raise Rejected(reasons.INVALID_TIMESTAMP, "timestamp is not a plausible Unix epoch in seconds")
         return ts
 
-    def _input(self, client: str, model: str, ts: float, mcfg: ModelConfig, raw: Any) -> Event:
+    def _input(self, client: str, model: str, ts: float, mcfg: ModelConfig, modality: str | None, raw: Any) -> Event:
         if raw is None:
             raise Rejected(reasons.MISSING_INPUT, f"missing input field '{self._fields.input}'")
         if isinstance(raw, str):
-            if mcfg.modality not in (None, "text"):
-                raise Rejected(reasons.INVALID_INPUT, f"model '{model}' is {mcfg.modality}; got a string input")
+            if modality not in (None, "text"):
+                raise Rejected(reasons.INVALID_INPUT, f"model '{model}' is {modality}; got a string input")
             return Event(client, model, ts, "text", text=raw)
         if isinstance(raw, dict):
             if "image_b64" not in raw:
                 raise Rejected(reasons.INVALID_INPUT, "an object input must have an 'image_b64' key")
-            if mcfg.modality not in (None, "image"):
-                raise Rejected(reasons.INVALID_INPUT, f"model '{model}' is {mcfg.modality}; got an image input")
+            if modality not in (None, "image"):
+                raise Rejected(reasons.INVALID_INPUT, f"model '{model}' is {modality}; got an image input")
             return Event(client, model, ts, "image", image=_decode_image(raw["image_b64"]))
         if isinstance(raw, list):
-            if mcfg.modality == "text":
+            if modality == "text":
                 raise Rejected(reasons.INVALID_INPUT, f"model '{model}' is text; got an array input")
             vec = _numbers(raw, "input", reasons.INVALID_INPUT)
             expected = mcfg.input_dim or self.learned_input_dims.get(model)
             if expected is not None and vec.shape[0] != expected:
                 raise Rejected(reasons.WRONG_DIMENSION, f"input has {vec.shape[0]} values; model '{model}' expects {expected}")
-            modality: Modality = "image" if mcfg.modality == "image" else "tabular"
-            event = Event(client, model, ts, modality, vector=vec)
-            if modality == "image":
+            kind: Modality = "image" if modality == "image" else "tabular"
+            event = Event(client, model, ts, kind, vector=vec)
+            if kind == "image":
                 event.image = _pixels_from_vector(vec, mcfg.image_shape)
             return event
         raise Rejected(reasons.INVALID_INPUT, f"input must be an array of numbers, a string or an image object, got {type(raw).__name__}")
@@ -228,8 +232,9 @@ class Decoder:
             shifted = np.exp(values - values.max())
             event.probs = shifted / shifted.sum()
             return
-        total = float(values.sum())
-        if values.min() < -1e-6 or values.max() > 1 + 1e-6 or abs(total - 1.0) > PROBABILITY_TOLERANCE:
+        # Python's builtins beat numpy's reductions on the few classes models usually have.
+        total = float(sum(raw))
+        if min(raw) < -1e-6 or max(raw) > 1 + 1e-6 or abs(total - 1.0) > PROBABILITY_TOLERANCE:
             raise Rejected(
                 reasons.NOT_PROBABILITIES,
                 f"output values must lie in [0, 1] and sum to 1 (sum is {total:.4g}); set output: logits for raw scores",
@@ -245,11 +250,16 @@ class Decoder:
 
 
 def _numbers(raw: list[Any], what: str, reason: str) -> np.ndarray:
+    """A flat float64 array from a JSON array of numbers; strings, nulls, nesting are rejected."""
     if not raw:
         raise Rejected(reason, f"{what} array is empty")
-    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in raw):
-        raise Rejected(reason, f"{what} array must hold only numbers")
-    arr = np.asarray(raw, dtype=np.float64)
+    try:
+        arr = np.asarray(raw)  # numpy's type inference tells numbers from anything else in one pass
+    except (ValueError, TypeError, OverflowError):
+        raise Rejected(reason, f"{what} array must be a flat array of numbers") from None
+    if arr.ndim != 1 or arr.dtype.kind not in "iuf":
+        raise Rejected(reason, f"{what} array must be a flat array of numbers")
+    arr = arr.astype(np.float64, copy=False)
     if not np.isfinite(arr).all():
         raise Rejected(reasons.NON_FINITE, f"{what} array holds NaN or infinity")
     return arr
