@@ -52,17 +52,38 @@ def _line(ts: float, client: str, x: np.ndarray, p: np.ndarray) -> str:
     return json.dumps({"ts": round(ts, 3), "client": client, "model": "digits", "input": [_num(v) for v in x], "output": [round(float(v), 5) for v in p]})
 
 
+def benign_rows(
+    world: DigitsLike, rng: np.random.Generator, clients: int, per_client: int, start: float, prefix: str = "app-"
+) -> list[tuple[float, str, np.ndarray]]:
+    """Benign clients sending natural inputs over ten minutes, with an occasional honest retry."""
+    rows: list[tuple[float, str, np.ndarray]] = []
+    for c in range(clients):
+        x = world.sample(rng, per_client)
+        x[rng.random(per_client) < 0.05] = x[0]
+        ts = start + np.sort(rng.uniform(0, 600, per_client))
+        rows += [(t, f"{prefix}{c:02d}", xi) for t, xi in zip(ts, x)]
+    return rows
+
+
+def to_lines(world: DigitsLike, rows: list[tuple[float, str, np.ndarray]]) -> Iterator[str]:
+    """Time-ordered JSON lines with the victim's answers."""
+    rows = sorted(rows, key=lambda r: r[0])
+    probs = world.predict(np.stack([r[2] for r in rows]))
+    for (t, client, x), p in zip(rows, probs):
+        yield _line(t, client, x, p)
+
+
+def benign_log(seed: int, clients: int, per_client: int = 60, start: float = 1764097200.0) -> Iterator[str]:
+    """Benign traffic only (for calibration)."""
+    world = DigitsLike(0)
+    return to_lines(world, benign_rows(world, np.random.default_rng(seed), clients, per_client, start, "cal-"))
+
+
 def example_log(seed: int = 0, benign_clients: int = 8, per_client: int = 60, start: float = 1764097200.0) -> Iterator[str]:
     """Benign traffic from several clients, plus three attackers, interleaved in time order."""
     world = DigitsLike(seed)
     rng = np.random.default_rng(seed + 1)
-    rows: list[tuple[float, str, np.ndarray]] = []
-    for c in range(benign_clients):
-        x = world.sample(rng, per_client)
-        # an occasional honest retry
-        x[rng.random(per_client) < 0.05] = x[0]
-        ts = start + np.sort(rng.uniform(0, 600, per_client))
-        rows += [(t, f"app-{c:02d}", xi) for t, xi in zip(ts, x)]
+    rows = benign_rows(world, rng, benign_clients, per_client, start)
     # boundary prober: midpoints between two classes' prototypes
     a, b = rng.integers(0, CLASSES, (2, per_client))
     mid = np.clip(np.rint((world.prototypes[a] + world.prototypes[b]) / 2 + rng.normal(0, 0.3, (per_client, DIM))), 0, 16)
@@ -74,10 +95,7 @@ def example_log(seed: int = 0, benign_clients: int = 8, per_client: int = 60, st
     base = world.sample(rng, 1)[0]
     steps = np.clip(base + rng.normal(0, 0.05, (per_client, DIM)).cumsum(axis=0) * 0.1, 0, 16)
     rows += [(t, "scraper-search", xi) for t, xi in zip(start + np.sort(rng.uniform(0, 600, per_client)), steps)]
-    rows.sort(key=lambda r: r[0])
-    probs = world.predict(np.stack([r[2] for r in rows]))
-    for (t, client, x), p in zip(rows, probs):
-        yield _line(t, client, x, p)
+    yield from to_lines(world, rows)
 
 
 def main() -> int:

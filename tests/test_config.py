@@ -101,3 +101,9 @@ def test_check_config_cli(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-m", "exporter", "check-config", str(bad)], capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 2
     assert "state.idle_ttl_seconds" in run.stderr and "greater than 0" in run.stderr
+
+
+def test_annotated_example_config_is_valid() -> None:
+    s = load_settings(REPO / "docs" / "config.example.yml")
+    assert s.models["digits"].input_dim == 64 and s.listen.port == 9717
+    assert s.detector_params()["confidence"][1].window == 100

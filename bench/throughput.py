@@ -1,0 +1,86 @@
+"""Replay throughput of the default detector set, against a parse-only baseline in the same run.
+
+Generates digits-shaped traffic (64 features, 10 classes) for many clients, then times
+  1. parse-only: reading and decoding every line (JSON, validation) — the floor;
+  2. replay: the same plus every enabled detector, as ``monitaur-exporter replay`` runs.
+Both run on one core (BLAS threads pinned to 1) in one process, so their ratio is
+meaningful on a noisy machine even when the absolute numbers are not.
+
+    python3 bench/throughput.py [--events 100000] [--clients 500] [--repeat 3] [--config FILE]
+"""
+
+from __future__ import annotations
+
+import os
+
+for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(var, "1")
+
+import argparse  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections import Counter  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from exporter.config import load_settings  # noqa: E402
+from exporter.demo import DigitsLike, _line  # noqa: E402
+from exporter.pipeline import Pipeline  # noqa: E402
+from exporter.replay import Progress, read_events, replay  # noqa: E402
+
+
+def make_log(path: Path, events: int, clients: int, seed: int = 0) -> None:
+    world = DigitsLike(seed)
+    rng = np.random.default_rng(seed)
+    x = world.sample(rng, events)
+    p = world.predict(x)
+    who = rng.integers(0, clients, events)
+    ts = 1.7e9 + np.cumsum(rng.exponential(0.01, events))
+    with open(path, "w") as fh:
+        for t, c, xi, pi in zip(ts, who, x, p):
+            fh.write(_line(float(t), f"client-{c}", xi, pi) + "\n")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--events", type=int, default=100_000)
+    ap.add_argument("--clients", type=int, default=500)
+    ap.add_argument("--repeat", type=int, default=3, help="best of N runs for each measurement")
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--profile", default=None, help="calibration profile for the replay runs")
+    args = ap.parse_args()
+    settings = load_settings(args.config)
+    profile = None
+    if args.profile:
+        from exporter.profile import load_profile
+
+        profile = load_profile(args.profile, settings)
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "traffic.jsonl"
+        make_log(log, args.events, args.clients)
+        parse, full = [], []
+        for _ in range(args.repeat):
+            start = time.perf_counter()
+            read_events([log], Pipeline(settings), settings.files.max_line_bytes, Progress(io.StringIO(), False), Counter())
+            parse.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            replay(settings, [str(log)], progress=False, profile=profile)
+            full.append(time.perf_counter() - start)
+    result = {
+        "events": args.events,
+        "clients": args.clients,
+        "detectors": list(settings.detector_params()),
+        "calibrated": profile is not None,
+        "parse_only_events_per_s": round(args.events / min(parse)),
+        "replay_events_per_s": round(args.events / min(full)),
+        "replay_to_parse_ratio": round(min(parse) / min(full), 3),
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
