@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import unicodedata
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,7 +23,15 @@ import numpy as np
 if TYPE_CHECKING:
     from exporter.events import Event
 
-__all__ = ["SIGNIFICANT_DIGITS", "canonical_digest", "canonical_text", "event_text", "round_significant"]
+__all__ = [
+    "SIGNIFICANT_DIGITS",
+    "all_flat_vectors",
+    "canonical_digest",
+    "canonical_digests",
+    "canonical_text",
+    "event_text",
+    "round_significant",
+]
 
 SIGNIFICANT_DIGITS = 6
 """Float inputs are compared after rounding to this many significant decimal digits,
@@ -124,11 +133,64 @@ def canonical_digest(event: "Event") -> int | None:
         h.update(_pixel_bytes(img))
     elif event.vector is not None:
         vec = np.asarray(event.vector)
-        h.update(b"v")
-        h.update(np.asarray(vec.shape, dtype=np.int64).tobytes())
-        h.update(round_significant(vec).tobytes())
+        digest = _vector_digest(np.asarray(vec.shape, dtype=np.int64).tobytes(), round_significant(vec))
+        event.cache[_DIGEST_KEY] = digest
+        return digest
     else:
         return None
     digest = int.from_bytes(h.digest(), "little")
     event.cache[_DIGEST_KEY] = digest
     return digest
+
+
+def _vector_digest(shape_bytes: bytes, rounded: np.ndarray) -> int:
+    h = hashlib.blake2b(digest_size=8, person=b"monitaur-canon")
+    h.update(b"v")
+    h.update(shape_bytes)
+    h.update(rounded.tobytes())
+    return int.from_bytes(h.digest(), "little")
+
+
+def all_flat_vectors(events: Sequence["Event"]) -> bool:
+    """Whether every event's input is a flat vector of one length, so they stack into (m, d)."""
+    first = events[0].vector if events else None
+    if first is None or first.ndim != 1:
+        return False
+    shape = first.shape
+    return all(e.vector is not None and e.text is None and e.image is None and e.vector.shape == shape for e in events)
+
+
+def canonical_digests(events: Sequence["Event"], vectors: np.ndarray | None = None) -> list[int | None]:
+    """:func:`canonical_digest` of each event, with the vectors of a batch rounded at once.
+
+    Flat vector inputs of equal length are stacked and passed through
+    :func:`round_significant` together (it is element-wise, so the digests are exactly
+    the per-event ones); only the hashing runs per event. ``vectors``, when given, is the
+    already stacked ``(m, d)`` matrix of the events' vectors (``Batch.vectors``).
+    Results are memoized in ``event.cache`` like :func:`canonical_digest`.
+    """
+    out: list[int | None] = [None] * len(events)
+    groups: dict[int, list[int]] = {}  # vector length -> positions still to digest
+    for i, e in enumerate(events):
+        cached = e.cache.get(_DIGEST_KEY)
+        if cached is not None:
+            out[i] = int(cached)
+        elif e.text is None and e.image is None and isinstance(v := e.vector, np.ndarray) and v.ndim == 1:
+            groups.setdefault(v.shape[0], []).append(i)
+        else:
+            out[i] = canonical_digest(e)
+    for length, idx in groups.items():
+        if len(idx) == 1:
+            out[idx[0]] = canonical_digest(events[idx[0]])
+            continue
+        if vectors is not None and vectors.shape == (len(events), length):
+            block = vectors[idx] if len(idx) < len(events) else vectors
+        else:
+            block = np.stack([np.asarray(events[i].vector) for i in idx])
+        rounded = round_significant(block)
+        shape_bytes = np.asarray((length,), dtype=np.int64).tobytes()
+        for i, row in zip(idx, rounded):
+            digest = _vector_digest(shape_bytes, row)
+            events[i].cache[_DIGEST_KEY] = digest
+            out[i] = digest
+    return out

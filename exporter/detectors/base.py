@@ -96,10 +96,12 @@ class Batch:
 
     @cached_property
     def vectors(self) -> np.ndarray | None:
-        """(m, d) input vectors, or None when the events carry no vectors (text, encoded images)."""
-        if self.events[0].vector is None:
+        """(m, d) input vectors, or None unless every event carries one of the same length."""
+        rows = [e.vector for e in self.events]
+        first = rows[0]
+        if first is None or any(r is None or r.shape != first.shape for r in rows):
             return None
-        return np.stack([e.vector for e in self.events])
+        return np.stack(rows)  # type: ignore[arg-type]
 
     @cached_property
     def probs(self) -> np.ndarray | None:

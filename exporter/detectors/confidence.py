@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator
 
-from exporter.detectors.base import Detector, DetectorParams, Signal, State
-from exporter.ring import Ring, new_ring
-
-if TYPE_CHECKING:
-    from exporter.events import Event
+from exporter.detectors.base import Batch, Detector, DetectorParams, Signals, State
+from exporter.ring import new_ring
 
 Measure = Literal["entropy", "max_prob", "margin"]
 
@@ -67,53 +64,133 @@ class ConfidenceParams(DetectorParams):
         return value
 
 
-def _entropy_confidence(p: np.ndarray) -> float:
-    """1 - H(p) / ln K, in [0, 1]: 1 for a one-hot answer, 0 for the uniform one."""
-    k = p.shape[0]
+def _entropy_confidences(p: np.ndarray) -> np.ndarray:
+    """Row-wise 1 - H(p) / ln K of normalized (m, K) rows, in [0, 1]: 1 one-hot, 0 uniform."""
     logs = np.log(np.where(p > 0.0, p, 1.0))  # 0 * log 0 = 0
-    h = -float(np.dot(p, logs))
-    return 1.0 - h / math.log(k)
+    h = -np.einsum("ij,ij->i", p, logs)
+    return 1.0 - h / math.log(p.shape[1])
+
+
+def probs_confidences(probs: np.ndarray, measure: Measure) -> np.ndarray:
+    """The confidence of each row of an (m, K) probability matrix, clipped to [0, 1].
+
+    NaN for rows that cannot be judged (fewer than 2 classes, no mass, or non-finite
+    values). Each row is renormalized, so a slightly unnormalized answer cannot push the
+    score outside [0, 1]. Every row is computed independently of the others.
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    m, k = p.shape
+    if k < 2 or m == 0:
+        return np.full(m, np.nan)
+    ok = np.isfinite(p).all(axis=1)
+    p = np.maximum(p, 0.0)
+    total = np.add.reduce(p, axis=1)
+    ok &= total > 0.0
+    all_ok = np.count_nonzero(ok) == m
+    if not all_ok:  # keep unusable rows out of the arithmetic (no inf - inf warnings)
+        p = np.where(ok[:, None], p, 1.0)
+        total = np.where(ok, total, float(k))
+    p = p / total[:, None]
+    if measure == "max_prob":
+        conf = p.max(axis=1)
+    elif measure == "margin":
+        top2 = np.partition(p, k - 2, axis=1)
+        conf = top2[:, k - 1] - top2[:, k - 2]
+    else:
+        conf = _entropy_confidences(p)
+    conf = np.minimum(np.maximum(conf, 0.0), 1.0)
+    return conf if all_ok else np.where(ok, conf, np.nan)
 
 
 def probs_confidence(probs: np.ndarray, measure: Measure) -> float | None:
-    """The confidence of one probability vector under ``measure``, clipped to [0, 1].
+    """The confidence of one probability vector under ``measure`` (see :func:`probs_confidences`).
 
-    Returns None when the vector cannot be judged (fewer than 2 classes, no mass, or
-    non-finite values). The vector is renormalized, so a slightly unnormalized answer
-    cannot push the score outside [0, 1].
+    Returns None when the vector cannot be judged.
     """
     p = np.asarray(probs, dtype=np.float64).ravel()
-    if p.shape[0] < 2 or not np.all(np.isfinite(p)):
-        return None
-    p = np.clip(p, 0.0, None)
-    total = float(p.sum())
-    if total <= 0.0:
-        return None
-    p = p / total
-    if measure == "max_prob":
-        conf = float(p.max())
-    elif measure == "margin":
-        top2 = np.partition(p, p.shape[0] - 2)[-2:]
-        conf = float(top2[1] - top2[0])
-    else:
-        conf = _entropy_confidence(p)
-    return min(max(conf, 0.0), 1.0)
+    conf = float(probs_confidences(p[None, :], measure)[0])
+    return None if math.isnan(conf) else conf
 
 
-def label_score_confidence(score: float, measure: Measure) -> float:
-    """The confidence of a label-only answer whose winning label has probability ``score``.
+def label_score_confidences(scores: np.ndarray, measure: Measure) -> np.ndarray:
+    """The confidence of label-only answers whose winning labels have probabilities ``scores``.
 
     Only the winner's probability is known, so the answer is read two-class style: the
     remaining mass is taken to be the runner-up's. That is exact for binary models and
     is the near-boundary case (two competing classes) for larger ones:
     max_prob = s, margin = max(2s - 1, 0), entropy = 1 - H(s, 1 - s) / ln 2.
+    Scores are clipped to [0, 1] first.
     """
-    s = min(max(float(score), 0.0), 1.0)
+    s = np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0)
     if measure == "max_prob":
         return s
     if measure == "margin":
-        return max(2.0 * s - 1.0, 0.0)
-    return _entropy_confidence(np.array([s, 1.0 - s]))
+        return np.maximum(2.0 * s - 1.0, 0.0)
+    return np.clip(_entropy_confidences(np.stack([s, 1.0 - s], axis=1)), 0.0, 1.0)
+
+
+def label_score_confidence(score: float, measure: Measure) -> float:
+    """The confidence of one label-only answer (see :func:`label_score_confidences`)."""
+    return float(label_score_confidences(np.array([float(score)]), measure)[0])
+
+
+# -- windowed shares over a ring of flags ------------------------------------------
+# A ring is a fixed ``buf`` plus an insertion counter; item ``i`` (0-based, ever) lives in
+# slot ``i % len(buf)``. These helpers fold a block of new items in at once.
+
+
+def ring_in_order(buf: np.ndarray, count: int) -> np.ndarray:
+    """The ring's stored items, oldest first (a copy once the ring has wrapped)."""
+    w = buf.shape[0]
+    if count <= w:
+        return buf[:count]
+    s = count % w
+    return np.concatenate((buf[s:], buf[:s]))
+
+
+def ring_write(buf: np.ndarray, count: int, items: np.ndarray) -> None:
+    """Store ``items`` as the ring's next entries (only the last ``len(buf)`` can survive)."""
+    w = buf.shape[0]
+    j = items.shape[0]
+    if j == 0 or w == 0:
+        return
+    if j == 1:
+        buf[count % w] = items[0]
+        return
+    k = min(j, w)
+    buf[(count + np.arange(j - k, j)) % w] = items[j - k :]
+
+
+def window_shares(buf: np.ndarray, count: int, flags: np.ndarray, min_events: int, flag_ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """Push boolean ``flags`` into the ring ``buf`` holding ``count`` items so far.
+
+    Returns, for each new flag, the share of set flags in the window right after it was
+    pushed, ``set / max(n, min_events)`` with ``n`` items in the window, and whether that
+    reached ``flag_ratio`` with ``n >= min_events``. One cumulative sum over the old
+    window contents followed by the new flags gives every window's count at once (a
+    single flag is counted directly; the counts are integers, so both ways agree
+    exactly). The caller advances the counter by ``len(flags)``.
+    """
+    w = buf.shape[0]
+    j = flags.shape[0]
+    if j == 1:
+        slot = count % w
+        hits = int(np.count_nonzero(buf)) + int(flags[0]) - (int(buf[slot]) if count >= w else 0)
+        buf[slot] = flags[0]
+        n1 = min(count + 1, w)
+        value = min(hits / max(n1, min_events), 1.0)
+        return np.array([value]), np.array([n1 >= min_events and value >= flag_ratio])
+    old = ring_in_order(buf, count)
+    cs = np.zeros(old.shape[0] + j + 1, dtype=np.int64)
+    np.cumsum(np.concatenate((old, flags)), dtype=np.int64, out=cs[1:])
+    t = np.arange(1, j + 1)
+    end = old.shape[0] + t
+    n = np.minimum(count + t, w)
+    hits_arr = cs[end] - cs[end - n]
+    values = np.minimum(hits_arr / np.maximum(n, min_events), 1.0)
+    flagged = (n >= min_events) & (values >= flag_ratio)
+    ring_write(buf, count, flags)
+    return values, flagged
 
 
 class ConfidenceDetector(Detector):
@@ -133,41 +210,71 @@ class ConfidenceDetector(Detector):
     ``min_events`` answers on it is exactly the share). The client is flagged when
     ``n >= min_events`` and the score is at least ``flag_ratio``.
 
-    Not judged (returns None): events without probabilities and without a label score.
-    A label-only answer with a score is judged via :func:`label_score_confidence`.
+    Not judged (NaN, or None for a whole batch): events without probabilities and
+    without a label score. A label-only answer with a score is judged via
+    :func:`label_score_confidences`.
 
-    Cost per event: O(K) for K classes plus O(window) to count the flags.
+    Cost per batch of m events: O(m * K) for K classes plus O(window + m) to count the
+    flags, in a fixed number of numpy operations (one cumulative sum over the old window
+    followed by the new flags gives every event's window share).
     State per client: ``window + 8`` bytes (one bool per slot, an int64 counter);
     108 bytes with the defaults.
     """
 
     name: ClassVar[str] = "confidence"
     Params: ClassVar[type[DetectorParams]] = ConfidenceParams
+    threshold_param = "flag_ratio"
     params: ConfidenceParams
 
     def init_state(self) -> State:
         ring = new_ring(self.params.window, dtype=np.bool_)
         return {"low_buf": ring["buf"], "low_count": ring["count"]}
 
-    def confidence(self, event: "Event") -> float | None:
-        """The event's confidence under the configured measure, or None if it has none."""
-        measure: Measure = self.params.measure
-        if event.probs is not None:
-            return probs_confidence(event.probs, measure)
-        if event.label_score is not None and math.isfinite(event.label_score):
-            return label_score_confidence(event.label_score, measure)
-        return None
+    def confidences(self, batch: Batch) -> np.ndarray:
+        """(m,) each event's confidence under the configured measure; NaN where it has none.
 
-    def update(self, state: State, event: "Event") -> Signal | None:
-        conf = self.confidence(event)
-        if conf is None:
+        Probability answers are judged from their probabilities (an unusable vector is
+        not judged, it does not fall back to a label score); label-only answers from a
+        finite label score.
+        """
+        measure: Measure = self.params.measure
+        events = batch.events
+        first = events[0].probs
+        if first is not None and all(e.probs is not None and len(e.probs) == len(first) for e in events):
+            return probs_confidences(batch.probs, measure)  # type: ignore[arg-type]  # the usual case
+        out = np.full(len(events), np.nan)
+        rows = [i for i, e in enumerate(events) if e.probs is not None]
+        if rows:
+            probs = batch.probs
+            assert probs is not None
+            out[rows] = probs_confidences(probs[rows], measure)
+            k = probs.shape[1]
+            for i in rows:  # another class count than the batch's first (rare): judged alone
+                if len(events[i].probs) != k:  # type: ignore[arg-type]
+                    out[i] = probs_confidences(np.asarray(events[i].probs, dtype=np.float64)[None, :], measure)[0]
+        scores = [
+            (i, e.label_score) for i, e in enumerate(events) if e.probs is None and e.label_score is not None and math.isfinite(e.label_score)
+        ]
+        if scores:
+            idx, values = zip(*scores)
+            out[list(idx)] = label_score_confidences(np.array(values, dtype=np.float64), measure)
+        return out
+
+    def update(self, state: State, batch: Batch) -> Signals | None:
+        conf = self.confidences(batch)
+        judged = conf == conf  # not NaN
+        n_judged = int(np.count_nonzero(judged))
+        if n_judged == 0:
             return None
         threshold = self.params.threshold
         assert threshold is not None  # filled in by the validator
-        ring = Ring({"buf": state["low_buf"], "count": state["low_count"]})
-        ring.push(conf < threshold)
-        flags = ring.values()
-        n = flags.shape[0]
-        value = float(np.count_nonzero(flags)) / max(n, self.params.min_events)
-        value = min(max(value, 0.0), 1.0)
-        return Signal(value, n >= self.params.min_events and value >= self.params.flag_ratio)
+        count = int(state["low_count"])
+        low = (conf if n_judged == len(batch) else conf[judged]) < threshold
+        values, flagged = window_shares(state["low_buf"], count, low, self.params.min_events, self.params.flag_ratio)
+        state["low_count"][...] = count + n_judged
+        if n_judged == len(batch):
+            return Signals(values, flagged)
+        out = Signals.constant(len(batch), np.nan, False)
+        out.values[judged] = values
+        out.flagged[judged] = flagged
+        return out

@@ -10,8 +10,9 @@ import numpy as np
 from PIL import Image
 from pydantic import Field, ValidationInfo, field_validator
 
-from exporter.canonical import canonical_digest, event_text
-from exporter.detectors.base import Detector, DetectorParams, ModelContext, Signal, State
+from exporter.canonical import all_flat_vectors, canonical_digests, event_text
+from exporter.detectors.base import Batch, Detector, DetectorParams, ModelContext, Signals, State
+from exporter.detectors.confidence import ring_write, window_shares
 
 if TYPE_CHECKING:
     from exporter.events import Event
@@ -183,9 +184,10 @@ class NearDuplicateDetector(Detector):
       standardized with the model's running :class:`~exporter.stats.FeatureStats` (raw
       values if the context has none); match when ``||a - b|| / sqrt(dim)``, the RMS
       per-feature distance in standard deviations, is at most ``tabular_tolerance``.
-      Vectors are stored standardized as of their arrival, so while the model's
-      statistics are still being learned, old and new vectors use slightly different
-      scales; the drift is small once the statistics have settled, and a tolerance is
+      Vectors are stored standardized with the statistics as of their batch's arrival
+      (the pipeline folds a batch into them first), so while the model's statistics
+      are still being learned, old and new vectors use slightly different scales;
+      the drift is small once the statistics have settled, and a tolerance is
       approximate anyway. Inputs longer than ``max_vector_dim`` are stored as a fixed
       random projection (distances kept within a few percent).
 
@@ -194,12 +196,20 @@ class NearDuplicateDetector(Detector):
     the client is flagged when ``n >= min_events`` and the score is at least
     ``flag_ratio``. ``pairs`` counts every (new input, earlier input) match, cumulatively.
 
-    Not judged (returns None): events without input, empty text, images that cannot be
-    hashed, and vectors when the context has no ``input_dim`` (no ring was allocated).
+    Not judged (NaN, or None for a whole batch): events without input, empty text,
+    images that cannot be hashed, and vectors when the context has no ``input_dim`` (no
+    ring was allocated).
 
-    Cost per event: image O(H * W) to downscale plus a 32 x 32 DCT; text O(len * shingle);
-    vector O(dim * max_vector_dim) to project when longer, then O(window * D) distances;
-    plus O(window) Hamming distances and digest comparisons.
+    Batches: a batch's inputs are compared with the ring and with each other at once,
+    one (m, window) and one (m, m) matrix per fingerprint type, counting only earlier
+    inputs at most ``window`` positions back, so the result is exactly that of feeding
+    the events one by one. Long batches are cut into blocks that keep the
+    (block, window + block, D) difference tensor near 16 MiB.
+
+    Cost per event: image O(H * W) to downscale plus a 32 x 32 DCT; text O(len * shingle)
+    (both per event, memoized); vector O(dim * max_vector_dim) to project when longer,
+    then O((window + m) * D) distances; plus O(window + m) Hamming distances and digest
+    comparisons, all in a fixed number of numpy operations per batch.
 
     State per client, in bytes, with W = ``window``:
     ``16 + 10 * W + 8 * W * [modality != "tabular"] + 4 * W * D``, where
@@ -211,6 +221,7 @@ class NearDuplicateDetector(Detector):
 
     name: ClassVar[str] = "near_duplicate"
     Params: ClassVar[type[DetectorParams]] = NearDuplicateParams
+    threshold_param = "flag_ratio"
     params: NearDuplicateParams
 
     def __init__(self, params: DetectorParams, context: ModelContext) -> None:
@@ -238,8 +249,8 @@ class NearDuplicateDetector(Detector):
         }
 
     # -- fingerprints ---------------------------------------------------------
-    def _fingerprint(self, event: "Event") -> tuple[int, int | np.ndarray] | None:
-        """(kind, fingerprint) of the event's input, memoized in ``event.cache``; None if unusable."""
+    def _hash_fingerprint(self, event: "Event") -> tuple[int, int] | None:
+        """(kind, 64-bit hash) of a text or image input, memoized in ``event.cache``; None if unusable."""
         if event.text is not None:
             key = f"simhash{self.params.text_shingle}"
             if key not in event.cache:
@@ -252,61 +263,159 @@ class NearDuplicateDetector(Detector):
                 event.cache["phash"] = image_phash(event.image)
             fp = event.cache["phash"]
             return None if fp is None or self._hash_slots == 0 else (KIND_IMAGE, fp)
-        if event.vector is not None:
-            if self._vector_dim == 0:
-                return None
-            vec = np.asarray(event.vector, dtype=np.float64).ravel()
-            if vec.shape[0] != self._input_dim:
-                raise ValueError(f"input has {vec.shape[0]} values; the detector was set up for {self._input_dim}")
-            stats = self.context.stats
-            z = stats.standardize(vec) if stats is not None and stats.dim == self._input_dim else vec
-            if self._projection is not None:
-                z = z @ self._projection
-            return KIND_VECTOR, z.astype(np.float32)
         return None
 
-    def _matches(self, state: State, filled: int, kind: int, fp: int | np.ndarray, digest: np.uint64) -> int:
-        """How many earlier inputs in the window are within tolerance and not exact repeats."""
-        candidates = (state["kind"][:filled] == kind) & (state["digest"][:filled] != digest)
-        if not candidates.any():
-            return 0
-        idx = np.flatnonzero(candidates)
-        if kind == KIND_VECTOR:
-            diff = state["vec"][idx].astype(np.float64) - np.asarray(fp, dtype=np.float64)
-            rms = np.sqrt(np.einsum("ij,ij->i", diff, diff) / self._input_dim)
-            close = rms <= self.params.tabular_tolerance
+    def _vector_fingerprints(self, events: list["Event"], rows: list[int], stacked: np.ndarray | None) -> np.ndarray:
+        """(len(rows), D) float32 stored form of the vector inputs at ``rows``: standardized, projected.
+
+        ``stacked`` is ``Batch.vectors`` when every event is a flat vector, else None.
+        """
+        if stacked is not None and len(rows) == len(events):
+            x = stacked.astype(np.float64, copy=False)
         else:
-            tolerance = self.params.image_hamming_tolerance if kind == KIND_IMAGE else self.params.text_hamming_tolerance
-            dist = np.bitwise_count(np.bitwise_xor(state["hash"][idx], _U64(int(fp))))  # type: ignore[arg-type]
-            close = dist <= tolerance
-        return int(np.count_nonzero(close))
+            x = np.stack([np.asarray(events[i].vector, dtype=np.float64).ravel() for i in rows])
+        stats = self.context.stats
+        z = stats.standardize(x) if stats is not None and stats.dim == self._input_dim else x
+        if self._projection is not None:
+            # One matrix-vector product per row: a blocked matrix product could round a
+            # row differently depending on how many rows share the batch.
+            z = np.stack([row @ self._projection for row in z])
+        return z.astype(np.float32)
 
     # -- the detector ------------------------------------------------------------
-    def update(self, state: State, event: "Event") -> Signal | None:
-        digest = canonical_digest(event)
-        if digest is None:
+    def update(self, state: State, batch: Batch) -> Signals | None:
+        events = batch.events
+        m = len(events)
+        stacked = batch.vectors if all_flat_vectors(events) else None
+        digests = canonical_digests(events, stacked)
+        judged: list[int] = []  # positions of the events with a usable fingerprint, in order
+        kind_list: list[int] = []
+        hash_list: list[int] = []
+        vector_rows: list[int] = []  # positions of the vector inputs among ``judged``
+        for i, e in enumerate(events):
+            if digests[i] is None:
+                continue
+            if e.text is None and e.image is None:  # a vector
+                if self._vector_dim and e.vector is not None:
+                    if np.size(e.vector) != self._input_dim:  # checked for all before the state changes
+                        raise ValueError(f"input has {np.size(e.vector)} values; the detector was set up for {self._input_dim}")
+                    vector_rows.append(len(judged))
+                    judged.append(i)
+                    kind_list.append(KIND_VECTOR)
+                    hash_list.append(0)
+                continue
+            found = self._hash_fingerprint(e)
+            if found is not None:
+                judged.append(i)
+                kind_list.append(found[0])
+                hash_list.append(found[1])
+        j = len(judged)
+        if j == 0:
             return None
-        found = self._fingerprint(event)
-        if found is None:
-            return None
-        kind, fp = found
-        d = np.uint64(digest)
+        kinds = np.array(kind_list, dtype=np.uint8)
+        hashes = np.array(hash_list, dtype=np.uint64)
+        digest_arr = np.array([digests[i] for i in judged], dtype=np.uint64)
+        if len(vector_rows) == j:
+            vecs = self._vector_fingerprints(events, judged, stacked)
+        else:
+            vecs = np.zeros((j, self._vector_dim), dtype=np.float32)
+            if vector_rows:
+                vecs[vector_rows] = self._vector_fingerprints(events, [judged[r] for r in vector_rows], stacked)
+
+        step = self._chunk_size()
+        if j <= step:
+            values, flagged = self._update_block(state, kinds, digest_arr, hashes, vecs)
+        else:
+            values = np.empty(j)
+            flagged = np.empty(j, dtype=bool)
+            for lo in range(0, j, step):
+                hi = lo + step
+                values[lo:hi], flagged[lo:hi] = self._update_block(state, kinds[lo:hi], digest_arr[lo:hi], hashes[lo:hi], vecs[lo:hi])
+        if j == m:
+            return Signals(values, flagged)
+        out = Signals.constant(m, np.nan, False)
+        out.values[judged] = values
+        out.flagged[judged] = flagged
+        return out
+
+    def _chunk_size(self) -> int:
+        """Events compared per block: bounds the (block, window, D) difference tensor to ~16 MiB."""
+        w, d = self.params.window, max(self._vector_dim, 1)
+        budget = (16 << 20) // 8 // d
+        return max(1, int((math.sqrt(w * w + 4 * budget) - w) / 2))
+
+    def _update_block(
+        self, state: State, kinds: np.ndarray, digests: np.ndarray, hashes: np.ndarray, vecs: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Judge ``j`` consecutive fingerprinted inputs against the ring and each other, then store them.
+
+        New input ``t`` (0-based in the block) compares with the inputs of the same kind
+        and another digest among the ``window`` inputs before it: the ring slots not yet
+        overwritten by the block's inputs ``0 .. t-1`` (slot ``s`` is overwritten by input
+        ``(s - count) % window``), and the block's inputs ``u`` with
+        ``t - window <= u < t``. Ring and block are compared with one (j, W) and one
+        (j, j) matrix per fingerprint type.
+        """
         w = self.params.window
+        j = kinds.shape[0]
         count = int(state["count"])
         filled = min(count, w)
-        matches = self._matches(state, filled, kind, fp, d)
+        ring_kind, ring_digest = state["kind"][:filled], state["digest"][:filled]
+        ring_cand = (ring_kind[None, :] == kinds[:, None]) & (ring_digest[None, :] != digests[:, None])
+        ring_close = np.zeros_like(ring_cand)
+        if j > 1:
+            t = np.arange(j)
+            ring_cand &= ((np.arange(filled) - count) % w)[None, :] >= t[:, None]
+            back = t[:, None] - t[None, :]
+            new_cand = (back > 0) & (back <= w) & (kinds[None, :] == kinds[:, None]) & (digests[None, :] != digests[:, None])
+            new_close = np.zeros_like(new_cand)
 
-        slot = count % w
-        state["kind"][slot] = kind
-        state["digest"][slot] = d
-        state["near"][slot] = matches > 0
-        if kind == KIND_VECTOR:
-            state["vec"][slot] = fp
-        else:
-            state["hash"][slot] = _U64(int(fp))  # type: ignore[arg-type]
-        state["count"][...] = count + 1
-        state["pairs"][...] = int(state["pairs"]) + matches
+        is_vec = kinds == KIND_VECTOR
+        n_vec = int(np.count_nonzero(is_vec))
+        if n_vec:
+            tol = self.params.tabular_tolerance
+            cols = np.flatnonzero(ring_kind == KIND_VECTOR)
+            if n_vec == j:  # the usual case: a tabular model
+                new_vec = vecs.astype(np.float64)
+                if cols.size:
+                    ring_close[:, cols] = self._close_vectors(state["vec"][cols].astype(np.float64), new_vec, tol)
+                if j > 1:
+                    new_close[:] = self._close_vectors(new_vec, new_vec, tol)
+            else:
+                rows = np.flatnonzero(is_vec)
+                new_vec = vecs[rows].astype(np.float64)
+                if cols.size:
+                    ring_close[np.ix_(rows, cols)] = self._close_vectors(state["vec"][cols].astype(np.float64), new_vec, tol)
+                if j > 1:
+                    new_close[np.ix_(rows, rows)] = self._close_vectors(new_vec, new_vec, tol)
+        if n_vec < j:
+            rows = np.flatnonzero(~is_vec)
+            tolerance = np.where(kinds[rows] == KIND_IMAGE, self.params.image_hamming_tolerance, self.params.text_hamming_tolerance)[:, None]
+            new_hash = hashes[rows, None]
+            ring_close[rows] = np.bitwise_count(np.bitwise_xor(state["hash"][None, :filled], new_hash)) <= tolerance
+            if j > 1:
+                new_close[rows] = np.bitwise_count(np.bitwise_xor(hashes[None, :], new_hash)) <= tolerance
 
-        n = min(count + 1, w)
-        value = min(float(np.count_nonzero(state["near"][:n])) / max(n, self.params.min_events), 1.0)
-        return Signal(value, n >= self.params.min_events and value >= self.params.flag_ratio)
+        matches = np.count_nonzero(ring_cand & ring_close, axis=1)
+        if j > 1:
+            matches += np.count_nonzero(new_cand & new_close, axis=1)
+        ring_write(state["kind"], count, kinds)
+        ring_write(state["digest"], count, digests)
+        if state["hash"].shape[0]:
+            ring_write(state["hash"], count, hashes)
+        if state["vec"].shape[1]:
+            ring_write(state["vec"], count, vecs)
+        values, flagged = window_shares(state["near"], count, matches > 0, self.params.min_events, self.params.flag_ratio)
+        state["count"][...] = count + j
+        state["pairs"][...] = int(state["pairs"]) + int(matches.sum())
+        return values, flagged
+
+    def _close_vectors(self, a: np.ndarray, b: np.ndarray, tolerance: float) -> np.ndarray:
+        """(len(b), len(a)) whether the RMS per-feature distance of each pair is within tolerance.
+
+        Each pair's distance is a sum over its own difference vector, so it comes out the
+        same whatever else is in the batch (a Gram-matrix shortcut would not).
+        """
+        diff = a[None, :, :] - b[:, None, :]
+        rms = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff) / self._input_dim)
+        return rms <= tolerance

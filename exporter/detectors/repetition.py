@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator
 
-from exporter.canonical import canonical_digest
-from exporter.detectors.base import Detector, DetectorParams, Signal, State
-from exporter.ring import Ring, new_ring
-
-if TYPE_CHECKING:
-    from exporter.events import Event
+from exporter.canonical import all_flat_vectors, canonical_digests
+from exporter.detectors.base import Batch, Detector, DetectorParams, Signals, State
+from exporter.detectors.confidence import ring_in_order, ring_write, window_shares
+from exporter.ring import new_ring
 
 
 class RepetitionParams(DetectorParams):
@@ -49,15 +47,19 @@ class RepetitionDetector(Detector):
     flagged when ``n >= min_events`` and the score is at least ``flag_ratio``.
     Near-but-not-exact repeats are the ``near_duplicate`` detector's business.
 
-    Not judged (returns None): events without any input.
+    Not judged (NaN, or None for a whole batch): events without any input.
 
-    Cost per event: hashing the input, O(input size), plus O(window) comparisons.
+    Cost per batch of m events: hashing each input, O(input size) (vectors are rounded
+    for the whole batch at once), plus a stable sort of the ``window + m`` digests of the
+    old window followed by the batch, which finds every event's previous occurrence,
+    repeats inside the batch included.
     State per client: ``9 * window + 16`` bytes (a uint64 digest and a bool flag per slot,
     two int64 counters); 1816 bytes with the defaults.
     """
 
     name: ClassVar[str] = "repetition"
     Params: ClassVar[type[DetectorParams]] = RepetitionParams
+    threshold_param = "flag_ratio"
     params: RepetitionParams
 
     def init_state(self) -> State:
@@ -70,17 +72,43 @@ class RepetitionDetector(Detector):
             "repeat_count": repeats["count"],
         }
 
-    def update(self, state: State, event: "Event") -> Signal | None:
-        digest = canonical_digest(event)
-        if digest is None:
+    def update(self, state: State, batch: Batch) -> Signals | None:
+        found = canonical_digests(batch.events, batch.vectors if all_flat_vectors(batch.events) else None)
+        judged = [i for i, d in enumerate(found) if d is not None]
+        if not judged:
             return None
-        d = np.uint64(digest)
-        digests = Ring({"buf": state["digest_buf"], "count": state["digest_count"]})
-        repeats = Ring({"buf": state["repeat_buf"], "count": state["repeat_count"]})
-        is_repeat = bool(np.any(digests.values() == d))
-        digests.push(d)
-        repeats.push(is_repeat)
-        flags = repeats.values()
-        n = flags.shape[0]
-        value = min(float(np.count_nonzero(flags)) / max(n, self.params.min_events), 1.0)
-        return Signal(value, n >= self.params.min_events and value >= self.params.flag_ratio)
+        new = np.array([found[i] for i in judged], dtype=np.uint64)
+        count = int(state["digest_count"])
+        if new.shape[0] == 1:  # a lone event: is it among the stored digests?
+            is_repeat = np.array([bool(np.any(state["digest_buf"][: min(count, self.params.window)] == new[0]))])
+        else:
+            old = ring_in_order(state["digest_buf"], count)
+            is_repeat = seen_within(np.concatenate((old, new)), old.shape[0], self.params.window)
+        ring_write(state["digest_buf"], count, new)
+        state["digest_count"][...] = count + new.shape[0]
+        repeat_count = int(state["repeat_count"])
+        values, flagged = window_shares(state["repeat_buf"], repeat_count, is_repeat, self.params.min_events, self.params.flag_ratio)
+        state["repeat_count"][...] = repeat_count + new.shape[0]
+        if len(judged) == len(batch):
+            return Signals(values, flagged)
+        out = Signals.constant(len(batch), np.nan, False)
+        out.values[judged] = values
+        out.flagged[judged] = flagged
+        return out
+
+
+def seen_within(seq: np.ndarray, start: int, window: int) -> np.ndarray:
+    """For each position ``p >= start`` of ``seq``: does ``seq[p]`` occur in ``seq[p - window : p]``?
+
+    A stable argsort puts equal values next to each other in position order, so each
+    position's previous occurrence is its neighbour in that order; one comparison with
+    ``p - window`` answers for all positions at once, repeats inside the new block included.
+    """
+    order = np.argsort(seq, kind="stable")
+    ranked = seq[order]
+    prev = np.full(seq.shape[0], -1, dtype=np.int64)
+    same = ranked[1:] == ranked[:-1]
+    prev[order[1:][same]] = order[:-1][same]
+    p = np.arange(start, seq.shape[0])
+    q = prev[start:]
+    return (q >= 0) & (q >= p - window)
