@@ -6,7 +6,8 @@ Three passes over the benign logs, each with the same pipeline ``replay`` uses:
    reference statistics on (a sample of) the benign inputs;
 2. replay the logs with those references and record every detector's values: each
    threshold becomes the value that at most ``target_fpr`` of benign clients ever
-   reach, and the pooled values become the null samples of the ``risk`` fusion;
+   reach (never below the detector's default), and the pooled values become the null
+   samples of the ``risk`` fusion;
 3. replay once more with the fusion calibrated and set its threshold the same way.
 
 Thresholds are per client, not per event: a benign client is "falsely alarmed" if
@@ -123,10 +124,13 @@ def calibrate(settings: Settings, paths: list[str], progress_stream: TextIO = sy
     rec = _Recorder()
     run_blocks(Pipeline(settings, event_time=True, profile=profile, observer=rec), events, bar, "calibrating detectors")
     for model, mp in profile.models.items():
-        for name, (cls, _) in specs.items():
+        for name, (cls, params) in specs.items():
             maxima = list(rec.maxima.get((model, name), {}).values())
             if cls.threshold_param and name != VERDICT and maxima:
-                mp.thresholds[name] = threshold_for(maxima, cal.target_fpr)
+                # Calibration only raises a threshold: where benign traffic never moves a
+                # detector, its documented default still decides what counts as evidence.
+                default = float(getattr(params, cls.threshold_param))
+                mp.thresholds[name] = max(threshold_for(maxima, cal.target_fpr), default)
         if VERDICT in specs:
             nulls = {NULL_PREFIX + n: _sample(rec.pools[(model, n)], cal.null_samples, rng) for n in specs if n != VERDICT and rec.pools.get((model, n))}
             mp.references[VERDICT] = nulls

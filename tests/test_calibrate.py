@@ -26,12 +26,12 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 def profile_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("cal")
     log = tmp / "benign.jsonl"
-    log.write_text("".join(line + "\n" for line in benign_log(seed=11, clients=120)))
+    log.write_text("".join(line + "\n" for line in benign_log(seed=11, clients=300)))
     out = tmp / "profile.npz"
     run = cli("calibrate", "--out", str(out), str(log))
     assert run.returncode == 0, run.stderr
     summary = json.loads(run.stdout)
-    assert summary["profile"] == str(out) and summary["models"]["digits"]["clients"] == 120
+    assert summary["profile"] == str(out) and summary["models"]["digits"]["clients"] == 300
     return out
 
 
@@ -51,13 +51,18 @@ def test_profile_holds_thresholds_and_references(profile_path: Path) -> None:
     assert any(k.startswith("null.") for k in mp.references["risk"])
 
 
-def test_calibrated_replay_flags_scrapers_not_fresh_benign_clients(profile_path: Path, tmp_path: Path) -> None:
+def test_calibrated_replay_flags_scrapers_and_few_fresh_benign_clients(profile_path: Path, tmp_path: Path) -> None:
     log = tmp_path / "eval.jsonl"
-    log.write_text("".join(line + "\n" for line in example_log(seed=0)))
+    scrapers = [line for line in example_log(seed=0) if '"scraper-' in line]
+    fresh = list(benign_log(seed=99, clients=300))  # clients the calibration never saw
+    log.write_text("".join(line + "\n" for line in sorted(scrapers + fresh, key=lambda s: json.loads(s)["ts"])))
     report = replay(Settings(), [str(log)], progress=False, profile=Profile.load(profile_path))
     flagged = {c for c, v in report["clients"].items() if v["flagged"]}
     assert {"scraper-repeat", "scraper-search", "scraper-boundary"} <= flagged
-    assert not {c for c in flagged if c.startswith("app-")}
+    for name in ("scraper-repeat", "scraper-search", "scraper-boundary"):
+        assert report["clients"][name]["score"] > 0.9
+    benign_flagged = len([c for c in flagged if c.startswith("cal-")])
+    assert benign_flagged <= 9  # target 1% of 300; 3% leaves room for sampling noise
 
 
 def test_profile_that_contradicts_the_config_is_a_clear_error(profile_path: Path, tmp_path: Path) -> None:

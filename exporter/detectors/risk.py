@@ -4,7 +4,9 @@ Each detector watches one signal, and each attack shows up in only some of them;
 operator wants one number to alert on. With a calibration profile, each detector's
 current value becomes a p-value against the values benign clients produced, and the
 p-values are combined two ways: Fisher's method (many detectors mildly unusual) and
-Tippett's minimum (one detector extremely unusual). The smaller combined p wins, and
+Tippett's minimum (one detector extremely unusual). Beyond the top 1% of the benign
+values, p follows an exponential tail fitted to them, so a value far beyond anything
+benign is not capped at p = 1/(n+1). The smaller combined p wins, and
 
     risk = min(1, -log10(p) / 10)
 
@@ -30,6 +32,8 @@ from pydantic import Field
 from exporter.detectors.base import Batch, Detector, DetectorParams, ModelContext, Signals, State
 
 NULL_PREFIX = "null."
+TAIL = 0.01  # share of the benign null whose excesses fit the extrapolated tail
+MIN_EXCESS = 0.01  # floor of the tail's mean excess (a null whose top values are all equal)
 
 
 class RiskParams(DetectorParams):
@@ -65,6 +69,7 @@ class RiskDetector(Detector):
             before = list(context.detectors[: context.detectors.index("risk")])
         self.inputs: list[str] = [d for d in (params.inputs or before) if d != self.name]
         self._nulls: list[np.ndarray | None] = [None] * len(self.inputs)
+        self._tails: list[tuple[float, float]] = [(1.0, 1.0)] * len(self.inputs)  # (tail start, mean excess)
         self._lgamma = np.array([math.lgamma(i + 1) for i in range(len(self.inputs) + 1)])
 
     @property
@@ -83,7 +88,11 @@ class RiskDetector(Detector):
         for i, name in enumerate(self.inputs):
             null = reference.get(NULL_PREFIX + name)
             if null is not None and null.size:
-                self._nulls[i] = np.sort(np.asarray(null, dtype=np.float64))
+                null = np.sort(np.asarray(null, dtype=np.float64))
+                self._nulls[i] = null
+                start = float(np.quantile(null, 1.0 - TAIL))
+                excess = null[null > start] - start
+                self._tails[i] = (start, max(float(excess.mean()) if excess.size else 0.0, MIN_EXCESS))
 
     def update(self, state: State, batch: Batch) -> Signals | None:
         m, k = len(batch), len(self.inputs)
@@ -126,7 +135,12 @@ class RiskDetector(Detector):
             v = values[:, j]
             ok = ~np.isnan(v)
             exceed = null.size - np.searchsorted(null, v[ok], side="left")
-            logp[ok, j] = np.log((1.0 + exceed) / (1.0 + null.size))
+            empirical = np.log((1.0 + exceed) / (1.0 + null.size))
+            # Beyond the benign null's top TAIL share, an exponential tail fitted to it keeps
+            # p falling with the value instead of stopping at 1/(n+1).
+            start, excess = self._tails[j]
+            tail = np.log(TAIL) - (v[ok] - start) / excess
+            logp[ok, j] = np.where(v[ok] > start, np.minimum(empirical, tail), empirical)
         n = (~np.isnan(logp)).sum(axis=1)
         out = np.full(m, np.nan)
         rows = n > 0
