@@ -151,13 +151,17 @@ class Pipeline:
             detectors=tuple(self.specs),
         )
         detectors = []
+        versions: dict[str, str] = {}
         for name, (cls, params) in self.specs.items():
             calibrated = mp is not None and mp.params.get(name) == params_digest(params, cls.threshold_param)
             if calibrated and cls.threshold_param and name in mp.thresholds:  # type: ignore[union-attr]
                 params = params.model_copy(update={cls.threshold_param: mp.thresholds[name]})  # type: ignore[union-attr]
             det = cls(params, context)
+            versions[name] = det.state_version()
             if calibrated and name in mp.references:  # type: ignore[union-attr]
                 det.load_reference(mp.references[name])  # type: ignore[union-attr]
+                # State built against one reference (cells, scales) means nothing under another.
+                versions[name] += f":ref@{self.profile.created_at!r}"  # type: ignore[union-attr]
             detectors.append(det)
         if self.profile is not None and mp is None:
             log.warning("model %s is not in the calibration profile; its detectors run uncalibrated", model)
@@ -165,7 +169,7 @@ class Pipeline:
         rt = self.runtimes[model] = ModelRuntime(
             context,
             detectors,
-            {d.name: d.state_version() for d in detectors},
+            versions,
             m.events.labels(model),
             m.prediction_confidence.labels(model),
             {d.name: m.detector_duration.labels(d.name) for d in detectors},

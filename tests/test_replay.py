@@ -32,7 +32,7 @@ def test_report_on_the_example_log(tmp_path: Path) -> None:
     assert rep["first_flagged_query"] == rep["detectors"]["repetition"]["first_flagged_query"]
     assert 1 <= rep["first_flagged_query"] <= 60 and 0.0 <= rep["score"] <= 1.0
     assert clients["app-00"]["first_flagged_query"] is None
-    assert set(rep["detectors"]) == {"confidence", "repetition", "near_duplicate", "risk"}
+    assert set(rep["detectors"]) == set(Settings().detector_params())
     assert rep["detectors"]["risk"]["flagged"]  # uncalibrated fusion: flagged while any detector is
 
 

@@ -21,6 +21,10 @@ BUILTIN: dict[str, str] = {
     "confidence": "exporter.detectors.confidence:ConfidenceDetector",
     "repetition": "exporter.detectors.repetition:RepetitionDetector",
     "near_duplicate": "exporter.detectors.near_duplicate:NearDuplicateDetector",
+    "ood": "exporter.detectors.ood:OodDetector",
+    "coverage": "exporter.detectors.coverage:CoverageDetector",
+    "boundary": "exporter.detectors.boundary:BoundaryDetector",
+    "rate": "exporter.detectors.rate:RateDetector",
     "risk": "exporter.detectors.risk:RiskDetector",
 }
 FUSION = "risk"  # always runs last, after plugins too
