@@ -37,8 +37,8 @@ from exporter.detectors.confidence import (
     label_score_confidences,
     probs_confidence,
     probs_confidences,
-    window_shares,
 )
+from exporter.ring import window_shares
 from exporter.detectors.near_duplicate import NearDuplicateDetector, NearDuplicateParams, image_phash, text_simhash
 from exporter.detectors.repetition import RepetitionDetector, RepetitionParams
 from exporter.events import Decoder, Event

@@ -9,7 +9,7 @@ import numpy as np
 from pydantic import Field, ValidationInfo, field_validator
 
 from exporter.detectors.base import Batch, Detector, DetectorParams, ModelContext, Reference, Signals, State
-from exporter.detectors.confidence import window_shares
+from exporter.ring import window_shares
 
 
 class BoundaryParams(DetectorParams):

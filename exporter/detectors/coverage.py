@@ -9,7 +9,7 @@ import numpy as np
 from pydantic import Field, ValidationInfo, field_validator
 
 from exporter.detectors.base import Batch, Detector, DetectorParams, ModelContext, Reference, Signals, State
-from exporter.detectors.confidence import ring_in_order, ring_write, window_shares
+from exporter.ring import ring_in_order, ring_write, window_shares
 
 
 class CoverageParams(DetectorParams):

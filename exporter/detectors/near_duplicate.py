@@ -12,7 +12,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from exporter.canonical import all_flat_vectors, canonical_digests, event_text
 from exporter.detectors.base import Batch, Detector, DetectorParams, ModelContext, Signals, State
-from exporter.detectors.confidence import ring_write, window_shares
+from exporter.ring import ring_write, window_shares
 
 if TYPE_CHECKING:
     from exporter.events import Event

@@ -9,7 +9,7 @@ import numpy as np
 from pydantic import Field, ValidationInfo, field_validator
 
 from exporter.detectors.base import Batch, Detector, DetectorParams, Reference, Signals, State
-from exporter.detectors.confidence import ring_in_order, ring_write
+from exporter.ring import ring_in_order, ring_write
 
 # Per-query distances are stored as float32; anything beyond this is "very far" anyway
 # and must not become inf (an inf would poison the window sums).

@@ -9,7 +9,7 @@ import numpy as np
 from pydantic import Field, ValidationInfo, field_validator
 
 from exporter.detectors.base import Batch, Detector, DetectorParams, Signals, State
-from exporter.detectors.confidence import ring_in_order, ring_write
+from exporter.ring import ring_in_order, ring_write
 
 
 class RateParams(DetectorParams):

@@ -9,7 +9,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from exporter.canonical import all_flat_vectors, canonical_digests
 from exporter.detectors.base import Batch, Detector, DetectorParams, Signals, State
-from exporter.detectors.confidence import ring_in_order, ring_write, window_shares
+from exporter.ring import ring_in_order, ring_write, window_shares
 from exporter.ring import new_ring
 
 
