@@ -1,4 +1,4 @@
-"""The ``monitaur-exporter`` command line: run, replay, calibrate, check-config.
+"""The ``monitaur-exporter`` command line: run, replay, calibrate, simulate, check-config.
 
 Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
 """
@@ -16,6 +16,7 @@ from typing import Sequence
 from exporter import __version__
 from exporter.config import ConfigError, Settings, load_settings
 from exporter.profile import Profile, ProfileError
+from exporter.sim.cli import add_parser as add_simulate_parser
 
 log = logging.getLogger("monitaur")
 
@@ -114,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--out", metavar="PROFILE", required=True, help="where to write the profile")
     cal.add_argument("logs", nargs="+", metavar="LOG", help="benign JSON-lines logs (or training data written as events)")
     cal.set_defaults(func=_cmd_calibrate)
+
+    add_simulate_parser(sub)
 
     chk = sub.add_parser("check-config", help="validate a config file and exit")
     chk.add_argument("file", metavar="FILE")
