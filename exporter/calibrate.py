@@ -1,10 +1,11 @@
 """``monitaur-exporter calibrate``: learn a profile from benign traffic.
 
-Three passes over the benign logs, each with the same pipeline ``replay`` uses:
+The benign clients are split in two halves (by a hash of their ids). Three passes, each
+with the same pipeline ``replay`` uses:
 
 1. per model, freeze the feature standardization and let every detector ``fit`` its
-   reference statistics on (a sample of) the benign inputs;
-2. replay the logs with those references and record every detector's values: each
+   reference statistics on (a sample of) the first half's inputs;
+2. replay the second half with those references and record every detector's values: each
    threshold becomes the value that at most ``target_fpr`` of benign clients ever
    reach (never below the detector's default), and the pooled values become the null
    samples of the ``risk`` fusion;
@@ -16,6 +17,7 @@ it is flagged at any point of its history, which is what an operator experiences
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 from collections import Counter, defaultdict
@@ -60,6 +62,23 @@ def threshold_for(maxima: list[float], target_fpr: float) -> float:
     desc = np.sort(np.asarray(maxima, dtype=np.float64))[::-1]
     k = int(np.floor(target_fpr * desc.size))
     return float(np.nextafter(desc[k], np.inf)) if desc.size else 1.0
+
+
+def split_by_client(events: list[Event]) -> tuple[list[Event], list[Event]]:
+    """Halve the benign traffic by client: one half fits references, the other sets thresholds.
+
+    Thresholds measured on the very clients a reference was fitted to are optimistic (their
+    queries define what is "usual"), so fresh clients would be flagged more often than the
+    target. A client lands in a half by a hash of its id, so the split is stable. With a
+    single client (training data written as events), events alternate instead.
+    """
+    clients = {e.client for e in events}
+    if len(clients) < 2:
+        return events[::2], events[1::2]
+    fit = {c for c in clients if hashlib.blake2b(c.encode(), digest_size=8).digest()[0] & 1}
+    if not fit or fit == clients:  # a degenerate hash split of very few clients
+        fit = set(sorted(clients)[::2])
+    return [e for e in events if e.client in fit], [e for e in events if e.client not in fit]
 
 
 def _sample(chunks: list[np.ndarray], n: int, rng: np.random.Generator) -> np.ndarray:
@@ -114,11 +133,16 @@ def calibrate(settings: Settings, paths: list[str], progress_stream: TextIO = sy
     events = read_events(files, Pipeline(settings, event_time=True), settings.files.max_line_bytes, bar, rejected)
     if not events:
         raise ValueError("the calibration logs hold no valid events")
+    fit_events, held_out = split_by_client(events)
     by_model: dict[str, list[Event]] = defaultdict(list)
-    for e in events:
+    for e in fit_events:
         by_model[e.model].append(e)
     profile = Profile(target_fpr=cal.target_fpr, models={m: _fit_model(settings, m, evs, rng) for m, evs in by_model.items()})
+    for name, mp in profile.models.items():  # the threshold estimates rest on the held-out half
+        mp.clients = len({e.client for e in held_out if e.model == name})
+        mp.events = sum(1 for e in held_out if e.model == name)
     specs = settings.detector_params()
+    events = held_out  # thresholds and nulls come from clients the references never saw
 
     # Pass 2: thresholds and the fusion's null samples.
     rec = _Recorder()

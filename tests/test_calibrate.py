@@ -31,7 +31,7 @@ def profile_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = cli("calibrate", "--out", str(out), str(log))
     assert run.returncode == 0, run.stderr
     summary = json.loads(run.stdout)
-    assert summary["profile"] == str(out) and summary["models"]["digits"]["clients"] == 300
+    assert summary["profile"] == str(out) and 100 < summary["models"]["digits"]["clients"] < 200  # the held-out half
     return out
 
 
@@ -100,3 +100,16 @@ def test_calibrating_on_nothing_fails_clearly(tmp_path: Path) -> None:
     log.write_text("{bad\n")
     run = cli("calibrate", "--out", str(tmp_path / "p.npz"), str(log))
     assert run.returncode == 1 and "no valid events" in run.stderr
+
+
+def test_split_by_client_is_stable_and_disjoint() -> None:
+    from exporter.calibrate import split_by_client
+    from exporter.events import Event
+
+    events = [Event(f"c{i % 40}", "m", float(i), "tabular", vector=np.zeros(2)) for i in range(400)]
+    fit, held = split_by_client(events)
+    assert {e.client for e in fit}.isdisjoint({e.client for e in held})
+    assert len(fit) + len(held) == 400 and fit and held
+    assert split_by_client(events)[0] == fit  # stable
+    one = [Event("train", "m", float(i), "tabular", vector=np.zeros(2)) for i in range(10)]
+    assert [len(h) for h in split_by_client(one)] == [5, 5]

@@ -268,7 +268,9 @@ class OodDetector(Detector):
         s, n = trimmed_window_means(ring_in_order(buf, count), dist, count, p.window, p.trim)
         ring_write(buf, count, dist)
         state["dist_count"][...] = count + dist.shape[0]
-        values = s / (s + p.scale * self._level)
+        # Ramp in over the first min_events queries, like the window-share detectors: a
+        # new client's first odd query is weak evidence, not a full-strength score.
+        values = s / (s + p.scale * self._level) * np.minimum(n, p.min_events) / p.min_events
         return Signals(values, (n >= p.min_events) & (values >= p.threshold))
 
     def statistic(self, state: State) -> float:
