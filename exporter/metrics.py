@@ -102,8 +102,10 @@ class ClientCollector(Collector):
         lock: threading.Lock,
         detectors: Iterable[str],
         peers: Callable[[str], tuple[int, dict[str, int]]] | None = None,
+        series_gauge: Gauge | None = None,
     ) -> None:
         self.store = store
+        self.series_gauge = series_gauge
         self.peers = peers
         self.limit = limit
         self.lock = lock
@@ -137,6 +139,8 @@ class ClientCollector(Collector):
         flagged = {c.client_id for c in clients if c.suspicious}
         ranked = sorted((c for c in clients if c.client_id not in flagged), key=lambda c: c.score, reverse=True)
         self.exported = flagged | {c.client_id for c in ranked[: self.limit]}
+        if self.series_gauge is not None:
+            self.series_gauge.set(len(self.exported))
 
     # -- scrape ---------------------------------------------------------------
     def collect(self) -> Iterable:

@@ -88,7 +88,9 @@ class Pipeline:
         self.runtimes: dict[str, ModelRuntime] = {}
         self._on_evict = on_evict
         self.store = ClientStore(settings.state.max_clients, settings.state.idle_ttl_seconds, self._evicted)
-        self.collector = ClientCollector(self.store, settings.metrics.max_client_series, self.lock, self.specs, self.peer_matches)
+        self.collector = ClientCollector(
+            self.store, settings.metrics.max_client_series, self.lock, self.specs, self.peer_matches, self.metrics.client_series
+        )
         self.metrics.registry.register(self.collector)
         self.metrics.tracked_clients_limit.set(settings.state.max_clients)
         self.metrics.client_series_limit.set(settings.metrics.max_client_series)

@@ -39,7 +39,7 @@ def sample(metrics: dict, name: str, **labels: str) -> float | None:
     return metrics.get((name, tuple(sorted(labels.items()))))
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, what: str = "condition") -> Any:
+def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.05, what: str = "condition") -> Any:
     """Poll until ``predicate`` returns a truthy value; fail with ``what`` on timeout."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -76,7 +76,7 @@ class ExporterProcess:
             [sys.executable, "-m", "exporter", "run", "--config", str(self.config_path)],
             cwd=self.workdir, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
         )
-        wait_for(self._healthy, timeout=30, what=f"exporter health (log: {self.log_path})")
+        wait_for(self._healthy, timeout=90, what=f"exporter health (log: {self.log_path})")
         return self
 
     def _healthy(self) -> bool:

@@ -88,6 +88,7 @@ def test_cardinality_guard_top_n_plus_flagged_and_other() -> None:
     assert text("monitaur_client_queries_total", {"client": "__other__", "model": "digits"}) > 0
     series = {s.labels["client"] for f in p.metrics.registry.collect() if f.name == "monitaur_client_suspicious" for s in f.samples}
     assert series == exported | {"__other__"}
+    assert value(p, "monitaur_client_series") == len(exported) == 3
 
 
 def test_lru_eviction_removes_series_and_counts() -> None:
