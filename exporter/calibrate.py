@@ -1,15 +1,16 @@
 """``monitaur-exporter calibrate``: learn a profile from benign traffic.
 
-The benign clients are split in two halves (by a hash of their ids). Three passes, each
-with the same pipeline ``replay`` uses:
+The benign clients are split in three groups (by a hash of their ids), one per pass, so
+that each pass is measured on clients the previous ones did not learn from. Each pass
+runs the same pipeline ``replay`` uses:
 
 1. per model, freeze the feature standardization and let every detector ``fit`` its
-   reference statistics on (a sample of) the first half's inputs;
-2. replay the second half with those references and record every detector's values: each
+   reference statistics on (a sample of) the first group's inputs;
+2. replay the second group with those references and record every detector's values: each
    threshold becomes the value that at most ``target_fpr`` of benign clients ever
    reach (never below the detector's default), and the pooled values become the null
    samples of the ``risk`` fusion;
-3. replay once more with the fusion calibrated and set its threshold the same way.
+3. replay the third group with the fusion calibrated and set its threshold the same way.
 
 Thresholds are per client, not per event: a benign client is "falsely alarmed" if
 it is flagged at any point of its history, which is what an operator experiences.
@@ -64,21 +65,25 @@ def threshold_for(maxima: list[float], target_fpr: float) -> float:
     return float(np.nextafter(desc[k], np.inf)) if desc.size else 1.0
 
 
-def split_by_client(events: list[Event]) -> tuple[list[Event], list[Event]]:
-    """Halve the benign traffic by client: one half fits references, the other sets thresholds.
+def split_by_client(events: list[Event], parts: int = 2) -> list[list[Event]]:
+    """Split benign traffic into ``parts`` disjoint groups of clients.
 
-    Thresholds measured on the very clients a reference was fitted to are optimistic (their
-    queries define what is "usual"), so fresh clients would be flagged more often than the
-    target. A client lands in a half by a hash of its id, so the split is stable. With a
-    single client (training data written as events), events alternate instead.
+    Each calibration step must be measured on clients the previous steps did not learn
+    from: a threshold measured on the very clients a reference (or a null sample) came
+    from is optimistic, and fresh clients are then flagged more often than the target.
+    A client's group comes from a hash of its id, so the split is stable. With fewer
+    clients than groups (training data written as events), events are dealt round-robin.
     """
-    clients = {e.client for e in events}
-    if len(clients) < 2:
-        return events[::2], events[1::2]
-    fit = {c for c in clients if hashlib.blake2b(c.encode(), digest_size=8).digest()[0] & 1}
-    if not fit or fit == clients:  # a degenerate hash split of very few clients
-        fit = set(sorted(clients)[::2])
-    return [e for e in events if e.client in fit], [e for e in events if e.client not in fit]
+    clients = sorted({e.client for e in events})
+    if len(clients) < parts:
+        return [events[i::parts] for i in range(parts)]
+    group = {c: hashlib.blake2b(c.encode(), digest_size=8).digest()[0] % parts for c in clients}
+    if len(set(group.values())) < parts:  # a degenerate hash split of very few clients
+        group = {c: i % parts for i, c in enumerate(clients)}
+    out: list[list[Event]] = [[] for _ in range(parts)]
+    for e in events:
+        out[group[e.client]].append(e)
+    return out
 
 
 def _sample(chunks: list[np.ndarray], n: int, rng: np.random.Generator) -> np.ndarray:
@@ -133,20 +138,19 @@ def calibrate(settings: Settings, paths: list[str], progress_stream: TextIO = sy
     events = read_events(files, Pipeline(settings, event_time=True), settings.files.max_line_bytes, bar, rejected)
     if not events:
         raise ValueError("the calibration logs hold no valid events")
-    fit_events, held_out = split_by_client(events)
+    fit_events, detector_events, risk_events = split_by_client(events, 3)
     by_model: dict[str, list[Event]] = defaultdict(list)
     for e in fit_events:
         by_model[e.model].append(e)
     profile = Profile(target_fpr=cal.target_fpr, models={m: _fit_model(settings, m, evs, rng) for m, evs in by_model.items()})
-    for name, mp in profile.models.items():  # the threshold estimates rest on the held-out half
-        mp.clients = len({e.client for e in held_out if e.model == name})
-        mp.events = sum(1 for e in held_out if e.model == name)
+    for name, mp in profile.models.items():  # the final threshold rests on the last third
+        mp.clients = len({e.client for e in risk_events if e.model == name})
+        mp.events = sum(1 for e in risk_events if e.model == name)
     specs = settings.detector_params()
-    events = held_out  # thresholds and nulls come from clients the references never saw
 
     # Pass 2: thresholds and the fusion's null samples.
     rec = _Recorder()
-    run_blocks(Pipeline(settings, event_time=True, profile=profile, observer=rec), events, bar, "calibrating detectors")
+    run_blocks(Pipeline(settings, event_time=True, profile=profile, observer=rec), detector_events, bar, "calibrating detectors")
     for model, mp in profile.models.items():
         for name, (cls, params) in specs.items():
             maxima = list(rec.maxima.get((model, name), {}).values())
@@ -162,7 +166,7 @@ def calibrate(settings: Settings, paths: list[str], progress_stream: TextIO = sy
     # Pass 3: the fused verdict's threshold, then what the final profile flags.
     if VERDICT in specs:
         rec = _Recorder()
-        run_blocks(Pipeline(settings, event_time=True, profile=profile, observer=rec), events, bar, "calibrating risk")
+        run_blocks(Pipeline(settings, event_time=True, profile=profile, observer=rec), risk_events, bar, "calibrating risk")
         for model, mp in profile.models.items():
             maxima = list(rec.maxima.get((model, VERDICT), {}).values())
             floor = specs[VERDICT][1].min_threshold  # type: ignore[attr-defined]

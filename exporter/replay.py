@@ -23,7 +23,7 @@ from exporter.profile import Profile
 from exporter.state import ClientState
 
 
-BLOCK = 4096  # events handed to the pipeline at once; batches form per client within a block
+BLOCK = 65536  # events handed to the pipeline at once: long per-client batches, and each client's order kept
 
 
 class Progress:

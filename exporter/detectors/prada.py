@@ -134,7 +134,7 @@ def growing_set_slot(cls: int, n: int, capacity: int) -> int:
 class PradaParams(DetectorParams):
     """Parameters of :class:`PradaDetector`."""
 
-    max_per_class: int = Field(64, ge=1, le=4096, description="Growing-set members kept per predicted class; beyond it a deterministic reservoir sample is kept.")
+    max_per_class: int = Field(16, ge=1, le=4096, description="Growing-set members kept per predicted class; beyond it a deterministic reservoir sample is kept.")
     max_classes: int = Field(
         16,
         ge=1,
