@@ -1,8 +1,9 @@
 """The detection benchmark (bench/detection/run.py): its quick mode end to end, and its scoring.
 
-The quick mode runs the real CLI (calibrate when available, replay) on a small simulated
-population. Until every detector exists the detection figures are only reported; set
-ENFORCE_TARGETS = True to assert them against the thresholds below.
+The quick mode runs the real CLI (calibrate, replay) on a small simulated population and
+its detection and false-alarm figures are asserted against the thresholds below, which
+leave a margin around what the quick mode measures (all ordinary attack types detected,
+1 of 2 interleaved attackers, 3% benign false alarms on 100 clients).
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from tests.conftest import REPO
 
 pytest.importorskip("sklearn", reason="the detection benchmark needs scikit-learn (the 'bench' extra)")
 
-# -- figures the quick mode must reach once all detectors are registered (2 attackers per type,
-#    1 Sybil group, 60 benign clients: figures are coarse, the margins are deliberate) --------------
-ENFORCE_TARGETS = False
+# -- figures the quick mode must reach (2 attackers per type, 1 Sybil group, 100 benign clients:
+#    figures are coarse, the margins are deliberate) ------------------------------------------------
+ENFORCE_TARGETS = True
 QUICK_MIN_DETECTION = 0.95  # share of attacker clients flagged, per ordinary attack type
 QUICK_MIN_DETECTION_HARD = 0.5  # interleaved, slow, sybil (per group)
-QUICK_MAX_FALSE_ALARMS = 0.05  # share of benign clients flagged (1 % target, 60 clients)
+QUICK_MAX_FALSE_ALARMS = 0.06  # share of benign clients flagged (1 % target; 3 % measured on 100 clients)
 QUICK_MAX_MEDIAN_QUERIES = 250  # per attack type, among detected attackers
 QUICK_MAX_SECONDS = 120  # the quick mode should take well under a minute; generous for slow CI
 

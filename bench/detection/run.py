@@ -77,7 +77,7 @@ class Sizes:
 
 FULL = Sizes(calib_benign=500, eval_benign=300, per_attack=10, sybil_groups=3, slow=5, interleaved=10,
              benign_queries=100, attack_queries=1000, window=6 * 3600.0)
-QUICK = Sizes(calib_benign=60, eval_benign=60, per_attack=2, sybil_groups=1, slow=2, interleaved=2,
+QUICK = Sizes(calib_benign=240, eval_benign=100, per_attack=2, sybil_groups=1, slow=2, interleaved=2,
               benign_queries=80, attack_queries=300, window=3600.0)
 
 
