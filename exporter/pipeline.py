@@ -8,7 +8,6 @@ differs (wall time in ``run``, event time in ``replay``). All mutation happens u
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import Counter
@@ -17,7 +16,6 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from exporter import reasons
 from exporter.config import ModelConfig, Settings
 from exporter.detectors import FUSION, Batch, Detector, ModelContext, Signals
 from exporter.events import Decoder, Event, Rejected

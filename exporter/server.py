@@ -11,7 +11,6 @@ import html
 import json
 import logging
 import threading
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
@@ -87,7 +86,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == PUSH_PATH:
             self._json(405, {"error": "use POST to push events"}, {"Allow": "POST"})
         else:
-            self._json(404, {"error": f"no such endpoint; see / for the list"})
+            self._json(404, {"error": "no such endpoint; see / for the list"})
 
     def do_POST(self) -> None:
         if self.path.split("?", 1)[0] != PUSH_PATH:

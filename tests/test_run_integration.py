@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import ExporterProcess, parse_metrics, sample, wait_for
+from tests.conftest import ExporterProcess, sample, wait_for
 from tests.test_pipeline import lines
 
 

@@ -460,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n### {d} (seeds {', '.join(map(str, seeds))})\n")
         print(markdown_table(by_dataset[d], has_prada))
     if len(datasets) > 1:
-        print(f"\n### all datasets\n")
+        print("\n### all datasets\n")
         print(markdown_table(overall, has_prada))
     if not has_prada:
         print("\nPRADA columns: n/a (no `prada` detector in this exporter's reports).")

@@ -12,7 +12,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from exporter.detectors.base import Batch, Detector, DetectorParams, ModelContext, Signals, State
+from exporter.detectors.base import (
+    Batch,
+    Detector,
+    DetectorParams,
+    ModelContext,
+    Signals,
+    State,
+)
 
 __all__ = ["Batch", "Detector", "DetectorParams", "ModelContext", "Signals", "State", "BUILTIN", "available_detectors", "resolve_detectors"]
 

@@ -23,7 +23,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 if TYPE_CHECKING:
     from exporter.events import Event
@@ -38,6 +38,22 @@ class DetectorParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
+
+
+class WindowedParams(DetectorParams):
+    """Parameters of detectors that judge a client over a window of its last events.
+
+    Subclasses declare ``window`` and ``min_events``; a ``min_events`` larger than the
+    window could never be reached, so it is rejected here once for all of them.
+    """
+
+    @field_validator("min_events", check_fields=False)
+    @classmethod
+    def _min_events_fit(cls, value: int, info: ValidationInfo) -> int:
+        window = info.data.get("window")
+        if window is not None and value > window:
+            raise ValueError(f"must not exceed window ({window}), or the client could never be flagged")
+        return value
 
 
 class Signals(NamedTuple):

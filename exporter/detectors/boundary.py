@@ -6,13 +6,22 @@ import math
 from typing import ClassVar
 
 import numpy as np
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field
 
-from exporter.detectors.base import Batch, Detector, DetectorParams, ModelContext, Reference, Signals, State
+from exporter.detectors.base import (
+    Batch,
+    Detector,
+    DetectorParams,
+    ModelContext,
+    Reference,
+    Signals,
+    State,
+    WindowedParams,
+)
 from exporter.ring import window_shares
 
 
-class BoundaryParams(DetectorParams):
+class BoundaryParams(WindowedParams):
     """Parameters of :class:`BoundaryDetector`."""
 
     margin: float = Field(
@@ -33,14 +42,6 @@ class BoundaryParams(DetectorParams):
             "Calibration overwrites it per model."
         ),
     )
-
-    @field_validator("min_events")
-    @classmethod
-    def _min_events_fit(cls, value: int, info: ValidationInfo) -> int:
-        window = info.data.get("window")
-        if window is not None and value > window:
-            raise ValueError(f"must not exceed window ({window}), or the client could never be flagged")
-        return value
 
 
 class BoundaryDetector(Detector):

@@ -8,7 +8,14 @@ from typing import ClassVar, Literal
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator
 
-from exporter.detectors.base import Batch, Detector, DetectorParams, Signals, State
+from exporter.detectors.base import (
+    Batch,
+    Detector,
+    DetectorParams,
+    Signals,
+    State,
+    WindowedParams,
+)
 from exporter.ring import new_ring, window_shares
 
 Measure = Literal["entropy", "max_prob", "margin"]
@@ -26,7 +33,7 @@ DEFAULT_THRESHOLDS: dict[str, float] = {"margin": 0.2, "max_prob": 0.6, "entropy
 """
 
 
-class ConfidenceParams(DetectorParams):
+class ConfidenceParams(WindowedParams):
     """Parameters of :class:`ConfidenceDetector`."""
 
     measure: Measure = Field(
@@ -53,14 +60,6 @@ class ConfidenceParams(DetectorParams):
     def _default_threshold(cls, value: float | None, info: ValidationInfo) -> float | None:
         if value is None and "measure" in info.data:
             return DEFAULT_THRESHOLDS[info.data["measure"]]
-        return value
-
-    @field_validator("min_events")
-    @classmethod
-    def _min_events_fit(cls, value: int, info: ValidationInfo) -> int:
-        window = info.data.get("window")
-        if window is not None and value > window:
-            raise ValueError(f"must not exceed window ({window}), or the client could never be flagged")
         return value
 
 

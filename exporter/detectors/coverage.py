@@ -6,13 +6,22 @@ import math
 from typing import ClassVar
 
 import numpy as np
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field
 
-from exporter.detectors.base import Batch, Detector, DetectorParams, ModelContext, Reference, Signals, State
+from exporter.detectors.base import (
+    Batch,
+    Detector,
+    DetectorParams,
+    ModelContext,
+    Reference,
+    Signals,
+    State,
+    WindowedParams,
+)
 from exporter.ring import ring_in_order, ring_write, window_shares
 
 
-class CoverageParams(DetectorParams):
+class CoverageParams(WindowedParams):
     """Parameters of :class:`CoverageDetector`."""
 
     bits: int = Field(10, ge=3, le=16, description="Random hyperplanes per partition; each partition cuts the feature space into 2**bits cells.")
@@ -77,14 +86,6 @@ class CoverageParams(DetectorParams):
             "by another client'."
         ),
     )
-
-    @field_validator("min_events")
-    @classmethod
-    def _min_events_fit(cls, value: int, info: ValidationInfo) -> int:
-        window = info.data.get("window")
-        if window is not None and value > window:
-            raise ValueError(f"must not exceed window ({window}), or the client could never be flagged")
-        return value
 
 
 def hyperplanes(dim: int, bits: int, spread: float, seed: int, tables: int = 1) -> tuple[np.ndarray, np.ndarray]:

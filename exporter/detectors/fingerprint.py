@@ -11,7 +11,15 @@ import numpy as np
 from pydantic import Field, ValidationInfo, field_validator
 
 from exporter.canonical import canonical_digests
-from exporter.detectors.base import Batch, Detector, DetectorParams, ModelContext, Signals, State
+from exporter.detectors.base import (
+    Batch,
+    Detector,
+    DetectorParams,
+    ModelContext,
+    Signals,
+    State,
+    WindowedParams,
+)
 from exporter.detectors.knn import Standardizer
 from exporter.ring import window_shares
 
@@ -116,7 +124,7 @@ def client_key(client: str) -> int:
     return int.from_bytes(hashlib.blake2b(client.encode("utf-8"), digest_size=8, person=b"monitaur-client").digest(), "little")
 
 
-class FingerprintParams(DetectorParams):
+class FingerprintParams(WindowedParams):
     """Parameters of :class:`FingerprintDetector`."""
 
     quantum: float = Field(0.5, gt=0.0, description="Vector inputs: standardized features are quantized to steps of this many standard deviations (floor).")
@@ -163,14 +171,6 @@ class FingerprintParams(DetectorParams):
         k = info.data.get("top_k")
         if k is not None and value * k >= 1 << 30:
             raise ValueError(f"max_queries * top_k must stay below 2**30 (index links are 32-bit), got {value * k}")
-        return value
-
-    @field_validator("min_events")
-    @classmethod
-    def _min_events_fit(cls, value: int, info: ValidationInfo) -> int:
-        window = info.data.get("window")
-        if window is not None and value > window:
-            raise ValueError(f"must not exceed window ({window}), or the client could never be flagged")
         return value
 
 

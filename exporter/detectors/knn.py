@@ -8,7 +8,16 @@ from typing import ClassVar
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator
 
-from exporter.detectors.base import Batch, Detector, DetectorParams, ModelContext, Reference, Signals, State
+from exporter.detectors.base import (
+    Batch,
+    Detector,
+    DetectorParams,
+    ModelContext,
+    Reference,
+    Signals,
+    State,
+    WindowedParams,
+)
 from exporter.ring import window_shares
 
 _U64 = np.uint64
@@ -129,7 +138,7 @@ class Standardizer:
         self.mean, self.inv, self.count, self._source = mean.copy(), inv.copy(), count, None
 
 
-class KnnParams(DetectorParams):
+class KnnParams(WindowedParams):
     """Parameters of :class:`KnnDetector`."""
 
     k: int = Field(8, ge=1, le=1000, description="Neighbours averaged: a query's score is its mean distance to its k nearest previous queries of the same client.")
@@ -177,14 +186,6 @@ class KnnParams(DetectorParams):
         lt=100.0,
         description="fit(): the percentile of benign k-NN mean distances taken as distance_threshold (Chen et al. use 0.1; 1 is steadier with a few thousand reference rows).",
     )
-
-    @field_validator("min_events")
-    @classmethod
-    def _min_events_fit(cls, value: int, info: ValidationInfo) -> int:
-        window = info.data.get("window")
-        if window is not None and value > window:
-            raise ValueError(f"must not exceed window ({window}), or the client could never be flagged")
-        return value
 
     @field_validator("recent")
     @classmethod

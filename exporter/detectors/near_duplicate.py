@@ -8,10 +8,18 @@ from typing import TYPE_CHECKING, ClassVar
 import imagehash
 import numpy as np
 from PIL import Image
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field
 
 from exporter.canonical import all_flat_vectors, canonical_digests, event_text
-from exporter.detectors.base import Batch, Detector, DetectorParams, ModelContext, Signals, State
+from exporter.detectors.base import (
+    Batch,
+    Detector,
+    DetectorParams,
+    ModelContext,
+    Signals,
+    State,
+    WindowedParams,
+)
 from exporter.ring import ring_write, window_shares
 
 if TYPE_CHECKING:
@@ -120,7 +128,7 @@ def _rademacher_projection(dim: int, k: int) -> np.ndarray:
     return (signs / math.sqrt(k)).reshape(dim, k)
 
 
-class NearDuplicateParams(DetectorParams):
+class NearDuplicateParams(WindowedParams):
     """Parameters of :class:`NearDuplicateDetector`."""
 
     window: int = Field(100, ge=1, le=10_000, description="How many of the client's last inputs are kept for comparison.")
@@ -151,14 +159,6 @@ class NearDuplicateParams(DetectorParams):
         le=65_536,
         description="Vectors longer than this are stored as a fixed random projection to this many dimensions, bounding the state.",
     )
-
-    @field_validator("min_events")
-    @classmethod
-    def _min_events_fit(cls, value: int, info: ValidationInfo) -> int:
-        window = info.data.get("window")
-        if window is not None and value > window:
-            raise ValueError(f"must not exceed window ({window}), or the client could never be flagged")
-        return value
 
 
 class NearDuplicateDetector(Detector):

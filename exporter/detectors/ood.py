@@ -6,9 +6,17 @@ import math
 from typing import ClassVar
 
 import numpy as np
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field
 
-from exporter.detectors.base import Batch, Detector, DetectorParams, Reference, Signals, State
+from exporter.detectors.base import (
+    Batch,
+    Detector,
+    DetectorParams,
+    Reference,
+    Signals,
+    State,
+    WindowedParams,
+)
 from exporter.ring import ring_in_order, ring_write
 
 # Per-query distances are stored as float32; anything beyond this is "very far" anyway
@@ -16,7 +24,7 @@ from exporter.ring import ring_in_order, ring_write
 _MAX_DISTANCE = 1e30
 
 
-class OodParams(DetectorParams):
+class OodParams(WindowedParams):
     """Parameters of :class:`OodDetector`."""
 
     window: int = Field(64, ge=1, le=100_000, description="How many of the client's last per-query distances are kept.")
@@ -78,14 +86,6 @@ class OodParams(DetectorParams):
             "one above it (a full matrix costs d*d*4 bytes per model and O(d^2) per query)."
         ),
     )
-
-    @field_validator("min_events")
-    @classmethod
-    def _min_events_fit(cls, value: int, info: ValidationInfo) -> int:
-        window = info.data.get("window")
-        if window is not None and value > window:
-            raise ValueError(f"must not exceed window ({window}), or the client could never be flagged")
-        return value
 
 
 def whitening(vectors: np.ndarray, shrinkage: float, full: bool = True) -> tuple[np.ndarray, np.ndarray]:

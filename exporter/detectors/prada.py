@@ -12,7 +12,14 @@ from typing import ClassVar
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator
 
-from exporter.detectors.base import Batch, Detector, DetectorParams, ModelContext, Signals, State
+from exporter.detectors.base import (
+    Batch,
+    Detector,
+    DetectorParams,
+    ModelContext,
+    Signals,
+    State,
+)
 from exporter.detectors.knn import Standardizer
 from exporter.ring import ring_in_order, ring_write
 
@@ -267,7 +274,6 @@ class PradaDetector(Detector):
         idx, x, cls = self._judged(batch)
         if x is None:
             return None
-        p = self.params
         m = idx.shape[0]
         z32 = self._standardizer.apply(self.context.stats, x).astype(np.float32)
         zq = z32.astype(np.float64)

@@ -6,13 +6,20 @@ import math
 from typing import ClassVar
 
 import numpy as np
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field
 
-from exporter.detectors.base import Batch, Detector, DetectorParams, Signals, State
+from exporter.detectors.base import (
+    Batch,
+    Detector,
+    DetectorParams,
+    Signals,
+    State,
+    WindowedParams,
+)
 from exporter.ring import ring_in_order, ring_write
 
 
-class RateParams(DetectorParams):
+class RateParams(WindowedParams):
     """Parameters of :class:`RateDetector`."""
 
     window: int = Field(64, ge=2, le=100_000, description="How many of the client's last timestamps the rate is measured over.")
@@ -42,14 +49,6 @@ class RateParams(DetectorParams):
             "queries sharing one timestamp is (n - 1) / min_span."
         ),
     )
-
-    @field_validator("min_events")
-    @classmethod
-    def _min_events_fit(cls, value: int, info: ValidationInfo) -> int:
-        window = info.data.get("window")
-        if window is not None and value > window:
-            raise ValueError(f"must not exceed window ({window}), or the client could never be flagged")
-        return value
 
 
 class RateDetector(Detector):

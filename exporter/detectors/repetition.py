@@ -5,28 +5,26 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field
 
 from exporter.canonical import all_flat_vectors, canonical_digests
-from exporter.detectors.base import Batch, Detector, DetectorParams, Signals, State
-from exporter.ring import ring_in_order, ring_write, window_shares
-from exporter.ring import new_ring
+from exporter.detectors.base import (
+    Batch,
+    Detector,
+    DetectorParams,
+    Signals,
+    State,
+    WindowedParams,
+)
+from exporter.ring import new_ring, ring_in_order, ring_write, window_shares
 
 
-class RepetitionParams(DetectorParams):
+class RepetitionParams(WindowedParams):
     """Parameters of :class:`RepetitionDetector`."""
 
     window: int = Field(200, ge=1, le=100_000, description="How many of the client's last inputs are remembered (as 64-bit digests).")
     min_events: int = Field(20, ge=1, description="Inputs needed in the window before the client can be flagged (<= window).")
     flag_ratio: float = Field(0.5, gt=0.0, le=1.0, description="Flag when at least this share of the window's inputs repeated an earlier one.")
-
-    @field_validator("min_events")
-    @classmethod
-    def _min_events_fit(cls, value: int, info: ValidationInfo) -> int:
-        window = info.data.get("window")
-        if window is not None and value > window:
-            raise ValueError(f"must not exceed window ({window}), or the client could never be flagged")
-        return value
 
 
 class RepetitionDetector(Detector):

@@ -29,7 +29,14 @@ import math
 import numpy as np
 from pydantic import Field
 
-from exporter.detectors.base import Batch, Detector, DetectorParams, ModelContext, Signals, State
+from exporter.detectors.base import (
+    Batch,
+    Detector,
+    DetectorParams,
+    ModelContext,
+    Signals,
+    State,
+)
 
 NULL_PREFIX = "null."
 TAIL = 0.01  # share of the benign null whose excesses fit the extrapolated tail
