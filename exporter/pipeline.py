@@ -261,7 +261,7 @@ class Pipeline:
             client.first_flagged_query = first
         if announce and client.suspicious and not was:
             names = ", ".join(n for n, on in client.current.items() if on)
-            log.info("client %s flagged by %s at its query %d", client.client_id, names, client.total)
+            log.info("client %s flagged by %s at its query %d", client.client_id, names, client.first_flagged_query or client.total)
 
     def peer_matches(self, client_id: str) -> tuple[int, dict[str, int]]:
         """Cross-client evidence for a client, summed over models and detectors."""

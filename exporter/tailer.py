@@ -383,12 +383,13 @@ class Tailer:
         """
         with self._lock:
             observer, self._observer = self._observer, None
+        if observer is not None:  # first, so closing our fds raises no inotify events mid-stop
+            observer.stop()
+            observer.join(timeout=5)
+        with self._lock:
             for f in list(self._files.values()):
                 self._saved[f.key] = _saved_of(f)
                 self._drop(f)
-        if observer is not None:
-            observer.stop()
-            observer.join(timeout=5)
 
 
 def _saved_of(f: _File) -> _Saved:
