@@ -179,8 +179,10 @@ class Pipeline:
     def process(self, events: list[Event], now: float | None = None) -> None:
         """Run every detector on decoded events, one batch per (client, model) run.
 
-        Events of one client keep their order; clients are independent, so grouping a
-        block of events by client changes no per-client result.
+        Events of one client keep their order. Across clients, a block is handled client
+        by client: per-client detectors are unaffected, while state shared across clients
+        (the fingerprint index, coverage counts, online feature statistics) sees the
+        block's events grouped by client rather than interleaved.
         """
         if not events:
             return
