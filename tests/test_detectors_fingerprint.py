@@ -14,52 +14,16 @@ import pytest
 from pydantic import ValidationError
 
 from exporter.detectors.base import Batch, ModelContext
-from exporter.detectors.fingerprint import FingerprintDetector, FingerprintParams, client_key, top_hashes, window_hashes
+from exporter.detectors.fingerprint import (
+    FingerprintDetector,
+    FingerprintParams,
+    client_key,
+    top_hashes,
+    window_hashes,
+)
 from exporter.events import Event
 from exporter.stats import FeatureStats
-
-D, K = 64, 10
-
-
-class Digits:
-    def __init__(self, seed: int = 0, noise: float = 3.0) -> None:
-        rng = np.random.default_rng(seed)
-        self.prototypes = np.clip(rng.gamma(1.2, 4.0, size=(K, D)) * (rng.random((K, D)) < 0.55), 0, 16)
-        self.noise = noise
-
-    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        c = rng.integers(0, K, n)
-        return np.clip(np.rint(self.prototypes[c] + rng.normal(0.0, self.noise, (n, D))), 0, 16)
-
-
-WORLD = Digits()
-
-
-def hopskipjump(rng: np.random.Generator, n: int, sigma: float = 0.1) -> np.ndarray:
-    cur = (WORLD.sample(rng, 1)[0] + WORLD.sample(rng, 1)[0]) / 2
-    out = []
-    while len(out) < n:
-        out += [cur + rng.normal(0.0, sigma, D) for _ in range(10)]
-        cur = cur + rng.normal(0.0, sigma, D)
-    return np.clip(np.array(out[:n]), 0, 16)
-
-
-def simba(rng: np.random.Generator, n: int, eps: float = 3.2) -> np.ndarray:
-    x = WORLD.sample(rng, 1)[0]
-    order = rng.permutation(D)
-    out: list[np.ndarray] = []
-    i = 0
-    while len(out) < n:
-        j = order[i % D]
-        i += 1
-        for step in (eps, -eps):
-            q = x.copy()
-            q[j] = np.clip(q[j] + step, 0, 16)
-            out.append(q)
-            if rng.random() < 0.3:
-                x = q
-                break
-    return np.array(out[:n])
+from tests.synthetic import WORLD, D, K, hopskipjump, simba
 
 
 def near_copies(x: np.ndarray, n: int) -> np.ndarray:

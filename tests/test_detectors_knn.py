@@ -14,65 +14,17 @@ import pytest
 from pydantic import ValidationError
 
 from exporter.detectors.base import Batch, ModelContext, Reference
-from exporter.detectors.knn import KnnDetector, KnnParams, Standardizer, history_items, reservoir_slots, similar_pairs
+from exporter.detectors.knn import (
+    KnnDetector,
+    KnnParams,
+    Standardizer,
+    history_items,
+    reservoir_slots,
+    similar_pairs,
+)
 from exporter.events import Event
 from exporter.stats import FeatureStats
-
-D, K = 64, 10
-
-
-class Digits:
-    def __init__(self, seed: int = 0, noise: float = 3.0) -> None:
-        rng = np.random.default_rng(seed)
-        self.prototypes = np.clip(rng.gamma(1.2, 4.0, size=(K, D)) * (rng.random((K, D)) < 0.55), 0, 16)
-        self.noise = noise
-
-    def sample(self, rng: np.random.Generator, n: int, classes: np.ndarray | None = None) -> np.ndarray:
-        c = rng.integers(0, K, n) if classes is None else np.asarray(classes)
-        return np.clip(np.rint(self.prototypes[c] + rng.normal(0.0, self.noise, (n, D))), 0, 16)
-
-
-WORLD = Digits()
-
-
-def hopskipjump(rng: np.random.Generator, n: int, sigma: float = 0.1) -> np.ndarray:
-    """Gradient-estimation rounds of 10 tiny probes around a point that then takes a small step."""
-    cur = (WORLD.sample(rng, 1)[0] + WORLD.sample(rng, 1)[0]) / 2
-    out = []
-    while len(out) < n:
-        out += [cur + rng.normal(0.0, sigma, D) for _ in range(10)]
-        cur = cur + rng.normal(0.0, sigma, D)
-    return np.clip(np.array(out[:n]), 0, 16)
-
-
-def simba(rng: np.random.Generator, n: int, eps: float = 3.2) -> np.ndarray:
-    """SimBA: try +eps then -eps on one coordinate at a time; keep the change when it 'helps'."""
-    x = WORLD.sample(rng, 1)[0]
-    order = rng.permutation(D)
-    out: list[np.ndarray] = []
-    i = 0
-    while len(out) < n:
-        j = order[i % D]
-        i += 1
-        for step in (eps, -eps):
-            q = x.copy()
-            q[j] = np.clip(q[j] + step, 0, 16)
-            out.append(q)
-            if rng.random() < 0.3:
-                x = q
-                break
-    return np.array(out[:n])
-
-
-def jbda(rng: np.random.Generator, n: int, lam: float = 0.1) -> np.ndarray:
-    s = np.concatenate([WORLD.sample(rng, 10, np.full(10, c)) for c in range(K)])
-    s = s[rng.permutation(len(s))]
-    out = [s]
-    while sum(len(o) for o in out) < n:
-        new = np.clip(s + lam * 16.0 * np.sign(rng.standard_normal(s.shape)), 0, 16)
-        out.append(new)
-        s = np.concatenate([s, new])
-    return np.concatenate(out)[:n]
+from tests.synthetic import WORLD, D, K, hopskipjump, jbda, simba
 
 
 def context() -> ModelContext:
