@@ -23,6 +23,12 @@ class Digits:
         c = rng.integers(0, K, n) if classes is None else np.asarray(classes)
         return np.clip(np.rint(self.prototypes[c] + rng.normal(0.0, self.noise, (n, D))), 0, 16)
 
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """A victim's probabilities: softmax over negative distances to the prototypes."""
+        d = np.sqrt(((x[:, None, :] - self.prototypes[None]) ** 2).sum(-1))
+        z = np.exp(-(d - d.min(axis=1, keepdims=True)) / 6.0)
+        return z / z.sum(axis=1, keepdims=True)
+
 
 WORLD = Digits()
 

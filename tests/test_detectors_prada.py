@@ -20,40 +20,7 @@ from exporter.detectors.prada import PradaDetector, PradaParams, growing_set_slo
 from exporter.events import Event
 from exporter.stats import FeatureStats
 
-D, K = 64, 10
-
-
-class Digits:
-    """Prototype + noise digits-like data and a softmax-over-distances victim."""
-
-    def __init__(self, seed: int = 0, noise: float = 3.0) -> None:
-        rng = np.random.default_rng(seed)
-        self.prototypes = np.clip(rng.gamma(1.2, 4.0, size=(K, D)) * (rng.random((K, D)) < 0.55), 0, 16)
-        self.noise = noise
-
-    def sample(self, rng: np.random.Generator, n: int, classes: np.ndarray | None = None) -> np.ndarray:
-        c = rng.integers(0, K, n) if classes is None else np.asarray(classes)
-        return np.clip(np.rint(self.prototypes[c] + rng.normal(0.0, self.noise, (n, D))), 0, 16)
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        d = np.sqrt(((x[:, None, :] - self.prototypes[None]) ** 2).sum(-1))
-        z = np.exp(-(d - d.min(axis=1, keepdims=True)) / 6.0)
-        return z / z.sum(axis=1, keepdims=True)
-
-
-WORLD = Digits()
-
-
-def jbda(rng: np.random.Generator, n: int, lam: float = 0.1) -> np.ndarray:
-    """Jacobian-augmentation-like queries: seeds, then rounds doubling the set by sign steps."""
-    seeds = np.concatenate([WORLD.sample(rng, 10, np.full(10, c)) for c in range(K)])
-    s = seeds[rng.permutation(len(seeds))]
-    out = [s]
-    while sum(len(o) for o in out) < n:
-        new = np.clip(s + lam * 16.0 * np.sign(rng.standard_normal(s.shape)), 0, 16)
-        out.append(new)
-        s = np.concatenate([s, new])
-    return np.concatenate(out)[:n]
+from tests.synthetic import WORLD, D, K, jbda
 
 
 def context(seed: int = 99) -> ModelContext:
