@@ -2,7 +2,8 @@
 
 Detector state must be snapshot-able and bounded, so history lives in preallocated
 arrays (``buf``) with an insertion counter (``count``), never in growing Python lists.
-The functions here read and write whole batches at once.
+A ring is a fixed ``buf`` plus an insertion counter: item ``i`` (0-based, ever) lives in
+slot ``i % len(buf)``. The functions here read and write whole batches at once.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from exporter.detectors.base import Batch, Detector
+from exporter.events import Event
+
 D, K = 64, 10
 
 
@@ -71,3 +74,23 @@ def jbda(rng: np.random.Generator, n: int, lam: float = 0.1) -> np.ndarray:
         out.append(new)
         s = np.concatenate([s, new])
     return np.concatenate(out)[:n]
+
+
+def run(det: Detector, events: list[Event], sizes: list[int] | int = 32, state: dict | None = None):
+    """Feed ``events`` in batches (a fixed size or a list of sizes, cycled); return values, flags, state."""
+    state = det.init_state() if state is None else state
+    sizes = [sizes] if isinstance(sizes, int) else sizes
+    values, flags = [], []
+    i = b = 0
+    while i < len(events):
+        chunk = events[i : i + sizes[b % len(sizes)]]
+        out = det.update(state, Batch(chunk[0].client, "m", chunk))
+        if out is None:
+            values.append(np.full(len(chunk), np.nan))
+            flags.append(np.zeros(len(chunk), dtype=bool))
+        else:
+            values.append(out.values)
+            flags.append(out.flagged)
+        i += len(chunk)
+        b += 1
+    return np.concatenate(values), np.concatenate(flags), state

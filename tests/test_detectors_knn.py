@@ -24,7 +24,7 @@ from exporter.detectors.knn import (
 )
 from exporter.events import Event
 from exporter.stats import FeatureStats
-from tests.synthetic import WORLD, D, K, hopskipjump, jbda, simba
+from tests.synthetic import WORLD, D, K, hopskipjump, jbda, run, simba
 
 
 def context() -> ModelContext:
@@ -35,25 +35,6 @@ def context() -> ModelContext:
 
 def make_events(x: np.ndarray, client: str = "c") -> list[Event]:
     return [Event(client, "m", 1000.0 + i, "tabular", vector=x[i]) for i in range(len(x))]
-
-
-def run(det: KnnDetector, events: list[Event], sizes: list[int] | int = 32, state: dict | None = None):
-    state = det.init_state() if state is None else state
-    sizes = [sizes] if isinstance(sizes, int) else sizes
-    values, flags = [], []
-    i = b = 0
-    while i < len(events):
-        chunk = events[i : i + sizes[b % len(sizes)]]
-        out = det.update(state, Batch(chunk[0].client, "m", chunk))
-        if out is None:
-            values.append(np.full(len(chunk), np.nan))
-            flags.append(np.zeros(len(chunk), dtype=bool))
-        else:
-            values.append(out.values)
-            flags.append(out.flagged)
-        i += len(chunk)
-        b += 1
-    return np.concatenate(values), np.concatenate(flags), state
 
 
 # ---------------------------------------------------------------------------

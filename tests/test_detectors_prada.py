@@ -16,11 +16,16 @@ import pytest
 from pydantic import ValidationError
 
 from exporter.detectors.base import Batch, ModelContext
-from exporter.detectors.prada import PradaDetector, PradaParams, growing_set_slot, shapiro_coefficients, shapiro_w
+from exporter.detectors.prada import (
+    PradaDetector,
+    PradaParams,
+    growing_set_slot,
+    shapiro_coefficients,
+    shapiro_w,
+)
 from exporter.events import Event
 from exporter.stats import FeatureStats
-
-from tests.synthetic import WORLD, D, K, jbda
+from tests.synthetic import WORLD, D, K, jbda, run
 
 
 def context(seed: int = 99) -> ModelContext:
@@ -32,26 +37,6 @@ def context(seed: int = 99) -> ModelContext:
 def make_events(x: np.ndarray, client: str = "c", probs: bool = True) -> list[Event]:
     p = WORLD.predict(x)
     return [Event(client, "m", 1000.0 + i, "tabular", vector=x[i], probs=p[i] if probs else None) for i in range(len(x))]
-
-
-def run(det: PradaDetector, events: list[Event], sizes: list[int] | int = 32, state: dict | None = None):
-    """Feed ``events`` in batches (a fixed size or a list of sizes, cycled); return values, flags, state."""
-    state = det.init_state() if state is None else state
-    sizes = [sizes] if isinstance(sizes, int) else sizes
-    values, flags = [], []
-    i = b = 0
-    while i < len(events):
-        chunk = events[i : i + sizes[b % len(sizes)]]
-        out = det.update(state, Batch(chunk[0].client, "m", chunk))
-        if out is None:
-            values.append(np.full(len(chunk), np.nan))
-            flags.append(np.zeros(len(chunk), dtype=bool))
-        else:
-            values.append(out.values)
-            flags.append(out.flagged)
-        i += len(chunk)
-        b += 1
-    return np.concatenate(values), np.concatenate(flags), state
 
 
 # ---------------------------------------------------------------------------

@@ -101,3 +101,18 @@ def test_push_can_be_disabled(tmp_path: Path) -> None:
         assert r.status_code == 404 and "disabled" in r.json()["error"]
     finally:
         a.stop()
+
+
+def test_corrupt_state_snapshot_is_set_aside_and_counted(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "state.npz").write_bytes(b"\x00" * 64)
+    a = App(Settings(listen={"port": 0}, files={"paths": []}, state={"dir": str(state)}))
+    a.start()
+    try:
+        assert a.pipeline.metrics.registry.get_sample_value("monitaur_checkpoint_errors_total", {"kind": "state"}) == 1
+        assert len(a.pipeline.store) == 0
+        assert [p.name.startswith("state.npz.corrupt-") for p in state.iterdir()] == [True]
+    finally:
+        a.stop()
+    assert (state / "state.npz").exists()  # a fresh snapshot was written on stop

@@ -133,11 +133,6 @@ def label_score_confidence(score: float, measure: Measure) -> float:
     return float(label_score_confidences(np.array([float(score)]), measure)[0])
 
 
-# -- windowed shares over a ring of flags ------------------------------------------
-# A ring is a fixed ``buf`` plus an insertion counter; item ``i`` (0-based, ever) lives in
-# slot ``i % len(buf)``. These helpers fold a block of new items in at once.
-
-
 class ConfidenceDetector(Detector):
     """Flags a client when most of its recent answers were low-confidence.
 
