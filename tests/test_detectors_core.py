@@ -27,7 +27,7 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from exporter.canonical import canonical_digest, canonical_digests, canonical_text, round_significant
+from exporter.canonical import canonical_digest, canonical_digests, canonical_text, round_significant, vector_digests
 from exporter.config import Settings
 from exporter.detectors import Batch, Detector, ModelContext, Signals, State, resolve_detectors
 from exporter.detectors.confidence import (
@@ -436,6 +436,25 @@ def test_round_significant() -> None:
     rng = np.random.default_rng(3)
     v = rng.normal(size=2000) * 10.0 ** rng.integers(-30, 30, size=2000)
     assert np.array_equal(round_significant(v), np.array([float(f"{t:.5e}") for t in v]))
+
+
+def test_vector_digests_tell_apart_every_single_change_and_order() -> None:
+    rng = np.random.default_rng(5)
+    base = rng.integers(0, 16, 64).astype(np.float64)
+    variants = [base]
+    for pos in range(64):  # one value changed, at every position
+        v = base.copy()
+        v[pos] += 1.0
+        variants.append(v)
+    variants.append(base[::-1].copy())  # same values, other order
+    variants.append(np.roll(base, 1))
+    digests = vector_digests(np.stack(variants))
+    assert len(set(digests.tolist())) == len(variants)
+    assert vector_digests(base[None, :63])[0] != vector_digests(base[None, :])[0]  # length matters
+    # the batch path equals one row at a time, whatever the batch
+    assert [int(vector_digests(v[None, :])[0]) for v in variants] == digests.tolist()
+    many = vector_digests(rng.normal(size=(20_000, 8)))
+    assert len(set(many.tolist())) == 20_000 and (many % 2 == 1).all()
 
 
 def test_digest_tabular_absorbs_float_noise() -> None:
@@ -966,9 +985,12 @@ def test_batched_digests_equal_single_digests() -> None:
     events = [tabular_event(v) for v in vectors] + [tabular_event(np.arange(3.0)), text_event("Hello"), Event("c", "m", 0.0, "tabular")]
     expected = [canonical_digest(Event(e.client, e.model, e.ts, e.modality, vector=e.vector, text=e.text)) for e in events]
     stacked = Batch("c", "m", events[:50]).vectors
-    assert canonical_digests(events[:50], stacked) == expected[:50]
-    assert canonical_digests(events) == expected  # now memoized
-    assert canonical_digests([Event(e.client, e.model, e.ts, e.modality, vector=e.vector, text=e.text) for e in events]) == expected
+    want = [d or 0 for d in expected]  # 0 marks an event without input
+    assert canonical_digests(events[:50], stacked).tolist() == want[:50]
+    assert canonical_digests(events).tolist() == want
+    assert canonical_digests([Event(e.client, e.model, e.ts, e.modality, vector=e.vector, text=e.text) for e in events]).tolist() == want
+    assert Batch("c", "m", events).digests.tolist() == want
+    assert all(d % 2 == 1 for d in want[:-1])  # real digests are never 0
 
 
 def test_registry_resolves_the_three_detectors() -> None:

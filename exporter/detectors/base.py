@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, ClassVar, NamedTuple
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
+from exporter.canonical import all_flat_vectors, canonical_digests
+
 if TYPE_CHECKING:
     from exporter.events import Event
     from exporter.stats import FeatureStats
@@ -149,6 +151,19 @@ class Batch:
         return part
 
     @cached_property
+    def flat_vectors(self) -> np.ndarray | None:
+        """(m, d) input vectors when every event's input is a flat vector of one length, else None.
+
+        Unlike :attr:`vectors`, None also when an event has a text or image besides its vector.
+        """
+        return self.vectors if all_flat_vectors(self.events) else None
+
+    @cached_property
+    def digests(self) -> np.ndarray:
+        """(m,) uint64 canonical digest of each event's input (:mod:`exporter.canonical`); 0 for none."""
+        return canonical_digests(self.events, self.flat_vectors)
+
+    @cached_property
     def predicted(self) -> np.ndarray:
         """(m,) predicted class index; -1 where unknown (label-only answers have no index)."""
         p = self.probs
@@ -176,6 +191,9 @@ class Detector(ABC):
     # (flag when value >= threshold, once enough events are judged). Calibration sets it
     # per model for a target false-alarm rate; None means the detector is not calibrated.
     threshold_param: ClassVar[str | None] = None
+    # Bumped when what the state holds changes meaning (e.g. the digest scheme), so that a
+    # snapshot saved by an older release is discarded instead of misread.
+    state_format: ClassVar[str] = "1"
 
     def __init__(self, params: DetectorParams, context: ModelContext) -> None:
         self.params = params
@@ -216,6 +234,7 @@ class Detector(ABC):
         """A digest of everything that shapes the state; a snapshot whose digest differs is discarded."""
         ident = {
             "detector": self.name,
+            "format": self.state_format,
             "params": self.params.model_dump(mode="json"),
             "input_dim": self.context.input_dim,
             "num_classes": self.context.num_classes,

@@ -10,7 +10,7 @@ from typing import ClassVar
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator
 
-from exporter.canonical import canonical_digests
+from exporter.canonical import DIGEST_FORMAT
 from exporter.detectors.base import (
     Batch,
     Detector,
@@ -21,22 +21,14 @@ from exporter.detectors.base import (
     WindowedParams,
 )
 from exporter.detectors.knn import Standardizer
+from exporter.hashing import MASK64, splitmix64
 from exporter.ring import window_shares
 
 _U64 = np.uint64
-_MASK64 = (1 << 64) - 1
 _PRIME = 0x100000001B3  # the 64-bit FNV prime: odd, so invertible modulo 2**64
 _PRIME_INV = pow(_PRIME, -1, 1 << 64)
 _HASH_SEED = 0x626C61636B6C6974  # "blacklit"
 _QMAX = float(1 << 40)  # quantized values are clipped to +-this, far inside int64
-
-
-def splitmix64(x: np.ndarray) -> np.ndarray:
-    """The splitmix64 finalizer over a uint64 array (wrapping arithmetic): stable in every process."""
-    z = np.asarray(x, dtype=np.uint64) + _U64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
-    return z ^ (z >> _U64(31))
 
 
 @lru_cache(maxsize=64)
@@ -48,8 +40,8 @@ def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
     for i in range(n):
         fwd[i] = a
         inv[i] = b
-        a = (a * _PRIME) & _MASK64
-        b = (b * _PRIME_INV) & _MASK64
+        a = (a * _PRIME) & MASK64
+        b = (b * _PRIME_INV) & MASK64
     fwd.setflags(write=False)
     inv.setflags(write=False)
     return fwd, inv
@@ -265,6 +257,7 @@ class FingerprintDetector(Detector):
     name: ClassVar[str] = "fingerprint"
     Params: ClassVar[type[DetectorParams]] = FingerprintParams
     threshold_param: ClassVar[str | None] = "threshold"
+    state_format: ClassVar[str] = f"digest-{DIGEST_FORMAT}"  # the index stores digests
     default_enabled: ClassVar[bool] = True
     params: FingerprintParams
 
@@ -357,9 +350,7 @@ class FingerprintDetector(Detector):
         p = self.params
         events = batch.events
         every = m == len(events)
-        all_vectors = all(e.vector is not None for e in events)
-        digests = canonical_digests(events, batch.vectors if all_vectors else None)
-        dig = np.fromiter((digests[i] or 0 for i in idx.tolist()), dtype=np.uint64, count=m)
+        dig = batch.digests if every else batch.digests[idx]
         ts = batch.ts if every else batch.ts[idx]
         me = client_key(batch.client)
         self._remember_name(me, batch.client)

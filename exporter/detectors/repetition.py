@@ -7,7 +7,7 @@ from typing import ClassVar
 import numpy as np
 from pydantic import Field
 
-from exporter.canonical import all_flat_vectors, canonical_digests
+from exporter.canonical import DIGEST_FORMAT
 from exporter.detectors.base import (
     Batch,
     Detector,
@@ -47,8 +47,9 @@ class RepetitionDetector(Detector):
 
     Not judged (NaN, or None for a whole batch): events without any input.
 
-    Cost per batch of m events: hashing each input, O(input size) (vectors are rounded
-    for the whole batch at once), plus a stable sort of the ``window + m`` digests of the
+    Cost per batch of m events: hashing each input, O(input size) (a batch's vectors are
+    rounded and hashed together, :func:`exporter.canonical.vector_digests`; the digests
+    are shared with the other detectors through ``Batch.digests``), plus a stable sort of the ``window + m`` digests of the
     old window followed by the batch, which finds every event's previous occurrence,
     repeats inside the batch included.
     State per client: ``9 * window + 16`` bytes (a uint64 digest and a bool flag per slot,
@@ -58,6 +59,7 @@ class RepetitionDetector(Detector):
     name: ClassVar[str] = "repetition"
     Params: ClassVar[type[DetectorParams]] = RepetitionParams
     threshold_param = "flag_ratio"
+    state_format = f"digest-{DIGEST_FORMAT}"
     params: RepetitionParams
 
     def init_state(self) -> State:
@@ -71,11 +73,12 @@ class RepetitionDetector(Detector):
         }
 
     def update(self, state: State, batch: Batch) -> Signals | None:
-        found = canonical_digests(batch.events, batch.vectors if all_flat_vectors(batch.events) else None)
-        judged = [i for i, d in enumerate(found) if d is not None]
-        if not judged:
+        found = batch.digests
+        every = bool(found.all())
+        judged = np.arange(len(batch)) if every else np.flatnonzero(found)
+        if judged.size == 0:
             return None
-        new = np.array([found[i] for i in judged], dtype=np.uint64)
+        new = found if every else found[judged]
         count = int(state["digest_count"])
         if new.shape[0] == 1:  # a lone event: is it among the stored digests?
             is_repeat = np.array([bool(np.any(state["digest_buf"][: min(count, self.params.window)] == new[0]))])
@@ -87,7 +90,7 @@ class RepetitionDetector(Detector):
         repeat_count = int(state["repeat_count"])
         values, flagged = window_shares(state["repeat_buf"], repeat_count, is_repeat, self.params.min_events, self.params.flag_ratio)
         state["repeat_count"][...] = repeat_count + new.shape[0]
-        if len(judged) == len(batch):
+        if every:
             return Signals(values, flagged)
         out = Signals.constant(len(batch), np.nan, False)
         out.values[judged] = values
