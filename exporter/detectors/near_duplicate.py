@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 from pydantic import Field
 
-from exporter.canonical import all_flat_vectors, canonical_digests, event_text
+from exporter.canonical import DIGEST_FORMAT, event_text
 from exporter.detectors.base import (
     Batch,
     Detector,
@@ -20,6 +20,7 @@ from exporter.detectors.base import (
     State,
     WindowedParams,
 )
+from exporter.hashing import splitmix64
 from exporter.ring import ring_write, window_shares
 
 if TYPE_CHECKING:
@@ -35,18 +36,6 @@ _U64 = np.uint64
 _MASK_SHIFTS = np.arange(64, dtype=np.uint64)
 _SHINGLE_PRIME = _U64(0x100000001B3)  # the 64-bit FNV prime, odd so the polynomial hash mixes well
 _SIMHASH_CHUNK = 1 << 16  # shingles voted per pass, bounds the temporary bit matrix to 4 MiB
-
-
-def splitmix64(x: np.ndarray) -> np.ndarray:
-    """The splitmix64 finalizer, vectorised over a uint64 array (wrapping arithmetic).
-
-    A fixed, well-mixing bijection on 64-bit integers: identical on every process and
-    platform, unlike Python's salted ``hash()``.
-    """
-    z = np.asarray(x, dtype=np.uint64) + _U64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
-    return z ^ (z >> _U64(31))
 
 
 def text_simhash(text: str, shingle: int) -> int | None:
@@ -203,13 +192,17 @@ class NearDuplicateDetector(Detector):
     Batches: a batch's inputs are compared with the ring and with each other at once,
     one (m, window) and one (m, m) matrix per fingerprint type, counting only earlier
     inputs at most ``window`` positions back, so the result is exactly that of feeding
-    the events one by one. Long batches are cut into blocks that keep the
-    (block, window + block, D) difference tensor near 16 MiB.
+    the events one by one. Vector distances come from one matrix product per block
+    (a prefilter with a margin for rounding); only the pairs it cannot rule out are
+    measured on their own difference vectors, which decide. Long batches are cut into
+    blocks that keep a (block, window + block, D) worst case (every pair close) near 16 MiB.
 
     Cost per event: image O(H * W) to downscale plus a 32 x 32 DCT; text O(len * shingle)
     (both per event, memoized); vector O(dim * max_vector_dim) to project when longer,
-    then O((window + m) * D) distances; plus O(window + m) Hamming distances and digest
-    comparisons, all in a fixed number of numpy operations per batch.
+    then O((window + m) * D) for the distance product, plus O(D) per pair the product
+    cannot rule out (few on benign traffic, most on a search around one input); plus
+    O(window + m) Hamming distances and digest comparisons, all in a fixed number of
+    numpy operations per batch.
 
     State per client, in bytes, with W = ``window``:
     ``16 + 10 * W + 8 * W * [modality != "tabular"] + 4 * W * D``, where
@@ -222,6 +215,7 @@ class NearDuplicateDetector(Detector):
     name: ClassVar[str] = "near_duplicate"
     Params: ClassVar[type[DetectorParams]] = NearDuplicateParams
     threshold_param = "flag_ratio"
+    state_format = f"digest-{DIGEST_FORMAT}"
     params: NearDuplicateParams
 
     def __init__(self, params: DetectorParams, context: ModelContext) -> None:
@@ -282,18 +276,16 @@ class NearDuplicateDetector(Detector):
             z = np.stack([row @ self._projection for row in z])
         return z.astype(np.float32)
 
-    # -- the detector ------------------------------------------------------------
-    def update(self, state: State, batch: Batch) -> Signals | None:
-        events = batch.events
-        m = len(events)
-        stacked = batch.vectors if all_flat_vectors(events) else None
-        digests = canonical_digests(events, stacked)
+    def _fingerprints(
+        self, events: list["Event"], digests: np.ndarray, stacked: np.ndarray | None
+    ) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+        """Positions of the judged events, and their kinds, hashes, digests and stored vectors (None: none judged)."""
         judged: list[int] = []  # positions of the events with a usable fingerprint, in order
         kind_list: list[int] = []
         hash_list: list[int] = []
         vector_rows: list[int] = []  # positions of the vector inputs among ``judged``
         for i, e in enumerate(events):
-            if digests[i] is None:
+            if digests[i] == 0:
                 continue
             if e.text is None and e.image is None:  # a vector
                 if self._vector_dim and e.vector is not None:
@@ -314,14 +306,33 @@ class NearDuplicateDetector(Detector):
             return None
         kinds = np.array(kind_list, dtype=np.uint8)
         hashes = np.array(hash_list, dtype=np.uint64)
-        digest_arr = np.array([digests[i] for i in judged], dtype=np.uint64)
         if len(vector_rows) == j:
             vecs = self._vector_fingerprints(events, judged, stacked)
         else:
             vecs = np.zeros((j, self._vector_dim), dtype=np.float32)
             if vector_rows:
                 vecs[vector_rows] = self._vector_fingerprints(events, [judged[r] for r in vector_rows], stacked)
+        return judged, kinds, hashes, digests[judged], vecs
 
+    # -- the detector ------------------------------------------------------------
+    def update(self, state: State, batch: Batch) -> Signals | None:
+        events = batch.events
+        m = len(events)
+        stacked = batch.flat_vectors
+        digests = batch.digests
+        if stacked is not None and self._vector_dim and stacked.shape[1] == self._input_dim:
+            # The usual case, a batch of a tabular model: every event is a vector.
+            judged = list(range(m))
+            kinds = np.full(m, KIND_VECTOR, dtype=np.uint8)
+            hashes = np.zeros(m, dtype=np.uint64)
+            digest_arr = digests
+            vecs = self._vector_fingerprints(events, judged, stacked)
+        else:
+            found = self._fingerprints(events, digests, stacked)
+            if found is None:
+                return None
+            judged, kinds, hashes, digest_arr, vecs = found
+        j = len(judged)
         step = self._chunk_size()
         if j <= step:
             values, flagged = self._update_block(state, kinds, digest_arr, hashes, vecs)
@@ -339,7 +350,7 @@ class NearDuplicateDetector(Detector):
         return out
 
     def _chunk_size(self) -> int:
-        """Events compared per block: bounds the (block, window, D) difference tensor to ~16 MiB."""
+        """Events compared per block: bounds the worst case, every pair close, to ~16 MiB of differences."""
         w, d = self.params.window, max(self._vector_dim, 1)
         budget = (16 << 20) // 8 // d
         return max(1, int((math.sqrt(w * w + 4 * budget) - w) / 2))
@@ -373,21 +384,20 @@ class NearDuplicateDetector(Detector):
         is_vec = kinds == KIND_VECTOR
         n_vec = int(np.count_nonzero(is_vec))
         if n_vec:
-            tol = self.params.tabular_tolerance
             cols = np.flatnonzero(ring_kind == KIND_VECTOR)
             if n_vec == j:  # the usual case: a tabular model
                 new_vec = vecs.astype(np.float64)
                 if cols.size:
-                    ring_close[:, cols] = self._close_vectors(state["vec"][cols].astype(np.float64), new_vec, tol)
+                    ring_close[:, cols] = self._close_vectors(state["vec"][cols].astype(np.float64), new_vec, ring_cand[:, cols])
                 if j > 1:
-                    new_close[:] = self._close_vectors(new_vec, new_vec, tol)
+                    new_close[:] = self._close_vectors(new_vec, new_vec, new_cand)
             else:
                 rows = np.flatnonzero(is_vec)
                 new_vec = vecs[rows].astype(np.float64)
                 if cols.size:
-                    ring_close[np.ix_(rows, cols)] = self._close_vectors(state["vec"][cols].astype(np.float64), new_vec, tol)
+                    ring_close[np.ix_(rows, cols)] = self._close_vectors(state["vec"][cols].astype(np.float64), new_vec, ring_cand[np.ix_(rows, cols)])
                 if j > 1:
-                    new_close[np.ix_(rows, rows)] = self._close_vectors(new_vec, new_vec, tol)
+                    new_close[np.ix_(rows, rows)] = self._close_vectors(new_vec, new_vec, new_cand[np.ix_(rows, rows)])
         if n_vec < j:
             rows = np.flatnonzero(~is_vec)
             tolerance = np.where(kinds[rows] == KIND_IMAGE, self.params.image_hamming_tolerance, self.params.text_hamming_tolerance)[:, None]
@@ -410,12 +420,23 @@ class NearDuplicateDetector(Detector):
         state["pairs"][...] = int(state["pairs"]) + int(matches.sum())
         return values, flagged
 
-    def _close_vectors(self, a: np.ndarray, b: np.ndarray, tolerance: float) -> np.ndarray:
-        """(len(b), len(a)) whether the RMS per-feature distance of each pair is within tolerance.
+    def _close_vectors(self, a: np.ndarray, b: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+        """(len(b), len(a)) whether each ``wanted`` pair's RMS per-feature distance is within tolerance.
 
-        Each pair's distance is a sum over its own difference vector, so it comes out the
-        same whatever else is in the batch (a Gram-matrix shortcut would not).
+        A Gram-matrix product (``|a|^2 + |b|^2 - 2 a.b``) rules out the pairs that are
+        clearly apart; the few left are decided on their own difference vectors, so the
+        answer is the same whatever else is in the batch. The margin covers the product's
+        rounding error (below ``D * 2**-52`` of the squared norms, far under 1e-10).
         """
-        diff = a[None, :, :] - b[:, None, :]
-        rms = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff) / self._input_dim)
-        return rms <= tolerance
+        limit = self.params.tabular_tolerance**2 * self._input_dim  # on squared distances
+        a_sq = np.einsum("ij,ij->i", a, a)
+        b_sq = np.einsum("ij,ij->i", b, b)
+        norms = b_sq[:, None] + a_sq[None, :]
+        approx = norms - 2.0 * (b @ a.T)
+        maybe = wanted & (approx <= limit + 1e-10 * norms)
+        close = np.zeros(maybe.shape, dtype=bool)
+        rows, cols = np.nonzero(maybe)
+        if rows.size:
+            diff = b[rows] - a[cols]
+            close[rows, cols] = np.sqrt(np.einsum("ij,ij->i", diff, diff) / self._input_dim) <= self.params.tabular_tolerance
+        return close
