@@ -206,6 +206,20 @@ def test_shared_state_round_trips_through_savez() -> None:
         FingerprintDetector(FingerprintParams(top_k=8), context()).load_shared_state(restored)
 
 
+def test_the_head_table_rebuilt_after_growth_answers_like_the_incremental_one() -> None:
+    det = FingerprintDetector(FingerprintParams(), context())
+    rng = np.random.default_rng(12)
+    x = np.concatenate([WORLD.sample(rng, 1500), hopskipjump(rng, 1000)])
+    feed(det, {}, make_events(x, client="g"), size=300)  # grows 1024 -> 2048 -> 4096 rows
+    live = det._hashes[: det._next].ravel()
+    live = live[live != 0]
+    incremental = det._find(live)
+    det._relink()
+    rebuilt = det._find(live)
+    np.testing.assert_array_equal(incremental[1], rebuilt[1])
+    assert (rebuilt[1] >= 0).mean() > 0.9  # most held hashes head their bucket (others share one)
+
+
 def test_forget_client_drops_its_evidence() -> None:
     det = FingerprintDetector(FingerprintParams(), context())
     x = hopskipjump(np.random.default_rng(7), 40)

@@ -301,10 +301,9 @@ class FingerprintDetector(Detector):
         p = self.params
         events = batch.events
         d = self._dim
-        if d and all(e.vector is not None for e in events):
-            x = batch.vectors
-            if x is not None and x.ndim == 2 and x.shape[1] == d:
-                return np.arange(len(events)), self._vector_prints(x)
+        x = batch.flat_vectors
+        if d and x is not None and x.shape[1] == d:
+            return np.arange(len(events)), self._vector_prints(x)
         rows: list[int] = []
         prints: list[np.ndarray] = []
         vec_rows = [i for i, e in enumerate(events) if d and e.vector is not None and e.vector.shape == (d,)]
@@ -532,19 +531,19 @@ class FingerprintDetector(Detector):
     def _relink(self) -> None:
         """Rebuild the head table from the live entries (after the table grew, or a restore)."""
         k, cap = self.params.top_k, self._cap
+        ids = np.arange(self._oldest, self._next, dtype=np.int64)
+        flat = self._hashes[ids % cap].ravel()
+        present = flat != 0
+        # Each bucket's newest entry, as 1 + its offset from the oldest live entry (0: none;
+        # live entries span fewer than 2**30 ids), then packed like every stored entry id.
+        base = self._oldest * k
+        newest = np.zeros(1 << self._bits, dtype=np.uint32)
+        offsets = (ids[:, None] * k + np.arange(k)).ravel()[present] - (base - 1)
+        np.maximum.at(newest, (flat[present] >> _U64(64 - self._bits)).astype(np.int64), offsets.astype(np.uint32))
+        held = np.flatnonzero(newest)
         # empty buckets decode to an id 2**30 entries back: dead, whatever the live window
         self._head = np.full(1 << self._bits, int(_pack(np.array(self._next * k - (1 << 30)))), dtype=np.uint32)
-        ids = np.arange(self._oldest, self._next, dtype=np.int64)
-        if ids.size == 0:
-            return
-        flat = self._hashes[ids % cap].ravel()
-        entries = (ids[:, None] * k + np.arange(k)).ravel()
-        bucket = np.where(flat != 0, (flat >> _U64(64 - self._bits)).astype(np.int64), -1)
-        order = np.argsort(bucket, kind="stable")
-        ranked = bucket[order]
-        last = ranked >= 0
-        last[:-1] &= ranked[1:] != ranked[:-1]
-        self._head[ranked[last]] = _pack(entries[order[last]])  # each bucket's newest entry
+        self._head[held] = _pack(newest[held].astype(np.int64) + (base - 1))
 
     def _relink_chains(self) -> None:
         """Rebuild every live entry's link to the previous entry with the same hash (after a restore)."""
