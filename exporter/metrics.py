@@ -14,9 +14,11 @@ import threading
 from collections import defaultdict
 from typing import TYPE_CHECKING, Callable, Iterable
 
+import numpy as np
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 from prometheus_client.registry import Collector
 
 from exporter import __version__, reasons
@@ -40,13 +42,13 @@ class Metrics:
         r = self.registry
         self.events = Counter("monitaur_events", "Events accepted, by model.", ["model"], registry=r)
         self.events_rejected = Counter("monitaur_events_rejected", "Events rejected, by reason.", ["reason"], registry=r)
-        self.prediction_confidence = Histogram(
+        self.prediction_confidence = BulkHistogram(
             "monitaur_prediction_confidence",
             "Top-1 probability (or label score) of the model's answers.",
-            ["model"],
-            buckets=CONFIDENCE_BUCKETS,
-            registry=r,
+            "model",
+            CONFIDENCE_BUCKETS,
         )
+        r.register(self.prediction_confidence)
         self.detector_duration = Histogram(
             "monitaur_detector_duration_seconds", "Time a detector spent on one event.", ["detector"], buckets=DURATION_BUCKETS, registry=r
         )
@@ -85,6 +87,50 @@ class Metrics:
                 metric.remove(path)
             except KeyError:
                 pass
+
+
+class BulkHistogram(Collector):
+    """A histogram with one label that takes a whole array of observations at once.
+
+    prometheus-client's ``Histogram.observe`` costs about 2 us per value, too much on the
+    per-event path of replay; here a batch of values costs one ``np.searchsorted`` and
+    one ``np.bincount``. The exposition is an ordinary Prometheus histogram (cumulative
+    ``_bucket`` series with ``le`` up to ``+Inf``, ``_count``, ``_sum``).
+    """
+
+    def __init__(self, name: str, documentation: str, label: str, buckets: Iterable[float]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.label = label
+        self.bounds = np.asarray(sorted(float(b) for b in buckets), dtype=np.float64)
+        self._counts: dict[str, np.ndarray] = {}  # label value -> per-bucket (not cumulative) counts, +Inf last
+        self._sums: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def observe_many(self, label_value: str, values: np.ndarray) -> None:
+        """Count every value (NaN values are skipped) under ``label_value``."""
+        v = values[~np.isnan(values)]
+        # le buckets: a value equal to a bound belongs to that bound's bucket
+        per_bucket = np.bincount(np.searchsorted(self.bounds, v, side="left"), minlength=self.bounds.shape[0] + 1)
+        with self._lock:
+            counts = self._counts.get(label_value)
+            if counts is None:
+                counts = self._counts[label_value] = np.zeros(self.bounds.shape[0] + 1, dtype=np.int64)
+                self._sums[label_value] = 0.0
+            counts += per_bucket
+            self._sums[label_value] += float(v.sum())
+
+    def describe(self) -> list[HistogramMetricFamily]:
+        return [HistogramMetricFamily(self.name, self.documentation, labels=[self.label])]
+
+    def collect(self) -> list[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+        with self._lock:
+            snapshot = [(k, np.cumsum(c).tolist(), self._sums[k]) for k, c in self._counts.items()]
+        for value, cumulative, total in snapshot:
+            les = [floatToGoString(b) for b in self.bounds.tolist()] + ["+Inf"]
+            family.add_metric([value], list(zip(les, cumulative)), total)
+        return [family]
 
 
 class ClientCollector(Collector):

@@ -39,7 +39,6 @@ class ModelRuntime:
     detectors: list[Detector]
     versions: dict[str, str]
     events: Any  # the model's metric children, looked up once
-    confidence: Any
     durations: dict[str, Any]
 
 
@@ -166,12 +165,12 @@ class Pipeline:
         if self.profile is not None and mp is None:
             log.warning("model %s is not in the calibration profile; its detectors run uncalibrated", model)
         m = self.metrics
+        m.prediction_confidence.observe_many(model, np.zeros(0))  # the model's series exist from now on
         rt = self.runtimes[model] = ModelRuntime(
             context,
             detectors,
             versions,
             m.events.labels(model),
-            m.prediction_confidence.labels(model),
             {d.name: m.detector_duration.labels(d.name) for d in detectors},
         )
         return rt
@@ -244,8 +243,7 @@ class Pipeline:
                 client.first_flagged.setdefault(name, first_flag[name])
         self._verdict(client, first_flag)
         rt.events.inc(n)
-        for c in batch.confidence[~np.isnan(batch.confidence)]:
-            rt.confidence.observe(c)
+        self.metrics.prediction_confidence.observe_many(batch.model, batch.confidence)
         self.collector.count_events(client, batch.model, n, flag_counts)
 
     def _verdict(self, client: ClientState, first_flag: dict[str, int], announce: bool = True) -> None:
