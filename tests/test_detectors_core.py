@@ -1003,3 +1003,18 @@ def test_registry_resolves_the_three_detectors() -> None:
             assert field.description or field.annotation is bool  # 'enabled' comes from the base class
     with pytest.raises(ValueError, match="detectors.near_duplicate.min_events"):
         resolve_detectors({"near_duplicate": {"window": 10, "min_events": 50}})
+
+
+def test_batch_views_of_a_mixed_batch_match_the_events() -> None:
+    events = [
+        Event("c", "m", 1.0, "tabular", vector=np.arange(3.0), probs=np.array([0.2, 0.8])),
+        Event("c", "m", 2.0, "text", text="hi", label="spam", label_score=0.7),
+        Event("c", "m", 3.0, "text", text="ho", label="ham"),
+        Event("c", "m", 4.0, "tabular", vector=np.arange(3.0), probs=np.array([0.6, 0.4])),
+    ]
+    batch = Batch("c", "m", events)
+    np.testing.assert_array_equal(batch.confidence, [0.8, 0.7, np.nan, 0.6])
+    assert batch.predicted.tolist() == [1, -1, -1, 0]
+    assert batch.flat_vectors is None and batch.vectors is None
+    assert batch.digests.tolist() == [canonical_digest(e) for e in events]
+    assert batch.digests[0] == batch.digests[3] != batch.digests[1]

@@ -139,7 +139,15 @@ class Batch:
     @cached_property
     def confidence(self) -> np.ndarray:
         """(m,) top-1 probability or label score; NaN where unknown."""
-        return np.array([np.nan if (c := e.confidence) is None else c for e in self.events], dtype=np.float64)
+        p = self.probs
+        if p is None:
+            return np.array([np.nan if (c := e.confidence) is None else c for e in self.events], dtype=np.float64)
+        out = p.max(axis=1)  # NaN rows (events without probabilities) stay NaN
+        for i in np.flatnonzero(np.isnan(out)).tolist():
+            score = self.events[i].label_score
+            if score is not None:
+                out[i] = score
+        return out
 
     @cached_property
     def top2(self) -> np.ndarray | None:
