@@ -29,6 +29,7 @@ Modality = Literal["tabular", "image", "text"]
 MAX_CLIENT_LENGTH = 256
 MAX_MODEL_LENGTH = 128
 MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_TIMESTAMP = 32503680000.0  # year 3000
 PROBABILITY_TOLERANCE = 1e-2
 
 
@@ -99,7 +100,11 @@ class Decoder:
     """
 
     def __init__(self, settings: Settings) -> None:
-        self._fields = settings.fields
+        self._fields = f = settings.fields
+        # The field paths are fixed per decoder; when none is dotted (the default), plain
+        # dict.get replaces a _lookup call per field on every event.
+        self._paths = (f.client, f.model, f.ts, f.input, f.output)
+        self._flat = not any("." in path for path in self._paths)
         self._models = settings.models
         self._default_model = settings.default_model
         self._zone = ZoneInfo(settings.default_timezone) if settings.default_timezone else None
@@ -130,27 +135,32 @@ class Decoder:
         if not isinstance(obj, dict):
             raise Rejected(reasons.NOT_AN_OBJECT, f"expected a JSON object, got {type(obj).__name__}")
         f = self._fields
-        client = _lookup(obj, f.client)
+        # Fetching every field up front is safe: lookups have no side effects and cannot raise.
+        if self._flat:
+            client, model, raw_ts, raw_input, raw_output = map(obj.get, self._paths)
+        else:
+            client, model, raw_ts, raw_input, raw_output = (_lookup(obj, path) for path in self._paths)
         if client is None or client == "":
             raise Rejected(reasons.MISSING_CLIENT, f"missing client field '{f.client}'")
         if not isinstance(client, str) or len(client) > MAX_CLIENT_LENGTH:
             raise Rejected(reasons.INVALID_CLIENT, f"field '{f.client}' must be a string of at most {MAX_CLIENT_LENGTH} characters")
-        model = _lookup(obj, f.model)
         if model is None:
             model = self._default_model
         if not isinstance(model, str) or not model or len(model) > MAX_MODEL_LENGTH:
             raise Rejected(reasons.INVALID_MODEL, f"field '{f.model}' must be a non-empty string of at most {MAX_MODEL_LENGTH} characters")
-        ts = self._timestamp(_lookup(obj, f.ts), now)
+        ts = self._timestamp(raw_ts, now)
         mcfg = self._models.get(model) or _NO_CONFIG
         # A model's modality is configured, or guessed from its first event and then held to.
         modality = mcfg.modality or self.learned_modalities.get(model)
-        event = self._input(client, model, ts, mcfg, modality, _lookup(obj, f.input))
-        self._output(event, mcfg, _lookup(obj, f.output))
+        event = self._input(client, model, ts, mcfg, modality, raw_input)
+        self._output(event, mcfg, raw_output)
         self._learn(event, mcfg)
         return event
 
     # -- fields -------------------------------------------------------------
     def _timestamp(self, raw: Any, now: float | None) -> float:
+        if type(raw) is float and 0.0 <= raw <= MAX_TIMESTAMP:  # the common case; NaN fails the test
+            return raw
         if raw is None:
             return time.time() if now is None else now
         if isinstance(raw, bool):
@@ -169,23 +179,14 @@ class Decoder:
             ts = parsed.astimezone(timezone.utc).timestamp()
         else:
             raise Rejected(reasons.INVALID_TIMESTAMP, f"timestamp must be a number or an RFC 3339 string, got {type(raw).__name__}")
-        if not math.isfinite(ts) or ts < 0 or ts > 32503680000:  # year 3000
+        if not math.isfinite(ts) or ts < 0 or ts > MAX_TIMESTAMP:
             raise Rejected(reasons.INVALID_TIMESTAMP, "timestamp is not a plausible Unix epoch in seconds")
         return ts
 
     def _input(self, client: str, model: str, ts: float, mcfg: ModelConfig, modality: str | None, raw: Any) -> Event:
         if raw is None:
             raise Rejected(reasons.MISSING_INPUT, f"missing input field '{self._fields.input}'")
-        if isinstance(raw, str):
-            if modality not in (None, "text"):
-                raise Rejected(reasons.INVALID_INPUT, f"model '{model}' is {modality}; got a string input")
-            return Event(client, model, ts, "text", text=raw)
-        if isinstance(raw, dict):
-            if "image_b64" not in raw:
-                raise Rejected(reasons.INVALID_INPUT, "an object input must have an 'image_b64' key")
-            if modality not in (None, "image"):
-                raise Rejected(reasons.INVALID_INPUT, f"model '{model}' is {modality}; got an image input")
-            return Event(client, model, ts, "image", image=_decode_image(raw["image_b64"]))
+        # Arrays first: they are the common case, and list, str and dict exclude each other.
         if isinstance(raw, list):
             if modality == "text":
                 raise Rejected(reasons.INVALID_INPUT, f"model '{model}' is text; got an array input")
@@ -198,6 +199,16 @@ class Decoder:
             if kind == "image":
                 event.image = _pixels_from_vector(vec, mcfg.image_shape)
             return event
+        if isinstance(raw, str):
+            if modality not in (None, "text"):
+                raise Rejected(reasons.INVALID_INPUT, f"model '{model}' is {modality}; got a string input")
+            return Event(client, model, ts, "text", text=raw)
+        if isinstance(raw, dict):
+            if "image_b64" not in raw:
+                raise Rejected(reasons.INVALID_INPUT, "an object input must have an 'image_b64' key")
+            if modality not in (None, "image"):
+                raise Rejected(reasons.INVALID_INPUT, f"model '{model}' is {modality}; got an image input")
+            return Event(client, model, ts, "image", image=_decode_image(raw["image_b64"]))
         raise Rejected(reasons.INVALID_INPUT, f"input must be an array of numbers, a string or an image object, got {type(raw).__name__}")
 
     def _output(self, event: Event, mcfg: ModelConfig, raw: Any) -> None:
@@ -234,35 +245,69 @@ class Decoder:
             return
         # Python's builtins beat numpy's reductions on the few classes models usually have.
         total = float(sum(raw))
-        if min(raw) < -1e-6 or max(raw) > 1 + 1e-6 or abs(total - 1.0) > PROBABILITY_TOLERANCE:
+        lowest = min(raw)
+        if lowest < -1e-6 or max(raw) > 1 + 1e-6 or abs(total - 1.0) > PROBABILITY_TOLERANCE:
             raise Rejected(
                 reasons.NOT_PROBABILITIES,
                 f"output values must lie in [0, 1] and sum to 1 (sum is {total:.4g}); set output: logits for raw scores",
             )
-        event.probs = np.clip(values, 0.0, None) / total
+        # Clipping at 0 changes nothing when every value is positive, and np.clip costs more
+        # than the division; zeros (-0.0 becomes 0.0) and tolerated negatives still go through it.
+        event.probs = (values if lowest > 0 else np.clip(values, 0.0, None)) / total
 
     def _learn(self, event: Event, mcfg: ModelConfig) -> None:
-        self.learned_modalities.setdefault(event.model, event.modality)
-        if event.vector is not None and mcfg.input_dim is None:
-            self.learned_input_dims.setdefault(event.model, int(event.vector.shape[0]))
-        if event.probs is not None and mcfg.num_classes is None:
-            self.learned_num_classes.setdefault(event.model, int(event.probs.shape[0]))
+        """Record what a model's first event shows; later events never overwrite it."""
+        model = event.model
+        if model not in self.learned_modalities:
+            self.learned_modalities[model] = event.modality
+        if event.vector is not None and mcfg.input_dim is None and model not in self.learned_input_dims:
+            self.learned_input_dims[model] = int(event.vector.shape[0])
+        if event.probs is not None and mcfg.num_classes is None and model not in self.learned_num_classes:
+            self.learned_num_classes[model] = int(event.probs.shape[0])
 
 
 def _numbers(raw: list[Any], what: str, reason: str) -> np.ndarray:
-    """A flat float64 array from a JSON array of numbers; strings, nulls, nesting are rejected."""
+    """A flat float64 array from a JSON array of numbers; strings, nulls, nesting are rejected.
+
+    Accepted is exactly what numpy's type inference makes a 1-D integer or float array of:
+    numbers, and booleans mixed with numbers. An all-boolean array is rejected, and so are
+    integers outside numpy's 64-bit ranges, which it keeps as Python objects. Integer arrays
+    need no finiteness check; float arrays get :func:`_all_finite`, which only skips work
+    when the answer is certain.
+    """
     if not raw:
         raise Rejected(reason, f"{what} array is empty")
     try:
         arr = np.asarray(raw)  # numpy's type inference tells numbers from anything else in one pass
     except (ValueError, TypeError, OverflowError):
         raise Rejected(reason, f"{what} array must be a flat array of numbers") from None
-    if arr.ndim != 1 or arr.dtype.kind not in "iuf":
+    kind = arr.dtype.kind
+    if arr.ndim != 1 or kind not in "iuf":
         raise Rejected(reason, f"{what} array must be a flat array of numbers")
+    if kind != "f":
+        return arr.astype(np.float64)  # integers of at most 64 bits are finite as float64 too
     arr = arr.astype(np.float64, copy=False)
-    if not np.isfinite(arr).all():
+    if not _all_finite(raw, arr):
         raise Rejected(reasons.NON_FINITE, f"{what} array holds NaN or infinity")
     return arr
+
+
+def _all_finite(raw: list[Any], arr: np.ndarray) -> bool:
+    """Whether every value is finite; ``arr`` is ``raw`` as a float array.
+
+    ``math.fsum`` over the list costs a fraction of ``np.isfinite(arr).all()`` on short
+    arrays, and a NaN or infinity makes it return a non-finite value or raise, so a finite
+    sum proves every value finite. It also raises when huge finite values overflow the
+    sum; those rare arrays get the exact per-element check, so they are still accepted.
+    ``fsum`` rather than ``sum`` because it converts each value to a float and so never
+    runs numpy scalar arithmetic, which could warn, on values that are numpy scalars.
+    """
+    try:
+        if math.isfinite(math.fsum(raw)):
+            return True
+    except (OverflowError, ValueError, TypeError):
+        pass
+    return bool(np.isfinite(arr).all())
 
 
 def _decode_image(b64: Any) -> np.ndarray:

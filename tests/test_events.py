@@ -131,3 +131,152 @@ def test_rejections_name_a_reason_and_never_echo_inputs(line: bytes, reason: str
     assert err.value.reason == reason
     assert reason in reasons.ALL
     assert "987654" not in err.value.message and "bm90" not in err.value.message
+
+
+# -- number arrays: the fast paths in _numbers and _output must accept and reject exactly -----
+# what the plain definition does (numpy's type inference, then a per-element finiteness check).
+
+BIG = 2**70  # a finite integer numpy cannot hold in 64 bits
+
+
+def input_line(raw_json: str) -> bytes:
+    return b'{"client": "k", "input": ' + raw_json.encode() + b"}"
+
+
+@pytest.mark.parametrize(
+    "raw_json, expected",
+    [
+        ("[true, 1]", [1.0, 1.0]),  # booleans mixed with numbers count as 0/1, as numpy infers them
+        ("[1.5, true]", [1.5, 1.0]),
+        ("[1, true, false]", [1.0, 1.0, 0.0]),
+        (f"[{2**63 - 1}]", [float(2**63 - 1)]),
+        (f"[{2**63}]", [float(2**63)]),  # uint64
+        (f"[{-(2**63)}]", [float(-(2**63))]),
+        ("[1e308, 1e308]", [1e308, 1e308]),  # finite values whose sum overflows
+        ("[1.7e308, 1.7e308, -1.7e308]", [1.7e308, 1.7e308, -1.7e308]),
+        ("[0.0, -0.0, 5e-324]", [0.0, -0.0, 5e-324]),
+    ],
+)
+def test_number_arrays_accepted(raw_json: str, expected: list[float]) -> None:
+    e = decoder().decode_line(input_line(raw_json))
+    assert e.vector.dtype == np.float64 and e.vector.tolist() == expected
+
+
+@pytest.mark.parametrize(
+    "raw_json, reason",
+    [
+        ("[true, false]", reasons.INVALID_INPUT),  # all booleans: not numbers
+        ("[false]", reasons.INVALID_INPUT),
+        (f"[{SECRET}, {2**64}]", reasons.INVALID_INPUT),  # integers beyond 64 bits
+        (f"[{SECRET}, {-(2**63) - 1}]", reasons.INVALID_INPUT),
+        (f"[{SECRET}, {BIG}]", reasons.INVALID_INPUT),
+        (f"[{BIG}, {SECRET}]", reasons.INVALID_INPUT),
+        (f"[{SECRET}, {10**400}]", reasons.INVALID_INPUT),  # too large even for a float: never a crash
+        (f"[{10**400}, {SECRET}]", reasons.INVALID_INPUT),
+        (f"[{SECRET}, NaN, 2]", reasons.NON_FINITE),  # NaN in the middle
+        (f"[{SECRET}, 1, -Infinity]", reasons.NON_FINITE),
+        ("[Infinity, -Infinity]", reasons.NON_FINITE),  # their sum is NaN
+        ("[1e308, 1e308, NaN]", reasons.NON_FINITE),  # the sum overflows and a NaN hides behind it
+        (f"[{SECRET}, null]", reasons.INVALID_INPUT),  # null is not NaN
+        (f"[NaN, null, {SECRET}]", reasons.INVALID_INPUT),
+        (f'[{SECRET}, "1"]', reasons.INVALID_INPUT),
+        (f"[{SECRET}, {{}}]", reasons.INVALID_INPUT),
+        (f"[[{SECRET}, 2]]", reasons.INVALID_INPUT),  # nested, regular
+        (f"[[{SECRET}], [2, 3]]", reasons.INVALID_INPUT),  # nested, ragged
+        (f"[{SECRET}, [2]]", reasons.INVALID_INPUT),
+        ("[[]]", reasons.INVALID_INPUT),
+        ("[]", reasons.INVALID_INPUT),
+    ],
+)
+def test_number_arrays_rejected(raw_json: str, reason: str) -> None:
+    with pytest.raises(Rejected) as err:
+        decoder().decode_line(input_line(raw_json))
+    assert err.value.reason == reason
+    assert "987654" not in err.value.message and str(BIG)[:8] not in err.value.message
+
+
+def reference_numbers(raw: list) -> np.ndarray | str:
+    """The plain definition of a valid number array: the float64 array, or the rejection reason."""
+    if not raw:
+        return reasons.INVALID_INPUT
+    try:
+        arr = np.asarray(raw)
+    except (ValueError, TypeError, OverflowError):
+        return reasons.INVALID_INPUT
+    if arr.ndim != 1 or arr.dtype.kind not in "iuf":
+        return reasons.INVALID_INPUT
+    arr = arr.astype(np.float64)
+    return arr if np.isfinite(arr).all() else reasons.NON_FINITE
+
+
+def test_number_arrays_agree_with_the_plain_definition() -> None:
+    rng = np.random.default_rng(7)
+    specials = [True, False, None, "1", [1], {}, 2**63, 2**64, -(2**63) - 1, BIG, 10**400, float("nan"), float("inf"), -float("inf"), 1e308, -1e308, -0.0]
+    d = decoder()
+    for i in range(3000):
+        n = int(rng.choice([1, 2, 3, 10, 64]))
+        raw: list = rng.integers(0, 17, n).tolist() if i % 2 else rng.random(n).tolist()
+        for _ in range(int(rng.integers(0, 3))):  # a few special values at random places
+            raw[int(rng.integers(0, n))] = specials[int(rng.integers(0, len(specials)))]
+        expected = reference_numbers(raw)
+        try:
+            got: np.ndarray | str = d.decode_line(json.dumps({"client": "k", "model": f"m{i}", "input": raw}).encode()).vector
+        except Rejected as exc:
+            got = exc.reason
+        if isinstance(expected, str):
+            assert got == expected, raw
+        else:
+            assert isinstance(got, np.ndarray) and got.dtype == np.float64 and got.tobytes() == expected.tobytes(), raw
+
+
+@pytest.mark.parametrize(
+    "raw_json, expected",
+    [
+        ("[0.25, 0.25, 0.5]", [0.25, 0.25, 0.5]),
+        ("[0.3, 0.695]", [0.3 / (0.3 + 0.695), 0.695 / (0.3 + 0.695)]),  # normalized by the sum
+        ("[0, 1]", [0.0, 1.0]),
+        ("[true, 0.0]", [1.0, 0.0]),
+        ("[-0.0, 1.0]", [0.0, 1.0]),  # clipped to +0.0
+        ("[-1e-7, 1.0]", [0.0, 1.0 / (1.0 - 1e-7)]),  # a tolerated negative is clipped to 0
+    ],
+)
+def test_probability_outputs_normalized(raw_json: str, expected: list[float]) -> None:
+    e = decoder().decode_line(b'{"client": "k", "input": [1], "output": ' + raw_json.encode() + b"}")
+    assert e.probs.tolist() == expected and not np.signbit(e.probs).any()
+
+
+@pytest.mark.parametrize(
+    "raw_json, reason, logits",
+    [
+        ("[0.5, NaN]", reasons.NON_FINITE, False),  # non-finite before not-probabilities
+        ("[NaN]", reasons.NON_FINITE, False),  # ... and before too-few-classes
+        ("[0.5, Infinity]", reasons.NON_FINITE, True),
+        ("[false, true]", reasons.INVALID_OUTPUT, False),
+        (f"[{2**64}, 0.5]", reasons.INVALID_OUTPUT, False),
+        ('[0.5, "0.5"]', reasons.INVALID_OUTPUT, False),
+        ("[[0.5, 0.5]]", reasons.INVALID_OUTPUT, False),
+        ("[1e308, 1e308]", reasons.NOT_PROBABILITIES, False),  # finite, but no probabilities
+    ],
+)
+def test_output_arrays_rejected(raw_json: str, reason: str, logits: bool) -> None:
+    d = decoder(models={"default": {"output": "logits"}}) if logits else decoder()
+    with pytest.raises(Rejected) as err:
+        d.decode_line(b'{"client": "k", "input": [1], "output": ' + raw_json.encode() + b"}")
+    assert err.value.reason == reason
+
+
+def test_logits_may_be_huge_but_finite() -> None:
+    d = decoder(models={"default": {"output": "logits"}})
+    assert d.decode_line(b'{"client": "k", "input": [1], "output": [1e308, 1e308]}').probs.tolist() == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("ts", ["NaN", "Infinity", "-1.0", "4e10", "true", '"1.5"'])
+def test_implausible_timestamps_rejected(ts: str) -> None:
+    with pytest.raises(Rejected) as err:
+        decoder().decode_line(b'{"client": "k", "ts": ' + ts.encode() + b', "input": [1]}')
+    assert err.value.reason == reasons.INVALID_TIMESTAMP
+
+
+@pytest.mark.parametrize("ts, expected", [("0.0", 0.0), ("32503680000.0", 32503680000.0), ("0", 0.0)])
+def test_timestamp_bounds_accepted(ts: str, expected: float) -> None:
+    assert decoder().decode_line(b'{"client": "k", "ts": ' + ts.encode() + b', "input": [1]}').ts == expected
