@@ -6,11 +6,17 @@ runs the same pipeline ``replay`` uses:
 
 1. per model, freeze the feature standardization and let every detector ``fit`` its
    reference statistics on (a sample of) the first group's inputs;
-2. replay the second group with those references and record every detector's values: each
-   threshold becomes the value that at most ``target_fpr`` of benign clients ever
-   reach (never below the detector's default), and the pooled values become the null
-   samples of the ``risk`` fusion;
-3. replay the third group with the fusion calibrated and set its threshold the same way.
+2. replay all the benign traffic with those references and record the second group's
+   values of every detector: each threshold becomes the value that at most
+   ``target_fpr`` of these clients ever reach (never below the detector's default), and
+   the pooled values become the null samples of the ``risk`` fusion;
+3. replay all of it again with the fusion calibrated, and set its threshold the same
+   way on the third group's values.
+
+Passes 2 and 3 replay every group, not just the one they measure, because some state is
+shared across clients: a query matches earlier queries of *any* client in the
+``fingerprint`` index, so a benign client's match rate grows with the traffic around
+it. Replaying a third of the population would understate it, and the threshold with it.
 
 Thresholds are per client, not per event: a benign client is "falsely alarmed" if
 it is flagged at any point of its history, which is what an operator experiences.
@@ -43,12 +49,21 @@ MIN_CLIENTS_PER_FPR = 5  # fewer than 5/target_fpr clients makes the quantile a 
 
 @dataclass
 class _Recorder:
-    """Pipeline observer: per (model, detector), each client's largest value and a pool of values."""
+    """Pipeline observer: per (model, detector), each client's largest value and a pool of values.
 
+    Only the ``clients`` given are recorded: the pipeline runs on all the benign traffic,
+    so that state shared across clients (the fingerprint index, coverage counts) is as
+    full as the whole calibration population makes it, while the figures come from
+    clients that no earlier step learned from.
+    """
+
+    clients: set[str]
     maxima: dict[tuple[str, str], dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
     pools: dict[tuple[str, str], list[np.ndarray]] = field(default_factory=lambda: defaultdict(list))
 
     def __call__(self, batch: Batch, name: str, signals: Signals) -> None:
+        if batch.client not in self.clients:
+            return
         v = signals.values[~np.isnan(signals.values)]
         if v.size == 0:
             return
@@ -149,8 +164,8 @@ def calibrate(settings: Settings, paths: list[str], progress_stream: TextIO = sy
     specs = settings.detector_params()
 
     # Pass 2: thresholds and the fusion's null samples.
-    rec = _Recorder()
-    run_blocks(Pipeline(settings, event_time=True, profile=profile, observer=rec), detector_events, bar, "calibrating detectors")
+    rec = _Recorder({e.client for e in detector_events})
+    run_blocks(Pipeline(settings, event_time=True, profile=profile, observer=rec), events, bar, "calibrating detectors")
     for model, mp in profile.models.items():
         for name, (cls, params) in specs.items():
             maxima = list(rec.maxima.get((model, name), {}).values())
@@ -165,8 +180,8 @@ def calibrate(settings: Settings, paths: list[str], progress_stream: TextIO = sy
 
     # Pass 3: the fused verdict's threshold, then what the final profile flags.
     if VERDICT in specs:
-        rec = _Recorder()
-        run_blocks(Pipeline(settings, event_time=True, profile=profile, observer=rec), risk_events, bar, "calibrating risk")
+        rec = _Recorder({e.client for e in risk_events})
+        run_blocks(Pipeline(settings, event_time=True, profile=profile, observer=rec), events, bar, "calibrating risk")
         for model, mp in profile.models.items():
             maxima = list(rec.maxima.get((model, VERDICT), {}).values())
             floor = specs[VERDICT][1].min_threshold  # type: ignore[attr-defined]
