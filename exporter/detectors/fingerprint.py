@@ -406,9 +406,12 @@ class FingerprintDetector(Detector):
         # table's head; it links the entry only when it holds the same hash.
         present = flat != 0
         bucket[~present] = -1
-        order = np.argsort(bucket, kind="stable")  # a bucket's entries in entry (= query) order
-        ranked = bucket[order]
-        n = ranked.shape[0]
+        # A bucket's entries in entry (= query) order: sorting unique (bucket, position)
+        # keys is a stable argsort at the price of a plain sort.
+        n = bucket.shape[0]
+        keys = np.sort(bucket * n + np.arange(n))
+        order = keys % n
+        ranked = keys // n  # == bucket[order]; buckets < 2**37 and n <= 2**19: no overflow
         group = np.ones(n, dtype=bool)
         group[1:] = ranked[1:] != ranked[:-1]
         if (group | (ranked < 0)).all():  # no bucket got two entries of this batch: the table answers
