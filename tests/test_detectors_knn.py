@@ -23,6 +23,7 @@ from exporter.detectors.knn import (
     similar_pairs,
 )
 from exporter.events import Event
+from exporter.ring import window_shares
 from exporter.stats import FeatureStats
 from tests.synthetic import WORLD, D, K, hopskipjump, jbda, run, simba
 
@@ -141,6 +142,56 @@ def test_batching_does_not_change_the_result() -> None:
             np.testing.assert_array_equal(values, one_values)
             for key in one_state:
                 np.testing.assert_array_equal(state[key], one_state[key], err_msg=key)
+
+
+def reference_knn(det: KnnDetector, x: np.ndarray) -> tuple[np.ndarray, int, list[int]]:
+    """The documented semantics by brute force, query by query: query t sees the ``recent``
+    queries before it, and the reservoir copy of an older query q (kept per
+    :func:`reservoir_slots`) from t = q + recent + 1 up to and including the next query
+    taking its slot. Returns the k-NN mean distances, SEAT's pair count and the queries
+    the reservoir holds at the end."""
+    p = det.params
+    e = det.embed(x).astype(np.float64)
+    n = e.shape[0]
+    slots = reservoir_slots(np.arange(n), p.reservoir)
+    until = np.full(n, n)  # the copy of q is seen by the queries up to and including until[q]
+    holder: dict[int, int] = {}
+    for q in range(n):
+        if slots[q] >= 0:
+            if slots[q] in holder:
+                until[holder[slots[q]]] = q
+            holder[int(slots[q])] = q
+    dists, pairs = np.full(n, np.nan), 0
+    pair_sq = (p.pair_threshold * np.sqrt(D)) ** 2
+    for t in range(n):
+        q = np.arange(t)
+        seen = (t - q <= p.recent) | ((slots[:t] >= 0) & (q + p.recent < t) & (t <= until[:t]))
+        d2 = ((e[:t][seen] - e[t]) ** 2).sum(axis=1)
+        pairs += int(np.count_nonzero(d2 < pair_sq))
+        if t >= p.k:
+            dists[t] = np.sort(np.sqrt(d2))[: p.k].mean() / np.sqrt(D)
+    return dists, pairs, sorted(holder.values())
+
+
+def test_the_detector_follows_the_reference_semantics_however_batched() -> None:
+    rng = np.random.default_rng(12)
+    x = np.concatenate([hopskipjump(rng, 240), WORLD.sample(rng, 230), simba(rng, 230)])
+    events = make_events(x)
+    for params in (KnnParams(), KnnParams(k=3, recent=8, reservoir=5, window=20, min_events=3), KnnParams(k=2, recent=70, reservoir=200)):
+        det = KnnDetector(params, context())
+        dists, pairs, held = reference_knn(det, x)
+        judged = ~np.isnan(dists)
+        close = dists[judged] < det.distance_threshold
+        values, flags = np.full(len(x), np.nan), np.zeros(len(x), dtype=bool)
+        values[judged], flags[judged] = window_shares(np.zeros(params.window, dtype=bool), 0, close, params.min_events, params.threshold)
+        assert flags.any() and not flags.all()
+        for sizes in ([1], [7], [700], [64, 1, 3, 17, 300]):
+            got_values, got_flags, state = run(det, events, sizes=sizes)
+            np.testing.assert_array_equal(got_values, values)
+            np.testing.assert_array_equal(got_flags, flags)
+            assert similar_pairs(state) == pairs
+            reservoir, fifo = history_items(state, params.recent)
+            assert reservoir.tolist() == held and fifo.tolist() == list(range(len(x) - params.recent, len(x)))
 
 
 def test_projection_is_fixed_by_the_seed_and_state_survives_savez() -> None:

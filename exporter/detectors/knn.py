@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+import functools
 import math
 from typing import ClassVar
 
@@ -18,38 +20,16 @@ from exporter.detectors.base import (
     State,
     WindowedParams,
 )
+from exporter.hashing import splitmix64
 from exporter.ring import window_shares
 
 _U64 = np.uint64
 _RESERVOIR_SALT = 0x6B6E6E2D72657376  # "knn-resv": decorrelates the reservoir hash from other users of splitmix64
 
 
-def splitmix64(x: np.ndarray) -> np.ndarray:
-    """The splitmix64 finalizer over a uint64 array (wrapping arithmetic): stable in every process."""
-    z = np.asarray(x, dtype=np.uint64) + _U64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
-    return z ^ (z >> _U64(31))
-
-
 _NEVER = np.iinfo(np.int64).max
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64_int(x: int) -> int:
-    """:func:`splitmix64` of one Python int (cheaper than numpy for a handful of values)."""
-    z = (x + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
-def _reservoir_slot(j: int, capacity: int, salt: int = _RESERVOIR_SALT) -> int:
-    """:func:`reservoir_slots` of one item number."""
-    if j < capacity:
-        return j
-    r = _splitmix64_int(j ^ salt) % (j + 1)
-    return r if r < capacity else -1
+_CHUNK_ROWS = 256  # a batch is judged in chunks of about this many rows (see KnnDetector._chunk)
+_PLAN_ITEMS = 512  # stream items per cached block of reservoir decisions (see _reservoir_block)
 
 
 def reservoir_slots(index: np.ndarray, capacity: int, salt: int = _RESERVOIR_SALT) -> np.ndarray:
@@ -73,6 +53,82 @@ def reservoir_slots(index: np.ndarray, capacity: int, salt: int = _RESERVOIR_SAL
         r = (splitmix64(jl ^ _U64(salt)) % (jl + _U64(1))).astype(np.int64)
         out[later] = np.where(r < capacity, r, -1)
     return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _reservoir_block(block: int, capacity: int, salt: int) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """The stream items of block ``block`` (the ``_PLAN_ITEMS`` numbers from ``block *
+    _PLAN_ITEMS``) that the reservoir keeps, and their slots, from :func:`reservoir_slots`.
+
+    The decisions depend on the item number only, so they are hashed once per process and
+    shared by every client (a block past the filling phase keeps few items). The items come
+    as a list too, for :func:`bisect.bisect_left`; the arrays are read-only.
+    """
+    items = np.arange(block * _PLAN_ITEMS, (block + 1) * _PLAN_ITEMS, dtype=np.int64)
+    slots = reservoir_slots(items, capacity, salt)
+    kept = np.flatnonzero(slots >= 0)
+    items, slots = items[kept], slots[kept]
+    items.flags.writeable = False
+    slots.flags.writeable = False
+    return items.tolist(), items, slots
+
+
+def _reservoir_takers(n0: int, m: int, capacity: int, salt: int = _RESERVOIR_SALT) -> tuple[np.ndarray, np.ndarray]:
+    """The reservoir slots taken by the stream items ``n0 .. n0 + m - 1``, and the offsets
+    (item number - ``n0``) of the items taking them, in arrival order (a slot may repeat):
+    the decisions of :func:`reservoir_slots`. The arrays may be shared: not to be written.
+    """
+    if capacity <= 0:
+        none = np.zeros(0, dtype=np.int64)
+        return none, none
+    if n0 + m <= capacity:  # still filling: item j takes slot j
+        offsets = np.arange(m, dtype=np.int64)
+        return offsets + n0, offsets
+    first, last = n0 // _PLAN_ITEMS, (n0 + m - 1) // _PLAN_ITEMS
+    if first == last:
+        listed, items, slots = _reservoir_block(first, capacity, salt)
+    else:
+        blocks = [_reservoir_block(b, capacity, salt) for b in range(first, last + 1)]
+        listed = [j for block in blocks for j in block[0]]
+        items, slots = np.concatenate([block[1] for block in blocks]), np.concatenate([block[2] for block in blocks])
+    lo, hi = bisect.bisect_left(listed, n0), bisect.bisect_left(listed, n0 + m)
+    return slots[lo:hi], items[lo:hi] - n0
+
+
+def _next_takers(taken: np.ndarray, taker: np.ndarray, n0: int, m: int, recent: int, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """For the reservoir takers of a chunk whose copy could be seen within it, the next
+    taker of their slot.
+
+    ``taken``/``taker``: the slots taken by the chunk's rows ``taker`` (queries ``n0 +
+    taker``, from :func:`_reservoir_takers`, arrival order). The copy of row o is seen by
+    the rows from ``o + recent + 1`` (once o has left the FIFO) up to and including the
+    next row taking its slot, so only takers before row ``m - recent - 1`` matter. Returns
+    those takers' rows and the rows of their slots' next takers (m for none).
+    """
+    early = int(np.searchsorted(taker, m - recent - 1))
+    if early == 0:
+        return taker[:0], taker[:0]
+    if n0 + early <= capacity:  # the early takers are still filling the reservoir: distinct slots
+        nxt = np.full(capacity, m, dtype=np.int64)  # per slot: its first later taker
+        np.minimum.at(nxt, taken[early:], taker[early:])
+        return taker[:early], nxt[taken[:early]]
+    order = np.argsort(taken, kind="stable")  # by slot, then arrival
+    grouped = taken[order]
+    after = np.full(taken.shape[0], m, dtype=np.int64)
+    same = np.flatnonzero(grouped[1:] == grouped[:-1])  # order[same] is taken again by order[same + 1]
+    after[order[same]] = taker[order[same + 1]]
+    return taker[:early], after[:early]
+
+
+def _ring_pieces(start: int, n: int, size: int, base: int = 0) -> list[tuple[slice, slice]]:
+    """Where ``n`` consecutive items go in a ring of ``size`` slots (numbered from
+    ``base``) from slot ``start``: (ring slots, item positions) for each of the one or two
+    contiguous pieces."""
+    first = min(n, size - start)
+    pieces = [(slice(base + start, base + start + first), slice(0, first))]
+    if first < n:
+        pieces.append((slice(base, base + n - first), slice(first, n)))
+    return pieces
 
 
 class Standardizer:
@@ -248,10 +304,17 @@ class KnnDetector(Detector):
     Not judged (NaN, or None for a whole batch): events without an input vector, and the
     first k queries of a client.
 
-    Cost per batch of m events (chunks of at most ``recent``) with history
-    H = recent + reservoir and projected dimension p: one (m, d) x (d, p) projection and
-    one (m, p) x (p, H + m) product, a partition of the (m, H + m) distances, and a
-    Python loop over the events for the reservoir decisions only (scalar work).
+    Cost per batch of m events with history H = recent + reservoir and projected
+    dimension p: one (m, d) x (d, p) projection, then per chunk of at most 256 rows (or
+    ``recent``, if larger) one (m, p) x (p, at most H + m) product (the chunk against the
+    FIFO, itself and the reservoir rows some of its queries see; a new client's first
+    chunk against itself only, as a symmetric product) and a partition of each row's
+    candidates: the ``recent`` queries before it, read off the distances as a strided
+    band without a mask, and the reservoir rows some query of the chunk sees (masked only
+    where a query does not see them). The reservoir decisions are vectorized, and hashed
+    once per process in blocks of item numbers shared by every client. At the default
+    sizes the fixed cost of a chunk (some 60 numpy calls) is about half of the total, so
+    an event costs less in a large batch than alone.
     State per client: ``(recent + reservoir) * (4 p + 24) + window + 24`` bytes (float32
     vectors, their squared norms and visibility range, one bool per window slot, three
     counters); with the defaults and 64 features (p = 32): 19,580 bytes.
@@ -277,6 +340,13 @@ class KnnDetector(Detector):
         self._pair_sq = (p.pair_threshold * (math.sqrt(d) if d else 1.0)) ** 2  # in unscaled squared units
         self._distance_threshold = float(p.distance_threshold)
         self._standardizer = Standardizer()
+        # Rows judged together: a multiple of recent, about _CHUNK_ROWS, so the fixed cost of a chunk (some sixty numpy calls) is shared by
+        # many events while its (m, m) part of the product stays small.
+        self._chunk = p.recent * max(1, _CHUNK_ROWS // p.recent)
+        self._rows = np.arange(self._chunk)[:, None]  # a chunk's row numbers, as a column
+        # chunk True, chunk False, chunk True: its sliding windows (one step per row) are
+        # the triangular masks of _first_chunk and _later_chunk
+        self._steps = np.repeat(np.array([True, False, True]), self._chunk)
 
     # -- state -------------------------------------------------------------------
     def init_state(self) -> State:
@@ -320,19 +390,19 @@ class KnnDetector(Detector):
             return None
         p = self.params
         y = self.embed(x)
-        step = p.recent  # a chunk never outlives the FIFO, so batch rows are only seen through it
+        step = self._chunk
         if y.shape[0] <= step:
             dists = self._knn(state, y)
         else:
             dists = np.concatenate([self._knn(state, y[i : i + step]) for i in range(0, y.shape[0], step)])
         judged = ~np.isnan(dists)
-        if not judged.any():
-            return None
         close = dists[judged] < self._distance_threshold
+        if not close.shape[0]:
+            return None
         count = int(state["close_count"])
         v, f = window_shares(state["close_buf"], count, close, p.min_events, p.threshold)
         state["close_count"][...] = count + close.shape[0]
-        if judged.all() and idx.shape[0] == len(batch):
+        if close.shape[0] == len(batch):  # every event judged
             return Signals(v, f)
         out = Signals.constant(len(batch), np.nan, False)
         pos = idx[judged]
@@ -341,62 +411,163 @@ class KnnDetector(Detector):
         return out
 
     def _knn(self, state: State, y: np.ndarray) -> np.ndarray:
-        """Judge ``y`` (m <= recent rows) against the history, then fold it in.
+        """Judge ``y`` (a chunk of m rows) against the history, then fold it in.
 
         Returns each row's k-NN mean distance, NaN for rows with fewer than k earlier queries.
+
+        A query sees the ``recent`` queries before it (FIFO or chunk) and the reservoir rows
+        whose visibility range holds it: the rows held at the start of the chunk, and the
+        copies of the chunk's own queries the reservoir keeps (seen once they have left the
+        FIFO, in chunks longer than ``recent``). :meth:`_first_chunk` and
+        :meth:`_later_chunk` lay those distances out per row, +inf where not seen.
         """
         p = self.params
         R, S, k = p.recent, p.reservoir, p.k
         m = y.shape[0]
         n0 = int(state["seen"])
-        t = np.arange(n0, n0 + m, dtype=np.int64)
         hist, hist_sq, hist_from, hist_until = state["hist"], state["hist_sq"], state["hist_from"], state["hist_until"]
-        # Reservoir decisions of the new queries (Algorithm R at arrival); an occupant
-        # replaced by query j is seen by the queries up to and including j.
-        first_taker: dict[int, int] = {}
-        last_taker: dict[int, int] = {}
-        for j in range(n0, n0 + m):
-            s = _reservoir_slot(j, S)
-            if s >= 0:
-                first_taker.setdefault(s, j)
-                last_taker[s] = j - n0
-        until = hist_until
-        if first_taker:
-            until = hist_until.copy()
-            for s, j in first_taker.items():
-                if until[s] > j + 1:
-                    until[s] = j + 1
+        # Reservoir decisions of the new queries (Algorithm R at arrival), and the next
+        # taker of the slots of those whose copy may be seen within the chunk.
+        taken, taker = _reservoir_takers(n0, m, S)
+        early, after = _next_takers(taken, taker, n0, m, R, S)
         yq = y.astype(np.float64)
         ysq = np.einsum("ij,ij->i", yq, yq)
-        cand = np.concatenate((hist, y)).astype(np.float64)
-        d2 = np.concatenate((hist_sq, ysq)) - 2.0 * (yq @ cand.T)
-        d2 += ysq[:, None]
-        # a history row (or an earlier query of the batch) is seen by query t when from <= t < until
-        tc = t[:, None]
-        d2[(np.concatenate((hist_from, t + 1)) > tc) | (np.concatenate((until, t + (R + 1))) <= tc)] = np.inf
-        state["pairs"][...] = int(state["pairs"]) + int(np.count_nonzero(d2 < self._pair_sq))
-        out = np.full(m, np.nan)
-        first = max(0, k - n0)  # rows before this have fewer than k earlier queries
+        if n0 == 0:  # nothing held yet
+            work, r0 = self._first_chunk(yq, ysq, early, after)
+        else:
+            work, r0 = self._later_chunk(state, y, yq, ysq, taken, taker, early, after)
+        state["pairs"][...] = int(state["pairs"]) + int(np.count_nonzero(work < self._pair_sq))
+        out = np.empty(m)
+        first = min(max(0, k - n0), m)  # rows before this have fewer than k earlier queries
+        out[:first] = np.nan
         if first < m:
-            near = np.partition(d2[first:] if first else d2, k - 1, axis=1)[:, :k]
-            near.sort(axis=1)  # a fixed summation order, whatever the batch
+            if first < r0:  # rows before r0 see nothing past the first R columns
+                work[first:r0, :R].partition(k - 1, axis=1)
+            if r0 < m:
+                work[max(first, r0) :].partition(k - 1, axis=1)
+            near = np.sort(work[first:, :k], axis=1)  # a fixed summation order, whatever the batch
             np.maximum(near, 0.0, out=near)
-            out[first:] = np.sqrt(near).sum(axis=1) * (self._scale / k)
-        # Fold the batch in: FIFO rows, then reservoir rows (the last query taking a slot wins).
-        fifo = S + (t % R)
-        hist[fifo] = y
-        hist_sq[fifo] = ysq
-        hist_from[fifo] = t + 1
-        hist_until[fifo] = t + (R + 1)
-        if last_taker:
-            rs = np.fromiter(last_taker.keys(), dtype=np.int64, count=len(last_taker))
-            ri = np.fromiter(last_taker.values(), dtype=np.int64, count=len(last_taker))
+            np.sqrt(near, out=near)
+            dist = near.sum(axis=1)
+            np.multiply(dist, self._scale / k, out=out[first:])
+        # Fold the chunk in: its last R queries into the FIFO, then the reservoir's takers
+        # (the last query taking a slot wins).
+        tail = max(0, m - R)
+        frm = np.arange(n0 + tail + 1, n0 + m + 1, dtype=np.int64)  # a query is seen from its number + 1
+        until = frm + R
+        for slots, rows in _ring_pieces((n0 + tail) % R, m - tail, R, S):
+            hist[slots] = y[tail:][rows]
+            hist_sq[slots] = ysq[tail:][rows]
+            hist_from[slots] = frm[rows]
+            hist_until[slots] = until[rows]
+        if taken.size:
+            rs, ri = taken, taker
+            if taken.size > 1 and n0 + m > S:  # hashed slots may repeat
+                last = np.full(S, -1, dtype=np.int64)
+                np.maximum.at(last, taken, taker)
+                rs = np.flatnonzero(last >= 0)
+                ri = last[rs]
             hist[rs] = y[ri]
             hist_sq[rs] = ysq[ri]
-            hist_from[rs] = t[ri] + (R + 1)  # seen through the reservoir once it has left the FIFO
+            hist_from[rs] = ri + (n0 + R + 1)  # seen through the reservoir once it has left the FIFO
             hist_until[rs] = _NEVER
         state["seen"][...] = n0 + m
         return out
+
+    def _first_chunk(self, yq: np.ndarray, ysq: np.ndarray, early: np.ndarray, after: np.ndarray) -> tuple[np.ndarray, int]:
+        """A new client's first chunk: its (m, m) distances, +inf where not seen, and the
+        number of rows that only see the first ``recent`` columns.
+
+        Chunk row o is seen by the rows after it, up to o + recent through the FIFO, and
+        on up to the next taker of its slot through its reservoir copy if it has one
+        (rows ``early`` have their slot's next taker in ``after``, see
+        :func:`_next_takers`): rows ``o < i < hi[o]``.
+        """
+        R, m = self.params.recent, yq.shape[0]
+        d2 = yq @ yq.T  # a symmetric product: half the work
+        d2 *= -2.0  # exact: scaling by 2 does not round
+        d2 += ysq
+        d2 += ysq[:, None]
+        # the window of _steps starting at 2 chunk - i is True from column i on
+        np.copyto(d2, np.inf, where=np.ndarray((m, m), dtype=np.bool_, buffer=self._steps, offset=2 * self._chunk, strides=(-1, 1)))
+        if m > R + 1:  # as hi[o] > o + R, only rows > R can be past it, for columns o < m - R - 1
+            e = m - R - 1
+            hi = self._rows[:e, 0] + (R + 1)
+            hi[early] = np.maximum(hi[early], after + 1)
+            np.copyto(d2[R + 1 :, :e], np.inf, where=self._rows[R + 1 : m] >= hi)
+        return d2, min(R, m)
+
+    def _later_chunk(
+        self, state: State, y: np.ndarray, yq: np.ndarray, ysq: np.ndarray, taken: np.ndarray, taker: np.ndarray, early: np.ndarray, after: np.ndarray
+    ) -> tuple[np.ndarray, int]:
+        """A chunk of a client with a history: per row, its distances to the ``recent``
+        queries before it, then to the reservoir rows seen by every row of the chunk, then
+        to those seen by some, +inf where not seen; and the number of rows that see no
+        reservoir row (only the first ``recent`` columns matter for them).
+
+        Query ``n0 + i`` sees the ``recent`` queries before it, wherever they are (FIFO or
+        chunk): with the FIFO taken oldest first and the chunk after it, those are the
+        entries ``[i - pad, i - pad + recent)`` of row i of the distances (``pad``
+        never-filled FIFO slots first), copied out as a strided band without a mask. The
+        reservoir rows are those held (seen while from <= query number < until; an occupant
+        replaced by the chunk's query j, the slots ``taken`` by rows ``taker``, is seen up to
+        and including j) and the copies of the chunk's rows kept by the reservoir (see
+        :func:`_next_takers` for ``early`` and ``after``).
+        """
+        R, S = self.params.recent, self.params.reservoir
+        m = y.shape[0]
+        n0 = int(state["seen"])
+        hist, hist_sq, hist_from, hist_until = state["hist"], state["hist_sq"], state["hist_from"], state["hist_until"]
+        # The reservoir rows by the chunk's rows lo <= i < hi that see them.
+        until = hist_until[:S]
+        if taken.size:
+            until = until.copy()
+            np.minimum.at(until, taken, taker + (n0 + 1))  # the first taker of a slot decides
+        lo, hi = hist_from[:S] - n0, until - n0
+        by_all = (lo <= 0) & (hi >= m)
+        full = np.flatnonzero(by_all)  # seen by every row
+        part = np.flatnonzero((lo < m) & (hi > 0) & ~by_all)  # by some
+        # a copy of chunk row o is seen by the rows after o + R up to the next taker of its slot
+        seen = np.flatnonzero(after > early + R)
+        own = early[seen]
+        lo, hi = np.concatenate((lo[part], own + (R + 1))), np.concatenate((hi[part], after[seen] + 1))
+        hf, hp = full.size, lo.size
+        # The FIFO's queries n0 - nf .. n0 - 1, oldest first: slot S + q % R holds query q.
+        nf = min(n0, R)
+        pad = R - nf  # FIFO slots never filled (a young client)
+        fifo = [slots for slots, _ in _ring_pieces((n0 - nf) % R, nf, R, S)]
+        # d2 columns: the FIFO, the chunk, the reservoir rows seen by all, then by some
+        cand = np.concatenate([hist[slots] for slots in fifo] + [y, hist[full], hist[part]], dtype=np.float64)
+        width = cand.shape[0]
+        flat = np.empty(pad + m * (width + 1))  # d2 with pad entries before it and m after
+        d2 = flat[pad : pad + m * width].reshape(m, width)
+        np.matmul(yq * -2.0, cand.T, out=d2)  # exactly -2 (y . c): scaling by 2 does not round
+        d2 += np.concatenate([hist_sq[slots] for slots in fifo] + [ysq, hist_sq[full], hist_sq[part]])
+        d2 += ysq[:, None]
+        work = np.empty((m, R + hf + hp))
+        # Row i of flat viewed with rows width + 1 apart starts at d2[i, i - pad]; its first
+        # pad - i entries (the previous row's, or spare ones) stand for never-filled slots.
+        step = flat.strides[0]
+        work[:, :R] = np.ndarray((m, R), dtype=flat.dtype, buffer=flat, strides=((width + 1) * step, step))
+        if pad:
+            # the window of _steps starting at chunk - pad + i is True for its first pad - i entries
+            young = np.ndarray((min(m, pad), pad), dtype=np.bool_, buffer=self._steps, offset=self._chunk - pad, strides=(1, 1))
+            np.copyto(work[: young.shape[0], :pad], np.inf, where=young)
+        c = nf + m  # the first reservoir column of d2
+        work[:, R : R + hf] = d2[:, c : c + hf]
+        r0 = 0 if hf else m  # rows before r0 see no reservoir row
+        if hp:
+            p0 = min(max(int(lo.min()), 0), m)  # rows before p0 see none of those seen by some
+            some = work[:, R + hf :]
+            some[:p0] = np.inf
+            some = some[p0:]
+            some[:, : part.size] = d2[p0:, c + hf :]
+            if own.size:  # a copy of a chunk row: the same vector as its chunk column
+                some[:, part.size :] = d2[p0:, own + nf]
+            i = self._rows[p0:m]
+            np.copyto(some, np.inf, where=(lo > i) | (hi <= i))
+            r0 = min(r0, p0)
+        return work, r0
 
     # -- calibration -------------------------------------------------------------
     def fit(self, reference: Reference) -> State | None:
@@ -459,12 +630,14 @@ def history_items(state: State, recent: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _vector_rows(batch: Batch, dim: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Positions of the batch's events that carry a ``dim``-long vector, and those vectors stacked."""
-    events = batch.events
-    if all(e.vector is not None for e in events):
-        x = batch.vectors
-        if x is None or x.ndim != 2 or x.shape[1] != dim:
+    x = batch.vectors  # cached by the batch; not None only when every event carries one of one length
+    if x is not None:
+        if x.ndim != 2 or x.shape[1] != dim:
             return np.zeros(0, dtype=np.int64), None
-        return np.arange(len(events)), x
+        return np.arange(x.shape[0]), x
+    events = batch.events
+    if all(e.vector is not None for e in events):  # vectors of different lengths
+        return np.zeros(0, dtype=np.int64), None
     idx = [i for i, e in enumerate(events) if e.vector is not None and e.vector.shape == (dim,)]
     if not idx:
         return np.zeros(0, dtype=np.int64), None
