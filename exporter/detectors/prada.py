@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+from bisect import bisect_right
 from functools import lru_cache
-from itertools import accumulate
 from statistics import NormalDist
 from typing import ClassVar
 
@@ -89,32 +89,139 @@ def shapiro_w(sorted_x: np.ndarray) -> float:
     return min(num * num / ss, 1.0)
 
 
-def _trimmed_ws(windows: np.ndarray) -> np.ndarray:
-    """W of each row of ``windows`` (r, n) after dropping the values more than 3 standard
-    deviations from the row's mean (PRADA). Rows without such outliers (the usual case)
-    are tested together; every row gives the same W alone or stacked with others."""
-    xs = np.sort(windows, axis=1)
-    r, n = xs.shape
+@lru_cache(maxsize=8192)
+def _signed_weights(n: int) -> np.ndarray:
+    """The Shapiro-Wilk weights laid over an ascending sample of n, so that ``W``'s numerator
+    is their dot product with the sample: -a_i at position i, +a_i at n - 1 - i, 0 between."""
     a = shapiro_coefficients(n)
     half = a.shape[0]
-    s1 = xs.sum(axis=1).tolist()
-    s2 = (xs * xs).sum(axis=1).tolist()
-    nums = ((xs[:, : n - half - 1 : -1] - xs[:, :half]) * a).sum(axis=1).tolist()
-    lows, highs = xs[:, 0].tolist(), xs[:, -1].tolist()
-    out = []
-    for i in range(r):
+    out = np.zeros(n)
+    out[:half] = -a
+    out[n - half :] = a[::-1]
+    out.setflags(write=False)
+    return out
+
+
+def _trimmed_ws(seq: np.ndarray, starts: list[int], lengths: list[int]) -> list[float]:
+    """W of each window ``seq[s : s + n]`` (n >= 3) after dropping its values more than 3
+    standard deviations from its mean (PRADA).
+
+    The windows are sorted and summed together, as rows of one matrix (:func:`_padded_sums`).
+    A row without outliers (the usual case) gets W from those sums; the others from
+    their kept values (a run of their sorted values). Every window gives the same W
+    alone or stacked with others, up to rounding of the sums.
+    """
+    width = max(lengths)
+    if min(lengths) == width:
+        xs = seq[np.add.outer(np.asarray(starts), np.arange(width))]
+    else:
+        xs = np.zeros((len(lengths), width))
+        for i, (s, n) in enumerate(zip(starts, lengths)):
+            xs[i, :n] = seq[s : s + n]
+    xs.sort(axis=1)
+    nums, s1, s2, lows, highs = _padded_sums(xs, lengths)
+    out: list[float] = []
+    for i, n in enumerate(lengths):
         mu = s1[i] / n
         ss = max(s2[i] - s1[i] * mu, 0.0)
         spread = 3.0 * math.sqrt(ss / n)
         if lows[i] >= mu - spread and highs[i] <= mu + spread:  # no outliers
-            scale = abs(lows[i]) + abs(highs[i])
-            degenerate = ss <= (_FLAT * scale) ** 2 * n
-            out.append(0.0 if degenerate else min(nums[i] * nums[i] / ss, 1.0))
-        else:
-            lo = int(np.searchsorted(xs[i], mu - spread, side="left"))
-            hi = int(np.searchsorted(xs[i], mu + spread, side="right"))
-            out.append(shapiro_w(xs[i, lo:hi]) if hi - lo >= 3 else 1.0)
-    return np.array(out)
+            out.append(_w(nums[i], ss, lows[i], highs[i], n))
+            continue
+        row = xs[i, width - n :]
+        lo = int(np.searchsorted(row, mu - spread, side="left"))
+        hi = int(np.searchsorted(row, mu + spread, side="right"))
+        k = hi - lo
+        if k < 3:
+            out.append(1.0)
+            continue
+        kept = row[lo:hi]
+        t1 = float(kept.sum())
+        out.append(_w(float(kept @ _signed_weights(k)), max(float(kept @ kept) - t1 * t1 / k, 0.0), float(kept[0]), float(kept[-1]), k))
+    return out
+
+
+def _padded_sums(xs: np.ndarray, lengths: list[int]) -> tuple[list[float], ...]:
+    """For ascending rows ``xs`` whose last ``lengths[i]`` values are row i's sample (values
+    >= 0; what comes before them is zero padding): the Shapiro-Wilk numerators, sums,
+    sums of squares, smallest and largest values of the samples."""
+    r, width = xs.shape
+    if min(lengths) == width:
+        nums = xs @ _signed_weights(width)
+    else:
+        weights = np.zeros((r, width))
+        for i, n in enumerate(lengths):
+            weights[i, width - n :] = _signed_weights(n)
+        nums = np.einsum("ij,ij->i", xs, weights)
+    lows = xs[np.arange(r), width - np.asarray(lengths)]
+    return nums.tolist(), xs.sum(axis=1).tolist(), np.einsum("ij,ij->i", xs, xs).tolist(), lows.tolist(), xs[:, -1].tolist()
+
+
+def _w(num: float, ss: float, low: float, high: float, n: int) -> float:
+    """Shapiro-Wilk W from its numerator, the sum of squared deviations, and the extremes of
+    the sample (0 for a sample without spread, like :func:`shapiro_w`)."""
+    if ss <= (_FLAT * (abs(low) + abs(high))) ** 2 * n:
+        return 0.0
+    return min(num * num / ss, 1.0)
+
+
+_CHUNK = 256  # the growing-set rule takes a batch in chunks of up to this many events
+_PAIR_BLOCK = 48  # events multiplied together for their same-class pairs (see _same_class_pairs)
+
+
+@lru_cache(maxsize=_CHUNK + 1)
+def _below_diagonal(m: int) -> np.ndarray:
+    """An (m x m) mask, True strictly below the diagonal (column j < row i)."""
+    below = np.tri(m, m, -1, dtype=bool)
+    below.setflags(write=False)
+    return below
+
+
+def _same_class_pairs(zq: np.ndarray, zsq: np.ndarray, cls: np.ndarray, bounds: list[int]) -> list[float]:
+    """Squared distances ``|x_a|^2 + |x_j|^2 - 2 x_a.x_j`` (float64) between events of a class,
+    for events sorted by class (each class's events in time order, a run; run g spans
+    ``bounds[g]:bounds[g + 1]``): each event's distances to the earlier events of its run,
+    row after row, so that a run whose pairs start at offset b has its event a's row at
+    b + a * (a - 1) / 2. Consecutive runs are multiplied together, in blocks of up to
+    ``_PAIR_BLOCK`` events (a longer run alone), of which only the same-class pairs below
+    the diagonal are kept (as Python floats)."""
+    pairs: list[float] = []
+    s = 0
+    for g in range(1, len(bounds)):
+        e = bounds[g]
+        if g + 1 < len(bounds) and bounds[g + 1] - s <= _PAIR_BLOCK:
+            continue  # the next run fits in this block too
+        if e - s > 1:
+            z = zq[s:e]
+            gram = z @ z.T
+            gram *= 2.0
+            sq = zsq[s:e]
+            block = sq[:, None] + sq[None, :]
+            block -= gram
+            keep = np.equal.outer(cls[s:e], cls[s:e])
+            keep &= _below_diagonal(e - s)
+            pairs += block[keep].tolist()
+        s = e
+    return pairs
+
+
+def _exact_sq(zq: np.ndarray, picked: np.ndarray, approx_at: np.ndarray) -> np.ndarray:
+    """Squared float64 distance of each row of ``zq`` to its ``picked`` member row (inf where
+    ``approx_at``, the picked member's approximate value, says the slot is empty)."""
+    diff = zq - picked
+    return np.where(np.isfinite(approx_at), np.einsum("ij,ij->i", diff, diff), np.inf)
+
+
+def _forget_stored(members: np.ndarray, slot: int, zq: np.ndarray, approx: np.ndarray, near: np.ndarray, stored: list[float], lo: int, hi: int) -> None:
+    """Stored member ``slot`` (of ``members``, one class's) was replaced by a batch event: the
+    class's later events ``lo:hi`` no longer see it, and those that had it as their
+    nearest stored member search the others again (exact distance again)."""
+    approx[lo:hi, slot] = np.inf
+    redo = lo + np.flatnonzero(near[lo:hi] == slot)
+    if redo.size:
+        near[redo] = approx[redo].argmin(axis=1)
+        for r, v in zip(redo.tolist(), _exact_sq(zq[redo], members[near[redo]], approx[redo, near[redo]]).tolist()):
+            stored[r] = v
 
 
 def _splitmix64_int(x: int) -> int:
@@ -274,17 +381,16 @@ class PradaDetector(Detector):
         idx, x, cls = self._judged(batch)
         if x is None:
             return None
-        m = idx.shape[0]
         z32 = self._standardizer.apply(self.context.stats, x).astype(np.float32)
-        zq = z32.astype(np.float64)
-        zsq = np.einsum("ij,ij->i", zq, zq)
-        hmin, approx = self._nearest_member(state, z32, zq, cls)
-        inner = None
-        if m > 1:
-            inner = (zsq[:, None] + zsq[None, :] - 2.0 * (zq @ zq.T)).tolist()
-        dists = self._grow(state, z32, zq, zsq, cls, hmin, approx, inner)
+        m = z32.shape[0]
+        if m <= _CHUNK:
+            dists = self._grow(state, z32, cls)
+        else:  # the rule's results do not depend on batching; its pairwise products grow as chunk^2
+            dists = []
+            for s in range(0, m, _CHUNK):
+                dists += self._grow(state, z32[s : s + _CHUNK], cls[s : s + _CHUNK])
         values, flagged = self._test(state, dists)
-        if m == len(batch):
+        if idx.shape[0] == len(batch):
             return Signals(values, flagged)
         out = Signals.constant(len(batch), np.nan, False)
         out.values[idx] = values
@@ -297,18 +403,18 @@ class PradaDetector(Detector):
     def load_shared_state(self, state: State) -> None:
         self._standardizer.load(state, self._dim)
 
-    def _judged(self, batch: Batch) -> tuple[np.ndarray, np.ndarray | None, list[int]]:
+    def _judged(self, batch: Batch) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """Positions of events with a vector and a class, their vectors, and their class buckets."""
         events = batch.events
         d = self._dim
         k = self._classes
-        if all(e.vector is not None for e in events):
-            x = batch.vectors
+        x = batch.vectors  # None unless every event has a vector of one length
+        if x is not None or all(e.vector is not None for e in events):
             if x is None or x.ndim != 2 or x.shape[1] != d:
-                return np.zeros(0, dtype=np.int64), None, []
+                return np.zeros(0, dtype=np.int64), None, np.zeros(0, dtype=np.int64)
             pred = batch.predicted
             if (pred >= 0).all():
-                return np.arange(len(events)), x, (pred % k).tolist()
+                return np.arange(len(events)), x, pred % k
             rows = list(range(len(events)))
         else:
             rows = [i for i, e in enumerate(events) if e.vector is not None and e.vector.shape == (d,)]
@@ -326,10 +432,10 @@ class PradaDetector(Detector):
             keep.append(i)
             cls.append(c % k)
         if not keep:
-            return np.zeros(0, dtype=np.int64), None, []
+            return np.zeros(0, dtype=np.int64), None, np.zeros(0, dtype=np.int64)
         idx = np.asarray(keep, dtype=np.int64)
         xs = x[idx] if x is not None else np.stack([events[i].vector for i in keep])
-        return idx, xs, cls
+        return idx, xs, np.asarray(cls, dtype=np.int64)
 
     def _label_bucket(self, label: str) -> int:
         """A stable class number for a label-only answer: its integer value, else a hash of it."""
@@ -344,114 +450,109 @@ class PradaDetector(Detector):
                 self._label_buckets[label] = c
         return c
 
-    def _nearest_member(self, state: State, z32: np.ndarray, zq: np.ndarray, cls: list[int]) -> tuple[list[float], np.ndarray]:
-        """Squared distance of each query to the nearest stored member of its class (inf: none).
+    def _grow(self, state: State, z32: np.ndarray, cls: np.ndarray) -> list[float | None]:
+        """The sequential growing-set rule over (a chunk of) the batch; returns each event's
+        recorded distance (None: none).
 
-        The nearest member is found with one float32 product against all stored members
-        (``|g|^2 - 2 z.g`` per member; returned for the rare re-search when members are
-        replaced mid-batch), and its distance is then computed exactly in float64.
+        Classes never interact (each has its own growing set, threshold and join
+        statistics), so the events are sorted by class, stably, and the rule runs over
+        each class's run of events (in time order) in turn. The squared distances it
+        reads are computed first, from products of each event with its own class only:
+        to the members stored before the batch (float32 ``|g|^2 - 2 z.g`` to pick the
+        nearest, whose distance is then computed exactly in float64), and to the earlier
+        events of its run (float64, :func:`_same_class_pairs`).
         """
-        members = state["members"]
-        k, cap, d = members.shape
-        m = z32.shape[0]
-        c = np.asarray(cls, dtype=np.int64)
-        if m == 1:
-            dots = (members[c[0]] @ z32[0])[None, :]
-        else:
-            dots = (z32 @ members.reshape(k * cap, d).T).reshape(m, k, cap)[np.arange(m), c]
-        approx = state["members_sq"][c] - 2.0 * dots  # inf for empty slots
-        near = approx.argmin(axis=1)
-        diff = zq - members[c, near]
-        exact = np.einsum("ij,ij->i", diff, diff)
-        return np.where(np.isfinite(approx[np.arange(m), near]), exact, np.inf).tolist(), approx
-
-    def _grow(
-        self,
-        state: State,
-        z32: np.ndarray,
-        zq: np.ndarray,
-        zsq: np.ndarray,
-        cls: list[int],
-        hmin: list[float],
-        approx: np.ndarray,
-        inner: list[list[float]] | None,
-    ) -> list[float | None]:
-        """The sequential growing-set rule over the batch; returns each event's recorded distance (None: none)."""
         p = self.params
         cap = p.max_per_class
         scale = self._scale
         skip_repeats = p.skip_exact_repeats
-        added = state["added"].tolist()
-        thresholds = state["thresholds"].tolist()
-        mean = state["join_mean"].tolist()
-        m2 = state["join_m2"].tolist()
-        members = state["members"]
-        repeat_below = (_REPEAT_TOLERANCE * np.maximum(zsq, 1.0)).tolist()
-        batch_slots: dict[int, dict[int, int]] = {}  # class -> slot -> batch position now stored there
-        replaced: dict[int, set[int]] = {}  # class -> stored slots overwritten during this batch
-        out: list[float | None] = []
-        for i, c in enumerate(cls):
-            n = added[c]
-            mine = batch_slots.get(c)
-            if n == 0:
-                d = None  # the first query of a class only joins
-            else:
-                gone = replaced.get(c)
-                if gone:  # the nearest stored member may have been replaced: search the others again
-                    row = approx[i].copy()
-                    row[list(gone)] = np.inf
-                    s = int(row.argmin())
-                    diff = zq[i] - members[c, s]
-                    best = float(diff @ diff) if np.isfinite(row[s]) else math.inf
-                else:
-                    best = hmin[i]
-                if mine and inner is not None:
-                    row_i = inner[i]
-                    for j in mine.values():
-                        v = row_i[j]
-                        if v < best:
-                            best = v
-                if best <= repeat_below[i]:
-                    d = 0.0
-                else:
-                    d = math.sqrt(best) * scale
+        sqrt = math.sqrt
+        m = z32.shape[0]
+        pos, bounds = [0], [0, 1]  # batch position of each sorted event; the runs, in sorted positions
+        if m > 1:
+            order = np.argsort(cls, kind="stable")
+            cls = cls[order]
+            z32 = z32[order]
+            pos = order.tolist()
+            bounds = [0, *(np.flatnonzero(cls[1:] != cls[:-1]) + 1).tolist(), m]
+        zq = z32.astype(np.float64)
+        zsq = np.einsum("ij,ij->i", zq, zq)
+        cls_list = cls.tolist()
+        classes = [cls_list[k] for k in bounds[:-1]]
+        pairs = _same_class_pairs(zq, zsq, cls, bounds)
+        added, thresholds, means, m2s = state["added"], state["thresholds"], state["join_mean"], state["join_m2"]
+        members, members_sq = state["members"], state["members_sq"]
+        approx = near = None
+        stored = [math.inf] * m  # squared distance to the nearest member stored before the batch
+        if any(added[c] for c in classes):
+            dots = np.empty((m, members.shape[1]), dtype=np.float32)
+            for c, s, e in zip(classes, bounds, bounds[1:]):
+                np.matmul(z32[s:e], members[c].T, out=dots[s:e])
+            approx = members_sq[cls] - 2.0 * dots  # (m, M), inf: empty slot
+            near = approx.argmin(axis=1)
+            stored = _exact_sq(zq, members[cls, near], approx.min(axis=1)).tolist()
+        zsq_list = zsq.tolist()
+        repeat_below = [_REPEAT_TOLERANCE * (v if v > 1.0 else 1.0) for v in zsq_list]
+        out: list[float | None] = [None] * m
+        joined: list[tuple[int, int, int]] = []  # (class, slot, sorted position) of the batch's stored events
+        row = 0  # where the next event's row of pairs starts
+        for c, s, e in zip(classes, bounds, bounds[1:]):
+            n, threshold, mean, m2 = int(added[c]), float(thresholds[c]), float(means[c]), float(m2s[c])
+            slots: dict[int, int] = {}  # slot -> the batch event (its index a in the run) now stored there
+            live: list[int] = []  # the batch events currently stored (the values of slots)
+            first = s
+            if n == 0:  # the first query of a class only joins
+                slots[0] = 0
+                live.append(0)
+                n, first = 1, s + 1
+            for k in range(first, e):
+                a = k - s
+                start = row
+                row += a
+                best = stored[k]
+                if live:
+                    near_pairs = pairs[start:row]  # to the run's events 0..a-1
+                    v = min(near_pairs) if len(live) == a else min(map(near_pairs.__getitem__, live))
+                    if v < best:
+                        best = v
+                d = 0.0 if best <= repeat_below[k] else sqrt(best) * scale
                 if d == 0.0 and skip_repeats:
-                    out.append(None)
                     continue
-                if not d > thresholds[c]:
-                    out.append(d)
+                out[pos[k]] = d
+                if not d > threshold:
                     continue
-            out.append(d)
-            # x joins G_c
-            slot = n if n < cap else growing_set_slot(c, n, cap)
-            if slot >= 0:
-                if mine is None:
-                    mine = batch_slots[c] = {}
-                if n >= cap and slot not in mine:
-                    replaced.setdefault(c, set()).add(slot)
-                mine[slot] = i
-            added[c] = n + 1
-            if d is not None:
-                k = n  # distances that made members join: every addition but the first
-                delta = d - mean[c]
-                mean[c] += delta / k
-                m2[c] += delta * (d - mean[c])
-                cut = mean[c] - math.sqrt(max(m2[c], 0.0) / k)
-                if cut > thresholds[c]:
-                    thresholds[c] = cut
-        if batch_slots:
-            cs, ss, js = [], [], []
-            for c, slots in batch_slots.items():
-                for s, j in slots.items():
-                    cs.append(c)
-                    ss.append(s)
-                    js.append(j)
-            state["members"][cs, ss] = z32[js]
-            state["members_sq"][cs, ss] = zsq[js]
-        state["added"][:] = added
-        state["thresholds"][:] = thresholds
-        state["join_mean"][:] = mean
-        state["join_m2"][:] = m2
+                # x joins G_c
+                if n < cap:
+                    slots[n] = a
+                    live.append(a)
+                else:
+                    slot = growing_set_slot(c, n, cap)
+                    if slot >= 0:
+                        old = slots.get(slot)
+                        if old is not None:
+                            live.remove(old)
+                        elif k + 1 < e:  # a member stored before the batch is replaced
+                            _forget_stored(members[c], slot, zq, approx, near, stored, k + 1, e)  # type: ignore[arg-type]
+                        slots[slot] = a
+                        live.append(a)
+                # d joins the distances that made members join (every addition but the first: n of them)
+                delta = d - mean
+                mean += delta / n
+                m2 += delta * (d - mean)
+                cut = mean - sqrt((m2 if m2 > 0.0 else 0.0) / n)
+                if cut > threshold:
+                    threshold = cut
+                n += 1
+            added[c], thresholds[c], means[c], m2s[c] = n, threshold, mean, m2
+            joined += [(c, slot, s + a) for slot, a in slots.items()]
+        if len(joined) > 2:
+            cs, slot_list, ks = (np.array(column, dtype=np.intp) for column in zip(*joined))
+            members[cs, slot_list] = z32[ks]
+            members_sq[cs, slot_list] = zsq[ks]
+        else:  # one or two: cheaper one by one
+            for c, slot, k in joined:
+                members[c, slot] = z32[k]
+                members_sq[c, slot] = zsq_list[k]
         return out
 
     def _test(self, state: State, dists: list[float | None]) -> tuple[np.ndarray, np.ndarray]:
@@ -464,35 +565,39 @@ class PradaDetector(Detector):
         w = buf.shape[0]
         c0 = int(state["dist_count"])
         new = [d for d in dists if d is not None]
-        values = np.full(m, float(state["value"]))
+        new_values = np.array(new, dtype=np.float64)
+        value = float(state["value"])
         latched = bool(state["latched"])
-        flagged = np.full(m, latched)
+        flag_from = 0 if latched else m  # the batch position from which the client is flagged
+        at: list[int] = []  # batch positions of the tests that run
+        levels = [value]  # the value before the first of them, then after each
         first_test = every - 1 - (e0 % every)  # batch position of the first scheduled test
         if first_test < m:
             held = min(c0, w)
-            recorded = list(accumulate(d is not None for d in dists))  # distances recorded up to each event
-            at, ends = [], []
+            skipped = [i for i, d in enumerate(dists) if d is None]  # events that recorded no distance
+            ends = []
             for i in range(first_test, m, every):
-                if c0 + recorded[i] > p.min_distances:
+                recorded = i + 1 - bisect_right(skipped, i)  # distances recorded up to event i
+                if c0 + recorded > p.min_distances:
                     at.append(i)
-                    ends.append(held + recorded[i])
+                    ends.append(held + recorded)
             if at:
-                seq = np.concatenate((ring_in_order(buf, c0), np.asarray(new, dtype=np.float64)))
+                seq = np.concatenate((ring_in_order(buf, c0), new_values))
                 starts = [max(0, e - w) for e in ends]
-                if all(e - s == w for s, e in zip(starts, ends)):
-                    w_values = _trimmed_ws(seq[np.add.outer(np.asarray(starts), np.arange(w))])
-                else:
-                    w_values = np.array([_trimmed_ws(seq[s:e][None, :])[0] for s, e in zip(starts, ends)])
-                scores = np.clip(1.0 - w_values, 0.0, 1.0).tolist()
-                for i, value in zip(at, scores):
-                    values[i:] = value
+                for i, w_value in zip(at, _trimmed_ws(seq, starts, [e - s for s, e in zip(starts, ends)])):
+                    value = min(max(1.0 - w_value, 0.0), 1.0)
+                    levels.append(value)
                     if value >= p.threshold and not latched:
                         latched = True
-                        flagged[i:] = True
-                state["value"][...] = values[-1]
+                        flag_from = i
+                state["value"][...] = value
                 state["latched"][...] = latched
+        values = np.repeat(levels, [b - a for a, b in zip([0, *at], [*at, m])]) if at else np.full(m, value)
+        flagged = np.full(m, flag_from == 0)
+        if 0 < flag_from < m:
+            flagged[flag_from:] = True
         if new:
-            ring_write(buf, c0, np.asarray(new, dtype=np.float64))
+            ring_write(buf, c0, new_values)
             state["dist_count"][...] = c0 + len(new)
         state["events"][...] = e0 + m
         return values, flagged
