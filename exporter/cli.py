@@ -5,18 +5,26 @@ Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import signal
-import sys
-import threading
-from typing import Sequence
+import os
 
-from exporter import __version__
-from exporter.config import ConfigError, Settings, load_settings
-from exporter.profile import Profile, ProfileError
-from exporter.sim.cli import add_parser as add_simulate_parser
+# Detectors multiply small matrices, one client's batch at a time under the pipeline's
+# lock: BLAS worker threads only add synchronisation there (replay of 100k events took
+# 19-21 s with two threads, 9 s with one). Set before numpy loads; an operator's own setting wins.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+from typing import Sequence  # noqa: E402
+
+from exporter import __version__  # noqa: E402
+from exporter.config import ConfigError, Settings, load_settings  # noqa: E402
+from exporter.profile import Profile, ProfileError  # noqa: E402
+from exporter.sim.cli import add_parser as add_simulate_parser  # noqa: E402
 
 log = logging.getLogger("monitaur")
 
