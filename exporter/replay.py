@@ -23,7 +23,12 @@ from exporter.profile import Profile
 from exporter.state import ClientState
 
 
-BLOCK = 65536  # events handed to the pipeline at once: long per-client batches, and each client's order kept
+# Events handed to the pipeline at once. Each client's events of a block form one batch, in
+# order, and batches of a few hundred events are where numpy pays: 262,144 replays 100k
+# events of 500 clients ~15% faster than 65,536. The price is coarser time order *across*
+# clients inside a block, which only state shared by clients sees (a fingerprint match is
+# then found from the later-processed client's side); detection per client is unchanged.
+BLOCK = 262_144
 
 
 class Progress:
