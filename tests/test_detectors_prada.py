@@ -19,6 +19,7 @@ from exporter.detectors.base import Batch, ModelContext
 from exporter.detectors.prada import (
     PradaDetector,
     PradaParams,
+    _trimmed_ws,
     growing_set_slot,
     shapiro_coefficients,
     shapiro_w,
@@ -56,6 +57,32 @@ def test_shapiro_edge_cases() -> None:
     assert shapiro_w(np.full(60, 2.5)) == 0.0  # a point mass has no normal shape at all
     assert shapiro_coefficients(3)[0] == pytest.approx(np.sqrt(0.5))
     assert shapiro_coefficients(256) is shapiro_coefficients(256)  # cached per n
+
+
+def test_a_batch_of_tests_matches_shapiro_w_window_by_window() -> None:
+    """The tests of a batch run together (windows of several lengths in one padded matrix)
+    and give each window's W after 3-sigma trimming, as :func:`shapiro_w` does alone."""
+    rng = np.random.default_rng(8)
+    seq = np.abs(rng.normal(1.0, 0.3, 420))
+    seq[[30, 170, 171, 380]] = [9.0, 0.0, 12.0, 7.5]  # outliers and an exact repeat's zero
+    seq[300:340] = 0.7  # a window without spread: W = 0
+    windows = [(0, 21), (0, 57), (0, 140), (90, 256), (150, 256), (300, 40), (164, 256)]
+
+    def reference(x: np.ndarray) -> float:
+        x = np.sort(x)
+        mu, spread = x.mean(), 3.0 * x.std()
+        kept = x[(x >= mu - spread) & (x <= mu + spread)]
+        return shapiro_w(kept) if kept.shape[0] >= 3 else 1.0
+
+    starts, lengths = [s for s, _ in windows], [n for _, n in windows]
+    together = _trimmed_ws(seq, starts, lengths)
+    for (s, n), w in zip(windows, together):
+        assert w == pytest.approx(reference(seq[s : s + n]), abs=1e-9)
+        assert w == pytest.approx(_trimmed_ws(seq, [s], [n])[0], abs=1e-12)
+    assert together[5] == 0.0
+    for k in (1, 4):  # windows holding outliers: trimmed, they look far more normal than untrimmed
+        s, n = windows[k]
+        assert together[k] > shapiro_w(np.sort(seq[s : s + n])) + 0.1
 
 
 def test_growing_set_slot_is_a_deterministic_reservoir() -> None:

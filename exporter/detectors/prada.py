@@ -6,6 +6,7 @@ import hashlib
 import math
 from bisect import bisect_right
 from functools import lru_cache
+from itertools import compress
 from statistics import NormalDist
 from typing import ClassVar
 
@@ -103,13 +104,16 @@ def _signed_weights(n: int) -> np.ndarray:
 
 
 def _trimmed_ws(seq: np.ndarray, starts: list[int], lengths: list[int]) -> list[float]:
-    """W of each window ``seq[s : s + n]`` (n >= 3) after dropping its values more than 3
-    standard deviations from its mean (PRADA).
+    """W of each window ``seq[s : s + n]`` (n >= 3, values >= 0: distances) after dropping
+    its values more than 3 standard deviations from its mean (PRADA).
 
-    The windows are sorted and summed together, as rows of one matrix (:func:`_padded_sums`).
-    A row without outliers (the usual case) gets W from those sums; the others from
-    their kept values (a run of their sorted values). Every window gives the same W
-    alone or stacked with others, up to rounding of the sums.
+    The windows are sorted and summed together, as the rows of one matrix: windows
+    shorter than the longest (a client's first tests, before its window fills) are
+    padded with zeros, which sort first and add nothing (:func:`_padded_sums`). A row
+    without outliers (the usual case) gets W from those sums; the others from their
+    kept values, a run of their sorted values. Every window gives the same W alone or
+    stacked with others, up to rounding of the sums (the raw-moment sum of squared
+    deviations, as for rows without outliers; :func:`shapiro_w` centres first).
     """
     width = max(lengths)
     if min(lengths) == width:
@@ -126,7 +130,7 @@ def _trimmed_ws(seq: np.ndarray, starts: list[int], lengths: list[int]) -> list[
         ss = max(s2[i] - s1[i] * mu, 0.0)
         spread = 3.0 * math.sqrt(ss / n)
         if lows[i] >= mu - spread and highs[i] <= mu + spread:  # no outliers
-            out.append(_w(nums[i], ss, lows[i], highs[i], n))
+            out.append(_w_from_sums(nums[i], ss, lows[i], highs[i], n))
             continue
         row = xs[i, width - n :]
         lo = int(np.searchsorted(row, mu - spread, side="left"))
@@ -137,7 +141,7 @@ def _trimmed_ws(seq: np.ndarray, starts: list[int], lengths: list[int]) -> list[
             continue
         kept = row[lo:hi]
         t1 = float(kept.sum())
-        out.append(_w(float(kept @ _signed_weights(k)), max(float(kept @ kept) - t1 * t1 / k, 0.0), float(kept[0]), float(kept[-1]), k))
+        out.append(_w_from_sums(float(kept @ _signed_weights(k)), max(float(kept @ kept) - t1 * t1 / k, 0.0), float(kept[0]), float(kept[-1]), k))
     return out
 
 
@@ -157,15 +161,16 @@ def _padded_sums(xs: np.ndarray, lengths: list[int]) -> tuple[list[float], ...]:
     return nums.tolist(), xs.sum(axis=1).tolist(), np.einsum("ij,ij->i", xs, xs).tolist(), lows.tolist(), xs[:, -1].tolist()
 
 
-def _w(num: float, ss: float, low: float, high: float, n: int) -> float:
-    """Shapiro-Wilk W from its numerator, the sum of squared deviations, and the extremes of
-    the sample (0 for a sample without spread, like :func:`shapiro_w`)."""
+def _w_from_sums(num: float, ss: float, low: float, high: float, n: int) -> float:
+    """Shapiro-Wilk W of a sample of n from its numerator (the weighted sum), its sum of
+    squared deviations and its extremes (0 for a sample without spread, like :func:`shapiro_w`)."""
     if ss <= (_FLAT * (abs(low) + abs(high))) ** 2 * n:
         return 0.0
     return min(num * num / ss, 1.0)
 
 
-_CHUNK = 256  # the growing-set rule takes a batch in chunks of up to this many events
+_CHUNK = 256  # the growing-set rule takes a batch in chunks of up to this many events,
+_CHUNK_MEMBERS = 1 << 22  # and of at most this many gathered member values (events x max_per_class x features)
 _PAIR_BLOCK = 48  # events multiplied together for their same-class pairs (see _same_class_pairs)
 
 
@@ -331,11 +336,20 @@ class PradaDetector(Detector):
     (matrix products of other shapes: it can only flip a comparison that is an exact
     tie, or pick another of two equidistant members, and moves W by ~1e-12).
 
-    Cost per batch of m events: one float32 (m x d) by (d x K * max_per_class) product
-    to find each query's nearest stored member (its distance is then recomputed exactly
-    in float64), an (m x m) product for the distances inside the batch, a Python loop
-    over the events with scalar work only (the sequential growing-set rule), and the
-    batch's tests together: a row sort of (tests x window) values, tests = m / test_every.
+    Cost per batch of m events, sorted by class (taken in chunks of up to 256, fewer
+    when M * d is large, to bound the temporary arrays): each event is multiplied only
+    with its own class's stored members, an (m x M x d) float32 batched product to pick
+    the nearest (its distance is then recomputed exactly in float64), and, for the
+    distances inside the batch, the classes' runs of events are multiplied in blocks
+    of up to 48 events (a longer run alone), of which only the same-class pairs, about
+    sum(m_c^2) / 2 for m_c events of class c, become Python floats. Then a Python loop
+    over the events with scalar work only (the sequential growing-set rule; each event
+    takes the minimum over its run's stored events of one slice of those pairs), and
+    the batch's tests together: one row sort and weighted sums of (tests x window)
+    values, tests = m / test_every, and a few array operations more per test whose
+    window has outliers. Most of it is a fixed number of array operations per batch
+    (a few dozen), so a batch of one event costs about as before and a batch of 100
+    about half as much per event (``bench/detector_cost.py``).
     State per client: ``K * M * (4 d + 8) + 32 K + 8 * window + 25`` bytes for K class
     buckets (min(classes, max_classes)), M = max_per_class, d features; 171,353 bytes
     for 10 classes, 64 features and the defaults (the float32 growing sets are 96 % of
@@ -354,6 +368,7 @@ class PradaDetector(Detector):
         self._dim = context.input_dim
         self._classes = min(context.num_classes or p.max_classes, p.max_classes)
         self._scale = 1.0 / math.sqrt(self._dim) if self._dim else 1.0
+        self._chunk = max(1, min(_CHUNK, _CHUNK_MEMBERS // (p.max_per_class * max(self._dim or 1, 1))))
         self._label_buckets: dict[str, int] = {}
         self._standardizer = Standardizer()
 
@@ -382,13 +397,13 @@ class PradaDetector(Detector):
         if x is None:
             return None
         z32 = self._standardizer.apply(self.context.stats, x).astype(np.float32)
-        m = z32.shape[0]
-        if m <= _CHUNK:
+        m, step = z32.shape[0], self._chunk
+        if m <= step:
             dists = self._grow(state, z32, cls)
-        else:  # the rule's results do not depend on batching; its pairwise products grow as chunk^2
+        else:  # the rule's results do not depend on batching; this bounds its temporary arrays
             dists = []
-            for s in range(0, m, _CHUNK):
-                dists += self._grow(state, z32[s : s + _CHUNK], cls[s : s + _CHUNK])
+            for s in range(0, m, step):
+                dists += self._grow(state, z32[s : s + step], cls[s : s + step])
         values, flagged = self._test(state, dists)
         if idx.shape[0] == len(batch):
             return Signals(values, flagged)
@@ -485,36 +500,32 @@ class PradaDetector(Detector):
         approx = near = None
         stored = [math.inf] * m  # squared distance to the nearest member stored before the batch
         if any(added[c] for c in classes):
-            dots = np.empty((m, members.shape[1]), dtype=np.float32)
-            for c, s, e in zip(classes, bounds, bounds[1:]):
-                np.matmul(z32[s:e], members[c].T, out=dots[s:e])
-            approx = members_sq[cls] - 2.0 * dots  # (m, M), inf: empty slot
+            approx = members_sq[cls] - 2.0 * np.matmul(members[cls], z32[:, :, None])[:, :, 0]  # (m, M), inf: empty slot
             near = approx.argmin(axis=1)
             stored = _exact_sq(zq, members[cls, near], approx.min(axis=1)).tolist()
         zsq_list = zsq.tolist()
-        repeat_below = [_REPEAT_TOLERANCE * (v if v > 1.0 else 1.0) for v in zsq_list]
+        repeat_below = [_REPEAT_TOLERANCE * max(v, 1.0) for v in zsq_list]
         out: list[float | None] = [None] * m
         joined: list[tuple[int, int, int]] = []  # (class, slot, sorted position) of the batch's stored events
         row = 0  # where the next event's row of pairs starts
         for c, s, e in zip(classes, bounds, bounds[1:]):
             n, threshold, mean, m2 = int(added[c]), float(thresholds[c]), float(means[c]), float(m2s[c])
             slots: dict[int, int] = {}  # slot -> the batch event (its index a in the run) now stored there
-            live: list[int] = []  # the batch events currently stored (the values of slots)
+            live = [False] * (e - s)  # whether the run's event a is stored (one of the slots' values)
             first = s
             if n == 0:  # the first query of a class only joins
                 slots[0] = 0
-                live.append(0)
+                live[0] = True
                 n, first = 1, s + 1
             for k in range(first, e):
                 a = k - s
-                start = row
-                row += a
                 best = stored[k]
-                if live:
-                    near_pairs = pairs[start:row]  # to the run's events 0..a-1
-                    v = min(near_pairs) if len(live) == a else min(map(near_pairs.__getitem__, live))
+                if slots:
+                    to_earlier = pairs[row : row + a]  # to the run's events 0..a-1
+                    v = min(to_earlier) if len(slots) == a else min(compress(to_earlier, live))
                     if v < best:
                         best = v
+                row += a
                 d = 0.0 if best <= repeat_below[k] else sqrt(best) * scale
                 if d == 0.0 and skip_repeats:
                     continue
@@ -524,22 +535,22 @@ class PradaDetector(Detector):
                 # x joins G_c
                 if n < cap:
                     slots[n] = a
-                    live.append(a)
+                    live[a] = True
                 else:
                     slot = growing_set_slot(c, n, cap)
                     if slot >= 0:
                         old = slots.get(slot)
                         if old is not None:
-                            live.remove(old)
+                            live[old] = False
                         elif k + 1 < e:  # a member stored before the batch is replaced
                             _forget_stored(members[c], slot, zq, approx, near, stored, k + 1, e)  # type: ignore[arg-type]
                         slots[slot] = a
-                        live.append(a)
+                        live[a] = True
                 # d joins the distances that made members join (every addition but the first: n of them)
                 delta = d - mean
                 mean += delta / n
                 m2 += delta * (d - mean)
-                cut = mean - sqrt((m2 if m2 > 0.0 else 0.0) / n)
+                cut = mean - sqrt(max(m2, 0.0) / n)
                 if cut > threshold:
                     threshold = cut
                 n += 1
