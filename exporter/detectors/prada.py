@@ -22,9 +22,9 @@ from exporter.detectors.base import (
     State,
 )
 from exporter.detectors.knn import Standardizer
+from exporter.hashing import splitmix64_int
 from exporter.ring import ring_in_order, ring_write
 
-_MASK64 = (1 << 64) - 1
 _SLOT_SALT = 0x70726164612D6773  # "prada-gs"
 _REPEAT_TOLERANCE = 1e-10  # squared distances below this share of ||x||^2 are rounding noise: an exact repeat
 _FLAT = 1e-6  # a sample whose spread is below this share of its magnitude is a point mass (W = 0)
@@ -229,13 +229,6 @@ def _forget_stored(members: np.ndarray, slot: int, zq: np.ndarray, approx: np.nd
             stored[r] = v
 
 
-def _splitmix64_int(x: int) -> int:
-    z = (x + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
 def growing_set_slot(cls: int, n: int, capacity: int) -> int:
     """Where the n-th (0-based) addition to class ``cls``'s growing set is stored, or -1 (not stored).
 
@@ -246,7 +239,7 @@ def growing_set_slot(cls: int, n: int, capacity: int) -> int:
     """
     if n < capacity:
         return n
-    r = _splitmix64_int(n ^ _SLOT_SALT ^ (cls << 40)) % (n + 1)
+    r = splitmix64_int(n ^ _SLOT_SALT ^ (cls << 40)) % (n + 1)
     return r if r < capacity else -1
 
 
