@@ -340,8 +340,9 @@ class KnnDetector(Detector):
         self._pair_sq = (p.pair_threshold * (math.sqrt(d) if d else 1.0)) ** 2  # in unscaled squared units
         self._distance_threshold = float(p.distance_threshold)
         self._standardizer = Standardizer()
-        # Rows judged together: a multiple of recent, about _CHUNK_ROWS, so the fixed cost of a chunk (some sixty numpy calls) is shared by
-        # many events while its (m, m) part of the product stays small.
+        # Rows judged together: about _CHUNK_ROWS (a multiple of recent), so the fixed cost
+        # of a chunk (some sixty numpy calls) is shared by many events while its (m, m)
+        # part of the product stays small.
         self._chunk = p.recent * max(1, _CHUNK_ROWS // p.recent)
         self._rows = np.arange(self._chunk)[:, None]  # a chunk's row numbers, as a column
         # chunk True, chunk False, chunk True: its sliding windows (one step per row) are
