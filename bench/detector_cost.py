@@ -3,7 +3,7 @@
 ``bench/throughput.py`` says how fast the whole replay is; this says where the time goes.
 The traffic is decoded and cut into per-client batches exactly as ``replay`` does, the
 batches' shared views (stacked vectors, probabilities, digests) are computed once up front,
-and then every detector runs alone over all batches, with fresh per-client state. Each
+and then every detector runs alone over all batches, with fresh per-client and shared state. Each
 figure is the best of ``--repeat`` runs (BLAS threads pinned to 1, like the replay bench).
 
     python3 bench/detector_cost.py [--events 60000] [--clients 500] [--only prada,knn] [--profile]
@@ -83,6 +83,7 @@ def main() -> int:
             continue
         best = float("inf")
         for _ in range(args.repeat):
+            det = type(det)(det.params, runtime.context)  # fresh shared state (e.g. fingerprint's index) each run
             batches = batches_of(events, model)
             if det.name == "risk":  # fusion reads the other detectors' signals of the batch
                 others: dict[tuple[str, str], object] = {}

@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from exporter import reasons
+from exporter import jsonparse, reasons
 from exporter.config import ModelConfig, Settings
 
 Modality = Literal["tabular", "image", "text"]
@@ -125,8 +125,8 @@ class Decoder:
     def decode_line(self, line: bytes | str, now: float | None = None) -> Event:
         """Decode one JSON-lines record."""
         try:
-            obj = json.loads(line)
-        except (ValueError, UnicodeDecodeError) as exc:
+            obj = jsonparse.loads(line)
+        except ValueError as exc:  # UnicodeDecodeError included
             raise Rejected(reasons.MALFORMED_JSON, f"not valid JSON ({type(exc).__name__})") from None
         return self.decode_object(obj, now)
 

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from exporter import __version__, reasons
+from exporter import __version__, jsonparse, reasons
 from exporter.pipeline import Pipeline
 
 log = logging.getLogger("monitaur.http")
@@ -139,8 +139,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if text[:1] == b"[":
             try:
-                items = json.loads(text)
-            except (ValueError, UnicodeDecodeError) as exc:
+                items = jsonparse.loads(text)
+            except ValueError as exc:  # UnicodeDecodeError included
                 pipeline.reject(reasons.MALFORMED_JSON, "push body is not a valid JSON array")
                 self._push_answer(400, {"error": f"body starts with '[' but is not a valid JSON array ({type(exc).__name__})", "reason": reasons.MALFORMED_JSON})
                 return

@@ -64,13 +64,15 @@ def test_push_needs_a_valid_bearer_token(app: App) -> None:
 def test_bad_bodies(app: App) -> None:
     r = requests.post(base(app) + URL, data="[1, 2", headers=AUTH, timeout=5)
     assert r.status_code == 400 and r.json()["reason"] == "malformed_json"
+    r = requests.post(base(app) + URL, data="[" * 2000 + "]" * 2000, headers=AUTH, timeout=5)  # deeper than json.loads goes
+    assert r.status_code == 400 and r.json()["reason"] == "malformed_json"
     r = requests.post(base(app) + URL, data="   ", headers=AUTH, timeout=5)
     assert r.status_code == 400 and "empty" in r.json()["error"]
     r = requests.post(base(app) + URL, data="x" * 5000, headers=AUTH, timeout=5)
     assert r.status_code == 413 and "4096" in r.json()["error"]
     m = parse_metrics(requests.get(base(app) + "/metrics", timeout=5).text)
     assert sample(m, "monitaur_events_rejected_total", reason="body_too_large") == 1
-    assert sample(m, "monitaur_push_requests_total", code="400") == 2
+    assert sample(m, "monitaur_push_requests_total", code="400") == 3
     assert sample(m, "monitaur_push_requests_total", code="413") == 1
 
 
