@@ -206,11 +206,15 @@ def test_shared_state_round_trips_through_savez() -> None:
         FingerprintDetector(FingerprintParams(top_k=8), context()).load_shared_state(restored)
 
 
-def test_the_head_table_rebuilt_after_growth_answers_like_the_incremental_one() -> None:
+@pytest.mark.parametrize("presized_bits", [FingerprintDetector._PRESIZED_BITS, 12])
+def test_the_head_table_rebuilt_after_growth_answers_like_the_incremental_one(presized_bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Presized (the defaults: the table never grows), or grown with the ring from 2**12 buckets.
+    monkeypatch.setattr(FingerprintDetector, "_PRESIZED_BITS", presized_bits)
     det = FingerprintDetector(FingerprintParams(), context())
     rng = np.random.default_rng(12)
     x = np.concatenate([WORLD.sample(rng, 1500), hopskipjump(rng, 1000)])
-    feed(det, {}, make_events(x, client="g"), size=300)  # grows 1024 -> 2048 -> 4096 rows
+    feed(det, {}, make_events(x, client="g"), size=300)  # the ring grows 1024 -> 2048 -> 4096 rows
+    assert det._bits == max(presized_bits, (2 * 4096 * 20 - 1).bit_length())
     live = det._hashes[: det._next].ravel()
     live = live[live != 0]
     incremental = det._find(live)
