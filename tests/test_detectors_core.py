@@ -1018,3 +1018,19 @@ def test_batch_views_of_a_mixed_batch_match_the_events() -> None:
     assert batch.flat_vectors is None and batch.vectors is None
     assert batch.digests.tolist() == [canonical_digest(e) for e in events]
     assert batch.digests[0] == batch.digests[3] != batch.digests[1]
+
+
+def test_batch_views_stack_only_uniform_rows() -> None:
+    def ev(vector: list[float] | None, probs: list[float] | None) -> Event:
+        return Event("c", "m", 0.0, "tabular", vector=None if vector is None else np.array(vector), probs=None if probs is None else np.array(probs))
+
+    uniform = Batch("c", "m", [ev([1.0, 2.0], [0.5, 0.5]), ev([3.0, 4.0], [0.25, 0.75])])
+    np.testing.assert_array_equal(uniform.vectors, [[1.0, 2.0], [3.0, 4.0]])
+    np.testing.assert_array_equal(uniform.probs, [[0.5, 0.5], [0.25, 0.75]])
+    assert uniform.vectors.dtype == np.float64
+    for events in ([ev([1.0, 2.0], None), ev(None, None)], [ev(None, None), ev([1.0], None)], [ev([1.0, 2.0], None), ev([1.0], None)], [ev(None, None)] * 2):
+        assert Batch("c", "m", events).vectors is None
+    # probabilities: rows of another class count, or missing, are NaN rows
+    mixed = Batch("c", "m", [ev([1.0], [0.5, 0.5]), ev([1.0], None), ev([1.0], [0.2, 0.3, 0.5])])
+    np.testing.assert_array_equal(mixed.probs, [[0.5, 0.5], [np.nan, np.nan], [np.nan, np.nan]])
+    assert Batch("c", "m", [ev([1.0], None)] * 2).probs is None

@@ -20,7 +20,9 @@ def write(path: Path, rows: list[str]) -> Path:
 
 
 def test_report_on_the_example_log(tmp_path: Path) -> None:
-    log = write(tmp_path / "a.jsonl", list(example_log()) + ["{bad", '{"input": [1]}'])
+    rows = list(example_log())
+    # blank and whitespace-only lines are skipped, not rejected
+    log = write(tmp_path / "a.jsonl", rows[:5] + ["", "  \t", "\r"] + rows[5:] + ["{bad", '{"input": [1]}', " "])
     run = subprocess.run([sys.executable, "-m", "exporter", "replay", str(log)], capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
