@@ -233,7 +233,14 @@ class Decoder:
             return
         if not isinstance(raw, list):
             raise Rejected(reasons.INVALID_OUTPUT, f"output must be an array of probabilities or a label object, got {type(raw).__name__}")
-        values = _numbers(raw, "output", reasons.INVALID_OUTPUT)
+        values = _number_array(raw, "output", reasons.INVALID_OUTPUT)
+        # One Python sum is both the total and, when finite, the proof that every value is
+        # (see _all_finite; fsum is not needed: these are JSON numbers, never numpy scalars).
+        total = float(sum(raw))
+        if not math.isfinite(total) and not np.isfinite(values).all():
+            raise Rejected(reasons.NON_FINITE, "output array holds NaN or infinity")
+        if values.dtype.kind != "f":
+            values = values.astype(np.float64)
         if values.shape[0] < 2:
             raise Rejected(reasons.INVALID_OUTPUT, "output must have at least 2 classes")
         expected = mcfg.num_classes or self.learned_num_classes.get(event.model)
@@ -244,7 +251,6 @@ class Decoder:
             event.probs = shifted / shifted.sum()
             return
         # Python's builtins beat numpy's reductions on the few classes models usually have.
-        total = float(sum(raw))
         lowest = min(raw)
         if lowest < -1e-6 or max(raw) > 1 + 1e-6 or abs(total - 1.0) > PROBABILITY_TOLERANCE:
             raise Rejected(
@@ -267,13 +273,25 @@ class Decoder:
 
 
 def _numbers(raw: list[Any], what: str, reason: str) -> np.ndarray:
-    """A flat float64 array from a JSON array of numbers; strings, nulls, nesting are rejected.
+    """A flat float64 array of finite values from a JSON array of numbers (:func:`_number_array`).
+
+    Integer arrays need no finiteness check; float arrays get :func:`_all_finite`, which
+    only skips work when the answer is certain.
+    """
+    arr = _number_array(raw, what, reason)
+    if arr.dtype.kind == "f" and not _all_finite(raw, arr):
+        raise Rejected(reasons.NON_FINITE, f"{what} array holds NaN or infinity")
+    return arr if arr.dtype.kind == "f" else arr.astype(np.float64)  # integers of at most 64 bits are finite as float64 too
+
+
+def _number_array(raw: list[Any], what: str, reason: str) -> np.ndarray:
+    """A flat numeric array from a JSON array of numbers; strings, nulls, nesting are rejected.
 
     Accepted is exactly what numpy's type inference makes a 1-D integer or float array of:
     numbers, and booleans mixed with numbers. An all-boolean array is rejected, and so are
-    integers outside numpy's 64-bit ranges, which it keeps as Python objects. Integer arrays
-    need no finiteness check; float arrays get :func:`_all_finite`, which only skips work
-    when the answer is certain.
+    integers outside numpy's 64-bit ranges, which it keeps as Python objects. A float
+    array is float64 already (JSON numbers are Python floats); values are not checked
+    for finiteness here.
     """
     if not raw:
         raise Rejected(reason, f"{what} array is empty")
@@ -281,14 +299,8 @@ def _numbers(raw: list[Any], what: str, reason: str) -> np.ndarray:
         arr = np.asarray(raw)  # numpy's type inference tells numbers from anything else in one pass
     except (ValueError, TypeError, OverflowError):
         raise Rejected(reason, f"{what} array must be a flat array of numbers") from None
-    kind = arr.dtype.kind
-    if arr.ndim != 1 or kind not in "iuf":
+    if arr.ndim != 1 or arr.dtype.kind not in "iuf":
         raise Rejected(reason, f"{what} array must be a flat array of numbers")
-    if kind != "f":
-        return arr.astype(np.float64)  # integers of at most 64 bits are finite as float64 too
-    arr = arr.astype(np.float64, copy=False)
-    if not _all_finite(raw, arr):
-        raise Rejected(reasons.NON_FINITE, f"{what} array holds NaN or infinity")
     return arr
 
 

@@ -229,6 +229,39 @@ def test_number_arrays_agree_with_the_plain_definition() -> None:
             assert isinstance(got, np.ndarray) and got.dtype == np.float64 and got.tobytes() == expected.tobytes(), raw
 
 
+def reference_probabilities(raw: list) -> np.ndarray | str:
+    """The plain definition of a valid probability output: the normalized array, or the rejection reason."""
+    arr = reference_numbers(raw)
+    if isinstance(arr, str):
+        return reasons.INVALID_OUTPUT if arr == reasons.INVALID_INPUT else arr
+    if arr.shape[0] < 2:
+        return reasons.INVALID_OUTPUT
+    total = float(sum(raw))
+    if arr.min() < -1e-6 or arr.max() > 1 + 1e-6 or abs(total - 1.0) > 1e-2:
+        return reasons.NOT_PROBABILITIES
+    return np.clip(arr, 0.0, None) / total
+
+
+def test_probability_outputs_agree_with_the_plain_definition() -> None:
+    rng = np.random.default_rng(8)
+    specials = [True, False, None, "0.5", [0.5], 2**63, 2**64, BIG, 10**400, float("nan"), float("inf"), -float("inf"), 1e308, -1e-7, -0.0, 0, 1]
+    d = decoder()
+    for i in range(3000):
+        k = int(rng.choice([1, 2, 3, 10]))
+        raw: list = (rng.dirichlet(np.ones(k)) if i % 3 else rng.random(k)).tolist()
+        for _ in range(int(rng.integers(0, 3))):
+            raw[int(rng.integers(0, k))] = specials[int(rng.integers(0, len(specials)))]
+        expected = reference_probabilities(raw)
+        try:
+            got: np.ndarray | str = d.decode_line(json.dumps({"client": "k", "model": f"m{i}", "input": [1], "output": raw}).encode()).probs
+        except Rejected as exc:
+            got = exc.reason
+        if isinstance(expected, str):
+            assert got == expected, raw
+        else:
+            assert isinstance(got, np.ndarray) and got.dtype == np.float64 and got.tobytes() == expected.tobytes(), raw
+
+
 @pytest.mark.parametrize(
     "raw_json, expected",
     [

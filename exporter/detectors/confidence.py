@@ -179,13 +179,15 @@ class ConfidenceDetector(Detector):
         """
         measure: Measure = self.params.measure
         events = batch.events
-        first = events[0].probs
-        if first is not None and all(e.probs is not None and len(e.probs) == len(first) for e in events):
-            return probs_confidences(batch.probs, measure)  # type: ignore[arg-type]  # the usual case
+        probs = batch.probs
+        # The usual case: every event has probabilities of one class count. Batch.probs
+        # has a NaN row exactly where an event has none or another count (accepted
+        # probabilities are finite).
+        if probs is not None and not np.isnan(probs[:, 0]).any():
+            return probs_confidences(probs, measure)
         out = np.full(len(events), np.nan)
         rows = [i for i, e in enumerate(events) if e.probs is not None]
         if rows:
-            probs = batch.probs
             assert probs is not None
             out[rows] = probs_confidences(probs[rows], measure)
             k = probs.shape[1]
