@@ -48,7 +48,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=100_000)
     ap.add_argument("--clients", type=int, default=500)
-    ap.add_argument("--repeat", type=int, default=3, help="best of N runs for each measurement")
+    ap.add_argument("--repeat", type=int, default=5, help="best of N runs for each measurement")
     ap.add_argument("--config", default=None)
     ap.add_argument("--profile", default=None, help="calibration profile for the replay runs")
     args = ap.parse_args()

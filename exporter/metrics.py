@@ -10,6 +10,7 @@ the state they describe.
 from __future__ import annotations
 
 import platform
+import re
 import threading
 from collections import defaultdict
 from typing import TYPE_CHECKING, Callable, Iterable
@@ -24,7 +25,19 @@ from prometheus_client.registry import Collector
 from exporter import __version__, reasons
 
 if TYPE_CHECKING:
+    from exporter.detectors import ClientMetric
     from exporter.state import ClientState, ClientStore
+
+# The collector's own per-client families; detectors' ClientMetrics take other names.
+CLIENT_FAMILIES = (
+    "monitaur_client_queries",
+    "monitaur_client_flags",
+    "monitaur_client_score",
+    "monitaur_client_suspicious",
+    "monitaur_client_cross_client_matches",
+    "monitaur_client_peer_matches",
+)
+_CLIENT_METRIC_NAME = re.compile(r"monitaur_client_[a-z0-9_]+")
 
 OTHER = "__other__"
 CONFIDENCE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
@@ -149,7 +162,15 @@ class ClientCollector(Collector):
         detectors: Iterable[str],
         peers: Callable[[str], tuple[int, dict[str, int]]] | None = None,
         series_gauge: Gauge | None = None,
+        client_metrics: Iterable["ClientMetric"] = (),
+        client_values: Callable[["ClientState"], list[tuple[str, str, float]]] | None = None,
     ) -> None:
+        self.client_metrics = list(client_metrics)
+        names = [m.name for m in self.client_metrics]
+        for name in names:
+            if not _CLIENT_METRIC_NAME.fullmatch(name) or name.endswith("_total") or name in CLIENT_FAMILIES or names.count(name) > 1:
+                raise ValueError(f"detector client metric {name!r}: needs a unique name monitaur_client_<lowercase>, without _total")
+        self.client_values = client_values
         self.store = store
         self.series_gauge = series_gauge
         self.peers = peers
@@ -200,6 +221,10 @@ class ClientCollector(Collector):
                 "monitaur_client_cross_client_matches", "Queries of the client that matched other clients' queries.", labels=["client"]
             )
             peer = GaugeMetricFamily("monitaur_client_peer_matches", "Matches between the client's queries and a peer's (top peers).", labels=["client", "peer"])
+            stats = {
+                m.name: (CounterMetricFamily if m.kind == "counter" else GaugeMetricFamily)(m.name, m.documentation, labels=["client", "model"])
+                for m in self.client_metrics
+            }
             other_score: dict[str, float] = {}
             for c in self.store.values():
                 if c.client_id not in self.exported:
@@ -218,6 +243,10 @@ class ClientCollector(Collector):
                     cross.add_metric([c.client_id], total)
                     for other, n in peers.items():
                         peer.add_metric([c.client_id, other], n)
+                if stats and self.client_values is not None:
+                    for name, model, value in self.client_values(c):
+                        if name in stats:
+                            stats[name].add_metric([c.client_id, model], value)
             if self.other_queries or len(self.store) > len(self.exported):
                 for model, n in self.other_queries.items():
                     queries.add_metric([OTHER, model], n)
@@ -227,4 +256,6 @@ class ClientCollector(Collector):
                         score.add_metric([OTHER, name], other_score[name])
                 suspicious.add_metric([OTHER], 0.0)
             families = [queries, flags, score, suspicious]
-            return families + [cross, peer] if self.peers is not None else families
+            if self.peers is not None:
+                families += [cross, peer]
+            return families + list(stats.values())

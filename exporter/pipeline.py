@@ -8,6 +8,7 @@ differs (wall time in ``run``, event time in ``replay``). All mutation happens u
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -86,7 +87,14 @@ class Pipeline:
         self._on_evict = on_evict
         self.store = ClientStore(settings.state.max_clients, settings.state.idle_ttl_seconds, self._evicted)
         self.collector = ClientCollector(
-            self.store, settings.metrics.max_client_series, self.lock, self.specs, self.peer_matches, self.metrics.client_series
+            self.store,
+            settings.metrics.max_client_series,
+            self.lock,
+            self.specs,
+            self.peer_matches,
+            self.metrics.client_series,
+            [m for cls, _ in self.specs.values() for m in cls.client_metrics],
+            self.client_values,
         )
         self.metrics.registry.register(self.collector)
         self.metrics.tracked_clients_limit.set(settings.state.max_clients)
@@ -272,6 +280,27 @@ class Pipeline:
                 total += n
                 peers.update(p)
         return total, dict(peers)
+
+    def client_values(self, client: ClientState) -> list[tuple[str, str, float]]:
+        """(metric, model, value) of the detectors' per-client statistics (``Detector.client_metrics``).
+
+        Called at scrape time, under the lock. A detector that fails here is logged
+        (rate-limited) and left out of that scrape, which goes on.
+        """
+        out: list[tuple[str, str, float]] = []
+        for model, per in client.detector_state.items():
+            rt = self.runtimes.get(model)
+            for det in rt.detectors if rt is not None else ():
+                state = per.get(det.name)
+                if not det.client_metrics or state is None:
+                    continue
+                try:
+                    values = det.client_values(state)
+                except Exception as exc:
+                    self._errors.log(logging.ERROR, f"{det.name}:client_values", "detector %s failed to report client statistics: %s", det.name, type(exc).__name__)
+                    continue
+                out += [(name, model, float(v)) for name, v in values.items() if math.isfinite(v)]
+        return out
 
     def _evicted(self, client: ClientState, reason: str) -> None:
         self.metrics.client_evictions.labels(reason).inc()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from exporter.detectors import Batch, Detector, Signals, State
+from exporter.detectors import Batch, ClientMetric, Detector, Signals, State
 
 
 class FlagClientsNamedBad(Detector):
@@ -35,3 +35,27 @@ class Broken(Detector):
         if batch.client.startswith("weird"):
             return Signals.constant(len(batch), 1.5, True)
         return Signals.constant(len(batch), 0.0, False)
+
+
+class Stats(Detector):
+    """Exports per-client statistics: its event count, a ratio (NaN for clients 'quiet*'); fails for 'statfail*'."""
+
+    name = "stats"
+    client_metrics = (
+        ClientMetric("monitaur_client_test_events", "counter", "Events the test detector saw."),
+        ClientMetric("monitaur_client_test_ratio", "gauge", "A test ratio."),
+    )
+
+    def init_state(self) -> State:
+        return {"n": np.zeros((), dtype=np.int64), "quiet": np.zeros((), dtype=np.bool_), "fail": np.zeros((), dtype=np.bool_)}
+
+    def update(self, state: State, batch: Batch) -> Signals:
+        state["n"][...] = int(state["n"]) + len(batch)
+        state["quiet"][...] = batch.client.startswith("quiet")
+        state["fail"][...] = batch.client.startswith("statfail")
+        return Signals.constant(len(batch), 0.0, False)
+
+    def client_values(self, state: State) -> dict[str, float]:
+        if bool(state["fail"]):
+            raise RuntimeError("boom")
+        return {"monitaur_client_test_events": float(state["n"]), "monitaur_client_test_ratio": float("nan") if bool(state["quiet"]) else 0.25}

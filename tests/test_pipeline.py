@@ -139,3 +139,43 @@ def test_snapshot_from_another_configuration_drops_only_mismatched_detector_stat
 def test_corrupt_snapshot_is_an_error_not_a_crash() -> None:
     with pytest.raises(ValueError):
         make().restore(b"definitely not a snapshot")
+
+
+def test_detectors_export_per_client_statistics_for_exported_clients() -> None:
+    from exporter.detectors.coverage import CoverageDetector
+    from exporter.detectors.knn import similar_pairs
+
+    detectors = {"stats": {}, "coverage": {"min_stats_count": 10}}  # coverage cells from the 10th input on
+    p = make(plugins={**PLUGINS, "stats": "tests.plugins:Stats"}, detectors=detectors, metrics={"max_client_series": 3})
+    x = lines("good-1", 30)
+    p.ingest_lines(x[:10])
+    p.ingest_lines(x[10:] + x[:10] + lines("quiet-1", 4, seed=1) + lines("statfail-1", 3, seed=2))
+    assert value(p, "monitaur_client_test_events_total", client="good-1", model="digits") == 40
+    assert value(p, "monitaur_client_test_ratio", client="good-1", model="digits") == 0.25
+    assert value(p, "monitaur_client_test_events_total", client="quiet-1", model="digits") == 4
+    assert value(p, "monitaur_client_test_ratio", client="quiet-1", model="digits") is None  # NaN: not exported
+    # a detector failing to report leaves out its own values, not the scrape
+    assert value(p, "monitaur_client_test_events_total", client="statfail-1", model="digits") is None
+    assert value(p, "monitaur_client_queries_total", client="statfail-1", model="digits") == 3
+    # the built-in ones: SEAT's similar pairs (knn), coverage and class entropy (coverage)
+    state = p.store["good-1"].detector_state["digits"]
+    assert value(p, "monitaur_client_similar_pairs_total", client="good-1", model="digits") == similar_pairs(state["knn"]) >= 10
+    coverage = next(d for d in p.runtimes["digits"].detectors if isinstance(d, CoverageDetector))
+    assert value(p, "monitaur_client_feature_coverage", client="good-1", model="digits") == coverage.coverage(state["coverage"]) > 0
+    assert 0 < value(p, "monitaur_client_class_entropy", client="good-1", model="digits") == coverage.class_entropy(state["coverage"]) <= 1
+    # clients under __other__ have no such series
+    for i in range(2, 6):
+        p.ingest_lines(lines(f"good-{i}", 2, seed=i))
+    clients = {s.labels["client"] for f in p.metrics.registry.collect() if f.name == "monitaur_client_test_events" for s in f.samples}
+    exported = p.collector.exported  # as of that scrape
+    assert clients == exported - {"statfail-1"} and {c.client_id for c in p.store.values()} - exported
+
+
+@pytest.mark.parametrize("name", ["monitaur_client_score", "monitaur_client_x_total", "monitaur_x", "monitaur_client_Upper", "monitaur_client_dup"])
+def test_client_metric_names_are_checked(name: str) -> None:
+    from exporter.detectors import ClientMetric
+    from exporter.metrics import ClientCollector
+
+    metrics = [ClientMetric(name, "gauge", "x")] + ([ClientMetric(name, "counter", "y")] if name.endswith("dup") else [])
+    with pytest.raises(ValueError, match="unique name"):
+        ClientCollector(Pipeline(Settings()).store, 10, None, [], client_metrics=metrics)  # type: ignore[arg-type]

@@ -115,6 +115,9 @@ def test_attacker_flagged_and_scrape_passes_promtool(tmp_path: Path, exporter_fa
         pytest.fail("promtool is not installed (Debian package 'prometheus'); .ci/run installs it")
     run = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
+    # the detectors' per-client statistics are part of that exposition
+    assert sample(m, "monitaur_client_similar_pairs_total", client="scraper-repeat", model="digits") > 0  # exact repeats pair up
+    assert {name for name, _ in m} >= {"monitaur_client_feature_coverage", "monitaur_client_class_entropy"}
     # raw model inputs never reach the log
     first_input = json.loads(next(iter(example_log())))["input"]
     assert json.dumps(first_input) not in p.log_text()

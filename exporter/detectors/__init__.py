@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from exporter.detectors.base import (
     Batch,
+    ClientMetric,
     Detector,
     DetectorParams,
     ModelContext,
@@ -21,7 +22,7 @@ from exporter.detectors.base import (
     State,
 )
 
-__all__ = ["Batch", "Detector", "DetectorParams", "ModelContext", "Signals", "State", "BUILTIN", "available_detectors", "resolve_detectors"]
+__all__ = ["Batch", "ClientMetric", "Detector", "DetectorParams", "ModelContext", "Signals", "State", "BUILTIN", "available_detectors", "resolve_detectors"]
 
 # name -> "module:Class", in the order detectors run.
 BUILTIN: dict[str, str] = {

@@ -20,7 +20,7 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
@@ -72,6 +72,18 @@ class Signals(NamedTuple):
     @classmethod
     def constant(cls, n: int, value: float, flagged: bool) -> "Signals":
         return cls(np.full(n, value, dtype=np.float64), np.full(n, flagged, dtype=bool))
+
+
+class ClientMetric(NamedTuple):
+    """A per-client statistic a detector exports beside its score, labelled by client and model.
+
+    ``name`` is the full metric name (a counter's without ``_total``); the values come
+    from :meth:`Detector.client_values`.
+    """
+
+    name: str
+    kind: Literal["counter", "gauge"]
+    documentation: str
 
 
 @dataclass(slots=True)
@@ -212,6 +224,8 @@ class Detector(ABC):
     # Bumped when what the state holds changes meaning (e.g. the digest scheme), so that a
     # snapshot saved by an older release is discarded instead of misread.
     state_format: ClassVar[str] = "1"
+    # Per-client statistics exported beside the score (see client_values).
+    client_metrics: ClassVar[tuple[ClientMetric, ...]] = ()
 
     def __init__(self, params: DetectorParams, context: ModelContext) -> None:
         self.params = params
@@ -232,6 +246,14 @@ class Detector(ABC):
 
     def load_reference(self, reference: State) -> None:
         """Use reference statistics made by :meth:`fit` (from a calibration profile)."""
+
+    def client_values(self, state: State) -> dict[str, float]:
+        """The client's values of :attr:`client_metrics`, by metric name; NaN or absent: not exported.
+
+        Called at scrape time for the clients exported with their own series: it should
+        be cheap (a few array reductions over the state).
+        """
+        return {}
 
     def peer_matches(self, client: str) -> tuple[int, dict[str, int]]:
         """Cross-client evidence: (queries of ``client`` that matched other clients' queries,

@@ -10,6 +10,7 @@ from pydantic import Field
 
 from exporter.detectors.base import (
     Batch,
+    ClientMetric,
     Detector,
     DetectorParams,
     ModelContext,
@@ -185,6 +186,14 @@ class CoverageDetector(Detector):
     Params: ClassVar[type[DetectorParams]] = CoverageParams
     threshold_param: ClassVar[str | None] = "threshold"
     default_enabled: ClassVar[bool] = True
+    client_metrics: ClassVar[tuple[ClientMetric, ...]] = (
+        ClientMetric("monitaur_client_feature_coverage", "gauge", "Share of feature-space cells the client has ever queried, 0 to 1 (averaged over partitions)."),
+        ClientMetric(
+            "monitaur_client_class_entropy",
+            "gauge",
+            "Normalized entropy (0 to 1) of the classes predicted for the client's recent queries; near 1: evenly spread over all classes.",
+        ),
+    )
     params: CoverageParams
 
     def __init__(self, params: DetectorParams, context: ModelContext) -> None:
@@ -373,6 +382,9 @@ class CoverageDetector(Detector):
         return out
 
     # -- extra per-client statistics ---------------------------------------------
+    def client_values(self, state: State) -> dict[str, float]:
+        return {"monitaur_client_feature_coverage": self.coverage(state), "monitaur_client_class_entropy": self.class_entropy(state)}
+
     def coverage(self, state: State) -> float:
         """The share of all cells the client has ever visited (Kesarwani's coverage), averaged over partitions."""
         return float(np.unpackbits(state["visited"]).sum()) / self._visits.shape[0]

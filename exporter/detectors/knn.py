@@ -12,6 +12,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from exporter.detectors.base import (
     Batch,
+    ClientMetric,
     Detector,
     DetectorParams,
     ModelContext,
@@ -324,6 +325,13 @@ class KnnDetector(Detector):
     Params: ClassVar[type[DetectorParams]] = KnnParams
     threshold_param: ClassVar[str | None] = "threshold"
     default_enabled: ClassVar[bool] = True
+    client_metrics: ClassVar[tuple[ClientMetric, ...]] = (
+        ClientMetric(
+            "monitaur_client_similar_pairs",
+            "counter",
+            "SEAT: pairs of the client's queries closer than detectors.knn.pair_threshold (each query with its visible history).",
+        ),
+    )
     params: KnnParams
 
     def __init__(self, params: DetectorParams, context: ModelContext) -> None:
@@ -611,6 +619,9 @@ class KnnDetector(Detector):
     def distance_threshold(self) -> float:
         """The closeness threshold in use (the parameter, or the calibrated one)."""
         return self._distance_threshold
+
+    def client_values(self, state: State) -> dict[str, float]:
+        return {"monitaur_client_similar_pairs": float(similar_pairs(state))}
 
 
 def similar_pairs(state: State) -> int:
