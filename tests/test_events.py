@@ -218,15 +218,19 @@ def test_number_arrays_agree_with_the_plain_definition() -> None:
         raw: list = rng.integers(0, 17, n).tolist() if i % 2 else rng.random(n).tolist()
         for _ in range(int(rng.integers(0, 3))):  # a few special values at random places
             raw[int(rng.integers(0, n))] = specials[int(rng.integers(0, len(specials)))]
-        expected = reference_numbers(raw)
-        try:
-            got: np.ndarray | str = d.decode_line(json.dumps({"client": "k", "model": f"m{i}", "input": raw}).encode()).vector
-        except Rejected as exc:
-            got = exc.reason
-        if isinstance(expected, str):
-            assert got == expected, raw
-        else:
-            assert isinstance(got, np.ndarray) and got.dtype == np.float64 and got.tobytes() == expected.tobytes(), raw
+        assert_decodes_as(d, {"client": "k", "model": f"m{i}", "input": raw}, "vector", reference_numbers(raw))
+
+
+def assert_decodes_as(d: Decoder, obj: dict, field: str, expected: np.ndarray | str) -> None:
+    """The decoder makes ``obj`` into an event whose ``field`` is ``expected`` byte for byte, or rejects it for reason ``expected``."""
+    try:
+        got: np.ndarray | str = getattr(d.decode_line(json.dumps(obj).encode()), field)
+    except Rejected as exc:
+        got = exc.reason
+    if isinstance(expected, str):
+        assert got == expected, obj
+    else:
+        assert isinstance(got, np.ndarray) and got.dtype == np.float64 and got.tobytes() == expected.tobytes(), obj
 
 
 def reference_probabilities(raw: list) -> np.ndarray | str:
@@ -251,15 +255,7 @@ def test_probability_outputs_agree_with_the_plain_definition() -> None:
         raw: list = (rng.dirichlet(np.ones(k)) if i % 3 else rng.random(k)).tolist()
         for _ in range(int(rng.integers(0, 3))):
             raw[int(rng.integers(0, k))] = specials[int(rng.integers(0, len(specials)))]
-        expected = reference_probabilities(raw)
-        try:
-            got: np.ndarray | str = d.decode_line(json.dumps({"client": "k", "model": f"m{i}", "input": [1], "output": raw}).encode()).probs
-        except Rejected as exc:
-            got = exc.reason
-        if isinstance(expected, str):
-            assert got == expected, raw
-        else:
-            assert isinstance(got, np.ndarray) and got.dtype == np.float64 and got.tobytes() == expected.tobytes(), raw
+        assert_decodes_as(d, {"client": "k", "model": f"m{i}", "input": [1], "output": raw}, "probs", reference_probabilities(raw))
 
 
 @pytest.mark.parametrize(
