@@ -8,9 +8,11 @@ JbDA-like augmentation steps.
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 
-from exporter.detectors.base import Batch, Detector
+from exporter.detectors.base import Batch, Detector, State
 from exporter.events import Event
 
 D, K = 64, 10
@@ -94,3 +96,12 @@ def run(det: Detector, events: list[Event], sizes: list[int] | int = 32, state: 
         i += len(chunk)
         b += 1
     return np.concatenate(values), np.concatenate(flags), state
+
+
+def savez_roundtrip(state: State) -> State:
+    """``state`` written with np.savez and read back without pickle, as calibration profiles and snapshots do."""
+    buf = io.BytesIO()
+    np.savez(buf, **state)
+    buf.seek(0)
+    with np.load(buf, allow_pickle=False) as npz:
+        return {k: npz[k].copy() for k in npz.files}

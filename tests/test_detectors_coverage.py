@@ -18,6 +18,7 @@ from tests.test_detectors_ood import (
     DIM,
     assert_same_signals,
     benign_stats,
+    calibrated_detector,
     context,
     digits,
     events,
@@ -38,12 +39,7 @@ def reference() -> tuple[np.ndarray, FeatureStats]:
 
 
 def calibrated(reference: tuple[np.ndarray, FeatureStats], **params: object) -> CoverageDetector:
-    x, stats = reference
-    det = CoverageDetector(CoverageParams(**params), context(stats))
-    ref = det.fit(Reference(vectors=x, probs=None, stats=stats))
-    assert ref is not None
-    det.load_reference(savez_roundtrip(ref))
-    return det
+    return calibrated_detector(CoverageDetector, reference, **params)
 
 
 def warm_benign(det: CoverageDetector, clients: int = 50, seed: int = 100) -> int:

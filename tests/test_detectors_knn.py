@@ -7,7 +7,6 @@ a slowly moving point) and SimBA (one coordinate changed by +-epsilon per query)
 
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import pytest
@@ -25,7 +24,7 @@ from exporter.detectors.knn import (
 from exporter.events import Event
 from exporter.ring import window_shares
 from exporter.stats import FeatureStats
-from tests.synthetic import WORLD, D, K, hopskipjump, jbda, run, simba
+from tests.synthetic import WORLD, D, K, savez_roundtrip, hopskipjump, jbda, run, simba
 
 
 def context() -> ModelContext:
@@ -204,11 +203,7 @@ def test_projection_is_fixed_by_the_seed_and_state_survives_savez() -> None:
     events = make_events(hopskipjump(np.random.default_rng(1), 120))
     v_ref, f_ref, _ = run(a, events)
     _, _, state = run(a, events[:60])
-    buf = io.BytesIO()
-    np.savez(buf, **state)
-    buf.seek(0)
-    with np.load(buf, allow_pickle=False) as npz:
-        restored = {k: npz[k].copy() for k in npz.files}
+    restored = savez_roundtrip(state)
     v2, f2, _ = run(b, events[60:], state=restored)
     np.testing.assert_array_equal(v2, v_ref[60:])
     np.testing.assert_array_equal(f2, f_ref[60:])

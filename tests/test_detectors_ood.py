@@ -7,8 +7,8 @@ clipped, like sklearn's digits). Column 0 is always blank, so the covariance is 
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterable, Sequence
+from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -18,6 +18,9 @@ from exporter.detectors.base import Batch, Detector, ModelContext, Reference, Si
 from exporter.detectors.ood import OodDetector, OodParams, trimmed_window_means, whitening
 from exporter.events import Event
 from exporter.stats import FeatureStats
+from tests.synthetic import savez_roundtrip
+
+DetectorT = TypeVar("DetectorT", bound=Detector)
 
 DIM = 64
 CLASSES = 10
@@ -136,15 +139,6 @@ def assert_same_signals(a: Signals, b: Signals) -> None:
     np.testing.assert_array_equal(a.flagged, b.flagged)
 
 
-def savez_roundtrip(state: State) -> State:
-    """``state`` written with np.savez and read back without pickle, as calibration profiles and snapshots do."""
-    buf = io.BytesIO()
-    np.savez(buf, **state)
-    buf.seek(0)
-    with np.load(buf, allow_pickle=False) as npz:
-        return {k: npz[k] for k in npz.files}
-
-
 def first_flag(sig: Signals) -> int | None:
     """1-based index of the first flagged event, or None."""
     hits = np.flatnonzero(sig.flagged)
@@ -161,13 +155,18 @@ def reference() -> tuple[np.ndarray, FeatureStats]:
     return benign_stats()
 
 
-def calibrated(reference: tuple[np.ndarray, FeatureStats], **params: object) -> OodDetector:
+def calibrated_detector(cls: type[DetectorT], reference: tuple[np.ndarray, FeatureStats], **params: object) -> DetectorT:
+    """A ``cls`` detector fitted on the benign ``reference`` (through a savez round trip, as a profile is)."""
     x, stats = reference
-    det = OodDetector(OodParams(**params), context(stats))
+    det = cls(cls.Params(**params), context(stats))
     ref = det.fit(Reference(vectors=x, probs=None, stats=stats))
     assert ref is not None
     det.load_reference(savez_roundtrip(ref))
     return det
+
+
+def calibrated(reference: tuple[np.ndarray, FeatureStats], **params: object) -> OodDetector:
+    return calibrated_detector(OodDetector, reference, **params)
 
 
 def uncalibrated(reference: tuple[np.ndarray, FeatureStats]) -> OodDetector:

@@ -9,7 +9,6 @@ range along random sign directions (Papernot et al. 2017, as PRADA evaluates it)
 
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import pytest
@@ -26,7 +25,7 @@ from exporter.detectors.prada import (
 )
 from exporter.events import Event
 from exporter.stats import FeatureStats
-from tests.synthetic import WORLD, D, K, jbda, run
+from tests.synthetic import WORLD, D, K, savez_roundtrip, jbda, run
 
 
 def context(seed: int = 99) -> ModelContext:
@@ -209,11 +208,7 @@ def test_state_is_plain_arrays_that_survive_savez() -> None:
     events = make_events(x)
     v_ref, f_ref, _ = run(det, events)
     _, _, state = run(det, events[:200])
-    buf = io.BytesIO()
-    np.savez(buf, **state)
-    buf.seek(0)
-    with np.load(buf, allow_pickle=False) as npz:
-        restored = {k: npz[k].copy() for k in npz.files}
+    restored = savez_roundtrip(state)
     assert all(isinstance(v, np.ndarray) for v in restored.values())
     v2, f2, _ = run(det, events[200:], state=restored)
     np.testing.assert_array_equal(f2, f_ref[200:])
