@@ -78,19 +78,25 @@ def round_significant(values: np.ndarray, digits: int = SIGNIFICANT_DIGITS) -> n
     if whole.all():
         return x + 0.0  # -0.0 -> 0.0
     a = np.abs(x)
-    # The decimal exponent floor(log10 |x|), exactly: 2**(b-1) <= |x| < 2**b gives it to
-    # within one, and a comparison with the power of ten above settles it.
-    _, b = np.frexp(a)
-    exponent = np.floor((b - 1) * _LOG10_2).astype(np.int64)
-    exponent += a >= _POW10[np.clip(exponent + 1 + _POW10_ZERO, 0, _POW10.shape[0] - 1)]
+    # The decimal exponent floor(log10 |x|), exactly: the binary exponent e2 of a normal
+    # number (2**e2 <= |x| < 2**(e2 + 1), read from its bits: cheaper than frexp) gives it
+    # to within one, and a comparison with the power of ten above settles it. Zero gets
+    # e2 = 0 (any scale rounds it to itself); subnormals read as 2**-1023, which only
+    # sends them, like every magnitude below 1e-17, through decimal text below; inf and
+    # NaN read as 2**1024 and pass through.
+    e2 = (a.view(np.int64) >> 52) - 1023
+    e2[a == 0.0] = 0
+    exponent = np.floor(e2 * _LOG10_2).astype(np.int64)
+    exponent += a >= _POW10.take(exponent + (1 + _POW10_ZERO))  # in range: |e2| <= 1024
     shift = (digits - 1) - exponent  # decimals to keep after the point
     lo, hi = int(shift.min()), int(shift.max())
     # A power of ten is exact in float64 up to 10**22, so for those shifts the scale is
     # exact and equal rounded values give bit-identical floats.
     with np.errstate(invalid="ignore", over="ignore"):  # non-finite values pass through
         if 0 <= lo and hi <= 22:  # all magnitudes below 10**digits: the usual case
-            up = _POW10[shift + _POW10_ZERO]
-            out = np.round(x * up) / up
+            up = _POW10.take(shift + _POW10_ZERO)
+            out = np.rint(x * up)
+            out /= up
         else:
             up = _POW10[np.clip(shift, 0, 22) + _POW10_ZERO]
             down = _POW10[np.clip(-shift, 0, 22) + _POW10_ZERO]

@@ -436,6 +436,14 @@ def test_round_significant() -> None:
     rng = np.random.default_rng(3)
     v = rng.normal(size=2000) * 10.0 ** rng.integers(-30, 30, size=2000)
     assert np.array_equal(round_significant(v), np.array([float(f"{t:.5e}") for t in v]))
+    # every magnitude a float64 has, subnormals and the edges of powers of ten included
+    edges = [5e-324, -1e-310, 2.2250738585072014e-308, 1.7976931348623157e308, 1e-5, 999999.5, 9.999995e5, 9.9999949e5, 1e22, 1e23, 0.5, 123456.5]
+    w = np.concatenate([rng.normal(size=4000) * 10.0 ** rng.uniform(-323, 307, size=4000), edges, np.nextafter(edges, 0), [np.nextafter(e, np.inf) for e in edges if abs(e) < 1e308]])
+    assert np.array_equal(round_significant(w), np.array([float(f"{t:.5e}") for t in w]))
+    # whole numbers, and non-finite values (which pass through)
+    assert np.array_equal(round_significant(np.array([3.0, -17.0, 1e6, 12345678.0])), [3.0, -17.0, 1e6, 12345700.0])
+    special = round_significant(np.array([np.inf, -np.inf, np.nan, 0.25]))
+    assert special[0] == np.inf and special[1] == -np.inf and np.isnan(special[2]) and special[3] == 0.25
 
 
 def test_vector_digests_tell_apart_every_single_change_and_order() -> None:
