@@ -7,14 +7,16 @@ and reports per client when and by which detectors it was first flagged.
 
 from __future__ import annotations
 
+import gc
 import glob
 import os
 import sys
 import time
 from collections import Counter
+from contextlib import contextmanager
 from operator import attrgetter
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Iterator, TextIO
 
 from exporter import reasons
 from exporter.config import Settings
@@ -78,8 +80,29 @@ def expand(paths: list[str]) -> list[Path]:
     return out
 
 
+@contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector (reference counting still frees everything).
+
+    Decoding makes no reference cycles, while every full collection rescans all the events
+    read so far: 3 of them took ~2% of a 100k-event replay.
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def read_events(paths: list[Path], pipeline: Pipeline, max_line: int, progress: Progress, rejected: Counter[str]) -> list[Event]:
     """Decode every line of ``paths`` with the pipeline's decoder, in event-time order; count rejections."""
+    with _no_cyclic_gc():
+        return _read_events(paths, pipeline, max_line, progress, rejected)
+
+
+def _read_events(paths: list[Path], pipeline: Pipeline, max_line: int, progress: Progress, rejected: Counter[str]) -> list[Event]:
     total = sum(os.path.getsize(p) for p in paths)
     done = 0
     events: list[Event] = []

@@ -65,3 +65,31 @@ def test_progress_on_a_terminal(tmp_path: Path) -> None:
 def test_missing_log_is_a_usage_error(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-m", "exporter", "replay", str(tmp_path / "nope.jsonl")], capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 2 and "no such log file" in run.stderr
+
+
+def test_reading_pauses_the_cyclic_gc_and_restores_it(tmp_path: Path, monkeypatch) -> None:
+    import gc
+    from collections import Counter
+
+    from exporter.pipeline import Pipeline
+    from exporter.replay import Progress, read_events
+
+    log = write(tmp_path / "a.jsonl", list(example_log())[:20] + ["{bad"])
+    pipeline = Pipeline(Settings())
+    decode, seen = pipeline.decoder.decode_line, []
+
+    def spy(line, now=None):
+        seen.append(gc.isenabled())
+        return decode(line, now)
+
+    monkeypatch.setattr(pipeline.decoder, "decode_line", spy)
+    assert gc.isenabled()
+    events = read_events([log], pipeline, 1 << 20, Progress(io.StringIO(), False), Counter())
+    assert len(events) == 20 and len(seen) == 21 and not any(seen)
+    assert gc.isenabled()
+    gc.disable()  # a caller that had it off keeps it off
+    try:
+        read_events([log], pipeline, 1 << 20, Progress(io.StringIO(), False), Counter())
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
