@@ -30,6 +30,7 @@ from exporter.stats import FeatureStats
 log = logging.getLogger("monitaur.pipeline")
 SNAPSHOT_VERSION = 1
 VERDICT = FUSION  # the detector whose flag is the client's verdict, when enabled
+_SNAPSHOT_CHUNK = 200  # clients copied per hold of the lock when snapshotting
 
 
 @dataclass(slots=True)
@@ -319,28 +320,16 @@ class Pipeline:
 
     # -- snapshots -----------------------------------------------------------
     def snapshot(self) -> bytes:
-        """All state worth keeping across a restart, as bytes."""
+        """All state worth keeping across a restart, as bytes.
+
+        The state is copied under the lock a chunk of clients at a time, so that
+        ingestion and scrapes wait for one chunk (milliseconds), not for the whole
+        snapshot; encoding the copies runs without the lock. Clients are saved in LRU
+        order as of the start; one evicted meanwhile is left out, one arriving meanwhile
+        waits for the next checkpoint.
+        """
         with self.lock:
-            clients = []
-            for c in self.store.values():
-                clients.append(
-                    {
-                        "id": c.client_id,
-                        "last_seen": c.last_seen,
-                        "total": c.total,
-                        "queries": c.queries,
-                        "scores": c.scores,
-                        "current": c.current,
-                        "flags": c.flags,
-                        "first_flagged": c.first_flagged,
-                        "first_flagged_query": c.first_flagged_query,
-                        "detectors": {
-                            model: {name: {"version": self.runtimes[model].versions.get(name, ""), "state": st} for name, st in per.items()}
-                            for model, per in c.detector_state.items()
-                            if model in self.runtimes
-                        },
-                    }
-                )
+            ids = [c.client_id for c in self.store.values()]
             models = {
                 name: {
                     "stats": rt.context.stats.to_state() if rt.context.stats is not None else None,
@@ -352,7 +341,33 @@ class Pipeline:
                 }
                 for name, rt in self.runtimes.items()
             }
-            return pack({"version": SNAPSHOT_VERSION, "saved_at": self.clock(), "decoder": self.decoder.learned(), "models": models, "clients": clients})
+            head = {"version": SNAPSHOT_VERSION, "saved_at": self.clock(), "decoder": self.decoder.learned(), "models": _copied(models)}
+        clients = []
+        for start in range(0, len(ids), _SNAPSHOT_CHUNK):
+            with self.lock:
+                for client_id in ids[start : start + _SNAPSHOT_CHUNK]:
+                    if client_id in self.store:
+                        clients.append(self._client_record(self.store[client_id]))
+        return pack({**head, "clients": clients})
+
+    def _client_record(self, c: ClientState) -> dict[str, Any]:
+        """A client's part of a snapshot, with copies of its detector state (under the lock)."""
+        return {
+            "id": c.client_id,
+            "last_seen": c.last_seen,
+            "total": c.total,
+            "queries": dict(c.queries),
+            "scores": dict(c.scores),
+            "current": dict(c.current),
+            "flags": dict(c.flags),
+            "first_flagged": dict(c.first_flagged),
+            "first_flagged_query": c.first_flagged_query,
+            "detectors": {
+                model: {name: {"version": self.runtimes[model].versions.get(name, ""), "state": _copied(st)} for name, st in per.items()}
+                for model, per in c.detector_state.items()
+                if model in self.runtimes
+            },
+        }
 
     def restore(self, data: bytes) -> int:
         """Load a snapshot made by :meth:`snapshot`; return the number of clients restored.
@@ -405,6 +420,17 @@ class Pipeline:
             return self.runtimes[model]
         modality = (self.settings.models.get(model) or ModelConfig()).modality or self.decoder.learned_modalities.get(model)
         return None if modality is None else self._build_runtime(model, modality, stats)
+
+
+def _copied(x: Any) -> Any:
+    """A copy of nested dicts and lists whose arrays are copied too (other values are immutable)."""
+    if isinstance(x, np.ndarray):
+        return x.copy()
+    if isinstance(x, dict):
+        return {k: _copied(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_copied(v) for v in x]
+    return x
 
 
 def _check(signals: Signals, n: int) -> None:

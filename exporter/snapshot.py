@@ -1,29 +1,43 @@
 """Serialization of nested state (dicts, lists, numbers, strings, numpy arrays) without pickle.
 
-The structure goes to JSON with each array replaced by a reference; the arrays go into
-an ``.npz`` archive beside it. Loading never unpickles, so a tampered state file cannot
-execute code.
+The structure goes to JSON, with each array replaced by a descriptor (dtype, shape,
+offset); the arrays' bytes go one after another into a single blob. Both are stored as
+the two members of an ``.npz`` archive. Loading never unpickles, and only plain numeric
+dtypes are accepted, so a tampered state file cannot execute code.
+
+One blob rather than one archive member per array: a snapshot of 1,000 clients holds
+~50,000 small arrays, and writing each as a zip member made a checkpoint take 1.4 s.
+Archives of the earlier layout (one ``a<i>`` member per array) are still read.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
+import zipfile
 from typing import Any
 
 import numpy as np
 
 _REF = "__ndarray__"
+_META, _BLOB = "__meta__", "__blob__"
+_KINDS = "biuf"  # bool, signed and unsigned integers, floats: nothing that holds objects
 
 
 def pack(obj: Any) -> bytes:
-    """Encode ``obj`` to bytes."""
+    """Encode ``obj`` to bytes. Its arrays must not change meanwhile (callers pass copies)."""
     arrays: list[np.ndarray] = []
+    size = 0
 
     def walk(x: Any) -> Any:
+        nonlocal size
         if isinstance(x, np.ndarray):
+            if x.dtype.kind not in _KINDS:
+                raise TypeError(f"cannot snapshot an array of dtype {x.dtype}")
             arrays.append(x)
-            return {_REF: len(arrays) - 1}
+            size += x.nbytes
+            return {_REF: [x.dtype.str, list(x.shape), size - x.nbytes]}
         if isinstance(x, dict):
             return {str(k): walk(v) for k, v in x.items()}
         if isinstance(x, (list, tuple)):
@@ -33,8 +47,14 @@ def pack(obj: Any) -> bytes:
         return x
 
     meta = json.dumps(walk(obj), allow_nan=False).encode()
+    blob = np.empty(size, dtype=np.uint8)
+    start = 0
+    for a in arrays:
+        if a.nbytes:
+            blob[start : start + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+            start += a.nbytes
     buf = io.BytesIO()
-    np.savez(buf, __meta__=np.frombuffer(meta, dtype=np.uint8), **{f"a{i}": a for i, a in enumerate(arrays)})
+    np.savez(buf, **{_META: np.frombuffer(meta, dtype=np.uint8), _BLOB: blob})
     return buf.getvalue()
 
 
@@ -42,15 +62,37 @@ def unpack(data: bytes) -> Any:
     """Decode bytes made by :func:`pack`; raises ValueError on anything malformed."""
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            meta = json.loads(npz["__meta__"].tobytes())
-            arrays = {k: npz[k] for k in npz.files if k != "__meta__"}
-    except (OSError, KeyError, ValueError, EOFError) as exc:
+            meta = json.loads(npz[_META].tobytes())
+            if _BLOB in npz.files:
+                blob = npz[_BLOB]
+                legacy: dict[str, np.ndarray] = {}
+            else:  # the earlier layout: one member per array
+                blob = np.zeros(0, dtype=np.uint8)
+                legacy = {k: npz[k] for k in npz.files if k != _META}
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise ValueError(f"not a state snapshot ({type(exc).__name__})") from None
+    if blob.dtype != np.uint8 or blob.ndim != 1:
+        raise ValueError("state snapshot blob is not a byte array")
+
+    def array(ref: Any) -> np.ndarray:
+        if isinstance(ref, int):
+            return legacy[f"a{ref}"]
+        try:
+            dtype_str, shape, start = ref
+            dtype = np.dtype(dtype_str)
+            shape = tuple(int(n) for n in shape)
+            start = int(start)
+        except (TypeError, ValueError):
+            raise ValueError("state snapshot has a malformed array descriptor") from None
+        count = math.prod(shape)
+        if dtype.kind not in _KINDS or min(shape, default=0) < 0 or start < 0 or start + count * dtype.itemsize > blob.shape[0]:
+            raise ValueError("state snapshot has an invalid array descriptor")
+        return np.frombuffer(blob, dtype=dtype, count=count, offset=start).reshape(shape).copy()
 
     def walk(x: Any) -> Any:
         if isinstance(x, dict):
             if set(x) == {_REF}:
-                return arrays[f"a{x[_REF]}"]
+                return array(x[_REF])
             return {k: walk(v) for k, v in x.items()}
         if isinstance(x, list):
             return [walk(v) for v in x]

@@ -1,0 +1,176 @@
+"""exporter.snapshot: nested state to bytes and back, without pickle; the pipeline's checkpoint locking."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from exporter.config import Settings
+from exporter.pipeline import Pipeline
+from exporter.snapshot import pack, unpack
+from tests.test_pipeline import lines
+
+
+def sample_state() -> dict:
+    grid = np.arange(12, dtype=np.float64).reshape(3, 4)
+    return {
+        "version": 1,
+        "name": "m",
+        "none": None,
+        "scalar": np.int64(7),
+        "arrays": [
+            np.array(True),
+            np.zeros(0, dtype=np.float32),
+            np.array([1, -2, 3], dtype=np.int8),
+            np.array([2**64 - 1, 0], dtype=np.uint64),
+            grid.T,  # not contiguous
+            grid[:, 1],
+            np.full((2, 2), np.nan),
+        ],
+        "nested": {"a": {"b": np.array([0.5, 1.5], dtype=np.float32)}, "k": [1, 2.5, "x"]},
+    }
+
+
+def assert_same(a: object, b: object) -> None:
+    if isinstance(a, np.ndarray):
+        assert isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+        assert b.flags.writeable and b.flags.owndata  # restored state is updated in place later
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys()
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, list) and len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    elif isinstance(a, np.generic):
+        assert b == a.item() and type(b) is type(a.item())
+    else:
+        assert a == b
+
+
+def test_round_trip_keeps_structure_dtypes_and_values() -> None:
+    state = sample_state()
+    assert_same(state, unpack(pack(state)))
+
+
+def legacy_pack(obj: object) -> bytes:
+    """The earlier layout: one archive member per array."""
+    arrays: list[np.ndarray] = []
+
+    def walk(x: object) -> object:
+        if isinstance(x, np.ndarray):
+            arrays.append(x)
+            return {"__ndarray__": len(arrays) - 1}
+        if isinstance(x, dict):
+            return {str(k): walk(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [walk(v) for v in x]
+        if isinstance(x, np.generic):
+            return x.item()
+        return x
+
+    meta = json.dumps(walk(obj)).encode()
+    buf = io.BytesIO()
+    np.savez(buf, __meta__=np.frombuffer(meta, dtype=np.uint8), **{f"a{i}": a for i, a in enumerate(arrays)})
+    return buf.getvalue()
+
+
+def test_snapshots_of_the_earlier_layout_are_still_read() -> None:
+    state = sample_state()
+    restored = unpack(legacy_pack(state))
+    assert restored["nested"]["k"] == [1, 2.5, "x"]
+    np.testing.assert_array_equal(restored["arrays"][4], state["arrays"][4])
+
+
+def forged(meta: object, blob: bytes = b"\0" * 16) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), __blob__=np.frombuffer(blob, dtype=np.uint8))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "descriptor",
+    [
+        ["|O", [1], 0],  # objects: never
+        ["<U4", [1], 0],
+        ["<f8", [3], 0],  # beyond the blob
+        ["<f8", [1], 12],
+        ["<f8", [-1], 0],
+        ["<f8", [1], -8],
+        ["not a dtype", [1], 0],
+        ["<f8", "x", 0],
+        ["<f8", [1]],
+    ],
+)
+def test_tampered_descriptors_are_refused(descriptor: list) -> None:
+    with pytest.raises(ValueError):
+        unpack(forged({"x": {"__ndarray__": descriptor}}))
+
+
+@pytest.mark.parametrize("data", [b"", b"not a zip", legacy_pack({"x": np.zeros(2)})[:50]])
+def test_garbage_is_refused(data: bytes) -> None:
+    with pytest.raises(ValueError):
+        unpack(data)
+
+
+def test_arrays_of_objects_or_text_are_not_packed() -> None:
+    for bad in (np.array([object()]), np.array(["text"])):
+        with pytest.raises(TypeError):
+            pack({"x": bad})
+
+
+class CountingLock:
+    """The pipeline's lock, counting how many clients each hold copied."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.lock, self.pipeline, self.holds = pipeline.lock, pipeline, 0
+
+    def __enter__(self) -> None:
+        self.lock.acquire()
+        self.holds += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+
+
+def test_the_snapshot_copies_clients_a_chunk_per_hold_of_the_lock() -> None:
+    p = Pipeline(Settings())
+    for i in range(450):
+        p.ingest_lines(lines(f"c{i}", 2, seed=i % 7))
+    p.lock = counting = CountingLock(p)  # type: ignore[assignment]
+    data = p.snapshot()
+    p.lock = counting.lock
+    assert counting.holds == 1 + 3  # the models, then 450 clients 200 at a time
+    q = Pipeline(Settings())
+    assert q.restore(data) == 450
+    assert [c.client_id for c in q.store.values()] == [c.client_id for c in p.store.values()]  # LRU order kept
+
+
+def test_a_snapshot_taken_while_events_arrive_restores() -> None:
+    p = Pipeline(Settings(state={"max_clients": 300, "dir": None}))
+    for i in range(300):
+        p.ingest_lines(lines(f"c{i}", 2, seed=i % 5))
+    stop = threading.Event()
+
+    def ingest() -> None:
+        i = 300
+        while not stop.is_set():  # new clients evict old ones while the snapshot runs
+            p.ingest_lines(lines(f"c{i}", 1, seed=i % 5))
+            i += 1
+
+    t = threading.Thread(target=ingest)
+    t.start()
+    try:
+        snaps = [p.snapshot() for _ in range(5)]
+    finally:
+        stop.set()
+        t.join()
+    for data in snaps:
+        q = Pipeline(Settings(state={"max_clients": 300, "dir": None}))
+        assert 0 < q.restore(data) <= 300
