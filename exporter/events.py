@@ -259,7 +259,10 @@ class Decoder:
             )
         # Clipping at 0 changes nothing when every value is positive, and np.clip costs more
         # than the division; zeros (-0.0 becomes 0.0) and tolerated negatives still go through it.
-        event.probs = (values if lowest > 0 else np.clip(values, 0.0, None)) / total
+        # values is this event's own new array: divided in place.
+        probs = values if lowest > 0 else np.clip(values, 0.0, None)
+        probs /= total
+        event.probs = probs
 
     def _learn(self, event: Event, mcfg: ModelConfig) -> None:
         """Record what a model's first event shows; later events never overwrite it."""

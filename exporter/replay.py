@@ -106,6 +106,7 @@ def _read_events(paths: list[Path], pipeline: Pipeline, max_line: int, progress:
     total = sum(os.path.getsize(p) for p in paths)
     done = 0
     events: list[Event] = []
+    decode = pipeline.decoder.decode_line
     for path in paths:
         last_ts = 0.0  # an event without a timestamp keeps its place after the one before it
         with open(path, "rb") as fh:
@@ -118,7 +119,7 @@ def _read_events(paths: list[Path], pipeline: Pipeline, max_line: int, progress:
                     rejected[reasons.LINE_TOO_LONG] += 1
                     continue
                 try:
-                    event = pipeline.decoder.decode_line(line, now=last_ts)
+                    event = decode(line, last_ts)
                 except Rejected as rej:
                     pipeline.reject(rej.reason, rej.message)
                     rejected[rej.reason] += 1
