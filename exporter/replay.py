@@ -84,8 +84,9 @@ def expand(paths: list[str]) -> list[Path]:
 def _no_cyclic_gc() -> Iterator[None]:
     """Pause the cyclic garbage collector (reference counting still frees everything).
 
-    Decoding makes no reference cycles, while every full collection rescans all the events
-    read so far: 3 of them took ~2% of a 100k-event replay.
+    Decoding and detection make no reference cycles, while every collection rescans the
+    events read so far: in a 100k-event replay, 4 full and ~300 young collections took
+    ~0.2 s (3%). Whatever cycles do form are collected once the GC runs again.
     """
     was = gc.isenabled()
     gc.disable()
@@ -135,10 +136,11 @@ def _read_events(paths: list[Path], pipeline: Pipeline, max_line: int, progress:
 
 def run_blocks(pipeline: Pipeline, events: list[Event], progress: Progress, phase: str = "detecting") -> None:
     """Feed time-ordered events to the pipeline a block at a time (batches form per client)."""
-    for i in range(0, len(events), BLOCK):
-        block = events[i : i + BLOCK]
-        pipeline.process(block)
-        progress.update(phase, i + len(block), len(events), "events", i + len(block))
+    with _no_cyclic_gc():
+        for i in range(0, len(events), BLOCK):
+            block = events[i : i + BLOCK]
+            pipeline.process(block)
+            progress.update(phase, i + len(block), len(events), "events", i + len(block))
     progress.update(phase, len(events), len(events), "events", len(events))
 
 

@@ -67,12 +67,12 @@ def test_missing_log_is_a_usage_error(tmp_path: Path) -> None:
     assert run.returncode == 2 and "no such log file" in run.stderr
 
 
-def test_reading_pauses_the_cyclic_gc_and_restores_it(tmp_path: Path, monkeypatch) -> None:
+def test_reading_and_detection_pause_the_cyclic_gc_and_restore_it(tmp_path: Path, monkeypatch) -> None:
     import gc
     from collections import Counter
 
     from exporter.pipeline import Pipeline
-    from exporter.replay import Progress, read_events
+    from exporter.replay import Progress, read_events, run_blocks
 
     log = write(tmp_path / "a.jsonl", list(example_log())[:20] + ["{bad"])
     pipeline = Pipeline(Settings())
@@ -87,6 +87,15 @@ def test_reading_pauses_the_cyclic_gc_and_restores_it(tmp_path: Path, monkeypatc
     events = read_events([log], pipeline, 1 << 20, Progress(io.StringIO(), False), Counter())
     assert len(events) == 20 and len(seen) == 21 and not any(seen)
     assert gc.isenabled()
+    process, seen = pipeline.process, []
+
+    def spy_process(block, now=None):
+        seen.append(gc.isenabled())
+        return process(block, now)
+
+    monkeypatch.setattr(pipeline, "process", spy_process)
+    run_blocks(pipeline, events, Progress(io.StringIO(), False))
+    assert seen == [False] and gc.isenabled() and pipeline.store["scraper-repeat"].total > 0
     gc.disable()  # a caller that had it off keeps it off
     try:
         read_events([log], pipeline, 1 << 20, Progress(io.StringIO(), False), Counter())
