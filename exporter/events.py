@@ -111,6 +111,7 @@ class Decoder:
         self.learned_input_dims: dict[str, int] = {}
         self.learned_num_classes: dict[str, int] = {}
         self.learned_modalities: dict[str, str] = {}
+        self._settled: set[str] = set()  # models whose modality, input length and class count are known
 
     # -- entry points -------------------------------------------------------
     def learned(self) -> dict[str, dict[str, int | str]]:
@@ -148,18 +149,20 @@ class Decoder:
             model = self._default_model
         if not isinstance(model, str) or not model or len(model) > MAX_MODEL_LENGTH:
             raise Rejected(reasons.INVALID_MODEL, f"field '{f.model}' must be a non-empty string of at most {MAX_MODEL_LENGTH} characters")
-        ts = self._timestamp(raw_ts, now)
+        # The common timestamp (a plausible float) needs no call.
+        ts = raw_ts if type(raw_ts) is float and 0.0 <= raw_ts <= MAX_TIMESTAMP else self._timestamp(raw_ts, now)
         mcfg = self._models.get(model) or _NO_CONFIG
         # A model's modality is configured, or guessed from its first event and then held to.
         modality = mcfg.modality or self.learned_modalities.get(model)
         event = self._input(client, model, ts, mcfg, modality, raw_input)
         self._output(event, mcfg, raw_output)
-        self._learn(event, mcfg)
+        if model not in self._settled:
+            self._learn(event, mcfg)
         return event
 
     # -- fields -------------------------------------------------------------
     def _timestamp(self, raw: Any, now: float | None) -> float:
-        if type(raw) is float and 0.0 <= raw <= MAX_TIMESTAMP:  # the common case; NaN fails the test
+        if type(raw) is float and 0.0 <= raw <= MAX_TIMESTAMP:  # NaN fails the test
             return raw
         if raw is None:
             return time.time() if now is None else now
@@ -273,6 +276,8 @@ class Decoder:
             self.learned_input_dims[model] = int(event.vector.shape[0])
         if event.probs is not None and mcfg.num_classes is None and model not in self.learned_num_classes:
             self.learned_num_classes[model] = int(event.probs.shape[0])
+        if (mcfg.input_dim or model in self.learned_input_dims) and (mcfg.num_classes or model in self.learned_num_classes):
+            self._settled.add(model)  # nothing left to learn: later events skip this call
 
 
 def _numbers(raw: list[Any], what: str, reason: str) -> np.ndarray:
