@@ -6,7 +6,7 @@ Generates digits-shaped traffic (64 features, 10 classes) for many clients, then
 Both run on one core (BLAS threads pinned to 1) in one process, so their ratio is
 meaningful on a noisy machine even when the absolute numbers are not.
 
-    python3 bench/throughput.py [--events 100000] [--clients 500] [--repeat 3] [--config FILE]
+    python3 bench/throughput.py [--events 100000] [--clients 500] [--repeat 5] [--config FILE]
 """
 
 from __future__ import annotations
