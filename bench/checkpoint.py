@@ -1,7 +1,7 @@
 """Cost of a state checkpoint: snapshot and restore times, and how long the pipeline lock is held.
 
 Tracks ``--clients`` clients of a 64-feature, 10-class model with the default detector set
-(``--events`` each), then times ``Pipeline.snapshot()`` (best of ``--repeat``), the longest
+(``--events`` each), then times ``Pipeline.write_snapshot()`` (best of ``--repeat``), the longest
 and the total time its lock holds lasted (ingestion and scrapes wait for those), and
 ``Pipeline.restore()`` of the result.
 
@@ -16,6 +16,7 @@ for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(var, "1")
 
 import argparse  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -64,8 +65,10 @@ def main() -> int:
         timed = TimedLock(real)
         p.lock = timed  # type: ignore[assignment]
         start = time.perf_counter()
-        data = p.snapshot()
+        buf = io.BytesIO()
+        p.write_snapshot(buf)  # as a checkpoint does, into a file
         elapsed = time.perf_counter() - start
+        data = buf.getvalue()
         p.lock = real
         if elapsed < snap:
             snap, longest, held = elapsed, max(timed.holds), sum(timed.holds)

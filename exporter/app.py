@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 
-from exporter.atomic import atomic_write_bytes
+from exporter.atomic import atomic_write
 from exporter.config import Settings
 from exporter.metrics import Metrics
 from exporter.pipeline import Pipeline
@@ -86,7 +86,7 @@ class App:
             return
         ok = True
         try:
-            atomic_write_bytes(self.state_path, self.pipeline.snapshot())
+            atomic_write(self.state_path, self.pipeline.write_snapshot)
         except Exception as exc:
             ok = False
             self.metrics.checkpoint_errors.labels("state").inc()
@@ -103,7 +103,8 @@ class App:
     def _restore(self) -> None:
         if self.state_path is not None and self.state_path.exists():
             try:
-                n = self.pipeline.restore(self.state_path.read_bytes())
+                with open(self.state_path, "rb") as fh:
+                    n = self.pipeline.restore(fh)
                 log.info("restored state of %d clients from %s", n, self.state_path)
             except Exception as exc:
                 self.metrics.checkpoint_errors.labels("state").inc()

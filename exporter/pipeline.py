@@ -13,7 +13,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, BinaryIO, Callable, Iterable
 
 import numpy as np
 
@@ -23,7 +23,7 @@ from exporter.events import Decoder, Event, Rejected
 from exporter.logutil import RateLimitedLog
 from exporter.metrics import ClientCollector, Metrics
 from exporter.profile import Profile, params_digest
-from exporter.snapshot import pack, unpack
+from exporter.snapshot import dump, pack, unpack
 from exporter.state import ClientState, ClientStore
 from exporter.stats import FeatureStats
 
@@ -320,11 +320,20 @@ class Pipeline:
 
     # -- snapshots -----------------------------------------------------------
     def snapshot(self) -> bytes:
-        """All state worth keeping across a restart, as bytes.
+        """All state worth keeping across a restart, as bytes (see :meth:`write_snapshot`)."""
+        return pack(self._snapshot_copy())
+
+    def write_snapshot(self, fh: BinaryIO) -> None:
+        """Write what :meth:`snapshot` returns to the binary file ``fh``, streamed: a checkpoint
+        needs one copy of the state in memory, not three."""
+        dump(self._snapshot_copy(), fh)
+
+    def _snapshot_copy(self) -> dict[str, Any]:
+        """A private copy of all state worth keeping across a restart.
 
         The state is copied under the lock a chunk of clients at a time, so that
         ingestion and scrapes wait for one chunk (milliseconds), not for the whole
-        snapshot; encoding the copies runs without the lock. Clients are saved in LRU
+        snapshot; encoding the copy runs without the lock. Clients are saved in LRU
         order as of the start; one evicted meanwhile is left out, one arriving meanwhile
         waits for the next checkpoint.
         """
@@ -348,7 +357,7 @@ class Pipeline:
                 for client_id in ids[start : start + _SNAPSHOT_CHUNK]:
                     if client_id in self.store:
                         clients.append(self._client_record(self.store[client_id]))
-        return pack({**head, "clients": clients})
+        return {**head, "clients": clients}
 
     def _client_record(self, c: ClientState) -> dict[str, Any]:
         """A client's part of a snapshot, with copies of its detector state (under the lock)."""
@@ -369,8 +378,8 @@ class Pipeline:
             },
         }
 
-    def restore(self, data: bytes) -> int:
-        """Load a snapshot made by :meth:`snapshot`; return the number of clients restored.
+    def restore(self, data: bytes | BinaryIO) -> int:
+        """Load a snapshot made by :meth:`snapshot` (bytes, or a binary file); return the number of clients restored.
 
         Detector state made under other parameters or shapes is dropped (that detector
         starts afresh for the client) rather than misread.

@@ -16,7 +16,7 @@ import io
 import json
 import math
 import zipfile
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -25,8 +25,11 @@ _META, _BLOB = "__meta__", "__blob__"
 _KINDS = "biuf"  # bool, signed and unsigned integers, floats: nothing that holds objects
 
 
-def pack(obj: Any) -> bytes:
-    """Encode ``obj`` to bytes. Its arrays must not change meanwhile (callers pass copies)."""
+def dump(obj: Any, fh: BinaryIO) -> None:
+    """Write ``obj`` to the binary file ``fh``, streaming the arrays' bytes (no copy of them in memory).
+
+    Its arrays must not change meanwhile (callers pass copies).
+    """
     arrays: list[np.ndarray] = []
     size = 0
 
@@ -47,21 +50,29 @@ def pack(obj: Any) -> bytes:
         return x
 
     meta = json.dumps(walk(obj), allow_nan=False).encode()
-    blob = np.empty(size, dtype=np.uint8)
-    start = 0
-    for a in arrays:
-        if a.nbytes:
-            blob[start : start + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
-            start += a.nbytes
+    # An .npz is a zip of .npy files: written member by member, the blob's bytes straight
+    # from each array, which np.load reads like any other archive.
+    with zipfile.ZipFile(fh, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open(f"{_META}.npy", mode="w") as out:
+            np.lib.format.write_array(out, np.frombuffer(meta, dtype=np.uint8))
+        with zf.open(f"{_BLOB}.npy", mode="w", force_zip64=True) as out:
+            np.lib.format.write_array_header_1_0(out, {"descr": "|u1", "fortran_order": False, "shape": (size,)})
+            for a in arrays:
+                if a.nbytes:
+                    out.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
+
+
+def pack(obj: Any) -> bytes:
+    """Encode ``obj`` to bytes (:func:`dump` into memory)."""
     buf = io.BytesIO()
-    np.savez(buf, **{_META: np.frombuffer(meta, dtype=np.uint8), _BLOB: blob})
+    dump(obj, buf)
     return buf.getvalue()
 
 
-def unpack(data: bytes) -> Any:
-    """Decode bytes made by :func:`pack`; raises ValueError on anything malformed."""
+def unpack(data: bytes | BinaryIO) -> Any:
+    """Decode what :func:`pack` or :func:`dump` made (bytes, or a binary file); ValueError on anything malformed."""
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        with np.load(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data, allow_pickle=False) as npz:
             meta = json.loads(npz[_META].tobytes())
             if _BLOB in npz.files:
                 blob = npz[_BLOB]

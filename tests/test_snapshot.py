@@ -174,3 +174,39 @@ def test_a_snapshot_taken_while_events_arrive_restores() -> None:
     for data in snaps:
         q = Pipeline(Settings(state={"max_clients": 300, "dir": None}))
         assert 0 < q.restore(data) <= 300
+
+
+def test_a_checkpoint_streamed_to_a_file_restores_like_the_bytes(tmp_path) -> None:
+    from exporter.atomic import atomic_write
+
+    p = Pipeline(Settings())
+    for i in range(30):
+        p.ingest_lines(lines(f"c{i}", 3, seed=i % 4))
+    path = tmp_path / "state.npz"
+    atomic_write(path, p.write_snapshot)
+    from_file, from_bytes = Pipeline(Settings()), Pipeline(Settings())
+    with open(path, "rb") as fh:
+        assert from_file.restore(fh) == 30
+    assert from_bytes.restore(p.snapshot()) == 30
+    for c in p.store.values():
+        a, b = from_file.store[c.client_id], from_bytes.store[c.client_id]
+        assert (a.total, a.scores, a.flags) == (b.total, b.scores, b.flags) == (c.total, c.scores, c.flags)
+        for model, per in c.detector_state.items():
+            for name, state in per.items():
+                for key, value in state.items():
+                    np.testing.assert_array_equal(a.detector_state[model][name][key], value)
+
+
+def test_a_failed_streamed_write_leaves_the_previous_checkpoint(tmp_path) -> None:
+    from exporter.atomic import atomic_write
+
+    path = tmp_path / "state.npz"
+    path.write_bytes(b"previous")
+
+    def half(fh) -> None:
+        fh.write(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        atomic_write(path, half)
+    assert path.read_bytes() == b"previous" and [f.name for f in tmp_path.iterdir()] == ["state.npz"]
