@@ -1,8 +1,10 @@
 """``monitaur-exporter run``: wires the pipeline to the tailer, the HTTP server and checkpoints.
 
-One ingest thread tails the files and, between reads, writes checkpoints, so the saved
-state and the saved file offsets always describe the same set of lines: a clean restart
-neither loses nor repeats a line, and an attacker gets no clean slate from a deploy.
+One ingest thread tails the files and, between reads, copies the state and the file
+offsets for a checkpoint, so the saved state and the saved offsets always describe the
+same set of lines: a clean restart neither loses nor repeats a line, and an attacker gets
+no clean slate from a deploy. A writer thread encodes and writes the copy while tailing
+goes on.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ import logging
 import threading
 import time
 
-from exporter.atomic import atomic_write
+from exporter.atomic import atomic_write, atomic_write_bytes
 from exporter.config import Settings
 from exporter.metrics import Metrics
 from exporter.pipeline import Pipeline
 from exporter.profile import Profile
 from exporter.server import ExporterHTTPServer
+from exporter.snapshot import dump
 from exporter.tailer import Tailer
 
 log = logging.getLogger("monitaur.app")
@@ -35,6 +38,7 @@ class App:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._writer: threading.Thread | None = None  # the checkpoint being written, if any
         self._server: ExporterHTTPServer | None = None
         state_dir = settings.state.dir
         self.state_path = state_dir / STATE_FILE if state_dir is not None else None
@@ -75,24 +79,44 @@ class App:
             except Exception:  # keep ingesting; the failure is logged with its traceback
                 log.exception("ingest cycle failed")
             if time.monotonic() >= next_checkpoint:
-                self.checkpoint()
+                self.checkpoint(wait=False)
                 next_checkpoint = time.monotonic() + self.settings.state.checkpoint_interval_seconds
             self._wake.wait(interval)
             self._wake.clear()
 
-    def checkpoint(self) -> None:
-        """Save client state, then file offsets; failures are counted and logged, never fatal."""
+    def checkpoint(self, wait: bool = True) -> None:
+        """Save client state, then file offsets; failures are counted and logged, never fatal.
+
+        Both are copied here, together (the caller's file ingestion waits for the copy:
+        about half of a checkpoint's time). They are then written here (``wait``) or by a
+        writer thread while ingestion goes on; a checkpoint that comes due while the
+        previous one is still being written is skipped.
+        """
         if self.state_path is None or self.offsets_path is None:
             return
+        writer = self._writer
+        if writer is not None and writer.is_alive():
+            if not wait:
+                return
+            writer.join()
+        state, offsets = self.pipeline.snapshot_copy(), self.tailer.offsets_data()
+        if wait:
+            self._write_checkpoint(state, offsets)
+            return
+        self._writer = threading.Thread(target=self._write_checkpoint, args=(state, offsets), name="monitaur-checkpoint", daemon=True)
+        self._writer.start()
+
+    def _write_checkpoint(self, state: dict, offsets: bytes) -> None:
+        assert self.state_path is not None and self.offsets_path is not None
         ok = True
         try:
-            atomic_write(self.state_path, self.pipeline.write_snapshot)
+            atomic_write(self.state_path, lambda fh: dump(state, fh))
         except Exception as exc:
             ok = False
             self.metrics.checkpoint_errors.labels("state").inc()
             log.error("cannot write state snapshot %s: %s", self.state_path, exc)
         try:
-            self.tailer.save_offsets(self.offsets_path)
+            atomic_write_bytes(self.offsets_path, offsets)
         except Exception as exc:
             ok = False
             self.metrics.checkpoint_errors.labels("offsets").inc()

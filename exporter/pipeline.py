@@ -321,14 +321,14 @@ class Pipeline:
     # -- snapshots -----------------------------------------------------------
     def snapshot(self) -> bytes:
         """All state worth keeping across a restart, as bytes (see :meth:`write_snapshot`)."""
-        return pack(self._snapshot_copy())
+        return pack(self.snapshot_copy())
 
     def write_snapshot(self, fh: BinaryIO) -> None:
         """Write what :meth:`snapshot` returns to the binary file ``fh``, streamed: a checkpoint
         needs one copy of the state in memory, not three."""
-        dump(self._snapshot_copy(), fh)
+        dump(self.snapshot_copy(), fh)
 
-    def _snapshot_copy(self) -> dict[str, Any]:
+    def snapshot_copy(self) -> dict[str, Any]:
         """A private copy of all state worth keeping across a restart.
 
         The state is copied under the lock a chunk of clients at a time, so that

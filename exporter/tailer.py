@@ -145,10 +145,16 @@ class Tailer:
             self._saved = saved
 
     def save_offsets(self, path: Path) -> None:
-        """Write every file's position atomically, as versioned JSON.
+        """Write every file's position atomically, as versioned JSON (:meth:`offsets_data`).
 
-        Positions restored but not yet matched to a file are kept. Raises ``OSError`` if
-        the write fails; counting that is the caller's business.
+        Raises ``OSError`` if the write fails; counting that is the caller's business.
+        """
+        atomic_write_bytes(Path(path), self.offsets_data())
+
+    def offsets_data(self) -> bytes:
+        """Every file's position as the versioned JSON :meth:`save_offsets` writes.
+
+        Positions restored but not yet matched to a file are kept.
         """
         with self._lock:
             positions = dict(self._saved)
@@ -158,8 +164,7 @@ class Tailer:
              "offset": s.offset, "skipping": s.skipping, "path": s.path}
             for (dev, ino), s in positions.items()
         ]
-        data = json.dumps({"version": CHECKPOINT_VERSION, "files": entries}, separators=(",", ":"))
-        atomic_write_bytes(Path(path), data.encode("utf-8"))
+        return json.dumps({"version": CHECKPOINT_VERSION, "files": entries}, separators=(",", ":")).encode("utf-8")
 
     # -- tailing --------------------------------------------------------------
     def poll_once(self) -> int:
