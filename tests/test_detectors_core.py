@@ -1042,3 +1042,23 @@ def test_batch_views_stack_only_uniform_rows() -> None:
     mixed = Batch("c", "m", [ev([1.0], [0.5, 0.5]), ev([1.0], None), ev([1.0], [0.2, 0.3, 0.5])])
     np.testing.assert_array_equal(mixed.probs, [[0.5, 0.5], [np.nan, np.nan], [np.nan, np.nan]])
     assert Batch("c", "m", [ev([1.0], None)] * 2).probs is None
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e3, 1e20])  # 1e20: float32 products overflow and are redone in float64
+def test_near_duplicate_prefilter_decides_like_exact_distances(scale: float) -> None:
+    det = NearDuplicateDetector(NearDuplicateParams(), tabular_context(None))
+    tol, d = det.params.tabular_tolerance, 64
+    rng = np.random.default_rng(21)
+    a = (rng.normal(size=(120, d)) * scale).astype(np.float32)
+    # pairs just inside and just outside the tolerance, and unrelated ones
+    steps = rng.normal(size=(120, d))
+    steps /= np.sqrt((steps**2).mean(axis=1, keepdims=True))
+    factor = rng.choice([0.0, 0.5, 0.999, 1.001, 2.0, 1e3], size=(120, 1)) * tol * scale
+    b = (a.astype(np.float64) + steps * factor).astype(np.float32)
+    b[:10] = (rng.normal(size=(10, d)) * scale).astype(np.float32)
+    wanted = rng.random((120, 120)) < 0.8
+    got = det._close_vectors(a, b, wanted)
+    diff = b.astype(np.float64)[:, None, :] - a.astype(np.float64)[None, :, :]
+    exact = wanted & (np.sqrt((diff**2).mean(axis=2)) <= tol)
+    np.testing.assert_array_equal(got, exact)
+    assert exact.any() and (wanted & ~exact).any()

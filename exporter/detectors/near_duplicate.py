@@ -386,16 +386,16 @@ class NearDuplicateDetector(Detector):
         if n_vec:
             cols = np.flatnonzero(ring_kind == KIND_VECTOR)
             if n_vec == j:  # the usual case: a tabular model
-                new_vec = vecs.astype(np.float64)
+                new_vec = vecs
                 if cols.size:
-                    ring_close[:, cols] = self._close_vectors(state["vec"][cols].astype(np.float64), new_vec, ring_cand[:, cols])
+                    ring_close[:, cols] = self._close_vectors(state["vec"][cols], new_vec, ring_cand[:, cols])
                 if j > 1:
                     new_close[:] = self._close_vectors(new_vec, new_vec, new_cand)
             else:
                 rows = np.flatnonzero(is_vec)
-                new_vec = vecs[rows].astype(np.float64)
+                new_vec = vecs[rows]
                 if cols.size:
-                    ring_close[np.ix_(rows, cols)] = self._close_vectors(state["vec"][cols].astype(np.float64), new_vec, ring_cand[np.ix_(rows, cols)])
+                    ring_close[np.ix_(rows, cols)] = self._close_vectors(state["vec"][cols], new_vec, ring_cand[np.ix_(rows, cols)])
                 if j > 1:
                     new_close[np.ix_(rows, rows)] = self._close_vectors(new_vec, new_vec, new_cand[np.ix_(rows, rows)])
         if n_vec < j:
@@ -423,20 +423,31 @@ class NearDuplicateDetector(Detector):
     def _close_vectors(self, a: np.ndarray, b: np.ndarray, wanted: np.ndarray) -> np.ndarray:
         """(len(b), len(a)) whether each ``wanted`` pair's RMS per-feature distance is within tolerance.
 
-        A Gram-matrix product (``|a|^2 + |b|^2 - 2 a.b``) rules out the pairs that are
-        clearly apart; the few left are decided on their own difference vectors, so the
-        answer is the same whatever else is in the batch. The margin covers the product's
-        rounding error (below ``D * 2**-52`` of the squared norms, far under 1e-10).
+        ``a`` and ``b`` are the stored float32 fingerprints. A float32 Gram-matrix product
+        (``|a|^2 + |b|^2 - 2 a.b``, several times cheaper than float64) rules out the
+        pairs that are clearly apart; the few left are decided on their own difference
+        vectors in float64, so the answer is the same whatever else is in the batch. The
+        margin, 3e-5 of the squared norms, covers the product's float32 rounding (at most
+        about ``2 D * 2**-24`` of them, 8e-6 for 64 features); products too large for
+        float32 are redone in float64.
         """
         limit = self.params.tabular_tolerance**2 * self._input_dim  # on squared distances
-        a_sq = np.einsum("ij,ij->i", a, a)
-        b_sq = np.einsum("ij,ij->i", b, b)
-        norms = b_sq[:, None] + a_sq[None, :]
-        approx = norms - 2.0 * (b @ a.T)
-        maybe = wanted & (approx <= limit + 1e-10 * norms)
+        margin = 3e-5
+        with np.errstate(over="ignore", invalid="ignore"):
+            a_sq = np.einsum("ij,ij->i", a, a)
+            b_sq = np.einsum("ij,ij->i", b, b)
+            norms = b_sq[:, None] + a_sq[None, :]
+            approx = norms - 2.0 * (b @ a.T)
+        if not np.isfinite(approx).all():  # float32 overflowed: huge inputs
+            a, b = a.astype(np.float64), b.astype(np.float64)
+            a_sq, b_sq = np.einsum("ij,ij->i", a, a), np.einsum("ij,ij->i", b, b)
+            norms = b_sq[:, None] + a_sq[None, :]
+            approx = norms - 2.0 * (b @ a.T)
+            margin = 1e-10
+        maybe = wanted & (approx <= limit + margin * norms)
         close = np.zeros(maybe.shape, dtype=bool)
         rows, cols = np.nonzero(maybe)
         if rows.size:
-            diff = b[rows] - a[cols]
+            diff = b[rows].astype(np.float64) - a[cols].astype(np.float64)
             close[rows, cols] = np.sqrt(np.einsum("ij,ij->i", diff, diff) / self._input_dim) <= self.params.tabular_tolerance
         return close
