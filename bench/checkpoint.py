@@ -1,7 +1,8 @@
 """Cost of a state checkpoint: snapshot and restore times, and how long the pipeline lock is held.
 
 Tracks ``--clients`` clients of a 64-feature, 10-class model with the default detector set
-(``--events`` each), then times ``Pipeline.write_snapshot()`` (best of ``--repeat``), the longest
+(``--events`` each), then times a checkpoint's snapshot (``Pipeline.snapshot_copy()`` streamed by
+``snapshot.dump``) (best of ``--repeat``), the longest
 and the total time its lock holds lasted (pushes and scrapes wait for those), the copy
 alone (``Pipeline.snapshot_copy()``: what file ingestion waits for, the rest being
 written by a thread), and ``Pipeline.restore()`` of the result.
@@ -26,6 +27,7 @@ import numpy as np  # noqa: E402
 
 from exporter.config import load_settings  # noqa: E402
 from exporter.pipeline import Pipeline  # noqa: E402
+from exporter.snapshot import dump  # noqa: E402
 
 
 class TimedLock:
@@ -67,7 +69,7 @@ def main() -> int:
         p.lock = timed  # type: ignore[assignment]
         start = time.perf_counter()
         buf = io.BytesIO()
-        p.write_snapshot(buf)  # as a checkpoint does, into a file
+        dump(p.snapshot_copy(), buf)  # as a checkpoint does, into a file
         elapsed = time.perf_counter() - start
         data = buf.getvalue()
         p.lock = real

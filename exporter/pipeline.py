@@ -23,7 +23,7 @@ from exporter.events import Decoder, Event, Rejected
 from exporter.logutil import RateLimitedLog
 from exporter.metrics import ClientCollector, Metrics
 from exporter.profile import Profile, params_digest
-from exporter.snapshot import dump, pack, unpack
+from exporter.snapshot import pack, unpack
 from exporter.state import ClientState, ClientStore
 from exporter.stats import FeatureStats
 
@@ -320,13 +320,9 @@ class Pipeline:
 
     # -- snapshots -----------------------------------------------------------
     def snapshot(self) -> bytes:
-        """All state worth keeping across a restart, as bytes (see :meth:`write_snapshot`)."""
+        """All state worth keeping across a restart, as bytes (checkpoints stream
+        :meth:`snapshot_copy` to the file with :func:`exporter.snapshot.dump` instead)."""
         return pack(self.snapshot_copy())
-
-    def write_snapshot(self, fh: BinaryIO) -> None:
-        """Write what :meth:`snapshot` returns to the binary file ``fh``, streamed: a checkpoint
-        needs one copy of the state in memory, not three."""
-        dump(self.snapshot_copy(), fh)
 
     def snapshot_copy(self) -> dict[str, Any]:
         """A private copy of all state worth keeping across a restart.

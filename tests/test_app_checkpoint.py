@@ -85,3 +85,15 @@ def test_a_blocking_checkpoint_waits_for_the_one_being_written(tmp_path: Path, m
     b = App(settings)
     b._restore()
     assert {c.client_id for c in b.pipeline.store.values()} == {"c1", "c2"}
+
+
+def test_a_checkpoint_whose_copy_fails_is_counted_not_fatal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a = App(Settings(files={"paths": []}, state={"dir": str(tmp_path / "state")}))
+
+    def broken() -> dict:
+        raise TypeError("a plugin's state holds objects")
+
+    monkeypatch.setattr(a.pipeline, "snapshot_copy", broken)
+    a.checkpoint(wait=False)  # from the ingest loop: must not raise
+    assert a.metrics.registry.get_sample_value("monitaur_checkpoint_errors_total", {"kind": "state"}) == 1
+    assert a._writer is None and not (tmp_path / "state" / "state.npz").exists()

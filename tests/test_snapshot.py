@@ -11,7 +11,7 @@ import pytest
 
 from exporter.config import Settings
 from exporter.pipeline import Pipeline
-from exporter.snapshot import pack, unpack
+from exporter.snapshot import dump, pack, unpack
 from tests.test_pipeline import lines
 
 
@@ -171,7 +171,7 @@ def test_a_checkpoint_streamed_to_a_file_restores_like_the_bytes(tmp_path) -> No
     for i in range(30):
         p.ingest_lines(lines(f"c{i}", 3, seed=i % 4))
     path = tmp_path / "state.npz"
-    atomic_write(path, p.write_snapshot)
+    atomic_write(path, lambda fh: dump(p.snapshot_copy(), fh))
     from_file, from_bytes = Pipeline(Settings()), Pipeline(Settings())
     with open(path, "rb") as fh:
         assert from_file.restore(fh) == 30
