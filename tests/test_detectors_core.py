@@ -38,7 +38,7 @@ from exporter.detectors.confidence import (
     probs_confidence,
     probs_confidences,
 )
-from exporter.ring import window_shares
+from exporter.detectors.kit import window_shares
 from exporter.detectors.near_duplicate import NearDuplicateDetector, NearDuplicateParams, image_phash, text_simhash
 from exporter.detectors.repetition import RepetitionDetector, RepetitionParams
 from exporter.events import Decoder, Event

@@ -13,16 +13,16 @@ import pytest
 from pydantic import ValidationError
 
 from exporter.detectors.base import Batch, ModelContext, Reference
+from exporter.detectors.kit import Standardizer, reservoir_slots
 from exporter.detectors.knn import (
+    RESERVOIR_SALT,
     KnnDetector,
     KnnParams,
-    Standardizer,
     history_items,
-    reservoir_slots,
     similar_pairs,
 )
 from exporter.events import Event
-from exporter.ring import window_shares
+from exporter.detectors.kit import window_shares
 from exporter.stats import FeatureStats
 from tests.synthetic import WORLD, D, K, savez_roundtrip, hopskipjump, jbda, run, simba
 
@@ -152,7 +152,7 @@ def reference_knn(det: KnnDetector, x: np.ndarray) -> tuple[np.ndarray, int, lis
     p = det.params
     e = det.embed(x).astype(np.float64)
     n = e.shape[0]
-    slots = reservoir_slots(np.arange(n), p.reservoir)
+    slots = reservoir_slots(np.arange(n), p.reservoir, RESERVOIR_SALT)
     until = np.full(n, n)  # the copy of q is seen by the queries up to and including until[q]
     holder: dict[int, int] = {}
     for q in range(n):
@@ -221,11 +221,11 @@ def test_events_without_vectors_are_not_judged() -> None:
 
 
 def test_reservoir_slots_follow_algorithm_r() -> None:
-    slots = reservoir_slots(np.arange(5000), 64)
+    slots = reservoir_slots(np.arange(5000), 64, RESERVOIR_SALT)
     np.testing.assert_array_equal(slots[:64], np.arange(64))
     # item j >= 64 is kept with probability 64 / (j + 1): about 64 * ln(5000 / 64) = 279 of them
     assert 64 * np.log(5000 / 64) * 0.7 < (slots[64:] >= 0).sum() < 64 * np.log(5000 / 64) * 1.3
-    np.testing.assert_array_equal(reservoir_slots(np.arange(5000), 64), slots)
+    np.testing.assert_array_equal(reservoir_slots(np.arange(5000), 64, RESERVOIR_SALT), slots)
 
 
 def test_params_are_validated() -> None:

@@ -18,7 +18,7 @@ from exporter.detectors.base import (
     State,
     WindowedParams,
 )
-from exporter.ring import window_shares
+from exporter.detectors.kit import share_signals
 
 
 class BoundaryParams(WindowedParams):
@@ -121,22 +121,9 @@ class BoundaryDetector(Detector):
         if top2 is None:
             return None
         margin = top2[:, 0] - top2[:, 1]
-        judged = ~np.isnan(margin)
+        judged = np.flatnonzero(~np.isnan(margin))
         p = self.params
-        count = int(state["low_count"])
-        if judged.all():
-            values, flagged = window_shares(state["low_buf"], count, margin < p.margin, p.min_events, p.threshold)
-            state["low_count"][...] = count + margin.shape[0]
-            return Signals(values, flagged)
-        if not judged.any():
-            return None
-        low = margin[judged] < p.margin
-        values, flagged = window_shares(state["low_buf"], count, low, p.min_events, p.threshold)
-        state["low_count"][...] = count + low.shape[0]
-        out = Signals.constant(len(batch), np.nan, False)
-        out.values[judged] = values
-        out.flagged[judged] = flagged
-        return out
+        return share_signals(state["low_buf"], state["low_count"], margin[judged] < p.margin, judged, len(batch), p.min_events, p.threshold)
 
 
 def _top2(p: np.ndarray) -> np.ndarray:

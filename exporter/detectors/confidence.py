@@ -16,7 +16,7 @@ from exporter.detectors.base import (
     State,
     WindowedParams,
 )
-from exporter.ring import new_ring, window_shares
+from exporter.detectors.kit import new_ring, share_signals
 
 Measure = Literal["entropy", "max_prob", "margin"]
 
@@ -204,19 +204,8 @@ class ConfidenceDetector(Detector):
 
     def update(self, state: State, batch: Batch) -> Signals | None:
         conf = self.confidences(batch)
-        judged = conf == conf  # not NaN
-        n_judged = int(np.count_nonzero(judged))
-        if n_judged == 0:
-            return None
+        judged = np.flatnonzero(conf == conf)  # not NaN
         threshold = self.params.threshold
         assert threshold is not None  # filled in by the validator
-        count = int(state["low_count"])
-        low = (conf if n_judged == len(batch) else conf[judged]) < threshold
-        values, flagged = window_shares(state["low_buf"], count, low, self.params.min_events, self.params.flag_ratio)
-        state["low_count"][...] = count + n_judged
-        if n_judged == len(batch):
-            return Signals(values, flagged)
-        out = Signals.constant(len(batch), np.nan, False)
-        out.values[judged] = values
-        out.flagged[judged] = flagged
-        return out
+        low = conf[judged] < threshold
+        return share_signals(state["low_buf"], state["low_count"], low, judged, len(batch), self.params.min_events, self.params.flag_ratio)

@@ -19,7 +19,7 @@ from exporter.detectors.base import (
     State,
     WindowedParams,
 )
-from exporter.ring import ring_in_order, ring_write, window_shares
+from exporter.detectors.kit import ring_in_order, ring_write, share_signals
 
 
 class CoverageParams(WindowedParams):
@@ -367,19 +367,9 @@ class CoverageDetector(Detector):
         cls_count = int(state["class_count"])
         ring_write(state["class_buf"], cls_count, batch.predicted.astype(np.int16))
         state["class_count"][...] = cls_count + m
-        count = int(state["novel_count"])
-        if judged is None or judged.all():
-            values, flagged = window_shares(state["novel_buf"], count, novel, p.min_events, p.threshold)
-            state["novel_count"][...] = count + m
-            return Signals(values, flagged)
-        if not judged.any():
-            return None
-        values, flagged = window_shares(state["novel_buf"], count, novel[judged], p.min_events, p.threshold)
-        state["novel_count"][...] = count + values.shape[0]
-        out = Signals.constant(m, np.nan, False)
-        out.values[judged] = values
-        out.flagged[judged] = flagged
-        return out
+        rows = None if judged is None else np.flatnonzero(judged)
+        hits = novel if rows is None else novel[rows]
+        return share_signals(state["novel_buf"], state["novel_count"], hits, rows, m, p.min_events, p.threshold)
 
     # -- extra per-client statistics ---------------------------------------------
     def client_values(self, state: State) -> dict[str, float]:

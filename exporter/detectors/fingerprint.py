@@ -20,9 +20,8 @@ from exporter.detectors.base import (
     State,
     WindowedParams,
 )
-from exporter.detectors.knn import Standardizer
 from exporter.hashing import MASK64, splitmix64
-from exporter.ring import window_shares
+from exporter.detectors.kit import Standardizer, share_signals
 
 _U64 = np.uint64
 _PRIME = 0x100000001B3  # the 64-bit FNV prime: odd, so invertible modulo 2**64
@@ -376,15 +375,7 @@ class FingerprintDetector(Detector):
         matched = parts[0] if len(parts) == 1 else np.concatenate(parts)
         state["matched"][...] = int(state["matched"]) + int(np.count_nonzero(matched))
         state["cross"][...] = int(state["cross"]) + cross_n
-        count = int(state["match_count"])
-        values, flagged = window_shares(state["match_buf"], count, matched, p.min_events, p.threshold)
-        state["match_count"][...] = count + m
-        if every:
-            return Signals(values, flagged)
-        out = Signals.constant(len(events), np.nan, False)
-        out.values[idx] = values
-        out.flagged[idx] = flagged
-        return out
+        return share_signals(state["match_buf"], state["match_count"], matched, None if every else idx, len(events), p.min_events, p.threshold)
 
     def _match_and_insert(self, prints: np.ndarray, ts: np.ndarray, dig: np.ndarray, me: int) -> tuple[np.ndarray, list[set[int]] | None]:
         """Match each query against the index (earlier queries only, this batch's included), then index them.

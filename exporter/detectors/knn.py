@@ -21,39 +21,15 @@ from exporter.detectors.base import (
     State,
     WindowedParams,
 )
-from exporter.hashing import splitmix64
-from exporter.ring import window_shares
+from exporter.detectors.kit import Standardizer, reservoir_slots, share_signals
 
 _U64 = np.uint64
-_RESERVOIR_SALT = 0x6B6E6E2D72657376  # "knn-resv": decorrelates the reservoir hash from other users of splitmix64
+RESERVOIR_SALT = 0x6B6E6E2D72657376  # "knn-resv": decorrelates the reservoir hash from other users of splitmix64
 
 
 _NEVER = np.iinfo(np.int64).max
 _CHUNK_ROWS = 256  # a batch is judged in chunks of about this many rows (see KnnDetector._chunk)
 _PLAN_ITEMS = 512  # stream items per cached block of reservoir decisions (see _reservoir_block)
-
-
-def reservoir_slots(index: np.ndarray, capacity: int, salt: int = _RESERVOIR_SALT) -> np.ndarray:
-    """Reservoir slot of the stream items numbered ``index`` (0-based), or -1 for "not kept".
-
-    Algorithm R with a counter-based hash instead of a random generator: item ``j`` takes
-    slot ``j`` while the reservoir fills, then slot ``r = h(j) mod (j + 1)`` when
-    ``r < capacity``. Every item ever offered is in the reservoir with probability
-    ``capacity / (items offered)``, and the decision depends only on ``j`` (and the
-    salt), so it is the same however the stream is batched and in every process.
-    """
-    j = np.asarray(index, dtype=np.int64)
-    out = np.full(j.shape, -1, dtype=np.int64)
-    if capacity <= 0 or j.size == 0:
-        return out
-    filling = j < capacity
-    out[filling] = j[filling]
-    later = ~filling
-    if later.any():
-        jl = j[later].astype(np.uint64)
-        r = (splitmix64(jl ^ _U64(salt)) % (jl + _U64(1))).astype(np.int64)
-        out[later] = np.where(r < capacity, r, -1)
-    return out
 
 
 @functools.lru_cache(maxsize=4096)
@@ -74,7 +50,7 @@ def _reservoir_block(block: int, capacity: int, salt: int) -> tuple[list[int], n
     return items.tolist(), items, slots
 
 
-def _reservoir_takers(n0: int, m: int, capacity: int, salt: int = _RESERVOIR_SALT) -> tuple[np.ndarray, np.ndarray]:
+def _reservoir_takers(n0: int, m: int, capacity: int, salt: int = RESERVOIR_SALT) -> tuple[np.ndarray, np.ndarray]:
     """The reservoir slots taken by the stream items ``n0 .. n0 + m - 1``, and the offsets
     (item number - ``n0``) of the items taking them, in arrival order (a slot may repeat):
     the decisions of :func:`reservoir_slots`. The arrays may be shared: not to be written.
@@ -130,69 +106,6 @@ def _ring_pieces(start: int, n: int, size: int, base: int = 0) -> list[tuple[sli
     if first < n:
         pieces.append((slice(base, base + n - first), slice(first, n)))
     return pieces
-
-
-class Standardizer:
-    """A model's feature standardization that holds still while its online statistics drift.
-
-    Detectors that store standardized vectors (or quantize them) need the same mapping
-    for a query today and for its near-duplicate tomorrow. The model's
-    :class:`~exporter.stats.FeatureStats` are updated by every batch until a calibration
-    profile freezes them, so this keeps a snapshot (mean, 1 / std): frozen statistics
-    are used as they are; online ones are snapshotted when first used and again when
-    their event count reaches each of :attr:`STEPS`, then never again. It is shared
-    state of the model (see :meth:`state` / :meth:`load`), so a restart keeps it.
-    """
-
-    STEPS = (256, 1024, 4096, 16384)
-
-    __slots__ = ("mean", "inv", "count", "_source")
-
-    def __init__(self) -> None:
-        self.mean: np.ndarray | None = None
-        self.inv: np.ndarray | None = None
-        self.count = -1  # the statistics' event count at the snapshot (-1: none)
-        self._source: object | None = None  # the frozen std array the snapshot came from
-
-    def apply(self, stats: object | None, x: np.ndarray) -> np.ndarray:
-        """``x`` (m, d) standardized with the current snapshot, as a new float64 array (a copy
-        of ``x`` when there are no statistics of its length)."""
-        if stats is None or getattr(stats, "dim", None) != x.shape[1]:
-            return np.array(x, dtype=np.float64)
-        self._refresh(stats)
-        return (x - self.mean) * self.inv
-
-    def _refresh(self, stats: object) -> None:
-        count = int(stats.count)  # type: ignore[attr-defined]
-        if stats.frozen:  # type: ignore[attr-defined]
-            std = stats.std  # type: ignore[attr-defined]
-            if self._source is not std:
-                self._take(stats, count)
-                self._source = std
-            return
-        self._source = None
-        if self.mean is None or self.mean.shape[0] != stats.dim or any(self.count < step <= count for step in self.STEPS):  # type: ignore[attr-defined]
-            self._take(stats, count)
-
-    def _take(self, stats: object, count: int) -> None:
-        self.mean = np.array(stats.mean, dtype=np.float64)  # type: ignore[attr-defined]
-        self.inv = 1.0 / np.asarray(stats.std, dtype=np.float64)  # type: ignore[attr-defined]
-        self.count = count
-
-    def state(self) -> State:
-        if self.mean is None or self.inv is None:
-            return {"std_count": np.asarray(-1, dtype=np.int64)}
-        return {"std_mean": self.mean.copy(), "std_inv": self.inv.copy(), "std_count": np.asarray(self.count, dtype=np.int64)}
-
-    def load(self, state: State, dim: int | None) -> None:
-        count = int(np.asarray(state.get("std_count", -1)))
-        if count < 0 or "std_mean" not in state:
-            return
-        mean = np.asarray(state["std_mean"], dtype=np.float64)
-        inv = np.asarray(state["std_inv"], dtype=np.float64)
-        if mean.ndim != 1 or inv.shape != mean.shape or (dim is not None and mean.shape[0] != dim):
-            raise ValueError("standardization snapshot does not fit the model's input length")
-        self.mean, self.inv, self.count, self._source = mean.copy(), inv.copy(), count, None
 
 
 class KnnParams(WindowedParams):
@@ -406,18 +319,7 @@ class KnnDetector(Detector):
             dists = np.concatenate([self._knn(state, y[i : i + step]) for i in range(0, y.shape[0], step)])
         judged = ~np.isnan(dists)
         close = dists[judged] < self._distance_threshold
-        if not close.shape[0]:
-            return None
-        count = int(state["close_count"])
-        v, f = window_shares(state["close_buf"], count, close, p.min_events, p.threshold)
-        state["close_count"][...] = count + close.shape[0]
-        if close.shape[0] == len(batch):  # every event judged
-            return Signals(v, f)
-        out = Signals.constant(len(batch), np.nan, False)
-        pos = idx[judged]
-        out.values[pos] = v
-        out.flagged[pos] = f
-        return out
+        return share_signals(state["close_buf"], state["close_count"], close, idx[judged], len(batch), p.min_events, p.threshold)
 
     def _knn(self, state: State, y: np.ndarray) -> np.ndarray:
         """Judge ``y`` (a chunk of m rows) against the history, then fold it in.

@@ -21,7 +21,7 @@ from exporter.detectors.base import (
     WindowedParams,
 )
 from exporter.hashing import splitmix64
-from exporter.ring import ring_write, window_shares
+from exporter.detectors.kit import ring_write, scatter, window_shares
 
 if TYPE_CHECKING:
     from exporter.events import Event
@@ -342,12 +342,7 @@ class NearDuplicateDetector(Detector):
             for lo in range(0, j, step):
                 hi = lo + step
                 values[lo:hi], flagged[lo:hi] = self._update_block(state, kinds[lo:hi], digest_arr[lo:hi], hashes[lo:hi], vecs[lo:hi])
-        if j == m:
-            return Signals(values, flagged)
-        out = Signals.constant(m, np.nan, False)
-        out.values[judged] = values
-        out.flagged[judged] = flagged
-        return out
+        return scatter(m, judged, values, flagged)
 
     def _chunk_size(self) -> int:
         """Events compared per block: bounds the worst case, every pair close, to ~16 MiB of differences."""

@@ -17,7 +17,7 @@ from exporter.detectors.base import (
     State,
     WindowedParams,
 )
-from exporter.ring import ring_in_order, ring_write
+from exporter.detectors.kit import ring_in_order, ring_write
 
 # Per-query distances are stored as float32; anything beyond this is "very far" anyway
 # and must not become inf (an inf would poison the window sums).

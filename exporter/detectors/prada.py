@@ -21,9 +21,7 @@ from exporter.detectors.base import (
     Signals,
     State,
 )
-from exporter.detectors.knn import Standardizer
-from exporter.hashing import splitmix64_int
-from exporter.ring import ring_in_order, ring_write
+from exporter.detectors.kit import Standardizer, reservoir_slot, ring_in_order, ring_write, scatter
 
 _SLOT_SALT = 0x70726164612D6773  # "prada-gs"
 _REPEAT_TOLERANCE = 1e-10  # squared distances below this share of ||x||^2 are rounding noise: an exact repeat
@@ -237,10 +235,7 @@ def growing_set_slot(cls: int, n: int, capacity: int) -> int:
     ``capacity``. Every addition is kept with probability ``capacity / additions``, the
     same in every process and however events are batched.
     """
-    if n < capacity:
-        return n
-    r = splitmix64_int(n ^ _SLOT_SALT ^ (cls << 40)) % (n + 1)
-    return r if r < capacity else -1
+    return reservoir_slot(n, capacity, _SLOT_SALT ^ (cls << 40))
 
 
 class PradaParams(DetectorParams):
@@ -398,12 +393,7 @@ class PradaDetector(Detector):
             for s in range(0, m, step):
                 dists += self._grow(state, z32[s : s + step], cls[s : s + step])
         values, flagged = self._test(state, dists)
-        if idx.shape[0] == len(batch):
-            return Signals(values, flagged)
-        out = Signals.constant(len(batch), np.nan, False)
-        out.values[idx] = values
-        out.flagged[idx] = flagged
-        return out
+        return scatter(len(batch), idx, values, flagged)
 
     def shared_state(self) -> State | None:
         return self._standardizer.state()

@@ -16,7 +16,7 @@ from exporter.detectors.base import (
     State,
     WindowedParams,
 )
-from exporter.ring import ring_in_order, ring_write
+from exporter.detectors.kit import ring_in_order, ring_write
 
 
 class RateParams(WindowedParams):

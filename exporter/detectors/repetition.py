@@ -16,7 +16,7 @@ from exporter.detectors.base import (
     State,
     WindowedParams,
 )
-from exporter.ring import new_ring, ring_in_order, ring_write, window_shares
+from exporter.detectors.kit import new_ring, ring_in_order, ring_write, share_signals
 
 
 class RepetitionParams(WindowedParams):
@@ -87,15 +87,8 @@ class RepetitionDetector(Detector):
             is_repeat = seen_within(np.concatenate((old, new)), old.shape[0], self.params.window)
         ring_write(state["digest_buf"], count, new)
         state["digest_count"][...] = count + new.shape[0]
-        repeat_count = int(state["repeat_count"])
-        values, flagged = window_shares(state["repeat_buf"], repeat_count, is_repeat, self.params.min_events, self.params.flag_ratio)
-        state["repeat_count"][...] = repeat_count + new.shape[0]
-        if every:
-            return Signals(values, flagged)
-        out = Signals.constant(len(batch), np.nan, False)
-        out.values[judged] = values
-        out.flagged[judged] = flagged
-        return out
+        p = self.params
+        return share_signals(state["repeat_buf"], state["repeat_count"], is_repeat, None if every else judged, len(batch), p.min_events, p.flag_ratio)
 
 
 def seen_within(seq: np.ndarray, start: int, window: int) -> np.ndarray:
