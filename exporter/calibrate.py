@@ -36,12 +36,12 @@ import numpy as np
 from exporter.config import Settings
 from exporter.detectors import Batch, ModelContext, Signals
 from exporter.detectors.base import Reference
-from exporter.detectors.risk import NULL_PREFIX
+from exporter.detectors.kit import Scaling
 from exporter.events import Event
-from exporter.pipeline import VERDICT, Pipeline
+from exporter.fusion import FUSION, NULL_PREFIX
+from exporter.pipeline import Pipeline
 from exporter.profile import ModelProfile, Profile, params_digest
 from exporter.replay import Progress, existing_files, read_events, run_blocks
-from exporter.stats import FeatureStats
 
 log = logging.getLogger("monitaur.calibrate")
 MIN_CLIENTS_PER_FPR = 5  # fewer than 5/target_fpr clients makes the quantile a guess
@@ -116,16 +116,12 @@ def _fit_model(settings: Settings, model: str, events: list[Event], rng: np.rand
     pick = events if len(events) <= limit else [events[i] for i in np.sort(rng.choice(len(events), limit, replace=False))]
     vectors = np.stack([e.vector for e in pick]) if first.vector is not None else None
     probs = Batch("", model, pick).probs
-    stats = None
-    if vectors is not None:
-        stats = FeatureStats(vectors.shape[1])
-        stats.update_many(np.stack([e.vector for e in events]))
-        stats.frozen = True
+    scaling = Scaling.fit(vectors) if vectors is not None else None
     mcfg = settings.models.get(model)
     dim = vectors.shape[1] if vectors is not None else None
     k = probs.shape[1] if probs is not None else (mcfg.num_classes if mcfg else None)
-    context = ModelContext(model, first.modality, dim, k, stats, tuple(specs))
-    reference = Reference(vectors, probs, stats)
+    context = ModelContext(model, first.modality, dim, k, scaling, tuple(specs))
+    reference = Reference(vectors, probs, scaling)
     references: dict[str, dict[str, np.ndarray]] = {}
     for name, (cls, params) in specs.items():
         fitted = cls(params, context).fit(reference)
@@ -135,7 +131,7 @@ def _fit_model(settings: Settings, model: str, events: list[Event], rng: np.rand
         modality=first.modality,
         input_dim=dim,
         num_classes=k,
-        stats=stats.to_state() if stats is not None else None,
+        scaling=scaling.state() if scaling is not None else None,
         references=references,
         params={name: params_digest(params, cls.threshold_param) for name, (cls, params) in specs.items()},
         clients=len({e.client for e in events}),
@@ -169,23 +165,20 @@ def calibrate(settings: Settings, paths: list[str], progress_stream: TextIO = sy
     for model, mp in profile.models.items():
         for name, (cls, params) in specs.items():
             maxima = list(rec.maxima.get((model, name), {}).values())
-            if cls.threshold_param and name != VERDICT and maxima:
+            if cls.threshold_param and maxima:
                 # Calibration only raises a threshold: where benign traffic never moves a
                 # detector, its documented default still decides what counts as evidence.
                 default = float(getattr(params, cls.threshold_param))
                 mp.thresholds[name] = max(threshold_for(maxima, cal.target_fpr), default)
-        if VERDICT in specs:
-            nulls = {NULL_PREFIX + n: _sample(rec.pools[(model, n)], cal.null_samples, rng) for n in specs if n != VERDICT and rec.pools.get((model, n))}
-            mp.references[VERDICT] = nulls
+        mp.fusion = {NULL_PREFIX + n: _sample(rec.pools[(model, n)], cal.null_samples, rng) for n in specs if rec.pools.get((model, n))}
 
     # Pass 3: the fused verdict's threshold, then what the final profile flags.
-    if VERDICT in specs:
-        rec = _Recorder({e.client for e in risk_events})
-        run_blocks(Pipeline(settings, event_time=True, profile=profile, observer=rec), events, bar, "calibrating risk")
-        for model, mp in profile.models.items():
-            maxima = list(rec.maxima.get((model, VERDICT), {}).values())
-            floor = specs[VERDICT][1].min_threshold  # type: ignore[attr-defined]
-            mp.thresholds[VERDICT] = max(threshold_for(maxima, cal.target_fpr), floor) if maxima else floor
+    rec = _Recorder({e.client for e in risk_events})
+    run_blocks(Pipeline(settings, event_time=True, profile=profile, observer=rec), events, bar, "calibrating the verdict")
+    floor = settings.fusion.min_threshold
+    for model, mp in profile.models.items():
+        maxima = list(rec.maxima.get((model, FUSION), {}).values())
+        mp.thresholds[FUSION] = max(threshold_for(maxima, cal.target_fpr), floor) if maxima else floor
     bar.close()
     summary = _summary(profile, events, rejected, cal.target_fpr)
     return profile, summary

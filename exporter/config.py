@@ -128,6 +128,24 @@ class MetricsConfig(_Section):
     max_client_series: int = Field(500, ge=0, description="top-N clients by score get their own series")
 
 
+class FusionConfig(_Section):
+    """The fusion stage (:mod:`exporter.fusion`): how the detectors' signals become the verdict."""
+
+    inputs: list[str] | None = Field(None, description="detectors to fuse; default: every enabled detector")
+    threshold: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="flag when the fused risk >= this; calibration sets it for the target false-alarm rate (0.5 means p <= 1e-5)",
+    )
+    min_threshold: float = Field(
+        0.25,
+        ge=0.0,
+        le=1.0,
+        description="calibration never sets the threshold below this (p <= 3e-3)",
+    )
+
+
 class CalibrationConfig(_Section):
     """How ``calibrate`` learns a profile from benign traffic."""
 
@@ -153,6 +171,7 @@ class Settings(BaseSettings):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     detectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
     plugins: dict[str, str] = Field(default_factory=dict, description="extra detectors: name -> 'module:Class'")
+    fusion: FusionConfig = Field(default_factory=FusionConfig)
     profile: Path | None = Field(None, description="calibration profile used by run and replay (--profile overrides)")
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"

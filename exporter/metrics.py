@@ -13,7 +13,7 @@ import platform
 import re
 import threading
 from collections import defaultdict
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import prometheus_client
@@ -26,7 +26,8 @@ from exporter import __version__, reasons
 
 if TYPE_CHECKING:
     from exporter.detectors import ClientMetric
-    from exporter.state import ClientState, ClientStore
+    from exporter.state import ClientState
+    from exporter.view import ClientView
 
 # The collector's own per-client families; detectors' ClientMetrics take other names.
 CLIENT_FAMILIES = (
@@ -40,6 +41,7 @@ CLIENT_FAMILIES = (
 _CLIENT_METRIC_NAME = re.compile(r"monitaur_client_[a-z0-9_]+")
 
 OTHER = "__other__"
+FUSED = "risk"  # the detector label of the fused verdict's score in monitaur_client_score
 CONFIDENCE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
 DURATION_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 
@@ -156,26 +158,22 @@ class ClientCollector(Collector):
 
     def __init__(
         self,
-        store: "ClientStore",
+        view: "ClientView",
         limit: int,
-        lock: threading.Lock,
         detectors: Iterable[str],
-        peers: Callable[[str], tuple[int, dict[str, int]]] | None = None,
         series_gauge: Gauge | None = None,
         client_metrics: Iterable["ClientMetric"] = (),
-        client_values: Callable[["ClientState"], list[tuple[str, str, float]]] | None = None,
+        peers: bool = True,
     ) -> None:
         self.client_metrics = list(client_metrics)
         names = [m.name for m in self.client_metrics]
         for name in names:
             if not _CLIENT_METRIC_NAME.fullmatch(name) or name.endswith("_total") or name in CLIENT_FAMILIES or names.count(name) > 1:
                 raise ValueError(f"detector client metric {name!r}: needs a unique name monitaur_client_<lowercase>, without _total")
-        self.client_values = client_values
-        self.store = store
+        self.view = view
         self.series_gauge = series_gauge
         self.peers = peers
         self.limit = limit
-        self.lock = lock
         self.detectors = list(detectors)
         self.exported: set[str] = set()
         self.other_queries: dict[str, int] = defaultdict(int)
@@ -200,9 +198,8 @@ class ClientCollector(Collector):
         """Drop an evicted client; its series vanish from the next scrape."""
         self.exported.discard(client_id)
 
-    def refresh(self) -> None:
+    def refresh(self, clients: list["ClientState"]) -> None:
         """Recompute the exported set: every flagged client plus the top-N by score."""
-        clients = list(self.store.values())
         flagged = {c.client_id for c in clients if c.suspicious}
         ranked = sorted((c for c in clients if c.client_id not in flagged), key=lambda c: c.score, reverse=True)
         self.exported = flagged | {c.client_id for c in ranked[: self.limit]}
@@ -211,51 +208,56 @@ class ClientCollector(Collector):
 
     # -- scrape ---------------------------------------------------------------
     def collect(self) -> Iterable:
-        with self.lock:
-            self.refresh()
-            queries = CounterMetricFamily("monitaur_client_queries", "Queries by client and model.", labels=["client", "model"])
-            flags = CounterMetricFamily("monitaur_client_flags", "Events at which a detector flagged the client.", labels=["client", "detector"])
-            score = GaugeMetricFamily("monitaur_client_score", "Client's current score per detector, 0 to 1.", labels=["client", "detector"])
-            suspicious = GaugeMetricFamily("monitaur_client_suspicious", "1 while the client's verdict (risk, else any detector) is flagged.", labels=["client"])
-            cross = CounterMetricFamily(
-                "monitaur_client_cross_client_matches", "Queries of the client that matched other clients' queries.", labels=["client"]
-            )
-            peer = GaugeMetricFamily("monitaur_client_peer_matches", "Matches between the client's queries and a peer's (top peers).", labels=["client", "peer"])
-            stats = {
-                m.name: (CounterMetricFamily if m.kind == "counter" else GaugeMetricFamily)(m.name, m.documentation, labels=["client", "model"])
-                for m in self.client_metrics
-            }
-            other_score: dict[str, float] = {}
-            for c in self.store.values():
-                if c.client_id not in self.exported:
-                    for name, value in c.scores.items():
-                        other_score[name] = max(other_score.get(name, 0.0), value)
-                    continue
-                for model, n in c.queries.items():
-                    queries.add_metric([c.client_id, model], n)
-                for name in self.detectors:
-                    flags.add_metric([c.client_id, name], c.flags.get(name, 0))
-                    if name in c.scores:
-                        score.add_metric([c.client_id, name], c.scores[name])
-                suspicious.add_metric([c.client_id], 1.0 if c.suspicious else 0.0)
-                if self.peers is not None:
-                    total, peers = self.peers(c.client_id)
-                    cross.add_metric([c.client_id], total)
-                    for other, n in peers.items():
-                        peer.add_metric([c.client_id, other], n)
-                if stats and self.client_values is not None:
-                    for name, model, value in self.client_values(c):
-                        if name in stats:
-                            stats[name].add_metric([c.client_id, model], value)
-            if self.other_queries or len(self.store) > len(self.exported):
-                for model, n in self.other_queries.items():
-                    queries.add_metric([OTHER, model], n)
-                for name in self.detectors:
-                    flags.add_metric([OTHER, name], self.other_flags.get(name, 0))
-                    if name in other_score:
-                        score.add_metric([OTHER, name], other_score[name])
-                suspicious.add_metric([OTHER], 0.0)
-            families = [queries, flags, score, suspicious]
-            if self.peers is not None:
-                families += [cross, peer]
-            return families + list(stats.values())
+        return self.view.read(self._families)
+
+    def _families(self, found: Iterable["ClientState"]) -> list:
+        clients = list(found)
+        self.refresh(clients)
+        queries = CounterMetricFamily("monitaur_client_queries", "Queries by client and model.", labels=["client", "model"])
+        flags = CounterMetricFamily("monitaur_client_flags", "Events at which a detector flagged the client.", labels=["client", "detector"])
+        score = GaugeMetricFamily("monitaur_client_score", "Client's current score per detector, 0 to 1 (detector=\"risk\": the fused risk).", labels=["client", "detector"])
+        suspicious = GaugeMetricFamily("monitaur_client_suspicious", "1 while the client's verdict is flagged.", labels=["client"])
+        cross = CounterMetricFamily("monitaur_client_cross_client_matches", "Queries of the client that matched other clients' queries.", labels=["client"])
+        peer = GaugeMetricFamily("monitaur_client_peer_matches", "Matches between the client's queries and a peer's (top peers).", labels=["client", "peer"])
+        stats = {
+            m.name: (CounterMetricFamily if m.kind == "counter" else GaugeMetricFamily)(m.name, m.documentation, labels=["client", "model"])
+            for m in self.client_metrics
+        }
+        other_score: dict[str, float] = {}
+        for c in clients:
+            if c.client_id not in self.exported:
+                for name, value in c.scores.items():
+                    other_score[name] = max(other_score.get(name, 0.0), value)
+                other_score[FUSED] = max(other_score.get(FUSED, 0.0), c.score)
+                continue
+            for model, n in c.queries.items():
+                queries.add_metric([c.client_id, model], n)
+            for name in self.detectors:
+                flags.add_metric([c.client_id, name], c.flags.get(name, 0))
+                if name in c.scores:
+                    score.add_metric([c.client_id, name], c.scores[name])
+            score.add_metric([c.client_id, FUSED], c.score)
+            suspicious.add_metric([c.client_id], 1.0 if c.suspicious else 0.0)
+            if self.peers:
+                total, peers = self.view.peer_matches(c.client_id)
+                cross.add_metric([c.client_id], total)
+                for other, n in peers.items():
+                    peer.add_metric([c.client_id, other], n)
+            if stats:
+                for name, model, value in self.view.client_values(c):
+                    if name in stats:
+                        stats[name].add_metric([c.client_id, model], value)
+        if self.other_queries or len(clients) > len(self.exported):
+            for model, n in self.other_queries.items():
+                queries.add_metric([OTHER, model], n)
+            for name in self.detectors:
+                flags.add_metric([OTHER, name], self.other_flags.get(name, 0))
+                if name in other_score:
+                    score.add_metric([OTHER, name], other_score[name])
+            if FUSED in other_score:
+                score.add_metric([OTHER, FUSED], other_score[FUSED])
+            suspicious.add_metric([OTHER], 0.0)
+        families = [queries, flags, score, suspicious]
+        if self.peers:
+            families += [cross, peer]
+        return families + list(stats.values())

@@ -1,8 +1,8 @@
 """Calibration profiles: what ``calibrate`` learned from benign traffic, applied by ``run`` and ``replay``.
 
-Per model, a profile holds the frozen feature standardization, each detector's
-reference statistics (from ``Detector.fit``), each detector's calibrated threshold, and
-the benign value samples the ``risk`` fusion turns into p-values. It is stored with
+Per model, a profile holds the frozen feature scaling, each detector's reference
+statistics (from ``Detector.fit``), each detector's calibrated threshold, and what the
+fusion stage was calibrated with (its benign samples and threshold). It is stored with
 :mod:`exporter.snapshot` (JSON + npz, no pickle).
 """
 
@@ -23,7 +23,7 @@ from exporter.config import Settings
 from exporter.snapshot import pack, unpack
 
 log = logging.getLogger("monitaur.profile")
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 
 
 class ProfileError(Exception):
@@ -46,9 +46,10 @@ class ModelProfile:
     modality: str
     input_dim: int | None
     num_classes: int | None
-    stats: dict[str, Any] | None
+    scaling: dict[str, np.ndarray] | None  # Scaling.state() of the model's inputs
     references: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
-    thresholds: dict[str, float] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)  # detector (and "fusion") -> threshold
+    fusion: dict[str, np.ndarray] = field(default_factory=dict)  # the fusion stage's calibration
     params: dict[str, str] = field(default_factory=dict)  # detector -> params digest at calibration
     clients: int = 0
     events: int = 0
@@ -82,7 +83,10 @@ class Profile:
         except ValueError:
             raise ProfileError(f"{str(path)!r} is not a MONITAUR calibration profile") from None
         if not isinstance(doc, dict) or doc.get("version") != PROFILE_VERSION:
-            raise ProfileError(f"{str(path)!r}: unsupported profile version {doc.get('version') if isinstance(doc, dict) else None!r}")
+            found = doc.get("version") if isinstance(doc, dict) else None
+            raise ProfileError(
+                f"{str(path)!r}: profile version {found!r}, this exporter reads version {PROFILE_VERSION}; run `monitaur-exporter calibrate` again"
+            )
         try:
             models = {name: ModelProfile(**mp) for name, mp in doc["models"].items()}
         except (KeyError, TypeError) as exc:

@@ -150,13 +150,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._push_answer(202, {"accepted": result.accepted, "rejected": sum(result.rejected.values()), "rejected_reasons": dict(result.rejected)})
 
     def _landing(self) -> str:
-        p = self.server.pipeline
-        with p.lock:
-            flagged = sorted((c for c in p.store.values() if c.suspicious), key=lambda c: c.score, reverse=True)[:50]
-            tracked = len(p.store)
+        view = self.server.pipeline.view
+        flagged = view.flagged(50)
+        tracked = view.tracked()
         rows = "".join(
-            f"<tr><td>{html.escape(c.client_id)}</td><td>{c.score:.3f}</td><td>{html.escape(', '.join(n for n, on in c.current.items() if on))}</td>"
-            f"<td>{c.total}</td></tr>"
+            f"<tr><td>{html.escape(c.client_id)}</td><td>{c.score:.3f}</td><td>{html.escape(', '.join(c.detectors_on))}</td>"
+            f"<td>{c.queries}</td></tr>"
             for c in flagged
         )
         return (

@@ -27,10 +27,11 @@ class ClientState:
     current: dict[str, bool] = field(default_factory=dict)
     flags: dict[str, int] = field(default_factory=dict)
     first_flagged: dict[str, int] = field(default_factory=dict)
-    first_flagged_query: int | None = None
-    suspicious: bool = False
-    score: float = 0.0
-    detector_state: dict[str, dict[str, State]] = field(default_factory=dict)
+    first_flagged_query: int | None = None  # the verdict's first flag (1-based query index)
+    suspicious: bool = False  # the verdict after the client's last event
+    score: float = 0.0  # the fused risk after the client's last judged event
+    detector_state: dict[str, dict[str, State]] = field(default_factory=dict)  # model -> detector -> state
+    fusion_state: dict[str, State] = field(default_factory=dict)  # model -> the fusion stage's state
 
 
 class ClientStore:
@@ -50,6 +51,9 @@ class ClientStore:
 
     def __getitem__(self, client_id: str) -> ClientState:
         return self._clients[client_id]
+
+    def get(self, client_id: str) -> ClientState | None:
+        return self._clients.get(client_id)
 
     def values(self) -> Iterator[ClientState]:
         return iter(list(self._clients.values()))

@@ -12,7 +12,8 @@ import io
 
 import numpy as np
 
-from exporter.detectors.base import Batch, Detector, State
+from exporter.detectors.base import Batch, Detector, Signals, State
+from exporter.detectors.kit import Scaling
 from exporter.events import Event
 
 D, K = 64, 10
@@ -78,6 +79,17 @@ def jbda(rng: np.random.Generator, n: int, lam: float = 0.1) -> np.ndarray:
     return np.concatenate(out)[:n]
 
 
+def judge(det: Detector, state: State, batch: Batch) -> Signals | None:
+    """What the pipeline does with one batch: the cross-client stage, then the client's update."""
+    det.prepare(batch)
+    return det.update(state, batch)
+
+
+def scaling_of(x: np.ndarray) -> Scaling:
+    """The feature scaling a calibration would learn from benign vectors ``x``."""
+    return Scaling.fit(x)
+
+
 def run(det: Detector, events: list[Event], sizes: list[int] | int = 32, state: dict | None = None):
     """Feed ``events`` in batches (a fixed size or a list of sizes, cycled); return values, flags, state."""
     state = det.init_state() if state is None else state
@@ -86,7 +98,7 @@ def run(det: Detector, events: list[Event], sizes: list[int] | int = 32, state: 
     i = b = 0
     while i < len(events):
         chunk = events[i : i + sizes[b % len(sizes)]]
-        out = det.update(state, Batch(chunk[0].client, "m", chunk))
+        out = judge(det, state, Batch(chunk[0].client, "m", chunk))
         if out is None:
             values.append(np.full(len(chunk), np.nan))
             flags.append(np.zeros(len(chunk), dtype=bool))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import exporter.app as app_module
+import exporter.persist as persist_module
 from exporter.app import App
 from exporter.config import Settings
 from tests.test_pipeline import lines
@@ -28,17 +28,17 @@ def test_a_checkpoint_is_written_while_ingestion_goes_on_and_restores_consistent
     assert a.pipeline.store["c1"].total == 5
 
     started, release = threading.Event(), threading.Event()
-    real_dump = app_module.dump
+    real_dump = persist_module.dump
 
     def slow_dump(state: dict, fh) -> None:
         started.set()
         assert release.wait(10)
         real_dump(state, fh)
 
-    monkeypatch.setattr(app_module, "dump", slow_dump)
+    monkeypatch.setattr(persist_module, "dump", slow_dump)
     a.checkpoint(wait=False)
     assert started.wait(10)
-    writer = a._writer
+    writer = a.checkpointer._writer
     assert writer is not None and writer.is_alive()
     # While it is written, lines are still read and judged ...
     append(logs / "a.jsonl", lines("c2", 3, seed=1))
@@ -46,7 +46,7 @@ def test_a_checkpoint_is_written_while_ingestion_goes_on_and_restores_consistent
     assert a.pipeline.store["c2"].total == 3
     # ... and a checkpoint that comes due meanwhile is skipped.
     a.checkpoint(wait=False)
-    assert a._writer is writer
+    assert a.checkpointer._writer is writer
     release.set()
     writer.join(10)
     assert not writer.is_alive()
@@ -55,7 +55,7 @@ def test_a_checkpoint_is_written_while_ingestion_goes_on_and_restores_consistent
     # The checkpoint holds the state and the offsets of the moment it was copied: a
     # restart has c1, and reads c2's lines again from the saved offsets, once.
     b = App(settings)
-    b._restore()
+    b.restore()
     assert b.pipeline.store["c1"].total == 5 and "c2" not in b.pipeline.store
     b.tailer.poll_once()
     assert b.pipeline.store["c2"].total == 3 and b.pipeline.store["c1"].total == 5
@@ -67,7 +67,7 @@ def test_a_blocking_checkpoint_waits_for_the_one_being_written(tmp_path: Path, m
     a.pipeline.ingest_lines(lines("c1", 2))
     order: list[str] = []
     release = threading.Event()
-    real_dump = app_module.dump
+    real_dump = persist_module.dump
 
     def recording_dump(state: dict, fh) -> None:
         order.append(f"start {len(state['clients'])}")
@@ -76,14 +76,14 @@ def test_a_blocking_checkpoint_waits_for_the_one_being_written(tmp_path: Path, m
         real_dump(state, fh)
         order.append("end")
 
-    monkeypatch.setattr(app_module, "dump", recording_dump)
+    monkeypatch.setattr(persist_module, "dump", recording_dump)
     a.checkpoint(wait=False)
     a.pipeline.ingest_lines(lines("c2", 2, seed=1))
     threading.Timer(0.2, release.set).start()
     a.checkpoint()  # as on shutdown: after the running write, then its own
     assert order == ["start 1", "end", "start 2", "end"]
     b = App(settings)
-    b._restore()
+    b.restore()
     assert {c.client_id for c in b.pipeline.store.values()} == {"c1", "c2"}
 
 
@@ -96,4 +96,4 @@ def test_a_checkpoint_whose_copy_fails_is_counted_not_fatal(tmp_path: Path, monk
     monkeypatch.setattr(a.pipeline, "snapshot_copy", broken)
     a.checkpoint(wait=False)  # from the ingest loop: must not raise
     assert a.metrics.registry.get_sample_value("monitaur_checkpoint_errors_total", {"kind": "state"}) == 1
-    assert a._writer is None and not (tmp_path / "state" / "state.npz").exists()
+    assert a.checkpointer._writer is None and not (tmp_path / "state" / "state.npz").exists()

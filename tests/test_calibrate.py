@@ -45,10 +45,10 @@ def test_profile_holds_thresholds_and_references(profile_path: Path) -> None:
     profile = Profile.load(profile_path)
     mp = profile.models["digits"]
     assert (mp.input_dim, mp.num_classes, mp.modality) == (64, 10, "tabular")
-    assert mp.stats is not None and mp.stats["frozen"]
-    assert {"confidence", "repetition", "near_duplicate", "risk"} <= set(mp.thresholds)
-    assert mp.thresholds["risk"] >= 0.25  # the floor
-    assert any(k.startswith("null.") for k in mp.references["risk"])
+    assert mp.scaling is not None and mp.scaling["spread"].shape == (64,)
+    assert {"confidence", "repetition", "near_duplicate", "fusion"} <= set(mp.thresholds)
+    assert mp.thresholds["fusion"] >= 0.25  # the floor
+    assert any(k.startswith("null.") for k in mp.fusion)
 
 
 def test_calibrated_replay_flags_scrapers_and_few_fresh_benign_clients(profile_path: Path, tmp_path: Path) -> None:

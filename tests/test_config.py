@@ -24,7 +24,7 @@ def test_embedded_default_is_valid_and_sensible() -> None:
     assert s.listen.host == "127.0.0.1" and s.listen.is_loopback
     assert s.push.enabled
     assert list(s.detector_params())[:3] == ["confidence", "repetition", "near_duplicate"]
-    assert list(s.detector_params())[-1] == "risk"
+    assert "risk" not in s.detector_params() and s.fusion.threshold == 0.5  # the verdict is a stage, not a detector
     assert s.metrics.max_client_series == 500
 
 

@@ -42,7 +42,8 @@ from exporter.detectors.kit import window_shares
 from exporter.detectors.near_duplicate import NearDuplicateDetector, NearDuplicateParams, image_phash, text_simhash
 from exporter.detectors.repetition import RepetitionDetector, RepetitionParams
 from exporter.events import Decoder, Event
-from exporter.stats import FeatureStats
+from exporter.detectors.kit import Scaling
+from tests.synthetic import judge
 
 # ---------------------------------------------------------------------------
 # Synthetic data
@@ -145,15 +146,12 @@ def image_event(dec: Decoder, img: np.ndarray, fmt: str = "PNG", **save: Any) ->
     return dec.decode_object({"client": "c1", "model": "img", "ts": 1.0, "input": {"image_b64": encode(img, fmt, **save)}})
 
 
-def tabular_context(stats: FeatureStats | None, input_dim: int | None = 64) -> ModelContext:
-    return ModelContext(name="m", modality="tabular", input_dim=input_dim, num_classes=10, stats=stats)
+def tabular_context(scaling: Scaling | None, input_dim: int | None = 64) -> ModelContext:
+    return ModelContext(name="m", modality="tabular", input_dim=input_dim, num_classes=10, scaling=scaling)
 
 
-def fitted_stats(rng: np.random.Generator, n: int = 500) -> FeatureStats:
-    stats = FeatureStats(64)
-    for v in digit_vectors(rng, n):
-        stats.update(v)
-    return stats
+def fitted_scaling(rng: np.random.Generator, n: int = 500) -> Scaling:
+    return Scaling.fit(np.array(list(digit_vectors(rng, n))))
 
 
 class Step(NamedTuple):
@@ -181,7 +179,7 @@ def unpack(signals: Signals | None, n: int) -> list[Step | None]:
 def feed(detector: Detector, state: State, events: Iterable[Event]) -> list[Step | None]:
     """Run one batch through the detector."""
     events = list(events)
-    return unpack(detector.update(state, Batch("c", "m", events)), len(events))
+    return unpack(judge(detector, state, Batch("c", "m", events)), len(events))
 
 
 def update1(detector: Detector, state: State, event: Event) -> Step | None:
@@ -213,16 +211,8 @@ def run(detector: Detector, events: Iterable[Event], state: State | None = None,
 
 
 def run_tabular(detector: Detector, vectors: Iterable[np.ndarray], state: State | None = None, batch: int = 32) -> tuple[State, list[Step | None]]:
-    """Like the pipeline: the model's stats see a batch's vectors before the detectors do."""
-    state = detector.init_state() if state is None else state
-    stats = detector.context.stats
-    out: list[Step | None] = []
-    for chunk in chunks([tabular_event(v) for v in vectors], itertools.repeat(batch)):
-        b = Batch("c", "m", chunk)
-        if stats is not None and b.vectors is not None:
-            stats.update_many(b.vectors)
-        out += unpack(detector.update(state, b), len(chunk))
-    return state, out
+    """Feed tabular events made of ``vectors`` in batches of ``batch``; one step per event."""
+    return run(detector, [tabular_event(v) for v in vectors], state, batch)
 
 
 def assert_valid_signals(signals: Iterable[Step | None]) -> None:
@@ -373,13 +363,13 @@ def test_confidence_label_outputs_via_decoder() -> None:
     det = confidence_detector()
     state = det.init_state()
     label_only = dec.decode_object({"client": "c", "ts": 1, "input": [1.0, 2.0], "output": {"label": "cat"}})
-    assert det.update(state, Batch("c", "m", [label_only, label_only])) is None
+    assert judge(det, state, Batch("c", "m", [label_only, label_only])) is None
     assert int(state["low_count"]) == 0  # not judged means not counted either
     scored = [dec.decode_object({"client": "c", "ts": 1, "input": [1.0, 2.0], "output": {"label": "cat", "score": 0.52}}) for _ in range(25)]
     _, signals = run(det, scored, state, batch=7)
     assert last(signals).flagged
     no_output = Event("c", "m", 0.0, "tabular", vector=np.zeros(2))
-    assert det.update(state, Batch("c", "m", [no_output])) is None
+    assert judge(det, state, Batch("c", "m", [no_output])) is None
     # In a mixed batch, the events without a confidence get NaN and leave the window alone.
     steps = feed(det, state, [label_only, scored[0], no_output])
     assert steps[0] is None and steps[2] is None
@@ -580,7 +570,7 @@ def test_repetition_window_inside_one_batch() -> None:
 
 def test_repetition_none_without_input() -> None:
     det = repetition_detector()
-    assert det.update(det.init_state(), Batch("c", "m", [Event("c", "m", 0.0, "tabular")] * 3)) is None
+    assert judge(det, det.init_state(), Batch("c", "m", [Event("c", "m", 0.0, "tabular")] * 3)) is None
     steps = feed(det, det.init_state(), [Event("c", "m", 0.0, "tabular"), tabular_event(np.ones(3))])
     assert steps[0] is None and steps[1] == Step(0.0, False)
 
@@ -745,13 +735,13 @@ def test_near_duplicate_benign_text_stays_quiet() -> None:
     _, signals = run(det, (text_event(SENTENCES[int(i)]) for i in rng.permutation(np.arange(200) % len(SENTENCES))))
     # Exact repeats of the same sentences do not count here.
     assert flagged_count(signals) == 0 and last(signals).value == 0.0
-    assert det.update(det.init_state(), Batch("c", "m", [text_event("   ")])) is None
+    assert judge(det, det.init_state(), Batch("c", "m", [text_event("   ")])) is None
 
 
 def test_near_duplicate_flags_perturbed_tabular_queries() -> None:
     rng = np.random.default_rng(12)
-    stats = fitted_stats(rng)
-    det = NearDuplicateDetector(NearDuplicateParams(), tabular_context(stats))
+    scaling = fitted_scaling(rng)
+    det = NearDuplicateDetector(NearDuplicateParams(), tabular_context(scaling))
     base = digit_vectors(rng, 1)[0]
     # A boundary search walks around one input in steps far below the features' spread.
     probes = [base + rng.normal(0.0, 0.05, 64) for _ in range(60)]
@@ -764,8 +754,8 @@ def test_near_duplicate_flags_perturbed_tabular_queries() -> None:
 
 def test_near_duplicate_benign_tabular_stays_quiet() -> None:
     rng = np.random.default_rng(13)
-    stats = fitted_stats(rng)
-    det = NearDuplicateDetector(NearDuplicateParams(), tabular_context(stats))
+    scaling = fitted_scaling(rng)
+    det = NearDuplicateDetector(NearDuplicateParams(), tabular_context(scaling))
     _, signals = run_tabular(det, digit_vectors(rng, 400))
     assert_valid_signals(signals)
     assert flagged_count(signals) == 0 and last(signals).value == 0.0
@@ -774,10 +764,8 @@ def test_near_duplicate_benign_tabular_stays_quiet() -> None:
 def test_near_duplicate_projects_long_vectors() -> None:
     rng = np.random.default_rng(14)
     dim = 28 * 28 * 3
-    stats = FeatureStats(dim)
-    for _ in range(50):
-        stats.update(photo(int(rng.integers(1 << 30))).ravel().astype(np.float64))
-    ctx = ModelContext(name="flat", modality="image", input_dim=dim, num_classes=10, stats=stats)
+    scaling = Scaling.fit(np.array([photo(int(rng.integers(1 << 30))).ravel().astype(np.float64) for _ in range(50)]))
+    ctx = ModelContext(name="flat", modality="image", input_dim=dim, num_classes=10, scaling=scaling)
     det = NearDuplicateDetector(NearDuplicateParams(), ctx)
     state = det.init_state()
     assert state["vec"].shape == (100, 128)
@@ -791,29 +779,31 @@ def test_near_duplicate_projects_long_vectors() -> None:
 def test_near_duplicate_none_when_nothing_to_judge() -> None:
     no_dim = NearDuplicateDetector(NearDuplicateParams(), tabular_context(None, input_dim=None))
     state = no_dim.init_state()
-    assert no_dim.update(state, Batch("c", "m", [tabular_event(np.zeros(64))])) is None
-    det = NearDuplicateDetector(NearDuplicateParams(), tabular_context(None))
+    assert judge(no_dim, state, Batch("c", "m", [tabular_event(np.zeros(64))])) is None
+    unscaled = NearDuplicateDetector(NearDuplicateParams(), tabular_context(None))
+    assert judge(unscaled, unscaled.init_state(), Batch("c", "m", [tabular_event(np.zeros(64))] * 3)) is None  # no scaling yet
+    det = NearDuplicateDetector(NearDuplicateParams(), tabular_context(fitted_scaling(np.random.default_rng(3))))
     state = det.init_state()
     assert state["hash"].shape == (0,)  # a tabular model needs no hash ring
-    assert det.update(state, Batch("c", "m", [Event("c", "m", 0.0, "tabular")])) is None
-    assert det.update(state, Batch("c", "m", [text_event("a text sent to a tabular model")])) is None
-    steps = feed(det, state, [text_event("a text"), tabular_event(np.zeros(64)), Event("c", "m", 0.0, "tabular")])  # without stats: raw values
+    assert judge(det, state, Batch("c", "m", [Event("c", "m", 0.0, "tabular")])) is None
+    assert judge(det, state, Batch("c", "m", [text_event("a text sent to a tabular model")])) is None
+    steps = feed(det, state, [text_event("a text"), tabular_event(np.zeros(64)), Event("c", "m", 0.0, "tabular")])
     assert steps[0] is None and steps[2] is None
     assert steps[1] == Step(0.0, False) and int(state["count"]) == 1
 
 
 def test_near_duplicate_errors_do_not_echo_inputs() -> None:
-    det = NearDuplicateDetector(NearDuplicateParams(), tabular_context(None))
+    det = NearDuplicateDetector(NearDuplicateParams(), tabular_context(fitted_scaling(np.random.default_rng(4))))
     secret = np.array([123.456789, 987.654321])
     state = det.init_state()
     with pytest.raises(ValueError) as err:
-        det.update(state, Batch("c", "m", [tabular_event(np.zeros(64)), tabular_event(secret)]))
+        judge(det, state, Batch("c", "m", [tabular_event(np.zeros(64)), tabular_event(secret)]))
     assert "123.45" not in str(err.value) and "987.65" not in str(err.value)
     assert int(state["count"]) == 0  # a failing batch leaves the state untouched
 
 
 def test_near_duplicate_mixed_modalities_compare_within_kind() -> None:
-    det = NearDuplicateDetector(NearDuplicateParams(), ModelContext(name="any", modality=None, input_dim=64, num_classes=None))
+    det = NearDuplicateDetector(NearDuplicateParams(), ModelContext(name="any", modality=None, input_dim=64, num_classes=None, scaling=fitted_scaling(np.random.default_rng(5))))
     dec = decoder()
     state = det.init_state()
     assert {k: v.shape for k, v in state.items()}["vec"] == (100, 64)
@@ -853,18 +843,18 @@ def mixed_tabular_events(rng: np.random.Generator, n: int) -> Iterator[Event]:
             yield tabular_event(v, boundary_answer(rng) if rng.random() < 0.5 else confident_answer(rng))
 
 
-DetectorFactory = Callable[[FeatureStats], Detector]
+DetectorFactory = Callable[[Scaling], Detector]
 FACTORIES: dict[str, DetectorFactory] = {
-    "confidence": lambda stats: ConfidenceDetector(ConfidenceParams(window=50), tabular_context(stats)),
-    "repetition": lambda stats: RepetitionDetector(RepetitionParams(window=50), tabular_context(stats)),
-    "near_duplicate": lambda stats: NearDuplicateDetector(NearDuplicateParams(window=50), tabular_context(stats)),
+    "confidence": lambda scaling: ConfidenceDetector(ConfidenceParams(window=50), tabular_context(scaling)),
+    "repetition": lambda scaling: RepetitionDetector(RepetitionParams(window=50), tabular_context(scaling)),
+    "near_duplicate": lambda scaling: NearDuplicateDetector(NearDuplicateParams(window=50), tabular_context(scaling)),
 }
 
 
 @pytest.mark.parametrize("name", list(FACTORIES))
 def test_state_is_fixed_size_numpy_and_scores_bounded(name: str) -> None:
     rng = np.random.default_rng(15)
-    det = FACTORIES[name](fitted_stats(rng))
+    det = FACTORIES[name](fitted_scaling(rng))
     state = det.init_state()
     layout = state_layout(state)
     assert all(isinstance(v, np.ndarray) for v in state.values())
@@ -881,17 +871,17 @@ def test_state_is_fixed_size_numpy_and_scores_bounded(name: str) -> None:
 def test_state_survives_savez_roundtrip(name: str, tmp_path: Path) -> None:
     rng = np.random.default_rng(16)
     events = list(mixed_tabular_events(rng, 300))
-    stats_state = fitted_stats(rng).to_state()
+    scaling_state = fitted_scaling(rng).state()
 
-    straight = FACTORIES[name](FeatureStats.from_state(stats_state))
+    straight = FACTORIES[name](Scaling.from_state(scaling_state))
     _, expected = run(straight, events)
 
-    first = FACTORIES[name](FeatureStats.from_state(stats_state))
+    first = FACTORIES[name](Scaling.from_state(scaling_state))
     state, got = run(first, events[:170])
     reloaded = savez_roundtrip(state, tmp_path / "state.npz")
     assert state_layout(reloaded) == state_layout(state)
-    assert first.state_version() == FACTORIES[name](FeatureStats(64)).state_version()
-    second = FACTORIES[name](FeatureStats.from_state(stats_state))  # a restarted process
+    assert first.state_version() == FACTORIES[name](Scaling.from_state(scaling_state)).state_version()
+    second = FACTORIES[name](Scaling.from_state(scaling_state))  # a restarted process
     _, rest = run(second, events[170:], reloaded)
     assert got + rest == expected
 
@@ -926,17 +916,17 @@ def mixed_modality_events(rng: np.random.Generator, n: int) -> list[Event]:
 
 EQUIVALENCE_CASES: dict[str, tuple[DetectorFactory, str]] = {
     **{name: (factory, "tabular") for name, factory in FACTORIES.items()},
-    "confidence_entropy": (lambda stats: ConfidenceDetector(ConfidenceParams(window=30, measure="entropy"), tabular_context(stats)), "tabular"),
+    "confidence_entropy": (lambda scaling: ConfidenceDetector(ConfidenceParams(window=30, measure="entropy"), tabular_context(scaling)), "tabular"),
     "near_duplicate_projected": (
-        lambda stats: NearDuplicateDetector(NearDuplicateParams(window=40, max_vector_dim=16), tabular_context(stats)),
+        lambda scaling: NearDuplicateDetector(NearDuplicateParams(window=40, max_vector_dim=16), tabular_context(scaling)),
         "tabular",
     ),
     "repetition_mixed": (
-        lambda stats: RepetitionDetector(RepetitionParams(window=30, min_events=10), ModelContext("m", None, 64, None, stats)),
+        lambda scaling: RepetitionDetector(RepetitionParams(window=30, min_events=10), ModelContext("m", None, 64, None, scaling)),
         "mixed",
     ),
     "near_duplicate_mixed": (
-        lambda stats: NearDuplicateDetector(NearDuplicateParams(window=30, min_events=10), ModelContext("m", None, 64, None, stats)),
+        lambda scaling: NearDuplicateDetector(NearDuplicateParams(window=30, min_events=10), ModelContext("m", None, 64, None, scaling)),
         "mixed",
     ),
 }
@@ -952,7 +942,7 @@ def test_batches_give_the_same_results_as_single_events(name: str) -> None:
     """
     factory, traffic = EQUIVALENCE_CASES[name]
     rng = np.random.default_rng(17)
-    det = factory(fitted_stats(rng))
+    det = factory(fitted_scaling(rng))
     events = list(mixed_tabular_events(rng, 400)) if traffic == "tabular" else mixed_modality_events(rng, 300)
 
     single_state = det.init_state()

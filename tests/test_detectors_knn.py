@@ -13,7 +13,7 @@ import pytest
 from pydantic import ValidationError
 
 from exporter.detectors.base import Batch, ModelContext, Reference
-from exporter.detectors.kit import Standardizer, reservoir_slots
+from exporter.detectors.kit import Scaling, reservoir_slots
 from exporter.detectors.knn import (
     RESERVOIR_SALT,
     KnnDetector,
@@ -23,14 +23,12 @@ from exporter.detectors.knn import (
 )
 from exporter.events import Event
 from exporter.detectors.kit import window_shares
-from exporter.stats import FeatureStats
-from tests.synthetic import WORLD, D, K, savez_roundtrip, hopskipjump, jbda, run, simba
+from tests.synthetic import judge, WORLD, D, K, savez_roundtrip, hopskipjump, jbda, run, simba
 
 
 def context() -> ModelContext:
-    stats = FeatureStats(D)
-    stats.update_many(WORLD.sample(np.random.default_rng(99), 3000))
-    return ModelContext(name="m", modality="tabular", input_dim=D, num_classes=K, stats=stats)
+    scaling = Scaling.fit(WORLD.sample(np.random.default_rng(99), 3000))
+    return ModelContext(name="m", modality="tabular", input_dim=D, num_classes=K, scaling=scaling)
 
 
 def make_events(x: np.ndarray, client: str = "c") -> list[Event]:
@@ -112,7 +110,7 @@ def test_interleaved_flooding_does_not_hide_the_attack_queries() -> None:
 def test_fit_learns_the_distance_threshold_from_benign_reference_data() -> None:
     ctx = context()
     det = KnnDetector(KnnParams(), ctx)
-    ref = det.fit(Reference(WORLD.sample(np.random.default_rng(1), 2000), None, ctx.stats))
+    ref = det.fit(Reference(WORLD.sample(np.random.default_rng(1), 2000), None, ctx.scaling))
     assert ref is not None and set(ref) == {"distance_threshold"}
     learned = float(ref["distance_threshold"])
     assert 0.4 < learned < 1.0  # the 1st percentile of benign k-NN means on this data
@@ -217,7 +215,7 @@ def test_events_without_vectors_are_not_judged() -> None:
     values, _, state = run(det, events, sizes=7)
     assert np.isnan(values[[0, 1, 3]]).all() and np.isfinite(values[[2, 4, 5, 6]]).all()
     assert int(state["seen"]) == 6
-    assert det.update(state, Batch("c", "m", [Event("c", "m", 1.0, "text", text="x")])) is None
+    assert judge(det, state, Batch("c", "m", [Event("c", "m", 1.0, "text", text="x")])) is None
 
 
 def test_reservoir_slots_follow_algorithm_r() -> None:
@@ -238,40 +236,3 @@ def test_params_are_validated() -> None:
     assert KnnDetector.threshold_param == "threshold" and KnnDetector.name == "knn"
 
 
-def test_standardizer_holds_still_while_online_statistics_drift() -> None:
-    rng = np.random.default_rng(3)
-    stats = FeatureStats(D)
-    stats.update_many(WORLD.sample(rng, 300))
-    std = Standardizer()
-    x = WORLD.sample(rng, 4)
-    first = std.apply(stats, x)
-    np.testing.assert_allclose(first, stats.standardize(x))
-    assert std.count == 300
-    stats.update_many(WORLD.sample(rng, 500) + 2.0)  # a burst shifts the statistics (count 800 < 1024)
-    np.testing.assert_array_equal(std.apply(stats, x), first)
-    stats.update_many(WORLD.sample(rng, 300))  # count 1100 crosses the 1024 step: a new snapshot
-    np.testing.assert_allclose(std.apply(stats, x), stats.standardize(x))
-    assert std.count == 1100
-    stats.update_many(WORLD.sample(rng, 20000))
-    std.apply(stats, x)
-    stats.update_many(WORLD.sample(rng, 100) + 5.0)
-    frozen_after = std.apply(stats, x)  # past the last step it never moves again
-    stats.update_many(WORLD.sample(rng, 30000) + 1.0)
-    np.testing.assert_array_equal(std.apply(stats, x), frozen_after)
-    # frozen statistics (a calibration profile) are used as they are
-    stats.frozen = True
-    np.testing.assert_allclose(std.apply(stats, x), stats.standardize(x))
-    # the snapshot is shared state: a restart keeps it
-    again = Standardizer()
-    again.load(std.state(), D)
-    stats.frozen = False
-    stats.update_many(WORLD.sample(rng, 10))
-    np.testing.assert_array_equal(again.apply(stats, x), std.apply(stats, x))
-    assert std.apply(None, x) is not x and np.array_equal(std.apply(None, x), x)
-    det = KnnDetector(KnnParams(), context())
-    det.embed(x)
-    shared = det.shared_state()
-    assert shared is not None and set(shared) == {"std_mean", "std_inv", "std_count"}
-    other = KnnDetector(KnnParams(), context())
-    other.load_shared_state(shared)
-    np.testing.assert_array_equal(other.embed(x), det.embed(x))

@@ -24,14 +24,13 @@ from exporter.detectors.prada import (
     shapiro_w,
 )
 from exporter.events import Event
-from exporter.stats import FeatureStats
-from tests.synthetic import WORLD, D, K, savez_roundtrip, jbda, run
+from exporter.detectors.kit import Scaling
+from tests.synthetic import judge, WORLD, D, K, savez_roundtrip, jbda, run
 
 
 def context(seed: int = 99) -> ModelContext:
-    stats = FeatureStats(D)
-    stats.update_many(WORLD.sample(np.random.default_rng(seed), 3000))
-    return ModelContext(name="m", modality="tabular", input_dim=D, num_classes=K, stats=stats)
+    scaling = Scaling.fit(WORLD.sample(np.random.default_rng(seed), 3000))
+    return ModelContext(name="m", modality="tabular", input_dim=D, num_classes=K, scaling=scaling)
 
 
 def make_events(x: np.ndarray, client: str = "c", probs: bool = True) -> list[Event]:
@@ -198,7 +197,7 @@ def test_events_without_vector_or_answer_are_not_judged() -> None:
     assert np.isnan(values[5]) and np.isnan(values[-1])
     assert int(state["events"]) == 59
     assert np.isfinite(values[-2])
-    assert det.update(det.init_state(), Batch("c", "m", [text])) is None
+    assert judge(det, det.init_state(), Batch("c", "m", [text])) is None
 
 
 def test_state_is_plain_arrays_that_survive_savez() -> None:

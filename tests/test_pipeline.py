@@ -10,6 +10,7 @@ import pytest
 from exporter.config import Settings
 from exporter.demo import DigitsLike
 from exporter.metrics import Metrics
+from exporter.snapshot import pack
 from exporter.pipeline import Pipeline
 
 PLUGINS = {"always": "tests.plugins:FlagClientsNamedBad", "broken": "tests.plugins:Broken"}
@@ -77,7 +78,7 @@ def test_cardinality_guard_top_n_plus_flagged_and_other() -> None:
     p = make(metrics={"max_client_series": 2})
     for i in range(5):
         p.ingest_lines(lines(f"good-{i}", 2, seed=i))
-    p.collector.refresh()
+    p.view.read(lambda clients: p.collector.refresh(list(clients)))
     p.ingest_lines(lines("bad-1", 3))
     text = p.metrics.registry.get_sample_value
     exported = {c for c in p.collector.exported}
@@ -115,7 +116,7 @@ def test_idle_ttl_eviction() -> None:
 def test_snapshot_round_trip_gives_no_clean_slate() -> None:
     p = make()
     p.ingest_lines(lines("bad-1", 4) + lines("good-1", 6, seed=3))
-    data = p.snapshot()
+    data = pack(p.snapshot_copy())
     q = make()
     assert q.restore(data) == 2
     assert q.store["bad-1"].suspicious and q.store["good-1"].total == 6
@@ -129,7 +130,7 @@ def test_snapshot_from_another_configuration_drops_only_mismatched_detector_stat
     p = make(detectors={"always": {}, "broken": {}, "confidence": {"window": 50}})
     p.ingest_lines(lines("good-1", 5))
     q = make(detectors={"always": {}, "broken": {}, "confidence": {"window": 80}})
-    q.restore(p.snapshot())
+    q.restore(pack(p.snapshot_copy()))
     states = q.store["good-1"].detector_state["digits"]
     assert "always" in states and "confidence" not in states
     q.ingest_lines(lines("good-1", 1))  # the dropped detector starts afresh without error
@@ -145,9 +146,12 @@ def test_detectors_export_per_client_statistics_for_exported_clients() -> None:
     from exporter.detectors.coverage import CoverageDetector
     from exporter.detectors.knn import similar_pairs
 
-    detectors = {"stats": {}, "coverage": {"min_stats_count": 10}}  # coverage cells from the 10th input on
-    p = make(plugins={**PLUGINS, "stats": "tests.plugins:Stats"}, detectors=detectors, metrics={"max_client_series": 3})
+    # coverage fits on the live baseline's first 64 inputs (4 clients x 16) when 40 make a cell rare
+    detectors = {"stats": {}, "coverage": {"rare_mass": 0.05}}
+    p = make(plugins={**PLUGINS, "stats": "tests.plugins:Stats"}, detectors=detectors, metrics={"max_client_series": 7})
     x = lines("good-1", 30)
+    p.ingest_lines([line for i in range(4) for line in lines(f"warm-{i}", 16, seed=10 + i)])
+    assert p.runtimes.get("digits").context.scaling is not None
     p.ingest_lines(x[:10])
     p.ingest_lines(x[10:] + x[:10] + lines("quiet-1", 4, seed=1) + lines("statfail-1", 3, seed=2))
     assert value(p, "monitaur_client_test_events_total", client="good-1", model="digits") == 40
@@ -160,7 +164,7 @@ def test_detectors_export_per_client_statistics_for_exported_clients() -> None:
     # the built-in ones: SEAT's similar pairs (knn), coverage and class entropy (coverage)
     state = p.store["good-1"].detector_state["digits"]
     assert value(p, "monitaur_client_similar_pairs_total", client="good-1", model="digits") == similar_pairs(state["knn"]) >= 10
-    coverage = next(d for d in p.runtimes["digits"].detectors if isinstance(d, CoverageDetector))
+    coverage = next(d for d in p.runtimes.get("digits").detectors if isinstance(d, CoverageDetector))
     assert value(p, "monitaur_client_feature_coverage", client="good-1", model="digits") == coverage.coverage(state["coverage"]) > 0
     assert 0 < value(p, "monitaur_client_class_entropy", client="good-1", model="digits") == coverage.class_entropy(state["coverage"]) <= 1
     # clients under __other__ have no such series

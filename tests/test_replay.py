@@ -35,7 +35,7 @@ def test_report_on_the_example_log(tmp_path: Path) -> None:
     assert 1 <= rep["first_flagged_query"] <= 60 and 0.0 <= rep["score"] <= 1.0
     assert clients["app-00"]["first_flagged_query"] is None
     assert set(rep["detectors"]) == set(Settings().detector_params())
-    assert rep["detectors"]["risk"]["flagged"]  # uncalibrated fusion: flagged while any detector is
+    assert "risk" not in rep["detectors"]  # the verdict is the top-level flag and score, not a detector
 
 
 def test_events_are_replayed_in_timestamp_order_across_files(tmp_path: Path) -> None:

@@ -132,7 +132,7 @@ def test_the_snapshot_copies_clients_a_chunk_per_hold_of_the_lock() -> None:
     for i in range(450):
         p.ingest_lines(lines(f"c{i}", 2, seed=i % 7))
     p.lock = counting = CountingLock(p)  # type: ignore[assignment]
-    data = p.snapshot()
+    data = pack(p.snapshot_copy())
     p.lock = counting.lock
     assert counting.holds == 1 + 3  # the models, then 450 clients 200 at a time
     q = Pipeline(Settings())
@@ -155,7 +155,7 @@ def test_a_snapshot_taken_while_events_arrive_restores() -> None:
     t = threading.Thread(target=ingest)
     t.start()
     try:
-        snaps = [p.snapshot() for _ in range(5)]
+        snaps = [pack(p.snapshot_copy()) for _ in range(5)]
     finally:
         stop.set()
         t.join()
@@ -175,7 +175,7 @@ def test_a_checkpoint_streamed_to_a_file_restores_like_the_bytes(tmp_path) -> No
     from_file, from_bytes = Pipeline(Settings()), Pipeline(Settings())
     with open(path, "rb") as fh:
         assert from_file.restore(fh) == 30
-    assert from_bytes.restore(p.snapshot()) == 30
+    assert from_bytes.restore(pack(p.snapshot_copy())) == 30
     for c in p.store.values():
         a, b = from_file.store[c.client_id], from_bytes.store[c.client_id]
         assert (a.total, a.scores, a.flags) == (b.total, b.scores, b.flags) == (c.total, c.scores, c.flags)

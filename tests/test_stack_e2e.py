@@ -137,7 +137,7 @@ MAY_BE_EMPTY = {
     "MonitaurCheckpointFailing": "checkpoints succeed",
 }
 # Alerts allowed empty only while the detector they read is not enabled in the exporter.
-NEEDS_DETECTOR = {"MonitaurBoundaryProbing": "boundary"}
+NEEDS_DETECTOR = {"MonitaurBoundaryProbing": "confidence"}
 # Expressions empty because of a known exporter bug: (rule or panel, part of the expr, bug).
 # Strict, like xfail(strict=True): once the expression returns data, the test fails and
 # asks for the entry to be removed.
@@ -740,7 +740,7 @@ def test_stack_end_to_end(stacks) -> None:
 
         # Every query of the dashboards and the rules returns data on the live Prometheus.
         detectors = enabled_detectors(stack.exporter.scrape_text())
-        assert {"risk", "broken"} <= detectors, detectors
+        assert {"confidence", "broken"} <= detectors, detectors
         checks = [(f"{f} / {title} #{i}", title, expr) for i, (f, title, expr) in enumerate(dashboard_exprs())]
         checks += [(f"{f} / {name} #{i}", name, expr) for i, (f, name, expr) in enumerate(rule_exprs())]
         pending = {label: expr for label, name, expr in checks if not allowed_empty(name, expr, detectors)}

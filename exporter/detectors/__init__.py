@@ -34,11 +34,9 @@ BUILTIN: dict[str, str] = {
     "fingerprint": "exporter.detectors.fingerprint:FingerprintDetector",
     "ood": "exporter.detectors.ood:OodDetector",
     "coverage": "exporter.detectors.coverage:CoverageDetector",
-    "boundary": "exporter.detectors.boundary:BoundaryDetector",
     "rate": "exporter.detectors.rate:RateDetector",
-    "risk": "exporter.detectors.risk:RiskDetector",
 }
-FUSION = "risk"  # always runs last, after plugins too
+RESERVED = {"fusion", "risk"}  # the verdict's names: not detector names (the verdict is configured under `fusion:`)
 
 
 def _load(spec: str, where: str) -> type[Detector]:
@@ -61,10 +59,11 @@ def available_detectors(plugins: dict[str, str] | None = None) -> dict[str, str]
     """Every known detector name -> its 'module:Class' spec."""
     found = dict(BUILTIN)
     for ep in entry_points(group="monitaur.detectors"):
-        found.setdefault(ep.name, ep.value)
+        if ep.name not in RESERVED:
+            found.setdefault(ep.name, ep.value)
     for name, spec in (plugins or {}).items():
-        if name in BUILTIN:
-            raise ValueError(f"plugins.{name}: the name is taken by a built-in detector")
+        if name in BUILTIN or name in RESERVED:
+            raise ValueError(f"plugins.{name}: the name is taken by a built-in detector or the verdict")
         if ":" not in spec:
             raise ValueError(f"plugins.{name}: expected 'module:Class', got {spec!r}")
         found[name] = spec
@@ -79,6 +78,8 @@ def resolve_detectors(config: dict[str, dict[str, Any]], plugins: dict[str, str]
     """
     known = available_detectors(plugins)
     for name, section in config.items():
+        if name in RESERVED:
+            raise ValueError(f"detectors.{name}: the fused verdict is not a detector; configure it under `fusion:`")
         if name not in known:
             raise ValueError(f"detectors.{name}: unknown detector; available: {', '.join(known)}")
         if section is not None and not isinstance(section, dict):
@@ -97,6 +98,4 @@ def resolve_detectors(config: dict[str, dict[str, Any]], plugins: dict[str, str]
         on = params.enabled if name in config else cls.default_enabled
         if on:
             enabled[name] = (cls, params)
-    if FUSION in enabled:  # fusion reads every other detector's signals, so it runs last
-        enabled[FUSION] = enabled.pop(FUSION)
     return enabled

@@ -9,8 +9,10 @@ in time order — and returns one score per event. Batching is what makes numpy 
 a client's events arriving together are judged with a few array operations instead of
 a Python loop of small ones. A batch of one is the same computation.
 
-Detectors that need knowledge across clients (a shared fingerprint index, a global
-coverage map) keep it in ``shared_state``, one per model, also snapshotted.
+Detectors that need knowledge across clients (a shared fingerprint index) keep it in
+``shared_state``, one per model, also snapshotted, and update it in :meth:`Detector.prepare`,
+which sees every client's events of a :class:`Block` in time order before the per-client
+``update`` calls: so a verdict does not depend on how events were cut into blocks.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 from exporter.canonical import all_flat_vectors, canonical_digests
 
 if TYPE_CHECKING:
+    from exporter.detectors.kit import Scaling
     from exporter.events import Event
-    from exporter.stats import FeatureStats
 
 State = dict[str, np.ndarray]
 
@@ -88,22 +90,32 @@ class ClientMetric(NamedTuple):
 
 @dataclass(slots=True)
 class Reference:
-    """Benign data of one model, from which detectors learn reference statistics at calibration."""
+    """Benign data of one model, from which detectors learn reference statistics (``fit``).
+
+    It comes from calibration (``monitaur-exporter calibrate``) or, without a profile,
+    from the model's live baseline (:mod:`exporter.baseline`).
+    """
 
     vectors: np.ndarray | None  # (n, d) raw input vectors
     probs: np.ndarray | None  # (n, K) probabilities, NaN rows where unknown
-    stats: "FeatureStats | None"  # frozen standardization learned from the same data
+    scaling: "Scaling | None"  # the feature scaling learned from the same data
 
 
 @dataclass(slots=True)
 class ModelContext:
-    """What a detector may know about the model it watches."""
+    """What a detector may know about the model it watches.
+
+    ``scaling`` is the model's feature scaling (:class:`~exporter.detectors.kit.Scaling`):
+    from the calibration profile, or from the live baseline once it has learned one
+    (None before that). It is replaced, never modified, so a detector may cache what it
+    derives from it and check ``is`` to see whether it changed.
+    """
 
     name: str
     modality: str | None
     input_dim: int | None
     num_classes: int | None
-    stats: "FeatureStats | None" = None
+    scaling: "Scaling | None" = None
     detectors: tuple[str, ...] = ()  # names of the model's enabled detectors, in run order
 
 
@@ -120,15 +132,20 @@ def _stacked(rows: list[np.ndarray | None]) -> np.ndarray | None:
     return out if out.ndim == 2 and out.dtype.kind == "f" else None
 
 
-class Batch:
-    """Consecutive events of one client and one model, with stacked views computed on demand."""
+class Block:
+    """Events of one model, in time order, with stacked views computed on demand.
 
-    def __init__(self, client: str, model: str, events: list["Event"]) -> None:
-        self.client = client
+    A block is what the cross-client stage sees (:meth:`Detector.prepare`): all the
+    clients' events of a processed chunk, so that state shared across clients is updated
+    in time order whatever the batching. :class:`Batch` (one client's events) reads its
+    views from its block. ``prepared`` holds each detector's per-event results of the
+    cross-client stage, aligned with ``events``.
+    """
+
+    def __init__(self, model: str, events: list["Event"]) -> None:
         self.model = model
         self.events = events
-        # Signals of the detectors that already ran on this batch, by name (read by fusion).
-        self.signals: dict[str, Signals] = {}
+        self.prepared: dict[str, tuple[np.ndarray, ...]] = {}
 
     def __len__(self) -> int:
         return len(self.events)
@@ -204,6 +221,57 @@ class Batch:
         return out
 
 
+def _sliced(name: str) -> cached_property:  # type: ignore[type-arg]
+    """A :class:`Batch` view: its block's view at the batch's rows, else computed from its own events.
+
+    A block's view can be None (or unusable) where a batch's is not, e.g. when another
+    client's event in the block has no vector: then the batch computes its own.
+    """
+    compute = getattr(Block, name).func
+
+    def view(self: "Batch") -> object:
+        parent = self.block
+        if parent is not None:
+            full = getattr(parent, name)
+            if full is not None:
+                return full[self.rows]
+        return compute(self)
+
+    view.__doc__ = getattr(Block, name).__doc__
+    view.__name__ = name
+    return cached_property(view)
+
+
+class Batch(Block):
+    """Consecutive events of one client and one model: what :meth:`Detector.update` judges.
+
+    Built by the pipeline from a :class:`Block` (``block`` and the batch's ``rows`` in
+    it, whose views it slices), or standalone from events (tests, tools).
+    """
+
+    def __init__(self, client: str, model: str, events: list["Event"], block: Block | None = None, rows: np.ndarray | None = None) -> None:
+        super().__init__(model, events)
+        self.client = client
+        self.block = block
+        self.rows = rows if rows is not None else np.arange(len(events))
+
+    def prepared_for(self, name: str) -> tuple[np.ndarray, ...] | None:
+        """Detector ``name``'s cross-client results (:meth:`Detector.prepare`) for this batch's events."""
+        if self.block is None:  # a standalone batch is its own block
+            return self.prepared.get(name)
+        found = self.block.prepared.get(name)
+        return None if found is None else tuple(a[self.rows] for a in found)
+
+    ts = _sliced("ts")
+    vectors = _sliced("vectors")
+    probs = _sliced("probs")
+    confidence = _sliced("confidence")
+    top2 = _sliced("top2")
+    flat_vectors = _sliced("flat_vectors")
+    digests = _sliced("digests")
+    predicted = _sliced("predicted")
+
+
 class Detector(ABC):
     """Base class: subclasses set ``name`` and ``Params`` and implement ``init_state`` and ``update``.
 
@@ -240,6 +308,16 @@ class Detector(ABC):
         """Fold the batch into ``state``; return the client's signal after each event."""
 
     # -- optional hooks --------------------------------------------------------
+    def prepare(self, block: Block) -> None:
+        """The cross-client stage: called once per block, before :meth:`update` on its batches.
+
+        A detector with state shared across clients (an index of every client's queries)
+        updates it here, from all the clients' events in time order, and leaves per-event
+        results in ``block.prepared[self.name]`` (a tuple of arrays aligned with the
+        block's events) for :meth:`update` to read with :meth:`Batch.prepared_for`. Done
+        this way, verdicts do not depend on how events are cut into blocks.
+        """
+
     def fit(self, reference: Reference) -> State | None:
         """Learn reference statistics from benign data (calibration); None if nothing to learn."""
         return None

@@ -53,8 +53,7 @@ class CoverageParams(WindowedParams):
         gt=0.0,
         lt=1.0,
         description=(
-            "A cell is rare when it holds less than this share of benign queries (of the "
-            "reference with one; of the distinct client visits of all traffic without)."
+            "A cell is rare when it holds less than this share of the reference's benign queries."
         ),
     )
     window: int = Field(100, ge=1, le=100_000, description="How many of the client's last judged queries the novelty share is taken over.")
@@ -67,24 +66,6 @@ class CoverageParams(WindowedParams):
             "Flag when at least this share of the window's queries was novel. iid benign traffic "
             "is novel about 1 % of the time, uniform random queries almost always. Calibration "
             "overwrites it per model."
-        ),
-    )
-    min_stats_count: int = Field(
-        200,
-        ge=2,
-        description=(
-            "Without a reference: inputs the model's live feature statistics must have seen "
-            "before cells are computed at all (earlier cells would be placed by noise)."
-        ),
-    )
-    min_global_visits: int = Field(
-        1000,
-        ge=1,
-        description=(
-            "Without a reference: distinct (client, cell) visits per partition (on average) needed "
-            "before cells can be called rare from the traffic itself; queries before that are not judged. "
-            "Below 1 / rare_mass visits (1000 by default), 'rare' can only mean 'never visited "
-            "by another client'."
         ),
     )
 
@@ -121,11 +102,10 @@ class CoverageDetector(Detector):
     with another geometry: partitions into cells rather than one distance to one
     Gaussian, so multi-modal benign data (a cluster per class) is described better.
 
-    Cells: the query is standardized (reference statistics, or ``context.stats`` without
-    a reference) and, in each of ``tables`` independent partitions, its cell is the bit
-    pattern of ``bits`` fixed random hyperplanes ``[z . n_j > o_j * sigma_j]``: unit
-    normals n_j, offsets o_j ~ N(0, spread^2) in units of the benign spread sigma_j along
-    n_j (1 without a reference). Hyperplanes through the mean (``spread`` 0, plain
+    Cells: the query is standardized with the reference's feature scaling and, in each
+    of ``tables`` independent partitions, its cell is the bit pattern of ``bits`` fixed
+    random hyperplanes ``[z . n_j > o_j * sigma_j]``: unit normals n_j, offsets
+    o_j ~ N(0, spread^2) in units of the benign spread sigma_j along n_j. Hyperplanes through the mean (``spread`` 0, plain
     SimHash) make cones that only see a query's direction; in 64 dimensions benign noise
     fills all directions, so far queries are hardly rarer than benign ones. A single
     partition is a lottery: far queries all fall in the few unbounded cells in their
@@ -135,17 +115,12 @@ class CoverageDetector(Detector):
     uniform random 47-100 %; the defaults (4 partitions with offsets, majority), benign
     at most 1.3 %, uniform random at least 97 %, feature-permuted digits at least 72 %.
 
-    Novelty: a cell is *rare* when it holds less than ``rare_mass`` of benign traffic, and
-    a query is *novel* when its cells are rare in at least half of the partitions:
-
-    * with a reference (``fit``): the cell's share of the reference queries;
-    * without: the cell's share of all distinct (client, cell) visits made so far by the
-      *other* clients (the shared state counts, per cell, the clients that visited it).
-      Counting distinct clients, not queries, keeps a single heavy attacker from making
-      its own cells look popular. Until the partitions have ``min_global_visits`` visits
-      on average nothing is judged (NaN), and nothing at all is done before ``context.stats`` has
-      seen ``min_stats_count`` inputs. Cruder: the cells move while the statistics still
-      learn, and colluders who share cells make them look visited to each other.
+    Novelty: a cell is *rare* when it holds less than ``rare_mass`` of the reference's
+    benign queries (``fit``: from a calibration profile, or from the model's live
+    baseline), and a query is *novel* when its cells are rare in at least half of the
+    partitions. Nothing is judged before the model has a reference. Rarity is a
+    property of the reference, not of live traffic, so no client can make its own
+    cells look popular, or another client's look rare.
 
     The score is the share of novel queries among the client's last ``window`` judged
     queries, ``novel / max(n, min_events)`` (it ramps up for a new client instead of
@@ -156,10 +131,7 @@ class CoverageDetector(Detector):
 
     Collusion: splitting a spread-out attack over several API keys does not dilute it,
     because each member's share of novel queries is the attack's share, whatever its
-    volume. The shared per-model state (distinct clients per cell) also gives a global
-    view, :meth:`global_view`: the cells covered by the union of all clients and the
-    share of visits that went to rare cells, a model-level gauge that jumps when a group
-    of clients explores the space together.
+    volume.
 
     Extra per-client statistics, not folded into the score (a benign client may
     legitimately see one class only, so a skewed class histogram would make the score
@@ -173,13 +145,13 @@ class CoverageDetector(Detector):
     inputs, where a few hyperplanes cut too coarsely. Inputs without vectors are not
     judged (None).
 
-    Cost per batch of m queries: one (m, d) x (d, tables * bits) product, a unique over
-    the m * tables visited cells, a few gathers and scatters on the bitmaps and the
-    shared counts, and one cumulative sum over the window (O(m d tables bits + window)).
+    Cost per batch of m queries: one (m, d) x (d, tables * bits) product, a gather of the
+    rare-cell mask, a scatter into the client's bitmaps and one cumulative sum over the
+    window (O(m d tables bits + window)).
     State per client: ``tables * 2**bits / 8 + 3 * window + 16`` bytes (a visited-cell
     bitmap per partition, a bool novelty and an int16 predicted-class slot per window
-    entry, two int64 counters); 828 bytes with the defaults. Shared per model:
-    ``tables * (4 * 2**bits + 8)`` bytes (16 KiB with the defaults).
+    entry, two int64 counters); 828 bytes with the defaults. Per model: the reference's
+    folded projection and a rare-cell mask (``tables * 2**bits`` bytes).
     """
 
     name: ClassVar[str] = "coverage"
@@ -208,24 +180,20 @@ class CoverageDetector(Detector):
             weights[t * p.bits : (t + 1) * p.bits, t] = 1 << np.arange(p.bits)
         self._weights = weights
         self._base = np.arange(p.tables, dtype=np.float64) * cells
-        self._visits = np.zeros(p.tables * cells, dtype=np.uint32)  # distinct clients per cell
-        self._totals = np.zeros(p.tables, dtype=np.int64)  # distinct visits per partition
-        # Without a reference: the hyperplanes, and the projection folded with the live
-        # statistics (recomputed when they change).
-        self._planes: tuple[np.ndarray, np.ndarray] | None = None
-        self._folded: tuple[object, int, np.ndarray, np.ndarray] | None = None
-        # With a reference: the folded projection and thresholds (see _fold), and the rare cells.
+        self._cells = p.tables * cells
+        # The folded projection and thresholds (see _fold), and the rare cells, from the reference.
         self._ref: tuple[np.ndarray, np.ndarray] | None = None
         self._rare: np.ndarray | None = None
 
     # -- reference --------------------------------------------------------------
     def fit(self, reference: Reference) -> State | None:
         x = reference.vectors
-        if x is None or x.ndim != 2 or x.shape[0] < 2:
+        # A cell holding none of n samples is "rare" only if n says so: n >= 2 / rare_mass.
+        if x is None or x.ndim != 2 or x.shape[0] < 2.0 / self.params.rare_mass:
             return None
         x = np.asarray(x, dtype=np.float64)
-        if reference.stats is not None and reference.stats.dim == x.shape[1]:
-            mean, std = reference.stats.mean.copy(), reference.stats.std.copy()
+        if reference.scaling is not None and reference.scaling.dim == x.shape[1]:
+            mean, std = reference.scaling.center.copy(), reference.scaling.spread.copy()
         else:
             mean = x.mean(axis=0)
             std = x.std(axis=0, ddof=1)
@@ -238,7 +206,7 @@ class CoverageDetector(Detector):
         sigma = np.where(sigma > 1e-12, sigma, 1.0)
         cuts = offsets * sigma
         flat = self._flat_cells(proj > c + cuts)
-        mass = np.bincount(flat.ravel(), minlength=self._visits.shape[0]) / x.shape[0]
+        mass = np.bincount(flat.ravel(), minlength=self._cells) / x.shape[0]
         return {"mean": mean, "std": std, "normals": normals, "cuts": cuts, "mass": mass}
 
     def load_reference(self, reference: State) -> None:
@@ -249,45 +217,13 @@ class CoverageDetector(Detector):
         mass = np.asarray(reference["mass"], dtype=np.float64)
         d, p = mean.shape[0], self.params
         width = p.tables * p.bits
-        if std.shape != (d,) or normals.shape != (d, width) or cuts.shape != (width,) or mass.shape != self._visits.shape:
+        if std.shape != (d,) or normals.shape != (d, width) or cuts.shape != (width,) or mass.shape != (self._cells,):
             raise ValueError(f"coverage reference does not fit {p.tables} partitions of {p.bits} bits over {d} features")
         if self.context.input_dim is not None and d != self.context.input_dim:
             raise ValueError(f"coverage reference has {d} features; model {self.context.name} has {self.context.input_dim}")
         a, c = _fold(mean, std, normals)
         self._ref = (a, c + cuts)
         self._rare = mass < p.rare_mass
-
-    # -- shared state -----------------------------------------------------------
-    def shared_state(self) -> State | None:
-        return {"visits": self._visits.copy(), "totals": self._totals.copy()}
-
-    def load_shared_state(self, state: State) -> None:
-        visits = np.asarray(state["visits"])
-        if visits.shape != self._visits.shape:
-            raise ValueError(f"coverage shared state has {visits.shape[0]} cells; expected {self._visits.shape[0]}")
-        self._visits = visits.astype(np.uint32, copy=True)
-        self._totals = self._visits.reshape(self.params.tables, -1).sum(axis=1, dtype=np.int64)
-
-    def global_view(self) -> dict[str, float]:
-        """The model-level coverage of all clients together (the union of their cells), averaged over partitions.
-
-        ``cells_visited``: cells any client has visited; ``coverage``: their share of all
-        cells; ``visits``: distinct (client, cell) visits; with a reference also
-        ``rare_cells_visited`` (visited cells that are rare in the reference) and
-        ``rare_visit_share`` (the share of distinct visits that went to rare cells).
-        """
-        t = self.params.tables
-        visited = self._visits > 0
-        out: dict[str, float] = {
-            "cells_visited": float(visited.sum()) / t,
-            "coverage": float(visited.mean()),
-            "visits": float(self._totals.sum()) / t,
-        }
-        if self._rare is not None:
-            out["rare_cells_visited"] = float((visited & self._rare).sum()) / t
-            total = int(self._totals.sum())
-            out["rare_visit_share"] = float(self._visits[self._rare].sum(dtype=np.int64)) / total if total else math.nan
-        return out
 
     # -- detection ----------------------------------------------------------------
     def init_state(self) -> State:
@@ -307,69 +243,29 @@ class CoverageDetector(Detector):
     def cells(self, vectors: np.ndarray) -> np.ndarray | None:
         """(m, tables) the flat cell index (``t * 2**bits + cell``) of each input in each partition t.
 
-        None when no standardization is known yet.
+        None before the model has a reference (cells are placed by the benign spread).
         """
-        if self._ref is not None:
-            a, limits = self._ref
-        else:
-            stats = self.context.stats
-            if stats is None or stats.dim != vectors.shape[1] or stats.count < self.params.min_stats_count:
-                return None
-            p = self.params
-            if self._planes is None or self._planes[0].shape[0] != stats.dim:
-                self._planes = hyperplanes(stats.dim, p.bits, p.spread, p.seed, p.tables)
-                self._folded = None
-            normals, cuts = self._planes
-            folded = self._folded
-            if folded is None or folded[0] is not stats or folded[1] != stats.count:
-                a, c = _fold(stats.mean, stats.std, normals)
-                folded = self._folded = (stats, stats.count, a, c + cuts)
-            a, limits = folded[2], folded[3]
+        if self._ref is None:
+            return None
+        a, limits = self._ref
         if vectors.shape[1] != a.shape[0]:
             raise ValueError(f"input of {vectors.shape[1]} features; the coverage cells have {a.shape[0]}")
         return self._flat_cells(vectors @ a > limits)
 
     def update(self, state: State, batch: Batch) -> Signals | None:
-        x = batch.vectors
-        if x is None:
-            return None
-        cells = self.cells(x)
-        if cells is None:
-            return None
-        p = self.params
-        m = cells.shape[0]
-        visited = state["visited"]
-        byte = cells >> 3
-        bit = (cells & 7).astype(np.uint8)
-        seen = ((visited[byte] >> bit) & 1).astype(bool)  # (m, tables): visited before this batch
-        flat = cells.ravel()  # event-major: an earlier event's cells come first
-        first = np.zeros(flat.shape[0], dtype=bool)
-        first[np.unique(flat, return_index=True)[1]] = True
-        new_visit = first.reshape(cells.shape) & ~seen  # the client's first visits to a cell
-        if self._rare is not None:
-            rare = self._rare[cells]
-            judged = None
-        else:
-            # Distinct visits per partition known before each event (the batch's earlier
-            # first visits included), so a batch gives the same verdicts as its events one
-            # at a time; a cell's own first visit by this client never counts for it.
-            totals = self._totals + np.cumsum(new_visit, axis=0, dtype=np.int64) - new_visit
-            others = self._visits[cells].astype(np.int64) - seen  # clients other than this one
-            rare = others < p.rare_mass * totals
-            judged = totals.sum(axis=1) >= p.tables * p.min_global_visits
-        novel = 2 * rare.sum(axis=1) >= p.tables  # rare in at least half of the partitions
-        # Fold the batch in: the client's bitmaps and the model's distinct-client counts.
-        fresh = cells[new_visit]  # distinct cells
-        if fresh.shape[0]:
-            self._visits[fresh] += np.uint32(1)
-            self._totals += new_visit.sum(axis=0)
-            np.bitwise_or.at(visited, byte[new_visit], np.left_shift(np.uint8(1), bit[new_visit]))
-        cls_count = int(state["class_count"])
+        m = len(batch)
+        cls_count = int(state["class_count"])  # the class histogram needs no reference
         ring_write(state["class_buf"], cls_count, batch.predicted.astype(np.int16))
         state["class_count"][...] = cls_count + m
-        rows = None if judged is None else np.flatnonzero(judged)
-        hits = novel if rows is None else novel[rows]
-        return share_signals(state["novel_buf"], state["novel_count"], hits, rows, m, p.min_events, p.threshold)
+        x = batch.vectors
+        cells = self.cells(x) if x is not None else None
+        if cells is None or self._rare is None:
+            return None
+        p = self.params
+        visited = state["visited"]
+        np.bitwise_or.at(visited, cells >> 3, np.left_shift(np.uint8(1), (cells & 7).astype(np.uint8)))
+        novel = 2 * self._rare[cells].sum(axis=1) >= p.tables  # rare in at least half of the partitions
+        return share_signals(state["novel_buf"], state["novel_count"], novel, None, m, p.min_events, p.threshold)
 
     # -- extra per-client statistics ---------------------------------------------
     def client_values(self, state: State) -> dict[str, float]:
@@ -377,7 +273,7 @@ class CoverageDetector(Detector):
 
     def coverage(self, state: State) -> float:
         """The share of all cells the client has ever visited (Kesarwani's coverage), averaged over partitions."""
-        return float(np.unpackbits(state["visited"]).sum()) / self._visits.shape[0]
+        return float(np.unpackbits(state["visited"]).sum()) / self._cells
 
     def class_entropy(self, state: State) -> float:
         """Normalized entropy (÷ ln K) of the predicted classes in the client's window; NaN if unknown.

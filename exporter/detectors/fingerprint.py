@@ -13,6 +13,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from exporter.canonical import DIGEST_FORMAT
 from exporter.detectors.base import (
     Batch,
+    Block,
     Detector,
     DetectorParams,
     ModelContext,
@@ -21,7 +22,7 @@ from exporter.detectors.base import (
     WindowedParams,
 )
 from exporter.hashing import MASK64, splitmix64
-from exporter.detectors.kit import Standardizer, share_signals
+from exporter.detectors.kit import share_signals
 
 _U64 = np.uint64
 _PRIME = 0x100000001B3  # the 64-bit FNV prime: odd, so invertible modulo 2**64
@@ -230,12 +231,15 @@ class FingerprintDetector(Detector):
     Benign clients whose inputs vary little (sensor readings, drafts edited and
     resubmitted) match too: calibration of ``threshold`` accounts for them.
 
-    Batching: a batch is judged exactly as its events one at a time would be (a lookup
-    sees what earlier events of the batch put in its bucket), provided event times do
-    not decrease (TTL eviction happens at batch starts; expired queries never match
-    anyway). The index grows at the same query counts whatever the batching. Clients'
-    batches are folded into the shared index in the order the pipeline processes them.
-    After a restore (:meth:`load_shared_state`) the head table is rebuilt from the
+    Batching: matching and indexing happen in :meth:`prepare`, over all the clients'
+    queries of a block in time order, and a block is judged exactly as its queries one
+    at a time would be (a lookup sees what earlier queries of the block put in its
+    bucket), provided event times do not decrease (TTL eviction happens at block
+    starts; expired queries never match anyway). The index grows at the same query
+    counts whatever the batching, so verdicts do not depend on how events are cut
+    into blocks; :meth:`update` only folds each client's matches into its window.
+    Vectors are quantized on the model's feature scaling and not judged before the
+    model has one. After a restore (:meth:`load_shared_state`) the head table is rebuilt from the
     queries, so hashes an earlier bucket take-over had hidden are found again.
 
     Not judged (NaN, or None for a whole batch): events without a vector of the model's
@@ -258,7 +262,7 @@ class FingerprintDetector(Detector):
     name: ClassVar[str] = "fingerprint"
     Params: ClassVar[type[DetectorParams]] = FingerprintParams
     threshold_param: ClassVar[str | None] = "threshold"
-    state_format: ClassVar[str] = f"digest-{DIGEST_FORMAT}"  # the index stores digests
+    state_format: ClassVar[str] = f"digest-{DIGEST_FORMAT}:scaling-1"  # the index stores digests, and hashes of scaled inputs
     default_enabled: ClassVar[bool] = True
     params: FingerprintParams
 
@@ -270,7 +274,6 @@ class FingerprintDetector(Detector):
         super().__init__(params, context)
         self._dim = context.input_dim
         self._cap = self.params.max_queries
-        self._standardizer = Standardizer()  # the quantization grid: fixed while the statistics drift
         self._reset()
 
     def _reset(self) -> None:
@@ -298,11 +301,12 @@ class FingerprintDetector(Detector):
         }
 
     # -- fingerprints ----------------------------------------------------------------
-    def fingerprints(self, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+    def fingerprints(self, batch: Block) -> tuple[np.ndarray, np.ndarray]:
         """(positions of the judged events, their (m, top_k) fingerprints, ascending, 0 = empty slot)."""
         p = self.params
         events = batch.events
-        d = self._dim
+        scaling = self.context.scaling
+        d = self._dim if scaling is not None and scaling.dim == self._dim else None  # vectors need the model's scaling
         x = batch.flat_vectors
         if d and x is not None and x.shape[1] == d:
             return np.arange(len(events)), self._vector_prints(x)
@@ -328,7 +332,9 @@ class FingerprintDetector(Detector):
 
     def _vector_prints(self, x: np.ndarray) -> np.ndarray:
         p = self.params
-        z = self._standardizer.apply(self.context.stats, x)
+        scaling = self.context.scaling
+        assert scaling is not None  # checked by fingerprints()
+        z = scaling.apply(x)
         z *= 1.0 / p.quantum
         q = np.floor(np.clip(z, -_QMAX, _QMAX, out=z)).astype(np.int64)
         return top_hashes(window_hashes(q, p.window_size, p.stride), p.top_k)
@@ -343,21 +349,30 @@ class FingerprintDetector(Detector):
         return top_hashes(window_hashes(q, w, s), p.top_k)
 
     # -- detection -----------------------------------------------------------------
-    def update(self, state: State, batch: Batch) -> Signals | None:
-        idx, prints = self.fingerprints(batch)
+    def prepare(self, block: Block) -> None:
+        """Match every client's queries of the block against the shared index, in time order, then index them.
+
+        Leaves per event (``block.prepared``): 1.0 when the query matched an earlier one,
+        0.0 when not, NaN when not judged; and whether it matched another client's query.
+        """
+        n = len(block)
+        matched = np.full(n, np.nan)
+        foreign = np.zeros(n, dtype=bool)
+        block.prepared[self.name] = (matched, foreign)
+        idx, prints = self.fingerprints(block)
         m = idx.shape[0]
         if m == 0:
-            return None
-        p = self.params
-        events = batch.events
-        every = m == len(events)
-        dig = batch.digests if every else batch.digests[idx]
-        ts = batch.ts if every else batch.ts[idx]
-        me = client_key(batch.client)
-        self._remember_name(me, batch.client)
+            return
+        events = block.events
+        every = m == n
+        dig = block.digests if every else block.digests[idx]
+        ts = block.ts if every else block.ts[idx]
+        names = [events[i].client for i in idx.tolist()]
+        keys = np.fromiter((client_key(c) for c in names), dtype=np.uint64, count=m)
+        for key, client in dict(zip(keys.tolist(), names)).items():
+            self._remember_name(key, client)
         self._expire(float(ts[0]))
-        parts = []
-        cross_n = 0
+        hit = np.zeros(m, dtype=bool)
         start = 0
         while start < m:
             # Chunks end where the index grows, so it grows at the same query whatever the batching.
@@ -366,18 +381,28 @@ class FingerprintDetector(Detector):
                 self._grow()
                 continue
             stop = min(m, start + self._CHUNK, start + room)
-            hit, other = self._match_and_insert(prints[start:stop], ts[start:stop], dig[start:stop], me)
-            parts.append(hit)
+            hit[start:stop], other = self._match_and_insert(prints[start:stop], ts[start:stop], dig[start:stop], keys[start:stop])
             if other is not None:
-                self._record_peers(me, other)
-                cross_n += sum(1 for peers in other if peers)
+                for r, found in enumerate(other):
+                    if found:
+                        foreign[idx[start + r]] = True
+                        self._record_peers(int(keys[start + r]), found)
             start = stop
-        matched = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        state["matched"][...] = int(state["matched"]) + int(np.count_nonzero(matched))
-        state["cross"][...] = int(state["cross"]) + cross_n
-        return share_signals(state["match_buf"], state["match_count"], matched, None if every else idx, len(events), p.min_events, p.threshold)
+        matched[idx] = hit
 
-    def _match_and_insert(self, prints: np.ndarray, ts: np.ndarray, dig: np.ndarray, me: int) -> tuple[np.ndarray, list[set[int]] | None]:
+    def update(self, state: State, batch: Batch) -> Signals | None:
+        found = batch.prepared_for(self.name)
+        if found is None:
+            return None
+        matched, foreign = found
+        judged = np.flatnonzero(matched == matched)  # not NaN
+        hits = matched[judged] > 0.0
+        state["matched"][...] = int(state["matched"]) + int(np.count_nonzero(hits))
+        state["cross"][...] = int(state["cross"]) + int(np.count_nonzero(foreign))
+        p = self.params
+        return share_signals(state["match_buf"], state["match_count"], hits, judged, len(batch), p.min_events, p.threshold)
+
+    def _match_and_insert(self, prints: np.ndarray, ts: np.ndarray, dig: np.ndarray, me: np.ndarray) -> tuple[np.ndarray, list[set[int]] | None]:
         """Match each query against the index (earlier queries only, this batch's included), then index them.
 
         Entry ``e = query id * top_k + slot`` is one hash of one query; each entry links
@@ -386,7 +411,7 @@ class FingerprintDetector(Detector):
         at a time (lookup, then insert): a lookup sees the newest entry put into its
         bucket by an earlier query of the batch, else the table's head. Returns per
         query whether it matched, and (when any query matched another client's) per
-        query the set of other clients' keys it matched.
+        query the set of other clients' keys it matched. ``me`` holds each query's client key.
         """
         p = self.params
         k, cap, depth, need = p.top_k, self._cap, p.chain_depth, p.match_threshold
@@ -469,8 +494,8 @@ class FingerprintDetector(Detector):
             if matched.any():
                 rows, cols = np.nonzero(runs)
                 qids = srt[rows, cols]
-                clients = np.where(qids >= base, _U64(me), self._client[qids % cap])
-                foreign = clients != _U64(me)
+                clients = np.where(qids >= base, me[np.minimum(np.maximum(qids - base, 0), m - 1)], self._client[qids % cap])
+                foreign = clients != me[rows]
                 if foreign.any():
                     other = [set() for _ in range(m)]
                     for r, c in zip(rows[foreign].tolist(), clients[foreign].tolist()):
@@ -481,7 +506,7 @@ class FingerprintDetector(Detector):
         self._prev[pos] = _back(entries, prev).reshape(m, k)
         self._ts[pos] = ts
         self._digest[pos] = dig
-        self._client[pos] = _U64(me)
+        self._client[pos] = me
         last = ranked >= 0
         last[:-1] &= group[1:]
         self._head[ranked[last]] = _pack(entries[order[last]])  # a bucket's newest entry of the batch
@@ -588,7 +613,8 @@ class FingerprintDetector(Detector):
         if len(names) > 4 * self.params.max_tracked_clients:
             names.popitem(last=False)
 
-    def _record_peers(self, me: int, other: list[set[int]]) -> None:
+    def _record_peers(self, me: int, found: set[int]) -> None:
+        """Count one query of client ``me`` that matched queries of the clients ``found``."""
         ev = self._evidence.get(me)
         if ev is None:
             ev = self._evidence[me] = _Evidence()
@@ -598,18 +624,15 @@ class FingerprintDetector(Detector):
             self._evidence.move_to_end(me)
         limit = self.params.max_peers
         peers = ev.peers
-        for found in other:
-            if not found:
-                continue
-            ev.cross += 1
-            for peer in found:
-                if peer in peers:
-                    peers[peer] += 1
-                elif len(peers) < limit:
-                    peers[peer] = 1
-                else:  # space-saving: the newcomer takes the lightest peer's place and count
-                    lightest = min(peers, key=peers.__getitem__)
-                    peers[peer] = peers.pop(lightest) + 1
+        ev.cross += 1
+        for peer in found:
+            if peer in peers:
+                peers[peer] += 1
+            elif len(peers) < limit:
+                peers[peer] = 1
+            else:  # space-saving: the newcomer takes the lightest peer's place and count
+                lightest = min(peers, key=peers.__getitem__)
+                peers[peer] = peers.pop(lightest) + 1
 
     def peer_matches(self, client: str) -> tuple[int, dict[str, int]]:
         ev = self._evidence.get(client_key(client))
@@ -639,7 +662,7 @@ class FingerprintDetector(Detector):
                 peer_key.append(key)
                 peer_count.append(n)
         empty = pos.size == 0
-        return self._standardizer.state() | {
+        return {
             "ids": np.array([self._oldest, self._next], dtype=np.int64),
             "hashes": np.zeros((0, k), dtype=np.uint64) if empty else self._hashes[pos],
             "ts": np.zeros(0) if empty else self._ts[pos],
@@ -663,7 +686,6 @@ class FingerprintDetector(Detector):
         if n < 0 or n > cap or hashes.shape != (n, k) or any(np.asarray(state[f]).shape != (n,) for f in ("ts", "digest", "client")):
             raise ValueError(f"fingerprint shared state does not fit top_k={k}, max_queries={cap}")
         self._reset()
-        self._standardizer.load(state, self._dim)
         while self._alloc < min(nxt, cap):
             self._grow()
         if n:

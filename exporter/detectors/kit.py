@@ -145,64 +145,82 @@ def reservoir_slot(index: int, capacity: int, salt: int) -> int:
 
 
 # -- feature scaling ------------------------------------------------------------------
-class Standardizer:
-    """A model's feature standardization that holds still while its online statistics drift.
+def winsorize(x: np.ndarray, trim: float) -> np.ndarray:
+    """``x`` (n, d) with each column clipped to its ``trim`` and ``1 - trim`` sample quantiles, as float64.
 
-    Detectors that store standardized vectors (or quantize them) need the same mapping
-    for a query today and for its near-duplicate tomorrow. The model's
-    :class:`~exporter.stats.FeatureStats` are updated by every batch until a calibration
-    profile freezes them, so this keeps a snapshot (mean, 1 / std): frozen statistics
-    are used as they are; online ones are snapshotted when first used and again when
-    their event count reaches each of :attr:`STEPS`, then never again. It is shared
-    state of the model (see :meth:`state` / :meth:`load`), so a restart keeps it.
+    The robust first step of every fit on data an attacker may have contributed to: a
+    few extreme rows (every feature at 1e300) cannot move a mean, a spread or a
+    covariance fitted afterwards by more than the quantiles allow.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    lo, hi = np.quantile(x, [trim, 1.0 - trim], axis=0)
+    return np.clip(x, lo, hi)
+
+
+class Scaling:
+    """A model's feature scaling: a centre and a spread per feature, fixed once made.
+
+    Detectors compare inputs "in standard deviations", so they need a scale per feature.
+    It is learned from benign data (a calibration profile, or the model's live baseline)
+    with a *winsorized* mean and standard deviation: each feature is clipped to its
+    ``trim`` and ``1 - trim`` sample quantiles first, so that a few extreme inputs (an
+    attacker sending every feature at 1e300) cannot move the scale that every other
+    client is judged on, while sparse features (pixels that are rarely lit) keep their
+    spread, which a median/MAD estimate would set to zero. A feature without spread gets
+    1, so it neither vanishes nor explodes. :meth:`apply` clips standardized values to
+    +-``Z_MAX`` so that later squares and sums stay finite for any finite input.
+
+    A scaling is immutable: a new one replaces it (``ModelContext.scaling``), and
+    detectors that derive data from it check identity to know when to redo that.
     """
 
-    STEPS = (256, 1024, 4096, 16384)
+    Z_MAX = 1e6
+    MIN_SPREAD = 1e-6
+    TRIM = 0.005
 
-    __slots__ = ("mean", "inv", "count", "_source")
+    __slots__ = ("center", "spread", "inv")
 
-    def __init__(self) -> None:
-        self.mean: np.ndarray | None = None
-        self.inv: np.ndarray | None = None
-        self.count = -1  # the statistics' event count at the snapshot (-1: none)
-        self._source: object | None = None  # the frozen std array the snapshot came from
+    def __init__(self, center: np.ndarray, spread: np.ndarray) -> None:
+        center = np.array(center, dtype=np.float64)
+        spread = np.array(spread, dtype=np.float64)
+        if center.ndim != 1 or spread.shape != center.shape:
+            raise ValueError("a scaling needs a centre and a spread of one length")
+        if not (np.isfinite(center).all() and np.isfinite(spread).all() and (spread > 0).all()):
+            raise ValueError("a scaling needs finite centres and positive finite spreads")
+        center.flags.writeable = False
+        spread.flags.writeable = False
+        self.center = center
+        self.spread = spread
+        self.inv = 1.0 / spread
 
-    def apply(self, stats: object | None, x: np.ndarray) -> np.ndarray:
-        """``x`` (m, d) standardized with the current snapshot, as a new float64 array (a copy
-        of ``x`` when there are no statistics of its length)."""
-        if stats is None or getattr(stats, "dim", None) != x.shape[1]:
-            return np.array(x, dtype=np.float64)
-        self._refresh(stats)
-        return (x - self.mean) * self.inv
+    @property
+    def dim(self) -> int:
+        return int(self.center.shape[0])
 
-    def _refresh(self, stats: object) -> None:
-        count = int(stats.count)  # type: ignore[attr-defined]
-        if stats.frozen:  # type: ignore[attr-defined]
-            std = stats.std  # type: ignore[attr-defined]
-            if self._source is not std:
-                self._take(stats, count)
-                self._source = std
-            return
-        self._source = None
-        if self.mean is None or self.mean.shape[0] != stats.dim or any(self.count < step <= count for step in self.STEPS):  # type: ignore[attr-defined]
-            self._take(stats, count)
+    @classmethod
+    def fit(cls, x: np.ndarray, trim: float = TRIM) -> "Scaling":
+        """Winsorized mean and standard deviation of the rows of ``x`` (n, d), n >= 1."""
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or x.shape[0] == 0:
+            raise ValueError("a scaling is fitted on a non-empty (n, d) array")
+        w = winsorize(x, trim)
+        center = w.mean(axis=0)
+        spread = w.std(axis=0, ddof=1) if x.shape[0] > 1 else np.zeros(x.shape[1])
+        spread = np.where(spread > cls.MIN_SPREAD, spread, 1.0)
+        return cls(center, spread)
 
-    def _take(self, stats: object, count: int) -> None:
-        self.mean = np.array(stats.mean, dtype=np.float64)  # type: ignore[attr-defined]
-        self.inv = 1.0 / np.asarray(stats.std, dtype=np.float64)  # type: ignore[attr-defined]
-        self.count = count
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """``x`` (m, d) standardized, as a new float64 array, clipped to +-``Z_MAX``."""
+        z = (np.asarray(x, dtype=np.float64) - self.center) * self.inv
+        return np.clip(z, -self.Z_MAX, self.Z_MAX, out=z)
 
     def state(self) -> State:
-        if self.mean is None or self.inv is None:
-            return {"std_count": np.asarray(-1, dtype=np.int64)}
-        return {"std_mean": self.mean.copy(), "std_inv": self.inv.copy(), "std_count": np.asarray(self.count, dtype=np.int64)}
+        return {"center": self.center.copy(), "spread": self.spread.copy()}
 
-    def load(self, state: State, dim: int | None) -> None:
-        count = int(np.asarray(state.get("std_count", -1)))
-        if count < 0 or "std_mean" not in state:
-            return
-        mean = np.asarray(state["std_mean"], dtype=np.float64)
-        inv = np.asarray(state["std_inv"], dtype=np.float64)
-        if mean.ndim != 1 or inv.shape != mean.shape or (dim is not None and mean.shape[0] != dim):
-            raise ValueError("standardization snapshot does not fit the model's input length")
-        self.mean, self.inv, self.count, self._source = mean.copy(), inv.copy(), count, None
+    @classmethod
+    def from_state(cls, state: State, dim: int | None = None) -> "Scaling":
+        """The scaling saved by :meth:`state`; ValueError if it does not fit ``dim`` features."""
+        out = cls(np.asarray(state["center"]), np.asarray(state["spread"]))
+        if dim is not None and out.dim != dim:
+            raise ValueError(f"the feature scaling has {out.dim} features; the model has {dim}")
+        return out

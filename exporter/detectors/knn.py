@@ -21,7 +21,7 @@ from exporter.detectors.base import (
     State,
     WindowedParams,
 )
-from exporter.detectors.kit import Standardizer, reservoir_slots, share_signals
+from exporter.detectors.kit import Scaling, reservoir_slots, share_signals
 
 _U64 = np.uint64
 RESERVOIR_SALT = 0x6B6E6E2D72657376  # "knn-resv": decorrelates the reservoir hash from other users of splitmix64
@@ -176,7 +176,8 @@ class KnnDetector(Detector):
     previous queries of the same account is far below what natural traffic produces.
     SEAT's count of similar pairs is kept beside it.
 
-    How: input vectors are standardized (the model's :class:`FeatureStats`), projected to
+    How: input vectors are standardized (the model's feature scaling; nothing is judged
+    before the model has one), projected to
     ``projection_dim`` dimensions by a fixed Gaussian random projection when wider, and
     stored as float32. The history of a client is the union of two disjoint parts: the
     last ``recent`` queries (FIFO), and a reservoir of ``reservoir`` queries sampled
@@ -260,7 +261,6 @@ class KnnDetector(Detector):
         self._scale = 1.0 / math.sqrt(d) if d else 1.0  # distances are reported per sqrt(feature)
         self._pair_sq = (p.pair_threshold * (math.sqrt(d) if d else 1.0)) ** 2  # in unscaled squared units
         self._distance_threshold = float(p.distance_threshold)
-        self._standardizer = Standardizer()
         # Rows judged together: about _CHUNK_ROWS (a multiple of recent), so the fixed cost
         # of a chunk (some sixty numpy calls) is shared by many events while its (m, m)
         # part of the product stays small.
@@ -287,18 +287,15 @@ class KnnDetector(Detector):
             "pairs": np.zeros((), dtype=np.int64),
         }
 
-    def embed(self, x: np.ndarray, stats: object | None = None) -> np.ndarray:
+    def embed(self, x: np.ndarray, scaling: Scaling | None = None) -> np.ndarray | None:
         """(m, d) raw vectors -> (m, p) float32 standardized (and projected) vectors.
 
-        ``stats`` (a reference's frozen statistics, for :meth:`fit`) is applied as is;
-        without it, the model's statistics through the stable :class:`Standardizer`.
+        ``scaling`` defaults to the model's; None when there is none of the vectors' length.
         """
-        z = np.asarray(x, dtype=np.float64)
-        if stats is not None:
-            if getattr(stats, "dim", None) == z.shape[1]:
-                z = stats.standardize(z)  # type: ignore[attr-defined]
-        else:
-            z = self._standardizer.apply(self.context.stats, z)
+        scaling = scaling or self.context.scaling
+        if scaling is None or scaling.dim != x.shape[1]:
+            return None
+        z = scaling.apply(x)
         if self._proj is not None:
             z = z @ self._proj
         return z.astype(np.float32)
@@ -312,6 +309,8 @@ class KnnDetector(Detector):
             return None
         p = self.params
         y = self.embed(x)
+        if y is None:
+            return None
         step = self._chunk
         if y.shape[0] <= step:
             dists = self._knn(state, y)
@@ -486,7 +485,13 @@ class KnnDetector(Detector):
         p = self.params
         if x is None or x.ndim != 2 or self._dim is None or x.shape[1] != self._dim:
             return None
-        y = self.embed(x, reference.stats).astype(np.float64)
+        # Exact repeats (a popular input sent by many clients) say nothing about how close
+        # distinct natural inputs are: the distance scale is learned from distinct rows.
+        _, first = np.unique(np.asarray(x), axis=0, return_index=True)
+        embedded = self.embed(np.asarray(x)[np.sort(first)], reference.scaling)
+        if embedded is None:
+            return None
+        y = embedded.astype(np.float64)
         chunk = p.recent + p.reservoir
         found: list[np.ndarray] = []
         for start in range(0, y.shape[0], chunk):
@@ -503,13 +508,10 @@ class KnnDetector(Detector):
         if not found:
             return None
         values = np.concatenate(found)
-        return {"distance_threshold": np.asarray(float(np.percentile(values, p.fit_percentile)), dtype=np.float64)}
-
-    def shared_state(self) -> State | None:
-        return self._standardizer.state()
-
-    def load_shared_state(self, state: State) -> None:
-        self._standardizer.load(state, self._dim)
+        threshold = float(np.percentile(values, p.fit_percentile))
+        if not threshold > 0.0:  # rows that are all near-identical: nothing to learn a scale from
+            return None
+        return {"distance_threshold": np.asarray(threshold, dtype=np.float64)}
 
     def load_reference(self, reference: State) -> None:
         value = float(np.asarray(reference["distance_threshold"]))

@@ -170,14 +170,12 @@ class NearDuplicateDetector(Detector):
       (:func:`text_simhash`); match when the Hamming distance is at most
       ``text_hamming_tolerance``.
     * vector (tabular, or image pixels sent as a flat array without ``image_shape``):
-      standardized with the model's running :class:`~exporter.stats.FeatureStats` (raw
-      values if the context has none); match when ``||a - b|| / sqrt(dim)``, the RMS
+      standardized with the model's feature scaling (not judged before the model has
+      one: see :class:`~exporter.detectors.kit.Scaling`); match when ``||a - b|| / sqrt(dim)``, the RMS
       per-feature distance in standard deviations, is at most ``tabular_tolerance``.
-      Vectors are stored standardized with the statistics as of their batch's arrival
-      (the pipeline folds a batch into them first), so while the model's statistics
-      are still being learned, old and new vectors use slightly different scales;
-      the drift is small once the statistics have settled, and a tolerance is
-      approximate anyway. Inputs longer than ``max_vector_dim`` are stored as a fixed
+      Vectors are stored standardized with the scaling of their time; when the live
+      baseline replaces it (a few times early in a model's life), old and new vectors
+      use slightly different scales, and a tolerance is approximate anyway. Inputs longer than ``max_vector_dim`` are stored as a fixed
       random projection (distances kept within a few percent).
 
     The score is the share of the window's inputs that were near-duplicates,
@@ -268,8 +266,9 @@ class NearDuplicateDetector(Detector):
             x = stacked.astype(np.float64, copy=False)
         else:
             x = np.stack([np.asarray(events[i].vector, dtype=np.float64).ravel() for i in rows])
-        stats = self.context.stats
-        z = stats.standardize(x) if stats is not None and stats.dim == self._input_dim else x
+        scaling = self.context.scaling
+        assert scaling is not None  # callers judge vectors only once the model has a scaling
+        z = scaling.apply(x)
         if self._projection is not None:
             # One matrix-vector product per row: a blocked matrix product could round a
             # row differently depending on how many rows share the batch.
@@ -288,7 +287,7 @@ class NearDuplicateDetector(Detector):
             if digests[i] == 0:
                 continue
             if e.text is None and e.image is None:  # a vector
-                if self._vector_dim and e.vector is not None:
+                if self._vector_dim and e.vector is not None and self._scaled():
                     if np.size(e.vector) != self._input_dim:  # checked for all before the state changes
                         raise ValueError(f"input has {np.size(e.vector)} values; the detector was set up for {self._input_dim}")
                     vector_rows.append(len(judged))
@@ -320,7 +319,7 @@ class NearDuplicateDetector(Detector):
         m = len(events)
         stacked = batch.flat_vectors
         digests = batch.digests
-        if stacked is not None and self._vector_dim and stacked.shape[1] == self._input_dim:
+        if stacked is not None and self._vector_dim and stacked.shape[1] == self._input_dim and self._scaled():
             # The usual case, a batch of a tabular model: every event is a vector.
             judged = list(range(m))
             kinds = np.full(m, KIND_VECTOR, dtype=np.uint8)
@@ -343,6 +342,11 @@ class NearDuplicateDetector(Detector):
                 hi = lo + step
                 values[lo:hi], flagged[lo:hi] = self._update_block(state, kinds[lo:hi], digest_arr[lo:hi], hashes[lo:hi], vecs[lo:hi])
         return scatter(m, judged, values, flagged)
+
+    def _scaled(self) -> bool:
+        """Whether vectors can be judged: the model has a feature scaling of their length."""
+        scaling = self.context.scaling
+        return scaling is not None and scaling.dim == self._input_dim
 
     def _chunk_size(self) -> int:
         """Events compared per block: bounds the worst case, every pair close, to ~16 MiB of differences."""

@@ -45,9 +45,8 @@ class OodParams(WindowedParams):
         gt=0.0,
         description=(
             "Where the score crosses 0.5, in units of the benign level: value = s / (s + scale * "
-            "level) for the client statistic s. The benign level is 1 without a reference (the "
-            "expected mean squared z-score) and the reference's trimmed mean distance with one "
-            "(learned by fit), so a typical benign client scores about 1 / (1 + scale)."
+            "level) for the client statistic s. The benign level is the reference's trimmed mean "
+            "distance (learned by fit), so a typical benign client scores about 1 / (1 + scale)."
         ),
     )
     threshold: float = Field(
@@ -68,14 +67,6 @@ class OodParams(WindowedParams):
             "Covariance regularization used by fit: Sigma + shrinkage * mean(diag Sigma) * I, so "
             "constant features (blank pixels) do not make Sigma singular. Larger values trust the "
             "correlations less."
-        ),
-    )
-    min_stats_count: int = Field(
-        200,
-        ge=2,
-        description=(
-            "Without a reference: inputs the model's live feature statistics must have seen "
-            "before queries are judged (before that, z-scores against a few inputs are noise)."
         ),
     )
     max_full_dim: int = Field(
@@ -169,16 +160,13 @@ class OodDetector(Detector):
     How: each query x gets ``D(x) = |W (x - mu)|^2 / d``, a squared Mahalanobis distance
     divided by the dimension, so a benign query scores about 1 (less with shrinkage).
 
-    * With a reference (``fit`` on benign data): mu is the reference mean and W the
-      regularized whitening matrix (Sigma + shrinkage * mean(diag Sigma) * I)^-1/2,
-      full d x d float32 up to ``max_full_dim`` features, diagonal above. ``fit`` also
-      learns the benign level: the trimmed mean of the reference's own distances (below
-      1 because of the shrinkage; in-sample, so a little optimistic for small references).
-    * Without one: the diagonal version on ``context.stats`` (mean of squared z-scores),
-      benign level 1, once the statistics have seen ``min_stats_count`` inputs (nothing is
-      judged before). Cruder: correlations are ignored, so inputs that recombine
-      plausible feature values (flipped images) score low, and near-constant features
-      make a benign client's rare values loud (the trimming absorbs a few of those).
+    mu is the reference mean and W the regularized whitening matrix
+    (Sigma + shrinkage * mean(diag Sigma) * I)^-1/2, full d x d float32 up to
+    ``max_full_dim`` features, diagonal above, learned by ``fit`` on benign data (a
+    calibration profile, or the model's live baseline); nothing is judged before the
+    model has a reference. ``fit`` also learns the benign level: the trimmed mean of the
+    reference's own distances (below 1 because of the shrinkage; in-sample, so a little
+    optimistic for small references).
 
     A ring keeps the client's last ``window`` distances; the client statistic s is their
     trimmed mean, leaving out the largest ``trim`` share. The score is
@@ -221,7 +209,8 @@ class OodDetector(Detector):
         if x is None or x.ndim != 2 or x.shape[0] < 2:
             return None
         x = np.asarray(x, dtype=np.float64)
-        full = x.shape[1] <= self.params.max_full_dim
+        # A full covariance needs a few samples per feature; fewer get the diagonal.
+        full = x.shape[1] <= self.params.max_full_dim and x.shape[0] >= 4 * x.shape[1]
         mean, w = whitening(x, self.params.shrinkage, full)
         dist = _distances(x, mean, w.astype(np.float64))
         level = _trimmed_mean(dist, self.params.trim)
@@ -246,14 +235,11 @@ class OodDetector(Detector):
 
     def distances(self, vectors: np.ndarray) -> np.ndarray | None:
         """(m,) squared Mahalanobis distance / d of each row (float32-rounded, as stored); None if unjudgeable."""
-        if self._mean is not None and self._w is not None:
-            d = _distances(vectors, self._mean, self._w)
-        else:
-            stats = self.context.stats
-            if stats is None or stats.dim != vectors.shape[1] or stats.count < self.params.min_stats_count:
-                return None
-            d = _distances(vectors, stats.mean, 1.0 / stats.std)
-        return np.minimum(d, _MAX_DISTANCE).astype(np.float32).astype(np.float64)
+        if self._mean is None or self._w is None or vectors.shape[1] != self._mean.shape[0]:
+            return None
+        d = _distances(vectors, self._mean, self._w)
+        # Inputs so large that the products overflow are as far as a distance can be.
+        return np.minimum(np.nan_to_num(d, nan=_MAX_DISTANCE), _MAX_DISTANCE).astype(np.float32).astype(np.float64)
 
     def update(self, state: State, batch: Batch) -> Signals | None:
         x = batch.vectors

@@ -21,7 +21,7 @@ from exporter.detectors.base import (
     Signals,
     State,
 )
-from exporter.detectors.kit import Standardizer, reservoir_slot, ring_in_order, ring_write, scatter
+from exporter.detectors.kit import reservoir_slot, ring_in_order, ring_write, scatter
 
 _SLOT_SALT = 0x70726164612D6773  # "prada-gs"
 _REPEAT_TOLERANCE = 1e-10  # squared distances below this share of ||x||^2 are rounding noise: an exact repeat
@@ -290,7 +290,8 @@ class PradaDetector(Detector):
     distances drops. The paper reports alarms within the first few hundred queries.
 
     How (Juuti et al., Algorithm 1): per client and predicted class c, a growing set
-    G_c of standardized input vectors. For a query x of class c, d = min ||x - y|| over
+    G_c of standardized input vectors (the model's feature scaling; nothing is judged
+    before the model has one). For a query x of class c, d = min ||x - y|| over
     y in G_c (the first query of a class only joins G_c); d is recorded, and if
     d > T_c, x joins G_c and T_c <- max(T_c, mean - std of the distances that made
     members join). Distances are Euclidean over standardized features divided by
@@ -358,7 +359,6 @@ class PradaDetector(Detector):
         self._scale = 1.0 / math.sqrt(self._dim) if self._dim else 1.0
         self._chunk = max(1, min(_CHUNK, _CHUNK_MEMBERS // (p.max_per_class * max(self._dim or 1, 1))))
         self._label_buckets: dict[str, int] = {}
-        self._standardizer = Standardizer()
 
     # -- state -------------------------------------------------------------------
     def init_state(self) -> State:
@@ -384,7 +384,10 @@ class PradaDetector(Detector):
         idx, x, cls = self._judged(batch)
         if x is None:
             return None
-        z32 = self._standardizer.apply(self.context.stats, x).astype(np.float32)
+        scaling = self.context.scaling
+        if scaling is None or scaling.dim != x.shape[1]:
+            return None
+        z32 = scaling.apply(x).astype(np.float32)
         m, step = z32.shape[0], self._chunk
         if m <= step:
             dists = self._grow(state, z32, cls)
@@ -394,12 +397,6 @@ class PradaDetector(Detector):
                 dists += self._grow(state, z32[s : s + step], cls[s : s + step])
         values, flagged = self._test(state, dists)
         return scatter(len(batch), idx, values, flagged)
-
-    def shared_state(self) -> State | None:
-        return self._standardizer.state()
-
-    def load_shared_state(self, state: State) -> None:
-        self._standardizer.load(state, self._dim)
 
     def _judged(self, batch: Batch) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """Positions of events with a vector and a class, their vectors, and their class buckets."""

@@ -1,80 +1,52 @@
-"""risk: one calibrated per-client risk score fusing every other detector.
+"""The verdict: one per-client risk fused from every detector's signal, after the detectors.
 
 Each detector watches one signal, and each attack shows up in only some of them; an
-operator wants one number to alert on. With a calibration profile, each detector's
-current value becomes a p-value against the values benign clients produced, and the
-p-values are combined two ways: Fisher's method (many detectors mildly unusual) and
-Tippett's minimum (one detector extremely unusual). Beyond the top 1% of the benign
-values, p follows an exponential tail fitted to them, so a value far beyond anything
-benign is not capped at p = 1/(n+1). The smaller combined p wins, and
+operator wants one verdict to alert on. Fusion is the stage after the detectors: it
+reads their signals for a client's batch (it is not a detector, and no detector reads
+it) and keeps a small per-client state of its own.
+
+With a calibration profile, each detector's current value becomes a p-value against the
+values benign clients produced, and the p-values are combined two ways: Fisher's method
+(many detectors mildly unusual) and Tippett's minimum (one detector extremely unusual).
+Beyond the top 1% of the benign values, p follows an exponential tail fitted to them, so
+a value far beyond anything benign is not capped at p = 1/(n+1). The smaller combined p
+wins, and
 
     risk = min(1, -log10(p) / 10)
 
-so 0.5 means "as unusual as one benign event in 100,000" and 1 means p <= 1e-10.
-The threshold is then calibrated on benign clients for the target per-client
-false-alarm rate, so correlations between detectors cannot inflate false alarms.
+so 0.5 means "as unusual as one benign event in 100,000" and 1 means p <= 1e-10. The
+threshold is calibrated on benign clients for the target per-client false-alarm rate.
 
 Without a profile (or for an input the profile did not calibrate), fusion falls back to
 the documented uncalibrated rule: risk is the largest input value, flagged while any
 input detector flags.
 
 Per event: O(k) for k inputs plus a binary search per input in its benign null sample.
-Per-client state: 9·k bytes (last value and flag per input), 99 bytes for 11 inputs.
+Per-client state: 9·k bytes (last value and flag per input).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
-from pydantic import Field
+from exporter.config import FusionConfig
+from exporter.detectors.base import Signals, State
 
-from exporter.detectors.base import (
-    Batch,
-    Detector,
-    DetectorParams,
-    ModelContext,
-    Signals,
-    State,
-)
-
+FUSION = "fusion"  # the stage's name in observers, snapshots and profiles
 NULL_PREFIX = "null."
 TAIL = 0.01  # share of the benign null whose excesses fit the extrapolated tail
 MIN_EXCESS = 0.01  # floor of the tail's mean excess (a null whose top values are all equal)
 
 
-class RiskParams(DetectorParams):
-    """Parameters of :class:`RiskDetector`."""
+class Fusion:
+    """Fuses the detectors' values into one per-client risk and verdict (for one model)."""
 
-    inputs: list[str] | None = Field(None, description="Detectors to fuse; default: every detector that runs before risk.")
-    threshold: float = Field(
-        0.5,
-        ge=0.0,
-        le=1.0,
-        description="Flag when risk >= this. Calibration sets it for the target false-alarm rate; 0.5 means p <= 1e-5.",
-    )
-    min_threshold: float = Field(
-        0.25,
-        ge=0.0,
-        le=1.0,
-        description="Calibration never sets the threshold below this (p <= 3e-3): a benign sample that never "
-        "moved a detector must not make every first movement an alarm.",
-    )
-
-
-class RiskDetector(Detector):
-    """Fuses the other detectors' values into one calibrated per-client risk."""
-
-    name = "risk"
-    Params = RiskParams
-    threshold_param = "threshold"
-
-    def __init__(self, params: RiskParams, context: ModelContext) -> None:
-        super().__init__(params, context)
-        before = [d for d in context.detectors if d != self.name]
-        if "risk" in context.detectors:
-            before = list(context.detectors[: context.detectors.index("risk")])
-        self.inputs: list[str] = [d for d in (params.inputs or before) if d != self.name]
+    def __init__(self, params: FusionConfig, detectors: list[str]) -> None:
+        self.params = params
+        self.threshold = params.threshold
+        self.inputs: list[str] = [d for d in (params.inputs or detectors) if d in detectors]
         self._nulls: list[np.ndarray | None] = [None] * len(self.inputs)
         self._tails: list[tuple[float, float]] = [(1.0, 1.0)] * len(self.inputs)  # (tail start, mean excess)
         self._lgamma = np.array([math.lgamma(i + 1) for i in range(len(self.inputs) + 1)])
@@ -84,14 +56,15 @@ class RiskDetector(Detector):
         return any(n is not None for n in self._nulls)
 
     def state_version(self) -> str:
-        # The state holds one slot per input, so the input list is part of its shape.
-        return super().state_version() + ":" + ",".join(self.inputs)
+        """A digest of what shapes the state: one slot per input, in order."""
+        return hashlib.sha256(("fusion:1:" + ",".join(self.inputs)).encode()).hexdigest()[:16]
 
     def init_state(self) -> State:
         k = len(self.inputs)
         return {"last": np.full(k, np.nan), "flags": np.zeros(k, dtype=bool)}
 
-    def load_reference(self, reference: State) -> None:
+    def load_reference(self, reference: State, threshold: float | None) -> None:
+        """Use the benign null samples (and threshold) of a calibration profile."""
         for i, name in enumerate(self.inputs):
             null = reference.get(NULL_PREFIX + name)
             if null is not None and null.size:
@@ -100,23 +73,26 @@ class RiskDetector(Detector):
                 start = float(np.quantile(null, 1.0 - TAIL))
                 excess = null[null > start] - start
                 self._tails[i] = (start, max(float(excess.mean()) if excess.size else 0.0, MIN_EXCESS))
+        if threshold is not None:
+            self.threshold = threshold
 
-    def update(self, state: State, batch: Batch) -> Signals | None:
-        m, k = len(batch), len(self.inputs)
+    def update(self, state: State, signals: dict[str, Signals], n: int) -> Signals | None:
+        """The client's risk and verdict after each of the batch's ``n`` events."""
+        k = len(self.inputs)
         if k == 0:
             return None
-        values = np.full((m + 1, k), np.nan)
-        flags = np.zeros((m + 1, k), dtype=bool)
+        values = np.full((n + 1, k), np.nan)
+        flags = np.zeros((n + 1, k), dtype=bool)
         values[0], flags[0] = state["last"], state["flags"]
         for j, name in enumerate(self.inputs):
-            sig = batch.signals.get(name)
+            sig = signals.get(name)
             if sig is not None:
                 values[1:, j] = sig.values
                 flags[1:, j] = sig.flagged
         # Carry each input's last judged value (and its flag) forward over unjudged events.
         seen = ~np.isnan(values)
         seen[0] = True
-        idx = np.maximum.accumulate(np.where(seen, np.arange(m + 1)[:, None], 0), axis=0)
+        idx = np.maximum.accumulate(np.where(seen, np.arange(n + 1)[:, None], 0), axis=0)
         cols = np.arange(k)[None, :]
         values, flags = values[idx, cols], flags[idx, cols]
         state["last"][...] = values[-1]
@@ -124,7 +100,7 @@ class RiskDetector(Detector):
         values, flags = values[1:], flags[1:]
         if self.calibrated:
             risk = self._fuse(values)
-            flagged = risk >= self.params.threshold
+            flagged = risk >= self.threshold
         else:
             have = ~np.isnan(values)
             risk = np.where(have.any(axis=1), np.nanmax(np.where(have, values, -np.inf), axis=1), np.nan)

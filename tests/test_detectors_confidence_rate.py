@@ -1,4 +1,4 @@
-"""The ``boundary`` (low-margin share) and ``rate`` (query volume) detectors."""
+"""Boundary walks under ``confidence`` (low-margin share), and the ``rate`` (query volume) detector."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from exporter.detectors.base import Batch, Reference
-from exporter.detectors.boundary import BoundaryDetector, BoundaryParams
+from exporter.detectors.base import Batch
+from exporter.detectors.confidence import ConfidenceDetector, ConfidenceParams
 from exporter.detectors.rate import RateDetector, RateParams
 from exporter.events import Event
 from tests.test_detectors_ood import (
@@ -22,9 +22,10 @@ from tests.test_detectors_ood import (
     run,
     savez_roundtrip,
 )
+from tests.synthetic import judge
 
 # ---------------------------------------------------------------------------
-# boundary
+# boundary walks (confidence)
 # ---------------------------------------------------------------------------
 
 
@@ -46,57 +47,32 @@ def boundary_walk(rng: np.random.Generator, n: int, steps: int = 12) -> np.ndarr
     return np.array(out[:n])
 
 
-def boundary_detector(**params: object) -> BoundaryDetector:
-    return BoundaryDetector(BoundaryParams(**params), context(None))
-
-
-def test_boundary_params() -> None:
-    p = BoundaryParams()
-    assert (p.margin, p.window, p.min_events, p.threshold) == (0.15, 100, 20, 0.4)
-    assert BoundaryDetector.threshold_param == "threshold" and BoundaryDetector.name == "boundary"
-    with pytest.raises(ValidationError):
-        BoundaryParams(margin=0.0)
-    with pytest.raises(ValidationError):
-        BoundaryParams(window=10, min_events=11)
+def confidence_detector(**params: object) -> ConfidenceDetector:
+    return ConfidenceDetector(ConfidenceParams(**params), context(None))
 
 
 def test_boundary_walker_flagged_benign_not() -> None:
-    det = boundary_detector()
+    """``confidence`` (margin measure, the default) catches boundary walks; it replaced a separate ``boundary`` detector."""
+    det = confidence_detector()
     flagged = 0
     for c in range(50):
         x, _ = digits(np.random.default_rng(100 + c), 100)
         sig, _ = run(det, events(f"b{c}", x, probs=model_probs(x)))
         flagged += bool(sig.flagged.any())
-        assert sig.values[-1] < 0.15
+        assert sig.values[-1] < 0.3
     assert flagged == 0
     walk = boundary_walk(np.random.default_rng(31), 150)
     sig, _ = run(det, events("walker", walk, probs=model_probs(walk)))
     assert first_flag(sig) is not None and first_flag(sig) <= 25
     assert sig.values[-1] > 0.5
-    # Half boundary walk, half natural queries: still more than threshold.
-    x, _ = digits(np.random.default_rng(32), 150)
-    mix = np.empty((300, DIM))
-    mix[0::2], mix[1::2] = walk, x
-    assert run(det, events("mixed", mix, probs=model_probs(mix)))[0].flagged[-1]
 
 
-def test_label_only_answers_are_not_judged() -> None:
-    det = boundary_detector()
+def test_label_only_answers_need_a_score() -> None:
+    det = confidence_detector()
     state = det.init_state()
-    labels = [Event("c", "m", float(i), "tabular", vector=np.zeros(DIM), label="7", label_score=0.51) for i in range(5)]
-    assert det.update(state, Batch("c", "m", labels)) is None
+    labels = [Event("c", "m", float(i), "tabular", vector=np.zeros(DIM), label="7") for i in range(5)]
+    assert judge(det, state, Batch("c", "m", labels)) is None
     assert int(state["low_count"]) == 0
-    # Mixed batch: label-only events get NaN and do not enter the window.
-    p = np.array([[0.5, 0.45, 0.05], [0.9, 0.05, 0.05]])
-    mixed = [
-        Event("c", "m", 0.0, "tabular", probs=p[0]),
-        Event("c", "m", 1.0, "tabular", label="x", label_score=0.5),
-        Event("c", "m", 2.0, "tabular", probs=p[1]),
-    ]
-    sig = det.update(state, Batch("c", "m", mixed))
-    assert sig is not None and np.isnan(sig.values[1]) and not sig.flagged.any()
-    assert sig.values[0] == pytest.approx(1 / 20) and sig.values[2] == pytest.approx(1 / 20)
-    assert int(state["low_count"]) == 2
 
 
 def test_boundary_batching_does_not_change_results() -> None:
@@ -104,9 +80,9 @@ def test_boundary_batching_does_not_change_results() -> None:
     x = np.concatenate([digits(rng, 80)[0], boundary_walk(rng, 120), digits(rng, 60)[0]])
     probs = model_probs(x)
     evs = events("c", x, probs=probs)
-    for i in range(0, len(evs), 9):  # some label-only answers sprinkled in
-        evs[i] = Event("c", "m", evs[i].ts, "tabular", vector=x[i], label="3", label_score=0.5)
-    det = boundary_detector()
+    for i in range(0, len(evs), 9):  # some label-only answers without a score sprinkled in
+        evs[i] = Event("c", "m", evs[i].ts, "tabular", vector=x[i], label="3")
+    det = confidence_detector()
     one, s1 = run(det, evs, 1)
     assert np.isnan(one.values).sum() == len(range(0, len(evs), 9))
     assert one.flagged.any() and not one.flagged.all()
@@ -114,22 +90,6 @@ def test_boundary_batching_does_not_change_results() -> None:
         other, s2 = run(det, evs, sizes)
         assert_same_signals(one, other)
         np.testing.assert_array_equal(s1["low_buf"], s2["low_buf"])
-
-
-def test_boundary_fit_learns_the_benign_rate() -> None:
-    x, _ = digits(np.random.default_rng(34), 2000)
-    probs = model_probs(x)
-    probs[:100] = np.nan  # unknown answers are ignored
-    det = boundary_detector()
-    ref = det.fit(Reference(vectors=x, probs=probs, stats=None))
-    assert ref is not None
-    det.load_reference(savez_roundtrip(ref))
-    s = np.sort(probs[100:], axis=1)
-    assert det.benign_rate == pytest.approx(float(((s[:, -1] - s[:, -2]) < 0.15).mean()))
-    assert det.benign_rate < 0.05
-    assert det.fit(Reference(vectors=x, probs=None, stats=None)) is None
-    state = det.init_state()
-    assert sum(a.nbytes for a in state.values()) == 100 + 8
 
 
 # ---------------------------------------------------------------------------

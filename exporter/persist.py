@@ -1,0 +1,247 @@
+"""Persistence: snapshots of client and model state, restore, and the checkpoint writer.
+
+A snapshot holds everything worth keeping across a restart: what the decoder learned
+about each model, each model's scaling, references, live baseline and shared detector
+state, and every tracked client with its detector and fusion state. It is written with
+:mod:`exporter.snapshot` (JSON + one binary blob, no pickle).
+
+:func:`copy_state` takes a private copy under the pipeline's lock, a chunk of clients at
+a time, so that ingestion and scrapes wait for one chunk (milliseconds), not for the
+whole snapshot; :class:`Checkpointer` then writes the copy, with the file offsets taken
+at the same moment, from a writer thread while ingestion goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable
+
+import numpy as np
+
+from exporter.atomic import atomic_write, atomic_write_bytes
+from exporter.detectors.kit import Scaling
+from exporter.snapshot import dump, unpack
+from exporter.state import ClientState, ClientStore
+
+if TYPE_CHECKING:
+    from exporter.events import Decoder
+    from exporter.metrics import Metrics
+    from exporter.runtime import Runtimes
+
+log = logging.getLogger("monitaur.persist")
+SNAPSHOT_VERSION = 2
+_CHUNK = 200  # clients copied per hold of the lock
+STATE_FILE = "state.npz"
+OFFSETS_FILE = "offsets.json"
+
+
+def copy_state(lock: threading.RLock, store: ClientStore, runtimes: "Runtimes", decoder: "Decoder", now: float) -> dict[str, Any]:
+    """A private copy of all state worth keeping across a restart.
+
+    Clients are saved in LRU order as of the start; one evicted meanwhile is left out,
+    one arriving meanwhile waits for the next checkpoint.
+    """
+    with lock:
+        ids = [c.client_id for c in store.values()]
+        models = {}
+        for name, rt in runtimes:
+            scaling = rt.context.scaling
+            models[name] = {
+                "scaling": scaling.state() if scaling is not None else None,
+                "references": rt.references,
+                "baseline": rt.baseline.state() if rt.baseline is not None else None,
+                "shared": {d.name: {"version": rt.versions[d.name], "state": st} for d in rt.detectors if (st := d.shared_state()) is not None},
+            }
+        head = {"version": SNAPSHOT_VERSION, "saved_at": now, "decoder": decoder.learned(), "models": _copied(models)}
+    clients = []
+    for start in range(0, len(ids), _CHUNK):
+        with lock:
+            for client_id in ids[start : start + _CHUNK]:
+                if client_id in store:
+                    clients.append(_client_record(store[client_id], runtimes))
+    return {**head, "clients": clients}
+
+
+def _client_record(c: ClientState, runtimes: "Runtimes") -> dict[str, Any]:
+    """A client's part of a snapshot, with copies of its detector and fusion state (under the lock)."""
+    detectors: dict[str, Any] = {}
+    for model, per in c.detector_state.items():
+        rt = runtimes.get(model)
+        if rt is None:
+            continue
+        states = {name: {"version": rt.versions.get(name, ""), "state": _copied(st)} for name, st in per.items()}
+        fused = c.fusion_state.get(model)
+        if fused is not None:
+            states["fusion"] = {"version": rt.versions["fusion"], "state": _copied(fused)}
+        detectors[model] = states
+    return {
+        "id": c.client_id,
+        "last_seen": c.last_seen,
+        "total": c.total,
+        "queries": dict(c.queries),
+        "scores": dict(c.scores),
+        "current": dict(c.current),
+        "flags": dict(c.flags),
+        "first_flagged": dict(c.first_flagged),
+        "first_flagged_query": c.first_flagged_query,
+        "suspicious": c.suspicious,
+        "score": c.score,
+        "detectors": detectors,
+    }
+
+
+def restore(data: bytes | BinaryIO, lock: threading.RLock, store: ClientStore, runtimes: "Runtimes", decoder: "Decoder") -> int:
+    """Load a snapshot made by :func:`copy_state` (bytes, or a binary file); return the number of clients restored.
+
+    State made under other parameters or shapes is dropped (that detector starts afresh
+    for the client) rather than misread. Snapshots of an earlier version keep their
+    clients' counters and verdicts, not their detector state.
+    """
+    doc = unpack(data)
+    if not isinstance(doc, dict) or doc.get("version") not in (1, SNAPSHOT_VERSION):
+        raise ValueError("unsupported state snapshot version")
+    current = doc["version"] == SNAPSHOT_VERSION
+    names = set(runtimes.specs)
+    with lock:
+        decoder.restore(doc.get("decoder", {}))
+        dropped = 0
+        for model, m in (doc.get("models", {}) if current else {}).items():
+            rt = _runtime(runtimes, decoder, model)
+            if rt is None:
+                continue
+            if rt.baseline is not None:  # live-learned: the reference, and the sample it grows
+                if m.get("baseline") is not None:
+                    rt.baseline.load(m["baseline"])
+                if m.get("scaling") is not None:
+                    rt.use_reference(Scaling.from_state(m["scaling"], rt.context.input_dim), m.get("references") or {})
+            for det in rt.detectors:
+                shared = m.get("shared", {}).get(det.name)
+                if shared is not None and shared["version"] == rt.versions[det.name]:
+                    det.load_shared_state(shared["state"])
+        for raw in doc.get("clients", []):
+            c = ClientState(
+                client_id=raw["id"],
+                last_seen=float(raw["last_seen"]),
+                total=int(raw["total"]),
+                queries={k: int(v) for k, v in raw["queries"].items()},
+                scores={k: float(v) for k, v in raw["scores"].items() if k in names},
+                current={k: bool(v) for k, v in raw["current"].items() if k in names},
+                flags={k: int(v) for k, v in raw["flags"].items()},
+                first_flagged={k: int(v) for k, v in raw["first_flagged"].items()},
+                first_flagged_query=raw["first_flagged_query"],
+                suspicious=bool(raw.get("suspicious", False)),
+                score=float(raw.get("score", 0.0)),
+            )
+            for model, per in (raw.get("detectors", {}) if current else {}).items():
+                rt = _runtime(runtimes, decoder, model)
+                if rt is None:
+                    continue
+                fused = per.pop("fusion", None)
+                kept = {name: e["state"] for name, e in per.items() if rt.versions.get(name) == e["version"]}
+                dropped += len(per) - len(kept)
+                c.detector_state[model] = kept
+                if fused is not None and fused["version"] == rt.versions["fusion"]:
+                    c.fusion_state[model] = fused["state"]
+            store.put(c)
+        if dropped:
+            log.warning("dropped %d detector states made under another configuration; those detectors start afresh", dropped)
+        return len(store)
+
+
+def _runtime(runtimes: "Runtimes", decoder: "Decoder", model: str):  # type: ignore[no-untyped-def]
+    """A model's runtime, rebuilt from what the decoder learned before the restart (None if unknown)."""
+    if model in runtimes:
+        return runtimes.get(model)
+    modality = (runtimes.settings.models.get(model).modality if model in runtimes.settings.models else None) or decoder.learned_modalities.get(model)
+    return None if modality is None else runtimes.build(model)
+
+
+def _copied(x: Any) -> Any:
+    """A copy of nested dicts and lists whose arrays are copied too (other values are immutable)."""
+    if isinstance(x, np.ndarray):
+        return x.copy()
+    if isinstance(x, dict):
+        return {k: _copied(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_copied(v) for v in x]
+    return x
+
+
+class Checkpointer:
+    """Writes state snapshots and file offsets to ``state_dir``, atomically, from a writer thread.
+
+    ``take`` copies the state and the offsets together (the caller's ingestion waits for
+    the copy), so both describe the same lines: a clean restart neither loses nor
+    repeats a line. A checkpoint that comes due while the previous one is still being
+    written is skipped. Failures are counted and logged, never fatal.
+    """
+
+    def __init__(self, state_dir: Path, metrics: "Metrics", copy: Callable[[], dict[str, Any]], offsets: Callable[[], bytes]) -> None:
+        self.state_path = state_dir / STATE_FILE
+        self.offsets_path = state_dir / OFFSETS_FILE
+        self._metrics = metrics
+        self._copy = copy
+        self._offsets = offsets
+        self._writer: threading.Thread | None = None
+
+    def checkpoint(self, wait: bool = True) -> None:
+        """Copy state and offsets now; write them here (``wait``) or from the writer thread."""
+        writer = self._writer
+        if writer is not None and writer.is_alive():
+            if not wait:
+                return
+            writer.join()
+        try:
+            state, offsets = self._copy(), self._offsets()
+        except Exception as exc:  # never fatal: the ingest loop goes on
+            self._metrics.checkpoint_errors.labels("state").inc()
+            log.error("cannot copy the state for a checkpoint: %s", exc)
+            return
+        if wait:
+            self._write(state, offsets)
+            return
+        self._writer = threading.Thread(target=self._write, args=(state, offsets), name="monitaur-checkpoint", daemon=True)
+        self._writer.start()
+
+    def join(self) -> None:
+        """Wait for a checkpoint being written."""
+        if self._writer is not None:
+            self._writer.join()
+
+    def _write(self, state: dict[str, Any], offsets: bytes) -> None:
+        ok = True
+        try:
+            atomic_write(self.state_path, lambda fh: dump(state, fh))
+        except Exception as exc:
+            ok = False
+            self._metrics.checkpoint_errors.labels("state").inc()
+            log.error("cannot write state snapshot %s: %s", self.state_path, exc)
+        try:
+            atomic_write_bytes(self.offsets_path, offsets)
+        except Exception as exc:
+            ok = False
+            self._metrics.checkpoint_errors.labels("offsets").inc()
+            log.error("cannot write offsets checkpoint %s: %s", self.offsets_path, exc)
+        if ok:
+            self._metrics.checkpoint_last_success.set(time.time())
+
+    def load(self, restore_state: Callable[[BinaryIO], int], load_offsets: Callable[[Path], None]) -> None:
+        """Restore the saved state (a corrupt snapshot is set aside, and the exporter starts empty), then the offsets."""
+        if self.state_path.exists():
+            try:
+                with open(self.state_path, "rb") as fh:
+                    n = restore_state(fh)
+                log.info("restored state of %d clients from %s", n, self.state_path)
+            except Exception as exc:
+                self._metrics.checkpoint_errors.labels("state").inc()
+                aside = self.state_path.with_name(f"{self.state_path.name}.corrupt-{int(time.time())}")
+                log.error("cannot read state snapshot %s (%s); starting empty and keeping it as %s", self.state_path, exc, aside)
+                try:
+                    self.state_path.rename(aside)
+                except OSError:
+                    pass
+        load_offsets(self.offsets_path)
+

@@ -1,0 +1,92 @@
+"""A read-only view of client state, for scrapes, the landing page and the HTTP APIs.
+
+Readers (the metrics collector, the HTTP server) get this view instead of the pipeline's
+lock, store and runtimes: every read takes the lock, and what leaves the view is either
+computed under it or a copy, so no reader can change state or see it half-updated.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterable, TypeVar
+
+from exporter.logutil import RateLimitedLog
+
+if TYPE_CHECKING:
+    from exporter.runtime import Runtimes
+    from exporter.state import ClientState, ClientStore
+
+log = logging.getLogger("monitaur.view")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSummary:
+    """What the landing page shows of a client."""
+
+    client_id: str
+    score: float
+    suspicious: bool
+    detectors_on: tuple[str, ...]
+    queries: int
+
+
+class ClientView:
+    """Read-only access to the tracked clients and their cross-client evidence."""
+
+    def __init__(self, lock: threading.RLock, store: "ClientStore", runtimes: "Runtimes") -> None:
+        self._lock = lock
+        self._store = store
+        self._runtimes = runtimes
+        self._errors = RateLimitedLog(log, interval=60.0)
+
+    def read(self, fn: Callable[[Iterable["ClientState"]], T]) -> T:
+        """``fn(clients)`` under the lock; ``fn`` must only read, and return no live state."""
+        with self._lock:
+            return fn(self._store.values())
+
+    def tracked(self) -> int:
+        with self._lock:
+            return len(self._store)
+
+    def flagged(self, limit: int) -> list[ClientSummary]:
+        """The flagged clients with the highest scores, at most ``limit``."""
+        with self._lock:
+            found = sorted((c for c in self._store.values() if c.suspicious), key=lambda c: c.score, reverse=True)[:limit]
+            return [ClientSummary(c.client_id, c.score, c.suspicious, tuple(n for n, on in c.current.items() if on), c.total) for c in found]
+
+    def peer_matches(self, client_id: str) -> tuple[int, dict[str, int]]:
+        """Cross-client evidence for a client, summed over models and detectors."""
+        total, peers = 0, {}
+        with self._lock:
+            for _, rt in self._runtimes:
+                for det in rt.detectors:
+                    n, p = det.peer_matches(client_id)
+                    total += n
+                    for other, k in p.items():
+                        peers[other] = peers.get(other, 0) + k
+        return total, peers
+
+    def client_values(self, client: "ClientState") -> list[tuple[str, str, float]]:
+        """(metric, model, value) of the detectors' per-client statistics (``Detector.client_metrics``).
+
+        A detector that fails here is logged (rate-limited) and left out; the scrape goes on.
+        """
+        out: list[tuple[str, str, float]] = []
+        with self._lock:
+            for model, per in client.detector_state.items():
+                rt = self._runtimes.get(model)
+                for det in rt.detectors if rt is not None else ():
+                    state = per.get(det.name)
+                    if not det.client_metrics or state is None:
+                        continue
+                    try:
+                        values = det.client_values(state)
+                    except Exception as exc:
+                        self._errors.log(logging.ERROR, f"{det.name}:client_values", "detector %s failed to report client statistics: %s", det.name, type(exc).__name__)
+                        continue
+                    out += [(name, model, float(v)) for name, v in values.items() if math.isfinite(v)]
+        return out
