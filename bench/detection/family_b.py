@@ -73,7 +73,9 @@ imputing          machine     records with missing fields filled by defaults: 10
 ================  ==========  ======================================================================
 
 Timing: a client's events are placed inside ``[start, start + window]``; a session longer than
-the window is compressed to fit (a heavy user is a fast user). Client ids: ``<prefix>-NNNN``
+the window is squeezed into 70-100 % of it (a heavy user is a fast user). The outage is
+modelled for ``outage_retry`` clients only: the other behaviours keep sending through it, so
+that holding out ``outage_retry`` leaves no trace of the outage in the traffic. Client ids: ``<prefix>-NNNN``
 (neutral). Ground truth: ``{"kind": "benign", "type": <behaviour>, "group": <org id or None>}``.
 
 Randomness: client ``i`` draws everything from a generator keyed by (seed, stream, i), its
