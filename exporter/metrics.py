@@ -23,6 +23,7 @@ from prometheus_client.utils import floatToGoString
 from prometheus_client.registry import Collector
 
 from exporter import __version__, reasons
+from exporter.names import is_valid_name
 
 if TYPE_CHECKING:
     from exporter.detectors import ClientMetric
@@ -152,6 +153,10 @@ class ClientCollector(Collector):
     A client has its own series while it is among the top ``limit`` by score, or flagged.
     Events of the other clients are counted under ``client="__other__"`` *as they happen*,
     so that ``__other__``'s counters never go backwards when membership changes.
+
+    Client ids, model and peer names are label values only when ``exporter.names``
+    accepts them: one id that cannot be encoded would otherwise fail every scrape. The
+    decoder and snapshot restore already refuse such names; this is the second line.
     """
 
     def __init__(
@@ -231,8 +236,11 @@ class ClientCollector(Collector):
                     for name, value in c.scores.items():
                         other_score[name] = max(other_score.get(name, 0.0), value)
                     continue
+                if not is_valid_name(c.client_id):
+                    continue  # defense in depth: the decoder and restore already refuse such ids
                 for model, n in c.queries.items():
-                    queries.add_metric([c.client_id, model], n)
+                    if is_valid_name(model):
+                        queries.add_metric([c.client_id, model], n)
                 for name in self.detectors:
                     flags.add_metric([c.client_id, name], c.flags.get(name, 0))
                     if name in c.scores:
@@ -242,14 +250,16 @@ class ClientCollector(Collector):
                     total, peers = self.peers(c.client_id)
                     cross.add_metric([c.client_id], total)
                     for other, n in peers.items():
-                        peer.add_metric([c.client_id, other], n)
+                        if is_valid_name(other):
+                            peer.add_metric([c.client_id, other], n)
                 if stats and self.client_values is not None:
                     for name, model, value in self.client_values(c):
-                        if name in stats:
+                        if name in stats and is_valid_name(model):
                             stats[name].add_metric([c.client_id, model], value)
             if self.other_queries or len(self.store) > len(self.exported):
                 for model, n in self.other_queries.items():
-                    queries.add_metric([OTHER, model], n)
+                    if is_valid_name(model):
+                        queries.add_metric([OTHER, model], n)
                 for name in self.detectors:
                     flags.add_metric([OTHER, name], self.other_flags.get(name, 0))
                     if name in other_score:

@@ -17,11 +17,13 @@ from typing import Any, BinaryIO, Callable, Iterable
 
 import numpy as np
 
+from exporter import reasons
 from exporter.config import ModelConfig, Settings
 from exporter.detectors import FUSION, Batch, Detector, ModelContext, Signals
 from exporter.events import Decoder, Event, Rejected
 from exporter.logutil import RateLimitedLog
 from exporter.metrics import ClientCollector, Metrics
+from exporter.names import MAX_CLIENT_LENGTH, MAX_MODEL_LENGTH, is_valid_name
 from exporter.profile import Profile, params_digest
 from exporter.snapshot import pack, unpack
 from exporter.state import ClientState, ClientStore
@@ -122,6 +124,9 @@ class Pipeline:
                 except Rejected as rej:
                     self.reject(rej.reason, rej.message)
                     result.rejected[rej.reason] += 1
+                except Exception as exc:  # the last resort: an unforeseen failure rejects its one event only
+                    self.reject(reasons.INTERNAL_ERROR, f"decoding raised {type(exc).__name__}")
+                    result.rejected[reasons.INTERNAL_ERROR] += 1
             self.process(events)
             result.accepted = len(events)
         return result
@@ -383,6 +388,9 @@ class Pipeline:
         doc = unpack(data)
         if not isinstance(doc, dict) or doc.get("version") != SNAPSHOT_VERSION:
             raise ValueError("unsupported state snapshot version")
+        unsafe = _drop_invalid_names(doc)
+        if unsafe:
+            log.warning("dropped %d clients or models of the snapshot whose names are not valid (printable text) any more", unsafe)
         with self.lock:
             self.decoder.restore(doc.get("decoder", {}))
             stats = {name: m.get("stats") for name, m in doc.get("models", {}).items()}
@@ -425,6 +433,26 @@ class Pipeline:
             return self.runtimes[model]
         modality = (self.settings.models.get(model) or ModelConfig()).modality or self.decoder.learned_modalities.get(model)
         return None if modality is None else self._build_runtime(model, modality, stats)
+
+
+def _drop_invalid_names(doc: dict[str, Any]) -> int:
+    """Remove, in place, the clients and models of a snapshot whose names ``exporter.names`` refuses; return how many.
+
+    A snapshot written before names were validated may hold ids that no exposition,
+    log line or alert can carry (a lone surrogate made every scrape fail).
+    """
+    models = doc.get("models", {})
+    bad_models = [m for m in models if not is_valid_name(m, MAX_MODEL_LENGTH)]
+    for m in bad_models:
+        del models[m]
+    clients = doc.get("clients", [])
+    kept = [c for c in clients if is_valid_name(c["id"], MAX_CLIENT_LENGTH)]
+    for c in kept:
+        for per_model in (c["queries"], c.get("detectors", {})):
+            for m in [m for m in per_model if not is_valid_name(m, MAX_MODEL_LENGTH)]:
+                del per_model[m]
+    doc["clients"] = kept
+    return len(bad_models) + len(clients) - len(kept)
 
 
 def _copied(x: Any) -> Any:
