@@ -156,14 +156,15 @@ class Decoder:
             client, model, raw_ts, raw_input, raw_output = (_lookup(obj, path) for path in self._paths)
         if client is None or client == "":
             raise Rejected(reasons.MISSING_CLIENT, f"missing client field '{f.client}'")
-        # Names reach labels, logs and alerts: printable text only (see exporter.names).
-        if not is_valid_name(client, MAX_CLIENT_LENGTH):
+        # Names reach labels, logs and alerts: printable text only. This is
+        # exporter.names.is_valid_name, inlined on the hot path (a call costs as much as the check).
+        if not (type(client) is str and len(client) <= MAX_CLIENT_LENGTH and client.isprintable()):
             raise Rejected(
                 reasons.INVALID_CLIENT, f"field '{f.client}' must be a string of at most {MAX_CLIENT_LENGTH} printable characters"
             )
         if model is None:
             model = self._default_model
-        if not is_valid_name(model, MAX_MODEL_LENGTH):
+        if not (type(model) is str and 0 < len(model) <= MAX_MODEL_LENGTH and model.isprintable()):
             raise Rejected(
                 reasons.INVALID_MODEL, f"field '{f.model}' must be a non-empty string of at most {MAX_MODEL_LENGTH} printable characters"
             )
@@ -323,15 +324,30 @@ def _input_numbers(raw: list[Any]) -> np.ndarray:
     Reasons, in this order: invalid_input (not a flat array of numbers, see
     :func:`_number_array`), non_finite (NaN, infinity), out_of_range (a value beyond
     +-MAX_INPUT_MAGNITUDE, integers of any size included).
+
+    The common case is proved valid by one C call: ``math.hypot`` accepts only numbers
+    (JSON gives int, float, bool or str, None, list, dict, which it refuses), is at least
+    their largest magnitude, is NaN or infinite when a value is, and never overflows for
+    finite values. So a result within the bound proves every value a finite number within
+    it, and the array is built without numpy's type inference (``np.fromiter``: 1.4 us
+    instead of 2.0 for 64 integers). Everything else, including arrays whose norm exceeds
+    the bound with every value within it, takes the exact path, which gives the reason.
     """
+    try:
+        small = math.hypot(*raw) <= MAX_INPUT_MAGNITUDE
+    except (OverflowError, ValueError, TypeError):
+        small = False
+    # An array of booleans only is not numbers (the exact path rejects it); one starting
+    # with a number is, booleans counting as 0 and 1, as numpy's inference has it.
+    if small and raw and type(raw[0]) is not bool:
+        return np.fromiter(raw, dtype=np.float64, count=len(raw))
     arr = _number_array(raw, "input", reasons.INVALID_INPUT, reasons.OUT_OF_RANGE)
-    if not _small(raw):
-        values = arr if arr.dtype.kind == "f" else arr.astype(np.float64)
-        if not np.isfinite(values).all():
-            raise Rejected(reasons.NON_FINITE, "input array holds NaN or infinity")
-        if np.abs(values).max() > MAX_INPUT_MAGNITUDE:
-            raise Rejected(reasons.OUT_OF_RANGE, f"input array holds a value beyond +-{MAX_INPUT_MAGNITUDE:g}")
-    return arr if arr.dtype.kind == "f" else arr.astype(np.float64)
+    values = arr if arr.dtype.kind == "f" else arr.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise Rejected(reasons.NON_FINITE, "input array holds NaN or infinity")
+    if np.abs(values).max() > MAX_INPUT_MAGNITUDE:
+        raise Rejected(reasons.OUT_OF_RANGE, f"input array holds a value beyond +-{MAX_INPUT_MAGNITUDE:g}")
+    return values
 
 
 def _number_array(raw: list[Any], what: str, reason: str, huge: str | None = None) -> np.ndarray:
@@ -355,21 +371,6 @@ def _number_array(raw: list[Any], what: str, reason: str, huge: str | None = Non
             raise Rejected(huge, f"{what} array holds an integer beyond the 64-bit range")
         raise Rejected(reason, f"{what} array must be a flat array of numbers")
     return arr
-
-
-def _small(raw: list[Any]) -> bool:
-    """Whether every value is finite and within +-MAX_INPUT_MAGNITUDE, when that is cheap to prove.
-
-    ``math.hypot`` of the values (one C call, faster than ``math.fsum``) is at least
-    their largest magnitude, is NaN or infinite when a value is, and never overflows
-    for finite values. So a result within the bound proves every value finite and
-    within it. Arrays it does not prove (large vectors whose norm exceeds the bound with
-    every value within it included) get the exact per-element check instead.
-    """
-    try:
-        return math.hypot(*raw) <= MAX_INPUT_MAGNITUDE
-    except (OverflowError, ValueError, TypeError):
-        return False
 
 
 def _encodable(text: str) -> bool:
