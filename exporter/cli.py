@@ -30,11 +30,10 @@ log = logging.getLogger("monitaur")
 
 
 def _setup_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    """One stderr handler for every logger; it escapes every record (``logutil.EscapingFilter``)."""
+    from exporter.logutil import escaping_handler
+
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[escaping_handler(sys.stderr)])
 
 
 def _profile(args: argparse.Namespace, settings: Settings) -> Profile | None:

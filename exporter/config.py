@@ -146,6 +146,17 @@ class FusionConfig(_Section):
     )
 
 
+class LimitsConfig(_Section):
+    """Bounds on the work one event can cause, whatever its sender puts in it."""
+
+    max_image_pixels: int = Field(
+        1024 * 1024,
+        ge=1,
+        le=4096 * 4096,
+        description="encoded images with more pixels (width x height, read from the header before decoding) are rejected",
+    )
+
+
 class CalibrationConfig(_Section):
     """How ``calibrate`` learns a profile from benign traffic."""
 
@@ -169,6 +180,7 @@ class Settings(BaseSettings):
     default_timezone: str | None = None
     state: StateConfig = Field(default_factory=StateConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     detectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
     plugins: dict[str, str] = Field(default_factory=dict, description="extra detectors: name -> 'module:Class'")
     fusion: FusionConfig = Field(default_factory=FusionConfig)

@@ -23,6 +23,7 @@ from prometheus_client.utils import floatToGoString
 from prometheus_client.registry import Collector
 
 from exporter import __version__, reasons
+from exporter.names import is_valid_name
 
 if TYPE_CHECKING:
     from exporter.detectors import ClientMetric
@@ -154,6 +155,10 @@ class ClientCollector(Collector):
     A client has its own series while it is among the top ``limit`` by score, or flagged.
     Events of the other clients are counted under ``client="__other__"`` *as they happen*,
     so that ``__other__``'s counters never go backwards when membership changes.
+
+    Client ids, model and peer names are label values only when ``exporter.names``
+    accepts them: one id that cannot be encoded would otherwise fail every scrape. The
+    decoder and snapshot restore already refuse such names; this is the second line.
     """
 
     def __init__(
@@ -230,8 +235,11 @@ class ClientCollector(Collector):
                     other_score[name] = max(other_score.get(name, 0.0), value)
                 other_score[FUSED] = max(other_score.get(FUSED, 0.0), c.score)
                 continue
+            if not is_valid_name(c.client_id):
+                continue  # defense in depth: the decoder and restore already refuse such ids
             for model, n in c.queries.items():
-                queries.add_metric([c.client_id, model], n)
+                if is_valid_name(model):
+                    queries.add_metric([c.client_id, model], n)
             for name in self.detectors:
                 flags.add_metric([c.client_id, name], c.flags.get(name, 0))
                 if name in c.scores:
@@ -242,14 +250,16 @@ class ClientCollector(Collector):
                 total, peers = self.view.peer_matches(c.client_id)
                 cross.add_metric([c.client_id], total)
                 for other, n in peers.items():
-                    peer.add_metric([c.client_id, other], n)
+                    if is_valid_name(other):
+                        peer.add_metric([c.client_id, other], n)
             if stats:
                 for name, model, value in self.view.client_values(c):
-                    if name in stats:
+                    if name in stats and is_valid_name(model):
                         stats[name].add_metric([c.client_id, model], value)
         if self.other_queries or len(clients) > len(self.exported):
             for model, n in self.other_queries.items():
-                queries.add_metric([OTHER, model], n)
+                if is_valid_name(model):
+                    queries.add_metric([OTHER, model], n)
             for name in self.detectors:
                 flags.add_metric([OTHER, name], self.other_flags.get(name, 0))
                 if name in other_score:

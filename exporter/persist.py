@@ -23,6 +23,7 @@ import numpy as np
 
 from exporter.atomic import atomic_write, atomic_write_bytes
 from exporter.detectors.kit import Scaling
+from exporter.names import MAX_CLIENT_LENGTH, MAX_MODEL_LENGTH, is_valid_name
 from exporter.snapshot import dump, unpack
 from exporter.state import ClientState, ClientStore
 
@@ -104,6 +105,9 @@ def restore(data: bytes | BinaryIO, lock: threading.RLock, store: ClientStore, r
     if not isinstance(doc, dict) or doc.get("version") not in (1, SNAPSHOT_VERSION):
         raise ValueError("unsupported state snapshot version")
     current = doc["version"] == SNAPSHOT_VERSION
+    unsafe = _drop_invalid_names(doc)
+    if unsafe:
+        log.warning("dropped %d clients or models of the snapshot whose names are not valid (printable text) any more", unsafe)
     names = set(runtimes.specs)
     with lock:
         decoder.restore(doc.get("decoder", {}))
@@ -157,6 +161,26 @@ def _runtime(runtimes: "Runtimes", decoder: "Decoder", model: str):  # type: ign
         return runtimes.get(model)
     modality = (runtimes.settings.models.get(model).modality if model in runtimes.settings.models else None) or decoder.learned_modalities.get(model)
     return None if modality is None else runtimes.build(model)
+
+
+def _drop_invalid_names(doc: dict[str, Any]) -> int:
+    """Remove, in place, the clients and models of a snapshot whose names ``exporter.names`` refuses; return how many.
+
+    A snapshot written before names were validated may hold ids that no exposition,
+    log line or alert can carry (a lone surrogate made every scrape fail).
+    """
+    models = doc.get("models", {})
+    bad_models = [m for m in models if not is_valid_name(m, MAX_MODEL_LENGTH)]
+    for m in bad_models:
+        del models[m]
+    clients = doc.get("clients", [])
+    kept = [c for c in clients if is_valid_name(c["id"], MAX_CLIENT_LENGTH)]
+    for c in kept:
+        for per_model in (c["queries"], c.get("detectors", {})):
+            for m in [m for m in per_model if not is_valid_name(m, MAX_MODEL_LENGTH)]:
+                del per_model[m]
+    doc["clients"] = kept
+    return len(bad_models) + len(clients) - len(kept)
 
 
 def _copied(x: Any) -> Any:

@@ -29,7 +29,7 @@ from typing import Any, BinaryIO, Callable, Iterable
 
 import numpy as np
 
-from exporter import persist
+from exporter import persist, reasons
 from exporter.baseline import BaselinePlan
 from exporter.detectors import Batch, Signals
 from exporter.detectors.base import Block
@@ -125,6 +125,9 @@ class Pipeline:
                 except Rejected as rej:
                     self.reject(rej.reason, rej.message)
                     result.rejected[rej.reason] += 1
+                except Exception as exc:  # the last resort: an unforeseen failure rejects its one event only
+                    self.reject(reasons.INTERNAL_ERROR, f"decoding raised {type(exc).__name__}")
+                    result.rejected[reasons.INTERNAL_ERROR] += 1
             self.process(events)
             result.accepted = len(events)
         return result

@@ -13,12 +13,14 @@ INVALID_MODEL = "invalid_model"
 MISSING_INPUT = "missing_input"
 INVALID_INPUT = "invalid_input"
 NON_FINITE = "non_finite"
+OUT_OF_RANGE = "out_of_range"
 WRONG_DIMENSION = "wrong_dimension"
 INVALID_OUTPUT = "invalid_output"
 NOT_PROBABILITIES = "not_probabilities"
 IMAGE_DECODE_ERROR = "image_decode_error"
 LINE_TOO_LONG = "line_too_long"
 BODY_TOO_LARGE = "body_too_large"
+INTERNAL_ERROR = "internal_error"  # the last resort: decoding raised something unforeseen
 
 ALL: tuple[str, ...] = (
     MALFORMED_JSON,
@@ -30,10 +32,12 @@ ALL: tuple[str, ...] = (
     MISSING_INPUT,
     INVALID_INPUT,
     NON_FINITE,
+    OUT_OF_RANGE,
     WRONG_DIMENSION,
     INVALID_OUTPUT,
     NOT_PROBABILITIES,
     IMAGE_DECODE_ERROR,
     LINE_TOO_LONG,
     BODY_TOO_LARGE,
+    INTERNAL_ERROR,
 )

@@ -1,7 +1,8 @@
 """HTTP endpoints: ``/metrics``, ``/healthz``, a landing page at ``/`` and ``POST /api/v1/events``.
 
 Push answers are JSON: 202 with accepted/rejected counts, or an error object
-``{"error": "...", "reason": "..."}`` with 400, 401, 404, 405, 411 or 413.
+``{"error": "...", "reason": "..."}`` with 400, 401, 404, 405, 411 or 413 (500 only if
+processing fails after decoding; one event's decoding failure is its own rejection).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import hmac
 import html
 import json
 import logging
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
@@ -37,6 +39,12 @@ class ExporterHTTPServer(ThreadingHTTPServer):
         self.max_body = max_body
         self.healthy = healthy
         super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Log a request that failed with its exception type only (the default prints a
+        traceback to stderr, whose text a client's input could shape)."""
+        exc = sys.exc_info()[1]
+        log.error("request from %s failed: %s", client_address[0] if client_address else "?", type(exc).__name__)
 
     def serve_in_thread(self) -> threading.Thread:
         thread = threading.Thread(target=self.serve_forever, name="monitaur-http", daemon=True)
@@ -77,7 +85,13 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
-            self._send(200, generate_latest(self.server.pipeline.metrics.registry), CONTENT_TYPE_LATEST)
+            try:
+                body = generate_latest(self.server.pipeline.metrics.registry)
+            except Exception as exc:  # an answer, not a dropped connection, even if a series cannot be encoded
+                log.error("cannot render /metrics: %s", type(exc).__name__)
+                self._json(500, {"error": "metrics could not be rendered; see the exporter's log"})
+                return
+            self._send(200, body, CONTENT_TYPE_LATEST)
         elif path == "/healthz":
             ok = self.server.healthy()
             self._json(200 if ok else 503, {"status": "ok" if ok else "unhealthy", "version": __version__})
@@ -137,16 +151,24 @@ class _Handler(BaseHTTPRequestHandler):
         if not text:
             self._push_answer(400, {"error": "empty body; send JSON lines or a JSON array of events"})
             return
-        if text[:1] == b"[":
-            try:
-                items = jsonparse.loads(text)
-            except ValueError as exc:  # UnicodeDecodeError included
-                pipeline.reject(reasons.MALFORMED_JSON, "push body is not a valid JSON array")
-                self._push_answer(400, {"error": f"body starts with '[' but is not a valid JSON array ({type(exc).__name__})", "reason": reasons.MALFORMED_JSON})
-                return
-            result = pipeline.ingest_objects(items)
-        else:
-            result = pipeline.ingest_lines(line for line in text.split(b"\n") if line.strip())
+        try:
+            if text[:1] == b"[":
+                try:
+                    items = jsonparse.loads(text)
+                except ValueError as exc:  # UnicodeDecodeError included
+                    pipeline.reject(reasons.MALFORMED_JSON, "push body is not a valid JSON array")
+                    self._push_answer(
+                        400, {"error": f"body starts with '[' but is not a valid JSON array ({type(exc).__name__})", "reason": reasons.MALFORMED_JSON}
+                    )
+                    return
+                result = pipeline.ingest_objects(items)
+            else:
+                # Blank lines are skipped, as in tailed files (jsonparse.is_blank).
+                result = pipeline.ingest_lines(line for line in text.split(b"\n") if not jsonparse.is_blank(line))
+        except Exception as exc:  # decoding failures are rejections already; this is a failure after decoding
+            log.error("push body failed after decoding: %s", type(exc).__name__)
+            self._push_answer(500, {"error": "the events could not be processed; see the exporter's log"})
+            return
         self._push_answer(202, {"accepted": result.accepted, "rejected": sum(result.rejected.values()), "rejected_reasons": dict(result.rejected)})
 
     def _landing(self) -> str:

@@ -32,6 +32,7 @@ from typing import Any, Callable
 from exporter import reasons
 from exporter.atomic import atomic_write_bytes
 from exporter.config import FilesConfig
+from exporter.jsonparse import is_blank
 from exporter.metrics import Metrics
 
 CHUNK_BYTES = 1024 * 1024
@@ -94,9 +95,9 @@ class _Saved:
 class Tailer:
     """Follows the files matching ``cfg.paths`` and hands their complete lines to ``sink``.
 
-    ``sink`` receives lists of at most ``batch_lines`` lines (bytes, newline stripped,
-    empty lines skipped). ``reject`` is called with a reason for each line that is
-    dropped. Methods are safe to call from different threads (one lock); ``sink`` is
+    ``sink`` receives lists of at most ``batch_lines`` lines (bytes, newline stripped;
+    blank lines, empty or only whitespace, skipped). ``reject`` is called with a reason
+    for each line that is dropped. Methods are safe to call from different threads (one lock); ``sink`` is
     called with that lock held and should not raise: if it does, the exception
     propagates and the lines of the chunk being delivered may be delivered again.
     """
@@ -310,8 +311,8 @@ class Tailer:
             if end:
                 parts = data[start : end - 1].split(b"\n")
                 parts[0] = bytes(f.partial) + parts[0]
-                lines = [p for p in parts if 0 < len(p) <= cap]
-                for _ in range(len(parts) - len(lines) - parts.count(b"")):
+                lines = [p for p in parts if len(p) <= cap and not is_blank(p)]  # blank lines are skipped, as in push
+                for _ in range(sum(1 for p in parts if len(p) > cap)):
                     self.reject(reasons.LINE_TOO_LONG)
                 for i in range(0, len(lines), self.batch_lines):
                     self.sink(lines[i : i + self.batch_lines])

@@ -541,3 +541,29 @@ def test_dockerfile():
     assert re.search(r'^ENTRYPOINT \["monitaur-exporter"\]$', text, flags=re.M)
     ignore = (REPO / ".dockerignore").read_text().split()
     assert "*" in ignore and "!exporter/" in ignore and "!pyproject.toml" in ignore
+
+
+@needs_amtool
+@pytest.mark.parametrize(
+    "template,kind",
+    [("monitaur.slack.title", "text"), ("monitaur.slack.text", "text"), ("monitaur.email.html", "html")],
+)
+def test_client_controlled_values_are_escaped_in_slack_and_html(tmp_path, template, kind):
+    """A client id or model name may hold Slack or HTML markup: '<!channel>' must not notify a channel."""
+    client, model = "<!channel> & <b>mallory</b>", "m<@U123>"
+    alert = {
+        **SAMPLE_ALERT,
+        "labels": {**SAMPLE_ALERT["labels"], "client": client, "model": model},
+        "annotations": {**SAMPLE_ALERT["annotations"], "summary": f"Model extraction suspected from client {client}.", "description": f"Client {client}."},
+    }
+    data = {"receiver": "x", "status": "firing", "alerts": [alert], "groupLabels": {"alertname": "MonitaurModelExtractionSuspected", "client": client},
+            "commonLabels": alert["labels"], "commonAnnotations": {}, "externalURL": "http://alertmanager:9093"}
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(data))
+    res = run(AMTOOL, "template", "render", f"--template.glob={AM_TEMPLATES}/*.tmpl", f"--template.data={path}",
+              f"--template.type={kind}", f"--template.text={{{{ template \"{template}\" . }}}}")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "&lt;!channel&gt; &amp; &lt;b&gt;mallory&lt;/b&gt;" in out and "m&lt;@U123&gt;" in out, out
+    for raw in ("<!channel>", "<b>mallory", "<@U123>", "& <"):
+        assert raw not in out, out

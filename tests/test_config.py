@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from exporter.config import ConfigError, Settings, load_settings
 from tests.conftest import REPO
@@ -107,3 +108,13 @@ def test_annotated_example_config_is_valid() -> None:
     s = load_settings(REPO / "docs" / "config.example.yml")
     assert s.models["digits"].input_dim == 64 and s.listen.port == 9717
     assert s.detector_params()["confidence"][1].window == 100
+
+
+def test_image_pixel_limit_is_validated(monkeypatch) -> None:
+    assert Settings().limits.max_image_pixels == 1024 * 1024
+    assert Settings(limits={"max_image_pixels": 4096 * 4096}).limits.max_image_pixels == 4096 * 4096
+    for bad in (0, 4096 * 4096 + 1, "many"):
+        with pytest.raises(ValidationError):
+            Settings(limits={"max_image_pixels": bad})
+    monkeypatch.setenv("MONITAUR_LIMITS__MAX_IMAGE_PIXELS", "50176")
+    assert Settings().limits.max_image_pixels == 224 * 224

@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from exporter import reasons
 from exporter.config import Settings
@@ -149,11 +149,9 @@ def input_line(raw_json: str) -> bytes:
         ("[true, 1]", [1.0, 1.0]),  # booleans mixed with numbers count as 0/1, as numpy infers them
         ("[1.5, true]", [1.5, 1.0]),
         ("[1, true, false]", [1.0, 1.0, 0.0]),
-        (f"[{2**63 - 1}]", [float(2**63 - 1)]),
-        (f"[{2**63}]", [float(2**63)]),  # uint64
-        (f"[{-(2**63)}]", [float(-(2**63))]),
-        ("[1e308, 1e308]", [1e308, 1e308]),  # finite values whose sum overflows
-        ("[1.7e308, 1.7e308, -1.7e308]", [1.7e308, 1.7e308, -1.7e308]),
+        ("[1e15, -1e15]", [1e15, -1e15]),  # the bound itself
+        (f"[{10**15}, {-(10**15)}]", [1e15, -1e15]),
+        ("[" + ", ".join(["9e14"] * 100) + "]", [9e14] * 100),  # a norm beyond the bound, every value within it
         ("[0.0, -0.0, 5e-324]", [0.0, -0.0, 5e-324]),
     ],
 )
@@ -167,16 +165,23 @@ def test_number_arrays_accepted(raw_json: str, expected: list[float]) -> None:
     [
         ("[true, false]", reasons.INVALID_INPUT),  # all booleans: not numbers
         ("[false]", reasons.INVALID_INPUT),
-        (f"[{SECRET}, {2**64}]", reasons.INVALID_INPUT),  # integers beyond 64 bits
-        (f"[{SECRET}, {-(2**63) - 1}]", reasons.INVALID_INPUT),
-        (f"[{SECRET}, {BIG}]", reasons.INVALID_INPUT),
-        (f"[{BIG}, {SECRET}]", reasons.INVALID_INPUT),
-        (f"[{SECRET}, {10**400}]", reasons.INVALID_INPUT),  # too large even for a float: never a crash
-        (f"[{10**400}, {SECRET}]", reasons.INVALID_INPUT),
+        (f"[{SECRET}, {2**64}]", reasons.OUT_OF_RANGE),  # integers beyond 64 bits
+        (f"[{SECRET}, {-(2**63) - 1}]", reasons.OUT_OF_RANGE),
+        (f"[{SECRET}, {BIG}]", reasons.OUT_OF_RANGE),
+        (f"[{BIG}, {SECRET}]", reasons.OUT_OF_RANGE),
+        (f"[{SECRET}, {10**400}]", reasons.OUT_OF_RANGE),  # too large even for a float: never a crash
+        (f"[{10**400}, {SECRET}]", reasons.OUT_OF_RANGE),
+        (f"[{10**400}, NaN]", reasons.OUT_OF_RANGE),
+        (f"[{2**63 - 1}]", reasons.OUT_OF_RANGE),  # 64-bit integers beyond 1e15
+        (f"[{2**63}]", reasons.OUT_OF_RANGE),
+        ("[1e308, 1e308]", reasons.OUT_OF_RANGE),  # finite values whose squares overflow
+        (f"[{SECRET}, -1.0000001e15]", reasons.OUT_OF_RANGE),
+        ("[" + ", ".join(["9e14"] * 100) + ", 2e15]", reasons.OUT_OF_RANGE),
         (f"[{SECRET}, NaN, 2]", reasons.NON_FINITE),  # NaN in the middle
         (f"[{SECRET}, 1, -Infinity]", reasons.NON_FINITE),
         ("[Infinity, -Infinity]", reasons.NON_FINITE),  # their sum is NaN
-        ("[1e308, 1e308, NaN]", reasons.NON_FINITE),  # the sum overflows and a NaN hides behind it
+        ("[1e308, 1e308, NaN]", reasons.NON_FINITE),  # non-finite before out of range
+        ("[1e300, Infinity]", reasons.NON_FINITE),
         (f"[{SECRET}, null]", reasons.INVALID_INPUT),  # null is not NaN
         (f"[NaN, null, {SECRET}]", reasons.INVALID_INPUT),
         (f'[{SECRET}, "1"]', reasons.INVALID_INPUT),
@@ -195,23 +200,31 @@ def test_number_arrays_rejected(raw_json: str, reason: str) -> None:
     assert "987654" not in err.value.message and str(BIG)[:8] not in err.value.message
 
 
-def reference_numbers(raw: list) -> np.ndarray | str:
-    """The plain definition of a valid number array: the float64 array, or the rejection reason."""
+def reference_numbers(raw: list, bounded: bool = True) -> np.ndarray | str:
+    """The plain definition of a valid number array: the float64 array, or the rejection reason.
+
+    ``bounded``: the rules of inputs (integers beyond 64 bits and values beyond 1e15 are
+    out_of_range); else those of outputs (no bound; any non-array is invalid).
+    """
     if not raw:
         return reasons.INVALID_INPUT
     try:
         arr = np.asarray(raw)
     except (ValueError, TypeError, OverflowError):
-        return reasons.INVALID_INPUT
-    if arr.ndim != 1 or arr.dtype.kind not in "iuf":
-        return reasons.INVALID_INPUT
+        arr = None
+    if arr is None or arr.ndim != 1 or arr.dtype.kind not in "iuf":
+        numbers = all(type(v) in (int, float) for v in raw)
+        return reasons.OUT_OF_RANGE if bounded and numbers else reasons.INVALID_INPUT
     arr = arr.astype(np.float64)
-    return arr if np.isfinite(arr).all() else reasons.NON_FINITE
+    if not np.isfinite(arr).all():
+        return reasons.NON_FINITE
+    return reasons.OUT_OF_RANGE if bounded and np.abs(arr).max() > 1e15 else arr
 
 
 def test_number_arrays_agree_with_the_plain_definition() -> None:
     rng = np.random.default_rng(7)
-    specials = [True, False, None, "1", [1], {}, 2**63, 2**64, -(2**63) - 1, BIG, 10**400, float("nan"), float("inf"), -float("inf"), 1e308, -1e308, -0.0]
+    specials = [True, False, None, "1", [1], {}, 2**63, 2**64, -(2**63) - 1, BIG, 10**400, float("nan"), float("inf"), -float("inf"), 1e308, -1e308, -0.0,
+                1e15, -1e15, 1.0000001e15, 10**15, 10**15 + 1]
     d = decoder()
     for i in range(3000):
         n = int(rng.choice([1, 2, 3, 10, 64]))
@@ -235,7 +248,7 @@ def assert_decodes_as(d: Decoder, obj: dict, field: str, expected: np.ndarray | 
 
 def reference_probabilities(raw: list) -> np.ndarray | str:
     """The plain definition of a valid probability output: the normalized array, or the rejection reason."""
-    arr = reference_numbers(raw)
+    arr = reference_numbers(raw, bounded=False)
     if isinstance(arr, str):
         return reasons.INVALID_OUTPUT if arr == reasons.INVALID_INPUT else arr
     if arr.shape[0] < 2:
@@ -309,3 +322,171 @@ def test_implausible_timestamps_rejected(ts: str) -> None:
 @pytest.mark.parametrize("ts, expected", [("0.0", 0.0), ("32503680000.0", 32503680000.0), ("0", 0.0)])
 def test_timestamp_bounds_accepted(ts: str, expected: float) -> None:
     assert decoder().decode_line(b'{"client": "k", "ts": ' + ts.encode() + b', "input": [1]}').ts == expected
+
+
+# -- hostile values: each a specific rejection, never an exception (issue: poison pills) -----
+
+
+@pytest.mark.parametrize(
+    "ts",
+    [
+        "1" * 400,  # float() of it would raise OverflowError
+        "-" + "1" * 400,
+        '"0001-01-01T00:00:00+23:59"',  # leaves datetime's range when converted to UTC
+        '"9999-12-31T23:59:59-23:59"',
+        '"0001-01-01T00:00:00Z"',
+        '"9999-12-31T23:59:59Z"',
+        '"1969-12-31T23:59:59Z"',
+        '"' + "2025-11-25T19:00:00Z" + " " * 100 + '"',  # longer than any RFC 3339 time
+        "1e400",
+        "-0.5",
+        "null1",
+    ],
+)
+def test_hostile_timestamps_are_invalid_timestamp(ts: str) -> None:
+    line = b'{"client": "k", "ts": ' + ts.encode() + b', "input": [1]}'
+    with pytest.raises(Rejected) as err:
+        decoder(default_timezone="UTC").decode_line(line)
+    assert err.value.reason in (reasons.INVALID_TIMESTAMP, reasons.MALFORMED_JSON)
+    assert err.value.reason == (reasons.MALFORMED_JSON if ts == "null1" else reasons.INVALID_TIMESTAMP)
+
+
+@pytest.mark.parametrize(
+    "output, reason",
+    [
+        ('{"label": "a", "score": ' + "1" * 400 + "}", reasons.NOT_PROBABILITIES),
+        ('{"label": "a", "score": -' + "1" * 400 + "}", reasons.NOT_PROBABILITIES),
+        ('{"label": "a", "score": true}', reasons.INVALID_OUTPUT),
+        ('{"label": "a", "score": NaN}', reasons.NON_FINITE),
+        ('{"label": "a", "score": [0.5]}', reasons.INVALID_OUTPUT),
+        ('{"label": ' + "9" * 400 + "}", reasons.INVALID_OUTPUT),  # an integer label beyond 64 bits
+        ('{"label": true}', reasons.INVALID_OUTPUT),
+        ('{"label": null}', reasons.INVALID_OUTPUT),
+        ('{"label": ""}', reasons.INVALID_OUTPUT),
+        ('{"label": "' + "x" * 300 + '"}', reasons.INVALID_OUTPUT),
+        ('{"label": "a\\nb"}', reasons.INVALID_OUTPUT),
+        ('{"label": "\\ud800"}', reasons.INVALID_OUTPUT),
+    ],
+)
+def test_hostile_label_outputs(output: str, reason: str) -> None:
+    with pytest.raises(Rejected) as err:
+        decoder().decode_line(b'{"client": "k", "input": "text", "output": ' + output.encode() + b"}")
+    assert err.value.reason == reason
+
+
+def test_label_outputs_accepted() -> None:
+    d = decoder()
+    assert d.decode_line(b'{"client": "k", "input": "t", "output": {"label": -9223372036854775808, "score": 1}}').label == "-9223372036854775808"
+    e = d.decode_line('{"client": "k", "input": "t", "output": {"label": "São Paulo", "score": 0}}'.encode())
+    assert (e.label, e.label_score) == ("São Paulo", 0.0)
+
+
+# Characters that make a name unsafe wherever it is shown (exporter.names).
+UNSAFE_CHARACTERS = {
+    "lone high surrogate": "\\ud800",
+    "lone low surrogate": "\\udfff",
+    "newline": "\\n",
+    "carriage return": "\\r",
+    "tab": "\\t",
+    "NUL": "\\u0000",
+    "escape (terminal)": "\\u001b[31m",
+    "DEL": "\\u007f",
+    "C1 NEL": "\\u0085",
+    "C1 CSI": "\\u009b",
+    "line separator": "\\u2028",
+    "paragraph separator": "\\u2029",
+    "right-to-left override": "\\u202e",
+    "left-to-right isolate": "\\u2066",
+    "zero-width space": "\\u200b",
+    "zero-width joiner": "\\u200d",
+    "byte-order mark": "\\ufeff",
+    "no-break space": "\\u00a0",
+    "private use": "\\ue000",
+    "unassigned": "\\u0378",
+}
+
+
+@pytest.mark.parametrize("what", UNSAFE_CHARACTERS)
+@pytest.mark.parametrize("field, reason", [("client", reasons.INVALID_CLIENT), ("model", reasons.INVALID_MODEL)])
+def test_unsafe_characters_in_names_are_rejected(what: str, field: str, reason: str) -> None:
+    obj = {"client": "k", "model": "m", "input": [1]}
+    line = json.dumps(obj).replace(f'"{field}": "', f'"{field}": "x{UNSAFE_CHARACTERS[what]}').encode()
+    with pytest.raises(Rejected) as err:
+        decoder().decode_line(line)
+    assert err.value.reason == reason
+
+
+@pytest.mark.parametrize("name", ["key 17", "müller@example.com", "客户-7", "ключ", "a" * 256, "émoji-🙂", "<b>&amp;</b>", "%s%n{}"])
+def test_printable_names_are_accepted(name: str) -> None:
+    e = decoder().decode_line(json.dumps({"client": name, "model": name[:128], "input": [1]}).encode())
+    assert (e.client, e.model) == (name, name[:128])
+
+
+def test_text_input_must_be_valid_unicode() -> None:
+    d = decoder()
+    assert d.decode_line('{"client": "k", "input": "line one\\nline two\\u2028 é"}'.encode()).text == "line one\nline two\u2028 é"
+    with pytest.raises(Rejected) as err:
+        d.decode_line(b'{"client": "k", "model": "t2", "input": "ab\\udc00cd"}')
+    assert err.value.reason == reasons.INVALID_INPUT
+
+
+def test_not_probabilities_message_does_not_echo_a_value_derived_from_the_output() -> None:
+    with pytest.raises(Rejected) as err:
+        decoder().decode_line(b'{"client": "k", "input": [1], "output": [0.123456, 0.7]}')
+    assert err.value.reason == reasons.NOT_PROBABILITIES
+    assert "0.8235" not in err.value.message and "0.82" not in err.value.message
+
+
+def test_a_rejected_event_teaches_the_decoder_nothing() -> None:
+    d = decoder()
+    for line in [
+        b'{"client": "k", "model": "m", "ts": ' + b"1" * 400 + b', "input": [1, 2, 3], "output": [0.5, 0.5]}',
+        b'{"client": "k", "model": "m", "input": [1, 2, 3], "output": {"label": "a", "score": ' + b"1" * 400 + b"}}",
+        b'{"client": "k", "model": "m", "input": [1, 2, 1e16], "output": [0.5, 0.5]}',
+        b'{"client": "\\u2028", "model": "m", "input": [1, 2, 3], "output": [0.5, 0.5]}',
+    ]:
+        with pytest.raises(Rejected):
+            d.decode_line(line)
+    assert d.learned() == {"input_dims": {}, "num_classes": {}, "modalities": {}}
+
+
+def test_restore_drops_learned_models_with_invalid_names() -> None:
+    d = decoder()
+    d.restore({"input_dims": {"ok": 3, "bad\ud800": 4, "bad\n": 5}, "num_classes": {"ok": 2, "\u202e": 2}, "modalities": {"ok": "tabular", "": "text"}})
+    assert d.learned() == {"input_dims": {"ok": 3}, "num_classes": {"ok": 2}, "modalities": {"ok": "tabular"}}
+
+
+def test_image_pixel_limit_is_read_from_the_header_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 4096 x 4096 PNG of zeros (the issue's image bomb) is refused without being decoded."""
+    big = png_b64(np.zeros((4096, 4096), dtype=np.uint8))
+    assert len(big) < 100_000
+    decoded: list[object] = []
+    real_load = ImageFile.ImageFile.load  # what decodes the pixels of a PNG or JPEG
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or real_load(self))
+    with pytest.raises(Rejected) as err:
+        decoder().decode_object({"client": "k", "input": {"image_b64": big}})
+    assert err.value.reason == reasons.IMAGE_DECODE_ERROR and "4096x4096" in err.value.message
+    assert decoded == []
+    # The limit is a config key; within it, the image decodes.
+    small = png_b64(np.zeros((64, 32), dtype=np.uint8))
+    with pytest.raises(Rejected):
+        decoder(limits={"max_image_pixels": 64 * 32 - 1}).decode_object({"client": "k", "input": {"image_b64": small}})
+    assert decoder(limits={"max_image_pixels": 64 * 32}).decode_object({"client": "k", "input": {"image_b64": small}}).image.shape == (64, 32, 3)
+    assert decoded  # and then it was decoded
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"GIF89a\x01\x00\x01\x00\x00\x00\x00;",  # another format: never handed to its parser
+        b"BM" + b"\x00" * 60,
+        b"\x89PNG\r\n\x1a\n",  # a PNG signature and nothing else
+        b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x10\x00\x00\x00\x10\x08\x02\x00\x00\x00\x90\x91h6",  # a header, no pixels
+        b"\xff\xd8\xff\xe0" + b"\x00" * 100,  # a JPEG start and garbage
+        b"",
+    ],
+)
+def test_images_that_are_not_images(data: bytes) -> None:
+    with pytest.raises(Rejected) as err:
+        decoder().decode_object({"client": "k", "input": {"image_b64": base64.b64encode(data).decode()}})
+    assert err.value.reason == reasons.IMAGE_DECODE_ERROR

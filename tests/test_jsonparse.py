@@ -14,9 +14,9 @@ from exporter.events import Decoder, Rejected
 
 
 def reference(data: bytes | str) -> tuple[str, str]:
-    """What json.loads makes of ``data``: ("ok", repr of the value) or ("error", "")."""
+    """What json.loads makes of ``data`` as strict UTF-8 text: ("ok", repr of the value) or ("error", "")."""
     try:
-        return "ok", repr(json.loads(data))
+        return "ok", repr(json.loads(data.decode("utf-8") if isinstance(data, bytes) else data))
     except (ValueError, RecursionError):
         return "error", ""
 
@@ -121,6 +121,26 @@ def test_ordinary_lines_do_not_reach_json_loads(monkeypatch: pytest.MonkeyPatch)
     assert jsonparse.loads(LINE)["input"] == [0, 6, 16, -2, 1.5, 1e-5]
     with pytest.raises(AssertionError):
         jsonparse.loads(b'{"a": NaN}')
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'\xef\xbb\xbf{"a": 1}',  # a UTF-8 byte-order mark
+        '{"a": 1}'.encode("utf-16"),  # with its BOM
+        '{"a": 1}'.encode("utf-16-le"),  # without: NUL bytes between the characters
+        '{"a": 1}'.encode("utf-16-be"),
+        '{"a": 1}'.encode("utf-32"),
+        '{"a": 1}'.encode("utf-32-le"),
+        '\ufeff{"a": 1}',  # a BOM in a str
+        b'{"a": "\xed\xa0\x80"}',  # a surrogate encoded in UTF-8 (CESU-8): not UTF-8
+    ],
+)
+def test_only_utf8_without_a_bom_is_json(data: bytes | str) -> None:
+    """json.loads of bytes would guess UTF-16/32 and skip a BOM; the exporter refuses them (README: Bad input)."""
+    with pytest.raises(ValueError):
+        jsonparse.loads(data)
+    assert json.loads('{"a": 1}'.encode("utf-16")) == {"a": 1}  # what the standard library alone would do
 
 
 def test_deep_nesting_is_malformed_json_not_a_crash() -> None:

@@ -76,6 +76,16 @@ def test_appends_and_partial_lines(h: Harness) -> None:
     assert h.sample("monitaur_file_size_bytes", log) == size + len(b"tail-without-newline")
 
 
+def test_blank_lines_are_skipped_not_delivered(h: Harness) -> None:
+    """Empty and whitespace-only lines (CRLF files' blank lines included) are skipped, as in push."""
+    log = h.dir / "app.jsonl"
+    append(log, b'{"a":1}\r\n\r\n   \n\t \r\n\x0b\n{"b":2}\n\n')
+    assert h.poll() == [b'{"a":1}\r', b'{"b":2}']
+    assert h.rejects == []
+    assert h.sample("monitaur_file_lines_total", log) == 2
+    assert h.sample("monitaur_file_offset_bytes", log) == log.stat().st_size
+
+
 def test_batches_are_capped(tmp_path: Path) -> None:
     h = Harness(tmp_path, batch_lines=2)
     append(h.dir / "app.jsonl", b"1\n2\n3\n4\n5\n")

@@ -21,8 +21,9 @@ from exporter.detectors.base import (
     State,
     WindowedParams,
 )
-from exporter.hashing import MASK64, splitmix64
 from exporter.detectors.kit import share_signals
+from exporter.hashing import splitmix64
+from exporter.images import MAX_HASHED_SIDE, downscale
 
 _U64 = np.uint64
 _PRIME = 0x100000001B3  # the 64-bit FNV prime: odd, so invertible modulo 2**64
@@ -31,17 +32,26 @@ _HASH_SEED = 0x626C61636B6C6974  # "blacklit"
 _QMAX = float(1 << 40)  # quantized values are clipped to +-this, far inside int64
 
 
-@lru_cache(maxsize=64)
 def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """P**i and P**-i modulo 2**64 for i < n, as uint64."""
-    fwd = np.empty(n, dtype=np.uint64)
-    inv = np.empty(n, dtype=np.uint64)
-    a = b = 1
-    for i in range(n):
-        fwd[i] = a
-        inv[i] = b
-        a = (a * _PRIME) & MASK64
-        b = (b * _PRIME_INV) & MASK64
+    """P**i and P**-i modulo 2**64 for i < n, as read-only uint64 views of a shared table."""
+    fwd, inv = _power_table(max(1024, 1 << (n - 1).bit_length()))
+    return fwd[:n], inv[:n]
+
+
+@lru_cache(maxsize=8)
+def _power_table(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """P**i and P**-i modulo 2**64 for i < ``size`` (a power of two), by doubling.
+
+    Each step appends the table so far times P**len (uint64 products wrap modulo 2**64),
+    so the cost is a few numpy passes, not a Python loop per value. Tables are powers of
+    two in size, so all cached tables together take at most twice the largest.
+    """
+    fwd = np.ones(1, dtype=np.uint64)
+    inv = np.ones(1, dtype=np.uint64)
+    while fwd.shape[0] < size:
+        k = fwd.shape[0]
+        fwd = np.concatenate([fwd, fwd * _U64(pow(_PRIME, k, 1 << 64))])
+        inv = np.concatenate([inv, inv * _U64(pow(_PRIME_INV, k, 1 << 64))])
     fwd.setflags(write=False)
     inv.setflags(write=False)
     return fwd, inv
@@ -341,6 +351,9 @@ class FingerprintDetector(Detector):
 
     def _image_prints(self, img: np.ndarray) -> np.ndarray:
         p = self.params
+        # Bounded work whatever the size: Blacklight's large-image windows (50, stride 25)
+        # see at most 256 x 256 x 3 values, and _powers' tables stay small.
+        img = downscale(img, MAX_HASHED_SIDE)
         q = (img.reshape(1, -1) // p.image_quantum).astype(np.int64)
         if q.shape[1] > p.large_image_values:
             w, s = p.large_image_window, p.large_image_stride
