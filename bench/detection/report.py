@@ -69,7 +69,8 @@ def _cell_overview(summary: dict[str, Any], has_prada: bool) -> list[str]:
         if not group:
             return "–"
         a, s = min(group.items(), key=lambda kv: kv[1]["detection_rate"])
-        return f"{pct(s['detection_rate'], 0)} ({a})"
+        everyone = all(g["detection_rate"] == s["detection_rate"] for g in group.values())
+        return f"{pct(s['detection_rate'], 0)} ({'all' if everyone else a})"
 
     slowest = "–"
     if attacks:
