@@ -58,8 +58,8 @@ for _p in (REPO, HERE):  # run from a checkout without installing; the sibling m
         sys.path.insert(0, str(_p))
 
 from exporter.sim import ATTACKS, World, build_world, sklearn_available  # noqa: E402
-from populations import (FAMILIES, FULL, HELDOUT_ATTACKS, QUICK, SWEEP, EvalPlan, Holdout, Sizes,  # noqa: E402,F401
-                         attack_counts, calibration_traffic, evaluation_traffic, family_b_module, parse_holdout)
+from populations import (FAMILIES, FULL, HELDOUT_ATTACKS, QUICK, SWEEP, EvalPlan, Holdout, Sizes,  # noqa: E402
+                         calibration_traffic, evaluation_traffic, family_b_module, parse_holdout)
 from report import attack_table, calibration_title, checklist, false_alarm_lines, overview_table, pct, sweep_table  # noqa: E402
 from scoring import Scorer, false_alarm_counts, promise_of, summarize  # noqa: E402
 from targets import TARGET_FPR, check_cell, check_promises  # noqa: E402
@@ -194,7 +194,7 @@ def run_dataset_seed(dataset: str, seed: int, plan: Plan, workdir: Path, rows: R
         tr.write(calib_logs[label], append=False)
         timing[f"events_{label}"] = len(tr)
     timing["simulate_calibration"] = time.perf_counter() - t
-    log(f"  calibration logs: " + ", ".join(f"{l} ({timing.get(f'events_{l}', 0):,} events)" for l in plan.calibrations if l != "none")
+    log("  calibration logs: " + ", ".join(f"{l} ({timing.get(f'events_{l}', 0):,} events)" for l in plan.calibrations if l != "none")
         + f" ({timing['simulate_calibration']:.1f}s)")
 
     scorer = Scorer(dataset, seed, world, ev, plan.eval.holdout)
