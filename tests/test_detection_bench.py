@@ -1,9 +1,9 @@
-"""The detection benchmark (bench/detection/run.py): its quick mode end to end, and its scoring.
+"""The detection benchmark (bench/detection/): its quick mode end to end, its populations
+(families, held-out behaviours and regimes, attack variants), its scoring and its targets.
 
-The quick mode runs the real CLI (calibrate, replay) on a small simulated population and
-its detection and false-alarm figures are asserted against the thresholds below, which
-leave a margin around what the quick mode measures (all ordinary attack types detected,
-1 of 2 interleaved attackers, 3% benign false alarms on 100 clients).
+The quick mode runs the real CLI (calibrate, replay) on digits, seed 0: one evaluation log
+of 1,000 benign clients plus 2 attackers per type (1 Sybil group), replayed with profiles
+calibrated on 20 and on 200 other benign clients.
 """
 
 from __future__ import annotations
@@ -21,98 +21,293 @@ from tests.conftest import REPO
 
 pytest.importorskip("sklearn", reason="the detection benchmark needs scikit-learn (the 'bench' extra)")
 
-# -- figures the quick mode must reach (2 attackers per type, 1 Sybil group, 100 benign clients:
-#    figures are coarse, the margins are deliberate) ------------------------------------------------
-ENFORCE_TARGETS = True
+# -- figures the quick mode must reach (2 attackers per type, 1 Sybil group: coarse figures,
+#    deliberate margins) -----------------------------------------------------------------------------
 QUICK_MIN_DETECTION = 0.95  # share of attacker clients flagged, per ordinary attack type
 QUICK_MIN_DETECTION_HARD = 0.5  # interleaved, slow, sybil (per group)
-QUICK_MAX_FALSE_ALARMS = 0.06  # share of benign clients flagged (1 % target; 3 % measured on 100 clients)
+QUICK_MAX_FALSE_ALARMS = 0.06  # share of benign clients flagged with the 200-client calibration (1 % target)
 QUICK_MAX_MEDIAN_QUERIES = 250  # per attack type, among detected attackers
-QUICK_MAX_SECONDS = 120  # the quick mode should take well under a minute; generous for slow CI
+QUICK_MAX_SECONDS = 90  # CI budget for the quick mode (it takes ~25 s on 2 cores)
+# What the calibration redesign must meet with only 20 benign clients per model (the issue's
+# target at that size): at most 2 % of other benign clients flagged, and the upper end of the
+# two-sided 95 % Clopper-Pearson interval of that rate at most 3 %.
+FA_RATE_AT_20_CLIENTS = 0.02
+FA_UPPER_BOUND_AT_20_CLIENTS = 0.03
+# The JbDA family: today their detection turns on the calibration draw (four 240-client
+# calibration populations of digits seed 0 gave jbda/trnd/sybil/slow 0-100 %).
+JBDA_FAMILY = ("jbda", "trnd", "interleaved", "sybil", "slow")
 
-RUN_PY = REPO / "bench" / "detection" / "run.py"
+BENCH = REPO / "bench" / "detection"
+RUN_PY = BENCH / "run.py"
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_detection_run", RUN_PY)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def load(name: str):
+    """A module of bench/detection/ (run.py puts the directory on sys.path for its siblings)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    if name == "run":
+        spec = importlib.util.spec_from_file_location("bench_detection_run", RUN_PY)
+        module = importlib.util.module_from_spec(spec)
+        assert spec.loader is not None
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module
+    return importlib.import_module(name)
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, float]:
     out = tmp_path_factory.mktemp("bench") / "results.json"
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, str(RUN_PY), "--quick", "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=600)
+    proc = subprocess.run([sys.executable, str(RUN_PY), "--quick", "--readme", "--out", str(out)], capture_output=True, text=True,
+                          cwd=REPO, timeout=600)
     elapsed = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text()), proc.stdout, elapsed
 
 
+# -- the quick mode, end to end ------------------------------------------------------------------------
 def test_quick_mode_structure(quick) -> None:
     results, stdout, elapsed = quick
-    bench = load_bench()
-    sizes = bench.QUICK
-    assert results["mode"] == "quick" and results["datasets"] == ["digits"] and results["seeds"] == [0]
+    populations = load("populations")
+    sizes = populations.QUICK
     assert elapsed < QUICK_MAX_SECONDS
-    attacks = results["attacks"]
-    assert set(attacks) == set(bench.ATTACKS)
-    summary = results["summary"]
-    assert list(summary["attacks"]) == attacks
-    expected = bench.attack_counts(sizes, attacks)
-    for attack, s in summary["attacks"].items():
-        assert s["entities"] == expected[attack]
-        for key in ("detection_rate", "fidelity_at_alarm", "fidelity_all_queries"):
-            assert 0.0 <= s[key] <= 1.0, (attack, key)
-        if s["detection_rate"] > 0:
-            assert 1 <= s["median_queries"] <= s["p90_queries"] <= s["queries_per_entity"]
-    fa = summary["false_alarms"]
-    assert fa["clients"] == sizes.eval_benign and 0.0 <= fa["rate"] <= 1.0
-    assert set(fa["by_behaviour"]) <= {"iid", "class_skewed", "retries", "noisy_resubmit", "batch", "drift", "popular"}
-    run = results["runs"][0]
-    assert run["detectors"] and "replay" in run["seconds"]
-    # the markdown table and the target checklist are printed
-    assert "| attack | n | detection | FA rate | median q | p90 q | fidelity at alarm |" in stdout
-    assert "### targets" in stdout and "targets met" in stdout
+    assert results["mode"] == "quick" and results["datasets"] == ["digits"] and results["seeds"] == [0]
+    assert results["calibrations"] == ["20", "200"] and results["eval_families"] == ["a"]
+    expected = populations.attack_counts(sizes, results["attacks"])
+    for label, cell in results["results"]["digits"].items():
+        assert list(cell["attacks"]) == results["attacks"]
+        for attack, s in cell["attacks"].items():
+            assert s["entities"] == expected[attack] and s["set"] == "default"
+            for key in ("detection_rate", "fidelity_at_alarm", "fidelity_all_queries"):
+                assert 0.0 <= s[key] <= 1.0, (label, attack, key)
+            if s["detection_rate"] > 0:
+                assert 1 <= s["median_queries"] <= s["p90_queries"] <= s["queries_per_entity"]
+        fa = cell["false_alarms"]
+        assert fa["clients"] == sizes.eval_benign >= 1000  # evaluated on other benign clients than calibration's
+        assert fa["lower"] <= fa["rate"] <= fa["upper"] and list(fa["by_family"]) == ["a"]
+        assert set(fa["by_family"]["a"]["by_behaviour"]) == {"iid", "class_skewed", "retries", "noisy_resubmit", "batch", "drift", "popular"}
+    runs = {r["calibration"]: r for r in results["runs"]}
+    assert set(runs) == {"20", "200"}
+    for r in runs.values():
+        assert r["detectors"] and {"calibrate", "replay", "score"} <= set(r["seconds"])
+        assert r["calibration_summary"]["models"]["digits"]["clients"] > 0
+    assert "| dataset | calibration | benign FA (k/n) | 95% upper |" in stdout
+    assert "| attack | n | detection | median q | p90 q | fidelity at alarm |" in stdout
+    assert "### Targets" in stdout and "targets met" in stdout and "### README table" in stdout
+    assert "python3 bench/detection/run.py --quick --readme --out" in stdout
 
 
 def test_quick_mode_entities_are_consistent(quick) -> None:
     results, _, _ = quick
+    assert {r["calibration"] for r in results["entities"]} == {"20", "200"}
     for row in results["entities"]:
-        assert row["queries"] == (results["sizes"]["attack_queries"])
+        assert row["queries"] == results["sizes"]["attack_queries"]
         if row["detected"]:
             assert 1 <= row["queries_to_detection"] <= row["queries"]
         else:
             assert row["queries_to_detection"] is None and row["fidelity_at_alarm"] == row["fidelity_all"]
         if row["attack"] == "sybil":
             assert row["members"] == 10
-    assert len(results["benign"]) == results["sizes"]["eval_benign"]
+    flagged = [b for b in results["benign_flagged"] if b["calibration"] == "200"]
+    assert len(flagged) == results["results"]["digits"]["200"]["false_alarms"]["flagged"]
 
 
-def test_quick_mode_targets(quick) -> None:
-    if not ENFORCE_TARGETS:
-        pytest.skip("detection targets are not enforced until all detectors are registered (ENFORCE_TARGETS)")
-    results, _, _ = quick
-    summary = results["summary"]
-    for attack, s in summary["attacks"].items():
+def _detection_asserts(results: dict, attacks: tuple[str, ...], label: str) -> None:
+    cell = results["results"]["digits"][label]
+    for attack in attacks:
+        s = cell["attacks"][attack]
         need = QUICK_MIN_DETECTION_HARD if attack in ("interleaved", "slow", "sybil") else QUICK_MIN_DETECTION
-        assert s["detection_rate"] >= need, (attack, s["detection_rate"])
-        assert s["median_queries"] is not None and s["median_queries"] <= QUICK_MAX_MEDIAN_QUERIES, (attack, s["median_queries"])
+        assert s["detection_rate"] >= need, (label, attack, s["detection_rate"])
+        assert s["median_queries"] is not None and s["median_queries"] <= QUICK_MAX_MEDIAN_QUERIES, (label, attack, s["median_queries"])
         if results["has_prada"]:
-            assert s["fidelity_at_alarm"] <= s["prada_fidelity_at_alarm"] + 0.02, attack
-    assert summary["false_alarms"]["rate"] <= QUICK_MAX_FALSE_ALARMS
+            assert s["fidelity_at_alarm"] <= s["prada_fidelity_at_alarm"] + 0.02, (label, attack)
 
 
-# -- scoring, on a hand-made report ------------------------------------------------------------
+@pytest.mark.parametrize("label", ["20", "200"])
+def test_quick_mode_detects_the_other_attacks(quick, label: str) -> None:
+    results, _, _ = quick
+    _detection_asserts(results, tuple(a for a in results["attacks"] if a not in JBDA_FAMILY), label)
+
+
+@pytest.mark.xfail(strict=False, reason="today's thresholds turn on the calibration draw: JbDA-family detection is 0-100 % "
+                   "across equally sized calibration populations (remove when the calibration redesign lands)")
+@pytest.mark.parametrize("label", ["20", "200"])
+def test_quick_mode_detects_the_jbda_family(quick, label: str) -> None:
+    results, _, _ = quick
+    _detection_asserts(results, tuple(a for a in results["attacks"] if a in JBDA_FAMILY), label)
+
+
+def test_quick_mode_false_alarms_with_200_calibration_clients(quick) -> None:
+    results, _, _ = quick
+    assert results["results"]["digits"]["200"]["false_alarms"]["rate"] <= QUICK_MAX_FALSE_ALARMS
+
+
+@pytest.mark.xfail(strict=False, reason="today's calibrate flags ~25 % of benign clients after 20 calibration clients; "
+                   "the calibration redesign must meet this (remove the xfail when it lands)")
+def test_quick_mode_false_alarm_bound_after_20_calibration_clients(quick) -> None:
+    results, _, _ = quick
+    fa = results["results"]["digits"]["20"]["false_alarms"]
+    assert fa["rate"] <= FA_RATE_AT_20_CLIENTS, fa
+    assert fa["upper"] <= FA_UPPER_BOUND_AT_20_CLIENTS, fa
+
+
+# -- a small run of the other modes: held-out regime, held-out attacks (synthetic data) ---------------------
+def test_holdout_and_heldout_attacks_end_to_end(tmp_path) -> None:
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, str(RUN_PY), "--quick", "--datasets", "synthetic", "--eval-benign", "40", "--calibrations", "20,none",
+                           "--attacks", "uniform", "--holdout", "regime:rate", "--heldout-attacks", "--quiet", "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(out.read_text())
+    assert results["holdout"]["spec"] == "regime:rate"
+    for label in ("20", "none"):
+        cell = results["results"]["synthetic"][label]
+        fa = cell["false_alarms"]
+        assert fa["clients"] == 40 + load("populations").QUICK.holdout_benign
+        assert fa["holdout"]["clients"] == load("populations").QUICK.holdout_benign
+        held = {a: s for a, s in cell["attacks"].items() if s["set"] == "heldout"}
+        assert set(held) == {v.name for v in load("populations").HELDOUT_ATTACKS}
+    assert "HELD-OUT attack variants" in proc.stdout and "held-out clients" in proc.stdout
+
+
+def test_usage_errors() -> None:
+    run = load("run")
+    assert run.main(["--quick", "--holdout", "behaviour:nope", "--quiet"]) == 2
+    assert run.main(["--quick", "--calibrations", "twenty", "--quiet"]) == 2
+    assert run.main(["--quick", "--jobs", "0", "--quiet"]) == 2
+
+
+# -- populations -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def world():
+    from exporter.sim import build_world
+
+    return build_world("synthetic", 0)
+
+
+def small_sizes():
+    populations = load("populations")
+    return populations.Sizes(eval_benign=21, per_attack=1, sybil_groups=1, slow=0, interleaved=1, benign_queries=20,
+                             attack_queries=120, window=3600.0, holdout_benign=7, variant_clients=2)
+
+
+def test_behaviour_holdout_leaves_it_out_of_calibration_only(world) -> None:
+    populations = load("populations")
+    h = populations.parse_holdout("behaviour:retries")
+    cal = populations.calibration_traffic(world, 0, "20", "a", small_sizes(), h)
+    assert len(cal.clients) == 20 and "retries" not in {v["type"] for v in cal.truth.values()}
+    ev = populations.evaluation_traffic(world, 0, populations.EvalPlan(small_sizes(), ["uniform"], ["a"], h))
+    truth = ev.ground_truth()["clients"]
+    held = [c for c, v in truth.items() if v["kind"] == "benign" and h.is_held_out(v)]
+    hold = [c for c in held if c.startswith("hold-")]
+    assert len(hold) == 7 and all(truth[c]["type"] == "retries" for c in held)
+    assert len(held) > len(hold)  # the evaluation population's own retries clients count too
+    assert not h.is_held_out({"kind": "benign", "type": "retries", "family": "b"})
+
+
+def test_regime_holdouts_shape_calibration_and_held_out_clients(world) -> None:
+    populations = load("populations")
+    h = populations.parse_holdout("regime:session_length")
+    cal = populations.calibration_traffic(world, 0, "20", "a", small_sizes(), h)
+    assert max(v["queries"] for v in cal.ground_truth()["clients"].values()) <= 80
+    ev = populations.evaluation_traffic(world, 0, populations.EvalPlan(small_sizes(), [], ["a"], h))
+    truth = ev.ground_truth()["clients"]
+    long = [v["queries"] for c, v in truth.items() if c.startswith("hold-")]
+    assert len(long) == 7 and min(long) >= 300
+    assert all(not h.is_held_out(v) for c, v in truth.items() if c.startswith("app-"))
+    for name in populations.REGIMES:
+        assert populations.parse_holdout(f"regime:{name}").spec == f"regime:{name}"
+    for bad in ("regime:nope", "behaviour:nope", "retries"):
+        with pytest.raises(ValueError):
+            populations.parse_holdout(bad)
+
+
+def test_calibration_populations_are_separate_streams(world) -> None:
+    populations = load("populations")
+    a = populations.calibration_traffic(world, 0, "20", "a", small_sizes(), None)
+    b = populations.calibration_traffic(world, 0, "21", "a", small_sizes(), None)
+    ev = populations.evaluation_traffic(world, 0, populations.EvalPlan(small_sizes(), [], ["a"]))
+    assert not ({r.tobytes() for r in a.X[:50]} & {r.tobytes() for r in b.X[:50]} - {r.tobytes() for r in world.popular})
+    assert set(a.clients).isdisjoint(ev.clients)
+
+
+def test_training_data_as_events(world) -> None:
+    populations = load("populations")
+    tr = populations.training_events(world, 0)
+    ds = world.dataset
+    assert tr.clients == ["train-0000"] and len(tr) == len(ds.X_victim)
+    rows = lambda X: X[np.lexsort(X.T[::-1])]  # noqa: E731 (rows in lexicographic order)
+    assert np.array_equal(rows(tr.X), rows(ds.round(ds.X_victim)))  # every training row once, in another order
+    assert not np.array_equal(tr.X, ds.round(ds.X_victim))
+    assert np.allclose(tr.P, world.victim.predict_proba(tr.X)) and (np.diff(tr.ts) > 0).all()
+    assert populations.calibration_traffic(world, 0, "training", "a", small_sizes(), None).clients == ["train-0000"]
+
+
+def test_variant_names_and_the_held_out_set() -> None:
+    populations = load("populations")
+    v = populations.variant("trnd", rounds=4, step=0.05)
+    assert v.name == "trnd-l0.05-r4" and v == populations.variant("trnd", step=0.05, rounds=4)
+    assert populations.variant("interleaved", budget=300, interleave=5).name == "interleaved-i5-b300"
+    assert populations.variant("jbda", budget=5000).name == "jbda-b5000"
+    with pytest.raises(ValueError):
+        populations.variant("jbda", lam=0.1)
+    sweep = set(populations.SWEEP)
+    assert len(sweep) == len(populations.SWEEP) and len({s.name for s in sweep}) == len(sweep)
+    for held in populations.HELDOUT_ATTACKS:
+        assert held not in sweep and held.name not in {s.name for s in sweep}
+    # the held-out T-RND has a step and a target count no sweep variant uses
+    trnd = populations.HELDOUT_ATTACKS[0]
+    used = {(k, val) for s in sweep for k, val in s.params}
+    assert trnd.attack == "trnd" and not ({p for p in trnd.params} & used)
+
+
+def test_variant_clients_are_named_after_the_variant(world) -> None:
+    populations = load("populations")
+    v = populations.variant("trnd", step=0.05, rounds=4, budget=150)
+    tr = populations.simulate_variant(world, v, 2, 0, small_sizes(), "sweep")
+    assert tr.clients == ["atk-trnd-l0.05-r4-b150-0", "atk-trnd-l0.05-r4-b150-1"]
+    gt = tr.ground_truth()["clients"]
+    assert all(g["type"] == v.name and g["base"] == "trnd" and g["set"] == "sweep" and g["queries"] == 150 for g in gt.values())
+    syb = populations.simulate_variant(world, populations.variant("sybil", step=0.05), 1, 0, small_sizes(), "sweep")
+    assert syb.truth["syb-sybil-l0.05-0-3"]["group"] == "syb-sybil-l0.05-0"
+
+
+def test_merge_orders_events_and_refuses_clashing_ids(world) -> None:
+    populations = load("populations")
+    from exporter.sim import Population, simulate
+
+    a = simulate(world, Population(benign=3, benign_queries=20, benign_prefix="x"), 0)
+    b = simulate(world, Population(benign=2, benign_queries=20, benign_prefix="y", stream="other"), 0)
+    m = populations.merge(populations.tag(a, family="a"), b)
+    assert len(m) == len(a) + len(b) and (np.diff(m.ts) >= 0).all()
+    assert m.truth["x-0000"]["family"] == "a" and "family" not in m.truth["y-0000"]
+    for name in ("x-0001", "y-0001"):
+        src = a if name.startswith("x") else b
+        assert np.array_equal(m.X[m.client == m.clients.index(name)], src.X[src.client == src.clients.index(name)])
+    with pytest.raises(ValueError):
+        populations.merge(a, a)
+
+
+def test_family_b_is_optional() -> None:
+    populations = load("populations")
+    run = load("run")
+    if populations.family_b_module() is not None:
+        pytest.skip("bench/detection/family_b.py is present")
+    args = run.parse_args(["--eval-family", "auto"])
+    assert run._resolve(args)[4] == ["a"]
+    with pytest.raises(ValueError, match="family_b.py"):
+        run._resolve(run.parse_args(["--eval-family", "ab"]))
+    with pytest.raises(populations.FamilyUnavailable):
+        populations.FAMILIES["b"].simulate(None, 1, 0, prefix="b", stream="s", sizes=small_sizes())
+
+
+# -- scoring and targets, on hand-made reports ----------------------------------------------------------------
 def _report(traffic, flags: dict[str, int], prada: dict[str, int]) -> dict:
     clients = {}
     counts = np.bincount(traffic.client, minlength=len(traffic.clients))
     for i, name in enumerate(traffic.clients):
-        q = flags.get(name)
-        p = prada.get(name)
+        q, p = flags.get(name), prada.get(name)
         clients[name] = {
             "queries": int(counts[i]), "flagged": q is not None, "first_flagged_query": q, "score": 0.0,
             "detectors": {"prada": {"flagged": p is not None, "first_flagged_query": p, "value": 0.0}},
@@ -120,15 +315,16 @@ def _report(traffic, flags: dict[str, int], prada: dict[str, int]) -> dict:
     return {"clients": clients, "events": {"accepted": len(traffic), "rejected": {}}}
 
 
-def test_scoring_of_groups_clients_and_false_alarms() -> None:
-    bench = load_bench()
-    from exporter.sim import Population, build_world, simulate
+def test_scoring_of_groups_clients_and_false_alarms(world) -> None:
+    scoring = load("scoring")
+    report_md = load("report")
+    populations = load("populations")
+    from exporter.sim import Population, simulate
 
-    world = build_world("synthetic", 0)
-    traffic = simulate(world, Population(benign=4, benign_queries=20, attacks={"sybil": 1, "uniform": 1}, attack_queries=200), seed=0)
+    traffic = populations.tag(simulate(world, Population(benign=4, benign_queries=20, attacks={"sybil": 1, "uniform": 1}, attack_queries=200), seed=0),
+                              family="a")
     report = _report(traffic, flags={"syb-0-3": 2, "syb-0-7": 5, "atk-uniform-0": 50, "app-0001": 3}, prada={"atk-uniform-0": 120})
-    res = bench.RunResult("synthetic", 0, world, traffic, report, None)
-    attackers, benign, has_prada = bench.score_run(res)
+    attackers, benign, has_prada = scoring.Scorer("synthetic", 0, world, traffic).score(report, "20")
     assert has_prada
     rows = {r["entity"]: r for r in attackers}
     group = rows["syb-0"]
@@ -136,11 +332,61 @@ def test_scoring_of_groups_clients_and_false_alarms() -> None:
     assert group["detected"] and group["queries_to_detection"] == 14 and group["members"] == 10 and group["queries"] == 200
     assert not group["prada_detected"] and group["prada_fidelity_at_alarm"] == group["fidelity_all"]
     uni = rows["atk-uniform-0"]
-    assert uni["queries_to_detection"] == 50 and uni["prada_queries_to_detection"] == 120
-    assert 0.0 <= uni["fidelity_at_alarm"] <= 1.0
+    assert uni["queries_to_detection"] == 50 and uni["prada_queries_to_detection"] == 120 and uni["calibration"] == "20"
     assert {b["client"]: b["flagged"] for b in benign} == {"app-0000": False, "app-0001": True, "app-0002": False, "app-0003": False}
-    summary = bench.summarize(attackers, benign, has_prada)
-    assert summary["false_alarms"]["rate"] == 0.25
+    summary = scoring.summarize(attackers, benign, has_prada)
+    fa = summary["false_alarms"]
+    assert fa["rate"] == 0.25 and fa["flagged"] == 1 and fa["clients"] == 4 and fa["by_family"]["a"]["flagged"] == 1
+    from exporter.binomial import clopper_pearson
+
+    assert (fa["lower"], fa["upper"]) == clopper_pearson(1, 4, 0.95)
     assert summary["attacks"]["sybil"]["detection_rate"] == 1.0 and summary["attacks"]["sybil"]["prada_detection_rate"] == 0.0
-    table = bench.markdown_table(summary, has_prada)
-    assert "| sybil | 1 | 100% | 25% | 14 | 14 |" in table
+    assert "| sybil | 1 | 100% | 14 | 14 |" in report_md.attack_table(summary["attacks"], has_prada)
+    with pytest.raises(RuntimeError, match="query totals"):
+        bad = _report(traffic, {}, {})
+        bad["clients"]["app-0000"]["queries"] += 1
+        scoring.Scorer("synthetic", 0, world, traffic).score(bad, "20")
+
+
+def test_promise_is_read_when_calibrate_states_one() -> None:
+    scoring = load("scoring")
+    assert scoring.promise_of({"models": {"digits": {"clients": 7}}}, "digits") is None
+    assert scoring.promise_of(None, "digits") is None
+    p = {"fpr": 0.01, "upper": 0.02, "how": "conformal"}
+    assert scoring.promise_of({"models": {"digits": {"promise": p}}}, "digits") == p
+
+
+def _cell(rate_by_attack: dict[str, float], flagged: int, clients: int, median: float = 50.0) -> dict:
+    scoring = load("scoring")
+    attacks = {a: {"set": "default", "base": a, "detection_rate": r, "median_queries": median if r else None,
+                   "fidelity_at_alarm": 0.2, "prada_fidelity_at_alarm": 0.5} for a, r in rate_by_attack.items()}
+    fa = scoring.false_alarm_counts([True] * flagged + [False] * (clients - flagged))
+    fa["by_family"] = {"a": dict(fa)}
+    return {"attacks": attacks, "false_alarms": fa}
+
+
+def test_targets_per_calibration_size() -> None:
+    targets = load("targets")
+    assert targets.fa_target("20") == (0.02, 0.03) and targets.fa_target("60") == (0.01, 0.02) and targets.fa_target("600") == (0.01, 0.02)
+    assert targets.fa_target("training") is None and targets.fa_target("none") is None and targets.fa_target("10") is None
+    good = targets.check_cell("digits", "60", _cell({"jbda": 1.0, "interleaved": 0.8}, 5, 1000), True)
+    assert good and all(c["pass"] for c in good)
+    bad = {c["target"]: c for c in targets.check_cell("digits", "60", _cell({"jbda": 0.9, "interleaved": 0.5}, 15, 1000, median=300), True)}
+    assert not bad["family a: benign FA <= 1%"]["pass"] and bad["family a: benign FA <= 1%"]["detail"] == "15/1000"
+    assert not bad["ordinary attacks: detection >= 95% each"]["pass"] and "jbda 90.0%" in bad["ordinary attacks: detection >= 95% each"]["detail"]
+    assert not bad["interleaved/slow/Sybil: detection >= 80% each"]["pass"]
+    assert not bad["median queries to detection <= 200 per attack type"]["pass"]
+    # 20 clients: 2 % and 3 %; 18/1000 passes the rate, and its upper bound (2.8 %) the bound
+    at20 = {c["target"]: c for c in targets.check_cell("digits", "20", _cell({}, 18, 1000), False)}
+    assert at20["family a: benign FA <= 2%"]["pass"] and at20["family a: 95% CP upper bound <= 3%"]["pass"]
+    assert targets.check_cell("digits", "training", _cell({"jbda": 0.0}, 500, 1000), True) == []
+
+
+def test_promise_checks() -> None:
+    targets = load("targets")
+    scoring = load("scoring")
+    measured = scoring.false_alarm_counts([True] * 12 + [False] * 988)
+    assert targets.check_promises("digits", "60", [(0, None, measured)]) == []
+    [ok] = targets.check_promises("digits", "60", [(0, {"fpr": 0.01, "upper": 0.02}, measured)])
+    [bad] = targets.check_promises("digits", "60", [(0, {"fpr": 0.01}, measured), (1, {"fpr": 0.02}, measured)])
+    assert ok["pass"] and not bad["pass"] and bad["value"] == 1

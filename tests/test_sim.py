@@ -18,7 +18,7 @@ from exporter.app import App
 from exporter.config import Settings
 from exporter.events import Decoder
 from exporter.sim import ATTACKS, BEHAVIOURS, Population, build_world, run_attack, simulate
-from exporter.sim.attacks import BudgetExhausted, Oracle
+from exporter.sim.attacks import BudgetExhausted, Interleave, Oracle
 from exporter.sim.cli import main as simulate_main
 from exporter.sim.datasets import FRACTIONS, load, sklearn_available
 from exporter.sim.traffic import allocate
@@ -298,6 +298,102 @@ def test_slow_attack_spans_days(world) -> None:
 def test_scripted_attacks_are_fast(mixed) -> None:
     ts, _ = rows_of(mixed, "atk-jbda-0")
     assert ts[-1] - ts[0] < 3 * 3600
+
+
+# -- knobs of the benchmark's attack sweep and held-out regimes -----------------------------------
+def test_interleave_ratio_puts_k_natural_queries_after_each_attack_query(world) -> None:
+    oracle = Oracle(world.answer, 12)
+    wrap = Interleave(oracle, lambda m: np.full((m, 64), -1.0), ratio=3)
+    answers = wrap(np.zeros((3, 64)))
+    assert answers.shape == (3, 10)
+    marks = oracle.queries[:, 0]
+    assert list(marks) == [0, -1, -1, -1] * 3
+
+
+def test_interleaved_attack_takes_its_ratio_from_params(world) -> None:
+    X = run_attack("interleaved", world.dataset, world.answer, 600, np.random.default_rng(0), {"interleave": 4})
+    seeds = 10 * world.dataset.num_classes
+    natural = np.delete(X, np.arange(0, len(X), 5), axis=0)
+    steps = X[0::5][seeds:]
+    assert np.allclose(natural, np.rint(natural))  # natural pool rows: integer pixels
+    assert np.mean(np.any(np.abs(steps - np.rint(steps)) > 1e-6, axis=1)) > 0.9
+
+
+def test_jbda_step_and_seed_count_follow_params(world) -> None:
+    ds = world.dataset
+    X = run_attack("jbda", ds, world.answer, 60, np.random.default_rng(0), {"step": 0.02, "seeds": 2})
+    seeds = 2 * ds.num_classes
+    pool = {r.tobytes() for r in ds.X_attacker}
+    assert all(r.tobytes() in pool for r in X[:seeds])
+    moved = np.abs(X[seeds : 2 * seeds] - X[:seeds]) / np.where(ds.span > 0, ds.span, 1.0)
+    assert (moved <= 0.02 + 1e-9).all()  # less only where the box clips the step
+    assert np.mean(np.abs(moved - 0.02) < 1e-9) > 0.5
+
+
+def test_rounds_restart_from_fresh_seeds(world) -> None:
+    ds = world.dataset
+    pool = {r.tobytes() for r in ds.X_attacker}
+    X = run_attack("jbda", ds, world.answer, 40, np.random.default_rng(0), {"rounds": 1, "seeds": 1})
+    from_pool = [r.tobytes() in pool for r in X]
+    assert from_pool == [True] * 10 + [False] * 10 + [True] * 10 + [False] * 10  # seeds, one round, new seeds, ...
+    unbounded = run_attack("jbda", ds, world.answer, 40, np.random.default_rng(0), {"seeds": 1})
+    assert not any(r.tobytes() in pool for r in unbounded[10:])
+
+
+def test_trnd_targets_spawn_several_points_per_point(world) -> None:
+    ds = world.dataset
+    X = run_attack("trnd", ds, world.answer, 50, np.random.default_rng(0), {"targets": 4, "seeds": 1})
+    seeds = ds.num_classes
+    children = X[seeds:].reshape(-1, 4, ds.dim)  # each seed's 4 points, toward 4 random classes
+    lam = 0.1 * ds.span
+    for i in range(len(children)):
+        d = np.abs(children[i] - X[i])
+        assert ((d <= lam + 1e-9) | (children[i] == ds.lo) | (children[i] == ds.hi)).all()
+    distinct = [len({c.tobytes() for c in kids}) for kids in children]
+    assert np.mean(np.array(distinct) > 1) > 0.5  # other target classes, other steps
+
+
+def test_default_params_leave_attacks_unchanged(world) -> None:
+    for name in ("jbda", "trnd", "interleaved"):
+        plain = attack(world, name, 300)
+        explicit = run_attack(name, world.dataset, world.answer, 300, np.random.default_rng(0),
+                              {"step": 0.1, "seeds": 10, "rounds": 0, "targets": 1, "tau": 3, **({"interleave": 1} if name == "interleaved" else {})})
+        assert np.array_equal(plain, explicit), name
+
+
+def test_benign_query_range_bounds_every_client_even_batch_jobs(world) -> None:
+    t = simulate(world, Population(benign=20, benign_queries=100, benign_query_range=(30, 50)), seed=0)
+    counts = [c["queries"] for c in t.ground_truth()["clients"].values()]
+    assert min(counts) >= 30 and max(counts) <= 50
+
+
+def test_benign_rate_sets_the_session_pace(world) -> None:
+    def rates(rate: float) -> float:
+        t = simulate(world, Population(benign=14, benign_queries=60, benign_rate=rate, mix={"iid": 1.0}, window=6 * 3600.0), seed=0)
+        per = [(t.client == i).sum() / np.ptp(t.ts[t.client == i]) for i in range(len(t.clients))]
+        return float(np.median(per))
+
+    assert 0.5 < rates(2.0) < 8.0
+    assert 0.005 < rates(0.02) < 0.08
+
+
+def test_popular_share_is_a_behaviour_parameter(world) -> None:
+    pool = {r.tobytes() for r in world.popular}
+
+    def share(params: dict) -> float:
+        t = simulate(world, Population(benign=4, mix={"popular": 1.0}, behaviour_params=params), seed=0)
+        return float(np.mean([r.tobytes() in pool for r in t.X]))
+
+    assert share({"popular": {"share": 0.9}}) > 0.8 > 0.5 > share({}) > 0.25
+    default = Population(benign=6, benign_queries=30)
+    explicit = Population(benign=6, benign_queries=30, behaviour_params={"popular": {"share": 0.4}})
+    assert list(simulate(world, default, seed=3).lines()) == list(simulate(world, explicit, seed=3).lines())
+
+
+def test_population_knobs_are_validated() -> None:
+    for bad in ({"benign_query_range": (0, 5)}, {"benign_query_range": (9, 5)}, {"benign_rate": 0.0}, {"behaviour_params": {"nope": {}}}):
+        with pytest.raises(ValueError):
+            Population(**bad).validate()
 
 
 # -- the simulate command ---------------------------------------------------------------------

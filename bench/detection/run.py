@@ -1,21 +1,27 @@
 #!/usr/bin/env python3
-"""Detection-quality benchmark: how fast MONITAUR flags each attack, and what it cost.
+"""Detection-quality benchmark, built not to be over-fitted (protocol: bench/detection/README.md).
 
-Per dataset and seed (protocol in bench/detection/README.md and DESIGN.md section 7):
+Per dataset and seed:
 
-1. build the world (dataset split, victim model) and simulate a CALIBRATION population
-   of benign clients and a separate EVALUATION population (other benign clients plus
-   attackers of every type, Sybil groups, slow attackers), written as JSON lines;
-2. run the real CLI as subprocesses: ``monitaur-exporter calibrate`` on the calibration
-   log (when available), then ``monitaur-exporter replay --compact`` on the evaluation
-   log;
-3. score the report against the ground truth: detection rate per attack type, benign
-   false-alarm rate, queries to detection, and the fidelity of the substitute the
-   attacker could have trained before the alarm; the same for the ``prada`` detector
-   alone when it is registered.
+1. build the world (dataset split, victim model) and simulate ONE evaluation log: at least
+   1,000 benign clients of each benign family (A: ``exporter.sim``; B:
+   ``bench/detection/family_b.py`` when present), plus the attackers (every type, Sybil
+   groups, slow attackers; optionally the attack sweep and the held-out variants, and the
+   held-out benign population of ``--holdout``);
+2. simulate one calibration population per calibration size (20, 60, 200, 600 benign
+   clients per model, each its own random stream; or the victim's training data written as
+   events), and run the real CLI as subprocesses, ``--jobs`` at a time:
+   ``monitaur-exporter calibrate`` on it, then ``monitaur-exporter replay --profile`` on the
+   evaluation log (and once without a profile: "none");
+3. score each report against the ground truth: benign false alarms with exact 95 %
+   Clopper-Pearson bounds, per family, behaviour, detector and held-out group; per attack
+   type: detection, median/p90 queries to detection, fidelity of the substitute at the
+   alarm against PRADA's; then check the targets per dataset and calibration size.
 
-    python3 bench/detection/run.py [--seeds 0,1,2] [--datasets digits,breast_cancer,wine]
-                                   [--quick] [--out results.json]
+    python3 bench/detection/run.py [--seeds 0,1] [--datasets digits,breast_cancer,wine]
+        [--calibrations 20,60,200,600,training,none] [--jobs 2] [--eval-family auto|a|b|ab]
+        [--calib-family a|b] [--holdout behaviour:NAME|regime:NAME] [--attack-sweep]
+        [--heldout-attacks] [--quick] [--readme] [--out results.json]
 
 Needs scikit-learn (the ``bench`` extra) for the datasets and the substitutes.
 """
@@ -29,65 +35,41 @@ import os
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-import argparse
-import json
-import math
-import subprocess
-import sys
-import tempfile
-import time
-import warnings
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Sequence
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import shlex  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor, as_completed  # noqa: E402
+from dataclasses import asdict, dataclass, field, replace  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable, Sequence  # noqa: E402
 
-import numpy as np
-import yaml
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # run from a checkout without installing
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+for _p in (REPO, HERE):  # run from a checkout without installing; the sibling modules by name
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
-from exporter.sim import ATTACKS, Population, Traffic, World, build_world, simulate, sklearn_available  # noqa: E402
+from exporter.sim import ATTACKS, World, build_world, sklearn_available  # noqa: E402
+from populations import (FAMILIES, FULL, HELDOUT_ATTACKS, QUICK, SWEEP, EvalPlan, Holdout, Sizes,  # noqa: E402
+                         calibration_traffic, evaluation_traffic, family_b_module, parse_holdout)
+from report import attack_table, calibration_title, checklist, false_alarm_lines, overview_table, pct, sweep_table  # noqa: E402
+from scoring import Scorer, false_alarm_counts, promise_of, summarize  # noqa: E402
+from targets import TARGET_FPR, check_cell, check_promises  # noqa: E402
 
-# -- protocol constants -------------------------------------------------------------------
-TARGET_FPR = 0.01
-TARGET_DETECTION = 0.95
-TARGET_DETECTION_HARD = 0.80  # evasive attacks: interleaved, slow, Sybil (per group)
-HARD_ATTACKS = ("interleaved", "slow", "sybil")
-TARGET_FALSE_ALARMS = 0.01
-TARGET_MEDIAN_QUERIES = 200
-SUBSTITUTE_SEED = 0
-
-
-@dataclass
-class Sizes:
-    """Population sizes of one benchmark mode."""
-
-    calib_benign: int
-    eval_benign: int
-    per_attack: int  # attacker clients per ordinary attack type
-    sybil_groups: int
-    slow: int
-    interleaved: int
-    benign_queries: int  # median per benign client
-    attack_queries: int  # per attacker client, per Sybil group
-    window: float  # seconds of benign activity
+DATASETS = ("digits", "breast_cancer", "wine", "synthetic")
+DEFAULT_CALIBRATIONS = ("20", "60", "200", "600", "training", "none")
+QUICK_CALIBRATIONS = ("20", "200")
 
 
-FULL = Sizes(calib_benign=500, eval_benign=300, per_attack=10, sybil_groups=3, slow=5, interleaved=10,
-             benign_queries=100, attack_queries=1000, window=6 * 3600.0)
-QUICK = Sizes(calib_benign=240, eval_benign=100, per_attack=2, sybil_groups=1, slow=2, interleaved=2,
-              benign_queries=80, attack_queries=300, window=3600.0)
-
-
-def attack_counts(sizes: Sizes, attacks: Sequence[str]) -> dict[str, int]:
-    """Clients (groups for Sybil) per attack type in the evaluation population."""
-    special = {"sybil": sizes.sybil_groups, "slow": sizes.slow, "interleaved": sizes.interleaved}
-    return {a: special.get(a, sizes.per_attack) for a in attacks}
-
-
-# -- one run: simulate, calibrate, replay ---------------------------------------------------
+# -- the real CLI -----------------------------------------------------------------------------
 def exporter_cmd(*args: str) -> list[str]:
     """The real CLI, as the installed package would run it (``monitaur-exporter ...``)."""
     return [sys.executable, "-m", "exporter", *args]
@@ -105,7 +87,7 @@ def calibrate_available() -> bool:
     return run.returncode == 0
 
 
-def write_config(path: Path, world: World, calibrating: bool, extra: dict[str, Any] | None) -> None:
+def write_config(path: Path, world: World, extra: dict[str, Any] | None) -> None:
     """The exporter config of one run: the model's shape, no state dir, the target FPR."""
     ds = world.dataset
     cfg: dict[str, Any] = {
@@ -113,9 +95,8 @@ def write_config(path: Path, world: World, calibrating: bool, extra: dict[str, A
         "state": {"dir": None},
         "files": {"paths": []},
         "log_level": "warning",
+        "calibration": {"target_fpr": TARGET_FPR},
     }
-    if calibrating:
-        cfg["calibration"] = {"target_fpr": TARGET_FPR}
     for key, value in (extra or {}).items():
         if isinstance(value, dict) and isinstance(cfg.get(key), dict):
             cfg[key] = {**cfg[key], **value}
@@ -132,279 +113,258 @@ def _run(cmd: list[str], what: str) -> subprocess.CompletedProcess[str]:
 
 
 @dataclass
-class RunResult:
-    """One (dataset, seed): the traffic, the replay report and timings."""
+class Replayed:
+    """One calibration of one (dataset, seed): calibrate's summary, the replay report, timings."""
 
-    dataset: str
-    seed: int
-    world: World
-    traffic: Traffic
+    label: str
     report: dict[str, Any]
-    calibration: dict[str, Any] | None
+    summary: dict[str, Any] | None
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def run_one(dataset: str, seed: int, sizes: Sizes, attacks: Sequence[str], workdir: Path, calibrating: bool,
-            extra: dict[str, Any] | None, log: Any) -> RunResult:
-    """Simulate, calibrate and replay one (dataset, seed)."""
+def calibrate_and_replay(label: str, cfg: Path, calib_log: Path | None, eval_log: Path, run_dir: Path) -> Replayed:
+    """``calibrate`` (unless ``label`` is "none"), then ``replay`` of the evaluation log: one job."""
     secs: dict[str, float] = {}
-    t = time.perf_counter()
-    world = build_world(dataset, seed)
-    calib = simulate(world, Population(benign=sizes.calib_benign, benign_queries=sizes.benign_queries, window=sizes.window,
-                                       benign_prefix="cal", stream="calibration"), seed)
-    ev = simulate(world, Population(benign=sizes.eval_benign, benign_queries=sizes.benign_queries, window=sizes.window,
-                                    attacks=attack_counts(sizes, attacks), attack_queries=sizes.attack_queries,
-                                    benign_prefix="app", stream="evaluation"), seed)
-    run_dir = workdir / f"{dataset}-seed{seed}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    calib_log, eval_log, cfg, profile = (run_dir / n for n in ("calibration.jsonl", "evaluation.jsonl", "config.yml", "profile.bin"))
-    calib.write(calib_log, append=False)
-    ev.write(eval_log, append=False)
-    (run_dir / "ground_truth.json").write_text(json.dumps(ev.ground_truth(dataset=dataset, seed=seed)))
-    write_config(cfg, world, calibrating, extra)
-    secs["simulate"] = time.perf_counter() - t
-    log(f"  {dataset} seed {seed}: {len(calib):,} calibration and {len(ev):,} evaluation events ({secs['simulate']:.1f}s)")
-
     summary = None
-    replay_args = ["replay", "--config", str(cfg), "--compact"]
-    if calibrating:
+    args = ["replay", "--config", str(cfg), "--compact"]
+    if calib_log is not None:
+        profile = run_dir / f"profile-{label}.bin"
         t = time.perf_counter()
-        proc = _run(exporter_cmd("calibrate", "--config", str(cfg), "--out", str(profile), str(calib_log)), "calibrate")
+        proc = _run(exporter_cmd("calibrate", "--config", str(cfg), "--out", str(profile), str(calib_log)), f"calibrate ({label})")
         secs["calibrate"] = time.perf_counter() - t
         try:
             summary = json.loads(proc.stdout)
         except ValueError:
             summary = {"stdout": proc.stdout[-2000:]}
-        replay_args += ["--profile", str(profile)]
-        log(f"  calibrated in {secs['calibrate']:.1f}s")
+        args += ["--profile", str(profile)]
     t = time.perf_counter()
-    proc = _run(exporter_cmd(*replay_args, str(eval_log)), "replay")
+    proc = _run(exporter_cmd(*args, str(eval_log)), f"replay ({label})")
     secs["replay"] = time.perf_counter() - t
-    report = json.loads(proc.stdout)
-    log(f"  replayed in {secs['replay']:.1f}s")
-    rejected = report.get("events", {}).get("rejected") or {}
-    if rejected:
-        log(f"  WARNING: the exporter rejected simulated events: {rejected}")
-    return RunResult(dataset, seed, world, ev, report, summary, secs)
+    return Replayed(label, json.loads(proc.stdout), summary, secs)
 
 
-# -- scoring ---------------------------------------------------------------------------------
-class Fidelity:
-    """Agreement with the victim on the test split of a substitute trained on a query prefix.
+# -- one dataset and seed -------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """Everything a run needs besides the dataset and seed."""
 
-    The substitute is a scikit-learn logistic regression (standardized inputs, fixed seed)
-    trained on the queries with the victim's arg-max answers as labels: what the attacker
-    holds after those queries. With one class seen, it predicts that class.
-    """
-
-    def __init__(self, world: World) -> None:
-        ds = world.dataset
-        self.X_test = ds.X_test
-        self.y_victim = world.victim.predict(ds.round(ds.X_test))
-        self._cache: dict[tuple[str, int], float] = {}
-
-    def __call__(self, key: str, X: np.ndarray, labels: np.ndarray, n: int) -> float:
-        n = int(min(n, len(X)))
-        if (key, n) in self._cache:
-            return self._cache[(key, n)]
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-
-        if n == 0:
-            value = float(np.mean(self.y_victim == np.bincount(self.y_victim).argmax()))  # a guess of the majority class
-        elif np.unique(labels[:n]).size < 2:
-            value = float(np.mean(self.y_victim == labels[0]))
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=SUBSTITUTE_SEED))
-                model.fit(X[:n], labels[:n])
-            value = float(np.mean(model.predict(self.X_test) == self.y_victim))
-        self._cache[(key, n)] = value
-        return value
+    sizes: Sizes
+    calibrations: list[str]
+    calib_family: str
+    eval: EvalPlan
+    extra: dict[str, Any] | None
+    jobs: int
 
 
-def _first_alarm(report: dict[str, Any], member_events: dict[str, np.ndarray], detector: str | None) -> int | None:
-    """Global event index of an entity's first alarm: the fused verdict, or one detector's."""
-    best: int | None = None
-    clients = report["clients"]
-    for member, idx in member_events.items():
-        entry = clients.get(member)
-        if entry is None:
+@dataclass
+class Rows:
+    """Scored rows and run records, accumulated over datasets and seeds."""
+
+    attackers: list[dict[str, Any]] = field(default_factory=list)
+    benign: list[dict[str, Any]] = field(default_factory=list)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    timings: list[dict[str, Any]] = field(default_factory=list)
+    has_prada: bool = True
+
+
+def run_dataset_seed(dataset: str, seed: int, plan: Plan, workdir: Path, rows: Rows, log: Callable[[str], None]) -> None:
+    """Simulate the logs of one (dataset, seed), calibrate and replay each size, score them into ``rows``."""
+    wall = time.perf_counter()
+    t = time.perf_counter()
+    world = build_world(dataset, seed)
+    ev = evaluation_traffic(world, seed, plan.eval)
+    run_dir = workdir / f"{dataset}-seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    eval_log, cfg = run_dir / "evaluation.jsonl", run_dir / "config.yml"
+    ev.write(eval_log, append=False)
+    (run_dir / "ground_truth.json").write_text(json.dumps(ev.ground_truth(dataset=dataset, seed=seed)))
+    write_config(cfg, world, plan.extra)
+    timing: dict[str, Any] = {"dataset": dataset, "seed": seed, "eval_events": len(ev), "simulate_eval": time.perf_counter() - t}
+    benign_n = sum(1 for v in ev.truth.values() if v["kind"] == "benign")
+    log(f"  {dataset} seed {seed}: evaluation log of {len(ev):,} events, {benign_n:,} benign clients ({timing['simulate_eval']:.1f}s)")
+
+    t = time.perf_counter()
+    calib_logs: dict[str, Path | None] = {}
+    for label in plan.calibrations:
+        if label == "none":
+            calib_logs[label] = None
             continue
-        if detector is None:
-            q = entry.get("first_flagged_query")
-        else:
-            q = (entry.get("detectors", {}).get(detector) or {}).get("first_flagged_query")
-        if q is None or q < 1 or q > len(idx):
-            continue
-        g = int(idx[q - 1])
-        best = g if best is None else min(best, g)
-    return best
+        tr = calibration_traffic(world, seed, label, plan.calib_family, plan.sizes, plan.eval.holdout)
+        calib_logs[label] = run_dir / f"calibration-{label}.jsonl"
+        tr.write(calib_logs[label], append=False)
+        timing[f"events_{label}"] = len(tr)
+    timing["simulate_calibration"] = time.perf_counter() - t
+    log("  calibration logs: " + ", ".join(f"{l} ({timing.get(f'events_{l}', 0):,} events)" for l in plan.calibrations if l != "none")
+        + f" ({timing['simulate_calibration']:.1f}s)")
+
+    scorer = Scorer(dataset, seed, world, ev, plan.eval.holdout)
+    with ThreadPoolExecutor(max_workers=plan.jobs) as pool:
+        futures = [pool.submit(calibrate_and_replay, label, cfg, calib_logs[label], eval_log, run_dir) for label in plan.calibrations]
+        for fut in as_completed(futures):
+            res = fut.result()
+            rejected = res.report.get("events", {}).get("rejected") or {}
+            if rejected:
+                log(f"  WARNING: the exporter rejected simulated events: {rejected}")
+            t = time.perf_counter()
+            attackers, benign, has_prada = scorer.score(res.report, res.label)
+            res.seconds["score"] = time.perf_counter() - t
+            rows.has_prada = rows.has_prada and has_prada
+            rows.attackers += attackers
+            rows.benign += benign
+            mine = [b for b in benign if b["family"] == plan.calib_family]
+            promise = promise_of(res.summary, world.model)
+            detectors = sorted(next(iter(res.report["clients"].values()), {}).get("detectors", {}))
+            rows.runs.append({"dataset": dataset, "seed": seed, "calibration": res.label, "detectors": detectors,
+                              "seconds": {k: round(v, 2) for k, v in res.seconds.items()}, "calibration_summary": res.summary,
+                              "promise": promise, "measured_calib_family": false_alarm_counts([b["flagged"] for b in mine])})
+            timing.update({f"{k}_{res.label}": v for k, v in res.seconds.items()})
+            fa = false_alarm_counts([b["flagged"] for b in benign])
+            log(f"  {res.label:>8}: " + " ".join(f"{k} {v:.1f}s" for k, v in res.seconds.items())
+                + f"; benign FA {pct(fa['rate'])} ({fa['flagged']}/{fa['clients']})")
+    timing["wall"] = time.perf_counter() - wall
+    rows.timings.append({k: (round(v, 2) if isinstance(v, float) else v) for k, v in timing.items()})
+    log(f"  {dataset} seed {seed} done in {timing['wall']:.0f}s")
 
 
-def score_run(res: RunResult) -> tuple[list[dict[str, Any]], list[dict[str, Any]], bool]:
-    """Per attacker entity (client, or Sybil group) and per benign client: what happened."""
-    tr, report = res.traffic, res.report
-    truth = tr.ground_truth()["clients"]
-    mismatched = [c for c, v in truth.items() if report["clients"].get(c, {}).get("queries") != v["queries"]]
-    if mismatched:  # query indexes would not line up with the simulated events
-        raise RuntimeError(f"the replay counted other query totals than simulated for {len(mismatched)} clients, e.g. {mismatched[:3]}")
-    detectors = next(iter(report["clients"].values()), {}).get("detectors", {})
-    has_prada = "prada" in detectors
-    labels = tr.P.argmax(axis=1)
-    fid = Fidelity(res.world)
-    events_of = {name: np.flatnonzero(tr.client == i) for i, name in enumerate(tr.clients)}
-
-    entities: dict[str, list[str]] = {}
-    for name, info in truth.items():
-        if info["kind"] == "attack":
-            entities.setdefault(info["group"] or name, []).append(name)
-    attackers: list[dict[str, Any]] = []
-    for entity, members in entities.items():
-        kind = truth[members[0]]["type"]
-        member_events = {m: events_of[m] for m in members}
-        idx = np.sort(np.concatenate(list(member_events.values())))
-        X, y = tr.X[idx], labels[idx]
-        row: dict[str, Any] = {"dataset": res.dataset, "seed": res.seed, "attack": kind, "entity": entity,
-                               "members": len(members), "queries": int(idx.size),
-                               "fidelity_all": fid(entity, X, y, idx.size)}
-        for prefix, det in (("", None), ("prada_", "prada")):
-            if det is not None and not has_prada:
-                continue
-            alarm = _first_alarm(report, member_events, det)
-            if alarm is None:
-                row.update({f"{prefix}detected": False, f"{prefix}queries_to_detection": None,
-                            f"{prefix}fidelity_at_alarm": row["fidelity_all"]})
-            else:
-                n = int(np.searchsorted(idx, alarm, side="right"))  # the entity's queries up to and including the alarm
-                row.update({f"{prefix}detected": True, f"{prefix}queries_to_detection": n,
-                            f"{prefix}fidelity_at_alarm": fid(entity, X, y, n)})
-        attackers.append(row)
-
-    benign: list[dict[str, Any]] = []
-    for name, info in truth.items():
-        if info["kind"] != "benign":
-            continue
-        entry = report["clients"].get(name, {})
-        det = entry.get("detectors", {})
-        fired = sorted(d for d, v in det.items() if v.get("flagged"))
-        benign.append({"dataset": res.dataset, "seed": res.seed, "client": name, "behaviour": info["type"],
-                       "queries": info["queries"], "flagged": bool(entry.get("flagged")), "detectors_fired": fired,
-                       "prada_flagged": bool((det.get("prada") or {}).get("flagged")) if has_prada else None})
-    return attackers, benign, has_prada
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
-
-
-def summarize(attackers: list[dict[str, Any]], benign: list[dict[str, Any]], has_prada: bool) -> dict[str, Any]:
-    """Aggregate entities over seeds (and datasets): per attack type, plus false alarms."""
-    out: dict[str, Any] = {"attacks": {}, "false_alarms": {}}
-    for attack in dict.fromkeys(r["attack"] for r in attackers):
-        rows = [r for r in attackers if r["attack"] == attack]
-        s: dict[str, Any] = {"entities": len(rows)}
-        for prefix in ("", "prada_") if has_prada else ("",):
-            q = [r[f"{prefix}queries_to_detection"] for r in rows if r[f"{prefix}detected"]]
-            s[f"{prefix}detection_rate"] = float(np.mean([r[f"{prefix}detected"] for r in rows]))
-            s[f"{prefix}median_queries"] = _pct(q, 50)
-            s[f"{prefix}p90_queries"] = _pct(q, 90)
-            s[f"{prefix}fidelity_at_alarm"] = float(np.mean([r[f"{prefix}fidelity_at_alarm"] for r in rows]))
-            det = [r[f"{prefix}fidelity_at_alarm"] for r in rows if r[f"{prefix}detected"]]
-            s[f"{prefix}fidelity_at_alarm_detected_only"] = float(np.mean(det)) if det else None
-        s["fidelity_all_queries"] = float(np.mean([r["fidelity_all"] for r in rows]))
-        s["queries_per_entity"] = float(np.mean([r["queries"] for r in rows]))
-        out["attacks"][attack] = s
-    fa: dict[str, Any] = {"clients": len(benign), "rate": float(np.mean([b["flagged"] for b in benign])) if benign else None}
-    if has_prada and benign:
-        fa["prada_rate"] = float(np.mean([b["prada_flagged"] for b in benign]))
-    fa["by_behaviour"] = {
-        beh: float(np.mean([b["flagged"] for b in benign if b["behaviour"] == beh]))
-        for beh in dict.fromkeys(b["behaviour"] for b in benign)
-    }
-    fired: dict[str, int] = {}
-    for b in benign:
-        for d in b["detectors_fired"]:
-            fired[d] = fired.get(d, 0) + 1
-    fa["by_detector"] = {d: n / len(benign) for d, n in sorted(fired.items())} if benign else {}
-    out["false_alarms"] = fa
-    return out
-
-
-def check_targets(summary: dict[str, Any], has_prada: bool) -> list[dict[str, Any]]:
-    """The benchmark's targets, each with the measured value and a pass/fail."""
+# -- aggregation and output --------------------------------------------------------------------------
+def aggregate(rows: Rows, datasets: list[str], calibrations: list[str], calib_family: str) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """Per dataset and calibration, seeds pooled: the summaries, the promises shown, the target checks."""
+    results: dict[str, dict[str, Any]] = {}
+    promises: dict[str, dict[str, list[str]]] = {}
     checks: list[dict[str, Any]] = []
-    for attack, s in summary["attacks"].items():
-        need = TARGET_DETECTION_HARD if attack in HARD_ATTACKS else TARGET_DETECTION
-        checks.append({"target": f"{attack}: detection rate >= {need:.0%}", "value": s["detection_rate"], "pass": s["detection_rate"] >= need})
-        med = s["median_queries"]
-        checks.append({"target": f"{attack}: median queries to detection <= {TARGET_MEDIAN_QUERIES}", "value": med,
-                       "pass": med is not None and med <= TARGET_MEDIAN_QUERIES})
-        if has_prada:
-            checks.append({"target": f"{attack}: fidelity at alarm < PRADA's", "value": [s["fidelity_at_alarm"], s["prada_fidelity_at_alarm"]],
-                           "pass": s["fidelity_at_alarm"] < s["prada_fidelity_at_alarm"]})
-    rate = summary["false_alarms"]["rate"]
-    checks.append({"target": f"benign false-alarm rate <= {TARGET_FALSE_ALARMS:.0%}", "value": rate, "pass": rate is not None and rate <= TARGET_FALSE_ALARMS})
-    return checks
+    for d in datasets:
+        results[d], promises[d] = {}, {}
+        for label in calibrations:
+            att = [r for r in rows.attackers if r["dataset"] == d and r["calibration"] == label]
+            ben = [b for b in rows.benign if b["dataset"] == d and b["calibration"] == label]
+            results[d][label] = summarize(att, ben, rows.has_prada)
+            runs = sorted((r for r in rows.runs if r["dataset"] == d and r["calibration"] == label), key=lambda r: r["seed"])
+            per_seed = [(r["seed"], r["promise"], r["measured_calib_family"]) for r in runs]
+            promises[d][label] = [f"seed {s}: {pct(p.get('fpr'))} (upper {pct(p.get('upper'))})" for s, p, _ in per_seed if p]
+            checks += check_cell(d, label, results[d][label], rows.has_prada)
+            checks += check_promises(d, label, per_seed)
+    return results, promises, checks
 
 
-# -- presentation -----------------------------------------------------------------------------
-def _fmt_rate(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.0f}%"
+def markdown_report(meta: dict[str, Any], results: dict[str, Any], promises: dict[str, Any], checks: list[dict[str, Any]],
+                    has_prada: bool) -> str:
+    seeds = ", ".join(map(str, meta["seeds"]))
+    out = [f"## Detection benchmark\n\n`{meta['command']}`\n",
+           f"Benign families: calibration {meta['calib_family']}, evaluation {', '.join(meta['eval_families'])}; "
+           f"{meta['sizes']['eval_benign']:,} benign evaluation clients per family per seed; seeds {seeds}."]
+    if meta["holdout"]:
+        out.append(f"Held out: `{meta['holdout']['spec']}`: {meta['holdout']['describe']}.")
+    if not has_prada:
+        out.append("PRADA columns: n/a (no `prada` detector in this exporter's reports).")
+    out.append("\n### Overview (seeds pooled)\n")
+    out.append(overview_table(results, promises, checks, has_prada))
+    for d, cells in results.items():
+        for label, summary in cells.items():
+            out.append(f"\n### {d}: {calibration_title(label)} (seeds {seeds})\n")
+            out.append(false_alarm_lines(summary["false_alarms"], promises[d][label], has_prada) + "\n")
+            default = {a: s for a, s in summary["attacks"].items() if s["set"] == "default"}
+            if default:
+                out.append(attack_table(default, has_prada))
+        for set_name, title in (("sweep", "attack sweep"), ("heldout", "HELD-OUT attack variants")):
+            table = sweep_table(cells, set_name)
+            if table:
+                out.append(f"\n### {d}: {title}, detection (median queries) per calibration\n")
+                out.append(table)
+    out.append("\n### Targets (per dataset, seeds pooled)\n")
+    out.append(checklist(checks))
+    return "\n".join(out)
 
 
-def _fmt_q(v: float | None) -> str:
-    return "–" if v is None else f"{v:.0f}"
+def readme_block(meta: dict[str, Any], results: dict[str, Any], promises: dict[str, Any], checks: list[dict[str, Any]], has_prada: bool) -> str:
+    counted = [c for c in checks if not c["informational"]]
+    return "\n".join([
+        "### README table", "",
+        f"Measured with `{meta['command']}` ({meta['seconds'] / 60:.0f} min on this machine); benign FA is k/n of "
+        f"{meta['sizes']['eval_benign']:,} evaluation clients per family and seed, with the upper end of the two-sided 95% "
+        "Clopper-Pearson interval.", "",
+        overview_table(results, promises, checks, has_prada), "",
+        f"{sum(c['pass'] for c in counted)}/{len(counted)} targets met.",
+    ])
 
 
-def _fmt_f(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.2f}"
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return None if math.isnan(obj) else float(obj)
+    if isinstance(obj, tuple):
+        return list(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
-def markdown_table(summary: dict[str, Any], has_prada: bool) -> str:
-    """Attack x {detection, false alarms, queries to detection, fidelity; the same for PRADA}."""
-    head = ["attack", "n", "detection", "FA rate", "median q", "p90 q", "fidelity at alarm", "fidelity (all queries)",
-            "PRADA detection", "PRADA median q", "PRADA fidelity at alarm"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
-    fa = summary["false_alarms"]["rate"]
-    for attack, s in summary["attacks"].items():
-        prada = [_fmt_rate(s.get("prada_detection_rate")), _fmt_q(s.get("prada_median_queries")), _fmt_f(s.get("prada_fidelity_at_alarm"))] if has_prada else ["n/a"] * 3
-        lines.append("| " + " | ".join([
-            attack, str(s["entities"]), _fmt_rate(s["detection_rate"]), _fmt_rate(fa), _fmt_q(s["median_queries"]), _fmt_q(s["p90_queries"]),
-            _fmt_f(s["fidelity_at_alarm"]), _fmt_f(s["fidelity_all_queries"]), *prada,
-        ]) + " |")
-    f = summary["false_alarms"]
-    extra = f"Benign false alarms: {_fmt_rate(f['rate'])} of {f['clients']} clients"
-    if has_prada:
-        extra += f" (PRADA alone: {_fmt_rate(f.get('prada_rate'))})"
-    by = ", ".join(f"{k} {_fmt_rate(v)}" for k, v in f["by_behaviour"].items())
-    extra += f"; by behaviour: {by}."
-    if f["by_detector"]:
-        extra += " Benign clients flagged per detector: " + ", ".join(f"{k} {_fmt_rate(v)}" for k, v in f["by_detector"].items()) + "."
-    return "\n".join(lines) + "\n\n" + extra
+# -- command line -------------------------------------------------------------------------------------
+def _given(flag: str, argv: Sequence[str]) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
     p.add_argument("--datasets", default="digits,breast_cancer,wine", help="comma-separated datasets (default digits,breast_cancer,wine)")
+    p.add_argument("--calibrations", default=",".join(DEFAULT_CALIBRATIONS),
+                   help="benign clients per model of each calibration population, 'training' (the victim's training data as events) "
+                        "and 'none' (no profile) (default %(default)s)")
     p.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated attack types (default: all)")
-    p.add_argument("--quick", action="store_true", help="digits, seed 0, small populations (well under a minute)")
-    p.add_argument("--calibrate", choices=("auto", "yes", "no"), default="auto",
-                   help="run `calibrate` and replay with the profile (auto: when the subcommand exists)")
+    p.add_argument("--calib-family", choices=sorted(FAMILIES), default="a", help="benign family of the calibration populations (default a)")
+    p.add_argument("--eval-family", choices=("auto", "a", "b", "ab"), default="auto",
+                   help="benign families in the evaluation log (auto: ab when bench/detection/family_b.py is present, else a)")
+    p.add_argument("--holdout", metavar="KIND:NAME", help="behaviour:<name> or regime:<session_length|rate|popular_share>: "
+                   "calibrate without it, evaluate with it (family a)")
+    p.add_argument("--attack-sweep", action="store_true", help="add the attack variants of the sweep to the evaluation log")
+    p.add_argument("--heldout-attacks", action="store_true", help="add the HELD-OUT attack variants (reported apart)")
+    p.add_argument("--eval-benign", type=int, metavar="N", help="benign evaluation clients per family (default 1,000)")
+    p.add_argument("--jobs", type=int, default=2, help="calibrate+replay subprocesses at a time (default 2)")
+    p.add_argument("--quick", action="store_true", help="digits, seed 0, calibrations 20 and 200, small attacks (CI; well under 90 s)")
     p.add_argument("--extra-config", metavar="YAML", help="merged into the generated exporter config (e.g. detector parameters)")
+    p.add_argument("--readme", action="store_true", help="also print the compact table for the docs, with the command line")
     p.add_argument("--out", metavar="FILE", help="write the JSON results here")
     p.add_argument("--workdir", metavar="DIR", help="keep logs, configs and profiles here (default: a temporary directory)")
-    p.add_argument("--quiet", action="store_true", help="only the tables")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = p.parse_args(argv)
+    args.argv = argv
     if args.quick:
-        if "--seeds" not in (argv if argv is not None else sys.argv[1:]):
+        if not _given("--seeds", argv):
             args.seeds = "0"
-        if "--datasets" not in (argv if argv is not None else sys.argv[1:]):
+        if not _given("--datasets", argv):
             args.datasets = "digits"
+        if not _given("--calibrations", argv):
+            args.calibrations = ",".join(QUICK_CALIBRATIONS)
+        if not _given("--eval-family", argv):
+            args.eval_family = "a"
     return args
+
+
+def _resolve(args: argparse.Namespace) -> tuple[list[int], list[str], list[str], list[str], list[str], Holdout | None]:
+    """Validated seeds, datasets, calibrations, attacks, evaluation families and holdout (ValueError on a bad one)."""
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds must be integers, got {args.seeds!r}") from None
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    calibrations = [c.strip() for c in args.calibrations.split(",") if c.strip()]
+    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()] if args.attacks.strip().lower() != "none" else []
+    bad = [d for d in datasets if d not in DATASETS] + [a for a in attacks if a not in ATTACKS]
+    bad += [c for c in calibrations if not (c.isdigit() and int(c) > 0) and c not in ("training", "none")]
+    if bad or not seeds or not datasets or not calibrations:
+        raise ValueError(f"unknown or missing seeds/datasets/calibrations/attacks: {', '.join(bad) or '(empty list)'}")
+    b_here = family_b_module() is not None
+    families = {"auto": ["a", "b"] if b_here else ["a"], "a": ["a"], "b": ["b"], "ab": ["a", "b"]}[args.eval_family]
+    if ("b" in families or args.calib_family == "b") and not b_here:
+        raise ValueError("benign family b needs bench/detection/family_b.py, which is not in this checkout")
+    holdout = parse_holdout(args.holdout) if args.holdout else None
+    if holdout is not None and args.calib_family != "a":
+        raise ValueError("--holdout changes family a's calibration populations: use --calib-family a")
+    if args.jobs < 1:
+        raise ValueError("--jobs must be >= 1")
+    if args.eval_benign is not None and args.eval_benign < 0:
+        raise ValueError("--eval-benign must be >= 0")
+    return seeds, datasets, calibrations, attacks, families, holdout
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -413,91 +373,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bench/detection: scikit-learn is required (pip install 'monitaur-exporter[bench]')", file=sys.stderr)
         return 2
     try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        print(f"bench/detection: --seeds must be integers, got {args.seeds!r}", file=sys.stderr)
+        seeds, datasets, calibrations, attacks, families, holdout = _resolve(args)
+    except ValueError as exc:
+        print(f"bench/detection: {exc}", file=sys.stderr)
         return 2
-    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
-    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
-    bad = [d for d in datasets if d not in ("digits", "breast_cancer", "wine", "synthetic")] + [a for a in attacks if a not in ATTACKS]
-    if bad or not seeds or not datasets or not attacks:
-        print(f"bench/detection: unknown or missing datasets/attacks: {', '.join(bad) or '(empty list)'}", file=sys.stderr)
-        return 2
-    extra = yaml.safe_load(Path(args.extra_config).read_text()) if args.extra_config else None
-    sizes = QUICK if args.quick else FULL
-    calibrating = {"yes": True, "no": False}.get(args.calibrate)
-    if calibrating is None:
-        calibrating = calibrate_available()
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.eval_family == "auto" and "b" not in families:
+        log("bench/detection: benign family b skipped: bench/detection/family_b.py is not in this checkout")
+    if any(c != "none" for c in calibrations) and not calibrate_available():
+        log("bench/detection: this exporter has no `calibrate` subcommand: only the 'none' calibration is run")
+        calibrations = [c for c in calibrations if c == "none"] or ["none"]
+    sizes = QUICK if args.quick else FULL
+    if args.eval_benign is not None:
+        sizes = replace(sizes, eval_benign=args.eval_benign)
+    extra = yaml.safe_load(Path(args.extra_config).read_text()) if args.extra_config else None
+    plan = Plan(sizes, calibrations, args.calib_family,
+                EvalPlan(sizes, attacks, families, holdout, args.attack_sweep, args.heldout_attacks), extra, args.jobs)
+    command = "python3 bench/detection/run.py" + ("" if not args.argv else " " + shlex.join(args.argv))
     log(f"bench/detection: {'quick' if args.quick else 'full'} mode, datasets {', '.join(datasets)}, seeds {seeds}, "
-        f"calibration {'on' if calibrating else 'off (replay without a profile)'}")
+        f"calibrations {', '.join(calibrations)}, families calib {args.calib_family} / eval {'+'.join(families)}, {args.jobs} jobs")
 
     started = time.perf_counter()
-    all_attackers: list[dict[str, Any]] = []
-    all_benign: list[dict[str, Any]] = []
-    runs: list[dict[str, Any]] = []
-    has_prada = True
+    rows = Rows()
     with tempfile.TemporaryDirectory(prefix="monitaur-bench-") as tmp:
         workdir = Path(args.workdir) if args.workdir else Path(tmp)
         for dataset in datasets:
             for seed in seeds:
-                res = run_one(dataset, seed, sizes, attacks, workdir, calibrating, extra, log)
-                t = time.perf_counter()
-                attackers, benign, prada_here = score_run(res)
-                res.seconds["score"] = time.perf_counter() - t
-                has_prada = has_prada and prada_here
-                all_attackers += attackers
-                all_benign += benign
-                detectors = sorted(next(iter(res.report["clients"].values()), {}).get("detectors", {}))
-                runs.append({"dataset": dataset, "seed": seed, "events": len(res.traffic), "detectors": detectors,
-                             "seconds": {k: round(v, 2) for k, v in res.seconds.items()}, "calibration": res.calibration})
-    by_dataset = {d: summarize([r for r in all_attackers if r["dataset"] == d], [b for b in all_benign if b["dataset"] == d], has_prada) for d in datasets}
-    overall = summarize(all_attackers, all_benign, has_prada)
-    targets = check_targets(overall, has_prada)
+                run_dataset_seed(dataset, seed, plan, workdir, rows, log)
+    results, promises, checks = aggregate(rows, datasets, calibrations, args.calib_family)
     elapsed = time.perf_counter() - started
-
-    for d in datasets:
-        print(f"\n### {d} (seeds {', '.join(map(str, seeds))})\n")
-        print(markdown_table(by_dataset[d], has_prada))
-    if len(datasets) > 1:
-        print("\n### all datasets\n")
-        print(markdown_table(overall, has_prada))
-    if not has_prada:
-        print("\nPRADA columns: n/a (no `prada` detector in this exporter's reports).")
-    print("\n### targets\n")
-    for c in targets:
-        print(f"- [{'x' if c['pass'] else ' '}] {c['target']} (measured: {c['value'] if not isinstance(c['value'], float) else round(c['value'], 3)})")
-    print(f"\n{sum(c['pass'] for c in targets)}/{len(targets)} targets met; {elapsed:.0f}s in all.")
-
-    results = {
-        "mode": "quick" if args.quick else "full",
-        "sizes": asdict(sizes),
-        "datasets": datasets,
-        "seeds": seeds,
-        "attacks": attacks,
-        "calibrated": calibrating,
-        "target_fpr": TARGET_FPR,
-        "has_prada": has_prada,
-        "seconds": round(elapsed, 2),
-        "runs": runs,
-        "summary": overall,
-        "by_dataset": by_dataset,
-        "targets": targets,
-        "entities": all_attackers,
-        "benign": all_benign,
-    }
+    meta = {"command": command, "mode": "quick" if args.quick else "full", "datasets": datasets, "seeds": seeds,
+            "calibrations": calibrations, "sizes": asdict(sizes), "calib_family": args.calib_family, "eval_families": families,
+            "holdout": {"spec": holdout.spec, "describe": holdout.describe} if holdout else None, "seconds": round(elapsed, 1)}
+    print(markdown_report(meta, results, promises, checks, rows.has_prada))
+    print(f"\n{elapsed:.0f}s in all; per dataset and seed: " + "; ".join(f"{t['dataset']}/{t['seed']} {t['wall']:.0f}s" for t in rows.timings) + ".")
+    if args.readme:
+        print("\n" + readme_block(meta, results, promises, checks, rows.has_prada))
     if args.out:
+        out = {**meta, "attacks": attacks, "attack_sweep": [v.name for v in SWEEP] if args.attack_sweep else [],
+               "heldout_attacks": [v.name for v in HELDOUT_ATTACKS] if args.heldout_attacks else [],
+               "target_fpr": TARGET_FPR, "has_prada": rows.has_prada, "timings": rows.timings, "runs": rows.runs,
+               "results": results, "targets": checks, "entities": rows.attackers,
+               "benign_flagged": [b for b in rows.benign if b["flagged"]]}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
+        Path(args.out).write_text(json.dumps(out, indent=1, default=_json_default) + "\n")
     return 0
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return None if math.isnan(obj) else float(obj)
-    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
 if __name__ == "__main__":

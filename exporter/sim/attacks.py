@@ -8,7 +8,9 @@ answers included, by construction. Attacks know the feature box (Tramèr's assum
 the number of classes and their own attacker pool; nothing else about the victim.
 
 Constants follow the papers where they give them (λ = 0.1 of the range for JbDA,
-ε = 0.2 of the range for SimBA), scaled per feature by the box.
+ε = 0.2 of the range for SimBA), scaled per feature by the box. ``run_attack``'s
+``params`` change them (the attack sweep of bench/detection); without params every
+attack is exactly as described here.
 
 =============  ===========================================================================
 uniform        Tramèr et al. 2016: uniform random points in the feature box
@@ -32,7 +34,8 @@ hopskipjump    HopSkipJump-like: from a start point, bisect toward a point of an
 simba          SimBA (Guo et al. 2019): add ±ε (0.2·range) along random coordinate
                directions of one input, keep a step when the victim's probability of the
                original class drops; next input once misclassified or out of directions
-interleaved    jbda, with a natural attacker-pool query after every attack query (1:1)
+interleaved    jbda, with a natural attacker-pool query after every attack query (1:1;
+               ``params["interleave"]`` sets 1:k, for any attack)
 sybil          one jbda run spread round-robin over 10 client ids (one group)
 slow           jbda at a low rate: one query every ~5 minutes, spanning days of event time
 =============  ===========================================================================
@@ -84,18 +87,24 @@ class Oracle:
 
 
 class Interleave:
-    """An oracle wrapper that follows each attack query with one natural query (1:1)."""
+    """An oracle wrapper that follows each attack query with ``ratio`` natural queries (1:ratio)."""
 
-    def __init__(self, inner: Oracle, natural: Callable[[int], np.ndarray]) -> None:
+    def __init__(self, inner: Oracle, natural: Callable[[int], np.ndarray], ratio: int = 1) -> None:
+        if ratio < 1:
+            raise ValueError("the interleave ratio must be >= 1")
         self.inner = inner
         self.natural = natural
+        self.ratio = int(ratio)
 
     def __call__(self, X: np.ndarray) -> np.ndarray:
         X = np.atleast_2d(X)
-        mixed = np.empty((2 * len(X), X.shape[1]))
-        mixed[0::2] = X
-        mixed[1::2] = self.natural(len(X))
-        return self.inner(mixed)[0::2]
+        step = self.ratio + 1
+        mixed = np.empty((step * len(X), X.shape[1]))
+        attack = np.zeros(len(mixed), dtype=bool)
+        attack[0::step] = True
+        mixed[attack] = X
+        mixed[~attack] = self.natural(self.ratio * len(X))
+        return self.inner(mixed)[0::step]
 
 
 @dataclass
@@ -126,18 +135,28 @@ def _substitute(ds: Dataset) -> SoftmaxRegression:
 
 
 def _jacobian_augmentation(ctx: AttackContext, targeted: bool) -> None:
-    """JbDA (``targeted=False``) and T-RND (``targeted=True``) share the round structure."""
+    """JbDA (``targeted=False``) and T-RND (``targeted=True``) share the round structure.
+
+    ``ctx.params`` (the attack sweep of bench/detection): ``step`` λ as a fraction of each
+    feature's range (0.1), ``seeds`` per class (10), ``rounds`` before the attack starts
+    over from fresh seeds (0: never), ``targets`` (T-RND only: new points per point and
+    round, each toward its own random class; 1) and ``tau`` (JbDA's sign period, 3).
+    """
     ds, rng = ctx.dataset, ctx.rng
-    lam = 0.1 * ds.span
-    tau = 3
-    S = _seeds(ctx)
+    lam = float(ctx.params.get("step", 0.1)) * ds.span
+    tau = int(ctx.params.get("tau", 3))
+    rounds = int(ctx.params.get("rounds", 0))
+    targets = int(ctx.params.get("targets", 1))
+    S = _seeds(ctx, int(ctx.params.get("seeds", 10)))
     labels = ctx.oracle(S).argmax(axis=1)
     rho = 0
-    while True:
+    while not rounds or rho < rounds:
         sub = _substitute(ds).fit(S, labels)
         if targeted:
-            target = (labels + rng.integers(1, ds.num_classes, len(S))) % ds.num_classes
-            new = ds.clip(S + lam * np.sign(sub.grad_class_prob(S, target)))
+            src = S if targets == 1 else np.repeat(S, targets, axis=0)
+            src_labels = labels if targets == 1 else np.repeat(labels, targets)
+            target = (src_labels + rng.integers(1, ds.num_classes, len(src))) % ds.num_classes
+            new = ds.clip(src + lam * np.sign(sub.grad_class_prob(src, target)))
         else:
             sign = -1.0 if (rho // tau) % 2 else 1.0
             new = ds.clip(S + sign * lam * np.sign(sub.grad_class_prob(S, labels)))
@@ -320,12 +339,18 @@ ATTACKS: dict[str, AttackSpec] = {
 
 
 def run_attack(name: str, dataset: Dataset, answer: Answer, budget: int, rng: np.random.Generator, params: dict[str, float] | None = None) -> np.ndarray:
-    """Run attack ``name`` against ``answer`` until ``budget`` queries; returns them in order."""
+    """Run attack ``name`` against ``answer`` until ``budget`` queries; returns them in order.
+
+    ``params`` tune the attack (see each attack; JbDA and T-RND in
+    :func:`_jacobian_augmentation`); ``interleave`` (any attack) follows each attack query
+    with that many natural attacker-pool queries (``interleaved``: 1 by default), which
+    count toward the budget."""
     spec = ATTACKS[name]
     oracle = Oracle(answer, budget)
     query: Callable[[np.ndarray], np.ndarray] = oracle
-    if spec.interleave:
-        query = Interleave(oracle, lambda m: dataset.natural(rng, m, role="attacker")[0])
+    ratio = int((params or {}).get("interleave", 1 if spec.interleave else 0))  # natural queries per attack query
+    if ratio > 0:
+        query = Interleave(oracle, lambda m: dataset.natural(rng, m, role="attacker")[0], ratio)
     ctx = AttackContext(query, rng, dataset, budget, dict(params or {}))
     stalls = 0
     while oracle.used < budget:

@@ -124,18 +124,21 @@ def drift(world: World, rng: np.random.Generator, n: int, t0: float, span: float
     return Stream(ts, X)
 
 
-def popular(world: World, rng: np.random.Generator, n: int, t0: float, span: float) -> Stream:
+def popular(world: World, rng: np.random.Generator, n: int, t0: float, span: float, share: float = 0.4) -> Stream:
+    """``share`` of the queries (40 % by default) come from the global popular pool."""
     base = iid(world, rng, n, t0, span)
     pool = world.popular
     ranks = np.arange(1, len(pool) + 1, dtype=np.float64)
     zipf = (1.0 / ranks) / (1.0 / ranks).sum()
-    use = rng.random(n) < 0.4
+    use = rng.random(n) < share
     X = base.X.copy()
     X[use] = pool[rng.choice(len(pool), size=int(use.sum()), p=zipf)]
     return Stream(base.ts, X)
 
 
-Behaviour = Callable[[World, np.random.Generator, int, float, float], Stream]
+# (world, rng, n, t0, span) -> Stream; some take keyword parameters (popular: share),
+# set per population with ``Population.behaviour_params``.
+Behaviour = Callable[..., Stream]
 
 BEHAVIOURS: dict[str, Behaviour] = {
     "iid": iid,
