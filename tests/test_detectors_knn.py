@@ -165,7 +165,7 @@ def reference_knn(det: KnnDetector, x: np.ndarray) -> tuple[np.ndarray, int, lis
         seen = (t - q <= p.recent) | ((slots[:t] >= 0) & (q + p.recent < t) & (t <= until[:t]))
         d2 = ((e[:t][seen] - e[t]) ** 2).sum(axis=1)
         pairs += int(np.count_nonzero(d2 < pair_sq))
-        if t >= p.k:
+        if t >= p.k and not (d2 <= 1e-9).any():  # an exact repeat of a seen query is not judged
             dists[t] = np.sort(np.sqrt(d2))[: p.k].mean() / np.sqrt(D)
     return dists, pairs, sorted(holder.values())
 

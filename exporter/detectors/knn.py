@@ -28,6 +28,7 @@ RESERVOIR_SALT = 0x6B6E6E2D72657376  # "knn-resv": decorrelates the reservoir ha
 
 
 _NEVER = np.iinfo(np.int64).max
+_REPEAT_SQ = 1e-9  # squared embedded distance below which two queries are the same input (rounding of identical vectors)
 _CHUNK_ROWS = 256  # a batch is judged in chunks of about this many rows (see KnnDetector._chunk)
 _PLAN_ITEMS = 512  # stream items per cached block of reservoir decisions (see _reservoir_block)
 
@@ -347,6 +348,9 @@ class KnnDetector(Detector):
         else:
             work, r0 = self._later_chunk(state, y, yq, ysq, taken, taker, early, after)
         state["pairs"][...] = int(state["pairs"]) + int(np.count_nonzero(work < self._pair_sq))
+        # A query that repeats an earlier one exactly is repetition's business, not a
+        # small step: it is not judged here (a canary re-sending a fixed set, a retry).
+        repeat = (work <= _REPEAT_SQ).any(axis=1)
         out = np.empty(m)
         first = min(max(0, k - n0), m)  # rows before this have fewer than k earlier queries
         out[:first] = np.nan
@@ -360,6 +364,7 @@ class KnnDetector(Detector):
             np.sqrt(near, out=near)
             dist = near.sum(axis=1)
             np.multiply(dist, self._scale / k, out=out[first:])
+        out[repeat] = np.nan
         # Fold the chunk in: its last R queries into the FIFO, then the reservoir's takers
         # (the last query taking a slot wins).
         tail = max(0, m - R)
