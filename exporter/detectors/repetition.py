@@ -24,7 +24,19 @@ class RepetitionParams(WindowedParams):
 
     window: int = Field(200, ge=1, le=100_000, description="How many of the client's last inputs are remembered (as 64-bit digests).")
     min_events: int = Field(20, ge=1, description="Inputs needed in the window before the client can be flagged (<= window).")
-    flag_ratio: float = Field(0.5, gt=0.0, le=1.0, description="Flag when at least this share of the window's inputs repeated an earlier one.")
+    flag_ratio: float = Field(
+        0.8,
+        gt=0.0,
+        le=1.0,
+        description="Flag when at least this share of the window's inputs repeated an earlier one (a batch job run twice "
+        "repeats half of its inputs; a flood nearly all).",
+    )
+    max_gap_seconds: float = Field(
+        10.0,
+        gt=0.0,
+        description="An input counts as a repeat when it was last sent at most this long before (event time): a "
+        "scripted loop re-sends within seconds, a monitor re-sending its fixed set every few minutes does not flood.",
+    )
 
 
 class RepetitionDetector(Detector):
@@ -38,8 +50,10 @@ class RepetitionDetector(Detector):
     How: each input is reduced to a 64-bit digest of its canonical form
     (:func:`exporter.canonical.canonical_digest`: floats rounded to 6 significant digits,
     text NFKC-casefolded with whitespace collapsed, images by decoded pixels, not file
-    bytes). An event is a repeat when its digest is already among the last ``window``
-    digests. The score is the share of repeats among the window's events,
+    bytes). An event is a repeat when its digest is among the last ``window`` digests
+    and was last sent at most ``max_gap_seconds`` before (event time): a loop re-sending
+    an input within seconds floods, a monitor re-sending a fixed set every few minutes or
+    a batch job run again tomorrow does not. The score is the share of repeats among the window's events,
     ``repeats / max(n, min_events)``, so a new client's score ramps up rather than
     jumping to 1 (from ``min_events`` events on it is exactly the share); the client is
     flagged when ``n >= min_events`` and the score is at least ``flag_ratio``.
@@ -59,7 +73,7 @@ class RepetitionDetector(Detector):
     name: ClassVar[str] = "repetition"
     Params: ClassVar[type[DetectorParams]] = RepetitionParams
     threshold_param = "flag_ratio"
-    state_format = f"digest-{DIGEST_FORMAT}"
+    state_format = f"digest-{DIGEST_FORMAT}:gap-1"
     params: RepetitionParams
 
     def init_state(self) -> State:
@@ -68,6 +82,7 @@ class RepetitionDetector(Detector):
         return {
             "digest_buf": digests["buf"],
             "digest_count": digests["count"],
+            "ts_buf": np.zeros(self.params.window, dtype=np.float64),  # when each digest was sent
             "repeat_buf": repeats["buf"],
             "repeat_count": repeats["count"],
         }
@@ -79,20 +94,23 @@ class RepetitionDetector(Detector):
         if judged.size == 0:
             return None
         new = found if every else found[judged]
+        ts = batch.ts if every else batch.ts[judged]
         count = int(state["digest_count"])
-        if new.shape[0] == 1:  # a lone event: is it among the stored digests?
-            is_repeat = np.array([bool(np.any(state["digest_buf"][: min(count, self.params.window)] == new[0]))])
-        else:
-            old = ring_in_order(state["digest_buf"], count)
-            is_repeat = seen_within(np.concatenate((old, new)), old.shape[0], self.params.window)
+        old = ring_in_order(state["digest_buf"], count)
+        times = np.concatenate((ring_in_order(state["ts_buf"], count), ts))
+        prev = previous_within(np.concatenate((old, new)), old.shape[0], self.params.window)
+        start = old.shape[0]
+        is_repeat = (prev >= 0) & (times[start:] - times[np.maximum(prev, 0)] <= self.params.max_gap_seconds)
         ring_write(state["digest_buf"], count, new)
+        ring_write(state["ts_buf"], count, ts)
         state["digest_count"][...] = count + new.shape[0]
         p = self.params
         return share_signals(state["repeat_buf"], state["repeat_count"], is_repeat, None if every else judged, len(batch), p.min_events, p.flag_ratio)
 
 
-def seen_within(seq: np.ndarray, start: int, window: int) -> np.ndarray:
-    """For each position ``p >= start`` of ``seq``: does ``seq[p]`` occur in ``seq[p - window : p]``?
+def previous_within(seq: np.ndarray, start: int, window: int) -> np.ndarray:
+    """For each position ``p >= start`` of ``seq``: the position of the latest occurrence of
+    ``seq[p]`` in ``seq[p - window : p]``, or -1.
 
     A stable argsort puts equal values next to each other in position order, so each
     position's previous occurrence is its neighbour in that order; one comparison with
@@ -105,4 +123,4 @@ def seen_within(seq: np.ndarray, start: int, window: int) -> np.ndarray:
     prev[order[1:][same]] = order[:-1][same]
     p = np.arange(start, seq.shape[0])
     q = prev[start:]
-    return (q >= 0) & (q >= p - window)
+    return np.where((q >= 0) & (q >= p - window), q, -1)
