@@ -34,6 +34,7 @@ BUILTIN: dict[str, str] = {
     "fingerprint": "exporter.detectors.fingerprint:FingerprintDetector",
     "ood": "exporter.detectors.ood:OodDetector",
     "coverage": "exporter.detectors.coverage:CoverageDetector",
+    "steps": "exporter.detectors.steps:StepsDetector",
     "rate": "exporter.detectors.rate:RateDetector",
 }
 RESERVED = {"fusion", "risk"}  # the verdict's names: not detector names (the verdict is configured under `fusion:`)
