@@ -294,6 +294,10 @@ class Detector(ABC):
     state_format: ClassVar[str] = "1"
     # Per-client statistics exported beside the score (see client_values).
     client_metrics: ClassVar[tuple[ClientMetric, ...]] = ()
+    # Whether the detector's flag counts toward the verdict unless ``fusion.inputs`` says
+    # otherwise: a signal that honest clients produce as a matter of course (volume) is
+    # exported and alerted on, but is no evidence of extraction on its own.
+    verdict: ClassVar[bool] = True
 
     def __init__(self, params: DetectorParams, context: ModelContext) -> None:
         self.params = params

@@ -272,6 +272,10 @@ class FingerprintDetector(Detector):
     name: ClassVar[str] = "fingerprint"
     Params: ClassVar[type[DetectorParams]] = FingerprintParams
     threshold_param: ClassVar[str | None] = "threshold"
+    # How often a benign client's queries match earlier queries depends on everybody else's
+    # traffic (its volume, popular inputs): a calibration sample cannot pin that down, so
+    # the share is cross-client evidence (peers, groups, its own alert), not a verdict input.
+    verdict: ClassVar[bool] = False
     state_format: ClassVar[str] = f"digest-{DIGEST_FORMAT}:scaling-1"  # the index stores digests, and hashes of scaled inputs
     default_enabled: ClassVar[bool] = True
     params: FingerprintParams

@@ -86,6 +86,7 @@ class RateDetector(Detector):
     Params: ClassVar[type[DetectorParams]] = RateParams
     threshold_param: ClassVar[str | None] = "threshold"
     default_enabled: ClassVar[bool] = True
+    verdict: ClassVar[bool] = False  # batch jobs and backends are fast too: volume alone is no evidence
     params: RateParams
 
     def init_state(self) -> State:
