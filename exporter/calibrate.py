@@ -1,34 +1,56 @@
-"""``monitaur-exporter calibrate``: learn a profile from benign traffic.
+"""``monitaur-exporter calibrate``: learn a profile from benign traffic, and say what it promises.
 
-The benign clients are split in three groups (by a hash of their ids), one per pass, so
-that each pass is measured on clients the previous ones did not learn from. Each pass
-runs the same pipeline ``replay`` uses:
+The verdict flags a client while any detector is over its threshold
+(:mod:`exporter.fusion`), so a benign client is falsely alarmed if *any* detector, at
+*any* point of its history, crosses its threshold. Calibration therefore works on each
+benign client's lifetime maximum of every detector, and sets all thresholds jointly:
 
-1. per model, freeze the feature standardization and let every detector ``fit`` its
-   reference statistics on (a sample of) the first group's inputs;
-2. replay all the benign traffic with those references and record the second group's
-   values of every detector: each threshold becomes the value that at most
-   ``target_fpr`` of these clients ever reach (never below the detector's default), and
-   the pooled values become the null samples of the ``risk`` fusion;
-3. replay all of it again with the fusion calibrated, and set its threshold the same
-   way on the third group's values.
+1. **Clients.** The benign events of a model are grouped by client. A client with more
+   than ``MAX_SESSION`` events is cut into sessions of 100 to 1,000 events; events with
+   no client structure at all (a model's training data written as events, under fewer
+   than ``MIN_CLIENTS`` ids) are cut into pseudo-clients of 50 to 500 events. The
+   detectors that need real sessions (``rate``, ``repetition``: timing and resubmits)
+   then keep their documented defaults, and the summary says so.
+2. **Out-of-fold values.** The clients are split in two folds. Each fold's reference
+   statistics (feature scaling, ood covariance, coverage cells, knn distances, step
+   ranges) are fitted on its events, all the benign traffic is replayed with them, and
+   the *other* fold's clients' lifetime maxima are recorded; so every client is measured
+   against references that did not learn from it (in-sample values are optimistic), while
+   state shared across clients (the fingerprint index) is as full as the whole
+   population makes it. The profile's references are then fitted on all the events.
+3. **Thresholds.** For each detector ``j``, a scale ``s_j``: the 90th percentile of the
+   clients' maxima ``M_ij``, never below ``FLOOR`` times the detector's documented default
+   (a detector benign traffic never moved must not alarm at its first movement). Each
+   client's fused maximum is ``F_i = max_j M_ij / s_j``; the verdict's threshold
+   ``theta`` on ``F`` is set for the target rate (below), and detector ``j``'s threshold is
+   ``s_j * theta`` (at most 1). One ``theta`` for all detectors: correlated detectors do not
+   add up their false alarms, and each is held to the same benign evidence.
+4. **The promise.** With ``n`` clients and target ``alpha``:
 
-Passes 2 and 3 replay every group, not just the one they measure, because some state is
-shared across clients: a query matches earlier queries of *any* client in the
-``fingerprint`` index, so a benign client's match rate grows with the traffic around
-it. Replaying a third of the population would understate it, and the threshold with it.
+   * ``n >= 2 / alpha``: ``theta`` is the smallest value that fewer than ``k`` clients
+     reach, the largest ``k`` whose Clopper-Pearson 95 % upper bound stays at or below
+     ``alpha``, if one exists (distribution-free);
+   * otherwise the largest values are too few to read a 1 % quantile from, and ``theta``
+     extrapolates: an exponential tail fitted to the upper half of the ``F_i``, with the
+     95 % upper confidence bound of its scale (chi-square), so that the tail's 95 % bound on
+     ``P(F > theta)`` is ``alpha``; ``theta`` is never below the largest ``F_i``.
 
-Thresholds are per client, not per event: a benign client is "falsely alarmed" if
-it is flagged at any point of its history, which is what an operator experiences.
+   The summary states the promise, how it was derived, and the distribution-free bound
+   ``1 / (n + 1)`` of a threshold at or above every calibration client's maximum, which
+   needs no tail model. Both hold for clients like the calibration clients: a benign
+   behaviour the calibration data does not contain is not covered, which is why the
+   benchmark also measures held-out behaviours and another traffic family.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import sys
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from statistics import NormalDist
 from typing import Any, TextIO
 
 import numpy as np
@@ -36,80 +58,82 @@ import numpy as np
 from exporter.config import Settings
 from exporter.detectors import Batch, ModelContext, Signals
 from exporter.detectors.base import Reference
-from exporter.detectors.kit import Scaling
+from exporter.detectors.kit import Scaling, winsorize
 from exporter.events import Event
-from exporter.fusion import FUSION, NULL_PREFIX
 from exporter.pipeline import Pipeline
 from exporter.profile import ModelProfile, Profile, params_digest
 from exporter.replay import Progress, existing_files, read_events, run_blocks
 
 log = logging.getLogger("monitaur.calibrate")
-MIN_CLIENTS_PER_FPR = 5  # fewer than 5/target_fpr clients makes the quantile a guess
+
+MAX_SESSION = 2_000  # a client with more events is cut into sessions
+MIN_CLIENTS = 10  # fewer client ids than this: the events have no client structure (training data)
+FLOOR = 1.0  # a threshold is at least this share of the detector's documented default
+TAIL_SHARE = 0.2  # the tail is fitted to this share of the clients with the largest maxima
+TAIL_MIN = 3  # and to at least this many
+TAIL_CONFIDENCE = 0.8  # the tail's scale is taken at this upper confidence bound
+SESSION_FREE = ("rate", "repetition")  # detectors that need real sessions to be calibrated
 
 
 @dataclass
-class _Recorder:
-    """Pipeline observer: per (model, detector), each client's largest value and a pool of values.
-
-    Only the ``clients`` given are recorded: the pipeline runs on all the benign traffic,
-    so that state shared across clients (the fingerprint index, coverage counts) is as
-    full as the whole calibration population makes it, while the figures come from
-    clients that no earlier step learned from.
-    """
+class _Maxima:
+    """Pipeline observer: each recorded client's largest value of every detector, per model."""
 
     clients: set[str]
-    maxima: dict[tuple[str, str], dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
-    pools: dict[tuple[str, str], list[np.ndarray]] = field(default_factory=lambda: defaultdict(list))
+    values: dict[str, dict[str, dict[str, float]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(dict)))
 
     def __call__(self, batch: Batch, name: str, signals: Signals) -> None:
         if batch.client not in self.clients:
             return
         v = signals.values[~np.isnan(signals.values)]
-        if v.size == 0:
-            return
-        key = (batch.model, name)
-        per = self.maxima[key]
-        per[batch.client] = max(per.get(batch.client, -np.inf), float(v.max()))
-        self.pools[key].append(v)
+        if v.size:
+            per = self.values[batch.model][name]
+            per[batch.client] = max(per.get(batch.client, -np.inf), float(v.max()))
 
 
-def threshold_for(maxima: list[float], target_fpr: float) -> float:
-    """The smallest threshold that at most ``target_fpr`` of these clients reach (flag: value >= threshold)."""
-    desc = np.sort(np.asarray(maxima, dtype=np.float64))[::-1]
-    k = int(np.floor(target_fpr * desc.size))
-    return float(np.nextafter(desc[k], np.inf)) if desc.size else 1.0
+@dataclass
+class Promise:
+    """What a profile promises for a model: the false-alarm rate, and how it was derived."""
+
+    clients: int  # calibration clients (or pseudo-clients) the thresholds rest on
+    fpr: float  # the promised per-client false-alarm rate (95 % confidence)
+    distribution_free: float  # 1 / (n + 1): the rate a threshold above every client's maximum keeps without a model
+    how: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"clients": self.clients, "fpr": round(self.fpr, 6), "distribution_free": round(self.distribution_free, 6), "how": self.how}
 
 
-def split_by_client(events: list[Event], parts: int = 2) -> list[list[Event]]:
-    """Split benign traffic into ``parts`` disjoint groups of clients.
+def sessions(events: list[Event], rng: np.random.Generator) -> tuple[list[Event], bool]:
+    """The events relabelled by calibration client (see the module docstring, step 1), and
+    whether they had a client structure (False: pseudo-clients cut from structure-free events)."""
+    by_client: dict[str, list[int]] = defaultdict(list)
+    for i, e in enumerate(events):
+        by_client[e.client].append(i)
+    structured = len(by_client) >= MIN_CLIENTS
+    low, high = (100, 1000) if structured else (50, 500)
+    label = [e.client for e in events]
+    for client, idx in by_client.items():
+        if structured and len(idx) <= MAX_SESSION:
+            continue
+        start, part = 0, 0
+        while start < len(idx):
+            size = int(np.exp(rng.uniform(math.log(low), math.log(high))))
+            for i in idx[start : start + size]:
+                label[i] = f"{client}#{part}"
+            start += size
+            part += 1
+    out = [e if label[i] == e.client else replace(e, client=label[i], cache={}) for i, e in enumerate(events)]
+    return out, structured
 
-    Each calibration step must be measured on clients the previous steps did not learn
-    from: a threshold measured on the very clients a reference (or a null sample) came
-    from is optimistic, and fresh clients are then flagged more often than the target.
-    A client's group comes from a hash of its id, so the split is stable. With fewer
-    clients than groups (training data written as events), events are dealt round-robin.
-    """
-    clients = sorted({e.client for e in events})
-    if len(clients) < parts:
-        return [events[i::parts] for i in range(parts)]
-    group = {c: hashlib.blake2b(c.encode(), digest_size=8).digest()[0] % parts for c in clients}
-    if len(set(group.values())) < parts:  # a degenerate hash split of very few clients
-        group = {c: i % parts for i, c in enumerate(clients)}
-    out: list[list[Event]] = [[] for _ in range(parts)]
-    for e in events:
-        out[group[e.client]].append(e)
-    return out
 
-
-def _sample(chunks: list[np.ndarray], n: int, rng: np.random.Generator) -> np.ndarray:
-    values = np.concatenate(chunks) if chunks else np.empty(0)
-    if values.size > n:
-        values = rng.choice(values, size=n, replace=False)
-    return np.sort(values).astype(np.float32)
+def fold_of(client: str) -> int:
+    """A client's fold (0 or 1), from a hash of its id: stable, and independent of the order of events."""
+    return hashlib.blake2b(client.encode(), digest_size=8).digest()[0] & 1
 
 
 def _fit_model(settings: Settings, model: str, events: list[Event], rng: np.random.Generator) -> ModelProfile:
-    """Pass 1 for one model: frozen standardization and each detector's reference statistics."""
+    """A model's reference statistics from ``events`` (and the feature scaling learned with them)."""
     specs = settings.detector_params()
     first = events[0]
     limit = settings.calibration.max_reference_samples
@@ -121,7 +145,7 @@ def _fit_model(settings: Settings, model: str, events: list[Event], rng: np.rand
     dim = vectors.shape[1] if vectors is not None else None
     k = probs.shape[1] if probs is not None else (mcfg.num_classes if mcfg else None)
     context = ModelContext(model, first.modality, dim, k, scaling, tuple(specs))
-    reference = Reference(vectors, probs, scaling)
+    reference = Reference(winsorize(vectors, Scaling.TRIM) if vectors is not None else None, probs, scaling)
     references: dict[str, dict[str, np.ndarray]] = {}
     for name, (cls, params) in specs.items():
         fitted = cls(params, context).fit(reference)
@@ -139,6 +163,13 @@ def _fit_model(settings: Settings, model: str, events: list[Event], rng: np.rand
     )
 
 
+def _profile(settings: Settings, events: list[Event], rng: np.random.Generator, target_fpr: float) -> Profile:
+    by_model: dict[str, list[Event]] = defaultdict(list)
+    for e in events:
+        by_model[e.model].append(e)
+    return Profile(target_fpr=target_fpr, models={m: _fit_model(settings, m, evs, rng) for m, evs in by_model.items()})
+
+
 def calibrate(settings: Settings, paths: list[str], progress_stream: TextIO = sys.stderr, progress: bool | None = None) -> tuple[Profile, dict[str, Any]]:
     """Learn a profile from benign logs; return it with a summary for the operator."""
     cal = settings.calibration
@@ -146,61 +177,127 @@ def calibrate(settings: Settings, paths: list[str], progress_stream: TextIO = sy
     files = existing_files(paths)
     bar = Progress(progress_stream, progress)
     rejected: Counter[str] = Counter()
-    events = read_events(files, Pipeline(settings, event_time=True), settings.files.max_line_bytes, bar, rejected)
-    if not events:
+    raw = read_events(files, Pipeline(settings, event_time=True), settings.files.max_line_bytes, bar, rejected)
+    if not raw:
         raise ValueError("the calibration logs hold no valid events")
-    fit_events, detector_events, risk_events = split_by_client(events, 3)
-    by_model: dict[str, list[Event]] = defaultdict(list)
-    for e in fit_events:
-        by_model[e.model].append(e)
-    profile = Profile(target_fpr=cal.target_fpr, models={m: _fit_model(settings, m, evs, rng) for m, evs in by_model.items()})
-    for name, mp in profile.models.items():  # the final threshold rests on the last third
-        mp.clients = len({e.client for e in risk_events if e.model == name})
-        mp.events = sum(1 for e in risk_events if e.model == name)
+    events, structured = sessions(raw, rng)
     specs = settings.detector_params()
 
-    # Pass 2: thresholds and the fusion's null samples.
-    rec = _Recorder({e.client for e in detector_events})
-    run_blocks(Pipeline(settings, event_time=True, profile=profile, observer=rec), events, bar, "calibrating detectors")
-    for model, mp in profile.models.items():
-        for name, (cls, params) in specs.items():
-            maxima = list(rec.maxima.get((model, name), {}).values())
-            if cls.threshold_param and maxima:
-                # Calibration only raises a threshold: where benign traffic never moves a
-                # detector, its documented default still decides what counts as evidence.
-                default = float(getattr(params, cls.threshold_param))
-                mp.thresholds[name] = max(threshold_for(maxima, cal.target_fpr), default)
-        mp.fusion = {NULL_PREFIX + n: _sample(rec.pools[(model, n)], cal.null_samples, rng) for n in specs if rec.pools.get((model, n))}
-
-    # Pass 3: the fused verdict's threshold, then what the final profile flags.
-    rec = _Recorder({e.client for e in risk_events})
-    run_blocks(Pipeline(settings, event_time=True, profile=profile, observer=rec), events, bar, "calibrating the verdict")
-    floor = settings.fusion.min_threshold
-    for model, mp in profile.models.items():
-        maxima = list(rec.maxima.get((model, FUSION), {}).values())
-        mp.thresholds[FUSION] = max(threshold_for(maxima, cal.target_fpr), floor) if maxima else floor
+    # Step 2: out-of-fold lifetime maxima.
+    maxima: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    for fold in (0, 1):
+        fitted_on = [e for e in events if fold_of(e.client) != fold]
+        measured = {e.client for e in events if fold_of(e.client) == fold}
+        if not fitted_on or not measured:
+            continue
+        rec = _Maxima(measured)
+        run_blocks(Pipeline(settings, event_time=True, profile=_profile(settings, fitted_on, rng, cal.target_fpr), observer=rec), events, bar, f"calibrating (fold {fold + 1} of 2)")
+        for model, per in rec.values.items():
+            for name, clients in per.items():
+                maxima[model][name].update(clients)
     bar.close()
-    summary = _summary(profile, events, rejected, cal.target_fpr)
-    return profile, summary
+
+    profile = _profile(settings, events, rng, cal.target_fpr)
+    defaults_kept: dict[str, list[str]] = {}
+    for model, mp in profile.models.items():
+        per = maxima.get(model, {})
+        clients = sorted({c for name in per for c in per[name]})
+        mp.clients = len(clients)
+        mp.events = sum(1 for e in events if e.model == model)
+        kept = [n for n in SESSION_FREE if n in specs] if not structured else []
+        defaults_kept[model] = kept
+        thresholds, promise = _thresholds(specs, per, clients, kept, cal.target_fpr)
+        mp.thresholds.update(thresholds)
+        mp.promise = promise.as_dict()
+    return profile, _summary(profile, raw, rejected, cal.target_fpr, structured, defaults_kept)
 
 
-def _summary(profile: Profile, events: list[Event], rejected: Counter[str], target_fpr: float) -> dict[str, Any]:
+def _thresholds(specs: dict[str, Any], per: dict[str, dict[str, float]], clients: list[str], kept: list[str], alpha: float) -> tuple[dict[str, float], Promise]:
+    """Every detector's threshold (module docstring, step 3), and the promise."""
+    verdict = [name for name, (cls, _) in specs.items() if cls.threshold_param and cls.verdict and name not in kept]
+    share = alpha / max(len(verdict), 1)  # each verdict detector's part of the target (a union bound)
+    out: dict[str, float] = {}
+    hows: set[str] = set()
+    for name, (cls, params) in specs.items():
+        if not cls.threshold_param or name in kept:
+            continue
+        default = float(getattr(params, cls.threshold_param))
+        judged = np.array([v for c in clients if (v := per.get(name, {}).get(c)) is not None], dtype=np.float64)
+        if judged.size == 0:  # no client was judged (too little data to fit its reference): the default stands
+            continue
+        if name in verdict:
+            tau, how = tail_threshold(judged, share)
+            out[name] = max(FLOOR * default, tau)
+            hows.add(how)
+        else:  # exported and alerted on, not part of the verdict: its own rate, never below its default
+            out[name] = max(default, _own_threshold(judged, alpha))
+    n = len(clients)
+    how = (
+        f"each of the {len(verdict)} detectors of the verdict gets {share:.3%} of the target (a union bound); "
+        + "; ".join(sorted(hows))
+    )
+    return out, Promise(n, alpha, 1.0 / (n + 1), how)
+
+
+def tail_threshold(maxima: np.ndarray, alpha: float) -> tuple[float, str]:
+    """The value a share ``alpha`` of clients like these would reach, from their lifetime maxima; and how it was found.
+
+    With enough clients (``n >= 2 / alpha``) it is read from the order statistics; below
+    that, an exponential tail is fitted to the upper half (the excesses over the median)
+    and extrapolated. A value above 1 means the detector cannot tell these clients from
+    attackers: it never flags for this model.
+    """
+    n = maxima.size
+    if n == 0:
+        return 1.0, "no client was judged: the default stands"
+    x = np.sort(maxima)
+    if n >= 2.0 / alpha:
+        k = int(np.floor(alpha * n))
+        return float(np.nextafter(x[n - k - 1], np.inf)), "order statistics"
+    m = min(max(TAIL_MIN, math.ceil(TAIL_SHARE * n)), n)
+    u = float(x[n - m - 1]) if n > m else 0.0
+    sigma = float((x[n - m :] - u).mean()) * sigma_bound(m, TAIL_CONFIDENCE)
+    how = (
+        f"an exponential tail fitted to the largest {TAIL_SHARE:.0%} of the clients' maxima, "
+        f"its scale at a {TAIL_CONFIDENCE:.0%} upper confidence bound"
+    )
+    return u + sigma * math.log((m / n) / alpha), how
+
+
+def sigma_bound(m: int, confidence: float) -> float:
+    """The factor that turns the mean of ``m`` exponential excesses into an upper confidence
+    bound on their scale: ``2m / chi2_{2m}(1 - confidence)`` (Wilson-Hilferty for the quantile)."""
+    dof = 2 * m
+    z = NormalDist().inv_cdf(1.0 - confidence)
+    low = dof * (1.0 - 2.0 / (9.0 * dof) + z * math.sqrt(2.0 / (9.0 * dof))) ** 3
+    return dof / max(low, 1e-9)
+
+
+def _own_threshold(maxima: np.ndarray, alpha: float) -> float:
+    """The smallest threshold that at most ``alpha`` of these clients reach (flag: value >= threshold)."""
+    desc = np.sort(maxima)[::-1]
+    k = int(np.floor(alpha * desc.size))
+    return float(np.nextafter(desc[k], np.inf)) if desc.size else 1.0
+
+
+def _summary(profile: Profile, events: list[Event], rejected: Counter[str], target_fpr: float, structured: bool, kept: dict[str, list[str]]) -> dict[str, Any]:
     out: dict[str, Any] = {"events": {"accepted": len(events), "rejected": dict(rejected)}, "target_fpr": target_fpr, "models": {}}
     for model, mp in profile.models.items():
-        note = None
-        if mp.clients < MIN_CLIENTS_PER_FPR / target_fpr:
-            note = (
-                f"only {mp.clients} benign clients: a {target_fpr:.1%} false-alarm threshold is estimated from very few of them; "
-                f"{int(MIN_CLIENTS_PER_FPR / target_fpr)} or more give a stable one"
-            )
-            log.warning("model %s: %s", model, note)
-        out["models"][model] = {
+        entry: dict[str, Any] = {
             "clients": mp.clients,
             "events": mp.events,
             "input_dim": mp.input_dim,
             "num_classes": mp.num_classes,
             "thresholds": {k: round(v, 6) for k, v in mp.thresholds.items()},
             "references": sorted(mp.references),
-            **({"warning": note} if note else {}),
+            "promise": mp.promise,
         }
+        if not structured:
+            entry["sessions"] = "no client structure (fewer than %d client ids): the events were cut into pseudo-clients of 50 to 500 events" % MIN_CLIENTS
+        if kept.get(model):
+            entry["defaults_kept"] = {name: "needs real client sessions (timing, resubmits): its documented default is kept" for name in kept[model]}
+        promise = mp.promise or {}
+        if promise.get("fpr", 1.0) > target_fpr:
+            log.warning("model %s: the profile cannot promise %.1f%% false alarms: %s", model, 100 * target_fpr, promise.get("how"))
+        out["models"][model] = entry
     return out

@@ -129,20 +129,10 @@ class MetricsConfig(_Section):
 
 
 class FusionConfig(_Section):
-    """The fusion stage (:mod:`exporter.fusion`): how the detectors' signals become the verdict."""
+    """The fusion stage (:mod:`exporter.fusion`): which detectors' flags make the verdict."""
 
-    inputs: list[str] | None = Field(None, description="detectors to fuse; default: every enabled detector")
-    threshold: float = Field(
-        0.5,
-        ge=0.0,
-        le=1.0,
-        description="flag when the fused risk >= this; calibration sets it for the target false-alarm rate (0.5 means p <= 1e-5)",
-    )
-    min_threshold: float = Field(
-        0.25,
-        ge=0.0,
-        le=1.0,
-        description="calibration never sets the threshold below this (p <= 3e-3)",
+    inputs: list[str] | None = Field(
+        None, description="detectors whose flags make the verdict; default: every enabled detector that counts as evidence (not rate)"
     )
 
 

@@ -1,9 +1,9 @@
 """Calibration profiles: what ``calibrate`` learned from benign traffic, applied by ``run`` and ``replay``.
 
 Per model, a profile holds the frozen feature scaling, each detector's reference
-statistics (from ``Detector.fit``), each detector's calibrated threshold, and what the
-fusion stage was calibrated with (its benign samples and threshold). It is stored with
-:mod:`exporter.snapshot` (JSON + npz, no pickle).
+statistics (from ``Detector.fit``), each detector's calibrated threshold (the verdict
+flags while any is crossed), and the false-alarm rate it promises, with how that figure
+was derived. It is stored with :mod:`exporter.snapshot` (JSON + npz, no pickle).
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ class ModelProfile:
     num_classes: int | None
     scaling: dict[str, np.ndarray] | None  # Scaling.state() of the model's inputs
     references: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
-    thresholds: dict[str, float] = field(default_factory=dict)  # detector (and "fusion") -> threshold
-    fusion: dict[str, np.ndarray] = field(default_factory=dict)  # the fusion stage's calibration
+    thresholds: dict[str, float] = field(default_factory=dict)  # detector -> calibrated threshold
+    promise: dict[str, Any] = field(default_factory=dict)  # the false-alarm rate promised, and how it was derived
     params: dict[str, str] = field(default_factory=dict)  # detector -> params digest at calibration
     clients: int = 0
     events: int = 0

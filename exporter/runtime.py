@@ -136,7 +136,11 @@ class Runtimes:
                 # State built against one reference (cells, scales) means nothing under another.
                 versions[name] += f":ref@{self.profile.created_at!r}"  # type: ignore[union-attr]
             detectors.append(det)
-        fusion = Fusion(self.settings.fusion, [d.name for d in detectors])
+        fusion = Fusion(
+            self.settings.fusion,
+            [d.name for d in detectors if type(d).verdict],
+            {d.name: float(getattr(d.params, type(d).threshold_param)) for d in detectors if type(d).threshold_param},
+        )
         versions["fusion"] = fusion.state_version()
         baseline = None
         if mp is None:
@@ -150,8 +154,6 @@ class Runtimes:
                           {d.name: m.detector_duration.labels(d.name) for d in detectors})
         if mp is not None:
             rt.use_reference(_profile_scaling(mp, context.input_dim), references)
-            if mp.fusion:
-                fusion.load_reference(mp.fusion, mp.thresholds.get("fusion"))
         self._by_model[model] = rt
         return rt
 
