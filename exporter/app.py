@@ -11,16 +11,36 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Callable
 
+from exporter import webconfig
 from exporter.config import Settings
 from exporter.metrics import Metrics
 from exporter.persist import Checkpointer
 from exporter.pipeline import Pipeline
 from exporter.profile import Profile
-from exporter.server import ExporterHTTPServer
+from exporter.server import ConnectionLimits, ExporterHTTPServer
 from exporter.tailer import Tailer
 
 log = logging.getLogger("monitaur.app")
+
+
+def _http_server(s: Settings, pipeline: Pipeline, healthy: Callable[[], bool]) -> ExporterHTTPServer:
+    """The HTTP server as ``listen`` and ``push`` configure it (the web config is read here, again, after validation)."""
+    web = webconfig.load(s.listen.web_config_file) if s.listen.web_config_file is not None else None
+    if web is not None and web.basic_auth_users and web.tls is None and not s.listen.is_loopback:
+        log.warning("basic auth without TLS on %s: passwords cross the network in clear (set tls_server_config in %s)",
+                    s.listen.host, s.listen.web_config_file)
+    limits = ConnectionLimits(
+        max_connections=s.listen.max_connections,
+        header_timeout=s.listen.header_timeout_seconds,
+        body_timeout=s.listen.body_timeout_seconds,
+        idle_timeout=s.listen.idle_timeout_seconds,
+        write_timeout=s.listen.write_timeout_seconds,
+    )
+    return ExporterHTTPServer(
+        (s.listen.host, s.listen.port), pipeline, s.push.all_tokens(), s.push.enabled, s.push.max_body_bytes, healthy, limits, web
+    )
 
 
 class App:
@@ -59,15 +79,13 @@ class App:
     def start(self) -> None:
         self.restore()
         s = self.settings
-        self._server = ExporterHTTPServer(
-            (s.listen.host, s.listen.port), self.pipeline, s.push.all_tokens(), s.push.enabled, s.push.max_body_bytes, self.healthy
-        )
+        self._server = _http_server(s, self.pipeline, self.healthy)
         self._server.serve_in_thread()
         self.tailer.watch(self._wake)
         self._thread = threading.Thread(target=self._ingest_loop, name="monitaur-ingest", daemon=True)
         self._thread.start()
         host, port = self.address
-        log.info("listening on http://%s:%d (metrics at /metrics); tailing %s", host, port, ", ".join(s.files.paths) or "nothing")
+        log.info("listening on %s://%s:%d (metrics at /metrics); tailing %s", self._server.scheme, host, port, ", ".join(s.files.paths) or "nothing")
 
     def healthy(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()

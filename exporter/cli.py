@@ -25,6 +25,7 @@ from exporter import __version__  # noqa: E402
 from exporter.config import ConfigError, Settings, load_settings  # noqa: E402
 from exporter.profile import Profile, ProfileError  # noqa: E402
 from exporter.sim.cli import add_parser as add_simulate_parser  # noqa: E402
+from exporter.webconfig import WebConfigError  # noqa: E402
 
 log = logging.getLogger("monitaur")
 
@@ -56,7 +57,7 @@ def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         app.start()
-    except OSError as exc:
+    except (OSError, WebConfigError) as exc:  # a port in use; a web config or certificate changed since validation
         log.error("cannot start: %s", exc)
         return 1
     stopping.wait()

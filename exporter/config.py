@@ -28,10 +28,29 @@ class _Section(BaseModel):
 
 
 class ListenConfig(_Section):
-    """Where the HTTP server (metrics, health, push) listens."""
+    """Where the HTTP server (metrics, health, push) listens, how many connections it serves
+    at once, how long it waits for each, and its TLS and basic auth (``web_config_file``)."""
 
     host: str = "127.0.0.1"
     port: int = Field(DEFAULT_PORT, ge=0, le=65535)
+    max_connections: int = Field(64, ge=1, le=4096, description="connections served at once; beyond, 503 (TLS: closed)")
+    header_timeout_seconds: float = Field(10.0, gt=0, description="request line and headers (and the TLS handshake), whole")
+    body_timeout_seconds: float = Field(30.0, gt=0, description="a push body, whole")
+    idle_timeout_seconds: float = Field(30.0, gt=0, description="a kept-alive connection waiting for its next request")
+    write_timeout_seconds: float = Field(30.0, gt=0, description="each write of an answer to a client that does not read")
+    web_config_file: Path | None = Field(None, description="exporter-toolkit web config: TLS and basic auth")
+
+    @field_validator("web_config_file")
+    @classmethod
+    def _web_config(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            from exporter.webconfig import WebConfigError, load
+
+            try:
+                load(value)
+            except WebConfigError as exc:
+                raise ValueError(f"{str(value)!r}: {exc}") from None
+        return value
 
     @property
     def is_loopback(self) -> bool:
