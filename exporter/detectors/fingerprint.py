@@ -264,9 +264,10 @@ class FingerprintDetector(Detector):
     counters); 124 bytes with the defaults. Shared index per model, at capacity:
     ``12 * top_k + 24`` bytes per query (264 with the defaults: 53 MB at 200,000
     queries; the ring grows with the traffic) plus the head table, 4 bytes per bucket
-    (32 MiB for 200,000 x 20 hashes, allocated from the first query on: a table of up to
-    32 MiB is never rebuilt, which saved ~5% of a 100k-event replay), plus the names and
-    evidence of up to ``max_tracked_clients`` clients.
+    (at least two buckets per allocated entry, grown four-fold at a time: 32 MiB for a full
+    index of 200,000 x 20 hashes, 128 KiB for a model's first 256 queries), plus the
+    names and evidence of up to ``max_tracked_clients`` clients. Memory follows the
+    model's traffic: the ring and the table start small and grow as the index fills.
     """
 
     name: ClassVar[str] = "fingerprint"
@@ -276,8 +277,9 @@ class FingerprintDetector(Detector):
     default_enabled: ClassVar[bool] = True
     params: FingerprintParams
 
-    _INITIAL_ROWS = 1024
-    _PRESIZED_BITS = 23
+    _INITIAL_ROWS = 256  # ring rows allocated at the first query; doubled as the index fills
+    _MIN_BITS = 12
+    _GROWTH_BITS = 2  # the head table grows four-fold at a time: rebuilt at every other doubling of the ring
     _CHUNK = 1024  # queries matched at once (bounds the temporary arrays)
 
     def __init__(self, params: DetectorParams, context: ModelContext) -> None:
@@ -543,11 +545,13 @@ class FingerprintDetector(Detector):
 
     # -- the index -----------------------------------------------------------------
     def _grow(self) -> None:
-        """Double the ring (up to max_queries); the head table has at least two buckets per entry.
+        """Double the ring (up to max_queries); the head table keeps at least two buckets per entry.
 
-        The table starts at its size for a full index, up to 2**_PRESIZED_BITS buckets
-        (32 MiB; the defaults' full size), so that it need not be rebuilt as the ring
-        grows; only a larger table is grown, by rebuilding it, as the ring fills.
+        Memory follows the traffic: the table is sized for the rows allocated, not for a
+        full index. When the doubled ring needs a larger table, the table grows
+        ``2**_GROWTH_BITS``-fold at once (up to a full index's size) and is rebuilt
+        (:meth:`_relink`), so it is rebuilt at every other doubling of the ring rather than
+        at each one. Growth happens at the same query counts whatever the batching.
         """
         new = min(self._cap, max(2 * self._alloc, self._INITIAL_ROWS))
         k = self.params.top_k
@@ -563,10 +567,10 @@ class FingerprintDetector(Detector):
         self._digest = grown(self._digest, (new,))
         self._client = grown(self._client, (new,))
         self._alloc = new
-        full = (2 * self._cap * k - 1).bit_length()
-        bits = max(12, min(full, self._PRESIZED_BITS), (2 * new * k - 1).bit_length())  # at least two buckets per entry
-        if bits != self._bits:
-            self._bits = bits
+        need = max(self._MIN_BITS, (2 * new * k - 1).bit_length())  # at least two buckets per entry
+        if need > self._bits:
+            full = max(self._MIN_BITS, (2 * self._cap * k - 1).bit_length())
+            self._bits = min(need + self._GROWTH_BITS - 1, full)
             self._relink()
 
     def _relink(self) -> None:
@@ -578,13 +582,15 @@ class FingerprintDetector(Detector):
         # Each bucket's newest entry, as 1 + its offset from the oldest live entry (0: none;
         # live entries span fewer than 2**30 ids), then packed like every stored entry id.
         base = self._oldest * k
-        newest = np.zeros(1 << self._bits, dtype=np.uint32)
+        head = np.zeros(1 << self._bits, dtype=np.uint32)  # one table, filled in place (page faults dominate the cost)
         offsets = (ids[:, None] * k + np.arange(k)).ravel()[present] - (base - 1)
-        np.maximum.at(newest, (flat[present] >> _U64(64 - self._bits)).astype(np.int64), offsets.astype(np.uint32))
-        held = np.flatnonzero(newest)
+        np.maximum.at(head, (flat[present] >> _U64(64 - self._bits)).astype(np.int64), offsets.astype(np.uint32))
+        held = np.flatnonzero(head)
+        newest = _pack(head[held].astype(np.int64) + (base - 1))
         # empty buckets decode to an id 2**30 entries back: dead, whatever the live window
-        self._head = np.full(1 << self._bits, int(_pack(np.array(self._next * k - (1 << 30)))), dtype=np.uint32)
-        self._head[held] = _pack(newest[held].astype(np.int64) + (base - 1))
+        head.fill(int(_pack(np.array(self._next * k - (1 << 30)))))
+        head[held] = newest
+        self._head = head
 
     def _relink_chains(self) -> None:
         """Rebuild every live entry's link to the previous entry with the same hash (after a restore)."""
