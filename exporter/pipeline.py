@@ -73,7 +73,8 @@ class Pipeline:
         self.clock = clock
         self.event_time = event_time  # replay: a batch's last event time is "now"
         self.lock = threading.RLock()
-        self.decoder = Decoder(settings)
+        self.runtimes = Runtimes(settings, self.metrics, profile, self._shape, plan)
+        self.decoder = Decoder(settings, self.runtimes.admission)
         self.observer = observer
         if profile is not None:
             # A calibrated model's shape is known before its first event: others are rejected.
@@ -87,7 +88,6 @@ class Pipeline:
                 )
         self._on_evict = on_evict
         self.store = ClientStore(settings.state.max_clients, settings.state.idle_ttl_seconds, self._evicted)
-        self.runtimes = Runtimes(settings, self.metrics, profile, self._shape, plan)
         self.view = ClientView(self.lock, self.store, self.runtimes)
         self.collector = ClientCollector(
             self.view,
