@@ -334,3 +334,48 @@ def test_vectors_are_not_judged_before_the_model_has_a_scaling() -> None:
     x = near_copies(WORLD.sample(np.random.default_rng(12), 1)[0], 3)
     values, _ = feed(det, {}, make_events(x))
     assert np.isnan(values).all() and det.index_size() == 0
+
+def test_a_block_that_fails_halfway_leaves_the_index_evidence_and_names_as_they_were() -> None:
+    rng = np.random.default_rng(14)
+    x = np.concatenate([hopskipjump(rng, 1500), WORLD.sample(rng, 1300)])
+    events = [Event(f"c{i % 4}", "m", 1000.0 + i, "tabular", vector=x[i]) for i in range(len(x))]
+    a = FingerprintDetector(FingerprintParams(), context())
+    b = FingerprintDetector(FingerprintParams(), context())
+    for det in (a, b):
+        det.prepare(Block("m", events[:300]))
+    assert a.peer_matches("c1")[0] > 0
+    shared, head, refs = a.shared_state(), a._head.copy(), a._index_refs()[:4]
+    evidence = {c: a.peer_matches(c) for c in ("c0", "c1", "c2", "c3")}
+    calls = 0
+    insert = a._match_and_insert
+
+    def failing(*args):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # two chunks are in the index, and it grew twice (its table rebuilt once)
+            raise MemoryError
+        return insert(*args)
+
+    a._match_and_insert = failing  # type: ignore[method-assign]
+    block = Block("m", events[300:2800])
+    with pytest.raises(MemoryError):
+        a.prepare(block)
+    assert calls == 3 and a._alloc == refs[0]
+    del a._match_and_insert
+    assert a._index_refs()[:4] == refs
+    np.testing.assert_array_equal(a._head, head)
+    after = a.shared_state()
+    for key in shared:
+        np.testing.assert_array_equal(after[key], shared[key])
+    assert {c: a.peer_matches(c) for c in evidence} == evidence
+    # and the index goes on as if the failed block had never come
+    results = []
+    for det in (a, b):
+        again = Block("m", events[300:2800])
+        det.prepare(again)
+        results.append(again.prepared["fingerprint"][0])
+    np.testing.assert_array_equal(results[0], results[1])
+    assert np.nansum(results[0]) > 0
+    for key, value in b.shared_state().items():
+        np.testing.assert_array_equal(a.shared_state()[key], value)
+    assert a._bits == b._bits and np.array_equal(a._head, b._head)

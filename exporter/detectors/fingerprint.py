@@ -176,6 +176,11 @@ class FingerprintParams(WindowedParams):
         return value
 
 
+# The index's cursors (rows allocated, table bits, next and oldest query ids) and arrays
+# (ring: hashes, links, times, digests, client keys; head table), as a failed block restores them.
+_IndexRefs = tuple[int, int, int, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
 class _Evidence:
     """Cross-client evidence of one client: queries that matched another client's, and top peers."""
 
@@ -369,6 +374,11 @@ class FingerprintDetector(Detector):
 
         Leaves per event (``block.prepared``): 1.0 when the query matched an earlier one,
         0.0 when not, NaN when not judged; and whether it matched another client's query.
+
+        All or nothing: if anything raises, the index is put back as it was before the
+        block (an undo log of what each chunk overwrote, and the arrays and cursors of
+        before any growth), and the names and cross-client evidence, written last, are
+        untouched.
         """
         n = len(block)
         matched = np.full(n, np.nan)
@@ -384,26 +394,45 @@ class FingerprintDetector(Detector):
         ts = block.ts if every else block.ts[idx]
         names = [events[i].client for i in idx.tolist()]
         keys = np.fromiter((client_key(c) for c in names), dtype=np.uint64, count=m)
+        hit = np.zeros(m, dtype=bool)
+        peers: list[tuple[int, set[int]]] = []
+        before = self._index_refs()
+        undo: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        try:
+            self._expire(float(ts[0]))
+            start = 0
+            while start < m:
+                # Chunks end where the index grows, so it grows at the same query whatever the batching.
+                room = self._alloc - self._next if self._alloc < self._cap else self._cap
+                if room <= 0:
+                    self._grow()
+                    continue
+                stop = min(m, start + self._CHUNK, start + room)
+                hit[start:stop], other = self._match_and_insert(prints[start:stop], ts[start:stop], dig[start:stop], keys[start:stop], undo)
+                if other is not None:
+                    for r, found in enumerate(other):
+                        if found:
+                            foreign[idx[start + r]] = True
+                            peers.append((int(keys[start + r]), found))
+                start = stop
+        except BaseException:
+            for array, at, old in reversed(undo):
+                array[at] = old
+            self._restore_refs(before)
+            raise
+        # The index holds the whole block: now the names and evidence (dict updates only).
         for key, client in dict(zip(keys.tolist(), names)).items():
             self._remember_name(key, client)
-        self._expire(float(ts[0]))
-        hit = np.zeros(m, dtype=bool)
-        start = 0
-        while start < m:
-            # Chunks end where the index grows, so it grows at the same query whatever the batching.
-            room = self._alloc - self._next if self._alloc < self._cap else self._cap
-            if room <= 0:
-                self._grow()
-                continue
-            stop = min(m, start + self._CHUNK, start + room)
-            hit[start:stop], other = self._match_and_insert(prints[start:stop], ts[start:stop], dig[start:stop], keys[start:stop])
-            if other is not None:
-                for r, found in enumerate(other):
-                    if found:
-                        foreign[idx[start + r]] = True
-                        self._record_peers(int(keys[start + r]), found)
-            start = stop
+        for key, found in peers:
+            self._record_peers(key, found)
         matched[idx] = hit
+
+    def _index_refs(self) -> "_IndexRefs":
+        """The index's arrays (by reference: growth replaces them) and cursors, to undo a failed block."""
+        return (self._alloc, self._bits, self._next, self._oldest, self._hashes, self._prev, self._ts, self._digest, self._client, self._head)
+
+    def _restore_refs(self, refs: "_IndexRefs") -> None:
+        (self._alloc, self._bits, self._next, self._oldest, self._hashes, self._prev, self._ts, self._digest, self._client, self._head) = refs
 
     def update(self, state: State, batch: Batch) -> Signals | None:
         found = batch.prepared_for(self.name)
@@ -417,7 +446,9 @@ class FingerprintDetector(Detector):
         p = self.params
         return share_signals(state["match_buf"], state["match_count"], hits, judged, len(batch), p.min_events, p.threshold)
 
-    def _match_and_insert(self, prints: np.ndarray, ts: np.ndarray, dig: np.ndarray, me: np.ndarray) -> tuple[np.ndarray, list[set[int]] | None]:
+    def _match_and_insert(
+        self, prints: np.ndarray, ts: np.ndarray, dig: np.ndarray, me: np.ndarray, undo: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+    ) -> tuple[np.ndarray, list[set[int]] | None]:
         """Match each query against the index (earlier queries only, this batch's included), then index them.
 
         Entry ``e = query id * top_k + slot`` is one hash of one query; each entry links
@@ -427,6 +458,8 @@ class FingerprintDetector(Detector):
         bucket by an earlier query of the batch, else the table's head. Returns per
         query whether it matched, and (when any query matched another client's) per
         query the set of other clients' keys it matched. ``me`` holds each query's client key.
+        Every value is computed before the first write, and what the writes overwrite is
+        appended to ``undo`` (array, positions, old values).
         """
         p = self.params
         k, cap, depth, need = p.top_k, self._cap, p.chain_depth, p.match_threshold
@@ -517,14 +550,19 @@ class FingerprintDetector(Detector):
                         other[r].add(c)
         # Index the batch: ring rows, then the heads of its hashes (the newest entry of each).
         pos = qid % cap
+        links = _back(entries, prev).reshape(m, k)
+        last = ranked >= 0
+        last[:-1] &= group[1:]
+        buckets = ranked[last]
+        newest = _pack(entries[order[last]])  # a bucket's newest entry of the batch
+        for array, at in ((self._hashes, pos), (self._prev, pos), (self._ts, pos), (self._digest, pos), (self._client, pos), (self._head, buckets)):
+            undo.append((array, at, array[at]))  # fancy indexing copies
         self._hashes[pos] = prints
-        self._prev[pos] = _back(entries, prev).reshape(m, k)
+        self._prev[pos] = links
         self._ts[pos] = ts
         self._digest[pos] = dig
         self._client[pos] = me
-        last = ranked >= 0
-        last[:-1] &= group[1:]
-        self._head[ranked[last]] = _pack(entries[order[last]])  # a bucket's newest entry of the batch
+        self._head[buckets] = newest
         self._next = base + m
         self._oldest = max(self._oldest, self._next - cap)  # overwritten
         return matched, other
