@@ -9,12 +9,15 @@ offending key named, never later inside the pipeline. The defaults of :class:`Se
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+from exporter.names import MAX_MODEL_LENGTH, is_valid_name
 
 DEFAULT_PORT = 9717
 
@@ -132,6 +135,52 @@ class ModelConfig(_Section):
         return self
 
 
+class ModelAdmissionConfig(_Section):
+    """Which model names met in traffic get state of their own, and how many (a client chooses the name).
+
+    Every admitted model holds its detectors, shared indexes and metric series; without
+    a bound, a client could allocate memory by inventing model names. The models named
+    in ``models``, ``default_model`` and the calibration profile's models are always
+    admitted, and take their places from the start.
+    """
+
+    allowed: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="further names admitted as they arrive; env: comma-separated"
+    )
+    pattern: str | None = Field(None, description="names matching this regular expression (whole name) are admitted as they arrive")
+    max_models: int = Field(16, ge=1, le=4096, description="most models with state; further names are rejected (too_many_models)")
+
+    @field_validator("allowed", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [m.strip() for m in value.split(",") if m.strip()]
+        return value
+
+    @field_validator("allowed")
+    @classmethod
+    def _names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not is_valid_name(name, MAX_MODEL_LENGTH):
+                raise ValueError(f"{name!r} is not a model name (printable text of at most {MAX_MODEL_LENGTH} characters)")
+        return value
+
+    @field_validator("pattern")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {exc}") from None
+        return value
+
+    @property
+    def open(self) -> bool:
+        """Whether any name is admitted (up to ``max_models``): neither ``allowed`` nor ``pattern`` is set."""
+        return not self.allowed and self.pattern is None
+
+
 class StateConfig(_Section):
     """Per-client state: bounds, and where snapshots and file offsets are kept."""
 
@@ -185,6 +234,7 @@ class Settings(BaseSettings):
     files: FilesConfig = Field(default_factory=FilesConfig)
     fields: FieldsConfig = Field(default_factory=FieldsConfig)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
+    model_admission: ModelAdmissionConfig = Field(default_factory=ModelAdmissionConfig)
     default_model: str = "default"
     default_timezone: str | None = None
     state: StateConfig = Field(default_factory=StateConfig)

@@ -17,7 +17,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -26,6 +26,9 @@ from exporter import jsonparse, reasons
 from exporter.config import ModelConfig, Settings
 from exporter.images import ImageError, decode_image
 from exporter.names import MAX_CLIENT_LENGTH, MAX_LABEL_LENGTH, MAX_MODEL_LENGTH, is_valid_name
+
+if TYPE_CHECKING:
+    from exporter.runtime import ModelAdmission
 
 Modality = Literal["tabular", "image", "text"]
 
@@ -103,10 +106,13 @@ class Decoder:
     """Decodes events per the configured field mapping and model settings.
 
     It learns a model's input and output lengths from its first valid event when the
-    config does not give them, and rejects later events of another length.
+    config does not give them, and rejects later events of another length. With an
+    ``admission`` (the pipeline's, :class:`~exporter.runtime.ModelAdmission`), events
+    of a model it refuses are rejected before anything is learned, and a new model is
+    admitted by its first valid event.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, admission: "ModelAdmission | None" = None) -> None:
         self._fields = f = settings.fields
         # The field paths are fixed per decoder; when none is dotted (the default), plain
         # dict.get replaces a _lookup call per field on every event.
@@ -116,6 +122,7 @@ class Decoder:
         self._default_model = settings.default_model
         self._zone = ZoneInfo(settings.default_timezone) if settings.default_timezone else None
         self._max_image_pixels = settings.limits.max_image_pixels
+        self._admission = admission
         self.learned_input_dims: dict[str, int] = {}
         self.learned_num_classes: dict[str, int] = {}
         self.learned_modalities: dict[str, str] = {}
@@ -168,6 +175,13 @@ class Decoder:
             raise Rejected(
                 reasons.INVALID_MODEL, f"field '{f.model}' must be a non-empty string of at most {MAX_MODEL_LENGTH} printable characters"
             )
+        # A model refused by the admission is rejected before anything is learned from it.
+        admission = self._admission
+        fresh = admission is not None and model not in admission.admitted
+        if fresh:
+            refused = admission.refusal(model)  # type: ignore[union-attr]
+            if refused is not None:
+                raise Rejected(*refused)
         # The common timestamp (a plausible float) needs no call.
         ts = raw_ts if type(raw_ts) is float and 0.0 <= raw_ts <= MAX_TIMESTAMP else self._timestamp(raw_ts, now)
         mcfg = self._models.get(model) or _NO_CONFIG
@@ -175,6 +189,8 @@ class Decoder:
         modality = mcfg.modality or self.learned_modalities.get(model)
         event = self._input(client, model, ts, mcfg, modality, raw_input)
         self._output(event, mcfg, raw_output)
+        if fresh:  # the event is valid: its model takes its place now
+            admission.admit(model)  # type: ignore[union-attr]
         if model not in self._settled:
             self._learn(event, mcfg)
         return event

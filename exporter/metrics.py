@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 
 from exporter import __version__, reasons
 from exporter.names import is_valid_name
+from exporter.state import EVICTION_REASONS
 
 if TYPE_CHECKING:
     from exporter.detectors import ClientMetric
@@ -71,7 +72,7 @@ class Metrics:
         self.detector_errors = Counter("monitaur_detector_errors", "Events a detector failed to judge.", ["detector"], registry=r)
         self.tracked_clients = Gauge("monitaur_tracked_clients", "Clients with state in memory.", registry=r)
         self.tracked_clients_limit = Gauge("monitaur_tracked_clients_limit", "Configured maximum of tracked clients.", registry=r)
-        self.client_evictions = Counter("monitaur_client_evictions", "Clients dropped from state, by reason (lru, ttl).", ["reason"], registry=r)
+        self.client_evictions = Counter("monitaur_client_evictions", "Clients dropped from state, by reason (lru, lru_flagged, ttl).", ["reason"], registry=r)
         self.client_series = Gauge("monitaur_client_series", "Clients exported with their own series.", registry=r)
         self.client_series_limit = Gauge("monitaur_client_series_limit", "Configured top-N of clients with their own series.", registry=r)
         self.file_lines = Counter("monitaur_file_lines", "Lines read from a tailed file.", ["path"], registry=r)
@@ -93,7 +94,7 @@ class Metrics:
             self.detector_errors.labels(name)
         for kind in ("offsets", "state"):
             self.checkpoint_errors.labels(kind)
-        for reason in ("lru", "ttl"):
+        for reason in EVICTION_REASONS:
             self.client_evictions.labels(reason)
 
     def forget_file(self, path: str) -> None:

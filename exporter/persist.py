@@ -56,7 +56,13 @@ def copy_state(lock: threading.RLock, store: ClientStore, runtimes: "Runtimes", 
                 "baseline": rt.baseline.state() if rt.baseline is not None else None,
                 "shared": {d.name: {"version": rt.versions[d.name], "state": st} for d in rt.detectors if (st := d.shared_state()) is not None},
             }
-        head = {"version": SNAPSHOT_VERSION, "saved_at": now, "decoder": decoder.learned(), "models": _copied(models)}
+        head = {
+            "version": SNAPSHOT_VERSION,
+            "saved_at": now,
+            "decoder": decoder.learned(),
+            "admitted": runtimes.admission.saved(),
+            "models": _copied(models),
+        }
     clients = []
     for start in range(0, len(ids), _CHUNK):
         with lock:
@@ -110,7 +116,8 @@ def restore(data: bytes | BinaryIO, lock: threading.RLock, store: ClientStore, r
         log.warning("dropped %d clients or models of the snapshot whose names are not valid (printable text) any more", unsafe)
     names = set(runtimes.specs)
     with lock:
-        decoder.restore(doc.get("decoder", {}))
+        learned = _readmitted(runtimes, doc)
+        decoder.restore(learned)
         dropped = 0
         for model, m in (doc.get("models", {}) if current else {}).items():
             rt = _runtime(runtimes, decoder, model)
@@ -155,10 +162,33 @@ def restore(data: bytes | BinaryIO, lock: threading.RLock, store: ClientStore, r
         return len(store)
 
 
+def _readmitted(runtimes: "Runtimes", doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Admit again the models of a snapshot, in their admission order; what the decoder learned about those.
+
+    The current ``model_admission`` decides: a model it refuses now (a name no longer
+    allowed, or past a lowered ``max_models``) is dropped with everything about it.
+    Snapshots made before admission existed list no admitted models: their models are
+    taken in the order the decoder learned them.
+    """
+    learned = doc.get("decoder", {})
+    admission = runtimes.admission
+    saved = list(doc.get("admitted") or ())
+    for part in ("modalities", "input_dims", "num_classes"):
+        saved += [m for m in learned.get(part, {}) if m not in saved]
+    saved += [m for m in doc.get("models", {}) if m not in saved]
+    saved = [m for m in saved if is_valid_name(m, MAX_MODEL_LENGTH)]  # invalid names are dropped anyway
+    refused = [m for m in saved if not admission.readmit(m)]
+    if refused:
+        log.warning("dropped %d models of the snapshot that model_admission does not admit any more", len(refused))
+    return {part: {m: v for m, v in values.items() if m in admission.admitted} for part, values in learned.items()}
+
+
 def _runtime(runtimes: "Runtimes", decoder: "Decoder", model: str):  # type: ignore[no-untyped-def]
-    """A model's runtime, rebuilt from what the decoder learned before the restart (None if unknown)."""
+    """A model's runtime, rebuilt from what the decoder learned before the restart (None if unknown or not admitted)."""
     if model in runtimes:
         return runtimes.get(model)
+    if model not in runtimes.admission.admitted:
+        return None
     modality = (runtimes.settings.models.get(model).modality if model in runtimes.settings.models else None) or decoder.learned_modalities.get(model)
     return None if modality is None else runtimes.build(model)
 

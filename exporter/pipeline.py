@@ -20,6 +20,7 @@ event where it refits, for the same reason.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -32,7 +33,7 @@ import numpy as np
 from exporter import persist, reasons
 from exporter.baseline import BaselinePlan
 from exporter.detectors import Batch, Signals
-from exporter.detectors.base import Block
+from exporter.detectors.base import Block, Detector, State
 from exporter.events import Decoder, Event, Rejected
 from exporter.fusion import FUSION
 from exporter.logutil import RateLimitedLog
@@ -73,7 +74,8 @@ class Pipeline:
         self.clock = clock
         self.event_time = event_time  # replay: a batch's last event time is "now"
         self.lock = threading.RLock()
-        self.decoder = Decoder(settings)
+        self.runtimes = Runtimes(settings, self.metrics, profile, self._shape, plan)
+        self.decoder = Decoder(settings, self.runtimes.admission)
         self.observer = observer
         if profile is not None:
             # A calibrated model's shape is known before its first event: others are rejected.
@@ -87,7 +89,6 @@ class Pipeline:
                 )
         self._on_evict = on_evict
         self.store = ClientStore(settings.state.max_clients, settings.state.idle_ttl_seconds, self._evicted)
-        self.runtimes = Runtimes(settings, self.metrics, profile, self._shape, plan)
         self.view = ClientView(self.lock, self.store, self.runtimes)
         self.collector = ClientCollector(
             self.view,
@@ -207,15 +208,10 @@ class Pipeline:
         flag_counts: dict[str, int] = {}
         for det in rt.detectors:
             name = det.name
-            state = states.get(name)
-            if state is None:
-                state = states[name] = det.init_state()
             started = time.perf_counter()
             try:
-                found = det.update(state, batch)
-                if found is not None:
-                    _check(found, n)
-            except Exception as exc:  # a broken detector must not stop the others
+                found = _update_all_or_nothing(det, states, batch)
+            except Exception as exc:  # a broken detector must not stop the others; its state is as before
                 self._detector_failed(name, n, model, exc)
                 continue
             finally:
@@ -291,6 +287,35 @@ class Pipeline:
         n = persist.restore(data, self.lock, self.store, self.runtimes, self.decoder)
         self.metrics.tracked_clients.set(n)
         return n
+
+
+def _update_all_or_nothing(det: Detector, states: dict[str, State], batch: Batch) -> Signals | None:
+    """``det.update`` of the client's state (``states[det.name]``) with ``batch``, all or nothing.
+
+    If the update raises, or returns malformed signals (:func:`_check`), the exception
+    propagates and the state is as it was before the batch: a new client's state is
+    kept only on success, and an existing one is copied first (its arrays: tens of KB
+    per client) and put back on failure. So a failure never leaves a half-applied batch
+    behind, and the batch need not, and must not, run again.
+    """
+    state = states.get(det.name)
+    if state is None:
+        fresh = det.init_state()
+        found = det.update(fresh, batch)
+        if found is not None:
+            _check(found, len(batch))
+        states[det.name] = fresh
+        return found
+    saved = {k: v.copy() if isinstance(v, np.ndarray) else copy.deepcopy(v) for k, v in state.items()}
+    try:
+        found = det.update(state, batch)
+        if found is not None:
+            _check(found, len(batch))
+    except BaseException:
+        state.clear()  # the detector may have replaced, added or changed arrays in place
+        state.update(saved)
+        raise
+    return found
 
 
 def _check(signals: Signals, n: int) -> None:

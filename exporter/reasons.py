@@ -10,6 +10,8 @@ MISSING_CLIENT = "missing_client"
 INVALID_CLIENT = "invalid_client"
 INVALID_TIMESTAMP = "invalid_timestamp"
 INVALID_MODEL = "invalid_model"
+MODEL_NOT_ALLOWED = "model_not_allowed"  # a new model name outside model_admission.allowed and .pattern
+TOO_MANY_MODELS = "too_many_models"  # a new model name while model_admission.max_models are admitted
 MISSING_INPUT = "missing_input"
 INVALID_INPUT = "invalid_input"
 NON_FINITE = "non_finite"
@@ -29,6 +31,8 @@ ALL: tuple[str, ...] = (
     INVALID_CLIENT,
     INVALID_TIMESTAMP,
     INVALID_MODEL,
+    MODEL_NOT_ALLOWED,
+    TOO_MANY_MODELS,
     MISSING_INPUT,
     INVALID_INPUT,
     NON_FINITE,

@@ -3,19 +3,23 @@
 A :class:`ModelRuntime` holds everything that judges one model's traffic: its detectors,
 the fusion stage, the feature scaling and benign references they use, and the live
 :class:`~exporter.baseline.Baseline` that learns those when no profile gives them.
-:class:`Runtimes` builds them on demand, one per model.
+:class:`Runtimes` builds them on demand, one per model, and bounds them: model names
+come from clients, so :class:`ModelAdmission` decides which names get a runtime at all
+(``model_admission`` in the config), before the decoder learns anything about them.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from exporter.baseline import Baseline, BaselinePlan
-from exporter.config import ModelConfig, Settings
+from exporter import reasons
+from exporter.config import ModelAdmissionConfig, ModelConfig, Settings
 from exporter.detectors.base import Detector, ModelContext, Reference, State
 from exporter.detectors.kit import Scaling, winsorize
 from exporter.fusion import Fusion
@@ -85,6 +89,60 @@ class ModelRuntime:
         log.info("model %s: reference learned from %d live inputs (%d offered)", self.context.name, x.shape[0], self.baseline.offered)
 
 
+class ModelAdmission:
+    """Which model names get state of their own (``model_admission`` in the config).
+
+    A name is admitted once and for good. The configured models, ``default_model`` and
+    the profile's models are admitted from the start; another name is admitted on its
+    first valid event if it is in ``allowed`` or matches ``pattern`` (any name when
+    neither is set), while fewer than ``max_models`` models are admitted. The decoder
+    asks :meth:`refusal` before it learns anything from an event, and calls
+    :meth:`admit` once the event is valid, so an invalid event takes no place.
+    """
+
+    def __init__(self, config: ModelAdmissionConfig, always: Iterable[str] = ()) -> None:
+        self.max_models = config.max_models
+        self._open = config.open
+        self._allowed = frozenset(config.allowed)
+        self._pattern = re.compile(config.pattern) if config.pattern is not None else None
+        self._always = frozenset(always)
+        self.admitted: set[str] = set(self._always)  # read on every event: a set lookup
+        self._order: list[str] = []  # names admitted from traffic, in admission order (for snapshots)
+
+    @classmethod
+    def for_settings(cls, settings: Settings, profile: Profile | None = None) -> "ModelAdmission":
+        """The admission of a pipeline: configured, default and profile models always admitted."""
+        always = {settings.default_model, *settings.models, *(profile.models if profile is not None else ())}
+        return cls(settings.model_admission, always)
+
+    def refusal(self, model: str) -> tuple[str, str] | None:
+        """None when ``model`` is or may be admitted; else the rejection reason and message. Changes nothing."""
+        if model in self.admitted:
+            return None
+        if not (self._open or model in self._allowed or (self._pattern is not None and self._pattern.fullmatch(model))):
+            return reasons.MODEL_NOT_ALLOWED, f"model '{model}' is not admitted (model_admission.allowed, model_admission.pattern)"
+        if len(self.admitted) >= self.max_models:
+            return reasons.TOO_MANY_MODELS, f"model '{model}' would exceed model_admission.max_models ({self.max_models})"
+        return None
+
+    def admit(self, model: str) -> None:
+        """Record ``model`` as admitted (after :meth:`refusal` allowed it)."""
+        if model not in self.admitted:
+            self.admitted.add(model)
+            self._order.append(model)
+
+    def readmit(self, model: str) -> bool:
+        """Admit a model saved in a snapshot if the current policy admits it; whether it is admitted."""
+        if self.refusal(model) is not None:
+            return False
+        self.admit(model)
+        return True
+
+    def saved(self) -> list[str]:
+        """The names admitted from traffic, in admission order, for a snapshot."""
+        return list(self._order)
+
+
 class Runtimes:
     """The model runtimes of one pipeline, built on demand."""
 
@@ -97,6 +155,7 @@ class Runtimes:
         self._shape = shape
         self._plan = plan
         self._by_model: dict[str, ModelRuntime] = {}
+        self.admission = ModelAdmission.for_settings(settings, profile)
 
     def __contains__(self, model: object) -> bool:
         return model in self._by_model
@@ -108,10 +167,15 @@ class Runtimes:
         return self._by_model.get(model)
 
     def build(self, model: str) -> ModelRuntime:
-        """The model's runtime, built once the decoder knows the model's shape."""
+        """The model's runtime, built once the decoder knows the model's shape.
+
+        The decoder admits a model before its first event gets here; a model built
+        otherwise (events made in code) is recorded as admitted, so that every runtime is.
+        """
         rt = self._by_model.get(model)
         if rt is not None:
             return rt
+        self.admission.admit(model)
         dim, k, modality = self._shape(model)
         mcfg = self.settings.models.get(model) or ModelConfig()
         mp = self.profile.models.get(model) if self.profile is not None else None

@@ -3,7 +3,7 @@
 Every kind is one JSON-lines record (no raw newline inside, at most 1 MiB) that a
 client of the watched API could make the service log. The settings the corpus assumes
 are :data:`SETTINGS`: model ``digits`` (tabular, 64 features, 10 classes), ``img``
-(images) and ``txt`` (text). Strings a client controls carry :data:`MARKER`, a forged
+(images) and ``txt`` (text), and no room for other models. Strings a client controls carry :data:`MARKER`, a forged
 log line, and inputs carry :data:`SECRET`: neither may ever appear in the exporter's
 log. Used by ``tests/test_hostile_input.py`` (files, push, decoder).
 """
@@ -32,6 +32,8 @@ SETTINGS: dict[str, Any] = {
         "img": {"modality": "image"},
         "txt": {"modality": "text"},
     },
+    # digits, img, txt and default_model fill every place: no name met in traffic is admitted
+    "model_admission": {"pattern": "tenant-[0-9]+", "max_models": 4},
 }
 
 
@@ -169,6 +171,9 @@ def corpus() -> list[Hostile]:
         ("model: empty", _line(model=""), r.INVALID_MODEL),
         ("model: an integer", _line(model=3), r.INVALID_MODEL),
         ("model: an array", _line(model=["digits"]), r.INVALID_MODEL),
+        ("model: a name outside model_admission", _line(model="mallory-model"), r.MODEL_NOT_ALLOWED),
+        ("model: 128 characters, not admitted", _line(model="m" * 128), r.MODEL_NOT_ALLOWED),
+        ("model: an admitted pattern past max_models", _line(model="tenant-1"), r.TOO_MANY_MODELS),
         # -- not JSON, or not UTF-8 JSON
         ("truncated in the middle", valid[: len(valid) // 2], r.MALFORMED_JSON),
         ("truncated inside a string", b'{"client": "mallo', r.MALFORMED_JSON),

@@ -59,3 +59,28 @@ class Stats(Detector):
         if bool(state["fail"]):
             raise RuntimeError("boom")
         return {"monitaur_client_test_events": float(state["n"]), "monitaur_client_test_ratio": float("nan") if bool(state["quiet"]) else 0.25}
+
+
+class HalfApplied(Detector):
+    """Changes its state, then fails: for clients with 'half' in their id from their second
+    batch on, for 'halffirst' on every batch, and with an out-of-range score for 'halfweird'.
+
+    Its state changes every way a detector can: in place, by replacing an array, by adding a key.
+    """
+
+    name = "half"
+
+    def init_state(self) -> State:
+        return {"n": np.zeros((), dtype=np.int64), "seen": np.zeros(4, dtype=np.int64)}
+
+    def update(self, state: State, batch: Batch) -> Signals:
+        first = int(state["n"]) == 0
+        state["n"][...] = int(state["n"]) + len(batch)
+        state["seen"] += 1
+        state["replaced"] = np.ones(3)
+        state["seen"] = state["seen"] * 2
+        if "halffirst" in batch.client or ("half" in batch.client and not first and "halfweird" not in batch.client):
+            raise RuntimeError("failed halfway")
+        if "halfweird" in batch.client:
+            return Signals.constant(len(batch), 1.5, True)
+        return Signals.constant(len(batch), 0.2, False)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from exporter.detectors.base import Batch, ModelContext
+from exporter.detectors.base import Batch, Block, ModelContext
 from exporter.detectors.fingerprint import (
     FingerprintDetector,
     FingerprintParams,
@@ -207,15 +207,21 @@ def test_shared_state_round_trips_through_savez() -> None:
         FingerprintDetector(FingerprintParams(top_k=8), context()).load_shared_state(restored)
 
 
-@pytest.mark.parametrize("presized_bits", [FingerprintDetector._PRESIZED_BITS, 12])
-def test_the_head_table_rebuilt_after_growth_answers_like_the_incremental_one(presized_bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Presized (the defaults: the table never grows), or grown with the ring from 2**12 buckets.
-    monkeypatch.setattr(FingerprintDetector, "_PRESIZED_BITS", presized_bits)
+def test_the_head_table_grows_with_the_index_and_its_rebuild_answers_like_the_incremental_one() -> None:
     det = FingerprintDetector(FingerprintParams(), context())
     rng = np.random.default_rng(12)
+    feed(det, {}, make_events(WORLD.sample(rng, 1), client="g"))
+    # one query: a small ring and table, not a full index's 32 MiB
+    assert det._alloc == FingerprintDetector._INITIAL_ROWS
+    assert det._head.nbytes + det._hashes.nbytes + det._prev.nbytes < 256 * 1024
     x = np.concatenate([WORLD.sample(rng, 1500), hopskipjump(rng, 1000)])
-    feed(det, {}, make_events(x, client="g"), size=300)  # the ring grows 1024 -> 2048 -> 4096 rows
-    assert det._bits == max(presized_bits, (2 * 4096 * 20 - 1).bit_length())
+    bits = []
+    for part in np.array_split(x, 10):
+        feed(det, {}, make_events(part, client="g"), size=300)  # the ring grows 256 -> ... -> 4096 rows
+        bits.append(det._bits)
+    assert det._alloc == 4096
+    assert 1 << det._bits >= 2 * det._alloc * 20  # at least two buckets per entry
+    assert bits[-1] > bits[0] and all(b - a in (0, FingerprintDetector._GROWTH_BITS) for a, b in zip(bits, bits[1:]))
     live = det._hashes[: det._next].ravel()
     live = live[live != 0]
     incremental = det._find(live)
@@ -223,6 +229,28 @@ def test_the_head_table_rebuilt_after_growth_answers_like_the_incremental_one(pr
     rebuilt = det._find(live)
     np.testing.assert_array_equal(incremental[1], rebuilt[1])
     assert (rebuilt[1] >= 0).mean() > 0.9  # most held hashes head their bucket (others share one)
+
+
+def test_results_do_not_depend_on_the_batching_while_the_index_grows() -> None:
+    rng = np.random.default_rng(13)
+    x = np.concatenate([hopskipjump(rng, 700), WORLD.sample(rng, 700), simba(rng, 700)])
+    events = [Event(f"c{i % 3}", "m", 1000.0 + i, "tabular", vector=x[i]) for i in range(len(x))]
+    results = []
+    for size in (1, 7, 500):
+        det = FingerprintDetector(FingerprintParams(), context())
+        block_values = []
+        for start in range(0, len(events), size):
+            block = Block("m", events[start : start + size])
+            det.prepare(block)
+            block_values.append(block.prepared["fingerprint"][0])
+        results.append((np.concatenate(block_values), det._bits, det.shared_state()))
+    ref = results[0]
+    assert ref[1] > FingerprintDetector._MIN_BITS and np.nansum(ref[0]) > 0
+    for values, bits, shared in results[1:]:
+        np.testing.assert_array_equal(values, ref[0])
+        assert bits == ref[1]
+        for key in ("ids", "hashes", "ts", "digest", "client"):  # the index (the LRU of names follows the blocks)
+            np.testing.assert_array_equal(shared[key], ref[2][key])
 
 
 def test_forget_client_drops_its_evidence() -> None:
@@ -306,3 +334,48 @@ def test_vectors_are_not_judged_before_the_model_has_a_scaling() -> None:
     x = near_copies(WORLD.sample(np.random.default_rng(12), 1)[0], 3)
     values, _ = feed(det, {}, make_events(x))
     assert np.isnan(values).all() and det.index_size() == 0
+
+def test_a_block_that_fails_halfway_leaves_the_index_evidence_and_names_as_they_were() -> None:
+    rng = np.random.default_rng(14)
+    x = np.concatenate([hopskipjump(rng, 1500), WORLD.sample(rng, 1300)])
+    events = [Event(f"c{i % 4}", "m", 1000.0 + i, "tabular", vector=x[i]) for i in range(len(x))]
+    a = FingerprintDetector(FingerprintParams(), context())
+    b = FingerprintDetector(FingerprintParams(), context())
+    for det in (a, b):
+        det.prepare(Block("m", events[:300]))
+    assert a.peer_matches("c1")[0] > 0
+    shared, head, refs = a.shared_state(), a._head.copy(), a._index_refs()[:4]
+    evidence = {c: a.peer_matches(c) for c in ("c0", "c1", "c2", "c3")}
+    calls = 0
+    insert = a._match_and_insert
+
+    def failing(*args):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # two chunks are in the index, and it grew twice (its table rebuilt once)
+            raise MemoryError
+        return insert(*args)
+
+    a._match_and_insert = failing  # type: ignore[method-assign]
+    block = Block("m", events[300:2800])
+    with pytest.raises(MemoryError):
+        a.prepare(block)
+    assert calls == 3 and a._alloc == refs[0]
+    del a._match_and_insert
+    assert a._index_refs()[:4] == refs
+    np.testing.assert_array_equal(a._head, head)
+    after = a.shared_state()
+    for key in shared:
+        np.testing.assert_array_equal(after[key], shared[key])
+    assert {c: a.peer_matches(c) for c in evidence} == evidence
+    # and the index goes on as if the failed block had never come
+    results = []
+    for det in (a, b):
+        again = Block("m", events[300:2800])
+        det.prepare(again)
+        results.append(again.prepared["fingerprint"][0])
+    np.testing.assert_array_equal(results[0], results[1])
+    assert np.nansum(results[0]) > 0
+    for key, value in b.shared_state().items():
+        np.testing.assert_array_equal(a.shared_state()[key], value)
+    assert a._bits == b._bits and np.array_equal(a._head, b._head)

@@ -25,6 +25,7 @@ from exporter.config import Settings
 from exporter.events import Decoder, Rejected
 from exporter.logutil import escape, escaping_handler
 from exporter.pipeline import Pipeline
+from exporter.runtime import ModelAdmission
 from exporter.snapshot import pack, unpack
 from exporter.state import ClientState
 from tests.conftest import parse_metrics, sample, wait_for
@@ -45,7 +46,8 @@ def test_the_corpus_is_large_and_covers_every_decoding_reason() -> None:
 
 @pytest.mark.parametrize("hostile", CORPUS, ids=[h.kind for h in CORPUS])
 def test_the_decoder_rejects_each_kind_with_its_reason(hostile: Hostile) -> None:
-    d = Decoder(Settings(**SETTINGS))
+    settings = Settings(**SETTINGS)
+    d = Decoder(settings, ModelAdmission.for_settings(settings))
     with pytest.raises(Rejected) as err:
         d.decode_line(hostile.line)
     assert err.value.reason == hostile.reason

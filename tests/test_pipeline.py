@@ -183,3 +183,43 @@ def test_client_metric_names_are_checked(name: str) -> None:
     metrics = [ClientMetric(name, "gauge", "x")] + ([ClientMetric(name, "counter", "y")] if name.endswith("dup") else [])
     with pytest.raises(ValueError, match="unique name"):
         ClientCollector(Pipeline(Settings()).store, 10, None, [], client_metrics=metrics)  # type: ignore[arg-type]
+
+
+# -- a detector that fails leaves its state as before the batch ---------------------------
+
+HALF = {"always": "tests.plugins:FlagClientsNamedBad", "half": "tests.plugins:HalfApplied"}
+
+
+def _arrays(state: dict) -> dict:
+    return {k: np.array(v, copy=True) for k, v in state.items()}
+
+
+def test_a_detector_failing_halfway_leaves_its_state_as_before_the_batch() -> None:
+    p = make(plugins=HALF, detectors={"always": {}, "half": {}})
+    p.ingest_lines(lines("bad-half-1", 3))  # the first batch succeeds
+    states = p.store["bad-half-1"].detector_state["digits"]
+    before = _arrays(states["half"])
+    assert int(before["n"]) == 3 and "replaced" in before
+    result = p.ingest_lines(lines("bad-half-1", 4, seed=1))  # changes everything, then raises
+    assert result.accepted == 4
+    after = states["half"]
+    assert after.keys() == before.keys()
+    for key in before:
+        np.testing.assert_array_equal(after[key], before[key])
+    assert value(p, "monitaur_detector_errors_total", detector="half") == 4
+    # the other detectors and the verdict went on, on every event of the batch
+    assert int(states["always"]["n"]) == 7 and p.store["bad-half-1"].total == 7
+    assert p.store["bad-half-1"].suspicious and p.store["bad-half-1"].flags["always"] == 7
+    assert p.store["bad-half-1"].scores["half"] == 0.2  # from the first batch: the failed one reported nothing
+
+
+def test_a_new_clients_state_is_kept_only_when_its_first_batch_succeeds() -> None:
+    p = make(plugins=HALF, detectors={"always": {}, "half": {}})
+    p.ingest_lines(lines("halffirst-1", 2) + lines("halfweird-1", 2) + lines("ok-1", 2))
+    assert "half" not in p.store["halffirst-1"].detector_state["digits"]
+    assert "half" not in p.store["halfweird-1"].detector_state["digits"]  # malformed signals are a failure too
+    assert int(p.store["ok-1"].detector_state["digits"]["half"]["n"]) == 2
+    assert value(p, "monitaur_detector_errors_total", detector="half") == 4
+    p.ingest_lines(lines("halfweird-1", 3))
+    assert "half" not in p.store["halfweird-1"].detector_state["digits"]
+    assert int(p.store["halfweird-1"].detector_state["digits"]["always"]["n"]) == 5

@@ -309,7 +309,12 @@ class Detector(ABC):
 
     @abstractmethod
     def update(self, state: State, batch: Batch) -> Signals | None:
-        """Fold the batch into ``state``; return the client's signal after each event."""
+        """Fold the batch into ``state``; return the client's signal after each event.
+
+        If it raises (or returns malformed signals), the pipeline puts ``state`` back as
+        it was before the batch and counts a detector error: an update need not undo
+        its own partial changes.
+        """
 
     # -- optional hooks --------------------------------------------------------
     def prepare(self, block: Block) -> None:
@@ -320,6 +325,10 @@ class Detector(ABC):
         results in ``block.prepared[self.name]`` (a tuple of arrays aligned with the
         block's events) for :meth:`update` to read with :meth:`Batch.prepared_for`. Done
         this way, verdicts do not depend on how events are cut into blocks.
+
+        It must be all or nothing: if it raises, the shared state must be as it was
+        before the block (the pipeline cannot copy shared state for every block; it
+        counts the error and judges the block without this detector).
         """
 
     def fit(self, reference: Reference) -> State | None:

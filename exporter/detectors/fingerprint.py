@@ -176,6 +176,11 @@ class FingerprintParams(WindowedParams):
         return value
 
 
+# The index's cursors (rows allocated, table bits, next and oldest query ids) and arrays
+# (ring: hashes, links, times, digests, client keys; head table), as a failed block restores them.
+_IndexRefs = tuple[int, int, int, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
 class _Evidence:
     """Cross-client evidence of one client: queries that matched another client's, and top peers."""
 
@@ -264,9 +269,10 @@ class FingerprintDetector(Detector):
     counters); 124 bytes with the defaults. Shared index per model, at capacity:
     ``12 * top_k + 24`` bytes per query (264 with the defaults: 53 MB at 200,000
     queries; the ring grows with the traffic) plus the head table, 4 bytes per bucket
-    (32 MiB for 200,000 x 20 hashes, allocated from the first query on: a table of up to
-    32 MiB is never rebuilt, which saved ~5% of a 100k-event replay), plus the names and
-    evidence of up to ``max_tracked_clients`` clients.
+    (at least two buckets per allocated entry, grown four-fold at a time: 32 MiB for a full
+    index of 200,000 x 20 hashes, 128 KiB for a model's first 256 queries), plus the
+    names and evidence of up to ``max_tracked_clients`` clients. Memory follows the
+    model's traffic: the ring and the table start small and grow as the index fills.
     """
 
     name: ClassVar[str] = "fingerprint"
@@ -280,8 +286,9 @@ class FingerprintDetector(Detector):
     default_enabled: ClassVar[bool] = True
     params: FingerprintParams
 
-    _INITIAL_ROWS = 1024
-    _PRESIZED_BITS = 23
+    _INITIAL_ROWS = 256  # ring rows allocated at the first query; doubled as the index fills
+    _MIN_BITS = 12
+    _GROWTH_BITS = 2  # the head table grows four-fold at a time: rebuilt at every other doubling of the ring
     _CHUNK = 1024  # queries matched at once (bounds the temporary arrays)
 
     def __init__(self, params: DetectorParams, context: ModelContext) -> None:
@@ -371,6 +378,11 @@ class FingerprintDetector(Detector):
 
         Leaves per event (``block.prepared``): 1.0 when the query matched an earlier one,
         0.0 when not, NaN when not judged; and whether it matched another client's query.
+
+        All or nothing: if anything raises, the index is put back as it was before the
+        block (an undo log of what each chunk overwrote, and the arrays and cursors of
+        before any growth), and the names and cross-client evidence, written last, are
+        untouched.
         """
         n = len(block)
         matched = np.full(n, np.nan)
@@ -386,26 +398,45 @@ class FingerprintDetector(Detector):
         ts = block.ts if every else block.ts[idx]
         names = [events[i].client for i in idx.tolist()]
         keys = np.fromiter((client_key(c) for c in names), dtype=np.uint64, count=m)
+        hit = np.zeros(m, dtype=bool)
+        peers: list[tuple[int, set[int]]] = []
+        before = self._index_refs()
+        undo: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        try:
+            self._expire(float(ts[0]))
+            start = 0
+            while start < m:
+                # Chunks end where the index grows, so it grows at the same query whatever the batching.
+                room = self._alloc - self._next if self._alloc < self._cap else self._cap
+                if room <= 0:
+                    self._grow()
+                    continue
+                stop = min(m, start + self._CHUNK, start + room)
+                hit[start:stop], other = self._match_and_insert(prints[start:stop], ts[start:stop], dig[start:stop], keys[start:stop], undo)
+                if other is not None:
+                    for r, found in enumerate(other):
+                        if found:
+                            foreign[idx[start + r]] = True
+                            peers.append((int(keys[start + r]), found))
+                start = stop
+        except BaseException:
+            for array, at, old in reversed(undo):
+                array[at] = old
+            self._restore_refs(before)
+            raise
+        # The index holds the whole block: now the names and evidence (dict updates only).
         for key, client in dict(zip(keys.tolist(), names)).items():
             self._remember_name(key, client)
-        self._expire(float(ts[0]))
-        hit = np.zeros(m, dtype=bool)
-        start = 0
-        while start < m:
-            # Chunks end where the index grows, so it grows at the same query whatever the batching.
-            room = self._alloc - self._next if self._alloc < self._cap else self._cap
-            if room <= 0:
-                self._grow()
-                continue
-            stop = min(m, start + self._CHUNK, start + room)
-            hit[start:stop], other = self._match_and_insert(prints[start:stop], ts[start:stop], dig[start:stop], keys[start:stop])
-            if other is not None:
-                for r, found in enumerate(other):
-                    if found:
-                        foreign[idx[start + r]] = True
-                        self._record_peers(int(keys[start + r]), found)
-            start = stop
+        for key, found in peers:
+            self._record_peers(key, found)
         matched[idx] = hit
+
+    def _index_refs(self) -> "_IndexRefs":
+        """The index's arrays (by reference: growth replaces them) and cursors, to undo a failed block."""
+        return (self._alloc, self._bits, self._next, self._oldest, self._hashes, self._prev, self._ts, self._digest, self._client, self._head)
+
+    def _restore_refs(self, refs: "_IndexRefs") -> None:
+        (self._alloc, self._bits, self._next, self._oldest, self._hashes, self._prev, self._ts, self._digest, self._client, self._head) = refs
 
     def update(self, state: State, batch: Batch) -> Signals | None:
         found = batch.prepared_for(self.name)
@@ -419,7 +450,9 @@ class FingerprintDetector(Detector):
         p = self.params
         return share_signals(state["match_buf"], state["match_count"], hits, judged, len(batch), p.min_events, p.threshold)
 
-    def _match_and_insert(self, prints: np.ndarray, ts: np.ndarray, dig: np.ndarray, me: np.ndarray) -> tuple[np.ndarray, list[set[int]] | None]:
+    def _match_and_insert(
+        self, prints: np.ndarray, ts: np.ndarray, dig: np.ndarray, me: np.ndarray, undo: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+    ) -> tuple[np.ndarray, list[set[int]] | None]:
         """Match each query against the index (earlier queries only, this batch's included), then index them.
 
         Entry ``e = query id * top_k + slot`` is one hash of one query; each entry links
@@ -429,6 +462,8 @@ class FingerprintDetector(Detector):
         bucket by an earlier query of the batch, else the table's head. Returns per
         query whether it matched, and (when any query matched another client's) per
         query the set of other clients' keys it matched. ``me`` holds each query's client key.
+        Every value is computed before the first write, and what the writes overwrite is
+        appended to ``undo`` (array, positions, old values).
         """
         p = self.params
         k, cap, depth, need = p.top_k, self._cap, p.chain_depth, p.match_threshold
@@ -519,14 +554,19 @@ class FingerprintDetector(Detector):
                         other[r].add(c)
         # Index the batch: ring rows, then the heads of its hashes (the newest entry of each).
         pos = qid % cap
+        links = _back(entries, prev).reshape(m, k)
+        last = ranked >= 0
+        last[:-1] &= group[1:]
+        buckets = ranked[last]
+        newest = _pack(entries[order[last]])  # a bucket's newest entry of the batch
+        for array, at in ((self._hashes, pos), (self._prev, pos), (self._ts, pos), (self._digest, pos), (self._client, pos), (self._head, buckets)):
+            undo.append((array, at, array[at]))  # fancy indexing copies
         self._hashes[pos] = prints
-        self._prev[pos] = _back(entries, prev).reshape(m, k)
+        self._prev[pos] = links
         self._ts[pos] = ts
         self._digest[pos] = dig
         self._client[pos] = me
-        last = ranked >= 0
-        last[:-1] &= group[1:]
-        self._head[ranked[last]] = _pack(entries[order[last]])  # a bucket's newest entry of the batch
+        self._head[buckets] = newest
         self._next = base + m
         self._oldest = max(self._oldest, self._next - cap)  # overwritten
         return matched, other
@@ -547,11 +587,13 @@ class FingerprintDetector(Detector):
 
     # -- the index -----------------------------------------------------------------
     def _grow(self) -> None:
-        """Double the ring (up to max_queries); the head table has at least two buckets per entry.
+        """Double the ring (up to max_queries); the head table keeps at least two buckets per entry.
 
-        The table starts at its size for a full index, up to 2**_PRESIZED_BITS buckets
-        (32 MiB; the defaults' full size), so that it need not be rebuilt as the ring
-        grows; only a larger table is grown, by rebuilding it, as the ring fills.
+        Memory follows the traffic: the table is sized for the rows allocated, not for a
+        full index. When the doubled ring needs a larger table, the table grows
+        ``2**_GROWTH_BITS``-fold at once (up to a full index's size) and is rebuilt
+        (:meth:`_relink`), so it is rebuilt at every other doubling of the ring rather than
+        at each one. Growth happens at the same query counts whatever the batching.
         """
         new = min(self._cap, max(2 * self._alloc, self._INITIAL_ROWS))
         k = self.params.top_k
@@ -567,10 +609,10 @@ class FingerprintDetector(Detector):
         self._digest = grown(self._digest, (new,))
         self._client = grown(self._client, (new,))
         self._alloc = new
-        full = (2 * self._cap * k - 1).bit_length()
-        bits = max(12, min(full, self._PRESIZED_BITS), (2 * new * k - 1).bit_length())  # at least two buckets per entry
-        if bits != self._bits:
-            self._bits = bits
+        need = max(self._MIN_BITS, (2 * new * k - 1).bit_length())  # at least two buckets per entry
+        if need > self._bits:
+            full = max(self._MIN_BITS, (2 * self._cap * k - 1).bit_length())
+            self._bits = min(need + self._GROWTH_BITS - 1, full)
             self._relink()
 
     def _relink(self) -> None:
@@ -582,13 +624,15 @@ class FingerprintDetector(Detector):
         # Each bucket's newest entry, as 1 + its offset from the oldest live entry (0: none;
         # live entries span fewer than 2**30 ids), then packed like every stored entry id.
         base = self._oldest * k
-        newest = np.zeros(1 << self._bits, dtype=np.uint32)
+        head = np.zeros(1 << self._bits, dtype=np.uint32)  # one table, filled in place (page faults dominate the cost)
         offsets = (ids[:, None] * k + np.arange(k)).ravel()[present] - (base - 1)
-        np.maximum.at(newest, (flat[present] >> _U64(64 - self._bits)).astype(np.int64), offsets.astype(np.uint32))
-        held = np.flatnonzero(newest)
+        np.maximum.at(head, (flat[present] >> _U64(64 - self._bits)).astype(np.int64), offsets.astype(np.uint32))
+        held = np.flatnonzero(head)
+        newest = _pack(head[held].astype(np.int64) + (base - 1))
         # empty buckets decode to an id 2**30 entries back: dead, whatever the live window
-        self._head = np.full(1 << self._bits, int(_pack(np.array(self._next * k - (1 << 30)))), dtype=np.uint32)
-        self._head[held] = _pack(newest[held].astype(np.int64) + (base - 1))
+        head.fill(int(_pack(np.array(self._next * k - (1 << 30)))))
+        head[held] = newest
+        self._head = head
 
     def _relink_chains(self) -> None:
         """Rebuild every live entry's link to the previous entry with the same hash (after a restore)."""
