@@ -70,12 +70,13 @@ from exporter.jsonparse import is_blank
 from exporter.metrics import Metrics
 
 CHUNK_BYTES = 1024 * 1024
-POLL_BUDGET_BYTES = 16 * 1024 * 1024  # read per poll, so that a backlog cannot hold off checkpoints and health
+POLL_BUDGET_BYTES = 4 * 1024 * 1024  # read per poll (~1 s of work), so that a backlog cannot hold off checkpoints, health or a stop
 FINGERPRINT_BYTES = 256
 CHECKPOINT_VERSION = 2  # 2 added origins; version 1 checkpoints are read too
 ERROR_LOG_INTERVAL_SECONDS = 60.0
 MAX_REMEMBERED_PATHS = 10_000
-FAMILY_RESCAN_SECONDS = 10.0  # rotated names are also listed whenever the tailed paths change
+FAMILY_RESCAN_SECONDS = 10.0
+COPY_CHECK_BYTES = 4096  # compared, besides the first bytes, to tell a copy from a file that starts alike  # rotated names are also listed whenever the tailed paths change
 # Our own opens and reads of watched files must not wake the ingest loop.
 _QUIET_EVENTS = frozenset({"opened", "closed_no_write"})
 _MAGIC = re.compile(r"[*?[]")
@@ -386,13 +387,44 @@ class Tailer:
                 found.setdefault((st.st_dev, st.st_ino), path)
         return found
 
-    def _fingerprints(self) -> dict[int, set[str]]:
-        """Fingerprints of the contents we know, by length: to recognise their copies."""
-        out: dict[int, set[str]] = {}
-        for pos in [f.pos() for f in self._files.values()] + [e.pos for e in self._known.values()]:
+    def _fingerprints(self) -> dict[int, dict[str, list[tuple[Key, str]]]]:
+        """The contents we know, by fingerprint length and fingerprint -> (file, its path): to recognise their copies."""
+        out: dict[int, dict[str, list[tuple[Key, str]]]] = {}
+        entries = [(k, f.pos(), f.path) for k, f in self._files.items()] + [(k, e.pos, e.path) for k, e in self._known.items()]
+        for key, pos, path in entries:
             if pos.fp is not None:
-                out.setdefault(pos.fp_len, set()).add(pos.fp)
+                out.setdefault(pos.fp_len, {}).setdefault(pos.fp, []).append((key, path))
         return out
+
+    def _is_copy(self, path: str, head: bytes, size: int, fingerprints: dict[int, dict[str, list[tuple[Key, str]]]]) -> bool:
+        """Whether the unknown file at ``path`` (``size`` bytes) is a copy of content we know: copytruncate's copy, a backup.
+
+        Its first bytes must match a known content's fingerprint. If that content is still
+        in its own file, the last COPY_CHECK_BYTES they both have must match too: files of
+        repetitive lines can start alike without one being a copy of the other. If it is
+        gone (truncated, replaced, deleted), the first bytes are all there is to go by.
+        """
+        for n, by_fp in fingerprints.items():
+            if len(head) < n:
+                continue
+            for key, known_path in by_fp.get(_hash(head[:n]), ()):
+                f = self._files.get(key)
+                fd = os.dup(f.fd) if f is not None else _open_as(known_path, key)
+                if fd is None:
+                    return True  # the original is gone
+                try:
+                    if os.pread(fd, n, 0) != head[:n]:
+                        return True  # its file holds other content now: truncated
+                    end = min(size, os.fstat(fd).st_size)
+                    start = max(n, end - COPY_CHECK_BYTES)
+                    theirs = os.pread(fd, end - start, start) if end > start else b""
+                except OSError:
+                    continue
+                finally:
+                    os.close(fd)
+                if theirs == _read_range(path, start, len(theirs)):
+                    return True
+        return False
 
     def _follow(self, found: dict[Key, str], now: float) -> None:
         """Update where each followed file is; mark those that left the tailed paths as rotated."""
@@ -418,7 +450,7 @@ class Tailer:
                     self.metrics.file_rotations.labels(f.origin).inc()
                     self.log.info("%s: rotated; reading the new file from the start", path)
 
-    def _rotated_names(self, found: dict[Key, str], seen_origins: set[str], fingerprints: dict[int, set[str]], now: float) -> None:
+    def _rotated_names(self, found: dict[Key, str], seen_origins: set[str], fingerprints: dict[int, dict[str, list[tuple[Key, str]]]], now: float) -> None:
         """List the rotated names of every origin; follow what moved, reopen what grew, read what is new."""
         family = self._list_rotated({f.origin for f in self._files.values()} | {e.origin for e in self._known.values()} | set(found.values()))
         for key, (path, origin, size) in family.items():
@@ -433,14 +465,14 @@ class Tailer:
             if known is not None:
                 if known.path != path:
                     known.path, self._changed = path, True
-                if size > known.pos.offset:  # written to since we closed it (or since the checkpoint)
+                if size != known.pos.offset:  # written to (or truncated) since we closed it, or since the checkpoint
                     self._open(path, origin, now, rotated=True)
                 continue
             head = _read_head(path)
             if head is None:
                 continue
             fp_len, fp = _fingerprint(head)
-            if origin not in seen_origins or any(_hash(head[:n]) in fps for n, fps in fingerprints.items() if len(head) >= n):
+            if origin not in seen_origins or self._is_copy(path, head, size, fingerprints):
                 pos = _Pos(size, False, fp_len, fp)  # history, or a copy of content we know: not read
                 self._known[key] = _Known(pos, pos, path, origin, self._new_gen())
                 self._changed = True
@@ -543,23 +575,25 @@ class Tailer:
     def _adopt_copy(self, f: _File, old: _Pos, durable: _Pos, gen: int) -> None:
         """After ``f``'s content ``old`` was replaced: read the rest of it from its copy under a rotated name, if any.
 
-        The copy is the largest file that starts with the old content's bytes and reaches
-        past ``old.offset``; it is read from there and inherits the old content's durable position.
+        The copy is a file under a rotated name that starts with the old content's bytes and
+        reaches past ``old.offset`` (one we never saw first, then the largest); it is read from
+        there and inherits the old content's durable position.
         """
         if old.fp is None:
             return
-        best: tuple[int, str, Key] | None = None
+        best: tuple[bool, int, str, Key] | None = None
         for key, (path, _, size) in self._list_rotated([f.origin]).items():
-            if key in self._files or size < old.offset or (best is not None and size <= best[0]):
+            rank = (key not in self._known, size)  # a file we never saw first: a copy made since
+            if key in self._files or size < old.offset or (best is not None and rank <= best[:2]):
                 continue
             head = _read_head(path)
             if head is not None and _starts_with(head, old.fp_len, old.fp):
-                best = (size, path, key)
+                best = (*rank, path, key)
         if best is None:
             if old.offset:
                 self.log.info("%s: no copy of its old content found under a rotated name; its unread rest is lost", f.path)
             return
-        _, path, key = best
+        _, _, path, key = best
         c = self._open(path, f.origin, f.active_at, rotated=True, resume=False)
         if c is None:
             return
@@ -765,16 +799,37 @@ class Tailer:
 
 def _read_head(path: str) -> bytes | None:
     """A file's first FINGERPRINT_BYTES bytes, or None if it cannot be read."""
+    return _read_range(path, 0, FINGERPRINT_BYTES)
+
+
+def _read_range(path: str, start: int, length: int) -> bytes | None:
+    """``length`` bytes of a file from ``start`` (fewer at its end), or None if it cannot be read."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return None
     try:
-        return os.pread(fd, FINGERPRINT_BYTES, 0)
+        return os.pread(fd, length, start)
     except OSError:
         return None
     finally:
         os.close(fd)
+
+
+def _open_as(path: str, key: Key) -> int | None:
+    """An fd of the file at ``path`` if it is still the file ``key``, else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) == key:
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
 
 
 def _size(path: str) -> int:
