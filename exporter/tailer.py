@@ -87,6 +87,7 @@ _SEPARATORS = ".-_"
 _COMPRESSED = frozenset({".gz", ".bz2", ".xz", ".zst", ".lz4", ".lzma", ".lzo", ".z", ".zip", ".br"})
 
 Key = tuple[int, int]  # (st_dev, st_ino)
+FpIndex = dict[int, dict[str, list[tuple[Key, str]]]]  # fingerprint length -> fingerprint -> [(file, its path)]
 
 
 def _hash(data: bytes) -> str:
@@ -387,29 +388,32 @@ class Tailer:
                 found.setdefault((st.st_dev, st.st_ino), path)
         return found
 
-    def _fingerprints(self) -> dict[int, dict[str, list[tuple[Key, str]]]]:
+    def _fingerprints(self) -> FpIndex:
         """The contents we know, by fingerprint length and fingerprint -> (file, its path): to recognise their copies."""
-        out: dict[int, dict[str, list[tuple[Key, str]]]] = {}
+        out: FpIndex = {}
         entries = [(k, f.pos(), f.path) for k, f in self._files.items()] + [(k, e.pos, e.path) for k, e in self._known.items()]
         for key, pos, path in entries:
             if pos.fp is not None:
                 out.setdefault(pos.fp_len, {}).setdefault(pos.fp, []).append((key, path))
         return out
 
-    def _is_copy(self, path: str, head: bytes, size: int, fingerprints: dict[int, dict[str, list[tuple[Key, str]]]]) -> bool:
+    def _is_copy(
+        self, path: str, head: bytes, size: int, fingerprints: FpIndex, where: dict[Key, str]
+    ) -> bool:
         """Whether the unknown file at ``path`` (``size`` bytes) is a copy of content we know: copytruncate's copy, a backup.
 
         Its first bytes must match a known content's fingerprint. If that content is still
         in its own file, the last COPY_CHECK_BYTES they both have must match too: files of
         repetitive lines can start alike without one being a copy of the other. If it is
         gone (truncated, replaced, deleted), the first bytes are all there is to go by.
+        ``where``: the files' paths as just listed (a known file's own may be out of date).
         """
         for n, by_fp in fingerprints.items():
             if len(head) < n:
                 continue
             for key, known_path in by_fp.get(_hash(head[:n]), ()):
                 f = self._files.get(key)
-                fd = os.dup(f.fd) if f is not None else _open_as(known_path, key)
+                fd = os.dup(f.fd) if f is not None else _open_as(where.get(key, known_path), key)
                 if fd is None:
                     return True  # the original is gone
                 try:
@@ -450,9 +454,10 @@ class Tailer:
                     self.metrics.file_rotations.labels(f.origin).inc()
                     self.log.info("%s: rotated; reading the new file from the start", path)
 
-    def _rotated_names(self, found: dict[Key, str], seen_origins: set[str], fingerprints: dict[int, dict[str, list[tuple[Key, str]]]], now: float) -> None:
+    def _rotated_names(self, found: dict[Key, str], seen_origins: set[str], fingerprints: FpIndex, now: float) -> None:
         """List the rotated names of every origin; follow what moved, reopen what grew, read what is new."""
         family = self._list_rotated({f.origin for f in self._files.values()} | {e.origin for e in self._known.values()} | set(found.values()))
+        where = {**{k: p for k, (p, _, _) in family.items()}, **found}
         for key, (path, origin, size) in family.items():
             if key in found:
                 continue
@@ -472,7 +477,7 @@ class Tailer:
             if head is None:
                 continue
             fp_len, fp = _fingerprint(head)
-            if origin not in seen_origins or self._is_copy(path, head, size, fingerprints):
+            if origin not in seen_origins or self._is_copy(path, head, size, fingerprints, where):
                 pos = _Pos(size, False, fp_len, fp)  # history, or a copy of content we know: not read
                 self._known[key] = _Known(pos, pos, path, origin, self._new_gen())
                 self._changed = True

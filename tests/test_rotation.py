@@ -292,3 +292,37 @@ def test_progress_reports_a_file_that_cannot_be_read(tmp_path: Path, monkeypatch
     monkeypatch.setattr(tailer_mod.os, "pread", real_pread)
     assert h.poll() == [b"2"] and h.tailer.progress == ()
     h.tailer.close()
+
+
+def test_a_file_that_only_starts_like_a_known_one_is_not_taken_for_a_copy(tmp_path: Path) -> None:
+    """Repetitive logs: two files can share their first 256 bytes without one being a copy."""
+    header = b"".join(b'{"same":"header line %d"}\n' % i for i in range(12))  # over 256 bytes
+    first = Harness(tmp_path)
+    log, ckpt = first.dir / "app.jsonl", tmp_path / "offsets.json"
+    append(log, header + b"a1\n")
+    assert len(first.poll()) == 13
+    first.tailer.close()
+    first.tailer.save_offsets(ckpt)
+    os.rename(log, first.dir / "app.jsonl-1")
+    append(log, header + b"b1\n")  # starts alike, different content: created ...
+    os.rename(log, first.dir / "app.jsonl-2")  # ... and rotated while stopped
+    append(log, b"c1\n")
+    second = restart(tmp_path, ckpt)
+    assert sorted(second.poll()) == sorted(header.splitlines() + [b"b1", b"c1"])
+    second.tailer.close()
+
+
+def test_a_backlog_is_read_a_budget_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tailer_mod, "POLL_BUDGET_BYTES", 10)
+    monkeypatch.setattr(tailer_mod, "CHUNK_BYTES", 4)
+    h = Harness(tmp_path)
+    rotated, log = h.dir / "app.jsonl.1", h.dir / "app.jsonl"
+    append(log, b"old-1\nold-2\nold-3\n")
+    assert h.poll() == [b"old-1", b"old-2"]
+    assert h.tailer.more
+    os.rename(log, rotated)
+    append(log, b"new-1\n")
+    assert h.poll() == [b"old-3"]  # the rotated file first: older lines
+    assert h.poll() == [b"new-1"]
+    assert not h.tailer.more and h.tailer.progress == ()
+    h.tailer.close()
