@@ -15,6 +15,7 @@ from typing import Callable
 
 from exporter import webconfig
 from exporter.config import Settings
+from exporter.health import Health, HealthCheck, HealthCollector
 from exporter.metrics import Metrics
 from exporter.persist import Checkpointer
 from exporter.pipeline import Pipeline
@@ -25,7 +26,7 @@ from exporter.tailer import Tailer
 log = logging.getLogger("monitaur.app")
 
 
-def _http_server(s: Settings, pipeline: Pipeline, healthy: Callable[[], bool]) -> ExporterHTTPServer:
+def _http_server(s: Settings, pipeline: Pipeline, healthy: Callable[[], Health]) -> ExporterHTTPServer:
     """The HTTP server as ``listen`` and ``push`` configure it (the web config is read here, again, after validation)."""
     web = webconfig.load(s.listen.web_config_file) if s.listen.web_config_file is not None else None
     if web is not None and web.basic_auth_users and web.tls is None and not s.listen.is_loopback:
@@ -57,10 +58,26 @@ class App:
         self._server: ExporterHTTPServer | None = None
         state_dir = settings.state.dir
         self.checkpointer = (
-            Checkpointer(state_dir, self.metrics, lambda: self.pipeline.snapshot_copy(), lambda: self.tailer.offsets_data())
+            Checkpointer(state_dir, self.metrics, lambda: self.pipeline.snapshot_copy(), lambda: self.tailer.offsets_snapshot())
             if state_dir is not None
             else None
         )
+        self._record_rotations()
+        self.health = HealthCheck(
+            settings.health, self._running, lambda: self.tailer.progress, (lambda: self.checkpointer.failures) if self.checkpointer else None
+        )
+        self.metrics.registry.register(HealthCollector(self.health.check))
+
+    def _record_rotations(self) -> None:
+        """Have the tailer write its durable offsets as soon as it sees a rotation (see exporter.tailer)."""
+        checkpointer = self.checkpointer
+        if checkpointer is None:
+            return
+
+        def record() -> None:
+            checkpointer.write_offsets(self.tailer.durable_offsets)  # a failure is counted and logged there
+
+        self.tailer.on_change = record
 
     @property
     def address(self) -> tuple[str, int]:
@@ -72,9 +89,14 @@ class App:
         self.pipeline.ingest_lines(lines)
 
     def restore(self) -> None:
-        """Load the last checkpoint: client state, then file offsets (nothing without a state dir)."""
+        """Load the last checkpoint: client state, then file offsets (nothing without a state dir).
+
+        Per-client counters then count from 0, as every counter of a new process does
+        (see ``ClientCollector.rebase``); the clients' lifetime totals stay in their state.
+        """
         if self.checkpointer is not None:
             self.checkpointer.load(self.pipeline.restore, self.tailer.load_offsets)
+            self.pipeline.collector.rebase()
 
     def start(self) -> None:
         self.restore()
@@ -87,22 +109,30 @@ class App:
         host, port = self.address
         log.info("listening on %s://%s:%d (metrics at /metrics); tailing %s", self._server.scheme, host, port, ", ".join(s.files.paths) or "nothing")
 
-    def healthy(self) -> bool:
+    def healthy(self) -> Health:
+        """What /healthz answers (see exporter.health)."""
+        return self.health.check()
+
+    def _running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
 
     def _ingest_loop(self) -> None:
         interval = self.settings.files.poll_interval_seconds
         next_checkpoint = time.monotonic() + self.settings.state.checkpoint_interval_seconds
         while not self._stop.is_set():
+            ok = True
             try:
                 self.tailer.poll_once()
                 self.pipeline.expire()
             except Exception:  # keep ingesting; the failure is logged with its traceback
+                ok = False
                 log.exception("ingest cycle failed")
+            self.health.cycle(ok)
             if time.monotonic() >= next_checkpoint:
                 self.checkpoint(wait=False)
                 next_checkpoint = time.monotonic() + self.settings.state.checkpoint_interval_seconds
-            self._wake.wait(interval)
+            if not (ok and self.tailer.more):  # a backlog is read on at once, a poll's budget at a time
+                self._wake.wait(interval)
             self._wake.clear()
 
     def checkpoint(self, wait: bool = True) -> None:

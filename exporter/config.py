@@ -97,13 +97,25 @@ class FilesConfig(_Section):
     poll_interval_seconds: float = Field(1.0, gt=0)
     max_line_bytes: int = Field(1024 * 1024, ge=64)
     start_at: Literal["beginning", "end"] = "beginning"
+    rotated_dirs: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="where else rotated files are moved (logrotate's olddir), besides their own directory; relative to it"
+    )
+    rotated_idle_seconds: float = Field(60.0, gt=0, description="a rotated file is followed until it has had no new bytes for this long")
 
-    @field_validator("paths", mode="before")
+    @field_validator("paths", "rotated_dirs", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [p.strip() for p in value.split(",") if p.strip()]
         return value
+
+
+class HealthConfig(_Section):
+    """When ``/healthz`` answers 503 (and ``monitaur_ingest_healthy`` is 0)."""
+
+    max_failed_cycles: int = Field(3, ge=1, description="unhealthy after this many ingest cycles in a row fail")
+    stall_seconds: float = Field(120.0, gt=0, description="unhealthy when a file has unread bytes and nothing of it was read for this long")
+    max_failed_checkpoints: int = Field(3, ge=1, description="unhealthy after this many checkpoint writes of one kind in a row fail")
 
 
 class FieldsConfig(_Section):
@@ -232,6 +244,7 @@ class Settings(BaseSettings):
     listen: ListenConfig = Field(default_factory=ListenConfig)
     push: PushConfig = Field(default_factory=PushConfig)
     files: FilesConfig = Field(default_factory=FilesConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
     fields: FieldsConfig = Field(default_factory=FieldsConfig)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     model_admission: ModelAdmissionConfig = Field(default_factory=ModelAdmissionConfig)
@@ -275,6 +288,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Settings":
+        if self.health.stall_seconds < 3 * self.files.poll_interval_seconds:
+            raise ValueError(
+                f"health.stall_seconds ({self.health.stall_seconds:g}) must be at least 3 x files.poll_interval_seconds "
+                f"({self.files.poll_interval_seconds:g}): a file is read once per poll"
+            )
         if self.push.enabled and not self.listen.is_loopback:
             if self.push.tokens_file is not None and not self.push.tokens_file.is_file():
                 raise ValueError(f"push.tokens_file {str(self.push.tokens_file)!r} does not exist")

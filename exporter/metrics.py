@@ -75,11 +75,13 @@ class Metrics:
         self.client_evictions = Counter("monitaur_client_evictions", "Clients dropped from state, by reason (lru, lru_flagged, ttl).", ["reason"], registry=r)
         self.client_series = Gauge("monitaur_client_series", "Clients exported with their own series.", registry=r)
         self.client_series_limit = Gauge("monitaur_client_series_limit", "Configured top-N of clients with their own series.", registry=r)
-        self.file_lines = Counter("monitaur_file_lines", "Lines read from a tailed file.", ["path"], registry=r)
-        self.file_offset = Gauge("monitaur_file_offset_bytes", "Read position in a tailed file.", ["path"], registry=r)
-        self.file_size = Gauge("monitaur_file_size_bytes", "Size of a tailed file.", ["path"], registry=r)
+        # Counters are labelled by the tailed path a file was first seen at, which rotation does not change;
+        # the gauges by the path a file is at now, so that a rotated file being drained shows its own lag.
+        self.file_lines = Counter("monitaur_file_lines", "Lines read from the files tailed at a path (rotated ones included).", ["path"], registry=r)
+        self.file_offset = Gauge("monitaur_file_offset_bytes", "Read position in a file being read, by its current path.", ["path"], registry=r)
+        self.file_size = Gauge("monitaur_file_size_bytes", "Size of a file being read, by its current path.", ["path"], registry=r)
         self.file_rotations = Counter("monitaur_file_rotations", "Rotations (a new file at a tailed path).", ["path"], registry=r)
-        self.file_truncations = Counter("monitaur_file_truncations", "Truncations (copytruncate) of a tailed file.", ["path"], registry=r)
+        self.file_truncations = Counter("monitaur_file_truncations", "Truncations (copytruncate) of a file tailed at a path.", ["path"], registry=r)
         self.checkpoint_errors = Counter("monitaur_checkpoint_errors", "Failed checkpoint writes or reads, by kind.", ["kind"], registry=r)
         self.checkpoint_last_success = Gauge(
             "monitaur_checkpoint_last_success_timestamp_seconds", "When state and offsets were last saved.", registry=r
@@ -97,9 +99,17 @@ class Metrics:
         for reason in EVICTION_REASONS:
             self.client_evictions.labels(reason)
 
-    def forget_file(self, path: str) -> None:
-        """Remove a file's series once it is no longer tailed."""
-        for metric in (self.file_lines, self.file_offset, self.file_size, self.file_rotations, self.file_truncations):
+    def forget_origin(self, path: str) -> None:
+        """Remove a tailed path's counters once no file of it is read any more."""
+        for metric in (self.file_lines, self.file_rotations, self.file_truncations):
+            try:
+                metric.remove(path)
+            except KeyError:
+                pass
+
+    def forget_path(self, path: str) -> None:
+        """Remove the gauges of a path no file being read is at any more."""
+        for metric in (self.file_offset, self.file_size):
             try:
                 metric.remove(path)
             except KeyError:
@@ -160,6 +170,13 @@ class ClientCollector(Collector):
     Client ids, model and peer names are label values only when ``exporter.names``
     accepts them: one id that cannot be encoded would otherwise fail every scrape. The
     decoder and snapshot restore already refuse such names; this is the second line.
+
+    Per-client counters count from the start of the process, like every other counter:
+    after a restore, :meth:`rebase` makes each client's restored totals their zero. A
+    SIGKILL's snapshot is older than what the killed process exported, so resuming from
+    it would step the counters back, and rate() would read the step as a huge increase.
+    A reset to 0 is what rate() expects of a restart. The clients' lifetime totals stay
+    in their state (the landing page's "queries" column).
     """
 
     def __init__(
@@ -184,6 +201,8 @@ class ClientCollector(Collector):
         self.exported: set[str] = set()
         self.other_queries: dict[str, int] = defaultdict(int)
         self.other_flags: dict[str, int] = defaultdict(int)
+        self._counters = {m.name for m in self.client_metrics if m.kind == "counter"}
+        self._base: dict[str, dict[tuple[str, str], float]] = {}  # client -> (family, label) -> its value at rebase()
 
     def describe(self) -> list:
         return []
@@ -203,6 +222,21 @@ class ClientCollector(Collector):
     def forget(self, client_id: str) -> None:
         """Drop an evicted client; its series vanish from the next scrape."""
         self.exported.discard(client_id)
+        self._base.pop(client_id, None)
+
+    def rebase(self) -> None:
+        """Make every tracked client's counters count from now (called once, after a snapshot restore)."""
+        self._base = self.view.read(lambda clients: {c.client_id: b for c in clients if (b := self._counter_values(c))})
+
+    def _counter_values(self, c: "ClientState") -> dict[tuple[str, str], float]:
+        """The client's per-client counter values, by (family, model or detector label); zeros left out."""
+        values: dict[tuple[str, str], float] = {("queries", m): n for m, n in c.queries.items()}
+        values.update((("flags", d), n) for d, n in c.flags.items())
+        if self.peers:
+            values[("cross", "")] = self.view.peer_matches(c.client_id)[0]
+        if self._counters:
+            values.update(((name, model), v) for name, model, v in self.view.client_values(c) if name in self._counters)
+        return {k: v for k, v in values.items() if v}
 
     def refresh(self, clients: list["ClientState"]) -> None:
         """Recompute the exported set: every flagged client plus the top-N by score."""
@@ -238,25 +272,30 @@ class ClientCollector(Collector):
                 continue
             if not is_valid_name(c.client_id):
                 continue  # defense in depth: the decoder and restore already refuse such ids
+            base = self._base.get(c.client_id, {})
+
+            def since_start(family: str, label: str, value: float) -> float:
+                return max(0.0, value - base.get((family, label), 0.0))
+
             for model, n in c.queries.items():
                 if is_valid_name(model):
-                    queries.add_metric([c.client_id, model], n)
+                    queries.add_metric([c.client_id, model], since_start("queries", model, n))
             for name in self.detectors:
-                flags.add_metric([c.client_id, name], c.flags.get(name, 0))
+                flags.add_metric([c.client_id, name], since_start("flags", name, c.flags.get(name, 0)))
                 if name in c.scores:
                     score.add_metric([c.client_id, name], c.scores[name])
             score.add_metric([c.client_id, FUSED], c.score)
             suspicious.add_metric([c.client_id], 1.0 if c.suspicious else 0.0)
             if self.peers:
                 total, peers = self.view.peer_matches(c.client_id)
-                cross.add_metric([c.client_id], total)
+                cross.add_metric([c.client_id], since_start("cross", "", total))
                 for other, n in peers.items():
                     if is_valid_name(other):
                         peer.add_metric([c.client_id, other], n)
             if stats:
                 for name, model, value in self.view.client_values(c):
                     if name in stats and is_valid_name(model):
-                        stats[name].add_metric([c.client_id, model], value)
+                        stats[name].add_metric([c.client_id, model], since_start(name, model, value) if name in self._counters else value)
         if self.other_queries or len(clients) > len(self.exported):
             for model, n in self.other_queries.items():
                 if is_valid_name(model):

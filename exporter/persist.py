@@ -8,7 +8,8 @@ state, and every tracked client with its detector and fusion state. It is writte
 :func:`copy_state` takes a private copy under the pipeline's lock, a chunk of clients at
 a time, so that ingestion and scrapes wait for one chunk (milliseconds), not for the
 whole snapshot; :class:`Checkpointer` then writes the copy, with the file offsets taken
-at the same moment, from a writer thread while ingestion goes on.
+at the same moment, from a writer thread while ingestion goes on. It also writes the
+offsets alone when the tailer records a rotation (positions that match the state on disk).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Protocol
 
 import numpy as np
 
@@ -224,22 +225,37 @@ def _copied(x: Any) -> Any:
     return x
 
 
+class OffsetsCopy(Protocol):
+    """File offsets copied with the state (``exporter.tailer.OffsetsSnapshot``)."""
+
+    data: bytes
+
+    def commit(self) -> None:
+        """Called once ``data`` and the state copied with it are both written."""
+
+
 class Checkpointer:
     """Writes state snapshots and file offsets to ``state_dir``, atomically, from a writer thread.
 
     ``take`` copies the state and the offsets together (the caller's ingestion waits for
     the copy), so both describe the same lines: a clean restart neither loses nor
-    repeats a line. A checkpoint that comes due while the previous one is still being
-    written is skipped. Failures are counted and logged, never fatal.
+    repeats a line. The offsets are written after the state, and only if the state was
+    written: offsets that ran ahead of the state on disk would skip lines after a crash.
+    A checkpoint that comes due while the previous one is still being written is
+    skipped. :meth:`write_offsets` writes offsets alone (a rotation's durable record);
+    one lock orders every offsets write. Failures are counted, logged and kept in
+    :attr:`failures` (in a row, by kind) for the health check; never fatal.
     """
 
-    def __init__(self, state_dir: Path, metrics: "Metrics", copy: Callable[[], dict[str, Any]], offsets: Callable[[], bytes]) -> None:
+    def __init__(self, state_dir: Path, metrics: "Metrics", copy: Callable[[], dict[str, Any]], offsets: Callable[[], OffsetsCopy]) -> None:
         self.state_path = state_dir / STATE_FILE
         self.offsets_path = state_dir / OFFSETS_FILE
         self._metrics = metrics
         self._copy = copy
         self._offsets = offsets
         self._writer: threading.Thread | None = None
+        self._offsets_lock = threading.Lock()
+        self.failures: dict[str, int] = {"state": 0, "offsets": 0}  # consecutive failed writes, by kind
 
     def checkpoint(self, wait: bool = True) -> None:
         """Copy state and offsets now; write them here (``wait``) or from the writer thread."""
@@ -251,7 +267,7 @@ class Checkpointer:
         try:
             state, offsets = self._copy(), self._offsets()
         except Exception as exc:  # never fatal: the ingest loop goes on
-            self._metrics.checkpoint_errors.labels("state").inc()
+            self._failed("state")
             log.error("cannot copy the state for a checkpoint: %s", exc)
             return
         if wait:
@@ -265,22 +281,43 @@ class Checkpointer:
         if self._writer is not None:
             self._writer.join()
 
-    def _write(self, state: dict[str, Any], offsets: bytes) -> None:
-        ok = True
+    def write_offsets(self, data: Callable[[], bytes]) -> bool:
+        """Write offsets alone, taken by ``data()`` under the offsets lock; return whether it worked.
+
+        For the tailer's durable positions, which never run ahead of the state on disk.
+        """
+        with self._offsets_lock:
+            try:
+                atomic_write_bytes(self.offsets_path, data())
+            except Exception as exc:
+                self._failed("offsets")
+                log.error("cannot write offsets checkpoint %s: %s", self.offsets_path, exc)
+                return False
+            self.failures["offsets"] = 0
+            return True
+
+    def _write(self, state: dict[str, Any], offsets: OffsetsCopy) -> None:
         try:
             atomic_write(self.state_path, lambda fh: dump(state, fh))
         except Exception as exc:
-            ok = False
-            self._metrics.checkpoint_errors.labels("state").inc()
-            log.error("cannot write state snapshot %s: %s", self.state_path, exc)
-        try:
-            atomic_write_bytes(self.offsets_path, offsets)
-        except Exception as exc:
-            ok = False
-            self._metrics.checkpoint_errors.labels("offsets").inc()
-            log.error("cannot write offsets checkpoint %s: %s", self.offsets_path, exc)
-        if ok:
-            self._metrics.checkpoint_last_success.set(time.time())
+            self._failed("state")
+            log.error("cannot write state snapshot %s: %s; file offsets not saved either", self.state_path, exc)
+            return
+        self.failures["state"] = 0
+        with self._offsets_lock:
+            try:
+                atomic_write_bytes(self.offsets_path, offsets.data)
+            except Exception as exc:
+                self._failed("offsets")
+                log.error("cannot write offsets checkpoint %s: %s", self.offsets_path, exc)
+                return
+            offsets.commit()
+            self.failures["offsets"] = 0
+        self._metrics.checkpoint_last_success.set(time.time())
+
+    def _failed(self, kind: str) -> None:
+        self.failures[kind] += 1
+        self._metrics.checkpoint_errors.labels(kind).inc()
 
     def load(self, restore_state: Callable[[BinaryIO], int], load_offsets: Callable[[Path], None]) -> None:
         """Restore the saved state (a corrupt snapshot is set aside, and the exporter starts empty), then the offsets."""

@@ -33,6 +33,7 @@ from typing import Any, Callable
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 
 from exporter import __version__, jsonparse, reasons
+from exporter.health import Health
 from exporter.pipeline import Pipeline
 from exporter.webconfig import BasicAuth, TLSContextSource, WebConfig
 
@@ -165,7 +166,7 @@ class ExporterHTTPServer(HTTPServer):
     request_queue_size = 1024  # listen backlog: a burst of connections waits here, not in SYN retries (1 s each)
 
     def __init__(self, address: tuple[str, int], pipeline: Pipeline, tokens: list[str], push_enabled: bool, max_body: int,
-                 healthy: Callable[[], bool], limits: ConnectionLimits = ConnectionLimits(), web: WebConfig | None = None) -> None:
+                 healthy: Callable[[], Health], limits: ConnectionLimits = ConnectionLimits(), web: WebConfig | None = None) -> None:
         self.pipeline = pipeline
         self.tokens = [t.encode() for t in tokens]
         self.push_enabled = push_enabled
@@ -428,8 +429,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             self._send(200, body, CONTENT_TYPE_LATEST)
         elif path == "/healthz":
-            ok = self.server.healthy()
-            self._json(200 if ok else 503, {"status": "ok" if ok else "unhealthy", "version": __version__})
+            health = self.server.healthy()  # exporter.health: 503 names the reasons
+            self._json(200 if health.ok else 503, {**health.as_json(), "version": __version__})
         elif path == "/":
             self._send(200, self._landing().encode(), "text/html; charset=utf-8")
         elif path == PUSH_PATH:

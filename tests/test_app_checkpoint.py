@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -97,3 +98,62 @@ def test_a_checkpoint_whose_copy_fails_is_counted_not_fatal(tmp_path: Path, monk
     a.checkpoint(wait=False)  # from the ingest loop: must not raise
     assert a.metrics.registry.get_sample_value("monitaur_checkpoint_errors_total", {"kind": "state"}) == 1
     assert a.checkpointer._writer is None and not (tmp_path / "state" / "state.npz").exists()
+
+
+def test_offsets_are_not_saved_ahead_of_a_state_that_could_not_be_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    settings = Settings(files={"paths": [str(logs / "*.jsonl")], "mode": "poll"}, state={"dir": str(tmp_path / "state")})
+    a = App(settings)
+    append(logs / "a.jsonl", lines("c1", 4))
+    a.tailer.poll_once()
+    a.checkpoint()
+    saved = (tmp_path / "state" / "offsets.json").read_bytes()
+    append(logs / "a.jsonl", lines("c1", 2, seed=1))
+    a.tailer.poll_once()
+
+    def full_disk(state: dict, fh) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(persist_module, "dump", full_disk)
+    a.checkpoint()
+    a.checkpoint()
+    assert (tmp_path / "state" / "offsets.json").read_bytes() == saved  # still matches the state on disk
+    assert a.checkpointer.failures == {"state": 2, "offsets": 0}
+    assert a.metrics.registry.get_sample_value("monitaur_checkpoint_errors_total", {"kind": "state"}) == 2
+    b = App(settings)  # what a crash now restarts from: 4 in the state, and 2 lines to read again
+    b.restore()
+    b.tailer.poll_once()
+    assert b.pipeline.store["c1"].total == 6
+    monkeypatch.undo()
+    a.checkpoint()
+    assert a.checkpointer.failures == {"state": 0, "offsets": 0}
+
+
+def test_a_rotation_is_recorded_at_once_and_a_kill_then_loses_nothing(tmp_path: Path) -> None:
+    """Lines read after the last checkpoint from a file renamed out of the glob, then SIGKILL: read again, once."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    settings = Settings(files={"paths": [str(logs / "*.jsonl")], "mode": "poll"}, state={"dir": str(tmp_path / "state")})
+    a = App(settings)
+    log = logs / "app.jsonl"
+    append(log, lines("c1", 5))
+    a.tailer.poll_once()
+    a.checkpoint()
+    append(log, lines("c1", 3, seed=1))
+    a.tailer.poll_once()
+    os.rename(log, logs / "app.jsonl.1")
+    append(log, lines("c2", 2, seed=2))
+    a.tailer.poll_once()  # records the rotation in offsets.json before reading c2's lines
+    assert a.pipeline.store["c1"].total == 8 and a.pipeline.store["c2"].total == 2
+    # SIGKILL: nothing more is saved. The restart has c1's 5 lines in its state ...
+    b = App(settings)
+    b.restore()
+    assert b.pipeline.store["c1"].total == 5 and "c2" not in b.pipeline.store
+    # ... and reads the other 3 from the renamed file, and c2's from the new one.
+    b.tailer.poll_once()
+    assert b.pipeline.store["c1"].total == 8 and b.pipeline.store["c2"].total == 2
+    # Its per-client counters count from its own start, as a new process's counters do:
+    # never the snapshot's 5 (below the 8 the killed process had exported).
+    assert b.metrics.registry.get_sample_value("monitaur_client_queries_total", {"client": "c1", "model": "digits"}) == 3
+    assert b.metrics.registry.get_sample_value("monitaur_client_queries_total", {"client": "c2", "model": "digits"}) == 2

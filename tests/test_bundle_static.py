@@ -42,6 +42,7 @@ REQUIRED_ALERTS = {
     "MonitaurSybilClusterSuspected",
     "MonitaurExporterDown",
     "MonitaurIngestionLagging",
+    "MonitaurIngestionUnhealthy",
     "MonitaurEventsRejected",
     "MonitaurDetectorErrors",
     "MonitaurClientCardinalityCapReached",
@@ -457,7 +458,8 @@ def test_dashboards_cover_their_topics():
         "monitaur-client.json": ["monitaur_client_queries_total", "monitaur_client_score", "monitaur_prediction_confidence_bucket",
                                  "monitaur_client_cross_client_matches_total", "monitaur_client_peer_matches"],
         "monitaur-health.json": ["monitaur_file_size_bytes", "monitaur_file_offset_bytes", "monitaur_events_rejected_total", "monitaur_detector_errors_total",
-                                 "monitaur_tracked_clients", "monitaur_client_evictions_total", "monitaur_detector_duration_seconds_bucket"],
+                                 "monitaur_tracked_clients", "monitaur_client_evictions_total", "monitaur_detector_duration_seconds_bucket",
+                                 "monitaur_ingest_healthy", "monitaur_file_lines_total", "monitaur_file_rotations_total"],
     }
     for name, needles in wanted.items():
         for needle in needles:

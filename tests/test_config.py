@@ -118,3 +118,19 @@ def test_image_pixel_limit_is_validated(monkeypatch) -> None:
             Settings(limits={"max_image_pixels": bad})
     monkeypatch.setenv("MONITAUR_LIMITS__MAX_IMAGE_PIXELS", "50176")
     assert Settings().limits.max_image_pixels == 224 * 224
+
+
+def test_rotation_and_health_keys_are_validated(monkeypatch) -> None:
+    s = Settings()
+    assert (s.files.rotated_dirs, s.files.rotated_idle_seconds) == ([], 60.0)
+    assert (s.health.max_failed_cycles, s.health.stall_seconds, s.health.max_failed_checkpoints) == (3, 120.0, 3)
+    for bad in ({"files": {"rotated_idle_seconds": 0}}, {"health": {"max_failed_cycles": 0}}, {"health": {"stall_seconds": -1}},
+                {"health": {"max_failed_checkpoints": 0}}, {"health": {"unknown": 1}}):
+        with pytest.raises(ValidationError):
+            Settings(**bad)
+    with pytest.raises(ValidationError, match="health.stall_seconds"):
+        Settings(files={"poll_interval_seconds": 5}, health={"stall_seconds": 10})
+    monkeypatch.setenv("MONITAUR_FILES__ROTATED_DIRS", "old, archive")
+    monkeypatch.setenv("MONITAUR_HEALTH__STALL_SECONDS", "30")
+    s = Settings()
+    assert s.files.rotated_dirs == ["old", "archive"] and s.health.stall_seconds == 30

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -123,7 +124,8 @@ def test_over_long_line_is_rejected_once_and_its_neighbours_delivered(tmp_path: 
     h.tailer.close()
 
 
-def test_rename_and_create_rotation_loses_and_repeats_nothing(h: Harness) -> None:
+def test_rename_and_create_rotation_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    h = Harness(tmp_path, rotated_idle_seconds=0.3)
     log = h.dir / "app.jsonl"
     with open(log, "ab", buffering=0) as writer:
         writer.write(b"1\n2\n")
@@ -132,12 +134,21 @@ def test_rename_and_create_rotation_loses_and_repeats_nothing(h: Harness) -> Non
         writer.write(b"3\n4")  # the writer has not reopened yet
         append(log, b"new-1\n")
         writer.write(b"\n")  # completes "4" in the old file
-    assert h.poll() == [b"3", b"4", b"new-1"]  # old file drained first
+        assert h.poll() == [b"3", b"4", b"new-1"]  # old file drained first
+        writer.write(b"5\n")  # written to the renamed file after we read it: still followed
     append(log, b"new-2\n")
-    assert h.poll() == [b"new-2"]
+    assert h.poll() == [b"5", b"new-2"]
     assert h.sample("monitaur_file_rotations_total", log) == 1
+    assert h.sample("monitaur_file_lines_total", log) == 7  # every line under the tailed path, across the rotation
     assert h.sample("monitaur_file_lines_total", h.dir / "app.jsonl.1") is None
-    assert len(h.tailer._files) == 1  # the old fd was closed
+    assert h.sample("monitaur_file_offset_bytes", h.dir / "app.jsonl.1") == 10  # its own lag, by its current path
+    assert len(h.tailer._files) == 2
+    time.sleep(0.35)
+    assert h.poll() == []
+    assert len(h.tailer._files) == 1  # idle for rotated_idle_seconds: the old fd was closed ...
+    assert h.sample("monitaur_file_offset_bytes", h.dir / "app.jsonl.1") is None
+    assert len(h.tailer._known) == 1  # ... and its position kept while it is still there
+    h.tailer.close()
 
 
 def test_rotation_where_the_rotated_file_still_matches(tmp_path: Path) -> None:
@@ -154,12 +165,14 @@ def test_rotation_where_the_rotated_file_still_matches(tmp_path: Path) -> None:
     assert h.poll() == [b"4"]
     assert h.poll() == []
     assert h.sample("monitaur_file_rotations_total", log) == 1
+    assert h.sample("monitaur_file_lines_total", log) == 5
     assert h.sample("monitaur_file_rotations_total", rotated) is None
     assert h.sample("monitaur_file_offset_bytes", rotated) == rotated.stat().st_size
     h.tailer.close()
 
 
-def test_rotated_away_and_deleted_files_are_forgotten(h: Harness) -> None:
+def test_rotated_away_and_deleted_files_are_forgotten(tmp_path: Path) -> None:
+    h = Harness(tmp_path, rotated_idle_seconds=0.3)
     a, b = h.dir / "a.jsonl", h.dir / "b.jsonl"
     append(a, b"a1\n")
     append(b, b"b1\n")
@@ -168,9 +181,14 @@ def test_rotated_away_and_deleted_files_are_forgotten(h: Harness) -> None:
         b.unlink()
         fh.write(b"b2\n")
     assert h.poll() == [b"b2"]
+    assert h.sample("monitaur_file_lines_total", b) == 2  # still followed, through its descriptor
+    time.sleep(0.35)
+    assert h.poll() == []
     assert h.sample("monitaur_file_lines_total", a) == 1
     assert h.sample("monitaur_file_lines_total", b) is None
     assert h.sample("monitaur_file_size_bytes", b) is None
+    assert len(h.tailer._files) == 1 and not h.tailer._known  # nothing kept of a deleted file
+    h.tailer.close()
 
 
 def test_copytruncate(h: Harness) -> None:
@@ -181,7 +199,7 @@ def test_copytruncate(h: Harness) -> None:
     append(log, b"3\n")
     assert h.poll() == [b"3"]
     assert h.sample("monitaur_file_truncations_total", log) == 1
-    assert h.sample("monitaur_file_rotations_total", log) is None
+    assert h.sample("monitaur_file_rotations_total", log) == 0
 
 
 def test_copytruncate_refilled_past_the_offset_is_noticed_by_fingerprint(h: Harness) -> None:
@@ -333,10 +351,10 @@ def test_saved_checkpoint_is_versioned_json_written_atomically(h: Harness, tmp_p
     assert sorted(os.listdir(state)) == ["offsets.json"]  # no temp files left behind
     doc = json.loads((state / "offsets.json").read_text())
     st = log.stat()
-    assert doc["version"] == 1
+    assert doc["version"] == 2
     assert len(doc["files"]) == 1
     entry = doc["files"][0]
-    assert (entry["dev"], entry["ino"], entry["offset"], entry["path"]) == (st.st_dev, st.st_ino, 4, str(log))
+    assert (entry["dev"], entry["ino"], entry["offset"], entry["path"], entry["origin"]) == (st.st_dev, st.st_ino, 4, str(log), str(log))
     assert isinstance(entry["fingerprint"], str) and entry["fingerprint"]
 
 
