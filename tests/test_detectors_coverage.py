@@ -54,7 +54,7 @@ def warm_benign(det: CoverageDetector, clients: int = 50, seed: int = 100) -> in
 
 def test_params_are_validated() -> None:
     p = CoverageParams()
-    assert (p.bits, p.tables, p.window, p.min_events, p.threshold, p.rare_mass) == (10, 4, 100, 20, 0.25, 1e-3)
+    assert (p.bits, p.tables, p.window, p.min_events, p.threshold, p.min_threshold, p.rare_mass) == (10, 4, 100, 20, 0.75, 0.2, 1e-3)
     assert CoverageDetector.threshold_param == "threshold" and CoverageDetector.name == "coverage"
     with pytest.raises(ValidationError):
         CoverageParams(bits=17)
@@ -171,7 +171,7 @@ def test_inputs_without_vectors_are_not_judged(reference: tuple[np.ndarray, Scal
     assert judge(bare, bare.init_state(), Batch("c", "m", events("c", uniform_random(np.random.default_rng(1), 2)))) is None
     # Without a reference, or with one fitted on too few samples to call a cell rare: nothing is judged.
     early = CoverageDetector(CoverageParams(), context(reference[1]))
-    small = reference[0][:1000]
+    small = reference[0][:400]
     assert early.fit(Reference(vectors=small, probs=None, scaling=Scaling.fit(small))) is None
     state = early.init_state()
     assert judge(early, state, Batch("c", "m", events("c", uniform_random(np.random.default_rng(1), 5)))) is None

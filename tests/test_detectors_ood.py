@@ -172,7 +172,7 @@ def uncalibrated(reference: tuple[np.ndarray, Scaling]) -> OodDetector:
 
 def test_params_are_validated_and_documented() -> None:
     p = OodParams()
-    assert (p.window, p.min_events, p.threshold, p.scale, p.trim, p.shrinkage) == (64, 20, 0.75, 1.0, 0.1, 0.05)
+    assert (p.window, p.min_events, p.threshold, p.min_threshold, p.scale, p.trim, p.shrinkage) == (64, 20, 0.9, 0.6, 1.0, 0.1, 0.05)
     assert OodDetector.threshold_param == "threshold" and OodDetector.name == "ood" and OodDetector.default_enabled
     for field in OodParams.model_fields.values():
         if field.description is None:

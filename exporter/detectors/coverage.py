@@ -19,7 +19,7 @@ from exporter.detectors.base import (
     State,
     WindowedParams,
 )
-from exporter.detectors.kit import ring_in_order, ring_write, share_signals
+from exporter.detectors.kit import ring_in_order, ring_write, share_signals, vector_rows
 
 
 class CoverageParams(WindowedParams):
@@ -59,15 +59,20 @@ class CoverageParams(WindowedParams):
     window: int = Field(100, ge=1, le=100_000, description="How many of the client's last judged queries the novelty share is taken over.")
     min_events: int = Field(20, ge=1, description="Judged queries needed in the window before the client can be flagged (<= window).")
     threshold: float = Field(
-        0.25,
+        0.75,
         ge=0.0,
         le=1.0,
         description=(
             "Flag when at least this share of the window's queries was novel. iid benign traffic "
-            "is novel about 1 % of the time, uniform random queries almost always. Calibration "
+            "is novel about 1 % of the time, uniform random queries almost always; honest clients "
+            "that send unusual inputs (partly drawn images) reach 0.7, hence the conservative default. Calibration "
             "overwrites it per model."
         ),
     )
+    min_threshold: float = Field(0.2, ge=0.0, le=1.0, description="Calibration never sets the threshold below this: what the detector can tell apart at best, whatever a small benign sample shows.")
+
+
+_MIN_FIT = 500  # fewer reference samples than this place the cells by noise
 
 
 def hyperplanes(dim: int, bits: int, spread: float, seed: int, tables: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -188,8 +193,7 @@ class CoverageDetector(Detector):
     # -- reference --------------------------------------------------------------
     def fit(self, reference: Reference) -> State | None:
         x = reference.vectors
-        # A cell holding none of n samples is "rare" only if n says so: n >= 2 / rare_mass.
-        if x is None or x.ndim != 2 or x.shape[0] < 2.0 / self.params.rare_mass:
+        if x is None or x.ndim != 2 or x.shape[0] < _MIN_FIT:
             return None
         x = np.asarray(x, dtype=np.float64)
         if reference.scaling is not None and reference.scaling.dim == x.shape[1]:
@@ -207,7 +211,10 @@ class CoverageDetector(Detector):
         cuts = offsets * sigma
         flat = self._flat_cells(proj > c + cuts)
         mass = np.bincount(flat.ravel(), minlength=self._cells) / x.shape[0]
-        return {"mean": mean, "std": std, "normals": normals, "cuts": cuts, "mass": mass}
+        # A cell that holds fewer than two of n samples cannot be told from an empty one:
+        # with few samples, "rare" means at most one of them (a mass below 2 / n).
+        rare_below = max(p.rare_mass, 2.0 / x.shape[0])
+        return {"mean": mean, "std": std, "normals": normals, "cuts": cuts, "mass": mass, "rare_below": np.asarray(rare_below)}
 
     def load_reference(self, reference: State) -> None:
         mean = np.asarray(reference["mean"], dtype=np.float64)
@@ -223,7 +230,7 @@ class CoverageDetector(Detector):
             raise ValueError(f"coverage reference has {d} features; model {self.context.name} has {self.context.input_dim}")
         a, c = _fold(mean, std, normals)
         self._ref = (a, c + cuts)
-        self._rare = mass < p.rare_mass
+        self._rare = mass < float(np.asarray(reference.get("rare_below", p.rare_mass)))
 
     # -- detection ----------------------------------------------------------------
     def init_state(self) -> State:
@@ -257,15 +264,17 @@ class CoverageDetector(Detector):
         cls_count = int(state["class_count"])  # the class histogram needs no reference
         ring_write(state["class_buf"], cls_count, batch.predicted.astype(np.int16))
         state["class_count"][...] = cls_count + m
-        x = batch.vectors
+        if self._ref is None or self._rare is None:
+            return None
+        idx, x = vector_rows(batch, self._ref[0].shape[0])
         cells = self.cells(x) if x is not None else None
-        if cells is None or self._rare is None:
+        if cells is None:
             return None
         p = self.params
         visited = state["visited"]
         np.bitwise_or.at(visited, cells >> 3, np.left_shift(np.uint8(1), (cells & 7).astype(np.uint8)))
         novel = 2 * self._rare[cells].sum(axis=1) >= p.tables  # rare in at least half of the partitions
-        return share_signals(state["novel_buf"], state["novel_count"], novel, None, m, p.min_events, p.threshold)
+        return share_signals(state["novel_buf"], state["novel_count"], novel, idx, m, p.min_events, p.threshold)
 
     # -- extra per-client statistics ---------------------------------------------
     def client_values(self, state: State) -> dict[str, float]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from exporter.detectors.base import Signals, State
+from exporter.detectors.base import Batch, Signals, State
 from exporter.hashing import splitmix64, splitmix64_int
 
 _U64 = np.uint64
@@ -109,6 +109,21 @@ def scatter(n: int, judged: np.ndarray | list[int] | None, values: np.ndarray, f
     out.values[judged] = values
     out.flagged[judged] = flagged
     return out
+
+
+def vector_rows(batch: Batch, dim: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Positions of the batch's events that carry a ``dim``-long vector, and those vectors stacked.
+
+    Events without one (a text, an image, no input) are left out, so a mixed batch is
+    judged as its events one at a time would be, not dropped whole.
+    """
+    x = batch.vectors  # cached by the batch; not None only when every event carries one of one length
+    if x is not None and x.shape[1] == dim:
+        return np.arange(x.shape[0]), x
+    idx = [i for i, e in enumerate(batch.events) if e.vector is not None and e.vector.shape == (dim,)]
+    if not idx:
+        return np.zeros(0, dtype=np.int64), None
+    return np.asarray(idx, dtype=np.int64), np.stack([batch.events[i].vector for i in idx])
 
 
 # -- deterministic reservoirs -------------------------------------------------------------

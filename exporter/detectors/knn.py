@@ -21,7 +21,7 @@ from exporter.detectors.base import (
     State,
     WindowedParams,
 )
-from exporter.detectors.kit import Scaling, reservoir_slots, share_signals
+from exporter.detectors.kit import Scaling, reservoir_slots, share_signals, vector_rows
 
 _U64 = np.uint64
 RESERVOIR_SALT = 0x6B6E6E2D72657376  # "knn-resv": decorrelates the reservoir hash from other users of splitmix64
@@ -146,11 +146,12 @@ class KnnParams(WindowedParams):
     window: int = Field(100, ge=1, le=100_000, description="How many of the client's last judged queries the share of close queries is taken over.")
     min_events: int = Field(20, ge=1, description="Judged queries needed in the window before the client can be flagged (<= window).")
     threshold: float = Field(
-        0.5,
+        0.9,
         ge=0.0,
         le=1.0,
         description="Flag when at least this share of the window's judged queries was close to the client's history. Calibration overwrites it per model.",
     )
+    min_threshold: float = Field(0.5, ge=0.0, le=1.0, description="Calibration never sets the threshold below this: what the detector can tell apart at best, whatever a small benign sample shows.")
     fit_percentile: float = Field(
         1.0,
         gt=0.0,
@@ -305,7 +306,7 @@ class KnnDetector(Detector):
     def update(self, state: State, batch: Batch) -> Signals | None:
         if self._dim is None:
             return None
-        idx, x = _vector_rows(batch, self._dim)
+        idx, x = vector_rows(batch, self._dim)
         if x is None:
             return None
         p = self.params
@@ -547,19 +548,3 @@ def history_items(state: State, recent: int) -> tuple[np.ndarray, np.ndarray]:
     res = np.sort(res_from[res_from != _NEVER] - (recent + 1))
     fifo = np.sort(fifo_from[fifo_from != _NEVER] - 1)
     return res, fifo
-
-
-def _vector_rows(batch: Batch, dim: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Positions of the batch's events that carry a ``dim``-long vector, and those vectors stacked."""
-    x = batch.vectors  # cached by the batch; not None only when every event carries one of one length
-    if x is not None:
-        if x.ndim != 2 or x.shape[1] != dim:
-            return np.zeros(0, dtype=np.int64), None
-        return np.arange(x.shape[0]), x
-    events = batch.events
-    if all(e.vector is not None for e in events):  # vectors of different lengths
-        return np.zeros(0, dtype=np.int64), None
-    idx = [i for i, e in enumerate(events) if e.vector is not None and e.vector.shape == (dim,)]
-    if not idx:
-        return np.zeros(0, dtype=np.int64), None
-    return np.asarray(idx, dtype=np.int64), np.stack([events[i].vector for i in idx])

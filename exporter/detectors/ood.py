@@ -17,7 +17,7 @@ from exporter.detectors.base import (
     State,
     WindowedParams,
 )
-from exporter.detectors.kit import ring_in_order, ring_write
+from exporter.detectors.kit import ring_in_order, ring_write, scatter, vector_rows
 
 # Per-query distances are stored as float32; anything beyond this is "very far" anyway
 # and must not become inf (an inf would poison the window sums).
@@ -50,15 +50,17 @@ class OodParams(WindowedParams):
         ),
     )
     threshold: float = Field(
-        0.75,
+        0.9,
         ge=0.0,
         le=1.0,
         description=(
-            "Flag when the score reaches this (with min_events judged queries). 0.75 with "
-            "scale 1 means a statistic three times the benign level; iid benign windows stay "
+            "Flag when the score reaches this (with min_events judged queries). 0.9 with "
+            "scale 1 means a statistic nine times the benign level (a conservative default for "
+            "traffic no profile describes; calibration may lower it to min_threshold); iid benign windows stay "
             "well below it. Calibration overwrites it per model."
         ),
     )
+    min_threshold: float = Field(0.6, ge=0.0, le=1.0, description="Calibration never sets the threshold below this: what the detector can tell apart at best, whatever a small benign sample shows.")
     shrinkage: float = Field(
         0.05,
         ge=0.0,
@@ -242,7 +244,9 @@ class OodDetector(Detector):
         return np.minimum(np.nan_to_num(d, nan=_MAX_DISTANCE), _MAX_DISTANCE).astype(np.float32).astype(np.float64)
 
     def update(self, state: State, batch: Batch) -> Signals | None:
-        x = batch.vectors
+        if self._mean is None:
+            return None
+        idx, x = vector_rows(batch, self._mean.shape[0])
         if x is None:
             return None
         dist = self.distances(x)
@@ -257,7 +261,7 @@ class OodDetector(Detector):
         # Ramp in over the first min_events queries, like the window-share detectors: a
         # new client's first odd query is weak evidence, not a full-strength score.
         values = s / (s + p.scale * self._level) * np.minimum(n, p.min_events) / p.min_events
-        return Signals(values, (n >= p.min_events) & (values >= p.threshold))
+        return scatter(len(batch), idx, values, (n >= p.min_events) & (values >= p.threshold))
 
     def statistic(self, state: State) -> float:
         """The client's current trimmed mean distance (NaN before any query)."""

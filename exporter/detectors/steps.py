@@ -17,7 +17,7 @@ from exporter.detectors.base import (
     State,
     WindowedParams,
 )
-from exporter.detectors.kit import share_signals
+from exporter.detectors.kit import share_signals, vector_rows
 
 _CHUNK = 256  # queries judged at once (bounds the (chunk, history + chunk) distance matrix)
 _UNIFORM = 2.0  # features whose ranges lie within this factor of the median range share one scale
@@ -52,11 +52,12 @@ class StepsParams(WindowedParams):
     window: int = Field(100, ge=1, le=100_000, description="How many of the client's last judged queries the share of steps is taken over.")
     min_events: int = Field(20, ge=1, description="Judged queries needed in the window before the client can be flagged (<= window).")
     threshold: float = Field(
-        0.2,
+        0.3,
         ge=0.0,
         le=1.0,
         description="Flag when at least this share of the window's queries was a sign step from an earlier query. Calibration overwrites it per model.",
     )
+    min_threshold: float = Field(0.15, ge=0.0, le=1.0, description="Calibration never sets the threshold below this: what the detector can tell apart at best, whatever a small benign sample shows.")
 
 
 class StepsDetector(Detector):
@@ -118,14 +119,17 @@ class StepsDetector(Detector):
         x = reference.vectors
         if x is None or x.ndim != 2 or x.shape[0] < 2 or self._dim is None or x.shape[1] != self._dim:
             return None
-        lo, hi = np.quantile(np.asarray(x, dtype=np.float64), [0.001, 0.999], axis=0)
+        x = np.asarray(x, dtype=np.float64)
+        lo, hi = np.quantile(x, [0.001, 0.999], axis=0)
         span = hi - lo
         moving = span > 0
         if not moving.any():
             return None
-        median = float(np.median(span[moving]))
-        alike = (span[moving] >= median / _UNIFORM) & (span[moving] <= median * _UNIFORM)
-        uniform = bool(alike.mean() >= 0.8)
+        # Pixels share one box even where few benign images reach its corners: the full
+        # extent tells (rarely lit pixels have narrow quantile ranges).
+        extent = (x.max(axis=0) - x.min(axis=0))[moving]
+        median = float(np.median(extent))
+        uniform = bool(((extent >= median / _UNIFORM) & (extent <= median * _UNIFORM)).mean() >= 0.8)
         if uniform:  # one box for all features (pixels): the attacker's steps share one size
             span = np.where(moving, median, 0.0)
         return {"span": span, "uniform": np.asarray(uniform)}
@@ -153,15 +157,9 @@ class StepsDetector(Detector):
     def update(self, state: State, batch: Batch) -> Signals | None:
         if self._inv is None or self._dim is None:
             return None
-        x = batch.vectors
-        if x is None or x.shape[1] != self._dim:
-            rows = [i for i, e in enumerate(batch.events) if e.vector is not None and e.vector.shape == (self._dim,)]
-            if not rows:
-                return None
-            idx = np.asarray(rows, dtype=np.int64)
-            x = np.stack([batch.events[i].vector for i in rows])
-        else:
-            idx = None
+        idx, x = vector_rows(batch, self._dim)
+        if x is None:
+            return None
         u = (np.asarray(x, dtype=np.float64) * self._inv).astype(np.float32)
         steps = np.concatenate([self._judge(state, u[s : s + _CHUNK]) for s in range(0, u.shape[0], _CHUNK)])
         p = self.params
