@@ -125,7 +125,8 @@ class NearDuplicateParams(WindowedParams):
 
     window: int = Field(100, ge=1, le=10_000, description="How many of the client's last inputs are kept for comparison.")
     min_events: int = Field(20, ge=1, description="Judged inputs needed in the window before the client can be flagged (<= window).")
-    flag_ratio: float = Field(0.3, gt=0.0, le=1.0, description="Flag when at least this share of the window's inputs were near-duplicates.")
+    flag_ratio: float = Field(0.9, gt=0.0, le=1.0, description="Flag when at least this share of the window's inputs were near-duplicates.")
+    min_threshold: float = Field(0.3, ge=0.0, le=1.0, description="Calibration never sets the threshold below this: what the detector can tell apart at best, whatever a small benign sample shows.")
     image_hamming_tolerance: int = Field(
         8, ge=0, le=64, description="Images match when their 64-bit perceptual hashes differ in at most this many bits."
     )

@@ -40,6 +40,7 @@ class RateParams(WindowedParams):
         le=1.0,
         description="Flag when the score reaches this (0.8 = 4 x rate_scale, 4 queries/s by default) with min_events queries in the window.",
     )
+    min_threshold: float = Field(0.8, ge=0.0, le=1.0, description="Calibration never sets the threshold below this: what the detector can tell apart at best, whatever a small benign sample shows.")
     min_span: float = Field(
         1.0,
         gt=0.0,

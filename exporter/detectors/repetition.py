@@ -31,6 +31,7 @@ class RepetitionParams(WindowedParams):
         description="Flag when at least this share of the window's inputs repeated an earlier one (a batch job run twice "
         "repeats half of its inputs; a flood nearly all).",
     )
+    min_threshold: float = Field(0.5, ge=0.0, le=1.0, description="Calibration never sets the threshold below this: what the detector can tell apart at best, whatever a small benign sample shows.")
     max_gap_seconds: float = Field(
         10.0,
         gt=0.0,
