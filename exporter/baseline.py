@@ -6,15 +6,16 @@ them, frozen. Without one, the model's :class:`Baseline` learns them from the tr
 itself, in a way that no client can steer and that does not depend on batching:
 
 - **Bounded influence.** Only each client's first ``per_client`` events of the model are
-  offered to the baseline, so one client (an attacker sending every feature at 1e300,
-  or a flood of queries) contributes at most that many samples. The fit is robust too:
-  the scaling is a winsorized mean and spread (:class:`~exporter.detectors.kit.Scaling`).
-  Many colluding client ids can still weigh in; a calibrated profile is the answer
-  where that matters.
+  offered to the baseline, so one client (an attacker sending every feature at 1e14, or
+  a flood of queries) contributes at most that many samples: at most 6.25 % of the
+  first fit's 256, and less of every later one. Every feature of the sample is then
+  winsorized at its ``trim`` and ``1 - trim`` quantiles (8 %) before the scaling and the
+  references are fitted, so such a share moves nothing. Many colluding client ids can
+  still weigh in; a calibrated profile is the answer where that matters.
 - **Deterministic.** Offered events enter a reservoir (Algorithm R driven by a hash of
   the offer's number, :func:`~exporter.detectors.kit.reservoir_slots`), and the
-  reference is refitted when the number of offers reaches each of ``steps``, then never
-  again. The pipeline ends a block exactly at the event that completes a step
+  reference is refitted when the number of offers reaches each of ``steps`` (256, 2,048
+  and 16,384: at least 16 clients for the first), then never again. The pipeline ends a block exactly at the event that completes a step
   (:meth:`Baseline.cut`), so every event is judged under the same reference whatever
   the batching: replay, calibration and the live exporter agree.
 - **Nothing before the first fit.** Detectors that need a scaling or a reference do not
@@ -39,9 +40,12 @@ _SALT = 0x62617365_6C696E65  # "baseline"
 class BaselinePlan:
     """How a live baseline learns: refit steps (offers), reservoir size, per-client cap."""
 
-    steps: tuple[int, ...] = (64, 512, 4096, 32768)
+    steps: tuple[int, ...] = (256, 2048, 16384)
     capacity: int = 4096
     per_client: int = 16
+    # Each feature is winsorized at these quantiles before anything is fitted. One client
+    # gives at most per_client / steps[0] = 6.25 % of the first sample: this trims more.
+    trim: float = 0.08
 
 
 class Baseline:

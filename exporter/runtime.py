@@ -72,8 +72,8 @@ class ModelRuntime:
         sample = self.baseline.sample()
         if sample.shape[0] < 2:
             return
-        x = winsorize(sample, Scaling.TRIM)  # what any one client contributed is bounded twice: per client, and here
-        scaling = Scaling.fit(x)
+        x = winsorize(sample, self.baseline.plan.trim)  # what any one client contributed is bounded twice: per client, and here
+        scaling = Scaling.fit(x, self.baseline.plan.trim)
         reference = Reference(x, None, scaling)
         fitted: dict[str, State] = {}
         for det in self.detectors:
@@ -200,9 +200,10 @@ class Runtimes:
                 # State built against one reference (cells, scales) means nothing under another.
                 versions[name] += f":ref@{self.profile.created_at!r}"  # type: ignore[union-attr]
             detectors.append(det)
+        chosen = self.settings.fusion.inputs
         fusion = Fusion(
             self.settings.fusion,
-            [d.name for d in detectors if type(d).verdict],
+            [d.name for d in detectors if (d.name in chosen if chosen is not None else type(d).verdict)],
             {d.name: float(getattr(d.params, type(d).threshold_param)) for d in detectors if type(d).threshold_param},
         )
         versions["fusion"] = fusion.state_version()

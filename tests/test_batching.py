@@ -61,7 +61,8 @@ def test_replay_verdicts_do_not_depend_on_the_block_size(logs, profile, calibrat
     first = reports[BLOCKS[0]]
     flagged = {c for c, v in first.items() if v["flagged"]}
     assert {"atk-hopskipjump-0", "atk-uniform-0"} <= flagged  # the check is not vacuous
-    assert first["atk-hopskipjump-0"]["detectors"]["fingerprint"]["flagged"]  # the shared index took part
+    if calibrated:  # the shared index took part (the live baseline's first fit, at 16 clients, comes after this search)
+        assert first["atk-hopskipjump-0"]["detectors"]["fingerprint"]["flagged"]
     for size, clients in reports.items():
         assert clients == first, f"block size {size} changed the verdicts of {[c for c in first if clients.get(c) != first[c]]}"
 

@@ -146,11 +146,11 @@ def test_detectors_export_per_client_statistics_for_exported_clients() -> None:
     from exporter.detectors.coverage import CoverageDetector
     from exporter.detectors.knn import similar_pairs
 
-    # coverage fits on the live baseline's first 64 inputs (4 clients x 16) when 40 make a cell rare
-    detectors = {"stats": {}, "coverage": {"rare_mass": 0.05}}
-    p = make(plugins={**PLUGINS, "stats": "tests.plugins:Stats"}, detectors=detectors, metrics={"max_client_series": 7})
+    # coverage fits once the live baseline holds 512 inputs (32 clients x 16)
+    detectors = {"stats": {}}
+    p = make(plugins={**PLUGINS, "stats": "tests.plugins:Stats"}, detectors=detectors, metrics={"max_client_series": 35})
     x = lines("good-1", 30)
-    p.ingest_lines([line for i in range(4) for line in lines(f"warm-{i}", 16, seed=10 + i)])
+    p.ingest_lines([line for i in range(32) for line in lines(f"warm-{i}", 16, seed=10 + i)])
     assert p.runtimes.get("digits").context.scaling is not None
     p.ingest_lines(x[:10])
     p.ingest_lines(x[10:] + x[:10] + lines("quiet-1", 4, seed=1) + lines("statfail-1", 3, seed=2))
