@@ -18,28 +18,34 @@ benign client's lifetime maximum of every detector, and sets all thresholds join
    against references that did not learn from it (in-sample values are optimistic), while
    state shared across clients (the fingerprint index) is as full as the whole
    population makes it. The profile's references are then fitted on all the events.
-3. **Thresholds.** For each detector ``j``, a scale ``s_j``: the 90th percentile of the
-   clients' maxima ``M_ij``, never below ``FLOOR`` times the detector's documented default
-   (a detector benign traffic never moved must not alarm at its first movement). Each
-   client's fused maximum is ``F_i = max_j M_ij / s_j``; the verdict's threshold
-   ``theta`` on ``F`` is set for the target rate (below), and detector ``j``'s threshold is
-   ``s_j * theta`` (at most 1). One ``theta`` for all detectors: correlated detectors do not
-   add up their false alarms, and each is held to the same benign evidence.
-4. **The promise.** With ``n`` clients and target ``alpha``:
+3. **Thresholds.** The verdict flags while any of its ``J`` detectors flags, so each gets
+   ``alpha / J`` of the target (a union bound). A detector's threshold is the value that a
+   share ``alpha / J`` of clients like the calibration clients would reach, from their
+   lifetime maxima (:func:`tail_threshold`), never below its ``min_threshold`` (what the
+   detector can tell apart at best: a benign sample that never moved it must not make its
+   first movement an alarm). A threshold above 1 means the detector cannot tell these
+   clients from attackers: it never flags for the model, and the summary lists it.
+4. **The threshold of one detector** (:func:`tail_threshold`), from the ``n`` clients'
+   lifetime maxima and its share ``a``:
 
-   * ``n >= 2 / alpha``: ``theta`` is the smallest value that fewer than ``k`` clients
-     reach, the largest ``k`` whose Clopper-Pearson 95 % upper bound stays at or below
-     ``alpha``, if one exists (distribution-free);
-   * otherwise the largest values are too few to read a 1 % quantile from, and ``theta``
-     extrapolates: an exponential tail fitted to the upper half of the ``F_i``, with the
-     95 % upper confidence bound of its scale (chi-square), so that the tail's 95 % bound on
-     ``P(F > theta)`` is ``alpha``; ``theta`` is never below the largest ``F_i``.
+   * ``n >= 2 / a``: read from the order statistics (the value that ``floor(a n)``
+     clients exceed), which needs no model of the tail;
+   * otherwise there are too few large values to read the quantile from, so an
+     exponential tail is fitted to the largest ``TAIL_SHARE`` (at least ``TAIL_MIN``)
+     of the maxima, its scale taken at a ``TAIL_CONFIDENCE`` upper confidence bound
+     (chi-square, :func:`sigma_bound`), and extrapolated to ``a``.
 
-   The summary states the promise, how it was derived, and the distribution-free bound
-   ``1 / (n + 1)`` of a threshold at or above every calibration client's maximum, which
-   needs no tail model. Both hold for clients like the calibration clients: a benign
-   behaviour the calibration data does not contain is not covered, which is why the
-   benchmark also measures held-out behaviours and another traffic family.
+   If no calibration client reached the detector's conservative default, the threshold
+   is never raised above it. Detectors outside the verdict (exported and alerted on by
+   themselves) get their own ``alpha`` quantile, never below their default.
+5. **The promise.** ``n`` clients cannot support an arbitrarily small rate: the promise
+   is ``max(alpha, 1 / (EXTRAPOLATION (n + 1)))``, never more than ``EXTRAPOLATION``
+   times below the ``1 / (n + 1)`` that a threshold above every calibration client shows
+   without a tail model. The profile and the summary state the promise, how it was
+   derived, and that distribution-free bound. Both hold for clients like the
+   calibration clients: a benign behaviour the calibration data does not contain is not
+   covered, which is why the benchmark also measures held-out behaviours and another
+   traffic family (README, Detection).
 """
 
 from __future__ import annotations
@@ -68,10 +74,10 @@ log = logging.getLogger("monitaur.calibrate")
 
 MAX_SESSION = 2_000  # a client with more events is cut into sessions
 MIN_CLIENTS = 10  # fewer client ids than this: the events have no client structure (training data)
-FLOOR = 1.0  # a threshold is at least this share of the detector's documented default
 TAIL_SHARE = 0.2  # the tail is fitted to this share of the clients with the largest maxima
 TAIL_MIN = 3  # and to at least this many
-TAIL_CONFIDENCE = 0.8  # the tail's scale is taken at this upper confidence bound
+TAIL_CONFIDENCE = 0.7  # the tail's scale is taken at this upper confidence bound
+EXTRAPOLATION = 2.5  # a promise is at most this factor below 1 / (n + 1), what n clients show without a model
 SESSION_FREE = ("rate", "repetition")  # detectors that need real sessions to be calibrated
 
 
@@ -213,37 +219,42 @@ def calibrate(settings: Settings, paths: list[str], progress_stream: TextIO = sy
 
 
 def _thresholds(specs: dict[str, Any], per: dict[str, dict[str, float]], clients: list[str], kept: list[str], alpha: float) -> tuple[dict[str, float], Promise]:
-    """Every detector's threshold (module docstring, step 3), and the promise."""
+    """Every detector's threshold (module docstring, steps 3 to 5), and the promise."""
     verdict = [name for name, (cls, _) in specs.items() if cls.threshold_param and cls.verdict and name not in kept]
-    share = alpha / max(len(verdict), 1)  # each verdict detector's part of the target (a union bound)
+    n = len(clients)
+    promised = max(alpha, 1.0 / (EXTRAPOLATION * (n + 1)))  # what n clients can support
+    share = promised / max(len(verdict), 1)  # each verdict detector's part of it (a union bound)
     out: dict[str, float] = {}
     hows: set[str] = set()
     for name, (cls, params) in specs.items():
         if not cls.threshold_param or name in kept:
             continue
         default = float(getattr(params, cls.threshold_param))
+        floor = min(float(getattr(params, "min_threshold", default)), default)
         judged = np.array([v for c in clients if (v := per.get(name, {}).get(c)) is not None], dtype=np.float64)
         if judged.size == 0:  # no client was judged (too little data to fit its reference): the default stands
             continue
         if name in verdict:
             tau, how = tail_threshold(judged, share)
-            out[name] = max(FLOOR * default, tau)
+            if judged.max() <= default:  # no benign client reached the conservative default: no reason to go past it
+                tau = min(tau, default)
+            out[name] = max(floor, tau)
             hows.add(how)
         else:  # exported and alerted on, not part of the verdict: its own rate, never below its default
             out[name] = max(default, _own_threshold(judged, alpha))
-    n = len(clients)
     how = (
-        f"each of the {len(verdict)} detectors of the verdict gets {share:.3%} of the target (a union bound); "
-        + "; ".join(sorted(hows))
+        f"{n} calibration clients support a promise of {promised:.2%} (never more than {EXTRAPOLATION:g} times below "
+        f"the 1/(n+1) that n clients show without a model); each of the {len(verdict)} detectors of the verdict gets "
+        f"{share:.3%} of it (a union bound); " + "; ".join(sorted(hows))
     )
-    return out, Promise(n, alpha, 1.0 / (n + 1), how)
+    return out, Promise(n, promised, 1.0 / (n + 1), how)
 
 
 def tail_threshold(maxima: np.ndarray, alpha: float) -> tuple[float, str]:
     """The value a share ``alpha`` of clients like these would reach, from their lifetime maxima; and how it was found.
 
     With enough clients (``n >= 2 / alpha``) it is read from the order statistics; below
-    that, an exponential tail is fitted to the upper half (the excesses over the median)
+    that, an exponential tail is fitted to the largest maxima (module docstring, step 4)
     and extrapolated. A value above 1 means the detector cannot tell these clients from
     attackers: it never flags for this model.
     """

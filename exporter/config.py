@@ -304,6 +304,9 @@ class Settings(BaseSettings):
         from exporter.detectors import resolve_detectors
 
         self._detector_params = resolve_detectors(self.detectors, self.plugins)
+        unknown = [name for name in self.fusion.inputs or [] if name not in self._detector_params]
+        if unknown:
+            raise ValueError(f"fusion.inputs: {', '.join(unknown)} is not an enabled detector; enabled: {', '.join(self._detector_params)}")
         return self
 
     def detector_params(self) -> dict[str, Any]:

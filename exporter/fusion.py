@@ -37,11 +37,13 @@ FUSION = "fusion"  # the stage's name in observers, snapshots and profiles
 class Fusion:
     """The verdict of one model: any input detector flagged; risk from the strongest one."""
 
-    def __init__(self, params: FusionConfig, detectors: list[str], thresholds: dict[str, float]) -> None:
+    def __init__(self, params: FusionConfig, inputs: list[str], thresholds: dict[str, float]) -> None:
+        """``inputs``: the detectors whose flags make the verdict; ``thresholds``: their
+        thresholds on their values (a detector without one is taken as 1)."""
         self.params = params
-        self.inputs: list[str] = [d for d in (params.inputs if params.inputs is not None else detectors) if d in thresholds]
+        self.inputs = list(inputs)
         # 1 / threshold per input: a threshold of 0 makes any positive value infinitely strong
-        self._inv = np.array([1.0 / thresholds[d] if thresholds[d] > 0 else np.inf for d in self.inputs])
+        self._inv = np.array([1.0 / t if (t := thresholds.get(d, 1.0)) > 0 else np.inf for d in self.inputs])
 
     def state_version(self) -> str:
         """A digest of what shapes the state: one slot per input, in order."""

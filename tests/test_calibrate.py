@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exporter.calibrate import threshold_for
+from exporter.calibrate import fold_of, sessions, tail_threshold
 from exporter.config import Settings
 from exporter.demo import benign_log, example_log
 from exporter.profile import Profile, ProfileError
@@ -31,14 +31,40 @@ def profile_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = cli("calibrate", "--out", str(out), str(log))
     assert run.returncode == 0, run.stderr
     summary = json.loads(run.stdout)
-    assert summary["profile"] == str(out) and 60 < summary["models"]["digits"]["clients"] < 140  # the third that sets the risk threshold
+    model = summary["models"]["digits"]
+    assert summary["profile"] == str(out) and model["clients"] == 300  # every client, out of fold
+    assert model["promise"]["fpr"] == pytest.approx(0.01) and model["promise"]["distribution_free"] == pytest.approx(1 / 301, abs=1e-6)
+    assert "union bound" in model["promise"]["how"]
     return out
 
 
-def test_threshold_for_bounds_the_false_alarm_share() -> None:
-    maxima = list(np.linspace(0, 1, 200))
-    t = threshold_for(maxima, 0.01)
-    assert sum(v >= t for v in maxima) <= 2 and sum(v >= t for v in maxima[:-3]) == 0
+def test_tail_threshold_reads_order_statistics_with_enough_clients_and_extrapolates_below() -> None:
+    maxima = np.linspace(0.0, 1.0, 1000)
+    tau, how = tail_threshold(maxima, 0.01)  # 1000 >= 2 / 0.01: the order statistic
+    assert how == "order statistics" and np.sum(maxima >= tau) <= 10 and np.sum(maxima >= tau - 0.002) >= 10
+    rng = np.random.default_rng(0)
+    small = rng.exponential(0.05, 20)
+    tau, how = tail_threshold(small, 0.001)  # 20 clients for 0.1 %: extrapolated past the largest
+    assert "exponential tail" in how and tau > small.max()
+    # an exponential population: the extrapolated threshold is near the true quantile (0.05 * ln 1000 = 0.35)
+    big = [tail_threshold(rng.exponential(0.05, 60), 0.001)[0] for _ in range(200)]
+    assert 0.25 < np.median(big) < 0.45
+
+
+def test_sessions_cut_long_clients_and_structure_free_events() -> None:
+    from exporter.events import Event
+
+    rng = np.random.default_rng(0)
+    events = [Event(f"c{i % 40}", "m", float(i), "tabular", vector=np.zeros(2)) for i in range(400)]
+    same, structured = sessions(events, rng)
+    assert structured and same == events  # 40 clients of 10 events: nothing to cut
+    one = [Event("train", "m", float(i), "tabular", vector=np.zeros(2)) for i in range(3000)]
+    cut, structured = sessions(one, rng)
+    assert not structured and [e.ts for e in cut] == [e.ts for e in one]
+    labels = [e.client for e in cut]
+    lengths = np.array([labels.count(c) for c in dict.fromkeys(labels)])  # in the order the segments come
+    assert len(lengths) > 5 and lengths[:-1].min() >= 50 and lengths.max() <= 500  # the last one is what remains
+    assert {fold_of(c) for c in {e.client for e in cut}} == {0, 1}
 
 
 def test_profile_holds_thresholds_and_references(profile_path: Path) -> None:
@@ -46,9 +72,11 @@ def test_profile_holds_thresholds_and_references(profile_path: Path) -> None:
     mp = profile.models["digits"]
     assert (mp.input_dim, mp.num_classes, mp.modality) == (64, 10, "tabular")
     assert mp.scaling is not None and mp.scaling["spread"].shape == (64,)
-    assert {"confidence", "repetition", "near_duplicate", "fusion"} <= set(mp.thresholds)
-    assert mp.thresholds["fusion"] >= 0.25  # the floor
-    assert any(k.startswith("null.") for k in mp.fusion)
+    assert {"confidence", "repetition", "near_duplicate", "knn", "ood", "steps"} <= set(mp.thresholds)
+    for name, (cls, params) in Settings().detector_params().items():  # never below what a detector can tell apart
+        if name in mp.thresholds:
+            assert mp.thresholds[name] >= params.min_threshold
+    assert mp.promise["fpr"] == pytest.approx(0.01)
 
 
 def test_calibrated_replay_flags_scrapers_and_few_fresh_benign_clients(profile_path: Path, tmp_path: Path) -> None:
@@ -100,17 +128,3 @@ def test_calibrating_on_nothing_fails_clearly(tmp_path: Path) -> None:
     log.write_text("{bad\n")
     run = cli("calibrate", "--out", str(tmp_path / "p.npz"), str(log))
     assert run.returncode == 1 and "no valid events" in run.stderr
-
-
-def test_split_by_client_is_stable_and_disjoint() -> None:
-    from exporter.calibrate import split_by_client
-    from exporter.events import Event
-
-    events = [Event(f"c{i % 40}", "m", float(i), "tabular", vector=np.zeros(2)) for i in range(400)]
-    parts = split_by_client(events, 3)
-    groups = [{e.client for e in part} for part in parts]
-    assert all(groups) and not (groups[0] & groups[1] or groups[1] & groups[2] or groups[0] & groups[2])
-    assert sum(map(len, parts)) == 400
-    assert split_by_client(events, 3) == parts  # stable
-    one = [Event("train", "m", float(i), "tabular", vector=np.zeros(2)) for i in range(9)]
-    assert [len(h) for h in split_by_client(one, 3)] == [3, 3, 3]

@@ -25,7 +25,8 @@ def test_embedded_default_is_valid_and_sensible() -> None:
     assert s.listen.host == "127.0.0.1" and s.listen.is_loopback
     assert s.push.enabled
     assert list(s.detector_params())[:3] == ["confidence", "repetition", "near_duplicate"]
-    assert "risk" not in s.detector_params() and s.fusion.threshold == 0.5  # the verdict is a stage, not a detector
+    assert "risk" not in s.detector_params() and s.fusion.inputs is None  # the verdict is a stage, not a detector
+    assert "prada" not in s.detector_params() and "steps" in s.detector_params()  # prada is there to compare with
     assert s.metrics.max_client_series == 500
 
 
