@@ -79,8 +79,8 @@ def benign_log(seed: int, clients: int, per_client: int = 60, start: float = 176
     return to_lines(world, benign_rows(world, np.random.default_rng(seed), clients, per_client, start, "cal-"))
 
 
-def example_log(seed: int = 0, benign_clients: int = 8, per_client: int = 60, start: float = 1764097200.0) -> Iterator[str]:
-    """Benign traffic from several clients, plus three attackers, interleaved in time order."""
+def example_log(seed: int = 0, benign_clients: int = 20, per_client: int = 60, start: float = 1764097200.0) -> Iterator[str]:
+    """Benign traffic from 20 apps (enough for the live baseline to learn the model), plus three attackers, in time order."""
     world = DigitsLike(seed)
     rng = np.random.default_rng(seed + 1)
     rows = benign_rows(world, rng, benign_clients, per_client, start)
@@ -88,9 +88,9 @@ def example_log(seed: int = 0, benign_clients: int = 8, per_client: int = 60, st
     a, b = rng.integers(0, CLASSES, (2, per_client))
     mid = np.clip(np.rint((world.prototypes[a] + world.prototypes[b]) / 2 + rng.normal(0, 0.3, (per_client, DIM))), 0, 16)
     rows += [(t, "scraper-boundary", xi) for t, xi in zip(start + np.sort(rng.uniform(0, 600, per_client)), mid)]
-    # repeat flood: the same few inputs over and over
+    # repeat flood: a loop re-sending the same few inputs, a few a second
     few = world.sample(rng, 3)
-    rows += [(t, "scraper-repeat", few[i % 3]) for i, t in enumerate(start + np.sort(rng.uniform(0, 600, per_client)))]
+    rows += [(t, "scraper-repeat", few[i % 3]) for i, t in enumerate(start + 300 + np.sort(rng.uniform(0, 20, per_client)))]
     # perturbation search around one input (what HopSkipJump-like search looks like)
     base = world.sample(rng, 1)[0]
     steps = np.clip(base + rng.normal(0, 0.05, (per_client, DIM)).cumsum(axis=0) * 0.1, 0, 16)
