@@ -225,14 +225,28 @@ class LimitsConfig(_Section):
         le=4096 * 4096,
         description="encoded images with more pixels (width x height, read from the header before decoding) are rejected",
     )
+    max_input_values: int = Field(
+        4096,
+        ge=2,
+        le=1_000_000,
+        description=(
+            "an array input longer than this is rejected unless its model's input_dim is configured: a model's memory grows with "
+            "its input length, which an unconfigured model learns from its first event"
+        ),
+    )
+    max_classes: int = Field(
+        4096,
+        ge=2,
+        le=1_000_000,
+        description="an output with more classes is rejected unless its model's num_classes is configured (the same reason, for class counts)",
+    )
 
 
 class CalibrationConfig(_Section):
     """How ``calibrate`` learns a profile from benign traffic."""
 
-    target_fpr: float = Field(0.01, gt=0.0, lt=0.5, description="target share of benign clients flagged, per detector and for risk")
+    target_fpr: float = Field(0.01, gt=0.0, lt=0.5, description="target share of benign clients the verdict flags at any point of their history")
     max_reference_samples: int = Field(50_000, ge=100, description="benign inputs per model kept for fitting reference statistics")
-    null_samples: int = Field(20_000, ge=100, description="benign values per detector kept for risk p-values")
     seed: int = 0
 
 

@@ -122,6 +122,8 @@ class Decoder:
         self._default_model = settings.default_model
         self._zone = ZoneInfo(settings.default_timezone) if settings.default_timezone else None
         self._max_image_pixels = settings.limits.max_image_pixels
+        self._max_input_values = settings.limits.max_input_values
+        self._max_classes = settings.limits.max_classes
         self._admission = admission
         self.learned_input_dims: dict[str, int] = {}
         self.learned_num_classes: dict[str, int] = {}
@@ -139,8 +141,9 @@ class Decoder:
         def valid(part: str) -> dict[str, Any]:
             return {k: v for k, v in learned.get(part, {}).items() if is_valid_name(k, MAX_MODEL_LENGTH)}
 
-        self.learned_input_dims.update({k: int(v) for k, v in valid("input_dims").items()})
-        self.learned_num_classes.update({k: int(v) for k, v in valid("num_classes").items()})
+        # A snapshot written under larger limits does not size models beyond today's.
+        self.learned_input_dims.update({k: int(v) for k, v in valid("input_dims").items() if 0 < int(v) <= self._max_input_values})
+        self.learned_num_classes.update({k: int(v) for k, v in valid("num_classes").items() if 1 < int(v) <= self._max_classes})
         self.learned_modalities.update({k: str(v) for k, v in valid("modalities").items()})
 
     def decode_line(self, line: bytes | str, now: float | None = None) -> Event:
@@ -239,6 +242,10 @@ class Decoder:
             expected = mcfg.input_dim or self.learned_input_dims.get(model)
             if expected is not None and vec.shape[0] != expected:
                 raise Rejected(reasons.WRONG_DIMENSION, f"input has {vec.shape[0]} values; model '{model}' expects {expected}")
+            if expected is None and vec.shape[0] > self._max_input_values:  # its length would be learned, and sized for
+                raise Rejected(
+                    reasons.TOO_MANY_VALUES, f"input has {vec.shape[0]} values, more than limits.max_input_values; configure the model's input_dim"
+                )
             kind: Modality = "image" if modality == "image" else "tabular"
             event = Event(client, model, ts, kind, vector=vec)
             if kind == "image":
@@ -302,6 +309,8 @@ class Decoder:
         expected = mcfg.num_classes or self.learned_num_classes.get(event.model)
         if expected is not None and values.shape[0] != expected:
             raise Rejected(reasons.WRONG_DIMENSION, f"output has {values.shape[0]} classes; model '{event.model}' expects {expected}")
+        if expected is None and values.shape[0] > self._max_classes:
+            raise Rejected(reasons.TOO_MANY_VALUES, f"output has {values.shape[0]} classes, more than limits.max_classes; configure the model's num_classes")
         if mcfg.output == "logits":
             shifted = np.exp(values - values.max())
             event.probs = shifted / shifted.sum()

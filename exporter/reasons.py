@@ -17,6 +17,7 @@ INVALID_INPUT = "invalid_input"
 NON_FINITE = "non_finite"
 OUT_OF_RANGE = "out_of_range"
 WRONG_DIMENSION = "wrong_dimension"
+TOO_MANY_VALUES = "too_many_values"  # an unconfigured model's input or output longer than limits.max_input_values / max_classes
 INVALID_OUTPUT = "invalid_output"
 NOT_PROBABILITIES = "not_probabilities"
 IMAGE_DECODE_ERROR = "image_decode_error"
@@ -38,6 +39,7 @@ ALL: tuple[str, ...] = (
     NON_FINITE,
     OUT_OF_RANGE,
     WRONG_DIMENSION,
+    TOO_MANY_VALUES,
     INVALID_OUTPUT,
     NOT_PROBABILITIES,
     IMAGE_DECODE_ERROR,

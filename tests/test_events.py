@@ -490,3 +490,23 @@ def test_images_that_are_not_images(data: bytes) -> None:
     with pytest.raises(Rejected) as err:
         decoder().decode_object({"client": "k", "input": {"image_b64": base64.b64encode(data).decode()}})
     assert err.value.reason == reasons.IMAGE_DECODE_ERROR
+
+
+def test_an_unconfigured_model_is_not_sized_by_a_hostile_first_event() -> None:
+    """A model learns its input length and class count from its first event: past the limits,
+    that event is refused (too_many_values) and teaches nothing; a configured model is trusted."""
+    d = decoder(limits={"max_input_values": 100, "max_classes": 20})
+    long_input = json.dumps({"client": "k", "model": "m", "input": [0.5] * 101, "output": [0.5, 0.5]})
+    many_classes = json.dumps({"client": "k", "model": "m", "input": [0.5] * 100, "output": [1 / 21] * 21})
+    for line in (long_input, many_classes):
+        with pytest.raises(Rejected) as info:
+            d.decode_line(line)
+        assert info.value.reason == reasons.TOO_MANY_VALUES and "0.5" not in info.value.message
+    assert d.learned()["input_dims"] == {} and d.learned()["num_classes"] == {}
+    assert d.decode_line(json.dumps({"client": "k", "model": "m", "input": [0.5] * 100, "output": [0.05] * 20})).vector.shape == (100,)
+    configured = decoder(limits={"max_input_values": 100}, models={"big": {"input_dim": 500}})
+    assert configured.decode_line(json.dumps({"client": "k", "model": "big", "input": [0.5] * 500})).vector.shape == (500,)
+    # a snapshot taken under larger limits does not size models past today's
+    d2 = decoder(limits={"max_input_values": 100, "max_classes": 20})
+    d2.restore({"input_dims": {"a": 100, "b": 101}, "num_classes": {"a": 20, "b": 21}, "modalities": {}})
+    assert d2.learned()["input_dims"] == {"a": 100} and d2.learned()["num_classes"] == {"a": 20}
