@@ -222,3 +222,15 @@ def test_params_are_validated() -> None:
     with pytest.raises(ValidationError):
         PradaParams(bogus=1)
     assert PradaDetector.threshold_param == "threshold" and PradaDetector.name == "prada"
+
+
+def test_any_label_string_is_bucketed_without_raising() -> None:
+    """Labels are client-controlled: digits that int() refuses ("²", 5,000 digits) are hashed."""
+    det = PradaDetector(PradaParams(min_distances=20, window=40, test_every=1), context())
+    rng = np.random.default_rng(3)
+    events = make_events(WORLD.sample(rng, 6))
+    for e, label in zip(events, ["²", "٣", "9" * 5000, " 7 ", "7", "cat"]):
+        e.label, e.probs = label, None
+    values, _, state = run(det, events)
+    assert int(state["events"]) == 6
+    assert det._label_bucket(" 7 ") == det._label_bucket("7") == 7 and det._label_bucket("²") != 2

@@ -440,7 +440,7 @@ class PradaDetector(Detector):
         c = self._label_buckets.get(label)
         if c is None:
             s = label.strip()
-            if s.isdigit():
+            if s.isascii() and s.isdecimal() and len(s) <= 18:  # "²".isdigit() is True, and int() of 5,000 digits raises
                 c = int(s)
             else:
                 c = int.from_bytes(hashlib.blake2b(label.encode("utf-8"), digest_size=8).digest(), "little")
