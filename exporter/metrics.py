@@ -23,6 +23,7 @@ from prometheus_client.utils import floatToGoString
 from prometheus_client.registry import Collector
 
 from exporter import __version__, reasons
+from exporter.fusion import FUSION
 from exporter.names import is_valid_name
 from exporter.state import EVICTION_REASONS
 
@@ -69,7 +70,9 @@ class Metrics:
         self.detector_duration = Histogram(
             "monitaur_detector_duration_seconds", "Time a detector spent on one event.", ["detector"], buckets=DURATION_BUCKETS, registry=r
         )
-        self.detector_errors = Counter("monitaur_detector_errors", "Events a detector failed to judge.", ["detector"], registry=r)
+        self.detector_errors = Counter(
+            "monitaur_detector_errors", "Events a detector, or the verdict stage (detector=\"fusion\"), failed to judge.", ["detector"], registry=r
+        )
         self.tracked_clients = Gauge("monitaur_tracked_clients", "Clients with state in memory.", registry=r)
         self.tracked_clients_limit = Gauge("monitaur_tracked_clients_limit", "Configured maximum of tracked clients.", registry=r)
         self.client_evictions = Counter("monitaur_client_evictions", "Clients dropped from state, by reason (lru, lru_flagged, ttl).", ["reason"], registry=r)
@@ -92,7 +95,7 @@ class Metrics:
         # Zero-initialise the fixed label sets so that rate() and absent() work from the first scrape.
         for reason in reasons.ALL:
             self.events_rejected.labels(reason)
-        for name in detectors:
+        for name in (*detectors, FUSION):
             self.detector_errors.labels(name)
         for kind in ("offsets", "state"):
             self.checkpoint_errors.labels(kind)

@@ -191,7 +191,10 @@ class Pipeline:
         for client_id, rows in groups.items():
             evs = block.events if len(rows) == n else [block.events[i] for i in rows]
             when = evs[-1].ts if self.event_time else (self.clock() if now is None else now)
-            self._judge(rt, Batch(client_id, block.model, evs, block, np.asarray(rows, dtype=np.int64)), when)
+            try:
+                self._judge(rt, Batch(client_id, block.model, evs, block, np.asarray(rows, dtype=np.int64)), when)
+            except Exception as exc:  # the last resort around the verdict and the client's bookkeeping: other clients go on
+                self._detector_failed(FUSION, len(rows), block.model, exc)
         rt.events.inc(n)
         self.metrics.prediction_confidence.observe_many(block.model, block.confidence)
 

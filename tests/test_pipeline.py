@@ -65,6 +65,26 @@ def test_a_failing_detector_is_counted_not_treated_as_benign() -> None:
     assert p.store["crash-1"].scores["always"] == pytest.approx(0.1)
 
 
+def test_a_failure_around_the_detectors_costs_one_client_its_batch_not_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The verdict stage or a client's bookkeeping raising is the last resort's case: it is
+    counted (detector="fusion"), and the other clients of the same block are judged."""
+    p = make()
+    assert value(p, "monitaur_detector_errors_total", detector="fusion") == 0  # created at 0
+    rt = p.runtimes.build("digits")
+    real = rt.fusion.update
+
+    def update(state, signals, n):  # type: ignore[no-untyped-def]
+        if n == 2:  # the unlucky client's batch
+            raise OverflowError("boom")
+        return real(state, signals, n)
+
+    monkeypatch.setattr(rt.fusion, "update", update)
+    result = p.ingest_lines(lines("bad-1", 3) + lines("unlucky-1", 2, seed=1) + lines("good-1", 4, seed=2))
+    assert result.accepted == 9
+    assert value(p, "monitaur_detector_errors_total", detector="fusion") == 2
+    assert p.store["bad-1"].suspicious and p.store["good-1"].total == 4 and not p.store["good-1"].suspicious
+
+
 def test_bad_lines_are_counted_and_the_valid_ones_around_them_kept() -> None:
     p = make()
     good = lines("good-1", 3)
@@ -146,11 +166,11 @@ def test_detectors_export_per_client_statistics_for_exported_clients() -> None:
     from exporter.detectors.coverage import CoverageDetector
     from exporter.detectors.knn import similar_pairs
 
-    # coverage fits once the live baseline holds 512 inputs (32 clients x 16)
+    # coverage needs 500 samples: the live baseline's second fit, at 2,048 offers (128 clients x 16)
     detectors = {"stats": {}}
-    p = make(plugins={**PLUGINS, "stats": "tests.plugins:Stats"}, detectors=detectors, metrics={"max_client_series": 35})
+    p = make(plugins={**PLUGINS, "stats": "tests.plugins:Stats"}, detectors=detectors, metrics={"max_client_series": 134})
     x = lines("good-1", 30)
-    p.ingest_lines([line for i in range(32) for line in lines(f"warm-{i}", 16, seed=10 + i)])
+    p.ingest_lines([line for i in range(128) for line in lines(f"warm-{i}", 16, seed=10 + i)])
     assert p.runtimes.get("digits").context.scaling is not None
     p.ingest_lines(x[:10])
     p.ingest_lines(x[10:] + x[:10] + lines("quiet-1", 4, seed=1) + lines("statfail-1", 3, seed=2))
