@@ -25,17 +25,17 @@ pytest.importorskip("sklearn", reason="the detection benchmark needs scikit-lear
 #    deliberate margins) -----------------------------------------------------------------------------
 QUICK_MIN_DETECTION = 0.95  # share of attacker clients flagged, per ordinary attack type
 QUICK_MIN_DETECTION_HARD = 0.5  # interleaved, slow, sybil (per group)
-QUICK_MAX_FALSE_ALARMS = 0.06  # share of benign clients flagged with the 200-client calibration (1 % target)
+QUICK_MAX_FALSE_ALARMS = 0.02  # share of benign clients flagged with the 200-client calibration (1 % target; one draw)
 QUICK_MAX_MEDIAN_QUERIES = 250  # per attack type, among detected attackers
+# The interleaved JbDA sends its 100 natural seeds interleaved 1:1 with natural queries: its
+# first synthetic query is its 201st, so its median is measured against a later cap.
+QUICK_MAX_MEDIAN_QUERIES_INTERLEAVED = 350
 QUICK_MAX_SECONDS = 90  # CI budget for the quick mode (it takes ~25 s on 2 cores)
 # What the calibration redesign must meet with only 20 benign clients per model (the issue's
 # target at that size): at most 2 % of other benign clients flagged, and the upper end of the
 # two-sided 95 % Clopper-Pearson interval of that rate at most 3 %.
 FA_RATE_AT_20_CLIENTS = 0.02
 FA_UPPER_BOUND_AT_20_CLIENTS = 0.03
-# The JbDA family: today their detection turns on the calibration draw (four 240-client
-# calibration populations of digits seed 0 gave jbda/trnd/sybil/slow 0-100 %).
-JBDA_FAMILY = ("jbda", "trnd", "interleaved", "sybil", "slow")
 
 BENCH = REPO / "bench" / "detection"
 RUN_PY = BENCH / "run.py"
@@ -119,23 +119,16 @@ def _detection_asserts(results: dict, attacks: tuple[str, ...], label: str) -> N
         s = cell["attacks"][attack]
         need = QUICK_MIN_DETECTION_HARD if attack in ("interleaved", "slow", "sybil") else QUICK_MIN_DETECTION
         assert s["detection_rate"] >= need, (label, attack, s["detection_rate"])
-        assert s["median_queries"] is not None and s["median_queries"] <= QUICK_MAX_MEDIAN_QUERIES, (label, attack, s["median_queries"])
+        cap = QUICK_MAX_MEDIAN_QUERIES_INTERLEAVED if attack == "interleaved" else QUICK_MAX_MEDIAN_QUERIES
+        assert s["median_queries"] is not None and s["median_queries"] <= cap, (label, attack, s["median_queries"])
         if results["has_prada"]:
             assert s["fidelity_at_alarm"] <= s["prada_fidelity_at_alarm"] + 0.02, (label, attack)
 
 
 @pytest.mark.parametrize("label", ["20", "200"])
-def test_quick_mode_detects_the_other_attacks(quick, label: str) -> None:
+def test_quick_mode_detects_every_attack(quick, label: str) -> None:
     results, _, _ = quick
-    _detection_asserts(results, tuple(a for a in results["attacks"] if a not in JBDA_FAMILY), label)
-
-
-@pytest.mark.xfail(strict=False, reason="today's thresholds turn on the calibration draw: JbDA-family detection is 0-100 % "
-                   "across equally sized calibration populations (remove when the calibration redesign lands)")
-@pytest.mark.parametrize("label", ["20", "200"])
-def test_quick_mode_detects_the_jbda_family(quick, label: str) -> None:
-    results, _, _ = quick
-    _detection_asserts(results, tuple(a for a in results["attacks"] if a in JBDA_FAMILY), label)
+    _detection_asserts(results, tuple(results["attacks"]), label)
 
 
 def test_quick_mode_false_alarms_with_200_calibration_clients(quick) -> None:
@@ -143,8 +136,6 @@ def test_quick_mode_false_alarms_with_200_calibration_clients(quick) -> None:
     assert results["results"]["digits"]["200"]["false_alarms"]["rate"] <= QUICK_MAX_FALSE_ALARMS
 
 
-@pytest.mark.xfail(strict=False, reason="today's calibrate flags ~25 % of benign clients after 20 calibration clients; "
-                   "the calibration redesign must meet this (remove the xfail when it lands)")
 def test_quick_mode_false_alarm_bound_after_20_calibration_clients(quick) -> None:
     results, _, _ = quick
     fa = results["results"]["digits"]["20"]["false_alarms"]
