@@ -58,7 +58,7 @@ CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em auto;max-width:1100px;padding:0 1em;color:#222}
 h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.8em;border-bottom:1px solid #ccc}h3{font-size:1em;margin:1.2em 0 .3em}
 table{border-collapse:collapse;margin:.4em 0}td,th{border:1px solid #ddd;padding:2px 8px;text-align:left;vertical-align:top}
-td.n{text-align:right;font-variant-numeric:tabular-nums}th[data-type]{cursor:pointer;background:#f3f3f3}
+td.n,#clients td:nth-child(2),#clients td:nth-child(4),#clients td:nth-child(5){text-align:right;font-variant-numeric:tabular-nums}th[data-type]{cursor:pointer;background:#f3f3f3}
 th[aria-sort=ascending]::after{content:" \\25B2"}th[aria-sort=descending]::after{content:" \\25BC"}
 tr.flagged td:first-child{font-weight:bold;color:#b00}.id{font-family:ui-monospace,monospace;word-break:break-all}
 .note{color:#555}.kv td:first-child{color:#555}svg.timeline{width:100%;max-width:760px;height:auto;display:block}
@@ -83,7 +83,7 @@ SCRIPT = """
       var rows = Array.prototype.slice.call(body.rows);
       var key = function (row) {
         var cell = row.cells[col];
-        return numeric ? parseFloat(cell.getAttribute("data-v")) : cell.textContent;
+        return numeric ? parseFloat(cell.textContent.replace(/,/g, "")) : cell.textContent;
       };
       rows.sort(function (a, b) {
         var x = key(a), y = key(b);
@@ -149,15 +149,6 @@ def _when(ts: Any) -> str:
         return "\u2013"
 
 
-def _sort_value(value: Any) -> str:
-    """A numeric ``data-v`` for the sortable table (empty: sorts first)."""
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, (int, float)) and math.isfinite(value):
-        return repr(value)
-    return ""
-
-
 def _csp_hash(source: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(source.encode()).digest()).decode() + "'"
 
@@ -181,8 +172,9 @@ def _over(entry: Mapping[str, Any]) -> list[str]:
     return [n for n, d in (entry.get("detectors") or {}).items() if isinstance(d, Mapping) and d.get("flagged")]
 
 
-def summary_section(summary: Mapping[str, Any], anchors: Mapping[str, str]) -> str:
-    """Accepted and rejected events, clients and the flagged ones (linked to their timelines)."""
+def summary_section(summary: Mapping[str, Any], anchors: Mapping[str, str], max_listed: int = MAX_TIMELINES) -> str:
+    """Accepted and rejected events, clients and the flagged ones (the first ``max_listed`` by
+    risk, linked to their timelines)."""
     clients = summary.get("clients") or {}
     events = summary.get("events") or {}
     rejected = events.get("rejected") or {}
@@ -199,7 +191,7 @@ def summary_section(summary: Mapping[str, Any], anchors: Mapping[str, str]) -> s
         out.append("</table>")
     if flagged:
         out.append("<h3>Flagged clients</h3><ul id=flagged-list>")
-        for c in flagged:
+        for c in flagged[:max_listed]:
             entry = clients[c]
             name = f"<a href='#{anchors[c]}' class=id>{text(c)}</a>" if c in anchors else f"<span class=id>{text(c)}</span>"
             out.append(
@@ -207,6 +199,8 @@ def summary_section(summary: Mapping[str, Any], anchors: Mapping[str, str]) -> s
                 f" of {_num(entry.get('queries'))} by {text(', '.join(_over(entry)) or 'the verdict')}</li>"
             )
         out.append("</ul>")
+        if len(flagged) > max_listed:
+            out.append(f"<p class=note>{len(flagged) - max_listed:,} more flagged clients, in the table below.</p>")
     return "".join(out)
 
 
@@ -306,12 +300,12 @@ def _fmt(v: Any) -> str:
 
 
 def clients_table(summary: Mapping[str, Any], anchors: Mapping[str, str], max_rows: int = MAX_ROWS) -> str:
-    """The sortable table of clients (click a column head): flagged first, then by risk."""
+    """The sortable table of clients (click a column head; numbers sort by value): flagged first, then by risk."""
     clients = summary.get("clients") or {}
     order = sorted(clients, key=lambda c: (not clients[c].get("flagged"), -_float(clients[c].get("score")), c))
     out = [
         "<h2>Clients</h2><p class=note>Click a column head to sort.</p><table id=clients><thead><tr>"
-        "<th data-type=text>client</th><th data-type=num>queries</th><th data-type=num>flagged</th>"
+        "<th data-type=text>client</th><th data-type=num>queries</th><th data-type=text>flagged</th>"
         "<th data-type=num>first flagged at query</th><th data-type=num>risk</th><th data-type=text>detectors over threshold</th>"
         "</tr></thead><tbody>"
     ]
@@ -320,11 +314,8 @@ def clients_table(summary: Mapping[str, Any], anchors: Mapping[str, str], max_ro
         flagged = bool(e.get("flagged"))
         name = f"<a href='#{anchors[c]}'>{text(c)}</a>" if c in anchors else text(c)
         out.append(
-            f"<tr{' class=flagged' if flagged else ''}><td class=id>{name}</td>"
-            f"<td class=n data-v='{_sort_value(e.get('queries'))}'>{_num(e.get('queries'))}</td>"
-            f"<td data-v='{_sort_value(flagged)}'>{'yes' if flagged else 'no'}</td>"
-            f"<td class=n data-v='{_sort_value(e.get('first_flagged_query'))}'>{_num(e.get('first_flagged_query'))}</td>"
-            f"<td class=n data-v='{_sort_value(e.get('score'))}'>{_num(e.get('score'))}</td>"
+            f"<tr{' class=flagged' if flagged else ''}><td class=id>{name}</td><td>{_num(e.get('queries'))}</td>"
+            f"<td>{'yes' if flagged else 'no'}</td><td>{_num(e.get('first_flagged_query'))}</td><td>{_num(e.get('score'))}</td>"
             f"<td>{text(', '.join(_over(e)))}</td></tr>"
         )
     out.append("</tbody></table>")
@@ -335,21 +326,27 @@ def clients_table(summary: Mapping[str, Any], anchors: Mapping[str, str], max_ro
 
 # -- timelines ------------------------------------------------------------------------------
 def _path(xs: np.ndarray, ys: np.ndarray) -> str:
-    """An SVG path through the points, broken where ``ys`` is NaN; integer coordinates."""
+    """A compact SVG path through the points, broken where ``ys`` is NaN.
+
+    Integer coordinates, relative moves with implicit repetition (``M150 46l2 1 2-3``),
+    and the inner points of horizontal runs left out: a flat series costs a few bytes.
+    """
     ok = ~np.isnan(ys)
     if not ok.any():
         return ""
     xi = np.rint(xs).astype(np.int64)
     yi = np.rint(np.where(ok, ys, 0.0)).astype(np.int64)
     parts: list[str] = []
-    pen = False
-    for x, y, good in zip(xi.tolist(), yi.tolist(), ok.tolist()):
-        if not good:
-            pen = False
+    for seg in np.split(np.arange(xi.size), np.flatnonzero(np.diff(ok.astype(np.int8)) != 0) + 1):
+        if not ok[seg[0]]:
             continue
-        parts.append(f"{'L' if pen else 'M'}{x} {y}")
-        pen = True
-    return "".join(parts)
+        x, y = xi[seg], yi[seg]
+        keep = np.ones(x.size, dtype=bool)
+        keep[1:-1] = (y[1:-1] != y[:-2]) | (y[1:-1] != y[2:])
+        x, y = x[keep], y[keep]
+        moves = " ".join(f"{dx} {dy}" for dx, dy in zip(np.diff(x).tolist(), np.diff(y).tolist()))
+        parts.append(f"M{x[0]} {y[0]}" + (f"l{moves}" if moves else "h0"))
+    return "".join(parts).replace(" -", "-")
 
 
 def timeline_svg(tl: Timeline, thresholds: Mapping[str, float], verdict_inputs: Iterable[str] = (), queries: int | None = None) -> str:
@@ -470,7 +467,7 @@ def render_report(
             f"<h1>{text(title)}</h1>",
             f"<p class=note>Generated {_when(generated)} by monitaur-exporter {text(__version__)}. "
             "Derived values, client ids and times only: no model input is shown.</p>",
-            summary_section(summary, anchors),
+            summary_section(summary, anchors, max_timelines),
             profile_section(summary),
             timelines_section(summary, timelines, anchors),
             cross_client_section(summary),

@@ -21,7 +21,7 @@ from PIL import Image
 from exporter.config import Settings
 from exporter.demo import example_log
 from exporter.replay import replay
-from exporter.report_html import CSS, SCRIPT, render_client, render_report, replay_summary
+from exporter.report_html import CSS, SCRIPT, _path, render_client, render_report, replay_summary
 from exporter.timelines import Timeline, TimelineRecorder
 from tests.conftest import REPO
 
@@ -238,6 +238,26 @@ def test_replay_summary_takes_peers_and_thresholds_from_the_recorder(tmp_path: P
     assert "peers" not in replay_summary({**report, "groups": []}, rec, None)
 
 
+def test_paths_are_compact_and_exact() -> None:
+    """Relative moves, breaks at NaN, inner points of flat runs left out; decoding gives the points back."""
+    xs = np.arange(10.0) * 10
+    ys = np.array([5, 5, 5, 5, 7, np.nan, 3, 3, 2, 9], dtype=float)
+    d = _path(xs, ys)
+    assert d == "M0 5l30 0 10 2M60 3l10 0 10-1 10 7"
+    import re
+
+    points = []
+    for move, rel in re.findall(r"M(-?\d+ -?\d+)l?([-\d ]*)", d.replace("-", " -")):
+        x, y = map(int, move.split())
+        points.append((x, y))
+        nums = list(map(int, rel.split()))
+        for dx, dy in zip(nums[0::2], nums[1::2]):
+            x, y = x + dx, y + dy
+            points.append((x, y))
+    assert points == [(0, 5), (30, 5), (40, 7), (60, 3), (70, 3), (80, 2), (90, 9)]
+    assert _path(xs, np.full(10, np.nan)) == "" and _path(xs[:1], ys[:1]) == "M0 5h0"
+
+
 # -- a real browser ----------------------------------------------------------------------------
 @needs_chromium
 def test_chromium_renders_the_demo_report(tmp_path: Path) -> None:
@@ -266,6 +286,28 @@ def test_chromium_runs_no_injected_script(tmp_path: Path) -> None:
     assert "data-pwned" not in got.dom.replace("data-pwned'", "").replace("data-pwned',", "")
     assert "<img" not in got.dom and "<iframe" not in got.dom and got.dom.count("<script") == 1
     assert chromium.check_attributes(got.dom)["data-timelines"] == "3"
+
+
+@needs_chromium
+def test_the_table_sorts_in_the_browser(tmp_path: Path) -> None:
+    """Clicking a head sorts by it (numbers by value, the en dash lowest), again reverses.
+
+    The page's CSP admits only its own script, so the test copy drops it to add the clicks."""
+    summary, series = _summary_with("c1")
+    summary["clients"] = {f"c{i}": {**summary["clients"]["c1"], "queries": q, "flagged": False} for i, q in enumerate([5, 1_200, 30, 7])}
+    summary["clients"]["c9"] = {"queries": None, "flagged": False, "score": None, "detectors": {}}
+    source = render_report(summary, {})
+    source = source[: source.index("<meta http-equiv")] + source[source.index("<meta name=viewport") :]
+    clicks = (
+        "<script>var h=document.querySelectorAll('#clients th');h[1].click();var a=[...document.querySelectorAll('#clients tbody tr')]"
+        ".map(r=>r.cells[0].textContent).join();h[1].click();var b=[...document.querySelectorAll('#clients tbody tr')]"
+        ".map(r=>r.cells[0].textContent).join();document.body.setAttribute('data-order',a+'|'+b);</script>"
+    )
+    page = tmp_path / "sort.html"
+    page.write_text(source.replace("</body>", clicks + "</body>"))
+    got = chromium.render(page)
+    assert got.console == []
+    assert 'data-order="c9,c0,c3,c2,c1|c1,c2,c3,c0,c9"' in got.dom
 
 
 @needs_chromium
