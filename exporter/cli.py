@@ -68,11 +68,26 @@ def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     from exporter.replay import replay
 
+    profile = _profile(args, settings)
+    recorder = None
+    if args.html:
+        from exporter.timelines import TimelineRecorder
+
+        recorder = TimelineRecorder()
     try:
-        report = replay(settings, args.logs, profile=_profile(args, settings))
+        report = replay(settings, args.logs, profile=profile, observer=recorder, at_end=recorder.finish if recorder else None)
     except FileNotFoundError as exc:
         print(f"monitaur-exporter replay: {exc}", file=sys.stderr)
         return 2
+    if recorder is not None:
+        from exporter.report_html import write_replay_html
+
+        try:
+            size = write_replay_html(args.html, report, recorder, profile, getattr(args, "profile", None) or settings.profile)
+        except OSError as exc:
+            print(f"monitaur-exporter replay: cannot write {args.html}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        log.info("forensic report written to %s (%d bytes)", args.html, size)
     json.dump(report, sys.stdout, indent=None if args.compact else 2)
     sys.stdout.write("\n")
     return 0
@@ -115,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--config", metavar="FILE", help="YAML config (default: the embedded default)")
     rep.add_argument("--profile", metavar="PROFILE", help="calibration profile made by `calibrate`")
     rep.add_argument("--compact", action="store_true", help="print the report on one line")
+    rep.add_argument("--html", metavar="FILE", help="also write the forensic report as a self-contained HTML page")
     rep.add_argument("logs", nargs="+", metavar="LOG", help="JSON-lines log files or globs")
     rep.set_defaults(func=_cmd_replay)
 

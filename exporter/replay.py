@@ -16,10 +16,11 @@ from collections import Counter
 from contextlib import contextmanager
 from operator import attrgetter
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
 from exporter import reasons
 from exporter.config import Settings
+from exporter.detectors import Batch, Signals
 from exporter.events import Event, Rejected
 from exporter.pipeline import Pipeline
 from exporter.profile import Profile
@@ -181,9 +182,20 @@ def _merge(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
 
 
 def replay(
-    settings: Settings, paths: list[str], progress_stream: TextIO = sys.stderr, progress: bool | None = None, profile: Profile | None = None
+    settings: Settings,
+    paths: list[str],
+    progress_stream: TextIO = sys.stderr,
+    progress: bool | None = None,
+    profile: Profile | None = None,
+    observer: Callable[[Batch, str, Signals], None] | None = None,
+    at_end: Callable[[Pipeline], None] | None = None,
 ) -> dict[str, Any]:
-    """Replay the logs at ``paths`` (globs allowed) and return the report."""
+    """Replay the logs at ``paths`` (globs allowed) and return the report.
+
+    ``observer`` sees every detector's and the fusion's signals (``Pipeline(observer=...)``),
+    and ``at_end`` the pipeline once every event is judged: ``replay --html`` records its
+    timelines with them (:class:`exporter.timelines.TimelineRecorder`).
+    """
     files = existing_files(paths)
     names = list(settings.detector_params())
     report: dict[str, dict[str, Any]] = {}
@@ -193,12 +205,14 @@ def replay(
         prev = report.get(client.client_id)
         report[client.client_id] = _merge(prev, summary) if prev else summary
 
-    pipeline = Pipeline(settings, on_evict=keep, event_time=True, profile=profile)
+    pipeline = Pipeline(settings, on_evict=keep, event_time=True, profile=profile, observer=observer)
     bar = Progress(progress_stream, progress)
     rejected: Counter[str] = Counter()
     events = read_events(files, pipeline, settings.files.max_line_bytes, bar, rejected)
     run_blocks(pipeline, events, bar)
     bar.close()
+    if at_end is not None:
+        at_end(pipeline)
     for client in pipeline.store.values():
         keep(client, "end")
     return {
