@@ -819,7 +819,7 @@ def test_near_duplicate_mixed_modalities_compare_within_kind() -> None:
 
 def test_near_duplicate_params() -> None:
     p = NearDuplicateParams()
-    assert (p.window, p.min_events, p.flag_ratio, p.min_threshold) == (100, 20, 0.9, 0.3)
+    assert (p.window, p.min_events, p.flag_ratio, p.min_threshold) == (100, 40, 0.9, 0.3)
     assert (p.image_hamming_tolerance, p.text_hamming_tolerance, p.text_shingle, p.tabular_tolerance) == (8, 12, 4, 0.05)
     for bad in ({"image_hamming_tolerance": 65}, {"text_shingle": 0}, {"tabular_tolerance": 0}, {"window": 5, "min_events": 6}):
         with pytest.raises(ValidationError):

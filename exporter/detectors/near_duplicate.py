@@ -124,7 +124,7 @@ class NearDuplicateParams(WindowedParams):
     """Parameters of :class:`NearDuplicateDetector`."""
 
     window: int = Field(100, ge=1, le=10_000, description="How many of the client's last inputs are kept for comparison.")
-    min_events: int = Field(20, ge=1, description="Judged inputs needed in the window before the client can be flagged (<= window).")
+    min_events: int = Field(40, ge=1, description="Judged inputs needed in the window before the client can be flagged (<= window): 40, so that a short burst of form edits or sliders is not enough.")
     flag_ratio: float = Field(0.9, gt=0.0, le=1.0, description="Flag when at least this share of the window's inputs were near-duplicates.")
     min_threshold: float = Field(0.3, ge=0.0, le=1.0, description="Calibration never sets the threshold below this: what the detector can tell apart at best, whatever a small benign sample shows.")
     image_hamming_tolerance: int = Field(

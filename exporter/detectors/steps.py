@@ -52,7 +52,7 @@ class StepsParams(WindowedParams):
     window: int = Field(100, ge=1, le=100_000, description="How many of the client's last judged queries the share of steps is taken over.")
     min_events: int = Field(20, ge=1, description="Judged queries needed in the window before the client can be flagged (<= window).")
     threshold: float = Field(
-        0.3,
+        0.4,
         ge=0.0,
         le=1.0,
         description="Flag when at least this share of the window's queries was a sign step from an earlier query. Calibration overwrites it per model.",
