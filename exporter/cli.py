@@ -22,7 +22,8 @@ import threading  # noqa: E402
 from typing import Sequence  # noqa: E402
 
 from exporter import __version__  # noqa: E402
-from exporter.config import ConfigError, Settings, load_settings  # noqa: E402
+from exporter.config import ConfigError, Settings, load_settings, unknown_env_vars  # noqa: E402
+from exporter.detectors import enabled_detectors  # noqa: E402
 from exporter.profile import Profile, ProfileError  # noqa: E402
 from exporter.sim.cli import add_parser as add_simulate_parser  # noqa: E402
 from exporter.webconfig import WebConfigError  # noqa: E402
@@ -111,7 +112,7 @@ def _cmd_calibrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace, settings: Settings) -> int:
-    detectors = ", ".join(settings.detector_params()) or "none"
+    detectors = ", ".join(enabled_detectors(settings)) or "none"
     print(f"{args.file}: OK (detectors: {detectors}; tailing: {', '.join(settings.files.paths) or 'nothing'})")
     return 0
 
@@ -153,10 +154,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = getattr(args, "config", None) or getattr(args, "file", None)
     try:
         settings = load_settings(path)
+        enabled_detectors(settings)  # detector parameters, plugins and fusion.inputs: fail here, at start-up
     except ConfigError as exc:
-        print(f"monitaur-exporter: invalid configuration{f' in {path}' if path else ''}:\n{exc}", file=sys.stderr)
+        if exc.file is None and path:
+            exc.file = str(path)
+        print(f"monitaur-exporter: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
     _setup_logging(settings)
+    for name in unknown_env_vars():
+        log.warning("environment variable %s names no configuration key; it is ignored (keys: %s)", name, ", ".join(Settings.model_fields))
     try:
         return int(args.func(args, settings))
     except ProfileError as exc:

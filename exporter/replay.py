@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, TextIO
 
 from exporter import reasons
 from exporter.config import Settings
-from exporter.detectors import Batch, Signals
+from exporter.detectors import Batch, Signals, enabled_detectors
 from exporter.events import Event, Rejected
 from exporter.pipeline import Pipeline
 from exporter.profile import Profile
@@ -197,7 +197,7 @@ def replay(
     timelines with them (:class:`exporter.timelines.TimelineRecorder`).
     """
     files = existing_files(paths)
-    names = list(settings.detector_params())
+    names = list(enabled_detectors(settings))
     report: dict[str, dict[str, Any]] = {}
 
     def keep(client: ClientState, reason: str) -> None:
