@@ -47,7 +47,7 @@ benign client's lifetime maximum of every detector, and sets all thresholds join
    derived, and that distribution-free bound. Both hold for clients like the
    calibration clients: a benign behaviour the calibration data does not contain is not
    covered, which is why the benchmark also measures held-out behaviours and another
-   traffic family (README, Detection).
+   traffic family (docs/detection.md).
 """
 
 from __future__ import annotations

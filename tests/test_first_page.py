@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import re
 import json
 import os
 import shutil
@@ -159,3 +160,20 @@ def test_test_notification_reaches_slack_and_email(tmp_path: Path) -> None:
         log.close()
         slack.close()
         mail.close()
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="needs docker-compose (Debian package docker-compose; .ci/run installs it)")
+def test_the_own_logs_override_of_the_guide_is_valid_compose(tmp_path: Path) -> None:
+    """docs/zero-to-first-page.md, "Your own logs": its docker-compose.override.yml replaces the demo's log volume."""
+    text = (REPO / "docs" / "zero-to-first-page.md").read_text(encoding="utf-8")
+    [override] = [block for block in re.findall(r"```yaml\n(.*?)```", text, re.S) if block.startswith("services:")]
+    shutil.copy(REPO / "docker-compose.yml", tmp_path / "docker-compose.yml")
+    (tmp_path / "docker-compose.override.yml").write_text(override)
+    run = subprocess.run(["docker-compose", "config"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    exporter = yaml.safe_load(run.stdout)["services"]["exporter"]
+    mounts = [v if isinstance(v, str) else f"{v.get('source')}:{v['target']}" for v in exporter["volumes"]]
+    on_logs = [m for m in mounts if ":/var/log/monitaur" in m]
+    assert len(on_logs) == 1 and on_logs[0].startswith("/var/log/myapi:"), mounts
+    assert exporter["environment"]["MONITAUR_FILES__PATHS"] == "/var/log/monitaur/predictions*.jsonl"
+    assert exporter["environment"]["MONITAUR_PUSH__TOKENS_FILE"] == "/run/secrets/push_tokens"  # the rest is kept

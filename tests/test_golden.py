@@ -7,7 +7,7 @@ exactly; scores and detector values within ``TOLERANCE`` (so that a BLAS or nump
 version's last digits do not fail it). After a change to detection that is meant to
 change verdicts, regenerate the reports and review their diff:
 
-    MONITAUR_UPDATE_GOLDEN=1 .venv/bin/python -m pytest -q tests/test_golden.py && git diff --stat tests/golden
+    UPDATE_GOLDEN=1 .venv/bin/python -m pytest -q tests/test_golden.py && git diff --stat tests/golden
 
 The logs (tests/golden/README.md says how they were made) stay fixed.
 """
@@ -29,7 +29,7 @@ from tests.conftest import REPO
 GOLDEN = REPO / "tests" / "golden"
 LOGS = sorted(p.name.removesuffix(".jsonl.gz") for p in GOLDEN.glob("*.jsonl.gz"))
 TOLERANCE = 1e-4
-UPDATE = os.environ.get("MONITAUR_UPDATE_GOLDEN") == "1"
+UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
 
 
 def render(report: dict[str, Any]) -> str:
@@ -57,14 +57,14 @@ def test_replay_report_matches_the_golden_one(name: str) -> None:
     if UPDATE:
         golden.write_text(render(report), encoding="utf-8")
         return
-    assert golden.is_file(), f"no {golden.name}: create it with MONITAUR_UPDATE_GOLDEN=1 (see this module's docstring)"
+    assert golden.is_file(), f"no {golden.name}: create it with UPDATE_GOLDEN=1 (see this module's docstring)"
     expected = json.loads(golden.read_text(encoding="utf-8"))
     problems = differences(expected, report)
     if problems:
         diff = "".join(difflib.unified_diff(golden.read_text(encoding="utf-8").splitlines(True), render(report).splitlines(True),
                                             f"{name}.report.json (golden)", f"{name} (this code)", n=2))
         pytest.fail(f"{len(problems)} differences from {golden.name}, e.g. {problems[:5]}; if intended, regenerate "
-                    f"(MONITAUR_UPDATE_GOLDEN=1, see tests/test_golden.py) and review the diff:\n{diff[:6000]}")
+                    f"(UPDATE_GOLDEN=1, see tests/test_golden.py) and review the diff:\n{diff[:6000]}")
 
 
 def test_golden_comparison_can_fail() -> None:
