@@ -17,6 +17,7 @@ import tracemalloc
 import numpy as np
 
 from exporter.config import load_settings
+from exporter.detectors import enabled_detectors
 from exporter.metrics import Metrics
 from exporter.pipeline import Pipeline
 
@@ -48,9 +49,9 @@ def main() -> int:
     args = ap.parse_args()
     settings = load_settings(args.config)
     settings.state.max_clients = max(settings.state.max_clients, args.clients)
-    windows = [getattr(params, "window", 0) for _, params in settings.detector_params().values()]
+    windows = [getattr(params, "window", 0) for _, params in enabled_detectors(settings).values()]
     per_client = args.events or max(windows + [1])
-    p = Pipeline(settings, Metrics(settings.detector_params()))
+    p = Pipeline(settings, Metrics(enabled_detectors(settings)))
     rng = np.random.default_rng(0)
     probs = np.full(10, 0.1).tolist()
 
@@ -69,7 +70,7 @@ def main() -> int:
     tracemalloc.stop()
     n = len(p.store)
     result = {
-        "detectors": list(settings.detector_params()),
+        "detectors": list(enabled_detectors(settings)),
         "dim": args.dim,
         "events_per_client": per_client,
         "clients": args.clients,

@@ -28,6 +28,7 @@ import numpy as np
 
 from exporter.baseline import BaselinePlan
 from exporter.config import Settings
+from exporter.detectors import enabled_detectors
 from exporter.detectors.fingerprint import FingerprintDetector, FingerprintParams
 from exporter.metrics import Metrics
 from exporter.pipeline import Pipeline
@@ -58,7 +59,7 @@ def _traced(fn) -> int:  # type: ignore[no-untyped-def]
 
 def measure(dim: int, models: int, events: int, clients: int, k: int = 10) -> dict[str, float]:
     settings = Settings(state={"dir": None, "max_clients": 100_000}, model_admission={"max_models": models + 2})
-    p = Pipeline(settings, Metrics(settings.detector_params()))
+    p = Pipeline(settings, Metrics(enabled_detectors(settings)))
     rng = np.random.default_rng(dim)
     probs = (np.full(k, 1.0 / k)).tolist()
 

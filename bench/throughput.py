@@ -27,6 +27,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from exporter.config import load_settings  # noqa: E402
+from exporter.detectors import enabled_detectors  # noqa: E402
 from exporter.demo import DigitsLike, _line  # noqa: E402
 from exporter.pipeline import Pipeline  # noqa: E402
 from exporter.replay import Progress, read_events, replay  # noqa: E402
@@ -72,7 +73,7 @@ def main() -> int:
     result = {
         "events": args.events,
         "clients": args.clients,
-        "detectors": list(settings.detector_params()),
+        "detectors": list(enabled_detectors(settings)),
         "calibrated": profile is not None,
         "parse_only_events_per_s": round(args.events / min(parse)),
         "replay_events_per_s": round(args.events / min(full)),

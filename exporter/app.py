@@ -15,6 +15,7 @@ from typing import Callable
 
 from exporter import webconfig
 from exporter.config import Settings
+from exporter.detectors import enabled_detectors
 from exporter.health import Health, HealthCheck, HealthCollector
 from exporter.metrics import Metrics
 from exporter.persist import Checkpointer
@@ -49,7 +50,7 @@ class App:
 
     def __init__(self, settings: Settings, profile: Profile | None = None) -> None:
         self.settings = settings
-        self.metrics = Metrics(settings.detector_params())
+        self.metrics = Metrics(enabled_detectors(settings))
         self.pipeline = Pipeline(settings, self.metrics, profile=profile)
         self.tailer = Tailer(settings.files, self._sink, self.metrics, self.pipeline.reject, logging.getLogger("monitaur.tailer"))
         self._stop = threading.Event()

@@ -47,7 +47,7 @@ benign client's lifetime maximum of every detector, and sets all thresholds join
    derived, and that distribution-free bound. Both hold for clients like the
    calibration clients: a benign behaviour the calibration data does not contain is not
    covered, which is why the benchmark also measures held-out behaviours and another
-   traffic family (README, Detection).
+   traffic family (docs/detection.md).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from exporter.config import Settings
-from exporter.detectors import Batch, ModelContext, Signals
+from exporter.detectors import Batch, ModelContext, Signals, enabled_detectors
 from exporter.detectors.base import Reference
 from exporter.detectors.kit import Scaling, winsorize
 from exporter.events import Event
@@ -141,7 +141,7 @@ def fold_of(client: str) -> int:
 
 def _fit_model(settings: Settings, model: str, events: list[Event], rng: np.random.Generator) -> ModelProfile:
     """A model's reference statistics from ``events`` (and the feature scaling learned with them)."""
-    specs = settings.detector_params()
+    specs = enabled_detectors(settings)
     first = events[0]
     limit = settings.calibration.max_reference_samples
     pick = events if len(events) <= limit else [events[i] for i in np.sort(rng.choice(len(events), limit, replace=False))]
@@ -188,7 +188,7 @@ def calibrate(settings: Settings, paths: list[str], progress_stream: TextIO = sy
     if not raw:
         raise ValueError("the calibration logs hold no valid events")
     events, structured = sessions(raw, rng)
-    specs = settings.detector_params()
+    specs = enabled_detectors(settings)
 
     # Step 2: out-of-fold lifetime maxima.
     maxima: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))

@@ -22,7 +22,9 @@ import threading  # noqa: E402
 from typing import Sequence  # noqa: E402
 
 from exporter import __version__  # noqa: E402
-from exporter.config import ConfigError, Settings, load_settings  # noqa: E402
+from exporter.config import ConfigError, Settings, load_settings, unknown_env_vars  # noqa: E402
+from exporter.detectors import enabled_detectors  # noqa: E402
+from exporter.inputs import InputError  # noqa: E402
 from exporter.profile import Profile, ProfileError  # noqa: E402
 from exporter.sim.cli import add_parser as add_simulate_parser  # noqa: E402
 from exporter.webconfig import WebConfigError  # noqa: E402
@@ -76,7 +78,7 @@ def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         recorder = TimelineRecorder()
     try:
         report = replay(settings, args.logs, profile=profile, observer=recorder, at_end=recorder.finish if recorder else None)
-    except FileNotFoundError as exc:
+    except InputError as exc:
         print(f"monitaur-exporter replay: {exc}", file=sys.stderr)
         return 2
     if recorder is not None:
@@ -98,7 +100,7 @@ def _cmd_calibrate(args: argparse.Namespace, settings: Settings) -> int:
 
     try:
         profile, summary = calibrate(settings, args.logs)
-    except FileNotFoundError as exc:
+    except InputError as exc:
         print(f"monitaur-exporter calibrate: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:
@@ -111,7 +113,7 @@ def _cmd_calibrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace, settings: Settings) -> int:
-    detectors = ", ".join(settings.detector_params()) or "none"
+    detectors = ", ".join(enabled_detectors(settings)) or "none"
     print(f"{args.file}: OK (detectors: {detectors}; tailing: {', '.join(settings.files.paths) or 'nothing'})")
     return 0
 
@@ -131,13 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--profile", metavar="PROFILE", help="calibration profile made by `calibrate`")
     rep.add_argument("--compact", action="store_true", help="print the report on one line")
     rep.add_argument("--html", metavar="FILE", help="also write the forensic report as a self-contained HTML page")
-    rep.add_argument("logs", nargs="+", metavar="LOG", help="JSON-lines log files or globs")
+    rep.add_argument("logs", nargs="+", metavar="LOG",
+                     help="JSON-lines logs: files (plain, gzip, bzip2 or xz), globs or directories (every file within, in path order)")
     rep.set_defaults(func=_cmd_replay)
 
     cal = sub.add_parser("calibrate", help="learn reference statistics and thresholds from benign logs")
     cal.add_argument("--config", metavar="FILE", help="YAML config (default: the embedded default)")
     cal.add_argument("--out", metavar="PROFILE", required=True, help="where to write the profile")
-    cal.add_argument("logs", nargs="+", metavar="LOG", help="benign JSON-lines logs (or training data written as events)")
+    cal.add_argument("logs", nargs="+", metavar="LOG",
+                     help="benign JSON-lines logs (or training data written as events): files (plain or compressed), globs or directories")
     cal.set_defaults(func=_cmd_calibrate)
 
     add_simulate_parser(sub)
@@ -153,10 +157,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = getattr(args, "config", None) or getattr(args, "file", None)
     try:
         settings = load_settings(path)
+        enabled_detectors(settings)  # detector parameters, plugins and fusion.inputs: fail here, at start-up
     except ConfigError as exc:
-        print(f"monitaur-exporter: invalid configuration{f' in {path}' if path else ''}:\n{exc}", file=sys.stderr)
+        if exc.file is None and path:
+            exc.file = str(path)
+        print(f"monitaur-exporter: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
     _setup_logging(settings)
+    for name in unknown_env_vars():
+        log.warning("environment variable %s names no configuration key; it is ignored (keys: %s)", name, ", ".join(Settings.model_fields))
     try:
         return int(args.func(args, settings))
     except ProfileError as exc:

@@ -1,20 +1,33 @@
 """Configuration: one YAML file, overridable key by key with ``MONITAUR_*`` variables.
 
-Everything is validated here and only here, including each detector's parameters (by
-the detector's own ``Params`` model), so a bad config fails at start-up with the
-offending key named, never later inside the pipeline. The defaults of :class:`Settings`
-*are* the embedded default configuration.
+The settings are plain data, validated here, so a bad config fails at start-up with the
+offending key and its source named (the config file, or the environment variable),
+never later inside the pipeline. The defaults of :class:`Settings` *are* the embedded
+default configuration. The ``detectors`` section is a mapping of parameters that this
+module does not interpret: :func:`exporter.detectors.enabled_detectors` resolves it
+against the detector registry (and checks ``fusion.inputs``) where a pipeline is built,
+and the CLI calls it at start-up too, so detector errors fail as early.
+
+Environment variables (:func:`env_overrides`): ``MONITAUR_<KEY>__<SUBKEY>...``, merged
+into the file key by key. An empty value means "unset" (the file or default applies);
+``null`` sets a key to none (``MONITAUR_STATE__DIR=null`` disables state); a value that
+starts with ``[`` or ``{`` is read as JSON when it parses; a variable that names no
+top-level key is reported by :func:`unknown_env_vars` (a warning, not an error: other
+tools may share the prefix), while an unknown key below a known one is an error.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from exporter.names import MAX_MODEL_LENGTH, is_valid_name
@@ -22,8 +35,35 @@ from exporter.names import MAX_MODEL_LENGTH, is_valid_name
 DEFAULT_PORT = 9717
 
 
+ENV_PREFIX = "MONITAUR_"
+ENV_NESTING = "__"
+ENV_NULL = "null"
+
+
 class ConfigError(Exception):
-    """A configuration that cannot be used; the message names the key and what is expected."""
+    """A configuration that cannot be used; each problem names its key, its source and what is expected.
+
+    ``problems`` are ``(dotted key, message)`` pairs; ``file`` is the config file, if any.
+    The message of the exception attributes each problem to the environment variable
+    that set the key (or one above it), else to the config file (:meth:`describe`).
+    """
+
+    def __init__(self, problems: list[tuple[str, str]] | str, file: str | os.PathLike[str] | None = None) -> None:
+        self.problems = [("", problems)] if isinstance(problems, str) else list(problems)
+        self.file = None if file is None else str(file)
+        super().__init__(self.describe())
+
+    def describe(self, environ: Mapping[str, str] | None = None) -> str:
+        """One line per problem: ``<source>: <key>: <message>``."""
+        origins = env_overrides(os.environ if environ is None else environ)[1]
+        lines = []
+        for key, msg in self.problems:
+            where = source_of(key, origins, self.file, msg)
+            lines.append(": ".join(part for part in (where, key, msg) if part))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.describe()
 
 
 class _Section(BaseModel):
@@ -253,7 +293,8 @@ class CalibrationConfig(_Section):
 class Settings(BaseSettings):
     """The whole configuration. ``Settings()`` is the embedded default."""
 
-    model_config = SettingsConfigDict(env_prefix="MONITAUR_", env_nested_delimiter="__", extra="forbid")
+    # The environment is read by _EnvSource (MONITAUR_<KEY>__<SUBKEY>), not by pydantic-settings' own source.
+    model_config = SettingsConfigDict(extra="forbid")
 
     listen: ListenConfig = Field(default_factory=ListenConfig)
     push: PushConfig = Field(default_factory=PushConfig)
@@ -274,8 +315,6 @@ class Settings(BaseSettings):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    _detector_params: dict[str, Any] = PrivateAttr(default_factory=dict)
-
     @classmethod
     def settings_customise_sources(
         cls,
@@ -286,7 +325,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The YAML file arrives as init kwargs; the environment overrides it key by key.
-        return (env_settings, init_settings)
+        return (_EnvSource(settings_cls), init_settings)
 
     @field_validator("default_timezone")
     @classmethod
@@ -315,17 +354,7 @@ class Settings(BaseSettings):
                     f"push is enabled and listen.host {self.listen.host!r} is not loopback: bearer tokens are required "
                     "(set push.tokens_file or MONITAUR_PUSH__TOKENS), or disable push"
                 )
-        from exporter.detectors import resolve_detectors
-
-        self._detector_params = resolve_detectors(self.detectors, self.plugins)
-        unknown = [name for name in self.fusion.inputs or [] if name not in self._detector_params]
-        if unknown:
-            raise ValueError(f"fusion.inputs: {', '.join(unknown)} is not an enabled detector; enabled: {', '.join(self._detector_params)}")
         return self
-
-    def detector_params(self) -> dict[str, Any]:
-        """Enabled detectors in run order: name -> validated ``Params`` instance."""
-        return dict(self._detector_params)
 
 
 def _prod(shape: tuple[int, ...]) -> int:
@@ -335,14 +364,98 @@ def _prod(shape: tuple[int, ...]) -> int:
     return out
 
 
+def validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
+    """``(dotted key, what is expected)`` per problem of a pydantic error."""
+    return [(".".join(str(p) for p in err["loc"]), err["msg"].removeprefix("Value error, ")) for err in exc.errors()]
+
+
 def format_validation_error(exc: ValidationError) -> str:
     """One line per problem: the dotted key, then what is expected."""
-    lines = []
-    for err in exc.errors():
-        msg = err["msg"].removeprefix("Value error, ")
-        key = ".".join(str(p) for p in err["loc"])
-        lines.append(f"{key}: {msg}" if key else msg)
-    return "\n".join(lines)
+    return "\n".join(f"{key}: {msg}" if key else msg for key, msg in validation_problems(exc))
+
+
+# -- environment ---------------------------------------------------------------------
+def _env_value(text: str) -> Any:
+    """An environment value: ``null`` is None; JSON arrays and objects are decoded when
+    they parse (else the text is kept, e.g. a regular expression ``[a-z]+``); anything
+    else stays a string for the field to validate (``"9800"`` -> 9800)."""
+    if text == ENV_NULL:
+        return None
+    if text[:1] in "[{":
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+    return text
+
+
+def env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str], list[str]]:
+    """Read ``MONITAUR_*`` variables: (nested overrides, key path -> variable, unknown variables).
+
+    ``MONITAUR_STATE__DIR=/x`` gives ``{"state": {"dir": "/x"}}``. Empty values are
+    skipped (unset). A variable whose first key is not a top-level key of :class:`Settings`
+    is returned as unknown, and left out of the overrides.
+    """
+    data: dict[str, Any] = {}
+    origins: dict[tuple[str, ...], str] = {}
+    unknown: list[str] = []
+    for name in sorted(environ):
+        if not name.upper().startswith(ENV_PREFIX) or environ[name] == "":
+            continue
+        path = tuple(part.lower() for part in name[len(ENV_PREFIX):].split(ENV_NESTING))
+        if path[0] not in Settings.model_fields or not all(path):
+            unknown.append(name)
+            continue
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):  # MONITAUR_STATE={"dir": ...} and MONITAUR_STATE__DIR: the deeper one wins
+                child = node[part] = {}
+            node = child
+        node[path[-1]] = _env_value(environ[name])
+        origins[path] = name
+    return data, origins, unknown
+
+
+def unknown_env_vars(environ: Mapping[str, str] | None = None) -> list[str]:
+    """``MONITAUR_*`` variables that name no configuration key (they are ignored)."""
+    return env_overrides(os.environ if environ is None else environ)[2]
+
+
+_DOTTED_KEY = re.compile(r"\b[a-z_]+(?:\.[a-z_]+)+\b")
+
+
+def source_of(key: str, origins: Mapping[tuple[str, ...], str], file: str | None, message: str = "") -> str:
+    """Where a dotted key's value comes from: the environment variable that set it or a
+    key above it, else the config file, else "" (the embedded default).
+
+    A problem without a key (a check across keys) is attributed to the variables that
+    set the keys its message names, if any.
+    """
+    keys = [key] if key else _DOTTED_KEY.findall(message)
+    found: list[str] = []
+    for k in keys:
+        path = tuple(k.split("."))
+        for n in range(len(path), 0, -1):
+            if path[:n] in origins:
+                found.append(origins[path[:n]])
+                break
+    if found:
+        names = list(dict.fromkeys(found))
+        return f"environment variable{'s' if len(names) > 1 else ''} {', '.join(names)}"
+    if file is not None:
+        return f"config file {file!r}"
+    return ""
+
+
+class _EnvSource(PydanticBaseSettingsSource):
+    """The ``MONITAUR_*`` variables as a settings source (see :func:`env_overrides`)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # required by the base class; unused
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return env_overrides(os.environ)[0]
 
 
 def load_settings(path: Path | str | None = None) -> Settings:
@@ -355,8 +468,9 @@ def load_settings(path: Path | str | None = None) -> Settings:
         p = Path(path)
         try:
             text = p.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {str(p)!r}: {exc.strerror or exc}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc
+            raise ConfigError(f"cannot read config file {str(p)!r}: {why}") from None
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -372,4 +486,4 @@ def load_settings(path: Path | str | None = None) -> Settings:
     try:
         return Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc)) from None
+        raise ConfigError(validation_problems(exc), file=path) from None

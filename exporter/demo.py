@@ -6,14 +6,24 @@ benign clients that send natural inputs, and attackers whose traffic the core de
 should see (boundary probing, exact-repeat floods, tiny-perturbation searches).
 The extraction benchmark in ``bench/detection`` uses real datasets instead.
 
-Usage: ``python -m exporter.demo > logs/example.jsonl``
+Usage: ``python -m exporter.demo [--seed N] > logs/example.jsonl``
+
+Without ``--seed``, every run draws new traffic (the seed comes from the clock) and
+every client id ends with a tag of that seed (``scraper-repeat-3fa9c1``): the exporter
+keeps each client's state across restarts, so a second run that re-sent the same
+inputs under the same ids would look like every benign app repeating itself. The
+world (the prototypes and the victim) is the same in every run, so the exporter's
+learned reference stays valid. ``--seed 0`` gives the fixed log the tests and the
+golden reports use (ids without a tag).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
-from typing import Iterator
+import time
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -79,9 +89,12 @@ def benign_log(seed: int, clients: int, per_client: int = 60, start: float = 176
     return to_lines(world, benign_rows(world, np.random.default_rng(seed), clients, per_client, start, "cal-"))
 
 
-def example_log(seed: int = 0, benign_clients: int = 20, per_client: int = 60, start: float = 1764097200.0) -> Iterator[str]:
-    """Benign traffic from 20 apps (enough for the live baseline to learn the model), plus three attackers, in time order."""
-    world = DigitsLike(seed)
+def example_log(seed: int = 0, benign_clients: int = 20, per_client: int = 60, start: float = 1764097200.0, tag: str = "") -> Iterator[str]:
+    """Benign traffic from 20 apps (enough for the live baseline to learn the model), plus three attackers, in time order.
+
+    The world is always ``DigitsLike(0)``; ``seed`` draws the traffic; ``tag`` is appended to every client id.
+    """
+    world = DigitsLike(0)
     rng = np.random.default_rng(seed + 1)
     rows = benign_rows(world, rng, benign_clients, per_client, start)
     # boundary prober: midpoints between two classes' prototypes
@@ -95,12 +108,26 @@ def example_log(seed: int = 0, benign_clients: int = 20, per_client: int = 60, s
     base = world.sample(rng, 1)[0]
     steps = np.clip(base + rng.normal(0, 0.05, (per_client, DIM)).cumsum(axis=0) * 0.1, 0, 16)
     rows += [(t, "scraper-search", xi) for t, xi in zip(start + np.sort(rng.uniform(0, 600, per_client)), steps)]
+    if tag:
+        rows = [(t, f"{client}-{tag}", x) for t, client, x in rows]
     yield from to_lines(world, rows)
 
 
-def main() -> int:
-    for line in example_log():
-        sys.stdout.write(line + "\n")
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m exporter.demo", description="Write a demo log (20 benign apps, 3 scrapers) to stdout.")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="fixed traffic and plain client ids (default: new traffic each run, ids tagged with the seed)")
+    args = parser.parse_args(argv)
+    if args.seed is None:
+        seed = time.time_ns() % (1 << 24)
+        lines = example_log(seed, tag=f"{seed:06x}")
+    else:
+        lines = example_log(args.seed)
+    try:
+        for line in lines:
+            sys.stdout.write(line + "\n")
+    except BrokenPipeError:  # `| head`
+        pass
     return 0
 
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from exporter import persist, reasons
 from exporter.baseline import BaselinePlan
-from exporter.detectors import Batch, Signals
+from exporter.detectors import Batch, Signals, enabled_detectors
 from exporter.detectors.base import Block, Detector, State
 from exporter.events import Decoder, Event, Rejected
 from exporter.fusion import FUSION
@@ -69,7 +69,7 @@ class Pipeline:
         plan: BaselinePlan = BaselinePlan(),
     ) -> None:
         self.settings = settings
-        self.specs = settings.detector_params()
+        self.specs = enabled_detectors(settings)
         self.metrics = metrics or Metrics(self.specs)
         self.clock = clock
         self.event_time = event_time  # replay: a batch's last event time is "now"

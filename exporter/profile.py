@@ -20,6 +20,7 @@ import numpy as np
 
 from exporter.atomic import atomic_write_bytes
 from exporter.config import Settings
+from exporter.detectors import enabled_detectors
 from exporter.snapshot import pack, unpack
 
 log = logging.getLogger("monitaur.profile")
@@ -96,7 +97,7 @@ class Profile:
     def check(self, settings: Settings) -> list[str]:
         """Raise :class:`ProfileError` where the profile contradicts the config; return warnings."""
         warnings: list[str] = []
-        specs = settings.detector_params()
+        specs = enabled_detectors(settings)
         for name, mp in self.models.items():
             mcfg = settings.models.get(name)
             if mcfg is not None:

@@ -8,7 +8,7 @@ and reports per client when and by which detectors it was first flagged.
 from __future__ import annotations
 
 import gc
-import glob
+import logging
 import os
 import sys
 import time
@@ -20,12 +20,15 @@ from typing import Any, Callable, Iterator, TextIO
 
 from exporter import reasons
 from exporter.config import Settings
-from exporter.detectors import Batch, Signals
+from exporter.detectors import Batch, Signals, enabled_detectors
 from exporter.events import Event, Rejected
+from exporter.fit import fit_warnings
+from exporter.inputs import log_files, open_log
 from exporter.pipeline import Pipeline
 from exporter.profile import Profile
 from exporter.state import ClientState
 
+log = logging.getLogger("monitaur.replay")
 
 # Events handed to the pipeline at once. Each client's events of a block form one batch, in
 # order, and batches of a few hundred events are where numpy pays: 262,144 replays 100k
@@ -62,23 +65,9 @@ class Progress:
 
 
 def existing_files(paths: list[str]) -> list[Path]:
-    """Expand globs and check every file exists (FileNotFoundError names the first missing one)."""
-    files = expand(paths)
-    for f in files:
-        if not f.is_file():
-            raise FileNotFoundError(f"no such log file: {f}")
-    if not files:
-        raise FileNotFoundError(f"no log file matches {' '.join(paths)}")
-    return files
-
-
-def expand(paths: list[str]) -> list[Path]:
-    """Expand globs; keep plain paths as given so a missing file gets a clear error."""
-    out: list[Path] = []
-    for p in paths:
-        matches = sorted(glob.glob(p)) if any(ch in p for ch in "*?[") else [p]
-        out.extend(Path(m) for m in matches)
-    return out
+    """Files, globs and directories -> the files to read, in order (:func:`exporter.inputs.log_files`;
+    :class:`~exporter.inputs.InputError` names what is missing or unreadable)."""
+    return log_files(paths)
 
 
 @contextmanager
@@ -112,9 +101,9 @@ def _read_events(paths: list[Path], pipeline: Pipeline, max_line: int, progress:
     decode = pipeline.decoder.decode_line
     for path in paths:
         last_ts = 0.0  # an event without a timestamp keeps its place after the one before it
-        with open(path, "rb") as fh:
+        before = done
+        with open_log(path) as (fh, position):  # plain or compressed; InputError if not text
             for line in fh:
-                done += len(line)
                 if line.isspace():  # blank (the file iterator never yields b""); no copy, unlike strip()
                     continue
                 if len(line) > max_line:
@@ -130,7 +119,8 @@ def _read_events(paths: list[Path], pipeline: Pipeline, max_line: int, progress:
                 last_ts = event.ts
                 events.append(event)
                 if len(events) % 1000 == 0:
-                    progress.update("reading", done, total, "bytes", len(events))
+                    progress.update("reading", before + position(), total, "bytes", len(events))
+        done = before + os.path.getsize(path)
     progress.update("reading", total, total, "bytes", len(events))
     events.sort(key=attrgetter("ts"))  # stable: equal timestamps keep file order
     return events
@@ -197,7 +187,7 @@ def replay(
     timelines with them (:class:`exporter.timelines.TimelineRecorder`).
     """
     files = existing_files(paths)
-    names = list(settings.detector_params())
+    names = list(enabled_detectors(settings))
     report: dict[str, dict[str, Any]] = {}
 
     def keep(client: ClientState, reason: str) -> None:
@@ -209,13 +199,17 @@ def replay(
     bar = Progress(progress_stream, progress)
     rejected: Counter[str] = Counter()
     events = read_events(files, pipeline, settings.files.max_line_bytes, bar, rejected)
+    warnings = fit_warnings(profile, events, rejected) if profile is not None else []
     run_blocks(pipeline, events, bar)
     bar.close()
     if at_end is not None:
         at_end(pipeline)
     for client in pipeline.store.values():
         keep(client, "end")
+    for w in warnings:
+        log.warning("%s", w)
     return {
         "clients": dict(sorted(report.items())),
         "events": {"accepted": len(events), "rejected": dict(sorted(rejected.items()))},
+        **({"warnings": warnings} if warnings else {}),
     }

@@ -20,6 +20,7 @@ import numpy as np
 from exporter.baseline import Baseline, BaselinePlan
 from exporter import reasons
 from exporter.config import ModelAdmissionConfig, ModelConfig, Settings
+from exporter.detectors import enabled_detectors
 from exporter.detectors.base import Detector, ModelContext, Reference, State
 from exporter.detectors.kit import Scaling, winsorize
 from exporter.fusion import Fusion
@@ -149,7 +150,7 @@ class Runtimes:
     def __init__(self, settings: Settings, metrics: Metrics, profile: Profile | None, shape: Callable[[str], Shape],
                  plan: BaselinePlan = BaselinePlan()) -> None:
         self.settings = settings
-        self.specs = settings.detector_params()
+        self.specs = enabled_detectors(settings)
         self.metrics = metrics
         self.profile = profile
         self._shape = shape

@@ -10,6 +10,7 @@ import pytest
 
 from exporter import reasons
 from exporter.config import ConfigError, Settings, load_settings
+from exporter.detectors import enabled_detectors
 from exporter.events import Decoder, Rejected
 from exporter.metrics import Metrics
 from exporter.pipeline import Pipeline
@@ -25,7 +26,7 @@ def line(model: str, client: str = "c", dim: int = 4, k: int = 3) -> str:
 
 def pipeline(**kw: object) -> Pipeline:
     settings = Settings(state={"dir": None}, **kw)  # type: ignore[arg-type]
-    return Pipeline(settings, Metrics(settings.detector_params()))
+    return Pipeline(settings, Metrics(enabled_detectors(settings)))
 
 
 def rejected(p: Pipeline, reason: str) -> float:

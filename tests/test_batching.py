@@ -18,6 +18,7 @@ from exporter import replay as replay_module
 from exporter.app import App
 from exporter.calibrate import calibrate
 from exporter.config import Settings
+from exporter.detectors import enabled_detectors
 from exporter.profile import Profile
 from exporter.replay import _summary, replay
 from exporter.sim import Population, build_world, simulate
@@ -86,7 +87,7 @@ def test_a_live_run_gives_the_verdicts_of_a_replay(logs, tmp_path: Path) -> None
             pos += step
             app.tailer.poll_once()
     app.tailer.poll_once()
-    names = list(app.settings.detector_params())
+    names = list(enabled_detectors(app.settings))
     live = {c.client_id: _summary(c, names) for c in app.pipeline.store.values()}
     app.tailer.close()
     expected = replay(settings(), [str(log)], progress=False)["clients"]

@@ -12,6 +12,7 @@ import pytest
 
 from exporter.calibrate import fold_of, sessions, tail_threshold
 from exporter.config import Settings
+from exporter.detectors import enabled_detectors
 from exporter.demo import benign_log, example_log
 from exporter.profile import Profile, ProfileError
 from exporter.replay import replay
@@ -73,7 +74,7 @@ def test_profile_holds_thresholds_and_references(profile_path: Path) -> None:
     assert (mp.input_dim, mp.num_classes, mp.modality) == (64, 10, "tabular")
     assert mp.scaling is not None and mp.scaling["spread"].shape == (64,)
     assert {"confidence", "repetition", "near_duplicate", "knn", "ood", "steps"} <= set(mp.thresholds)
-    for name, (cls, params) in Settings().detector_params().items():  # never below what a detector can tell apart
+    for name, (cls, params) in enabled_detectors(Settings()).items():  # never below what a detector can tell apart
         if name in mp.thresholds:
             assert mp.thresholds[name] >= params.min_threshold
     assert mp.promise["fpr"] == pytest.approx(0.01)

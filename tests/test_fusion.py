@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from exporter.baseline import BaselinePlan
-from exporter.config import FusionConfig, Settings
+from exporter.config import ConfigError, FusionConfig, Settings
+from exporter.detectors import enabled_detectors
 from exporter.detectors.base import Signals
 from exporter.fusion import Fusion
 from exporter.pipeline import Pipeline
@@ -48,8 +49,10 @@ def test_inputs_come_from_the_config_and_unknown_ones_are_an_error() -> None:
     p = Pipeline(s)
     p.ingest_lines(lines("c", 2))
     assert p.runtimes.get("digits").fusion.inputs == ["knn", "ood"]
-    with pytest.raises(ValueError, match="fusion.inputs: nope is not an enabled detector"):
-        Settings(fusion={"inputs": ["nope"]})
+    with pytest.raises(ConfigError, match="fusion.inputs: nope is not an enabled detector"):
+        enabled_detectors(Settings(fusion={"inputs": ["nope"]}))  # resolved with the registry, where pipelines are built
+    with pytest.raises(ConfigError, match="fusion.inputs: nope is not an enabled detector"):
+        Pipeline(Settings(fusion={"inputs": ["nope"]}))
     default = Pipeline(Settings())
     default.ingest_lines(lines("c", 2))
     inputs = default.runtimes.get("digits").fusion.inputs

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from exporter.config import Settings
+from exporter.detectors import enabled_detectors
 from exporter.demo import DigitsLike
 from exporter.metrics import Metrics
 from exporter.snapshot import pack
@@ -28,7 +29,7 @@ def make(clock: Clock | None = None, **kw) -> Pipeline:
     kw.setdefault("plugins", PLUGINS)
     kw.setdefault("detectors", {"always": {}, "broken": {}})
     settings = Settings(**kw)
-    return Pipeline(settings, Metrics(settings.detector_params()), clock=clock or Clock())
+    return Pipeline(settings, Metrics(enabled_detectors(settings)), clock=clock or Clock())
 
 
 def lines(client: str, n: int, seed: int = 0) -> list[str]:

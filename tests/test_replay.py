@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from exporter.config import Settings
+from exporter.detectors import enabled_detectors
 from exporter.demo import example_log
 from exporter.replay import replay
 from tests.conftest import REPO
@@ -34,7 +35,7 @@ def test_report_on_the_example_log(tmp_path: Path) -> None:
     assert rep["first_flagged_query"] == rep["detectors"]["repetition"]["first_flagged_query"]
     assert 1 <= rep["first_flagged_query"] <= 60 and 0.0 <= rep["score"] <= 1.0
     assert clients["app-00"]["first_flagged_query"] is None
-    assert set(rep["detectors"]) == set(Settings().detector_params())
+    assert set(rep["detectors"]) == set(enabled_detectors(Settings()))
     assert "risk" not in rep["detectors"]  # the verdict is the top-level flag and score, not a detector
 
 

@@ -83,7 +83,7 @@ def test_the_exporter_config_names_its_key(tmp_path: Path, capsys: pytest.Captur
     cfg = write(tmp_path / "config.yml", {"listen": {"web_config_file": str(web)}})
     with pytest.raises(ConfigError) as info:
         load_settings(cfg)
-    assert str(info.value).startswith("listen.web_config_file: ") and "basic_auth_users.alice" in str(info.value)
+    assert str(info.value).startswith(f"config file {str(cfg)!r}: listen.web_config_file: ") and "basic_auth_users.alice" in str(info.value)
     assert cli_main(["check-config", str(cfg)]) == 2
     assert "listen.web_config_file" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="listen.web_config_file: .*cannot read"):

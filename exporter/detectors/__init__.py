@@ -1,16 +1,20 @@
 """Detector registry: built-in detectors, ``monitaur.detectors`` entry points and config plugins.
 
 The registry is computed from constants and the config, never mutated at import time,
-so that two pipelines in one process cannot disturb each other.
+so that two pipelines in one process cannot disturb each other. The configuration
+(:mod:`exporter.config`) stays plain data: :func:`enabled_detectors` resolves its
+``detectors``, ``plugins`` and ``fusion.inputs`` sections where a pipeline is built.
 """
 
 from __future__ import annotations
 
 import importlib
 from importlib.metadata import entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
+
+from exporter.config import ConfigError
 
 from exporter.detectors.base import (
     Batch,
@@ -22,7 +26,11 @@ from exporter.detectors.base import (
     State,
 )
 
-__all__ = ["Batch", "ClientMetric", "Detector", "DetectorParams", "ModelContext", "Signals", "State", "BUILTIN", "available_detectors", "resolve_detectors"]
+if TYPE_CHECKING:
+    from exporter.config import Settings
+
+__all__ = ["Batch", "ClientMetric", "Detector", "DetectorParams", "ModelContext", "Signals", "State", "BUILTIN", "available_detectors", "enabled_detectors",
+           "resolve_detectors"]
 
 # name -> "module:Class", in the order detectors run.
 BUILTIN: dict[str, str] = {
@@ -100,3 +108,26 @@ def resolve_detectors(config: dict[str, dict[str, Any]], plugins: dict[str, str]
         if on:
             enabled[name] = (cls, params)
     return enabled
+
+
+def enabled_detectors(settings: "Settings") -> dict[str, tuple[type[Detector], DetectorParams]]:
+    """The config's enabled detectors in run order, each with its validated ``Params``.
+
+    Also checks that ``fusion.inputs`` names enabled detectors. Raises
+    :class:`~exporter.config.ConfigError` naming the offending key. Cheap enough to call
+    wherever a pipeline, its metrics or a report is built (modules are imported once).
+    """
+    try:
+        enabled = resolve_detectors(settings.detectors, settings.plugins)
+    except ValueError as exc:
+        raise ConfigError([_split_key(line) for line in str(exc).split("; ")]) from None
+    unknown = [name for name in settings.fusion.inputs or [] if name not in enabled]
+    if unknown:
+        raise ConfigError([("fusion.inputs", f"{', '.join(unknown)} is not an enabled detector; enabled: {', '.join(enabled)}")])
+    return enabled
+
+
+def _split_key(problem: str) -> tuple[str, str]:
+    """``"detectors.x.window: must be ..."`` -> ``("detectors.x.window", "must be ...")``."""
+    key, sep, msg = problem.partition(": ")
+    return (key, msg) if sep and " " not in key else ("", problem)

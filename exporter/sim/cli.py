@@ -5,10 +5,21 @@ standalone as ``python -m exporter.sim.cli``. Two modes:
 
 * ``--rate 0`` (default): as fast as possible, with synthetic timestamps spread over
   ``--duration`` seconds (default 3600) from ``--start`` (a fixed epoch by default, so a
-  seed always gives byte-identical output);
+  seed and a stream always give byte-identical output);
 * ``--rate R``: live, ``R`` events per second in real time, each stamped with the wall
   clock when it is sent: the way to feed a running exporter (``--push``) or a tailed log
   (``--out``) for a demo. ``--duration`` then caps the run at ``R * duration`` events.
+
+``--seed`` makes the *world*: the dataset's split into roles, the victim model trained on
+it and, for the synthetic dataset, the data itself; and the clients' traffic. A profile
+calibrated on one seed's traffic does not fit another seed's (``replay`` warns when
+traffic does not fit its profile). ``--stream NAME`` draws other clients in the same world
+(client ids then start with ``NAME-``): a held-out benign population to calibrate on, or,
+with ``--stream auto`` (a name from the clock), new traffic from new clients on every run,
+which a restarted demo needs, since the exporter remembers every client it has seen.
+
+``--push`` sends ``--token``, else the first of the exporter's own push tokens
+(``MONITAUR_PUSH__TOKENS`` or the file in ``MONITAUR_PUSH__TOKENS_FILE``).
 
 Exit codes: 0 success, 1 runtime failure (a push refused or unreachable), 2 usage.
 """
@@ -30,7 +41,8 @@ from typing import IO, Any, Sequence
 
 PUSH_PATH = "/api/v1/events"
 DEFAULT_ATTACKS = "jbda,hopskipjump"
-TOKEN_ENV = "MONITAUR_PUSH_TOKEN"
+TOKEN_ENV = "MONITAUR_PUSH__TOKENS"  # the exporter's own variables (push.tokens, push.tokens_file)
+MAIN_STREAM = "main"
 
 
 class UsageError(Exception):
@@ -67,9 +79,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--start", default=None, metavar="EPOCH|now", help="first synthetic timestamp (default: a fixed epoch, for reproducible output)")
     p.add_argument("--out", metavar="FILE", help="append JSON lines to FILE (directories are created; '-' = stdout)")
     p.add_argument("--push", metavar="URL", help=f"POST batches of JSON lines to an exporter (base URL or full {PUSH_PATH} URL)")
-    p.add_argument("--token", metavar="TOKEN", help=f"bearer token for --push (default: ${TOKEN_ENV})")
+    p.add_argument("--token", metavar="TOKEN", help=f"bearer token for --push (default: the first of ${TOKEN_ENV} or of the file in ${TOKEN_ENV}_FILE)")
     p.add_argument("--batch", type=int, default=500, metavar="N", help="events per push request (default 500)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the world (dataset split, victim model; the synthetic data itself) "
+                   "and of the traffic (default 0): a profile calibrated on one seed does not fit another's traffic")
+    p.add_argument("--stream", default=MAIN_STREAM, metavar="NAME|auto",
+                   help=f"other clients in the same world: a random stream of their own, ids prefixed with NAME- (default {MAIN_STREAM}: "
+                   "no prefix); 'auto': a name from the clock, so every run sends new traffic from new clients")
     p.add_argument("--ground-truth", metavar="FILE", help="write client -> kind/type/group as JSON")
     p.add_argument("--quiet", action="store_true", help="no summary on stderr")
     p.set_defaults(func=cmd_simulate)
@@ -171,6 +187,39 @@ def _start(value: str | None) -> float:
     return start
 
 
+def _stream(value: str) -> str:
+    """``auto`` -> a name from the clock (unique per run); other names as given."""
+    if value == "auto":
+        return f"r{time.time_ns() // 1_000_000:x}"  # milliseconds, hex: 11 characters
+    if not value or not all(ch.isalnum() or ch in "-_." for ch in value):
+        raise UsageError(f"--stream must be letters, digits, '-', '_' or '.', got {value!r}")
+    return value
+
+
+def in_stream(traffic: Any, stream: str) -> Any:
+    """Client (and Sybil group) ids prefixed with the stream's name, unless it is the main stream."""
+    if stream == MAIN_STREAM:
+        return traffic
+    new = {c: f"{stream}-{c}" for c in traffic.clients}
+    truth = {new[c]: {**info, "group": f"{stream}-{info['group']}" if info.get("group") else info.get("group")}
+             for c, info in traffic.truth.items()}
+    return replace(traffic, clients=[new[c] for c in traffic.clients], truth=truth)
+
+
+def default_token(environ: Any) -> str | None:
+    """The first of the exporter's push tokens: ``MONITAUR_PUSH__TOKENS`` (comma-separated),
+    else the file named by ``MONITAUR_PUSH__TOKENS_FILE`` (one per line, ``#`` comments)."""
+    tokens = [t.strip() for t in environ.get(TOKEN_ENV, "").split(",") if t.strip()]
+    path = environ.get(f"{TOKEN_ENV}_FILE")
+    if not tokens and path:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot read {TOKEN_ENV}_FILE {path!r}: {exc.strerror or exc}") from None
+        tokens = [t.strip() for t in text.splitlines() if t.strip() and not t.lstrip().startswith("#")]
+    return tokens[0] if tokens else None
+
+
 # -- output ------------------------------------------------------------------------
 class Pusher:
     """POSTs batches of JSON lines to the exporter's push endpoint; expects 202."""
@@ -270,11 +319,12 @@ def run(args: argparse.Namespace) -> int:
     attacks = parse_attacks(args.attacks)
     mix = parse_mix(args.mix) if args.mix else dict(DEFAULT_MIX)
     url = push_url(args.push) if args.push else None
-    token = args.token or os.environ.get(TOKEN_ENV) or None
+    token = (args.token or default_token(os.environ)) if url else None
+    stream = _stream(args.stream)
     window = args.duration if (args.duration and args.rate <= 0) else 3600.0
     pop = Population(
         benign=args.benign, mix=mix, benign_queries=args.queries_per_client, attacks=attacks,
-        attack_queries=args.attack_queries, window=window, start=_start(args.start),
+        attack_queries=args.attack_queries, window=window, start=_start(args.start), stream=stream,
     )
     if pop.benign == 0 and not any(attacks.values()):
         raise UsageError("nothing to simulate: --benign is 0 and no attacks are given")
@@ -288,11 +338,11 @@ def run(args: argparse.Namespace) -> int:
         world = build_world(dataset, args.seed, args.model)
     except DatasetUnavailable as exc:
         raise UsageError(str(exc)) from None
-    traffic = simulate(world, pop, args.seed)
+    traffic = in_stream(simulate(world, pop, args.seed), stream)
     if args.events is not None and len(traffic) < args.events:
         factor = args.events / len(traffic) * 1.05
         pop = replace(pop, benign_queries=math.ceil(pop.benign_queries * factor), attack_queries=math.ceil(pop.attack_queries * factor))
-        traffic = simulate(world, pop, args.seed)
+        traffic = in_stream(simulate(world, pop, args.seed), stream)
         scaled = f" (per-client query counts scaled by {factor:.2f} to reach --events)"
     else:
         scaled = ""
@@ -318,7 +368,7 @@ def run(args: argparse.Namespace) -> int:
         if opened is not None:
             opened.close()
     if args.ground_truth:
-        gt = traffic.ground_truth(dataset=dataset, seed=args.seed)
+        gt = traffic.ground_truth(dataset=dataset, seed=args.seed, stream=stream)
         path = Path(args.ground_truth)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(gt, indent=2) + "\n", encoding="utf-8")
@@ -327,7 +377,8 @@ def run(args: argparse.Namespace) -> int:
         n_att = sum(1 for c in kinds if c["kind"] == "attack" and c["queries"])
         n_ben = sum(1 for c in kinds if c["kind"] == "benign" and c["queries"])
         where = [w for w in (args.out if args.out not in (None, "-") else None, url) if w] or ["stdout"]
-        msg = f"simulate: {sent} events from {n_ben} benign and {n_att} attacker clients ({dataset}, seed {args.seed}){scaled} -> {', '.join(where)}"
+        msg = (f"simulate: {sent} events from {n_ben} benign and {n_att} attacker clients ({dataset}, seed {args.seed}, stream {stream})"
+               f"{scaled} -> {', '.join(where)}")
         if pusher is not None:
             msg += f"; pushed in {pusher.requests} requests, {pusher.accepted} accepted"
             if pusher.rejected:
