@@ -231,6 +231,7 @@ def corpus() -> list[Hostile]:
         ("input: -1e16", _line(input=_x(63) + [-1e16]), r.OUT_OF_RANGE),
         ("input: 63 values", _line(input=_x(63)), r.WRONG_DIMENSION),
         ("input: 100,000 values", _line(input=[1.0] * 100_000), r.WRONG_DIMENSION),
+        ("input: 5,000 values for a model of unknown length", _line(model="img", input=[1.0] * 5000, output=...), r.TOO_MANY_VALUES),
         # -- outputs
         ("output: NaN", _raw("output", "[NaN" + ", 0.1" * 9 + "]"), r.NON_FINITE),
         ("output: Infinity", _raw("output", "[Infinity" + ", 0.1" * 9 + "]"), r.NON_FINITE),
@@ -245,6 +246,7 @@ def corpus() -> list[Hostile]:
         ("output: 2**64", _raw("output", f"[{2**64}" + ", 0" * 9 + "]"), r.INVALID_OUTPUT),
         ("output: a 400-digit integer", _raw("output", "[" + "1" * 400 + ", 0" * 9 + "]"), r.INVALID_OUTPUT),
         ("output: 3 classes", _line(output=[0.2, 0.3, 0.5]), r.WRONG_DIMENSION),
+        ("output: 5,000 classes for a model of unknown class count", _line(model="txt", input="hello", output=[1 / 5000] * 5000), r.TOO_MANY_VALUES),
         ("label: no label key", _line(output={"score": 0.5}), r.INVALID_OUTPUT),
         ("label: a boolean", _line(output={"label": True}), r.INVALID_OUTPUT),
         ("label: a 400-digit integer", _raw("output", '{"label": ' + "9" * 400 + "}"), r.INVALID_OUTPUT),
