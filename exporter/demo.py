@@ -104,10 +104,11 @@ def example_log(seed: int = 0, benign_clients: int = 20, per_client: int = 60, s
     # repeat flood: a loop re-sending the same few inputs, a few a second
     few = world.sample(rng, 3)
     rows += [(t, "scraper-repeat", few[i % 3]) for i, t in enumerate(start + 300 + np.sort(rng.uniform(0, 20, per_client)))]
-    # perturbation search around one input (what HopSkipJump-like search looks like)
+    # perturbation search around one input (what HopSkipJump-like search looks like); a
+    # search takes more queries than an app's session
     base = world.sample(rng, 1)[0]
-    steps = np.clip(base + rng.normal(0, 0.05, (per_client, DIM)).cumsum(axis=0) * 0.1, 0, 16)
-    rows += [(t, "scraper-search", xi) for t, xi in zip(start + np.sort(rng.uniform(0, 600, per_client)), steps)]
+    steps = np.clip(base + rng.normal(0, 0.05, (2 * per_client, DIM)).cumsum(axis=0) * 0.1, 0, 16)
+    rows += [(t, "scraper-search", xi) for t, xi in zip(start + np.sort(rng.uniform(0, 600, 2 * per_client)), steps)]
     if tag:
         rows = [(t, f"{client}-{tag}", x) for t, client, x in rows]
     yield from to_lines(world, rows)

@@ -27,7 +27,7 @@ def test_report_on_the_example_log(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-m", "exporter", "replay", str(log)], capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
-    assert report["events"] == {"accepted": 1380, "rejected": {"malformed_json": 1, "missing_client": 1}}
+    assert report["events"] == {"accepted": 1440, "rejected": {"malformed_json": 1, "missing_client": 1}}
     clients = report["clients"]
     assert {c for c, v in clients.items() if v["flagged"]} == {"scraper-boundary", "scraper-repeat", "scraper-search"}
     rep = clients["scraper-repeat"]
@@ -53,7 +53,7 @@ def test_evicted_clients_stay_in_the_report(tmp_path: Path) -> None:
     log = write(tmp_path / "a.jsonl", list(example_log()))
     report = replay(Settings(state={"max_clients": 2, "dir": None}), [str(log)], progress=False)
     assert len(report["clients"]) == 23
-    assert sum(c["queries"] for c in report["clients"].values()) == 1380
+    assert sum(c["queries"] for c in report["clients"].values()) == 1440
 
 
 def test_progress_on_a_terminal(tmp_path: Path) -> None:

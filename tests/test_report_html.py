@@ -120,7 +120,7 @@ def test_replay_html_writes_the_page_and_still_prints_the_report(tmp_path: Path)
     source = out.read_text(encoding="utf-8")
     page = assert_only_our_markup(source)
     text = " ".join(page.text)
-    assert "events accepted 1,380" in " ".join(text.split())
+    assert "events accepted 1,440" in " ".join(text.split())
     assert "No calibration profile" in text and "No false-alarm rate is promised" in text
     assert [t for t, a in page.tags if t == "svg" and a.get("class") == "timeline"] == ["svg"] * 3
     assert sum(1 for t, a in page.tags if t == "tr") >= 23
