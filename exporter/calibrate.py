@@ -40,14 +40,18 @@ benign client's lifetime maximum of every detector, and sets all thresholds join
    If no calibration client reached the detector's conservative default, the threshold
    is never raised above it. Detectors outside the verdict (exported and alerted on by
    themselves) get their own ``alpha`` quantile, never below their default.
-5. **The promise.** ``n`` clients cannot support an arbitrarily small rate: the promise
-   is ``max(alpha, 1 / (EXTRAPOLATION (n + 1)))``, never more than ``EXTRAPOLATION``
-   times below the ``1 / (n + 1)`` that a threshold above every calibration client shows
-   without a tail model. The profile and the summary state the promise, how it was
-   derived, and that distribution-free bound. Both hold for clients like the
-   calibration clients: a benign behaviour the calibration data does not contain is not
-   covered, which is why the benchmark also measures held-out behaviours and another
-   traffic family (docs/detection.md).
+5. **The promise** (:func:`conformal_scale`). A client's statistic is its largest ratio
+   of a lifetime maximum to its detector's threshold: the verdict flags it when that
+   reaches 1. With ``n`` clients, split conformal prediction promises ``alpha`` when
+   ``n + 1 >= 1 / alpha`` (and ``1 / (n + 1)`` below that, the smallest rate ``n``
+   exchangeable clients can promise without a model of the tail): every verdict
+   threshold is raised by the factor that puts the right order statistic of the
+   clients' statistics below 1. The promise is distribution-free: it needs no model of
+   how the detectors' values are spread, only clients like the calibration clients.
+   The tail model's figure, usually lower, is reported beside it as ``expected``.
+   A benign behaviour the calibration data does not contain is not covered, which is
+   why the benchmark also measures held-out behaviours and another traffic family
+   (docs/detection.md).
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ MAX_SESSION = 2_000  # a client with more events is cut into sessions
 MIN_CLIENTS = 10  # fewer client ids than this: the events have no client structure (training data)
 TAIL_MIN = 3  # the tail is fitted to the sqrt(n) largest maxima, and to at least this many
 TAIL_CONFIDENCE = 0.7  # the tail's scale is taken at this upper confidence bound
-EXTRAPOLATION = 2.5  # a promise is at most this factor below 1 / (n + 1), what n clients show without a model
+EXTRAPOLATION = 2.5  # the tail model never expects more than this factor below 1 / (n + 1), what n clients show without one
 SESSION_FREE = ("rate", "repetition")  # detectors that need real sessions to be calibrated
 
 
@@ -103,12 +107,13 @@ class Promise:
     """What a profile promises for a model: the false-alarm rate, and how it was derived."""
 
     clients: int  # calibration clients (or pseudo-clients) the thresholds rest on
-    fpr: float  # the promised per-client false-alarm rate (95 % confidence)
-    distribution_free: float  # 1 / (n + 1): the rate a threshold above every client's maximum keeps without a model
+    fpr: float  # the promised per-client false-alarm rate: distribution-free (conformal), for clients like these
+    expected: float  # what the tail model expects: usually lower, and true only if the tails are exponential
+    scale: float  # the factor every verdict threshold was raised by to keep ``fpr`` (1: none needed)
     how: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {"clients": self.clients, "fpr": round(self.fpr, 6), "distribution_free": round(self.distribution_free, 6), "how": self.how}
+        return {"clients": self.clients, "fpr": round(self.fpr, 6), "expected": round(self.expected, 6), "scale": round(self.scale, 6), "how": self.how}
 
 
 def sessions(events: list[Event], rng: np.random.Generator) -> tuple[list[Event], bool]:
@@ -223,8 +228,8 @@ def _thresholds(specs: dict[str, Any], per: dict[str, dict[str, float]], clients
     """Every detector's threshold (module docstring, steps 3 to 5), and the promise."""
     verdict = [name for name, (cls, _) in specs.items() if cls.threshold_param and cls.verdict and name not in kept]
     n = len(clients)
-    promised = max(alpha, 1.0 / (EXTRAPOLATION * (n + 1)))  # what n clients can support
-    share = promised / max(len(verdict), 1)  # each verdict detector's part of it (a union bound)
+    expected = max(alpha, 1.0 / (EXTRAPOLATION * (n + 1)))  # what n clients support under the tail model
+    share = expected / max(len(verdict), 1)  # each verdict detector's part of it (a union bound)
     out: dict[str, float] = {}
     hows: set[str] = set()
     for name, (cls, params) in specs.items():
@@ -243,12 +248,43 @@ def _thresholds(specs: dict[str, Any], per: dict[str, dict[str, float]], clients
             hows.add(how)
         else:  # exported and alerted on, not part of the verdict: its own rate, never below its default
             out[name] = max(default, _own_threshold(judged, alpha))
+    inputs = {name: out.get(name, float(getattr(specs[name][1], specs[name][0].threshold_param))) for name in verdict}
+    scale, promised = conformal_scale(per, clients, inputs, alpha)
+    for name in verdict:
+        if name in out:
+            out[name] *= scale
     how = (
-        f"{n} calibration clients support a promise of {promised:.2%} (never more than {EXTRAPOLATION:g} times below "
-        f"the 1/(n+1) that n clients show without a model); each of the {len(verdict)} detectors of the verdict gets "
-        f"{share:.3%} of it (a union bound); " + "; ".join(sorted(hows))
+        f"distribution-free for clients like the {n} calibration clients: no more than {promised:.2%} of them would be "
+        f"flagged at any point of their history (conformal: the verdict's thresholds were raised {scale:.3g}-fold so "
+        f"that at most a {promised:.2%} quantile of the clients' largest threshold ratio passes them). The tail model "
+        f"expects {expected:.2%}: each of the {len(verdict)} detectors of the verdict gets {share:.3%} of it "
+        f"(a union bound); " + "; ".join(sorted(hows))
     )
-    return out, Promise(n, promised, 1.0 / (n + 1), how)
+    return out, Promise(n, promised, expected, scale, how)
+
+
+def conformal_scale(per: dict[str, dict[str, float]], clients: list[str], thresholds: dict[str, float], alpha: float) -> tuple[float, float]:
+    """The factor the verdict's thresholds must be raised by, and the rate then promised.
+
+    A client's statistic is its largest ratio ``value / threshold`` over the verdict's
+    detectors (the verdict flags it exactly when that reaches 1). Among ``n`` exchangeable
+    clients, a new one exceeds the ``k``-th smallest statistic with probability at most
+    ``1 - k / (n + 1)`` (split conformal), so ``k = ceil((n + 1)(1 - alpha))`` keeps
+    ``alpha`` when ``k <= n``; with fewer clients, the largest statistic keeps
+    ``1 / (n + 1)``, and no smaller rate can be promised without a model of the tail.
+    Scaling every threshold up to that statistic never lowers one.
+    """
+    n = len(clients)
+    if n == 0 or not thresholds:
+        return 1.0, 1.0
+    def ratio(value: float, threshold: float) -> float:
+        return value / threshold if threshold > 0 else (math.inf if value > 0 else 0.0)
+
+    z = np.array([max((ratio(per.get(name, {}).get(c, 0.0), t) for name, t in thresholds.items()), default=0.0) for c in clients])
+    k = math.ceil((n + 1) * (1.0 - alpha))
+    promised = alpha if k <= n else 1.0 / (n + 1)
+    level = float(np.sort(z)[min(k, n) - 1])
+    return (float(np.nextafter(level, np.inf)) if level >= 1.0 else 1.0), promised
 
 
 def tail_threshold(maxima: np.ndarray, alpha: float) -> tuple[float, str]:
