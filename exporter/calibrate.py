@@ -67,6 +67,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from exporter.binomial import upper_bound
 from exporter.config import Settings
 from exporter.detectors import Batch, ModelContext, Signals, enabled_detectors
 from exporter.detectors.base import Reference
@@ -83,6 +84,7 @@ MIN_CLIENTS = 10  # fewer client ids than this: the events have no client struct
 TAIL_MIN = 3  # the tail is fitted to the sqrt(n) largest maxima, and to at least this many
 TAIL_CONFIDENCE = 0.7  # the tail's scale is taken at this upper confidence bound
 EXTRAPOLATION = 2.5  # the tail model never expects more than this factor below 1 / (n + 1), what n clients show without one
+UPPER_CONFIDENCE = 0.9  # the confidence of the promise's per-sample bound
 SESSION_FREE = ("rate", "repetition")  # detectors that need real sessions to be calibrated
 
 
@@ -108,12 +110,16 @@ class Promise:
 
     clients: int  # calibration clients (or pseudo-clients) the thresholds rest on
     fpr: float  # the promised per-client false-alarm rate: distribution-free (conformal), for clients like these
+    upper: float  # the rate this one calibration sample keeps with probability UPPER_CONFIDENCE (fpr is an average over samples)
     expected: float  # what the tail model expects: usually lower, and true only if the tails are exponential
     scale: float  # the factor every verdict threshold was raised by to keep ``fpr`` (1: none needed)
     how: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {"clients": self.clients, "fpr": round(self.fpr, 6), "expected": round(self.expected, 6), "scale": round(self.scale, 6), "how": self.how}
+        return {
+            "clients": self.clients, "fpr": round(self.fpr, 6), "upper": round(self.upper, 6), "upper_confidence": UPPER_CONFIDENCE,
+            "expected": round(self.expected, 6), "scale": round(self.scale, 6), "how": self.how,
+        }
 
 
 def sessions(events: list[Event], rng: np.random.Generator) -> tuple[list[Event], bool]:
@@ -249,22 +255,23 @@ def _thresholds(specs: dict[str, Any], per: dict[str, dict[str, float]], clients
         else:  # exported and alerted on, not part of the verdict: its own rate, never below its default
             out[name] = max(default, _own_threshold(judged, alpha))
     inputs = {name: out.get(name, float(getattr(specs[name][1], specs[name][0].threshold_param))) for name in verdict}
-    scale, promised = conformal_scale(per, clients, inputs, alpha)
+    scale, promised, upper = conformal_scale(per, clients, inputs, alpha)
     for name in verdict:
         if name in out:
             out[name] *= scale
     how = (
         f"distribution-free for clients like the {n} calibration clients: no more than {promised:.2%} of them would be "
         f"flagged at any point of their history (conformal: the verdict's thresholds were raised {scale:.3g}-fold so "
-        f"that at most a {promised:.2%} quantile of the clients' largest threshold ratio passes them). The tail model "
+        f"that at most a {promised:.2%} quantile of the clients' largest threshold ratio passes them); that is an average over "
+        f"calibration samples, and this sample keeps {upper:.2%} with {UPPER_CONFIDENCE:.0%} confidence. The tail model "
         f"expects {expected:.2%}: each of the {len(verdict)} detectors of the verdict gets {share:.3%} of it "
         f"(a union bound); " + "; ".join(sorted(hows))
     )
-    return out, Promise(n, promised, expected, scale, how)
+    return out, Promise(n, promised, upper, expected, scale, how)
 
 
-def conformal_scale(per: dict[str, dict[str, float]], clients: list[str], thresholds: dict[str, float], alpha: float) -> tuple[float, float]:
-    """The factor the verdict's thresholds must be raised by, and the rate then promised.
+def conformal_scale(per: dict[str, dict[str, float]], clients: list[str], thresholds: dict[str, float], alpha: float) -> tuple[float, float, float]:
+    """The factor the verdict's thresholds must be raised by, the rate then promised, and its per-sample bound.
 
     A client's statistic is its largest ratio ``value / threshold`` over the verdict's
     detectors (the verdict flags it exactly when that reaches 1). Among ``n`` exchangeable
@@ -273,18 +280,25 @@ def conformal_scale(per: dict[str, dict[str, float]], clients: list[str], thresh
     ``alpha`` when ``k <= n``; with fewer clients, the largest statistic keeps
     ``1 / (n + 1)``, and no smaller rate can be promised without a model of the tail.
     Scaling every threshold up to that statistic never lowers one.
+
+    The promise is an average over calibration samples. For this one sample, the share
+    of new clients above the ``k``-th statistic is Beta(n - k + 1, k) distributed, whose
+    ``UPPER_CONFIDENCE`` quantile is the one-sided Clopper-Pearson bound for ``n - k``
+    of ``n``: the third figure returned.
     """
     n = len(clients)
     if n == 0 or not thresholds:
-        return 1.0, 1.0
+        return 1.0, 1.0, 1.0
     def ratio(value: float, threshold: float) -> float:
         return value / threshold if threshold > 0 else (math.inf if value > 0 else 0.0)
 
     z = np.array([max((ratio(per.get(name, {}).get(c, 0.0), t) for name, t in thresholds.items()), default=0.0) for c in clients])
     k = math.ceil((n + 1) * (1.0 - alpha))
     promised = alpha if k <= n else 1.0 / (n + 1)
-    level = float(np.sort(z)[min(k, n) - 1])
-    return (float(np.nextafter(level, np.inf)) if level >= 1.0 else 1.0), promised
+    k = min(k, n)
+    level = float(np.sort(z)[k - 1])
+    upper = upper_bound(n - k, n, UPPER_CONFIDENCE)
+    return (float(np.nextafter(level, np.inf)) if level >= 1.0 else 1.0), promised, upper
 
 
 def tail_threshold(maxima: np.ndarray, alpha: float) -> tuple[float, str]:
