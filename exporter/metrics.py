@@ -8,7 +8,7 @@ the state they describe.
 
 The client's verdict is ``monitaur_client_suspicious``, sticky (:mod:`exporter.verdict`);
 its current fused risk moves in ``monitaur_client_risk``. A flagged client also has its
-flag's times (``monitaur_client_flagged_timestamp_seconds``,
+flag's times (``monitaur_client_flagged_timestamp_seconds``, with the flagging query's model,
 ``monitaur_client_last_flagged_timestamp_seconds``), its query number at the flag
 (``monitaur_client_flagged_query``) and the detectors over their calibrated thresholds
 at the flag with how far (``monitaur_client_flag_threshold_ratio``): the facts a
@@ -283,7 +283,10 @@ class ClientCollector(Collector):
         suspicious = GaugeMetricFamily(
             "monitaur_client_suspicious", "1 while the client is flagged: from the verdict's first flag until released, lapsed or evicted.", labels=["client"]
         )
-        flagged_at = GaugeMetricFamily("monitaur_client_flagged_timestamp_seconds", "When the verdict first flagged the client (flagged clients only).", labels=["client"])
+        flagged_at = GaugeMetricFamily(
+            "monitaur_client_flagged_timestamp_seconds", "When the verdict first flagged the client, on the model of the flagging query (flagged clients only).",
+            labels=["client", "model"],
+        )
         last_flagged_at = GaugeMetricFamily(
             "monitaur_client_last_flagged_timestamp_seconds", "When the verdict last flagged the client; the hold counts from here (flagged clients only).", labels=["client"]
         )
@@ -324,7 +327,7 @@ class ClientCollector(Collector):
             risk.add_metric([c.client_id], c.score)
             suspicious.add_metric([c.client_id], 1.0 if c.suspicious else 0.0)
             if c.flag is not None and c.flag.open:
-                flagged_at.add_metric([c.client_id], c.flag.first_at)
+                flagged_at.add_metric([c.client_id, c.flag.model if is_valid_name(c.flag.model) else ""], c.flag.first_at)
                 last_flagged_at.add_metric([c.client_id], c.flag.last_at)
                 flagged_query.add_metric([c.client_id], c.flag.first_query)
                 for name, ratio in c.flag.detectors.items():

@@ -49,7 +49,7 @@ def test_a_flag_sticks_while_the_live_verdict_clears_and_the_risk_moves() -> Non
     assert c.suspicious and not c.flagged_now and c.score == pytest.approx(0.125)  # 0.1 / 0.4 / 2
     assert value(p, "monitaur_client_suspicious", client="mallory") == 1
     assert value(p, "monitaur_client_risk", client="mallory") == pytest.approx(0.125)
-    assert value(p, "monitaur_client_flagged_timestamp_seconds", client="mallory") == 1003.0
+    assert value(p, "monitaur_client_flagged_timestamp_seconds", client="mallory", model="digits") == 1003.0
     assert value(p, "monitaur_client_last_flagged_timestamp_seconds", client="mallory") == 1003.0
     assert value(p, "monitaur_client_flagged_query", client="mallory") == 3
     assert value(p, "monitaur_client_flag_threshold_ratio", client="mallory", detector="marked") == pytest.approx(2.0)
@@ -60,7 +60,7 @@ def test_a_flag_sticks_while_the_live_verdict_clears_and_the_risk_moves() -> Non
     # an unflagged client has no flag series
     send(p, clock, "alice", False)
     assert value(p, "monitaur_client_suspicious", client="alice") == 0
-    assert value(p, "monitaur_client_flagged_timestamp_seconds", client="alice") is None
+    assert value(p, "monitaur_client_flagged_timestamp_seconds", client="alice", model="digits") is None
 
 
 def test_the_flag_lapses_after_the_hold_without_a_new_flag_and_detection_restarts() -> None:
@@ -81,7 +81,7 @@ def test_the_flag_lapses_after_the_hold_without_a_new_flag_and_detection_restart
     assert not c.suspicious and c.flag is not None and c.flag.cleared == "hold_expired" and c.flag.cleared_at == 1170.0
     assert value(p, "monitaur_flags_cleared_total", cause="hold_expired") == 1
     assert value(p, "monitaur_client_suspicious", client="mallory") == 0
-    assert value(p, "monitaur_client_flagged_timestamp_seconds", client="mallory") is None
+    assert value(p, "monitaur_client_flagged_timestamp_seconds", client="mallory", model="digits") is None
     assert c.detector_state == {} and c.fusion_state == {}  # restarted: the latch is gone
     send(p, clock, "mallory", False)
     assert not p.store["mallory"].suspicious and p.store["mallory"].first_flagged_query == 1  # the lifetime history stays
@@ -170,7 +170,7 @@ def test_flags_and_releases_survive_a_restart() -> None:
     m, e = q.store["mallory"], q.store["eve"]
     assert m.suspicious and m.flag.as_dict() == p.store["mallory"].flag.as_dict() and m.first_flagged_at == 1002.0
     assert not e.suspicious and e.released.reason == "ok" and e.flag.cleared == "released"
-    assert value(q, "monitaur_client_flagged_timestamp_seconds", client="mallory") == 1002.0
+    assert value(q, "monitaur_client_flagged_timestamp_seconds", client="mallory", model="digits") == 1002.0
     assert value(q, "monitaur_client_flag_threshold_ratio", client="mallory", detector="marked") == pytest.approx(2.0)
 
 
