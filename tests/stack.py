@@ -217,8 +217,9 @@ def get_ok(url: str) -> bool:
 
 # =========================================================================== config rewrites
 def shortened_rules(dest: Path, timings: Timings) -> list[Path]:
-    """Copies of alert_rules/*.yml in which only the `for:` durations are shortened (``timings.for_``,
-    ``timings.for_of``); with ``timings.for_`` None, exact copies."""
+    """Copies of alert_rules/*.yml in which only the `for:` durations (``timings.for_``, ``timings.for_of``)
+    and the groups' own evaluation intervals (``timings.interval``) are shortened; with ``timings.for_``
+    None, exact copies."""
     dest.mkdir()
     out = []
     for path in RULE_FILES:
@@ -233,12 +234,16 @@ def shortened_rules(dest: Path, timings: Timings) -> list[Path]:
             if m := re.match(r"\s*- alert:\s*(\S+)", line):
                 alert = m.group(1)
             line = re.sub(r"^(\s+for:[ \t]*)\S+([ \t]*)$", lambda m: f"{m.group(1)}{shortened(alert)}{m.group(2)}", line)
+            if timings.interval is not None:
+                line = re.sub(r"^(    interval:[ \t]*)\S+([ \t]*)$", rf"\g<1>{timings.interval}\g<2>", line)
             lines.append(line)
         new = "".join(lines)
-        # nothing but `for:` changed
+        # nothing but `for:` and group intervals changed
         original, copy = yaml.safe_load(text), yaml.safe_load(new)
         assert len(original["groups"]) == len(copy["groups"])
         for g1, g2 in zip(original["groups"], copy["groups"]):
+            assert g2.get("interval") == (timings.interval if "interval" in g1 else None), g2.get("interval")
+            assert {k: v for k, v in g1.items() if k not in ("interval", "rules")} == {k: v for k, v in g2.items() if k not in ("interval", "rules")}
             assert len(g1["rules"]) == len(g2["rules"])
             for r1, r2 in zip(g1["rules"], g2["rules"]):
                 if "for" in r1:

@@ -258,7 +258,7 @@ def test_alertmanager_config_contract():
     assert cfg["route"]["group_by"] == ["alertname", "client"]
     (critical,) = [r for r in cfg["route"]["routes"] if r["matchers"] == ['severity="critical"']]
     # pages: one per client or linked group, within seconds, repeats rate-limited (the route's comment)
-    assert critical["group_by"] == ["alertname", "group"] and critical["group_wait"] == "10s"
+    assert critical["group_by"] == ["alertname", "group"] and critical["group_wait"] == "5s"
     assert duration_seconds(critical["repeat_interval"]) >= 3600
     assert cfg["templates"] == ["/etc/alertmanager/templates/*.tmpl"]
     for receiver in cfg["receivers"]:
