@@ -216,3 +216,21 @@ def test_the_exposition_with_flags_passes_promtool() -> None:
     assert 'monitaur_client_risk{client="__other__"}' in text
     res = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_replay_reports_the_flag_and_keeps_it_across_an_eviction(tmp_path) -> None:
+    from exporter.replay import replay
+
+    def row(client: str, marked: bool, ts: float) -> str:
+        obj = json.loads(event(client, marked))
+        obj["ts"] = ts
+        return json.dumps(obj)
+
+    # mallory is flagged at its 2nd query (t = 2), evicted by two fresh clients (t = 4, 5; all flagged), and comes back clean
+    rows = [row("mallory", False, 1), row("mallory", True, 2), row("mallory", False, 3), row("x", True, 4), row("y", True, 5), row("mallory", False, 6)]
+    log = tmp_path / "a.jsonl"
+    log.write_text("".join(r + "\n" for r in rows))
+    settings = Settings(plugins={"marked": "tests.plugins:Marked"}, detectors={"marked": {}}, fusion={"inputs": ["marked"]}, state={"dir": None, "max_clients": 2})
+    m = replay(settings, [str(log)], progress=False)["clients"]["mallory"]
+    assert (m["queries"], m["flagged"], m["first_flagged_query"], m["flagged_at"], m["last_flagged_at"]) == (4, True, 2, 2.0, 2.0)
+    assert m["flag_detectors"] == {"marked": 2.0} and m["flagged_at_end"]  # back within the hold: still flagged
