@@ -256,6 +256,16 @@ class FusionConfig(_Section):
     )
 
 
+class VerdictConfig(_Section):
+    """The sticky verdict (:mod:`exporter.verdict`): how long a flag holds, what is kept of evicted flagged clients."""
+
+    hold_seconds: float = Field(
+        24 * 3600, gt=0,
+        description="a flagged client stays flagged until released, or until this long passes without a new flag (inactive or clean)",
+    )
+    max_recently_flagged: int = Field(1000, ge=0, description="evicted flagged clients remembered (id, model, flag times, detectors)")
+
+
 class LimitsConfig(_Section):
     """Bounds on the work one event can cause, whatever its sender puts in it."""
 
@@ -311,6 +321,7 @@ class Settings(BaseSettings):
     detectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
     plugins: dict[str, str] = Field(default_factory=dict, description="extra detectors: name -> 'module:Class'")
     fusion: FusionConfig = Field(default_factory=FusionConfig)
+    verdict: VerdictConfig = Field(default_factory=VerdictConfig)
     profile: Path | None = Field(None, description="calibration profile used by run and replay (--profile overrides)")
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -19,12 +19,18 @@ they send -- stays at the target (see :mod:`exporter.calibrate`). Testing after 
 query is accounted for there: a client's lifetime maximum is what is calibrated, not a
 value at one moment. Without a profile, the detectors' documented defaults apply.
 
+The verdict is judged per event; what the client is *flagged* as, until released, is
+the sticky verdict built on it (:mod:`exporter.verdict`). :meth:`Fusion.judge` also
+gives, for any event, the inputs over their thresholds and by how far (value /
+threshold), which the sticky verdict keeps as the evidence of a flag.
+
 Per event: O(k) for k inputs. Per-client state: 9·k bytes (last value and flag per input).
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -32,6 +38,26 @@ from exporter.config import FusionConfig
 from exporter.detectors.base import Signals, State
 
 FUSION = "fusion"  # the stage's name in observers, snapshots and profiles
+
+
+@dataclass(frozen=True, slots=True)
+class Judgement:
+    """The fusion's verdict on a batch, with the evidence behind it.
+
+    ``signals``: the risk and verdict after each event; ``ratios`` (n, k): each input's
+    value over its threshold after each event (NaN before the input judged anything);
+    ``flags`` (n, k): whether each input flagged there.
+    """
+
+    inputs: tuple[str, ...]
+    signals: Signals
+    ratios: np.ndarray
+    flags: np.ndarray
+
+    def over_threshold(self, i: int) -> dict[str, float]:
+        """The inputs that flagged at event ``i``, each with its value / threshold, strongest first."""
+        on = [(self.inputs[j], float(self.ratios[i, j])) for j in np.flatnonzero(self.flags[i])]
+        return dict(sorted(on, key=lambda kv: np.inf if np.isnan(kv[1]) else -kv[1]))
 
 
 class Fusion:
@@ -55,14 +81,19 @@ class Fusion:
 
     def update(self, state: State, signals: dict[str, Signals], n: int) -> Signals | None:
         """The client's risk and verdict after each of the batch's ``n`` events."""
+        judged = self.judge(state, signals, n)
+        return judged.signals if judged is not None else None
+
+    def judge(self, state: State, signals: dict[str, Signals], n: int) -> Judgement | None:
+        """:meth:`update`, with each input's ratio to its threshold and flag after each event."""
         values, flags = self.carried(state, signals, n)
         if values is None:
             return None
         have = ~np.isnan(values)
-        ratio = np.where(have, values * self._inv, -np.inf)
-        strongest = ratio.max(axis=1)
+        ratios = values * self._inv
+        strongest = np.where(have, ratios, -np.inf).max(axis=1)
         risk = np.where(have.any(axis=1), np.minimum(np.maximum(strongest, 0.0) / 2.0, 1.0), np.nan)
-        return Signals(risk, flags.any(axis=1) & ~np.isnan(risk))
+        return Judgement(tuple(self.inputs), Signals(risk, flags.any(axis=1) & ~np.isnan(risk)), ratios, flags)
 
     def carried(self, state: State, signals: dict[str, Signals], n: int) -> tuple[np.ndarray | None, np.ndarray]:
         """(n, k) each input's value and flag after each event, the last judged ones carried

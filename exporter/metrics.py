@@ -2,9 +2,18 @@
 
 Self-metrics are ordinary prometheus_client instruments. Per-client series come from
 :class:`ClientCollector`, which builds them at scrape time from the client store, so
-that the cardinality guard (top-N by score plus every flagged client, the rest under
+that the cardinality guard (top-N by risk plus every flagged client, the rest under
 ``client="__other__"``) and the removal of evicted clients' series cannot drift from
 the state they describe.
+
+The client's verdict is ``monitaur_client_suspicious``, sticky (:mod:`exporter.verdict`);
+its current fused risk moves in ``monitaur_client_risk``. A flagged client also has its
+flag's times (``monitaur_client_flagged_timestamp_seconds``, with the flagging query's model,
+``monitaur_client_last_flagged_timestamp_seconds``), its query number at the flag
+(``monitaur_client_flagged_query``) and the detectors over their calibrated thresholds
+at the flag with how far (``monitaur_client_flag_threshold_ratio``): the facts a
+notification states. Flagged clients always have their own series, so these are never
+aggregated under ``__other__``.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from exporter import __version__, reasons
 from exporter.fusion import FUSION
 from exporter.names import is_valid_name
 from exporter.state import EVICTION_REASONS
+from exporter.verdict import CLEAR_CAUSES
 
 if TYPE_CHECKING:
     from exporter.detectors import ClientMetric
@@ -37,14 +47,18 @@ CLIENT_FAMILIES = (
     "monitaur_client_queries",
     "monitaur_client_flags",
     "monitaur_client_score",
+    "monitaur_client_risk",
     "monitaur_client_suspicious",
+    "monitaur_client_flagged_timestamp_seconds",
+    "monitaur_client_last_flagged_timestamp_seconds",
+    "monitaur_client_flagged_query",
+    "monitaur_client_flag_threshold_ratio",
     "monitaur_client_cross_client_matches",
     "monitaur_client_peer_matches",
 )
 _CLIENT_METRIC_NAME = re.compile(r"monitaur_client_[a-z0-9_]+")
 
 OTHER = "__other__"
-FUSED = "risk"  # the detector label of the fused verdict's score in monitaur_client_score
 CONFIDENCE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
 DURATION_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 
@@ -76,6 +90,13 @@ class Metrics:
         self.tracked_clients = Gauge("monitaur_tracked_clients", "Clients with state in memory.", registry=r)
         self.tracked_clients_limit = Gauge("monitaur_tracked_clients_limit", "Configured maximum of tracked clients.", registry=r)
         self.client_evictions = Counter("monitaur_client_evictions", "Clients dropped from state, by reason (lru, lru_flagged, ttl).", ["reason"], registry=r)
+        self.flags_cleared = Counter(
+            "monitaur_flags_cleared", "Flags cleared without an eviction, by cause (released by an operator, hold_expired).", ["cause"], registry=r
+        )
+        self.recently_flagged = Gauge("monitaur_recently_flagged_clients", "Evicted flagged clients whose flag is remembered.", registry=r)
+        self.recently_flagged_limit = Gauge(
+            "monitaur_recently_flagged_clients_limit", "Configured maximum of remembered evicted flagged clients.", registry=r
+        )
         self.client_series = Gauge("monitaur_client_series", "Clients exported with their own series.", registry=r)
         self.client_series_limit = Gauge("monitaur_client_series_limit", "Configured top-N of clients with their own series.", registry=r)
         # Counters are labelled by the tailed path a file was first seen at, which rotation does not change;
@@ -101,6 +122,8 @@ class Metrics:
             self.checkpoint_errors.labels(kind)
         for reason in EVICTION_REASONS:
             self.client_evictions.labels(reason)
+        for cause in CLEAR_CAUSES:
+            self.flags_cleared.labels(cause)
 
     def forget_origin(self, path: str) -> None:
         """Remove a tailed path's counters once no file of it is read any more."""
@@ -166,7 +189,7 @@ class BulkHistogram(Collector):
 class ClientCollector(Collector):
     """Builds the per-client series at scrape time, under the cardinality guard.
 
-    A client has its own series while it is among the top ``limit`` by score, or flagged.
+    A client has its own series while it is among the top ``limit`` by risk, or flagged.
     Events of the other clients are counted under ``client="__other__"`` *as they happen*,
     so that ``__other__``'s counters never go backwards when membership changes.
 
@@ -258,8 +281,24 @@ class ClientCollector(Collector):
         self.refresh(clients)
         queries = CounterMetricFamily("monitaur_client_queries", "Queries by client and model.", labels=["client", "model"])
         flags = CounterMetricFamily("monitaur_client_flags", "Events at which a detector flagged the client.", labels=["client", "detector"])
-        score = GaugeMetricFamily("monitaur_client_score", "Client's current score per detector, 0 to 1 (detector=\"risk\": the fused risk).", labels=["client", "detector"])
-        suspicious = GaugeMetricFamily("monitaur_client_suspicious", "1 while the client's verdict is flagged.", labels=["client"])
+        score = GaugeMetricFamily("monitaur_client_score", "Client's current score per detector, 0 to 1.", labels=["client", "detector"])
+        risk = GaugeMetricFamily("monitaur_client_risk", "Client's current fused risk, 0 to 1 (0.5: its strongest detector at its threshold).", labels=["client"])
+        suspicious = GaugeMetricFamily(
+            "monitaur_client_suspicious", "1 while the client is flagged: from the verdict's first flag until released, lapsed or evicted.", labels=["client"]
+        )
+        flagged_at = GaugeMetricFamily(
+            "monitaur_client_flagged_timestamp_seconds", "When the verdict first flagged the client, on the model of the flagging query (flagged clients only).",
+            labels=["client", "model"],
+        )
+        last_flagged_at = GaugeMetricFamily(
+            "monitaur_client_last_flagged_timestamp_seconds", "When the verdict last flagged the client; the hold counts from here (flagged clients only).", labels=["client"]
+        )
+        flagged_query = GaugeMetricFamily("monitaur_client_flagged_query", "The client's query number at its first flag (flagged clients only).", labels=["client"])
+        evidence = GaugeMetricFamily(
+            "monitaur_client_flag_threshold_ratio",
+            "Value over calibrated threshold, at the client's first flag, of each detector that flagged it there (flagged clients only).",
+            labels=["client", "detector"],
+        )
         cross = CounterMetricFamily("monitaur_client_cross_client_matches", "Queries of the client that matched other clients' queries.", labels=["client"])
         peer = GaugeMetricFamily("monitaur_client_peer_matches", "Matches between the client's queries and a peer's (top peers).", labels=["client", "peer"])
         stats = {
@@ -267,11 +306,12 @@ class ClientCollector(Collector):
             for m in self.client_metrics
         }
         other_score: dict[str, float] = {}
+        other_risk: float | None = None
         for c in clients:
             if c.client_id not in self.exported:
                 for name, value in c.scores.items():
                     other_score[name] = max(other_score.get(name, 0.0), value)
-                other_score[FUSED] = max(other_score.get(FUSED, 0.0), c.score)
+                other_risk = max(other_risk or 0.0, c.score)
                 continue
             if not is_valid_name(c.client_id):
                 continue  # defense in depth: the decoder and restore already refuse such ids
@@ -287,8 +327,15 @@ class ClientCollector(Collector):
                 flags.add_metric([c.client_id, name], since_start("flags", name, c.flags.get(name, 0)))
                 if name in c.scores:
                     score.add_metric([c.client_id, name], c.scores[name])
-            score.add_metric([c.client_id, FUSED], c.score)
+            risk.add_metric([c.client_id], c.score)
             suspicious.add_metric([c.client_id], 1.0 if c.suspicious else 0.0)
+            if c.flag is not None and c.flag.open:
+                flagged_at.add_metric([c.client_id, c.flag.model if is_valid_name(c.flag.model) else ""], c.flag.first_at)
+                last_flagged_at.add_metric([c.client_id], c.flag.last_at)
+                flagged_query.add_metric([c.client_id], c.flag.first_query)
+                for name, ratio in c.flag.detectors.items():
+                    if is_valid_name(name):
+                        evidence.add_metric([c.client_id, name], ratio)
             if self.peers:
                 total, peers = self.view.peer_matches(c.client_id)
                 cross.add_metric([c.client_id], since_start("cross", "", total))
@@ -307,10 +354,10 @@ class ClientCollector(Collector):
                 flags.add_metric([OTHER, name], self.other_flags.get(name, 0))
                 if name in other_score:
                     score.add_metric([OTHER, name], other_score[name])
-            if FUSED in other_score:
-                score.add_metric([OTHER, FUSED], other_score[FUSED])
+            if other_risk is not None:
+                risk.add_metric([OTHER], other_risk)
             suspicious.add_metric([OTHER], 0.0)
-        families = [queries, flags, score, suspicious]
+        families = [queries, flags, score, risk, suspicious, flagged_at, last_flagged_at, flagged_query, evidence]
         if self.peers:
             families += [cross, peer]
         return families + list(stats.values())

@@ -2,7 +2,12 @@
 
 A snapshot holds everything worth keeping across a restart: what the decoder learned
 about each model, each model's scaling, references, live baseline and shared detector
-state, and every tracked client with its detector and fusion state. It is written with
+state, every tracked client with its flag (:mod:`exporter.verdict`), detector and fusion
+state, and the recently-flagged record of evicted flagged clients.
+
+Versions: 3 adds flags and the recently-flagged record. A version 2 snapshot is
+migrated (a client flagged then stays flagged, its flag dated at its last event, with
+no detectors recorded); version 1 keeps counters and verdicts only. It is written with
 :mod:`exporter.snapshot` (JSON + one binary blob, no pickle).
 
 :func:`copy_state` takes a private copy under the pipeline's lock, a chunk of clients at
@@ -27,6 +32,7 @@ from exporter.detectors.kit import Scaling
 from exporter.names import MAX_CLIENT_LENGTH, MAX_MODEL_LENGTH, is_valid_name
 from exporter.snapshot import dump, unpack
 from exporter.state import ClientState, ClientStore
+from exporter.verdict import FlagRecord, RecentlyFlagged, Release
 
 if TYPE_CHECKING:
     from exporter.events import Decoder
@@ -34,13 +40,15 @@ if TYPE_CHECKING:
     from exporter.runtime import Runtimes
 
 log = logging.getLogger("monitaur.persist")
-SNAPSHOT_VERSION = 2
+SNAPSHOT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 _CHUNK = 200  # clients copied per hold of the lock
 STATE_FILE = "state.npz"
 OFFSETS_FILE = "offsets.json"
 
 
-def copy_state(lock: threading.RLock, store: ClientStore, runtimes: "Runtimes", decoder: "Decoder", now: float) -> dict[str, Any]:
+def copy_state(lock: threading.RLock, store: ClientStore, runtimes: "Runtimes", decoder: "Decoder", now: float,
+               recent: RecentlyFlagged | None = None) -> dict[str, Any]:
     """A private copy of all state worth keeping across a restart.
 
     Clients are saved in LRU order as of the start; one evicted meanwhile is left out,
@@ -63,6 +71,7 @@ def copy_state(lock: threading.RLock, store: ClientStore, runtimes: "Runtimes", 
             "decoder": decoder.learned(),
             "admitted": runtimes.admission.saved(),
             "models": _copied(models),
+            "recently_flagged": recent.state() if recent is not None else [],
         }
     clients = []
     for start in range(0, len(ids), _CHUNK):
@@ -95,23 +104,30 @@ def _client_record(c: ClientState, runtimes: "Runtimes") -> dict[str, Any]:
         "flags": dict(c.flags),
         "first_flagged": dict(c.first_flagged),
         "first_flagged_query": c.first_flagged_query,
+        "first_flagged_at": c.first_flagged_at,
         "suspicious": c.suspicious,
+        "flag": c.flag.as_dict() if c.flag is not None else None,
+        "released": c.released.as_dict() if c.released is not None else None,
+        "flagged_now": c.flagged_now,
         "score": c.score,
         "detectors": detectors,
     }
 
 
-def restore(data: bytes | BinaryIO, lock: threading.RLock, store: ClientStore, runtimes: "Runtimes", decoder: "Decoder") -> int:
+def restore(data: bytes | BinaryIO, lock: threading.RLock, store: ClientStore, runtimes: "Runtimes", decoder: "Decoder",
+            recent: RecentlyFlagged | None = None) -> int:
     """Load a snapshot made by :func:`copy_state` (bytes, or a binary file); return the number of clients restored.
 
     State made under other parameters or shapes is dropped (that detector starts afresh
-    for the client) rather than misread. Snapshots of an earlier version keep their
-    clients' counters and verdicts, not their detector state.
+    for the client) rather than misread. Version 2 snapshots are migrated (see the module
+    docstring); version 1 snapshots keep their clients' counters and verdicts, not their
+    detector state. A snapshot of a later version is refused (ValueError).
     """
     doc = unpack(data)
-    if not isinstance(doc, dict) or doc.get("version") not in (1, SNAPSHOT_VERSION):
-        raise ValueError("unsupported state snapshot version")
-    current = doc["version"] == SNAPSHOT_VERSION
+    if not isinstance(doc, dict) or doc.get("version") not in READABLE_VERSIONS:
+        version = doc.get("version") if isinstance(doc, dict) else None
+        raise ValueError(f"unsupported state snapshot version {version!r} (this exporter reads {', '.join(map(str, READABLE_VERSIONS))})")
+    current = doc["version"] >= 2  # the model and detector state layout of versions 2 and 3 is the same
     unsafe = _drop_invalid_names(doc)
     if unsafe:
         log.warning("dropped %d clients or models of the snapshot whose names are not valid (printable text) any more", unsafe)
@@ -144,7 +160,10 @@ def restore(data: bytes | BinaryIO, lock: threading.RLock, store: ClientStore, r
                 flags={k: int(v) for k, v in raw["flags"].items()},
                 first_flagged={k: int(v) for k, v in raw["first_flagged"].items()},
                 first_flagged_query=raw["first_flagged_query"],
-                suspicious=bool(raw.get("suspicious", False)),
+                first_flagged_at=None if raw.get("first_flagged_at") is None else float(raw["first_flagged_at"]),
+                flag=_flag(raw, doc["version"]),
+                released=Release.from_dict(raw["released"]) if raw.get("released") else None,
+                flagged_now=bool(raw.get("flagged_now", raw.get("suspicious", False))),
                 score=float(raw.get("score", 0.0)),
             )
             for model, per in (raw.get("detectors", {}) if current else {}).items():
@@ -160,7 +179,21 @@ def restore(data: bytes | BinaryIO, lock: threading.RLock, store: ClientStore, r
             store.put(c)
         if dropped:
             log.warning("dropped %d detector states made under another configuration; those detectors start afresh", dropped)
+        if recent is not None:
+            recent.load([r for r in doc.get("recently_flagged", []) if is_valid_name(r["id"], MAX_CLIENT_LENGTH) and r["id"] not in store])
         return len(store)
+
+
+def _flag(raw: dict[str, Any], version: int) -> FlagRecord | None:
+    """A client's flag from its snapshot record; before version 3, from the verdict it had then."""
+    if version >= 3:
+        return FlagRecord.from_dict(raw["flag"]) if raw.get("flag") else None
+    if not raw.get("suspicious"):
+        return None
+    at = float(raw["last_seen"])  # when it was first flagged is not known: dated at its last event
+    query = int(raw["first_flagged_query"] or raw["total"])
+    model = max(raw["queries"], key=raw["queries"].get) if raw["queries"] else ""
+    return FlagRecord(first_at=at, last_at=at, first_query=query, last_query=int(raw["total"]), model=model)
 
 
 def _readmitted(runtimes: "Runtimes", doc: dict[str, Any]) -> dict[str, dict[str, Any]]:

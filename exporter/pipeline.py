@@ -9,7 +9,8 @@ Events are processed a block at a time, per model, in arrival (time) order:
 1. the cross-client stage (:meth:`Detector.prepare`) sees the whole block, every client's
    events in time order, and updates state shared across clients;
 2. each client's events of the block form one :class:`Batch`, judged by every detector
-   and then by the fusion stage, which gives the verdict.
+   and then by the fusion stage, which gives the verdict; a flag it raises is sticky
+   (:mod:`exporter.verdict`) until :meth:`Pipeline.release`, the hold, or eviction.
 
 Per-client detectors give a batch the same results as its events one at a time, and the
 cross-client stage sees events in time order whatever the block, so verdicts do not
@@ -41,6 +42,7 @@ from exporter.metrics import ClientCollector, Metrics
 from exporter.profile import Profile
 from exporter.runtime import ModelRuntime, Runtimes, Shape
 from exporter.state import ClientState, ClientStore
+from exporter.verdict import FlagRecord, RecentlyFlagged, Verdicts
 from exporter.view import ClientView
 
 log = logging.getLogger("monitaur.pipeline")
@@ -89,7 +91,9 @@ class Pipeline:
                 )
         self._on_evict = on_evict
         self.store = ClientStore(settings.state.max_clients, settings.state.idle_ttl_seconds, self._evicted)
-        self.view = ClientView(self.lock, self.store, self.runtimes)
+        self.recently_flagged = RecentlyFlagged(settings.verdict.max_recently_flagged)
+        self.verdicts = Verdicts(settings.verdict.hold_seconds, self.recently_flagged, self.store, self.metrics, self._forget, event_time)
+        self.view = ClientView(self.lock, self.store, self.runtimes, self.recently_flagged)
         self.collector = ClientCollector(
             self.view,
             settings.metrics.max_client_series,
@@ -202,7 +206,9 @@ class Pipeline:
         """Run every detector, then fusion, on one client's batch, and update the client's state."""
         n = len(batch)
         model = batch.model
+        returning = self.verdicts.returning(batch.client)
         client = self.store.touch(batch.client, now)
+        self.verdicts.arrive(client, now, returning)
         before = client.total
         client.total += n
         client.queries[model] = client.queries.get(model, 0) + n
@@ -238,28 +244,29 @@ class Pipeline:
         fstate = client.fusion_state.get(model)
         if fstate is None:
             fstate = client.fusion_state[model] = rt.fusion.init_state()
-        verdict = rt.fusion.update(fstate, signals, n)
-        if verdict is not None:
+        judged = rt.fusion.judge(fstate, signals, n)
+        if judged is not None:
             if self.observer is not None:
-                self.observer(batch, FUSION, verdict)
-            self._verdict(client, verdict, before)
+                self.observer(batch, FUSION, judged.signals)
+            self.verdicts.record(client, judged, batch, before, now)
         self.collector.count_events(client, model, n, flag_counts)
 
-    def _verdict(self, client: ClientState, verdict: Signals, before: int) -> None:
-        """Fold the fusion's per-event verdict into the client's summary, and announce a new flag."""
-        judged = np.flatnonzero(~np.isnan(verdict.values))
-        if judged.size == 0:
-            return
-        was = client.suspicious
-        last = judged[-1]
-        client.score = float(verdict.values[last])
-        client.suspicious = bool(verdict.flagged[last])
-        hits = np.flatnonzero(verdict.flagged)
-        if hits.size and client.first_flagged_query is None:
-            client.first_flagged_query = before + int(hits[0]) + 1
-        if client.suspicious and not was:
-            names = ", ".join(n for n, on in client.current.items() if on) or "the fused risk"
-            log.info("client %s flagged by %s at its query %d", client.client_id, names, client.first_flagged_query or client.total)
+    # -- the sticky verdict (exporter.verdict) ---------------------------------
+    def release(self, client_id: str, who: str, reason: str) -> FlagRecord | None:
+        """Clear a client's flag on an operator's word, and restart its detector state.
+
+        For a tracked client or one in the recently-flagged record. Returns the flag
+        released (a copy), or None if the client was not flagged. The client's next
+        queries are judged afresh: the history that flagged it does not flag it again.
+        """
+        with self.lock:
+            return self.verdicts.release(client_id, who, reason, self.clock())
+
+    def _forget(self, client_id: str) -> None:
+        """Drop what detectors keep about a client outside its own state (shared indexes)."""
+        for _, rt in self.runtimes:
+            for det in rt.detectors:
+                det.forget_client(client_id)
 
     def _detector_failed(self, name: str, n: int, model: str, exc: Exception) -> None:
         self.metrics.detector_errors.labels(name).inc(n)
@@ -268,26 +275,28 @@ class Pipeline:
     def _evicted(self, client: ClientState, reason: str) -> None:
         self.metrics.client_evictions.labels(reason).inc()
         self.collector.forget(client.client_id)
-        for _, rt in self.runtimes:
-            for det in rt.detectors:
-                det.forget_client(client.client_id)
+        self._forget(client.client_id)
+        self.verdicts.evicted(client, reason)
         if self._on_evict is not None:
             self._on_evict(client, reason)
 
     def expire(self) -> None:
-        """Sweep idle clients (called periodically, so TTLs pass even without traffic)."""
+        """Sweep idle clients and lapsed flags (called periodically, so TTLs and holds pass even without traffic)."""
         with self.lock:
-            self.store.expire(self.clock())
+            now = self.clock()
+            self.verdicts.sweep(now)
+            self.store.expire(now)
             self.metrics.tracked_clients.set(len(self.store))
 
     # -- persistence (exporter.persist) ---------------------------------------
     def snapshot_copy(self) -> dict[str, Any]:
         """A private copy of all state worth keeping across a restart (:func:`exporter.persist.copy_state`)."""
-        return persist.copy_state(self.lock, self.store, self.runtimes, self.decoder, self.clock())
+        return persist.copy_state(self.lock, self.store, self.runtimes, self.decoder, self.clock(), self.recently_flagged)
 
     def restore(self, data: bytes | BinaryIO) -> int:
         """Load a snapshot (:func:`exporter.persist.restore`); return the number of clients restored."""
-        n = persist.restore(data, self.lock, self.store, self.runtimes, self.decoder)
+        n = persist.restore(data, self.lock, self.store, self.runtimes, self.decoder, self.recently_flagged)
+        self.verdicts.restored()
         self.metrics.tracked_clients.set(n)
         return n
 

@@ -3,6 +3,14 @@
 Runs the same pipeline as ``run`` over historical logs, as fast as it can, in event
 time order, with event time as the clock (so TTLs behave as they would have live),
 and reports per client when and by which detectors it was first flagged.
+
+Per client: ``flagged`` (ever), ``first_flagged_query`` and ``flagged_at`` (the first
+flag, query number and event time), ``last_flagged_at`` (the last event the verdict
+flagged), ``flag_detectors`` (the detectors over their calibrated thresholds when the
+latest flag opened, value / threshold, strongest first), ``flagged_at_end`` (the sticky
+verdict after the last event: false only if the flag lapsed, ``verdict.hold_seconds``
+without a new flag), ``score`` (the fused risk at the end) and, per detector, its own
+first flag and last value.
 """
 
 from __future__ import annotations
@@ -137,10 +145,15 @@ def run_blocks(pipeline: Pipeline, events: list[Event], progress: Progress, phas
 
 
 def _summary(c: ClientState, detectors: list[str]) -> dict[str, Any]:
+    flag = c.flag.as_dict() if c.flag is not None else None
     return {
         "queries": c.total,
         "flagged": c.first_flagged_query is not None,
         "first_flagged_query": c.first_flagged_query,
+        "flagged_at": c.first_flagged_at,
+        "last_flagged_at": flag["last_at"] if flag else None,
+        "flag_detectors": flag["detectors"] if flag else None,
+        "flagged_at_end": c.suspicious,
         "score": round(c.score, 6),
         "detectors": {
             name: {"flagged": name in c.first_flagged, "first_flagged_query": c.first_flagged.get(name), "value": round(c.scores.get(name, 0.0), 6)}
@@ -160,6 +173,9 @@ def _merge(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
     merged["queries"] = offset + later["queries"]
     merged["first_flagged_query"] = first(earlier["first_flagged_query"], later["first_flagged_query"])
     merged["flagged"] = merged["first_flagged_query"] is not None
+    merged["flagged_at"] = earlier["flagged_at"] if earlier["flagged_at"] is not None else later["flagged_at"]
+    if later["last_flagged_at"] is None:  # the later life was not flagged: the earlier flag is the latest
+        merged["last_flagged_at"], merged["flag_detectors"] = earlier["last_flagged_at"], earlier["flag_detectors"]
     merged["detectors"] = {
         n: {
             "flagged": earlier["detectors"][n]["flagged"] or d["flagged"],

@@ -1,8 +1,11 @@
-"""HTTP endpoints: ``/metrics``, ``/healthz``, a landing page at ``/`` and ``POST /api/v1/events``.
+"""HTTP endpoints: ``/metrics``, ``/healthz``, a landing page at ``/``, the runbook at
+``/runbook`` (:mod:`exporter.runbook`) and ``POST /api/v1/events``.
 
 Push answers are JSON: 202 with accepted/rejected counts, or an error object
 ``{"error": "...", "reason": "..."}`` with 400, 401, 404, 405, 408, 411 or 413 (500 only if
 processing fails after decoding; one event's decoding failure is its own rejection).
+Every error answer, of any endpoint, carries a ``reason`` of :data:`ERROR_REASONS` (a
+fixed word for programs; ``error`` is the sentence for people).
 
 Connections are bounded (:class:`ConnectionLimits`): a cap on those served at once, and
 deadlines for each phase of a request, so that stalled clients are dropped and cannot
@@ -21,6 +24,7 @@ import io
 import json
 import logging
 import math
+import re
 import socket
 import ssl
 import sys
@@ -32,7 +36,7 @@ from typing import Any, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 
-from exporter import __version__, jsonparse, reasons
+from exporter import __version__, jsonparse, reasons, runbook
 from exporter.health import Health
 from exporter.pipeline import Pipeline
 from exporter.webconfig import BasicAuth, TLSContextSource, WebConfig
@@ -41,6 +45,12 @@ log = logging.getLogger("monitaur.http")
 PUSH_PATH = "/api/v1/events"
 # Why the server closed a connection before its request was answered (monitaur_http_connections_dropped_total).
 DROP_REASONS = ("over_capacity", "header_timeout", "body_timeout", "write_timeout", "tls_handshake")
+# The `reason` of error answers (besides the stdlib parser's, named after their status: bad_request, ...).
+ERROR_REASONS = (
+    "unauthorized", "not_found", "method_not_allowed", "push_disabled", "length_required", "bad_content_length",
+    reasons.BODY_TOO_LARGE, "body_timeout", "body_incomplete", "empty_body", reasons.MALFORMED_JSON, reasons.INTERNAL_ERROR,
+    "over_capacity",
+)
 
 
 @dataclass(frozen=True)
@@ -147,7 +157,7 @@ def header_value(value: str) -> str:
 
 
 def _busy_answer(limit: int) -> bytes:
-    body = json.dumps({"error": f"too many connections (listen.max_connections = {limit}); retry later"}).encode() + b"\n"
+    body = json.dumps({"error": f"too many connections (listen.max_connections = {limit}); retry later", "reason": "over_capacity"}).encode() + b"\n"
     head = (
         "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
@@ -381,7 +391,7 @@ class _Handler(BaseHTTPRequestHandler):
         """Errors found by the stdlib's parser (400, 414, 431, 501, 505) as JSON, without echoing the request."""
         self.close_connection = True
         phrase = self.responses.get(code, ("request refused",))[0]
-        self._json(code, {"error": phrase})
+        self._json(code, {"error": phrase, "reason": re.sub(r"\W+", "_", phrase.lower()).strip("_")})
 
     def _send(self, code: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
         if self._unread_body:
@@ -409,7 +419,7 @@ class _Handler(BaseHTTPRequestHandler):
         auth = self.server.basic_auth
         if auth is None or path in self.server.auth_excluded_paths or auth.check(self.headers.get("Authorization")):
             return True
-        self._json(401, {"error": "missing or invalid basic auth credentials"}, {"WWW-Authenticate": 'Basic realm="monitaur"'})
+        self._json(401, {"error": "missing or invalid basic auth credentials", "reason": "unauthorized"}, {"WWW-Authenticate": 'Basic realm="monitaur"'})
         return False
 
     # -- routes --------------------------------------------------------------
@@ -425,7 +435,7 @@ class _Handler(BaseHTTPRequestHandler):
                 body = generate_latest(self.server.pipeline.metrics.registry)
             except Exception as exc:  # an answer, not a dropped connection, even if a series cannot be encoded
                 log.error("cannot render /metrics: %s", type(exc).__name__)
-                self._json(500, {"error": "metrics could not be rendered; see the exporter's log"})
+                self._json(500, {"error": "metrics could not be rendered; see the exporter's log", "reason": reasons.INTERNAL_ERROR})
                 return
             self._send(200, body, CONTENT_TYPE_LATEST)
         elif path == "/healthz":
@@ -433,10 +443,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(200 if health.ok else 503, {**health.as_json(), "version": __version__})
         elif path == "/":
             self._send(200, self._landing().encode(), "text/html; charset=utf-8")
+        elif path == "/runbook":
+            self._send(200, runbook.page(), "text/html; charset=utf-8")
         elif path == PUSH_PATH:
-            self._json(405, {"error": "use POST to push events"}, {"Allow": "POST"})
+            self._json(405, {"error": "use POST to push events", "reason": "method_not_allowed"}, {"Allow": "POST"})
         else:
-            self._json(404, {"error": "no such endpoint; see / for the list"})
+            self._json(404, {"error": "no such endpoint; see / for the list", "reason": "not_found"})
 
     def do_POST(self) -> None:
         """Push. Every refusal is answered before the body is read; ``finish`` then discards
@@ -444,21 +456,21 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if path != PUSH_PATH:
             if self._basic_auth_ok(path):
-                self._json(404, {"error": f"POST is only accepted at {PUSH_PATH}"})
+                self._json(404, {"error": f"POST is only accepted at {PUSH_PATH}", "reason": "not_found"})
             return
         if not self.server.push_enabled:
-            self._push_answer(404, {"error": "push is disabled in this exporter's config (push.enabled)"})
+            self._push_answer(404, {"error": "push is disabled in this exporter's config (push.enabled)", "reason": "push_disabled"})
             return
         if self.server.tokens and not self._authorized():
             self.close_connection = True
-            self._push_answer(401, {"error": "missing or invalid bearer token"}, {"WWW-Authenticate": 'Bearer realm="monitaur"'})
+            self._push_answer(401, {"error": "missing or invalid bearer token", "reason": "unauthorized"}, {"WWW-Authenticate": 'Bearer realm="monitaur"'})
             return
         if self.headers.get("Transfer-Encoding") is not None or not self.headers.get_all("Content-Length"):
-            self._push_answer(411, {"error": "a Content-Length header is required (chunked bodies are not supported)"})
+            self._push_answer(411, {"error": "a Content-Length header is required (chunked bodies are not supported)", "reason": "length_required"})
             return
         length = self._content_length()
         if length is None:
-            self._push_answer(400, {"error": "Content-Length is not one non-negative decimal integer"})
+            self._push_answer(400, {"error": "Content-Length is not one non-negative decimal integer", "reason": "bad_content_length"})
             return
         if length > self.server.max_body:
             self.server.pipeline.reject(reasons.BODY_TOO_LARGE, f"push body of {length} bytes exceeds {self.server.max_body}")
@@ -482,11 +494,11 @@ class _Handler(BaseHTTPRequestHandler):
         except TimeoutError:
             self.server.dropped.labels("body_timeout").inc()
             self.close_connection = True
-            self._push_answer(408, {"error": f"the body did not arrive within {self.server.limits.body_timeout:g} s (listen.body_timeout_seconds)"})
+            self._push_answer(408, {"error": f"the body did not arrive within {self.server.limits.body_timeout:g} s (listen.body_timeout_seconds)", "reason": "body_timeout"})
             return None
         if len(body) < length:
             self.close_connection = True
-            self._push_answer(400, {"error": f"the body ended after {len(body)} of its {length} bytes"})
+            self._push_answer(400, {"error": f"the body ended after {len(body)} of its {length} bytes", "reason": "body_incomplete"})
             return None
         return body
 
@@ -503,7 +515,7 @@ class _Handler(BaseHTTPRequestHandler):
         pipeline = self.server.pipeline
         text = body.strip()
         if not text:
-            self._push_answer(400, {"error": "empty body; send JSON lines or a JSON array of events"})
+            self._push_answer(400, {"error": "empty body; send JSON lines or a JSON array of events", "reason": "empty_body"})
             return
         try:
             if text[:1] == b"[":
@@ -521,7 +533,7 @@ class _Handler(BaseHTTPRequestHandler):
                 result = pipeline.ingest_lines(line for line in text.split(b"\n") if not jsonparse.is_blank(line))
         except Exception as exc:  # decoding failures are rejections already; this is a failure after decoding
             log.error("push body failed after decoding: %s", type(exc).__name__)
-            self._push_answer(500, {"error": "the events could not be processed; see the exporter's log"})
+            self._push_answer(500, {"error": "the events could not be processed; see the exporter's log", "reason": reasons.INTERNAL_ERROR})
             return
         self._push_answer(202, {"accepted": result.accepted, "rejected": sum(result.rejected.values()), "rejected_reasons": dict(result.rejected)})
 
@@ -530,15 +542,18 @@ class _Handler(BaseHTTPRequestHandler):
         flagged = view.flagged(50)
         tracked = view.tracked()
         rows = "".join(
-            f"<tr><td>{html.escape(c.client_id)}</td><td>{c.score:.3f}</td><td>{html.escape(', '.join(c.detectors_on))}</td>"
+            f"<tr><td>{html.escape(c.client_id)}</td><td>{c.score:.3f}</td>"
+            f"<td>{c.flag.first_query if c.flag else ''}</td>"
+            f"<td>{html.escape(', '.join(f'{d} {r:.2f}x' for d, r in c.flag.detectors.items()) if c.flag else '')}</td>"
             f"<td>{c.queries}</td></tr>"
             for c in flagged
         )
         return (
             f"<!doctype html><html><head><title>MONITAUR exporter</title></head><body>"
             f"<h1>MONITAUR exporter {html.escape(__version__)}</h1>"
-            f'<p><a href="/metrics">/metrics</a> · <a href="/healthz">/healthz</a> · push: <code>POST {PUSH_PATH}</code></p>'
-            f"<p>Tracked clients: {tracked}. Flagged now: {len(flagged)}.</p>"
-            f"<table border=1 cellpadding=4><tr><th>client</th><th>score</th><th>flagged by</th><th>queries</th></tr>{rows}</table>"
+            f'<p><a href="/metrics">/metrics</a> · <a href="/healthz">/healthz</a> · <a href="/runbook">/runbook</a> · push: <code>POST {PUSH_PATH}</code></p>'
+            f"<p>Tracked clients: {tracked}. Flagged (most recent first, at most 50): {len(flagged)}.</p>"
+            f"<table border=1 cellpadding=4><tr><th>client</th><th>risk now</th><th>flagged at query</th>"
+            f"<th>over threshold at the flag (value / threshold)</th><th>queries</th></tr>{rows}</table>"
             f"</body></html>"
         )

@@ -1,6 +1,7 @@
 """Bounded per-client state: an LRU of clients with an idle TTL, which evicts flagged clients last.
 
-Each client keeps its counters, its current verdict and, per model and detector, the
+Each client keeps its counters, its verdict (the sticky flag of :mod:`exporter.verdict`,
+and the fusion's verdict on its latest event) and, per model and detector, the
 detector's explicit state. The store never holds more than ``max_clients`` clients, and
 clients idle for longer than the TTL are swept as new events arrive. Beyond the bound,
 the least recently seen client that is *not flagged* is evicted first: an attacker who
@@ -12,9 +13,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from exporter.detectors.base import State
+
+if TYPE_CHECKING:
+    from exporter.verdict import FlagRecord, Release
 
 
 @dataclass(slots=True)
@@ -29,11 +33,19 @@ class ClientState:
     current: dict[str, bool] = field(default_factory=dict)
     flags: dict[str, int] = field(default_factory=dict)
     first_flagged: dict[str, int] = field(default_factory=dict)
-    first_flagged_query: int | None = None  # the verdict's first flag (1-based query index)
-    suspicious: bool = False  # the verdict after the client's last event
+    first_flagged_query: int | None = None  # the verdict's first flag over the client's life (1-based query index)
+    first_flagged_at: float | None = None  # ... and its time (the pipeline's clock)
+    flag: "FlagRecord | None" = None  # the latest flag (exporter.verdict): open while the client is flagged, then kept as history
+    released: "Release | None" = None  # the operator's last release of the client, if any
+    flagged_now: bool = False  # the fusion's verdict after the client's last judged event (it may flicker)
     score: float = 0.0  # the fused risk after the client's last judged event
     detector_state: dict[str, dict[str, State]] = field(default_factory=dict)  # model -> detector -> state
     fusion_state: dict[str, State] = field(default_factory=dict)  # model -> the fusion stage's state
+
+    @property
+    def suspicious(self) -> bool:
+        """The client's verdict: flagged, and staying so until released, lapsed or evicted."""
+        return self.flag is not None and self.flag.open
 
 
 EVICTION_REASONS = ("lru", "lru_flagged", "ttl")  # label values of monitaur_client_evictions_total{reason}
@@ -79,6 +91,11 @@ class ClientStore:
         """Every client, in eviction order: the unflagged, then the flagged, each least recently seen first."""
         self._settle()
         return iter([*self._calm.values(), *self._flagged.values()])
+
+    def flagged(self) -> list[ClientState]:
+        """The flagged clients, least recently seen first (a copy of the list)."""
+        self._settle()
+        return list(self._flagged.values())
 
     def touch(self, client_id: str, now: float) -> ClientState:
         """Return the client's state, creating it; mark it most recently seen at ``now``."""

@@ -18,6 +18,7 @@ from exporter.logutil import RateLimitedLog
 if TYPE_CHECKING:
     from exporter.runtime import Runtimes
     from exporter.state import ClientState, ClientStore
+    from exporter.verdict import FlagRecord, RecentFlag, RecentlyFlagged
 
 log = logging.getLogger("monitaur.view")
 T = TypeVar("T")
@@ -25,22 +26,34 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, slots=True)
 class ClientSummary:
-    """What the landing page shows of a client."""
+    """What the landing page shows of a client.
+
+    ``score``: the current fused risk; ``suspicious``: the sticky verdict; ``flag``: its
+    record (a copy) while flagged; ``detectors_on``: the detectors flagging it now.
+    """
 
     client_id: str
     score: float
     suspicious: bool
     detectors_on: tuple[str, ...]
     queries: int
+    flag: "FlagRecord | None" = None
+
+
+def summary(c: "ClientState") -> ClientSummary:
+    """A client's summary (under the lock: it copies what it keeps)."""
+    return ClientSummary(c.client_id, c.score, c.suspicious, tuple(n for n, on in c.current.items() if on), c.total,
+                         c.flag.copy() if c.flag is not None else None)
 
 
 class ClientView:
-    """Read-only access to the tracked clients and their cross-client evidence."""
+    """Read-only access to the tracked clients, their flags and their cross-client evidence."""
 
-    def __init__(self, lock: threading.RLock, store: "ClientStore", runtimes: "Runtimes") -> None:
+    def __init__(self, lock: threading.RLock, store: "ClientStore", runtimes: "Runtimes", recent: "RecentlyFlagged | None" = None) -> None:
         self._lock = lock
         self._store = store
         self._runtimes = runtimes
+        self._recent = recent
         self._errors = RateLimitedLog(log, interval=60.0)
 
     def read(self, fn: Callable[[Iterable["ClientState"]], T]) -> T:
@@ -53,10 +66,23 @@ class ClientView:
             return len(self._store)
 
     def flagged(self, limit: int) -> list[ClientSummary]:
-        """The flagged clients with the highest scores, at most ``limit``."""
+        """The flagged clients, the most recently flagged first, at most ``limit``."""
         with self._lock:
-            found = sorted((c for c in self._store.values() if c.suspicious), key=lambda c: c.score, reverse=True)[:limit]
-            return [ClientSummary(c.client_id, c.score, c.suspicious, tuple(n for n, on in c.current.items() if on), c.total) for c in found]
+            found = sorted(self._store.flagged(), key=lambda c: c.flag.first_at if c.flag is not None else 0.0, reverse=True)[:limit]
+            return [summary(c) for c in found]
+
+    def client(self, client_id: str) -> ClientSummary | None:
+        """One tracked client's summary, with its flag record while it is flagged; None if not tracked."""
+        with self._lock:
+            c = self._store.get(client_id)
+            return summary(c) if c is not None else None
+
+    def recently_flagged(self) -> list["RecentFlag"]:
+        """Flagged clients that were evicted (id, flag record, when and why), least recently evicted first; copies."""
+        if self._recent is None:
+            return []
+        with self._lock:
+            return self._recent.entries()
 
     def peer_matches(self, client_id: str) -> tuple[int, dict[str, int]]:
         """Cross-client evidence for a client, summed over models and detectors."""

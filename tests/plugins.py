@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from exporter.detectors import Batch, ClientMetric, Detector, Signals, State
+from exporter.detectors import Batch, ClientMetric, Detector, DetectorParams, Signals, State
 
 
 class FlagClientsNamedBad(Detector):
@@ -84,3 +84,30 @@ class HalfApplied(Detector):
         if "halfweird" in batch.client:
             return Signals.constant(len(batch), 1.5, True)
         return Signals.constant(len(batch), 0.2, False)
+
+
+class MarkedParams(DetectorParams):
+    threshold: float = 0.4
+    latch: bool = False
+
+
+class Marked(Detector):
+    """Scores 0.8 an event whose first feature is 16 (a marker), else 0.1; flags at ``threshold``.
+
+    With ``latch``, a client stays flagged by it after its first marked event, as a latching
+    detector (prada's alarm) does: only a restart of its state clears it.
+    """
+
+    name = "marked"
+    Params = MarkedParams
+    threshold_param = "threshold"
+
+    def init_state(self) -> State:
+        return {"seen": np.zeros((), dtype=np.bool_)}
+
+    def update(self, state: State, batch: Batch) -> Signals:
+        marked = np.array([e.vector is not None and e.vector[0] >= 16 for e in batch.events])
+        seen = np.logical_or.accumulate(marked) | bool(state["seen"]) if self.params.latch else marked
+        state["seen"][...] = bool(seen[-1]) if self.params.latch else False
+        values = np.where(seen, 0.8, 0.1)
+        return Signals(values, values >= self.params.threshold)

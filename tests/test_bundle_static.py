@@ -27,10 +27,12 @@ RULE_TESTS = sorted((RULES_DIR / "tests").glob("*.yml"))
 AM_CONFIG = REPO / "alertmanager" / "alertmanager.yml"
 AM_TEMPLATES = REPO / "alertmanager" / "templates"
 DASHBOARDS = REPO / "dashboards"
-RUNBOOK = REPO / "docs" / "runbook.md"
+RUNBOOK = REPO / "exporter" / "runbook.md"  # served by the exporter at /runbook (docs/runbook.md points to it)
 COMPOSE = REPO / "docker-compose.yml"
 
-RUNBOOK_URL = "https://github.com/monitaur/monitaur-exporter/blob/main/docs/runbook.md"
+RUNBOOK_BASE = "http://localhost:9717/runbook"  # alertmanager/templates/links.tmpl: the exporter's /runbook
+GRAFANA_BASE = "http://localhost:3000"  # ... and the compose stack's Grafana
+PAGE = "MonitaurModelExtractionSuspected"  # the page: sticky verdict, fast timings
 CLIENT_DASHBOARD = "/d/monitaur-client/monitaur-client?var-client="
 DS_REF = {"type": "prometheus", "uid": "${datasource}"}
 DATASOURCE_UID = "monitaur-prometheus"
@@ -149,11 +151,17 @@ def test_alert_conventions(group, rule):
     for key in ("summary", "description", "runbook_url", "dashboard_url"):
         assert ann.get(key), f"{name}: annotation {key} missing"
     assert "{{" in ann["description"], f"{name}: the description should be templated"
-    assert ann["runbook_url"] == f"{RUNBOOK_URL}#{name.lower()}"
-    assert duration_seconds(rule["for"]) >= 300, f"{name}: `for:` shorter than 5m flaps"
+    assert ann["runbook_url"] == f"#{name.lower()}", "a relative anchor in the runbook (links.tmpl gives the base URL)"
+    if name == PAGE:
+        # the exporter's verdict is sticky and calibrated: the delay only rides out a scrape (alertmanager.yml, the rule's comment)
+        assert rule["for"] == "1m" and rule["keep_firing_for"] == "2m", rule
+        assert "by (job, client, model)" in rule["expr"] and '"group"' in rule["expr"], "the flag's model, and the group label pages group by"
+    else:
+        assert duration_seconds(rule["for"]) >= 300, f"{name}: `for:` shorter than 5m flaps"
     if group == DETECTION_GROUP:
         assert 'client!="__other__"' in rule["expr"], f"{name}: per-client alerts must exclude __other__"
-        assert "group_left (model)" in rule["expr"] or "group_left(model)" in rule["expr"], f"{name}: join the model"
+        if name != PAGE:
+            assert "group_left (model)" in rule["expr"] or "group_left(model)" in rule["expr"], f"{name}: join the model"
         assert ann["dashboard_url"].startswith(CLIENT_DASHBOARD + "{{ $labels.client"), ann["dashboard_url"]
         for label in ("$labels.client", "$labels.model"):
             assert label in ann["description"], f"{name}: the description should name {label}"
@@ -164,7 +172,7 @@ def test_runbook_has_a_section_per_alert():
     text = RUNBOOK.read_text(encoding="utf-8")
     headings = set(re.findall(r"^##+ +(\S+) *$", text, flags=re.M))
     missing = alert_names() - headings
-    assert not missing, f"docs/runbook.md has no section for {sorted(missing)}"
+    assert not missing, f"exporter/runbook.md has no section for {sorted(missing)}"
     for name in alert_names():
         section = text.split(f"## {name}\n", 1)[1].split("\n## ", 1)[0].lower()
         for part in ("meaning", "impact", "diagnosis", "mitigation"):
@@ -248,6 +256,10 @@ def test_alertmanager_config_contract():
     assert g["smtp_auth_password_file"] == "/etc/alertmanager/secrets/smtp_password"
     assert "smtp_auth_password" not in g and g["smtp_smarthost"]
     assert cfg["route"]["group_by"] == ["alertname", "client"]
+    (critical,) = [r for r in cfg["route"]["routes"] if r["matchers"] == ['severity="critical"']]
+    # pages: one per client or linked group, within seconds, repeats rate-limited (the route's comment)
+    assert critical["group_by"] == ["alertname", "group"] and critical["group_wait"] == "5s"
+    assert duration_seconds(critical["repeat_interval"]) >= 3600
     assert cfg["templates"] == ["/etc/alertmanager/templates/*.tmpl"]
     for receiver in cfg["receivers"]:
         for slack in receiver.get("slack_configs", []):
@@ -323,13 +335,16 @@ SAMPLE_ALERT = {
         "job": "monitaur",
         "client": "mallory@corp",
         "model": "resnet50",
+        "group": "mallory@corp",
         "detector": "risk",
     },
     "annotations": {
         "summary": "Model extraction suspected.",
-        "description": "Above the alert threshold for 10 minutes.",
+        "description": "Flagged by the exporter.",
         "score": "0.91",
-        "runbook_url": f"{RUNBOOK_URL}#monitaurmodelextractionsuspected",
+        "evidence": "knn 1.84x, prada 1.10x",
+        "flagged_query": "37",
+        "runbook_url": "#monitaurmodelextractionsuspected",
         "dashboard_url": CLIENT_DASHBOARD + "mallory%40corp",
     },
     "startsAt": "2024-05-01T10:00:00Z",
@@ -342,8 +357,10 @@ SAMPLE_FACTS = {
     "model": "resnet50",
     "detector": "risk",
     "score": "0.91",
-    "dashboard link": "http://localhost:3000" + CLIENT_DASHBOARD + "mallory%40corp",
-    "runbook link": SAMPLE_ALERT["annotations"]["runbook_url"],
+    "detectors over their thresholds": "knn 1.84x, prada 1.10x",
+    "query of the flag": "37",
+    "dashboard link": GRAFANA_BASE + CLIENT_DASHBOARD + "mallory%40corp",
+    "runbook link": RUNBOOK_BASE + "#monitaurmodelextractionsuspected",
 }
 
 
@@ -361,7 +378,7 @@ def test_notification_templates_name_client_model_detector_score_and_dashboard(t
         "receiver": "monitaur-slack",
         "status": "firing",
         "alerts": [SAMPLE_ALERT],
-        "groupLabels": {"alertname": "MonitaurModelExtractionSuspected", "client": "mallory@corp"},
+        "groupLabels": {"alertname": "MonitaurModelExtractionSuspected", "group": "mallory@corp"},
         "commonLabels": {"alertname": "MonitaurModelExtractionSuspected", "job": "monitaur"},
         "commonAnnotations": {},
         "externalURL": "http://alertmanager:9093",
@@ -380,7 +397,7 @@ def test_notification_templates_name_client_model_detector_score_and_dashboard(t
 
 @needs_amtool
 def test_notification_titles(tmp_path):
-    data = {"receiver": "x", "status": "firing", "alerts": [SAMPLE_ALERT], "groupLabels": {"alertname": "MonitaurModelExtractionSuspected", "client": "mallory@corp"},
+    data = {"receiver": "x", "status": "firing", "alerts": [SAMPLE_ALERT], "groupLabels": {"alertname": "MonitaurModelExtractionSuspected", "group": "mallory@corp"},
             "commonLabels": SAMPLE_ALERT["labels"], "commonAnnotations": {}, "externalURL": "http://alertmanager:9093"}
     path = tmp_path / "data.json"
     path.write_text(json.dumps(data))
@@ -454,7 +471,7 @@ def test_dashboard_conventions(name):
 def test_dashboards_cover_their_topics():
     boards = {n: json.dumps(b) for n, b in dashboards().items()}
     wanted = {
-        "monitaur-overview.json": ['detector=\\"risk\\"', "monitaur_client_suspicious", "monitaur_client_flags_total", "monitaur_events_total", "monitaur_events_rejected_total"],
+        "monitaur-overview.json": ["monitaur_client_risk", "monitaur_client_suspicious", "monitaur_client_flagged_timestamp_seconds", "monitaur_client_flags_total", "monitaur_events_total", "monitaur_events_rejected_total"],
         "monitaur-client.json": ["monitaur_client_queries_total", "monitaur_client_score", "monitaur_prediction_confidence_bucket",
                                  "monitaur_client_cross_client_matches_total", "monitaur_client_peer_matches"],
         "monitaur-health.json": ["monitaur_file_size_bytes", "monitaur_file_offset_bytes", "monitaur_events_rejected_total", "monitaur_detector_errors_total",
@@ -558,7 +575,7 @@ def test_client_controlled_values_are_escaped_in_slack_and_html(tmp_path, templa
         "labels": {**SAMPLE_ALERT["labels"], "client": client, "model": model},
         "annotations": {**SAMPLE_ALERT["annotations"], "summary": f"Model extraction suspected from client {client}.", "description": f"Client {client}."},
     }
-    data = {"receiver": "x", "status": "firing", "alerts": [alert], "groupLabels": {"alertname": "MonitaurModelExtractionSuspected", "client": client},
+    data = {"receiver": "x", "status": "firing", "alerts": [alert], "groupLabels": {"alertname": "MonitaurModelExtractionSuspected", "group": client},
             "commonLabels": alert["labels"], "commonAnnotations": {}, "externalURL": "http://alertmanager:9093"}
     path = tmp_path / "data.json"
     path.write_text(json.dumps(data))
@@ -569,3 +586,38 @@ def test_client_controlled_values_are_escaped_in_slack_and_html(tmp_path, templa
     assert "&lt;!channel&gt; &amp; &lt;b&gt;mallory&lt;/b&gt;" in out and "m&lt;@U123&gt;" in out, out
     for raw in ("<!channel>", "<b>mallory", "<@U123>", "& <"):
         assert raw not in out, out
+
+
+def test_links_come_from_one_base_url_each():
+    """links.tmpl holds the runbook and Grafana base URLs; rules carry relative links; the dashboards' runbook link agrees."""
+    links = (AM_TEMPLATES / "links.tmpl").read_text(encoding="utf-8")
+    assert f'{{{{ define "monitaur.runbook_url" }}}}{RUNBOOK_BASE}{{{{ end }}}}' in links
+    assert f'{{{{ define "monitaur.grafana_url" }}}}{GRAFANA_BASE}{{{{ end }}}}' in links
+    others = [p for p in AM_TEMPLATES.glob("*.tmpl") if p.name != "links.tmpl"]
+    assert not any(re.search(r"https?://localhost", p.read_text(encoding="utf-8")) for p in others), "a base URL outside links.tmpl"
+    for name, board in dashboards().items():
+        urls = [link["url"] for link in board.get("links", []) if "runbook" in link["url"]]
+        assert urls == [RUNBOOK_BASE], (name, urls)
+    assert "https://" not in ALERTS_FILE.read_text(encoding="utf-8").split("groups:", 1)[1], "absolute links in the rules"
+
+
+@needs_amtool
+def test_a_group_notification_lists_every_member_and_details_ten(tmp_path):
+    """A linked group (label `group`) pages once: every member named, the first 10 detailed, so one attack's message is bounded."""
+    alerts = [{**SAMPLE_ALERT, "labels": {**SAMPLE_ALERT["labels"], "client": f"syb-{i:02d}", "group": "g-7"}, "fingerprint": f"{i:016x}"} for i in range(12)]
+    common = {k: v for k, v in SAMPLE_ALERT["labels"].items() if k != "client"} | {"group": "g-7"}
+    data = {"receiver": "x", "status": "firing", "alerts": alerts, "groupLabels": {"alertname": "MonitaurModelExtractionSuspected", "group": "g-7"},
+            "commonLabels": common, "commonAnnotations": {}, "externalURL": "http://alertmanager:9093"}
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(data))
+    out = {}
+    for template in ("monitaur.slack.title", "monitaur.slack.text", "monitaur.email.text"):
+        res = run(AMTOOL, "template", "render", f"--template.glob={AM_TEMPLATES}/*.tmpl", f"--template.data={path}",
+                  f"--template.text={{{{ template \"{template}\" . }}}}")
+        assert res.returncode == 0, res.stderr
+        out[template] = res.stdout
+    assert out["monitaur.slack.title"].strip() == "[FIRING:12] MonitaurModelExtractionSuspected — group g-7 (12 clients) on model resnet50 (critical)"
+    for template in ("monitaur.slack.text", "monitaur.email.text"):
+        text = out[template]
+        assert all(f"syb-{i:02d}" in text.split("\n", 1)[0] for i in range(12)), text[:300]  # the members, on the first line
+        assert text.count("Model extraction suspected.") == 10 and "12 alerts in this group; the first 10 are detailed above." in text

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from exporter.state import EVICTION_REASONS, ClientStore
+from exporter.verdict import FlagRecord
+
+FLAG = FlagRecord(0.0, 0.0, 1, 1, "digits")
 from tests.test_pipeline import Clock, lines, make, value
 
 
@@ -50,14 +53,14 @@ def test_a_verdict_changed_after_touch_files_the_client_before_the_next_eviction
     store = ClientStore(3, 1e9, lambda c, reason: evicted.append((c.client_id, reason)))
     for i, cid in enumerate(["a", "b", "c"]):
         store.touch(cid, float(i))
-    store["a"].suspicious = True  # changed outside its batch (a is not the client touched last):
+    store["a"].flag = FLAG  # flagged outside its batch (a is not the client touched last):
     store.refile("a")  # whoever changes it files it again
     store.touch("c", 3.0)
-    store["c"].suspicious = True  # c's batch flags it, after touch: filed at the store's next operation
+    store["c"].flag = FLAG  # c's batch flags it, after touch: filed at the store's next operation
     store.touch("d", 4.0)
     assert evicted == [("b", "lru")]  # not a, the least recently seen, nor c
     store.touch("c", 5.0)
-    store["c"].suspicious = False  # c's next batch clears it: c is unflagged, and the most recent
+    store["c"].flag = None  # c's flag is cleared: c is unflagged, and the most recent
     store.touch("e", 6.0)
     assert evicted == [("b", "lru"), ("d", "lru")]
     assert [c.client_id for c in store.values()] == ["c", "e", "a"]

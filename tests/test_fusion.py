@@ -34,6 +34,19 @@ def test_any_flag_flags_and_the_risk_is_half_the_strongest_ratio() -> None:
     assert out.flagged.tolist() == [False, True, True]
 
 
+def test_the_judgement_names_the_inputs_over_their_thresholds_by_ratio_not_raw_value() -> None:
+    """A raw 0.42 over a threshold of 0.2 is stronger evidence than a raw 0.9 over 0.75: the evidence is value / threshold."""
+    f = Fusion(FusionConfig(), ["ood", "knn", "prada"], {"ood": 0.75, "knn": 0.2, "prada": 0.5})
+    judged = f.judge(f.init_state(), {"ood": sig([0.9, 0.42], [True, False]), "knn": sig([0.1, 0.42], [False, True]), "prada": sig([0.65, 0.3], [True, False])}, 2)
+    assert judged is not None and judged.signals.flagged.tolist() == [True, True]
+    first = judged.over_threshold(0)
+    assert list(first) == ["prada", "ood"] and first["prada"] == pytest.approx(1.3) and first["ood"] == pytest.approx(1.2)
+    assert judged.over_threshold(1) == {"knn": pytest.approx(2.1)}  # only the inputs that flagged there
+    np.testing.assert_allclose(judged.signals.values, [0.65, 1.0])  # the risk: the strongest ratio, halved, at most 1
+    plain = f.update(f.init_state(), {"ood": sig([0.9, 0.42], [True, False]), "knn": sig([0.1, 0.42], [False, True]), "prada": sig([0.65, 0.3], [True, False])}, 2)
+    assert plain is not None and plain.values.tolist() == judged.signals.values.tolist()
+
+
 def test_an_input_that_did_not_judge_keeps_its_last_value_and_flag() -> None:
     f = Fusion(FusionConfig(), ["a", "b"], {"a": 0.5, "b": 0.5})
     state = f.init_state()

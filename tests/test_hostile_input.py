@@ -28,6 +28,7 @@ from exporter.pipeline import Pipeline
 from exporter.runtime import ModelAdmission
 from exporter.snapshot import pack, unpack
 from exporter.state import ClientState
+from exporter.verdict import FlagRecord
 from tests.conftest import parse_metrics, sample, wait_for
 from tests.hostile_corpus import MARKER, SECRET, SETTINGS, Hostile, corpus
 from tests.test_pipeline import lines
@@ -273,7 +274,7 @@ def test_the_collector_never_exports_an_unexportable_label() -> None:
     for client_id in ("\ud800x", f"x\n{MARKER}"):
         c = ClientState(client_id=client_id, last_seen=p.clock(), total=1)
         c.queries = {"digits": 1, "m\udc00": 1}
-        c.suspicious = True  # flagged clients always get their own series
+        c.flag = FlagRecord(p.clock(), p.clock(), 1, 1, "digits")  # flagged clients always get their own series
         p.store.put(c)
     p.store["alice"].queries["m\udc00"] = 1
     text = generate_latest(p.metrics.registry).decode()

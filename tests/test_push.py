@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 
@@ -93,6 +94,36 @@ def test_other_endpoints(app: App) -> None:
     assert requests.get(base(app) + "/nope", timeout=5).status_code == 404
     assert requests.get(base(app) + URL, timeout=5).status_code == 405
     assert requests.post(base(app) + "/metrics", timeout=5).status_code == 404
+
+
+def test_every_error_answer_names_its_reason(app: App) -> None:
+    """The README promises {"error": ..., "reason": ...} for every error: a program reads the reason."""
+    post = lambda data, headers: requests.post(base(app) + URL, data=data, headers=headers, timeout=5)  # noqa: E731
+    cases = {
+        "unauthorized": post("x", {}),
+        "empty_body": post("  ", AUTH),
+        "body_too_large": post("x" * 5000, AUTH),
+        "malformed_json": post("[1, 2", AUTH),
+        "not_found": requests.get(base(app) + "/nope", timeout=5),
+        "method_not_allowed": requests.get(base(app) + URL, timeout=5),
+    }
+    for reason, r in cases.items():
+        assert r.status_code >= 400 and r.json()["reason"] == reason and r.json()["error"], (reason, r.status_code, r.text)
+    host, port = app.address
+    for request, status, reason in [
+        (b"POST /api/v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok-1\r\n\r\n", 411, "length_required"),
+        (b"POST /api/v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok-1\r\nContent-Length: -1\r\n\r\n", 400, "bad_content_length"),
+        (b"POST /api/v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok-1\r\nContent-Length: 10\r\n\r\nabc", 400, "body_incomplete"),
+    ]:
+        with socket.create_connection((host, port), timeout=5) as s:
+            s.sendall(request)
+            if reason == "body_incomplete":
+                s.shutdown(socket.SHUT_WR)
+            reply = b""
+            while b"\r\n\r\n" not in reply or len(reply.partition(b"\r\n\r\n")[2]) < int(re.search(rb"Content-Length: (\d+)", reply)[1]):
+                reply += s.recv(4096)
+        head, _, body = reply.decode().partition("\r\n\r\n")
+        assert head.startswith(f"HTTP/1.1 {status}") and f'"reason": "{reason}"' in body, reply
 
 
 def test_push_can_be_disabled(tmp_path: Path) -> None:
