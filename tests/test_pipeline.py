@@ -72,14 +72,14 @@ def test_a_failure_around_the_detectors_costs_one_client_its_batch_not_the_other
     p = make()
     assert value(p, "monitaur_detector_errors_total", detector="fusion") == 0  # created at 0
     rt = p.runtimes.build("digits")
-    real = rt.fusion.update
+    real = rt.fusion.judge
 
-    def update(state, signals, n):  # type: ignore[no-untyped-def]
+    def judge(state, signals, n):  # type: ignore[no-untyped-def]
         if n == 2:  # the unlucky client's batch
             raise OverflowError("boom")
         return real(state, signals, n)
 
-    monkeypatch.setattr(rt.fusion, "update", update)
+    monkeypatch.setattr(rt.fusion, "judge", judge)
     result = p.ingest_lines(lines("bad-1", 3) + lines("unlucky-1", 2, seed=1) + lines("good-1", 4, seed=2))
     assert result.accepted == 9
     assert value(p, "monitaur_detector_errors_total", detector="fusion") == 2

@@ -16,6 +16,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from exporter.config import Settings
+from exporter.detectors import enabled_detectors
 from exporter.metrics import Metrics
 from exporter.pipeline import Pipeline
 from exporter.snapshot import pack, unpack
@@ -25,7 +26,7 @@ from tests.test_pipeline import Clock, value
 def make(clock: Clock, latch: bool = False, **kw: object) -> Pipeline:
     kw.setdefault("state", {"dir": None})
     settings = Settings(plugins={"marked": "tests.plugins:Marked"}, detectors={"marked": {"latch": latch}}, fusion={"inputs": ["marked"]}, **kw)
-    return Pipeline(settings, Metrics(settings.detector_params()), clock=clock)
+    return Pipeline(settings, Metrics(enabled_detectors(settings)), clock=clock)
 
 
 def event(client: str, marked: bool) -> str:
