@@ -37,8 +37,9 @@ ENV MONITAUR_LISTEN__HOST=0.0.0.0 \
     MONITAUR_FILES__PATHS=/var/log/monitaur/*.jsonl
 
 EXPOSE 9717
+# /healthz over the exporter's own listener, TLS included (exporter/healthcheck.py).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
-  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9717/healthz', timeout=3)"]
+  CMD ["monitaur-exporter", "healthcheck"]
 
 ENTRYPOINT ["monitaur-exporter"]
 CMD ["run"]

@@ -1,4 +1,4 @@
-"""The ``monitaur-exporter`` command line: run, replay, calibrate, simulate, check-config.
+"""The ``monitaur-exporter`` command line: run, replay, calibrate, simulate, healthcheck, check-config.
 
 Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
 """
@@ -118,6 +118,16 @@ def _cmd_check_config(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_healthcheck(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from exporter.healthcheck import check
+
+    healthy, what = check(settings, Path(args.basic_auth_file) if args.basic_auth_file else None)
+    print(what, file=sys.stdout if healthy else sys.stderr)
+    return 0 if healthy else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monitaur-exporter", description="Detect model-extraction traffic per client and export it to Prometheus.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -145,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     cal.set_defaults(func=_cmd_calibrate)
 
     add_simulate_parser(sub)
+
+    hc = sub.add_parser("healthcheck", help="ask the running exporter's /healthz (TLS when configured); exit 0 if healthy")
+    hc.add_argument("--config", metavar="FILE", help="the config the exporter runs with (default: the embedded default)")
+    hc.add_argument("--basic-auth-file", metavar="FILE", help="a file holding user:password, if /healthz is behind basic auth")
+    hc.set_defaults(func=_cmd_healthcheck)
 
     chk = sub.add_parser("check-config", help="validate a config file and exit")
     chk.add_argument("file", metavar="FILE")

@@ -10,6 +10,7 @@ import socket
 import ssl
 import subprocess
 import time
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -336,3 +337,30 @@ def test_prometheus_scrapes_over_tls_with_client_cert_and_basic_auth(tmp_path: P
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+@needs_openssl
+def test_the_container_healthcheck_finds_the_exporter_over_tls_and_basic_auth(tmp_path: Path, tls: TLSFiles, app_factory: Any) -> None:
+    """`monitaur-exporter healthcheck` (the Dockerfile's HEALTHCHECK) reads the exporter's own
+    config: it speaks TLS when the web config does, and sends basic auth from a file."""
+    from exporter.healthcheck import check
+
+    app = app_factory(tmp_path, {"tls_server_config": {"cert_file": str(tls.server_cert), "key_file": str(tls.server_key)},
+                                 "basic_auth_users": {"alice": HASH}})
+    settings = app.settings.model_copy(update={"listen": app.settings.listen.model_copy(update={"port": app.address[1]})})
+    assert check(settings)[0] is False  # behind basic auth, without credentials
+    creds = tmp_path / "creds"
+    creds.write_text(f"alice:{PASSWORD}\n")
+    assert check(settings, creds) == (True, "healthy")
+    plain = settings.model_copy(update={"listen": settings.listen.model_copy(update={"web_config_file": None})})
+    healthy, what = check(plain, creds)  # plain HTTP against a TLS listener: no valid answer
+    assert not healthy and ("no answer" in what or "answered" in what)
+    app.stop()
+    healthy, what = check(settings, creds)
+    assert not healthy and what.startswith("no answer from 127.0.0.1:")
+
+
+def test_healthcheck_command_exits_1_when_nothing_answers(tmp_path: Path) -> None:
+    env = {**os.environ, "MONITAUR_LISTEN__PORT": str(free_port()), "MONITAUR_STATE__DIR": "null"}
+    run = subprocess.run([sys.executable, "-m", "exporter", "healthcheck"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert run.returncode == 1 and "no answer from 127.0.0.1:" in run.stderr
