@@ -9,25 +9,21 @@ SMTP sink (aiosmtpd) for the relay. It is skipped when the binary is missing (.c
 
 from __future__ import annotations
 
-import email
-import email.policy
-import re
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 import requests
 import yaml
 
 from tests.conftest import REPO, free_port
+from tests.stack import HTTPSink, SMTPSink
 
 ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 
@@ -55,60 +51,15 @@ def test_first_page_setup_makes_the_secrets_with_their_owners(tmp_path: Path) ->
     assert run.returncode == 0 and token.read_text() == first and "exists: kept" in run.stdout  # a rerun keeps the token
 
 
-class SlackSink:
-    """Slack's incoming webhook, replaced: records the JSON bodies POSTed to it."""
-
-    def __init__(self) -> None:
-        self.bodies: list[dict[str, Any]] = []
-        sink = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                sink.bodies.append(json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0)))))
-                self.send_response(200)
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"ok")
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/slack"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-class MailSink:
-    """The SMTP relay, replaced (no AUTH offered, so Alertmanager sends without logging in)."""
-
-    def __init__(self) -> None:
-        from aiosmtpd.controller import Controller
-
-        self.messages: list[Any] = []
-        sink = self
-
-        class Handler:
-            async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
-                sink.messages.append(email.message_from_bytes(envelope.original_content or envelope.content, policy=email.policy.default))
-                return "250 OK"
-
-        self.port = free_port()
-        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port)
-        self.controller.start()
-
-    def close(self) -> None:
-        self.controller.stop()
+SMTP_USER, SMTP_PASSWORD = "alertmanager", "relay-password"
 
 
 def alertmanager_config(tmp_path: Path, slack_url: str, smtp_port: int) -> Path:
     cfg = yaml.safe_load((REPO / "alertmanager" / "alertmanager.yml").read_text(encoding="utf-8"))
     (tmp_path / "slack_webhook_url").write_text(slack_url)
-    (tmp_path / "smtp_password").write_text("unused")
-    cfg["global"].update(smtp_smarthost=f"127.0.0.1:{smtp_port}", smtp_require_tls=False, smtp_auth_password_file=str(tmp_path / "smtp_password"))
+    (tmp_path / "smtp_password").write_text(SMTP_PASSWORD)
+    cfg["global"].update(smtp_smarthost=f"127.0.0.1:{smtp_port}", smtp_require_tls=False, smtp_auth_username=SMTP_USER,
+                         smtp_auth_password_file=str(tmp_path / "smtp_password"))
     cfg["templates"] = [str(REPO / "alertmanager" / "templates" / "*.tmpl")]
     cfg["route"]["group_wait"] = "1s"
     for receiver in cfg["receivers"]:
@@ -122,7 +73,7 @@ def alertmanager_config(tmp_path: Path, slack_url: str, smtp_port: int) -> Path:
 @pytest.mark.skipif(ALERTMANAGER is None, reason="needs prometheus-alertmanager (Debian package prometheus-alertmanager; .ci/run installs it)")
 def test_test_notification_reaches_slack_and_email(tmp_path: Path) -> None:
     pytest.importorskip("aiosmtpd", reason="aiosmtpd is a test dependency: pip install -e '.[test]'")
-    slack, mail = SlackSink(), MailSink()
+    slack, mail = HTTPSink(), SMTPSink(SMTP_USER, SMTP_PASSWORD)
     port = free_port()
     log = open(tmp_path / "am.log", "wb")
     am = subprocess.Popen(
@@ -145,12 +96,12 @@ def test_test_notification_reaches_slack_and_email(tmp_path: Path) -> None:
                              capture_output=True, text=True, timeout=30)
         assert run.returncode == 0 and "accepted the critical test alert" in run.stdout, run.stderr
         deadline = time.monotonic() + 30
-        while not (slack.bodies and mail.messages) and time.monotonic() < deadline:
+        while not (slack.messages() and mail.messages()) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert slack.bodies and mail.messages, (slack.bodies, mail.messages, (tmp_path / "am.log").read_text()[-2000:])
-        assert "MonitaurTestNotification" in json.dumps(slack.bodies[0]) and "Nothing is under attack" in json.dumps(slack.bodies[0])
-        assert "MonitaurTestNotification" in str(mail.messages[0]["Subject"])
-        assert "Nothing is under attack" in mail.messages[0].get_body(("plain", "html")).get_content()
+        assert slack.messages() and mail.messages(), (slack.messages(), mail.messages(), (tmp_path / "am.log").read_text()[-2000:])
+        posted = json.dumps(slack.messages()[0]["body"])
+        assert "MonitaurTestNotification" in posted and "Nothing is under attack" in posted
+        assert "MonitaurTestNotification" in mail.messages()[0]["subject"] and "Nothing is under attack" in mail.messages()[0]["text"]
         unreachable = subprocess.run([sys.executable, str(REPO / "scripts" / "test-notification"), "--alertmanager", f"http://127.0.0.1:{free_port()}"],
                                      capture_output=True, text=True, timeout=30)
         assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr
