@@ -22,10 +22,10 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from exporter.canonical import all_flat_vectors, canonical_digests
 
@@ -42,6 +42,15 @@ class DetectorParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
+
+
+def min_threshold_field(default: float) -> Any:
+    """The ``min_threshold`` parameter of a detector with a threshold: calibration never sets
+    the threshold below it (:mod:`exporter.calibrate`)."""
+    return Field(
+        default, ge=0.0, le=1.0,
+        description="Calibration never sets the threshold below this: what the detector can tell apart at best, whatever a small benign sample shows.",
+    )
 
 
 class WindowedParams(DetectorParams):

@@ -15,6 +15,7 @@ from exporter.detectors.base import (
     Signals,
     State,
     WindowedParams,
+    min_threshold_field,
 )
 from exporter.detectors.kit import new_ring, share_signals
 
@@ -54,7 +55,7 @@ class ConfidenceParams(WindowedParams):
     window: int = Field(100, ge=1, le=100_000, description="How many of the client's last judged answers are kept.")
     min_events: int = Field(20, ge=1, description="Judged answers needed in the window before the client can be flagged (<= window).")
     flag_ratio: float = Field(0.5, gt=0.0, le=1.0, description="Flag when at least this share of the window's answers is low-confidence.")
-    min_threshold: float = Field(0.25, ge=0.0, le=1.0, description="Calibration never sets the threshold below this: what the detector can tell apart at best, whatever a small benign sample shows.")
+    min_threshold: float = min_threshold_field(0.25)
 
     @field_validator("threshold")
     @classmethod

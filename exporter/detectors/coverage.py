@@ -18,6 +18,7 @@ from exporter.detectors.base import (
     Signals,
     State,
     WindowedParams,
+    min_threshold_field,
 )
 from exporter.detectors.kit import ring_in_order, ring_write, share_signals, vector_rows
 
@@ -69,7 +70,7 @@ class CoverageParams(WindowedParams):
             "overwrites it per model."
         ),
     )
-    min_threshold: float = Field(0.2, ge=0.0, le=1.0, description="Calibration never sets the threshold below this: what the detector can tell apart at best, whatever a small benign sample shows.")
+    min_threshold: float = min_threshold_field(0.2)
 
 
 _MIN_FIT = 500  # fewer reference samples than this place the cells by noise

@@ -20,6 +20,7 @@ from exporter.detectors.base import (
     Signals,
     State,
     WindowedParams,
+    min_threshold_field,
 )
 from exporter.detectors.kit import share_signals
 from exporter.hashing import splitmix64
@@ -150,7 +151,7 @@ class FingerprintParams(WindowedParams):
         le=1.0,
         description="Flag when at least this share of the window's queries matched an earlier query (the client's own or another client's). Calibration overwrites it per model.",
     )
-    min_threshold: float = Field(0.3, ge=0.0, le=1.0, description="Calibration never sets the threshold below this: what the detector can tell apart at best, whatever a small benign sample shows.")
+    min_threshold: float = min_threshold_field(0.3)
     max_peers: int = Field(5, ge=1, le=100, description="Peers remembered per client for peer_matches (the heaviest, by a space-saving count).")
     max_tracked_clients: int = Field(10_000, ge=1, le=10_000_000, description="Clients with cross-client evidence remembered (least recently matched forgotten first).")
     image_quantum: int = Field(50, ge=1, le=255, description="Encoded images (no vector): 8-bit pixels are quantized to multiples of this (Blacklight).")

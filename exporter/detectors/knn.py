@@ -20,6 +20,7 @@ from exporter.detectors.base import (
     Signals,
     State,
     WindowedParams,
+    min_threshold_field,
 )
 from exporter.detectors.kit import Scaling, reservoir_slots, share_signals, vector_rows
 
@@ -151,7 +152,7 @@ class KnnParams(WindowedParams):
         le=1.0,
         description="Flag when at least this share of the window's judged queries was close to the client's history. Calibration overwrites it per model.",
     )
-    min_threshold: float = Field(0.5, ge=0.0, le=1.0, description="Calibration never sets the threshold below this: what the detector can tell apart at best, whatever a small benign sample shows.")
+    min_threshold: float = min_threshold_field(0.5)
     fit_percentile: float = Field(
         1.0,
         gt=0.0,

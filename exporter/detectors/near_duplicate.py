@@ -19,9 +19,10 @@ from exporter.detectors.base import (
     Signals,
     State,
     WindowedParams,
+    min_threshold_field,
 )
-from exporter.hashing import splitmix64
 from exporter.detectors.kit import ring_write, scatter, window_shares
+from exporter.hashing import splitmix64
 from exporter.images import MAX_HASHED_SIDE, downscale
 
 if TYPE_CHECKING:
@@ -126,7 +127,7 @@ class NearDuplicateParams(WindowedParams):
     window: int = Field(100, ge=1, le=10_000, description="How many of the client's last inputs are kept for comparison.")
     min_events: int = Field(40, ge=1, description="Judged inputs needed in the window before the client can be flagged (<= window): 40, so that a short burst of form edits or sliders is not enough.")
     flag_ratio: float = Field(0.9, gt=0.0, le=1.0, description="Flag when at least this share of the window's inputs were near-duplicates.")
-    min_threshold: float = Field(0.3, ge=0.0, le=1.0, description="Calibration never sets the threshold below this: what the detector can tell apart at best, whatever a small benign sample shows.")
+    min_threshold: float = min_threshold_field(0.3)
     image_hamming_tolerance: int = Field(
         8, ge=0, le=64, description="Images match when their 64-bit perceptual hashes differ in at most this many bits."
     )

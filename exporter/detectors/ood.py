@@ -16,6 +16,7 @@ from exporter.detectors.base import (
     Signals,
     State,
     WindowedParams,
+    min_threshold_field,
 )
 from exporter.detectors.kit import ring_in_order, ring_write, scatter, vector_rows
 
@@ -60,7 +61,7 @@ class OodParams(WindowedParams):
             "well below it. Calibration overwrites it per model."
         ),
     )
-    min_threshold: float = Field(0.6, ge=0.0, le=1.0, description="Calibration never sets the threshold below this: what the detector can tell apart at best, whatever a small benign sample shows.")
+    min_threshold: float = min_threshold_field(0.6)
     shrinkage: float = Field(
         0.05,
         ge=0.0,

@@ -20,6 +20,7 @@ from exporter.detectors.base import (
     ModelContext,
     Signals,
     State,
+    min_threshold_field,
 )
 from exporter.detectors.kit import reservoir_slot, ring_in_order, ring_write, scatter
 
@@ -261,7 +262,7 @@ class PradaParams(DetectorParams):
             "lower W, and iid natural traffic gives W of about 0.95-0.99. Calibration overwrites it per model."
         ),
     )
-    min_threshold: float = Field(0.1, ge=0.0, le=1.0, description="Calibration never sets the threshold below this: what the detector can tell apart at best, whatever a small benign sample shows.")
+    min_threshold: float = min_threshold_field(0.1)
     skip_exact_repeats: bool = Field(
         True,
         description=(

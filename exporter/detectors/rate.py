@@ -15,6 +15,7 @@ from exporter.detectors.base import (
     Signals,
     State,
     WindowedParams,
+    min_threshold_field,
 )
 from exporter.detectors.kit import ring_in_order, ring_write
 
@@ -40,7 +41,7 @@ class RateParams(WindowedParams):
         le=1.0,
         description="Flag when the score reaches this (0.8 = 4 x rate_scale, 4 queries/s by default) with min_events queries in the window.",
     )
-    min_threshold: float = Field(0.8, ge=0.0, le=1.0, description="Calibration never sets the threshold below this: what the detector can tell apart at best, whatever a small benign sample shows.")
+    min_threshold: float = min_threshold_field(0.8)
     min_span: float = Field(
         1.0,
         gt=0.0,

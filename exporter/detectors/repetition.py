@@ -15,6 +15,7 @@ from exporter.detectors.base import (
     Signals,
     State,
     WindowedParams,
+    min_threshold_field,
 )
 from exporter.detectors.kit import new_ring, ring_in_order, ring_write, share_signals
 
@@ -31,7 +32,7 @@ class RepetitionParams(WindowedParams):
         description="Flag when at least this share of the window's inputs repeated an earlier one (a batch job run twice "
         "repeats half of its inputs; a flood nearly all).",
     )
-    min_threshold: float = Field(0.5, ge=0.0, le=1.0, description="Calibration never sets the threshold below this: what the detector can tell apart at best, whatever a small benign sample shows.")
+    min_threshold: float = min_threshold_field(0.5)
     max_gap_seconds: float = Field(
         10.0,
         gt=0.0,

@@ -16,6 +16,7 @@ from exporter.detectors.base import (
     Signals,
     State,
     WindowedParams,
+    min_threshold_field,
 )
 from exporter.detectors.kit import share_signals, vector_rows
 
@@ -57,7 +58,7 @@ class StepsParams(WindowedParams):
         le=1.0,
         description="Flag when at least this share of the window's queries was a sign step from an earlier query. Calibration overwrites it per model.",
     )
-    min_threshold: float = Field(0.15, ge=0.0, le=1.0, description="Calibration never sets the threshold below this: what the detector can tell apart at best, whatever a small benign sample shows.")
+    min_threshold: float = min_threshold_field(0.15)
 
 
 class StepsDetector(Detector):
