@@ -30,6 +30,7 @@ from exporter.state import ClientState, ClientStore
 
 if TYPE_CHECKING:
     from exporter.events import Decoder
+    from exporter.groups import GroupBook
     from exporter.metrics import Metrics
     from exporter.runtime import Runtimes
 
@@ -40,7 +41,9 @@ STATE_FILE = "state.npz"
 OFFSETS_FILE = "offsets.json"
 
 
-def copy_state(lock: threading.RLock, store: ClientStore, runtimes: "Runtimes", decoder: "Decoder", now: float) -> dict[str, Any]:
+def copy_state(
+    lock: threading.RLock, store: ClientStore, runtimes: "Runtimes", decoder: "Decoder", now: float, groups: "GroupBook | None" = None
+) -> dict[str, Any]:
     """A private copy of all state worth keeping across a restart.
 
     Clients are saved in LRU order as of the start; one evicted meanwhile is left out,
@@ -64,6 +67,8 @@ def copy_state(lock: threading.RLock, store: ClientStore, runtimes: "Runtimes", 
             "admitted": runtimes.admission.saved(),
             "models": _copied(models),
         }
+        if groups is not None:
+            head["groups"] = groups.state()  # plain lists and numbers: a fresh copy
     clients = []
     for start in range(0, len(ids), _CHUNK):
         with lock:
@@ -101,7 +106,9 @@ def _client_record(c: ClientState, runtimes: "Runtimes") -> dict[str, Any]:
     }
 
 
-def restore(data: bytes | BinaryIO, lock: threading.RLock, store: ClientStore, runtimes: "Runtimes", decoder: "Decoder") -> int:
+def restore(
+    data: bytes | BinaryIO, lock: threading.RLock, store: ClientStore, runtimes: "Runtimes", decoder: "Decoder", groups: "GroupBook | None" = None
+) -> int:
     """Load a snapshot made by :func:`copy_state` (bytes, or a binary file); return the number of clients restored.
 
     State made under other parameters or shapes is dropped (that detector starts afresh
@@ -160,7 +167,14 @@ def restore(data: bytes | BinaryIO, lock: threading.RLock, store: ClientStore, r
             store.put(c)
         if dropped:
             log.warning("dropped %d detector states made under another configuration; those detectors start afresh", dropped)
+        if groups is not None and current and isinstance(doc.get("groups"), dict):
+            groups.load(doc["groups"], lambda model: _links_params(_runtime(runtimes, decoder, model)))
         return len(store)
+
+
+def _links_params(rt: Any) -> Any:
+    """The params of a runtime's links detector (whose links make the model's groups), or None."""
+    return next((d.params for d in (rt.detectors if rt is not None else ()) if d.name == "links"), None)
 
 
 def _readmitted(runtimes: "Runtimes", doc: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -36,6 +36,7 @@ from exporter.detectors import Batch, Signals
 from exporter.detectors.base import Block, Detector, State
 from exporter.events import Decoder, Event, Rejected
 from exporter.fusion import FUSION
+from exporter.groups import GroupBook, GroupCollector, GroupSummary
 from exporter.logutil import RateLimitedLog
 from exporter.metrics import ClientCollector, Metrics
 from exporter.profile import Profile
@@ -89,7 +90,8 @@ class Pipeline:
                 )
         self._on_evict = on_evict
         self.store = ClientStore(settings.state.max_clients, settings.state.idle_ttl_seconds, self._evicted)
-        self.view = ClientView(self.lock, self.store, self.runtimes)
+        self.groups = GroupBook(profile)
+        self.view = ClientView(self.lock, self.store, self.runtimes, self.group_summaries)
         self.collector = ClientCollector(
             self.view,
             settings.metrics.max_client_series,
@@ -98,6 +100,7 @@ class Pipeline:
             [m for cls, _ in self.specs.values() for m in cls.client_metrics],
         )
         self.metrics.registry.register(self.collector)
+        self.metrics.registry.register(GroupCollector(self.group_summaries, self._group_limits))
         self.metrics.tracked_clients_limit.set(settings.state.max_clients)
         self.metrics.client_series_limit.set(settings.metrics.max_client_series)
         self._rejects = RateLimitedLog(log)
@@ -192,6 +195,7 @@ class Pipeline:
             evs = block.events if len(rows) == n else [block.events[i] for i in rows]
             when = evs[-1].ts if self.event_time else (self.clock() if now is None else now)
             self._judge(rt, Batch(client_id, block.model, evs, block, np.asarray(rows, dtype=np.int64)), when)
+        self._judge_groups(rt, block)
         rt.events.inc(n)
         self.metrics.prediction_confidence.observe_many(block.model, block.confidence)
 
@@ -235,6 +239,7 @@ class Pipeline:
         fstate = client.fusion_state.get(model)
         if fstate is None:
             fstate = client.fusion_state[model] = rt.fusion.init_state()
+        self.groups.note(batch, signals)
         verdict = rt.fusion.update(fstate, signals, n)
         if verdict is not None:
             if self.observer is not None:
@@ -258,6 +263,33 @@ class Pipeline:
             names = ", ".join(n for n, on in client.current.items() if on) or "the fused risk"
             log.info("client %s flagged by %s at its query %d", client.client_id, names, client.first_flagged_query or client.total)
 
+    # -- groups (exporter.groups) ----------------------------------------------------------
+    def _judge_groups(self, rt: ModelRuntime, block: Block) -> None:
+        """Fold the block's cross-client links into the model's groups (after every client's batch was judged)."""
+        model = block.model
+
+        def queries(client: str) -> int:
+            st = self.store.get(client)
+            return st.queries.get(model, 0) if st is not None else 0
+
+        try:
+            self.groups.process(model, _links_params(rt), block, queries)
+        except Exception as exc:  # groups are a reading of the links, never a reason to lose the block
+            self._detector_failed("links", len(block), model, exc)
+
+    def group_summaries(self) -> list[GroupSummary]:
+        """Every group (flagged first, then by score), under the lock."""
+        with self.lock:
+            def queries(client: str, model: str) -> int:
+                st = self.store.get(client)
+                return st.queries.get(model, 0) if st is not None else 0
+
+            return self.groups.summaries(queries)
+
+    def _group_limits(self, model: str) -> tuple[int, int]:
+        params = _links_params(self.runtimes.get(model))
+        return (params.max_group_series, params.max_member_series) if params is not None else (0, 0)
+
     def _detector_failed(self, name: str, n: int, model: str, exc: Exception) -> None:
         self.metrics.detector_errors.labels(name).inc(n)
         self._errors.log(logging.ERROR, name, "detector %s failed on %d events of model %s: %s", name, n, model, type(exc).__name__)
@@ -265,6 +297,7 @@ class Pipeline:
     def _evicted(self, client: ClientState, reason: str) -> None:
         self.metrics.client_evictions.labels(reason).inc()
         self.collector.forget(client.client_id)
+        self.groups.forget(client.client_id)
         for _, rt in self.runtimes:
             for det in rt.detectors:
                 det.forget_client(client.client_id)
@@ -275,18 +308,27 @@ class Pipeline:
         """Sweep idle clients (called periodically, so TTLs pass even without traffic)."""
         with self.lock:
             self.store.expire(self.clock())
+            self.groups.expire(self.clock())
             self.metrics.tracked_clients.set(len(self.store))
 
     # -- persistence (exporter.persist) ---------------------------------------
     def snapshot_copy(self) -> dict[str, Any]:
         """A private copy of all state worth keeping across a restart (:func:`exporter.persist.copy_state`)."""
-        return persist.copy_state(self.lock, self.store, self.runtimes, self.decoder, self.clock())
+        return persist.copy_state(self.lock, self.store, self.runtimes, self.decoder, self.clock(), self.groups)
 
     def restore(self, data: bytes | BinaryIO) -> int:
         """Load a snapshot (:func:`exporter.persist.restore`); return the number of clients restored."""
-        n = persist.restore(data, self.lock, self.store, self.runtimes, self.decoder)
+        n = persist.restore(data, self.lock, self.store, self.runtimes, self.decoder, self.groups)
         self.metrics.tracked_clients.set(n)
         return n
+
+
+def _links_params(rt: ModelRuntime | None) -> Any:
+    """The params of the model's links detector (the source of its groups), or None."""
+    for det in rt.detectors if rt is not None else ():
+        if det.name == "links":
+            return det.params
+    return None
 
 
 def _update_all_or_nothing(det: Detector, states: dict[str, State], batch: Batch) -> Signals | None:
