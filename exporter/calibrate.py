@@ -73,6 +73,7 @@ from exporter.detectors import Batch, ModelContext, Signals, enabled_detectors
 from exporter.detectors.base import Reference
 from exporter.detectors.kit import Scaling, winsorize
 from exporter.events import Event
+from exporter.groups import group_threshold
 from exporter.pipeline import Pipeline
 from exporter.profile import ModelProfile, Profile, params_digest
 from exporter.replay import Progress, existing_files, read_events, run_blocks
@@ -203,13 +204,17 @@ def calibrate(settings: Settings, paths: list[str], progress_stream: TextIO = sy
 
     # Step 2: out-of-fold lifetime maxima.
     maxima: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    group_maxima: dict[str, list[float]] = defaultdict(list)
     for fold in (0, 1):
         fitted_on = [e for e in events if fold_of(e.client) != fold]
         measured = {e.client for e in events if fold_of(e.client) == fold}
         if not fitted_on or not measured:
             continue
         rec = _Maxima(measured)
-        run_blocks(Pipeline(settings, event_time=True, profile=_profile(settings, fitted_on, rng, cal.target_fpr), observer=rec), events, bar, f"calibrating (fold {fold + 1} of 2)")
+        pipe = Pipeline(settings, event_time=True, profile=_profile(settings, fitted_on, rng, cal.target_fpr), observer=rec)
+        run_blocks(pipe, events, bar, f"calibrating (fold {fold + 1} of 2)")
+        for model, mg in pipe.groups.by_model.items():  # groups that formed by chance among benign clients
+            group_maxima[model] += mg.all_maxima()
         for model, per in rec.values.items():
             for name, clients in per.items():
                 maxima[model][name].update(clients)
@@ -227,6 +232,7 @@ def calibrate(settings: Settings, paths: list[str], progress_stream: TextIO = sy
         thresholds, promise = _thresholds(specs, per, clients, kept, cal.target_fpr)
         mp.thresholds.update(thresholds)
         mp.promise = promise.as_dict()
+        mp.groups = _group_calibration(specs, group_maxima.get(model, []), cal.target_fpr)
     return profile, _summary(profile, raw, rejected, cal.target_fpr, structured, defaults_kept)
 
 
@@ -301,6 +307,15 @@ def conformal_scale(per: dict[str, dict[str, float]], clients: list[str], thresh
     return (float(np.nextafter(level, np.inf)) if level >= 1.0 else 1.0), promised, upper
 
 
+def _group_calibration(specs: dict[str, Any], maxima: list[float], alpha: float) -> dict[str, Any]:
+    """The group threshold of a model (exporter.groups) from the groups that formed among benign clients, and what it rests on."""
+    if "links" not in specs:
+        return {}
+    default = float(specs["links"][1].group_threshold)
+    tau, how = group_threshold(maxima, default, alpha)
+    return {"threshold": tau, "benign_groups": len(maxima), "max_benign_score": max(maxima, default=0.0), "how": how + " (groups of both folds' replays)"}
+
+
 def tail_threshold(maxima: np.ndarray, alpha: float) -> tuple[float, str]:
     """The value a share ``alpha`` of clients like these would reach, from their lifetime maxima; and how it was found.
 
@@ -354,6 +369,8 @@ def _summary(profile: Profile, events: list[Event], rejected: Counter[str], targ
             "references": sorted(mp.references),
             "promise": mp.promise,
         }
+        if mp.groups:
+            entry["groups"] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in mp.groups.items()}
         if not structured:
             entry["sessions"] = "no client structure (fewer than %d client ids): the events were cut into pseudo-clients of 50 to 500 events" % MIN_CLIENTS
         if kept.get(model):

@@ -36,6 +36,7 @@ from exporter.verdict import FlagRecord, RecentlyFlagged, Release
 
 if TYPE_CHECKING:
     from exporter.events import Decoder
+    from exporter.groups import GroupBook
     from exporter.metrics import Metrics
     from exporter.runtime import Runtimes
 
@@ -48,7 +49,7 @@ OFFSETS_FILE = "offsets.json"
 
 
 def copy_state(lock: threading.RLock, store: ClientStore, runtimes: "Runtimes", decoder: "Decoder", now: float,
-               recent: RecentlyFlagged | None = None) -> dict[str, Any]:
+               recent: RecentlyFlagged | None = None, groups: "GroupBook | None" = None) -> dict[str, Any]:
     """A private copy of all state worth keeping across a restart.
 
     Clients are saved in LRU order as of the start; one evicted meanwhile is left out,
@@ -73,6 +74,8 @@ def copy_state(lock: threading.RLock, store: ClientStore, runtimes: "Runtimes", 
             "models": _copied(models),
             "recently_flagged": recent.state() if recent is not None else [],
         }
+        if groups is not None:
+            head["groups"] = groups.state()  # plain lists and numbers: a fresh copy
     clients = []
     for start in range(0, len(ids), _CHUNK):
         with lock:
@@ -115,7 +118,7 @@ def _client_record(c: ClientState, runtimes: "Runtimes") -> dict[str, Any]:
 
 
 def restore(data: bytes | BinaryIO, lock: threading.RLock, store: ClientStore, runtimes: "Runtimes", decoder: "Decoder",
-            recent: RecentlyFlagged | None = None) -> int:
+            recent: RecentlyFlagged | None = None, groups: "GroupBook | None" = None) -> int:
     """Load a snapshot made by :func:`copy_state` (bytes, or a binary file); return the number of clients restored.
 
     State made under other parameters or shapes is dropped (that detector starts afresh
@@ -181,6 +184,8 @@ def restore(data: bytes | BinaryIO, lock: threading.RLock, store: ClientStore, r
             log.warning("dropped %d detector states made under another configuration; those detectors start afresh", dropped)
         if recent is not None:
             recent.load([r for r in doc.get("recently_flagged", []) if is_valid_name(r["id"], MAX_CLIENT_LENGTH) and r["id"] not in store])
+        if groups is not None and current and isinstance(doc.get("groups"), dict):
+            groups.load(doc["groups"], lambda model: _links_params(_runtime(runtimes, decoder, model)))
         return len(store)
 
 
@@ -194,6 +199,11 @@ def _flag(raw: dict[str, Any], version: int) -> FlagRecord | None:
     query = int(raw["first_flagged_query"] or raw["total"])
     model = max(raw["queries"], key=raw["queries"].get) if raw["queries"] else ""
     return FlagRecord(first_at=at, last_at=at, first_query=query, last_query=int(raw["total"]), model=model)
+
+
+def _links_params(rt: Any) -> Any:
+    """The params of a runtime's links detector (whose links make the model's groups), or None."""
+    return next((d.params for d in (rt.detectors if rt is not None else ()) if d.name == "links"), None)
 
 
 def _readmitted(runtimes: "Runtimes", doc: dict[str, Any]) -> dict[str, dict[str, Any]]:

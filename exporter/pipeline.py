@@ -37,6 +37,7 @@ from exporter.detectors import Batch, Signals, enabled_detectors
 from exporter.detectors.base import Block, Detector, State
 from exporter.events import Decoder, Event, Rejected
 from exporter.fusion import FUSION
+from exporter.groups import GroupBook, GroupCollector, GroupSummary
 from exporter.logutil import RateLimitedLog
 from exporter.metrics import ClientCollector, Metrics
 from exporter.profile import Profile
@@ -93,7 +94,8 @@ class Pipeline:
         self.store = ClientStore(settings.state.max_clients, settings.state.idle_ttl_seconds, self._evicted)
         self.recently_flagged = RecentlyFlagged(settings.verdict.max_recently_flagged)
         self.verdicts = Verdicts(settings.verdict.hold_seconds, self.recently_flagged, self.store, self.metrics, self._forget, event_time)
-        self.view = ClientView(self.lock, self.store, self.runtimes, self.recently_flagged)
+        self.groups = GroupBook(profile)
+        self.view = ClientView(self.lock, self.store, self.runtimes, self.recently_flagged, self.group_summaries)
         self.collector = ClientCollector(
             self.view,
             settings.metrics.max_client_series,
@@ -102,6 +104,7 @@ class Pipeline:
             [m for cls, _ in self.specs.values() for m in cls.client_metrics],
         )
         self.metrics.registry.register(self.collector)
+        self.metrics.registry.register(GroupCollector(self.group_summaries, self._group_limits))
         self.metrics.tracked_clients_limit.set(settings.state.max_clients)
         self.metrics.client_series_limit.set(settings.metrics.max_client_series)
         self._rejects = RateLimitedLog(log)
@@ -199,6 +202,7 @@ class Pipeline:
                 self._judge(rt, Batch(client_id, block.model, evs, block, np.asarray(rows, dtype=np.int64)), when)
             except Exception as exc:  # the last resort around the verdict and the client's bookkeeping: other clients go on
                 self._detector_failed(FUSION, len(rows), block.model, exc)
+        self._judge_groups(rt, block)
         rt.events.inc(n)
         self.metrics.prediction_confidence.observe_many(block.model, block.confidence)
 
@@ -244,6 +248,7 @@ class Pipeline:
         fstate = client.fusion_state.get(model)
         if fstate is None:
             fstate = client.fusion_state[model] = rt.fusion.init_state()
+        self.groups.note(batch, signals)
         judged = rt.fusion.judge(fstate, signals, n)
         if judged is not None:
             if self.observer is not None:
@@ -268,6 +273,33 @@ class Pipeline:
             for det in rt.detectors:
                 det.forget_client(client_id)
 
+    # -- groups (exporter.groups) ----------------------------------------------------------
+    def _judge_groups(self, rt: ModelRuntime, block: Block) -> None:
+        """Fold the block's cross-client links into the model's groups (after every client's batch was judged)."""
+        model = block.model
+
+        def queries(client: str) -> int:
+            st = self.store.get(client)
+            return st.queries.get(model, 0) if st is not None else 0
+
+        try:
+            self.groups.process(model, _links_params(rt), block, queries)
+        except Exception as exc:  # groups are a reading of the links, never a reason to lose the block
+            self._detector_failed("links", len(block), model, exc)
+
+    def group_summaries(self) -> list[GroupSummary]:
+        """Every group (flagged first, then by score), under the lock."""
+        with self.lock:
+            def queries(client: str, model: str) -> int:
+                st = self.store.get(client)
+                return st.queries.get(model, 0) if st is not None else 0
+
+            return self.groups.summaries(queries)
+
+    def _group_limits(self, model: str) -> tuple[int, int]:
+        params = _links_params(self.runtimes.get(model))
+        return (params.max_group_series, params.max_member_series) if params is not None else (0, 0)
+
     def _detector_failed(self, name: str, n: int, model: str, exc: Exception) -> None:
         self.metrics.detector_errors.labels(name).inc(n)
         self._errors.log(logging.ERROR, name, "detector %s failed on %d events of model %s: %s", name, n, model, type(exc).__name__)
@@ -275,6 +307,7 @@ class Pipeline:
     def _evicted(self, client: ClientState, reason: str) -> None:
         self.metrics.client_evictions.labels(reason).inc()
         self.collector.forget(client.client_id)
+        self.groups.forget(client.client_id)
         self._forget(client.client_id)
         self.verdicts.evicted(client, reason)
         if self._on_evict is not None:
@@ -286,19 +319,28 @@ class Pipeline:
             now = self.clock()
             self.verdicts.sweep(now)
             self.store.expire(now)
+            self.groups.expire(now)
             self.metrics.tracked_clients.set(len(self.store))
 
     # -- persistence (exporter.persist) ---------------------------------------
     def snapshot_copy(self) -> dict[str, Any]:
         """A private copy of all state worth keeping across a restart (:func:`exporter.persist.copy_state`)."""
-        return persist.copy_state(self.lock, self.store, self.runtimes, self.decoder, self.clock(), self.recently_flagged)
+        return persist.copy_state(self.lock, self.store, self.runtimes, self.decoder, self.clock(), self.recently_flagged, self.groups)
 
     def restore(self, data: bytes | BinaryIO) -> int:
         """Load a snapshot (:func:`exporter.persist.restore`); return the number of clients restored."""
-        n = persist.restore(data, self.lock, self.store, self.runtimes, self.decoder, self.recently_flagged)
+        n = persist.restore(data, self.lock, self.store, self.runtimes, self.decoder, self.recently_flagged, self.groups)
         self.verdicts.restored()
         self.metrics.tracked_clients.set(n)
         return n
+
+
+def _links_params(rt: ModelRuntime | None) -> Any:
+    """The params of the model's links detector (the source of its groups), or None."""
+    for det in rt.detectors if rt is not None else ():
+        if det.name == "links":
+            return det.params
+    return None
 
 
 def _update_all_or_nothing(det: Detector, states: dict[str, State], batch: Batch) -> Signals | None:

@@ -52,6 +52,7 @@ class ModelProfile:
     thresholds: dict[str, float] = field(default_factory=dict)  # detector -> calibrated threshold
     promise: dict[str, Any] = field(default_factory=dict)  # the false-alarm rate promised, and how it was derived
     params: dict[str, str] = field(default_factory=dict)  # detector -> params digest at calibration
+    groups: dict[str, Any] = field(default_factory=dict)  # the group threshold, and the benign groups it rests on (exporter.groups)
     clients: int = 0
     events: int = 0
 

@@ -224,8 +224,22 @@ def replay(
         keep(client, "end")
     for w in warnings:
         log.warning("%s", w)
+    groups = group_report(pipeline, report)
     return {
         "clients": dict(sorted(report.items())),
+        "groups": groups,
         "events": {"accepted": len(events), "rejected": dict(sorted(rejected.items()))},
         **({"warnings": warnings} if warnings else {}),
     }
+
+
+def group_report(pipeline: Pipeline, clients: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The groups of linked clients at the end (exporter.groups), and each client's group in ``clients``."""
+    found = pipeline.group_summaries()
+    for entry in clients.values():
+        entry["group"] = None
+    for g in found:
+        for m in g.members:
+            if m.client in clients:
+                clients[m.client]["group"] = g.group
+    return {g.group: g.as_dict() for g in found}

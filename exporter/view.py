@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, TypeVar
 from exporter.logutil import RateLimitedLog
 
 if TYPE_CHECKING:
+    from exporter.groups import GroupSummary
     from exporter.runtime import Runtimes
     from exporter.state import ClientState, ClientStore
     from exporter.verdict import FlagRecord, RecentFlag, RecentlyFlagged
@@ -49,11 +50,13 @@ def summary(c: "ClientState") -> ClientSummary:
 class ClientView:
     """Read-only access to the tracked clients, their flags and their cross-client evidence."""
 
-    def __init__(self, lock: threading.RLock, store: "ClientStore", runtimes: "Runtimes", recent: "RecentlyFlagged | None" = None) -> None:
+    def __init__(self, lock: threading.RLock, store: "ClientStore", runtimes: "Runtimes", recent: "RecentlyFlagged | None" = None,
+                 groups: "Callable[[], list[GroupSummary]] | None" = None) -> None:
         self._lock = lock
         self._store = store
         self._runtimes = runtimes
         self._recent = recent
+        self._groups = groups or (lambda: [])
         self._errors = RateLimitedLog(log, interval=60.0)
 
     def read(self, fn: Callable[[Iterable["ClientState"]], T]) -> T:
@@ -116,3 +119,17 @@ class ClientView:
                         continue
                     out += [(name, model, float(v)) for name, v in values.items() if math.isfinite(v)]
         return out
+
+    # -- groups of linked clients (exporter.groups) --------------------------------------
+    def groups(self) -> list["GroupSummary"]:
+        """Every group of linked clients, flagged first, then by score (copies)."""
+        with self._lock:
+            return self._groups()
+
+    def group(self, group_id: str) -> "GroupSummary | None":
+        """One group with its members and their link strength; None if there is no such group (any more)."""
+        return next((g for g in self.groups() if g.group == group_id), None)
+
+    def groups_of(self, client_id: str) -> list["GroupSummary"]:
+        """The groups a client is in: at most one per model (to page on or block together)."""
+        return [g for g in self.groups() if any(m.client == client_id for m in g.members)]

@@ -4,6 +4,7 @@ with exact Clopper-Pearson bounds)."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -210,3 +211,69 @@ def promise_of(summary: dict[str, Any] | None, model: str) -> dict[str, Any] | N
     entry = (summary.get("models") or {}).get(model) or {}
     promise = entry.get("promise")
     return promise if isinstance(promise, dict) and ("fpr" in promise or "upper" in promise) else None
+
+
+# -- groups (bench/detection/groups.py) ----------------------------------------------------------
+NAMED_SHARE = 0.8  # a true group is "named" by a reported group holding at least this share of its members
+
+
+def score_groups(traffic: Traffic, report: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Per true attacker group (Sybil), whether and when the report named it; and the benign side.
+
+    A true group of ``n`` members is *named* when one reported group holds at least
+    ``ceil(0.8 n)`` of them; it is named at the event time at which the last of those
+    members joined (``joined`` in the report), and ``queries_at_naming`` is the members'
+    median number of queries sent by then. ``purity`` is the share of that reported
+    group's members that belong to the true group. Benign side: the benign clients that
+    are members of any reported group, per family and behaviour, and the reported groups
+    whose members are all benign (and whether any of those is flagged).
+    """
+    truth = traffic.ground_truth()["clients"]
+    groups = report.get("groups") or {}
+    member_of = {c: gid for gid, g in groups.items() for c in g["members"]}
+    order = np.argsort(traffic.client, kind="stable")
+    bounds = np.searchsorted(traffic.client[order], np.arange(len(traffic.clients) + 1))
+    ts_of = {name: traffic.ts[order[bounds[i]:bounds[i + 1]]] for i, name in enumerate(traffic.clients)}
+    true_groups: dict[str, list[str]] = {}
+    for c, info in truth.items():
+        if info["kind"] == "attack" and info.get("group"):
+            true_groups.setdefault(info["group"], []).append(c)
+    rows = []
+    for gname, members in sorted(true_groups.items()):
+        info = truth[members[0]]
+        need = math.ceil(NAMED_SHARE * len(members))
+        counts: dict[str, int] = {}
+        for c in members:
+            if c in member_of:
+                counts[member_of[c]] = counts.get(member_of[c], 0) + 1
+        best = max(counts, key=lambda g: counts[g]) if counts else None
+        row: dict[str, Any] = {"group": gname, "strategy": info.get("strategy", info["type"]), "size": len(members),
+                               "reported": best, "members_found": counts.get(best, 0) if best else 0, "named": False,
+                               "flagged": False, "queries_at_naming": None, "purity": None}
+        if best is not None:
+            g = groups[best]
+            row["purity"] = counts[best] / len(g["members"])
+            row["flagged"] = bool(g["flagged"])
+            if counts[best] >= need:
+                joined = sorted(g["members"][c]["joined"] for c in members if c in g["members"])
+                at = joined[need - 1]
+                row["named"] = True
+                row["named_at"] = at
+                row["queries_at_naming"] = float(np.median([np.searchsorted(ts_of[c], at, side="right") for c in members]))
+                if g.get("first_flagged") is not None:
+                    row["queries_at_flag"] = float(np.median([np.searchsorted(ts_of[c], g["first_flagged"], side="right") for c in members]))
+        rows.append(row)
+    benign = [c for c, info in truth.items() if info["kind"] == "benign"]
+    linked = [c for c in benign if c in member_of]
+    benign_only = [gid for gid, g in groups.items() if all(truth.get(c, {}).get("kind") == "benign" for c in g["members"])]
+    by_type: dict[str, list[int]] = {}
+    for c in benign:
+        key = f"{truth[c].get('family', 'a')}:{truth[c]['type']}"
+        by_type.setdefault(key, [0, 0])
+        by_type[key][0] += 1
+        by_type[key][1] += int(c in member_of)
+    side = {"benign": len(benign), "linked": len(linked), "linked_clients": sorted(linked),
+            "benign_only_groups": len(benign_only), "benign_only_flagged": sum(bool(groups[g]["flagged"]) for g in benign_only),
+            "by_behaviour": {k: {"clients": n, "linked": m} for k, (n, m) in sorted(by_type.items()) if m},
+            "groups_reported": len(groups), "groups_flagged": sum(bool(g["flagged"]) for g in groups.values())}
+    return rows, side

@@ -43,6 +43,7 @@ BUILTIN: dict[str, str] = {
     "ood": "exporter.detectors.ood:OodDetector",
     "coverage": "exporter.detectors.coverage:CoverageDetector",
     "steps": "exporter.detectors.steps:StepsDetector",
+    "links": "exporter.detectors.links:LinksDetector",
     "rate": "exporter.detectors.rate:RateDetector",
 }
 RESERVED = {"fusion", "risk"}  # the verdict's names: not detector names (the verdict is configured under `fusion:`)

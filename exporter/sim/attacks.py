@@ -120,8 +120,17 @@ class AttackContext:
 
 # -- helpers ------------------------------------------------------------------------
 def _seeds(ctx: AttackContext, per_class: int = 10) -> np.ndarray:
-    """Up to ``per_class`` attacker-pool rows of each (true) class: Papernot's seed set."""
+    """Up to ``per_class`` attacker-pool rows of each (true) class: Papernot's seed set.
+
+    With ``params["natural_seeds"]``, ``per_class`` natural samples of each class drawn from
+    the attacker pool instead (:meth:`Dataset.natural`): every attacker then has seeds of
+    its own, as independent attackers with their own data do (the pools of the small
+    datasets hold fewer rows than two attackers would pick)."""
     ds, rng = ctx.dataset, ctx.rng
+    if ctx.params.get("natural_seeds"):
+        classes = np.repeat(np.arange(ds.num_classes), per_class)
+        X, _ = ds.natural(rng, classes.size, role="attacker", classes=classes)
+        return ds.round(X[rng.permutation(classes.size)])
     rows = []
     for c in range(ds.num_classes):
         members = np.flatnonzero(ds.y_attacker == c)
@@ -336,6 +345,58 @@ ATTACKS: dict[str, AttackSpec] = {
         AttackSpec("slow", jbda, "JbDA at one query every ~5 minutes, over days", timing="slow"),
     )
 }
+
+
+def coordinated_augmentation(dataset: Dataset, answer: Answer, budget: int, rng: np.random.Generator, kinds: list[str],
+                             params: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One augmentation set grown by several clients, each with its own rule: a Sybil group mixing attack types.
+
+    As :func:`_jacobian_augmentation`, but the new points of each round are dealt
+    round-robin to the ``len(kinds)`` members (seeds included), and each point is made by
+    its member's rule: ``"jbda"`` (a step along the sign of the gradient of the point's own
+    class, its sign flipped every τ rounds) or ``"trnd"`` (toward a random other class). The
+    members share one substitute trained on every answer. Returns the queries in order and
+    the member that sent each.
+    """
+    params = dict(params or {})
+    oracle = Oracle(answer, budget)
+    ctx = AttackContext(oracle, rng, dataset, budget, params)
+    ds = dataset
+    lam = float(params.get("step", 0.1)) * ds.span
+    tau = int(params.get("tau", 3))
+    size = len(kinds)
+    owners: list[np.ndarray] = []
+    sent = 0
+
+    def deal(n: int) -> np.ndarray:
+        nonlocal sent
+        out = (sent + np.arange(n)) % size
+        sent += n
+        return out
+
+    try:
+        S = _seeds(ctx, int(params.get("seeds", 10)))
+        own = deal(len(S))
+        owners.append(own)
+        labels = oracle(S).argmax(axis=1)
+        rho = 0
+        while True:
+            sub = _substitute(ds).fit(S, labels)
+            who = deal(len(S))
+            trnd = np.array([kinds[w] == "trnd" for w in who])
+            sign = -1.0 if (rho // tau) % 2 else 1.0
+            target = np.where(trnd, (labels + rng.integers(1, ds.num_classes, len(S))) % ds.num_classes, labels)
+            grad = np.sign(sub.grad_class_prob(S, target))
+            new = ds.clip(S + np.where(trnd[:, None], 1.0, sign) * lam * grad)
+            owners.append(who)
+            new_labels = oracle(new).argmax(axis=1)
+            S = np.concatenate([S, new])
+            labels = np.concatenate([labels, new_labels])
+            rho += 1
+    except BudgetExhausted:
+        pass
+    X = oracle.queries
+    return X, np.concatenate(owners)[: len(X)]
 
 
 def run_attack(name: str, dataset: Dataset, answer: Answer, budget: int, rng: np.random.Generator, params: dict[str, float] | None = None) -> np.ndarray:

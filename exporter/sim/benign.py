@@ -21,7 +21,20 @@ drift          the class mix moves from the natural one toward 2-3 classes over 
                box) is added: a population or sensor drifting
 popular        40 % of queries come from a small global pool of popular inputs that many
                clients send identically (Zipf-like popularity); the rest is iid
+org_app        one of 2-5 apps of one organisation that share its data: a catalogue of 40-120
+               natural records of 1-3 classes; each app has its own preference over the
+               catalogue (Dirichlet 1) and sends 70 % of its records as they are and 30 %
+               re-measured (every feature scaled by 1 + N(0, 2 %)); apps of one organisation
+               work in the same hours (their sessions overlap)
+outage_retry   a client active across the population's outage (one per population, 3-10
+               minutes at 40-60 % of the window): its queries inside the outage are lost (not
+               logged), and at recovery it re-sends them, with its last 1-3 answered queries
+               whose answers were lost, exactly, within about a minute; every outage_retry
+               client of the population restarts at the same moment
 ============== =============================================================================
+
+``org_app`` and ``outage_retry`` are not in :data:`DEFAULT_MIX` (the detection benchmark's
+populations stay as they were); the group benchmark adds them (bench/detection/groups.py).
 """
 
 from __future__ import annotations
@@ -136,6 +149,60 @@ def popular(world: World, rng: np.random.Generator, n: int, t0: float, span: flo
     return Stream(base.ts, X)
 
 
+@dataclass
+class Organisation:
+    """The data that several apps of one organisation share."""
+
+    catalogue: np.ndarray  # (M, d) natural records of the organisation's classes
+    t0: float  # the organisation's working hours
+    t1: float
+
+
+def organisation(world: World, rng: np.random.Generator, start: float, window: float) -> Organisation:
+    """A catalogue of 40-120 natural records of 1-3 classes, and hours covering 40-100 % of the window."""
+    ds = world.dataset
+    K = ds.num_classes
+    classes = rng.choice(K, int(rng.integers(1, min(3, K) + 1)), replace=False)
+    m = int(rng.integers(40, 121))
+    X, _ = ds.natural(rng, m, classes=rng.choice(classes, m))
+    length = window * rng.uniform(0.4, 1.0)
+    t0 = start + rng.uniform(0.0, window - length)
+    return Organisation(X, t0, t0 + length)
+
+
+def org_app(world: World, rng: np.random.Generator, n: int, t0: float, span: float, org: Organisation | None = None) -> Stream:
+    """An app of an organisation (``org``): catalogue records, as they are or re-measured, in the organisation's hours."""
+    if org is None:
+        raise ValueError("org_app needs its organisation")
+    ds = world.dataset
+    pick = rng.choice(len(org.catalogue), n, p=rng.dirichlet(np.ones(len(org.catalogue))))
+    X = org.catalogue[pick].copy()
+    again = rng.random(n) < 0.3
+    if again.any():
+        X[again] = ds.clip(ds.round_natural(X[again] * (1.0 + rng.normal(0.0, 0.02, (int(again.sum()), ds.dim)))))
+    lo = max(t0, org.t0)
+    hi = max(lo, min(t0 + span, org.t1))
+    return Stream(arrivals(rng, n, lo, hi - lo), X)
+
+
+def outage_retry(world: World, rng: np.random.Generator, n: int, t0: float, span: float, outage: tuple[float, float] | None = None) -> Stream:
+    """Natural queries across the ``outage`` (down, up): those inside it are lost, then re-sent with the last answered ones."""
+    if outage is None:
+        raise ValueError("outage_retry needs the population's outage")
+    down, up = outage
+    ds = world.dataset
+    pref = rng.dirichlet(np.full(ds.num_classes, 1.5))
+    X, _ = ds.natural(rng, n, classes=rng.choice(ds.num_classes, n, p=pref))
+    ts = arrivals(rng, n, t0, span)
+    lost = (ts >= down) & (ts < up)
+    answered = np.flatnonzero(ts < down)
+    tail = answered[-int(rng.integers(1, 4)):] if answered.size else answered  # answered, but the answers were lost
+    queue = np.concatenate([tail, np.flatnonzero(lost)])
+    retry_ts = up + np.cumsum(rng.exponential(2.0, queue.size)) + rng.uniform(0.0, 30.0)
+    keep = ~lost
+    return Stream(np.concatenate([ts[keep], retry_ts]), np.concatenate([X[keep], X[queue]])).sorted()
+
+
 # (world, rng, n, t0, span) -> Stream; some take keyword parameters (popular: share),
 # set per population with ``Population.behaviour_params``.
 Behaviour = Callable[..., Stream]
@@ -148,6 +215,8 @@ BEHAVIOURS: dict[str, Behaviour] = {
     "batch": batch,
     "drift": drift,
     "popular": popular,
+    "org_app": org_app,
+    "outage_retry": outage_retry,
 }
 
 # Share of each behaviour in a default benign population.

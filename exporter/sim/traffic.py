@@ -36,7 +36,7 @@ from typing import IO, Any, Iterator
 import numpy as np
 
 from exporter.sim.attacks import ATTACKS, run_attack
-from exporter.sim.benign import BEHAVIOURS, DEFAULT_MIX, VOLUME_FACTOR, Stream
+from exporter.sim.benign import BEHAVIOURS, DEFAULT_MIX, VOLUME_FACTOR, Organisation, Stream, organisation
 from exporter.sim.world import World
 
 DEFAULT_START = 1764097200.0  # 2025-11-25T19:00:00Z: a fixed origin keeps runs byte-identical
@@ -64,6 +64,7 @@ class Population:
     benign_query_range: tuple[int, int] | None = None  # bounds each benign client's query count (after the batch factor)
     benign_rate: float | None = None  # median queries/s of a benign session; None: it spans 20-100 % of the window
     behaviour_params: dict[str, dict[str, float]] = field(default_factory=dict)  # keyword arguments per behaviour
+    org_size: tuple[int, int] = (2, 5)  # apps per organisation (org_app clients), uniform
 
     def validate(self) -> None:
         """Raise ValueError on an impossible population (unknown names, negative sizes)."""
@@ -188,7 +189,25 @@ def allocate(mix: dict[str, float], n: int) -> list[str]:
     return out
 
 
-def _benign_stream(world: World, pop: Population, seed: int, index: int, behaviour: str) -> Stream:
+def _outage(pop: Population, seed: int) -> tuple[float, float]:
+    """The population's outage (down, up): 3-10 minutes, starting at 40-60 % of the window."""
+    rng = _rng(seed, pop.stream, "outage", 0)
+    down = pop.start + pop.window * rng.uniform(0.4, 0.6)
+    return down, down + rng.uniform(180.0, 600.0)
+
+
+def _org_of(pop: Population, seed: int, rank: int) -> int:
+    """Organisation of the ``rank``-th org_app client: consecutive runs of 2-5 apps."""
+    rng = _rng(seed, pop.stream, "org-sizes", 0)
+    total = org = 0
+    while True:
+        total += int(rng.integers(pop.org_size[0], pop.org_size[1] + 1))
+        if rank < total:
+            return org
+        org += 1
+
+
+def _benign_stream(world: World, pop: Population, seed: int, index: int, behaviour: str, extra: dict[str, Any] | None = None) -> Stream:
     rng = _rng(seed, pop.stream, "benign", index)
     n = int(np.clip(np.rint(pop.benign_queries * rng.lognormal(0.0, 0.7)), 5, 20 * pop.benign_queries))
     n = max(1, int(n * VOLUME_FACTOR.get(behaviour, 1.0)))
@@ -199,7 +218,11 @@ def _benign_stream(world: World, pop: Population, seed: int, index: int, behavio
     else:  # the session lasts as long as its queries take at this client's rate, within the window
         span = min(n / (pop.benign_rate * rng.lognormal(0.0, 0.5)), pop.window)
     t0 = pop.start + rng.uniform(0.0, pop.window - span)
-    return BEHAVIOURS[behaviour](world, rng, n, t0, span, **pop.behaviour_params.get(behaviour, {}))
+    if behaviour == "outage_retry":  # a session that covers the outage
+        down, up = extra["outage"] if extra else _outage(pop, seed)
+        t0 = rng.uniform(pop.start, max(pop.start, down - 300.0))
+        span = max(span, up + 300.0 - t0)
+    return BEHAVIOURS[behaviour](world, rng, n, t0, span, **{**pop.behaviour_params.get(behaviour, {}), **(extra or {})})
 
 
 def _attack_times(rng: np.random.Generator, pop: Population, timing: str, n: int) -> np.ndarray:
@@ -230,9 +253,21 @@ def simulate(world: World, pop: Population, seed: int = 0, attack_params: dict[s
         x_parts.append(X)
 
     width = max(4, len(str(max(pop.benign - 1, 0))))
+    orgs: dict[int, Organisation] = {}
+    apps = 0
     for i, behaviour in enumerate(allocate(pop.mix, pop.benign) if pop.benign else []):
-        s = _benign_stream(world, pop, seed, i, behaviour)
-        add(f"{pop.benign_prefix}-{i:0{width}d}", {"kind": "benign", "type": behaviour, "group": None}, s.ts, s.X)
+        extra: dict[str, Any] | None = None
+        group = None
+        if behaviour == "org_app":
+            j = _org_of(pop, seed, apps)
+            apps += 1
+            if j not in orgs:
+                orgs[j] = organisation(world, _rng(seed, pop.stream, "org", j), pop.start, pop.window)
+            extra, group = {"org": orgs[j]}, f"{pop.benign_prefix}-org{j:03d}"
+        elif behaviour == "outage_retry":
+            extra = {"outage": _outage(pop, seed)}
+        s = _benign_stream(world, pop, seed, i, behaviour, extra)
+        add(f"{pop.benign_prefix}-{i:0{width}d}", {"kind": "benign", "type": behaviour, "group": group}, s.ts, s.X)
 
     for name, count in pop.attacks.items():
         spec = ATTACKS[name]

@@ -1,0 +1,681 @@
+"""Cross-client links: queries that continue the exploration another client started (Sybil splits)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+from pydantic import Field
+
+from exporter.detectors.base import (
+    Batch,
+    Block,
+    Detector,
+    DetectorParams,
+    ModelContext,
+    Reference,
+    Signals,
+    State,
+    WindowedParams,
+    min_threshold_field,
+)
+from exporter.detectors.fingerprint import client_key
+from exporter.detectors.kit import ring_in_order, ring_write, share_signals, vector_rows
+from exporter.hashing import splitmix64
+
+_U64 = np.uint64
+_UNIFORM = 2.0
+_PROBE_MIN = 3  # probe features on which both steps must agree before the full test  # features whose ranges lie within this factor of the median range share one scale (as in steps)
+_MAX_DECIMALS = 6
+
+
+class LinksParams(WindowedParams):
+    """Parameters of :class:`LinksDetector` and of the groups built from its links (:mod:`exporter.groups`)."""
+
+    # -- the index of recent queries ---------------------------------------------------
+    tables: int = Field(4, ge=1, le=16, description="Independent hash tables of the index (p-stable LSH); more find more parents, at a cost per query.")
+    projections: int = Field(6, ge=1, le=16, description="Random projections per table; a table's bucket is the cell of all of them.")
+    width: float = Field(0.5, gt=0.0, le=100.0, description="Cell width of each projection, in units of the features' ranges.")
+    depth: int = Field(8, ge=1, le=64, description="Most recent queries kept per bucket: candidates per query are at most tables x depth.")
+    bucket_bits: int = Field(14, ge=6, le=22, description="Buckets per table: 2**bucket_bits (cells are hashed into them).")
+    seed: int = Field(0, ge=0, description="Seed of the projections; the same seed gives the same buckets in every process.")
+    max_queries: int = Field(65_536, ge=4096, le=4_000_000, description="Queries kept in the shared index (all clients of the model); the oldest are overwritten first.")
+    ttl_seconds: float = Field(86_400.0, gt=0.0, description="Indexed queries older than this (event time) are no longer compared.")
+    chunk: int = Field(256, ge=16, le=4096, description="A query's own step is usable as a parent's only for queries of a later chunk of this many indexed queries (keeps the work vectorized and independent of batching).")
+    # -- what a link is --------------------------------------------------------------------
+    min_step: float = Field(0.02, gt=0.0, lt=1.0, description="A feature moved when it changed by at least this share of its range ...")
+    precision_units: float = Field(1.5, ge=0.0, le=100.0, description="... and by at least this many units of the benign data's precision (rounding is no step).")
+    tolerance: float = Field(0.005, gt=0.0, lt=0.5, description="A step repeats another when each moved feature changed by the same amount within this relative tolerance (an attacker's steps repeat exactly, up to the rounding of logged inputs).")
+    agreement: float = Field(0.8, gt=0.0, le=1.0, description="Share of the features moved by both steps that must agree (features clipped at the box differ).")
+    min_moved: float = Field(0.3, gt=0.0, le=1.0, description="Both steps move at least this share of the features.")
+    returns: float = Field(0.9, gt=0.5, le=1.0, description="A change that goes back along the parent's step on more than this share of the features is a return near an earlier point (an edited record sent again), not a step.")
+    probe: int = Field(8, ge=1, le=4096, description="Cheap first test on this many features (those benign inputs spread most): the two steps' sizes agree on at least 3 of them; the full test runs on the few candidates that pass.")
+    step_bits: int = Field(14, ge=6, le=22, description="Buckets of the table of steps: 2**step_bits (steps are filed by their signs and sizes, to the factor of two, on the probe features).")
+    step_depth: int = Field(4, ge=1, le=64, description="Most recent steps kept per bucket of the table of steps.")
+    steps_window: float = Field(3600.0, gt=0.0, description="Two clients move alike when a query's step repeats, size for size and sign for sign (or every sign flipped), the step of another client's query made at most this many seconds before.")
+    own_repeats: int = Field(64, ge=1, le=4096, description="Digests of the client's last queries remembered: a query the client already sent is no new point, whatever the index still holds.")
+    # -- the per-client score ---------------------------------------------------------------
+    window: int = Field(200, ge=1, le=100_000, description="How many of the client's last judged queries the share of linked queries is taken over.")
+    min_events: int = Field(50, ge=1, description="Judged queries needed in the window before the client can be flagged (<= window): one chance coincidence among a few queries is no share.")
+    threshold: float = Field(
+        0.03,
+        ge=0.0,
+        le=1.0,
+        description="Flag when at least this share of the window's queries continued another client's exploration. A flagged client can join a group. Calibration overwrites it per model.",
+    )
+    min_threshold: float = min_threshold_field(0.02)
+    # -- groups (exporter.groups) ---------------------------------------------------------------
+    group_min_links: int = Field(3, ge=1, le=1000, description="Two flagged clients are linked into one group after this many links between them (either way).")
+    group_threshold: float = Field(
+        0.02,
+        ge=0.0,
+        le=1.0,
+        exclude=True,
+        description="A group is flagged while the share of its members' queries that continued another member's exploration is at least this. Calibration overwrites it per model.",
+    )
+    max_tracked_clients: int = Field(10_000, ge=2, le=10_000_000, description="Clients with link evidence remembered per model (least recently linked forgotten first).")
+    max_peers: int = Field(8, ge=1, le=100, description="Peers remembered per client (the heaviest, by a space-saving count).")
+    max_group_series: int = Field(50, ge=0, le=10_000, exclude=True, description="Groups exported with their own series (flagged first, then by score).")
+    max_member_series: int = Field(100, ge=1, le=10_000, exclude=True, description="Members listed per exported group (monitaur_group_member_info).")
+
+
+class LinksDetector(Detector):
+    """Flags a client whose queries continue explorations that *other* clients started.
+
+    What it catches: a synthetic-data extraction (JbDA, T-RND, I-FGSM-like augmentation)
+    split over several API keys. Such an attack builds one lattice of queries: every new
+    point is an earlier point moved by the same step in every feature (``x + λ·sign(∇)``),
+    and after a split the earlier point was usually sent by another key. Each query is
+    compared with recent queries of every client (a shared index); it *continues* one of
+    them, p, when the change from p repeats p's own step: every moved feature changed by
+    the same amount (within ``tolerance``, on ``agreement`` of the features both moved),
+    in a pattern that neither continues p's step along a line nor returns along it. That
+    test needs no units: the attacker's feature box and λ are whatever they are, and the
+    step sizes only have to repeat, which is what the lattice guarantees and what
+    independent inputs almost never do (features move by unrelated amounts; points on one
+    line, like interpolations between two records or a slider moved by one app, are
+    excluded by the collinearity test; rounding noise by the precision floor).
+
+    Sharing popular inputs, sending similar data, retrying, or starting at the same time
+    does none of this, so honest clients are not linked for it. The evidence is directed:
+    the client whose query continued p's step is the one exploring; p's client is only
+    named as its peer. An attacker who copies an honest client's queries, or steps away
+    from them, makes *itself* look linked, never the honest client (groups join only
+    clients that are flagged themselves, :mod:`exporter.groups`).
+
+    How: the index keeps the last ``max_queries`` queries of the model, in units of the
+    features' ranges (from the benign reference), with each query's own step (its change
+    from the first earlier query it continued, else from its nearest candidate). It has
+    ``tables`` hash tables; a query's bucket in each is the cell of ``projections`` random
+    projections of ``width``, and each bucket keeps its ``depth`` most recent queries. A
+    new query's candidates are those (at most ``tables x depth``); a cheap test on the
+    lengths of the two steps per group of ``group_features`` features picks the few worth
+    the full test. A query that exactly repeats a candidate is no new point: it continues
+    nothing. Score: the share of linked queries among the client's last ``window`` judged
+    queries, ``linked / max(n, min_events)``; flagged at ``threshold``.
+
+    Batching: matching and indexing happen in :meth:`prepare`, in time order over all the
+    clients' queries. A query's own step becomes usable as a parent's once its chunk of
+    ``chunk`` indexed queries is complete, so a block is matched piece by piece, each
+    vectorized, with the same result as one query at a time whatever the cut (chunks are
+    counted in indexed queries, not in blocks). Entries past ``ttl_seconds`` or
+    overwritten are not compared.
+
+    What it misses: steps of random sizes per feature, parents older than the index holds
+    or pushed out of their buckets by busier traffic (the index remembers buckets, not
+    time: recall falls as benign traffic in the same region grows), and splits whose
+    members do not derive from each other's points (each running its own lattice from
+    its own seeds; the steps detector still flags each member).
+
+    Not judged: queries without a vector of the model's length, and every query before the
+    model has a reference.
+
+    Cost per query: one (d x tables·projections) projection, a gather of at most
+    ``tables x depth`` candidate rows and one multiply-add over them, and the full test on
+    the few that pass the cheap one. State per client: ``window + 16`` bytes. Shared index
+    per model: ``8 d' + 8 g + 24`` bytes per query (d' moving features padded to groups,
+    g groups), grown with the traffic up to ``max_queries``, plus ``8 x depth + 8`` bytes
+    per bucket (``tables x 2**bucket_bits`` buckets: 4.5 MiB with the defaults).
+    """
+
+    name: ClassVar[str] = "links"
+    Params: ClassVar[type[DetectorParams]] = LinksParams
+    threshold_param: ClassVar[str | None] = "threshold"
+    # Cross-client evidence: it makes groups and their own alert, not the client's verdict
+    # (a member may be flagged on its own evidence by steps, ood or coverage).
+    verdict: ClassVar[bool] = False
+    state_format: ClassVar[str] = "1"
+    default_enabled: ClassVar[bool] = True
+    params: LinksParams
+
+    _INITIAL_ROWS = 4096
+
+    def __init__(self, params: DetectorParams, context: ModelContext) -> None:
+        super().__init__(params, context)
+        self._dim = context.input_dim
+        self._ref: State | None = None
+        self._reset_geometry()
+        self._reset()
+
+    # -- reference -----------------------------------------------------------------------
+    def fit(self, reference: Reference) -> State | None:
+        x = reference.vectors
+        if x is None or x.ndim != 2 or x.shape[0] < 2 or self._dim is None or x.shape[1] != self._dim:
+            return None
+        x = np.asarray(x, dtype=np.float64)
+        lo, hi = np.quantile(x, [0.001, 0.999], axis=0)
+        span = hi - lo
+        moving = span > 0
+        if not moving.any():
+            return None
+        extent = (x.max(axis=0) - x.min(axis=0))[moving]
+        median = float(np.median(extent))
+        if ((extent >= median / _UNIFORM) & (extent <= median * _UNIFORM)).mean() >= 0.8:
+            span = np.where(moving, median, 0.0)  # pixels: one box for all features
+        spread = np.where(span > 0, x.std(axis=0) / np.where(span > 0, span, 1.0), 0.0)
+        return {"span": span, "unit": precision_units(x), "spread": spread}
+
+    def load_reference(self, reference: State) -> None:
+        span = np.asarray(reference["span"], dtype=np.float64)
+        unit = np.asarray(reference["unit"], dtype=np.float64)
+        d = self._dim
+        if span.ndim != 1 or (d is not None and span.shape[0] != d) or unit.shape != span.shape:
+            raise ValueError("links reference: span and unit must hold one value per feature")
+        if not (np.isfinite(span).all() and np.isfinite(unit).all()) or (span < 0).any() or (unit < 0).any():
+            raise ValueError("links reference: span and unit must be finite and non-negative")
+        self._ref = {"span": span, "unit": unit}
+        if "spread" in reference:
+            spread = np.asarray(reference["spread"], dtype=np.float64)
+            if spread.shape != span.shape or not np.isfinite(spread).all():
+                raise ValueError("links reference: spread must hold one finite value per feature")
+            self._ref["spread"] = spread
+        self._reset_geometry()
+        self._reset()  # entries in other units cannot be compared with new ones
+
+    def _reset_geometry(self) -> None:
+        """Feature layout (moving features, most spread first: the probe), projections and floors, from the reference."""
+        self._inv: np.ndarray | None = None
+        if self._ref is None or self._dim is None:
+            return
+        p = self.params
+        span, unit = self._ref["span"], self._ref["unit"]
+        spread = np.asarray(self._ref.get("spread", np.ones_like(span)), dtype=np.float64)
+        moving = np.flatnonzero(span > 0)
+        if moving.size == 0:
+            return
+        cols = moving[np.argsort(-spread[moving], kind="stable")]
+        self._cols = cols
+        self._probe = min(p.probe, cols.size)
+        inv = 1.0 / span[cols]
+        self._inv = inv.astype(np.float32)
+        self._floor = np.maximum(p.min_step, p.precision_units * unit[cols] * inv).astype(np.float32)
+        rng = np.random.default_rng([p.seed, self._dim, p.tables, p.projections])
+        a = rng.standard_normal((cols.size, p.tables * p.projections))
+        a /= np.maximum(np.linalg.norm(a, axis=0), 1e-12)
+        self._proj = a.astype(np.float32)
+        self._offset = (rng.uniform(0.0, p.width, p.tables * p.projections)).astype(np.float32)
+        self._mix = (splitmix64(np.arange(1, p.projections + 1, dtype=np.uint64) + _U64(p.seed)) | _U64(1)).astype(np.uint64)
+        self._step_mix = (splitmix64(np.arange(1, cols.size + 1, dtype=np.uint64) ^ _U64(0x5EED)) | _U64(1)).astype(np.uint64)
+
+    def _reset(self) -> None:
+        p = self.params
+        width = self._cols.size if self._inv is not None else 0
+        self._alloc = 0
+        self._U = np.zeros((0, width), dtype=np.float32)  # queries in range units (the layout's columns)
+        self._S = np.zeros((0, width), dtype=np.float32)  # each query's own step
+        r = min(self.params.probe, width)
+        self._Up = np.zeros((0, r), dtype=np.float32)  # U on the probe features (contiguous, for the cheap test)
+        self._lo = np.zeros((0, r), dtype=np.float32)  # the range of sizes that repeat S there (_bounds)
+        self._hi = np.zeros((0, r), dtype=np.float32)
+        self._ts = np.zeros(0, dtype=np.float64)
+        self._digest = np.zeros(0, dtype=np.uint64)
+        self._client = np.zeros(0, dtype=np.uint64)
+        self._slots = np.full((p.tables << p.bucket_bits) * p.depth, -1, dtype=np.int64)  # bucket -> its recent entry ids (depth per bucket)
+        self._fill = np.zeros(p.tables << p.bucket_bits, dtype=np.int64)  # entries ever put in each bucket
+        self._next = 0  # id of the next indexed query
+        self._oldest = 0  # ids below this are past the TTL
+        self._step_slots = np.full((1 << p.step_bits) * p.step_depth, -1, dtype=np.int64)  # step bucket -> recent query ids
+        self._step_fill = np.zeros(1 << p.step_bits, dtype=np.int64)
+        self._step_last = -np.inf  # event time of the latest filed step
+        self._pending: list[tuple[int, int]] = []  # (bucket, query id) of the steps of the current chunk, filed once it is complete
+
+    # -- per-client state -------------------------------------------------------------------
+    def init_state(self) -> State:
+        return {
+            "link_buf": np.zeros(self.params.window, dtype=np.bool_),
+            "link_count": np.zeros((), dtype=np.int64),
+            "linked": np.zeros((), dtype=np.int64),  # queries linked to another client's, ever
+            "sent": np.zeros(self.params.own_repeats, dtype=np.uint64),  # digests of the client's last queries, a ring
+            "sent_count": np.zeros((), dtype=np.int64),
+        }
+
+    def update(self, state: State, batch: Batch) -> Signals | None:
+        found = batch.prepared_for(self.name)
+        if found is None:
+            return None
+        judged, linked = found[0], found[1].copy()
+        rows = np.flatnonzero(judged)
+        if rows.size:
+            # A query the client itself sent before is no new point, even where the shared index
+            # has forgotten it (a canary's fixture, a retry): its links are dropped here, and in the
+            # block, so that groups do not count them either.
+            dig = batch.digests[rows]
+            ring, count = state["sent"], int(state["sent_count"])
+            seen = np.isin(dig, ring_in_order(ring, count))
+            _, first = np.unique(dig, return_index=True)
+            again = np.ones(rows.size, dtype=bool)
+            again[first] = False
+            drop = rows[(seen | again) & linked[rows]]
+            if drop.size:
+                linked[drop] = False
+                if batch.block is not None:
+                    batch.block.prepared[self.name][1][batch.rows[drop]] = False
+            ring_write(ring, count, dig)
+            state["sent_count"][...] = count + rows.size
+        hits = linked[rows]
+        state["linked"][...] = int(state["linked"]) + int(np.count_nonzero(hits))
+        p = self.params
+        return share_signals(state["link_buf"], state["link_count"], hits, rows, len(batch), p.min_events, p.threshold)
+
+    # -- the cross-client stage -----------------------------------------------------------------
+    def prepare(self, block: Block) -> None:
+        """Find, for every query of the block in time order, the other clients whose steps it continued; then index it.
+
+        Leaves per event (``block.prepared``): whether it was judged, whether it continued
+        another client's step, and the 64-bit keys of up to two such clients (0: none).
+        All or nothing: the rows and buckets a failed block wrote are put back.
+        """
+        n = len(block)
+        judged = np.zeros(n, dtype=bool)
+        linked = np.zeros(n, dtype=bool)
+        parents = np.zeros((n, 2), dtype=np.uint64)
+        block.prepared[self.name] = (judged, linked, parents)
+        if self._inv is None or self._dim is None:
+            return
+        idx, x = vector_rows(block, self._dim)  # type: ignore[arg-type]
+        if x is None:
+            return
+        m = idx.shape[0]
+        u = (np.asarray(x, dtype=np.float64)[:, self._cols] * self._inv).astype(np.float32)
+        ts = block.ts[idx]
+        dig = block.digests[idx]
+        names = [block.events[i].client for i in idx.tolist()]
+        known = {c: client_key(c) for c in set(names)}
+        keys = np.fromiter((known[c] for c in names), dtype=np.uint64, count=m)
+        buckets = self._buckets(u)
+        cand, order, starts, rank_sorted = self._candidates(buckets)
+        saved = (list(self._pending), self._step_last, self._alloc, self._next, self._oldest, self._U, self._S, self._Up, self._lo, self._hi, self._ts, self._digest, self._client)
+        undo: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        out_linked = np.zeros(m, dtype=bool)
+        out_parents = np.zeros((m, 2), dtype=np.uint64)
+        try:
+            self._expire(float(ts[0]))
+            start = 0
+            chunk = self.params.chunk
+            while start < m:
+                if self._alloc < self.params.max_queries and self._next >= self._alloc:
+                    self._grow()
+                stop = min(m, start + chunk - self._next % chunk)
+                if self._alloc < self.params.max_queries:  # rows keep their places until the index is full
+                    stop = min(stop, start + self._alloc - self._next)
+                sl = slice(start, stop)
+                out_linked[sl], out_parents[sl] = self._piece(u[sl], ts[sl], dig[sl], keys[sl], cand[sl], undo)
+                start = stop
+            self._file(buckets, order, starts, rank_sorted, undo)
+        except BaseException:
+            for array, at, old in reversed(undo):
+                array[at] = old
+            (self._pending, self._step_last, self._alloc, self._next, self._oldest, self._U, self._S, self._Up, self._lo, self._hi, self._ts, self._digest, self._client) = saved
+            raise
+        judged[idx] = True
+        linked[idx] = out_linked
+        parents[idx] = out_parents
+
+    def _buckets(self, u: np.ndarray) -> np.ndarray:
+        """(m, tables) flat bucket index of each query in each table."""
+        p = self.params
+        cells = np.floor((u @ self._proj + self._offset) * (1.0 / p.width)).astype(np.int64)
+        cells = cells.reshape(u.shape[0], p.tables, p.projections).view(np.uint64)
+        h = (cells * self._mix).sum(axis=2, dtype=np.uint64)  # wraps modulo 2**64
+        h = splitmix64(h ^ (np.arange(p.tables, dtype=np.uint64) * _U64(0x9E3779B97F4A7C15)))
+        b = (h >> _U64(64 - p.bucket_bits)).astype(np.int64)
+        return b + (np.arange(p.tables, dtype=np.int64) << p.bucket_bits)
+
+    def _candidates(self, buckets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(m, tables x depth) candidate ids of the block's queries in the index (-1: none), and the bucket order for :meth:`_file`."""
+        cand, order, starts, rank_sorted = recent(buckets, self._fill, self._slots, self.params.depth, self._next)
+        return cand, order, starts, rank_sorted
+
+    def _file(self, buckets: np.ndarray, order: np.ndarray, starts: np.ndarray, rank_sorted: np.ndarray, undo: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+        """Put the block's queries in their buckets: each keeps its ``depth`` most recent entries."""
+        file(buckets, order, starts, rank_sorted, self._fill, self._slots, self.params.depth, self._next - buckets.shape[0], undo)
+
+    def _piece(
+        self, u: np.ndarray, ts: np.ndarray, dig: np.ndarray, keys: np.ndarray, cand: np.ndarray, undo: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Match and index consecutive queries of one chunk (see the class docstring)."""
+        p = self.params
+        m = u.shape[0]
+        alloc, base = self._alloc, self._next
+        chunk_start = base - base % p.chunk
+        take = np.take
+        r = self._probe
+        # 1. Index the piece's rows first (their steps last), so that every candidate is a row of the index.
+        first = base % alloc
+        at: slice | np.ndarray = slice(first, first + m) if first + m <= alloc else (base + np.arange(m)) % alloc
+        self._write(at, undo, ((self._U, u), (self._Up, u[:, :r]), (self._ts, ts), (self._digest, dig), (self._client, keys)))
+        # Alive: not overwritten by the end of this chunk, not expired, not past the TTL for this query.
+        alive = (cand >= max(self._oldest, chunk_start + p.chunk - p.max_queries)) & (cand >= 0)
+        cpos = np.where(alive, cand % alloc, 0)
+        alive &= take(self._ts, cpos) >= (ts - p.ttl_seconds)[:, None]
+        same = alive & (take(self._digest, cpos) == dig[:, None])
+        repeat = same.any(axis=1)  # an exact repeat of a candidate is no new point
+        # 2. The cheap test on the probe features (the two steps' sizes agree on at least
+        # _PROBE_MIN of them); it also finds the nearest candidate.
+        du = u[:, None, :r] - take(self._Up, cpos, axis=0)  # (m, K, r)
+        ad = np.abs(du)
+        close = np.count_nonzero((ad >= take(self._lo, cpos, axis=0)) & (ad <= take(self._hi, cpos, axis=0)), axis=2)
+        usable = alive & ~same & (cand < chunk_start) & (close >= min(_PROBE_MIN, r))  # the candidate's own step is final
+        # 3. The full test on the few left.
+        passed = np.zeros(usable.shape, dtype=bool)
+        straight = np.zeros(usable.shape, dtype=bool)
+        qi, ki = np.nonzero(usable)
+        if qi.size:
+            sel = cpos[qi, ki]
+            passed[qi, ki], straight[qi, ki] = self._continues(u[qi] - take(self._U, sel, axis=0), take(self._S, sel, axis=0))
+        owner = take(self._client, cpos)
+        other = passed & (owner != keys[:, None]) & ~repeat[:, None]
+        linked = other.any(axis=1)
+        parents = np.zeros((m, 2), dtype=np.uint64)
+        for row in np.flatnonzero(linked).tolist():
+            found = list(dict.fromkeys(owner[row, other[row]].tolist()))[:2]
+            parents[row, : len(found)] = found
+        # 4. Each query's own step: from the first candidate it continued, else from the nearest other point (probe distance).
+        dist = np.where(alive & ~same, np.einsum("mkr,mkr->mk", du, du), np.inf)
+        hit = passed.any(axis=1)
+        pick = np.where(hit, np.argmax(passed, axis=1), np.argmin(dist, axis=1))
+        has = hit | np.isfinite(dist.min(axis=1))
+        steps = np.where(has[:, None], u - take(self._U, cpos[np.arange(m), pick], axis=0), 0.0).astype(np.float32)
+        # 5. Each change to a candidate compared with other clients' recent steps (the table of steps);
+        # a change that repeats one is a step too, and becomes the query's own.
+        # Only steps that turn (not three points on one line) are filed: a line is also what honest
+        # data can hold (records interpolated between two others), a turn of equal size is not.
+        filing = hit & ~repeat & ~straight[np.arange(m), pick]
+        self._alike(u, du, ad, alive & ~same & ~repeat[:, None], cpos, steps, filing, ts, keys, base, chunk_start, linked, parents, undo)
+        lo, hi = self._bounds(steps[:, :r])
+        self._write(at, undo, ((self._S, steps), (self._lo, lo), (self._hi, hi)))
+        self._next = base + m
+        return linked, parents
+
+    def _alike(
+        self, u: np.ndarray, du: np.ndarray, ad: np.ndarray, pairs: np.ndarray, cpos: np.ndarray, steps: np.ndarray, filing: np.ndarray,
+        ts: np.ndarray, keys: np.ndarray, base: int, chunk_start: int, linked: np.ndarray, parents: np.ndarray,
+        undo: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    ) -> None:
+        """Link each query whose change to one of its candidates repeats, size for size and sign for
+        sign (or every sign flipped), a recent step of another client: the same attack configuration,
+        following the same substitute model, even where the clients never derive from each other's
+        points (a split whose members each grow their own part of the set).
+
+        The table of steps holds only verified steps: queries that continued an earlier one
+        (``filing``) or matched a step of the table. Honest clients make neither, so their changes
+        are compared, never compared with. The table is read as it was at the start of the
+        query's chunk (the steps of a chunk are filed when it is complete), which keeps the
+        result independent of batching. Matching steps replace the query's own step in ``steps``.
+        """
+        p = self.params
+        self._flush(chunk_start, undo)
+        if filing.any() or self._step_last >= ts[0] - p.steps_window:
+            r = self._probe
+            floor = self._floor[:r]
+            moved = ad >= floor
+            step_like = pairs & (np.count_nonzero(moved, axis=2) >= min(_PROBE_MIN, r))
+            if step_like.any() and self._step_last >= ts[0] - p.steps_window:
+                qi, ki = np.nonzero(step_like)
+                bucket = self._step_bucket(du[qi, ki], moved[qi, ki])
+                j = np.arange(p.step_depth)
+                fill = np.take(self._step_fill, bucket)
+                ok = j < np.minimum(fill, p.step_depth)[:, None]
+                ids = np.where(ok, np.take(self._step_slots, bucket[:, None] * p.step_depth + (fill[:, None] - 1 - j) % p.step_depth), -1)
+                live = (ids >= max(self._oldest, chunk_start + p.chunk - p.max_queries)) & (ids < chunk_start)
+                ipos = np.where(live, ids % self._alloc, 0)
+                live &= (np.take(self._ts, ipos) >= (ts[qi] - p.steps_window)[:, None]) & (np.take(self._client, ipos) != keys[qi][:, None])
+                matched: set[int] = set()
+                for n, d in zip(*np.nonzero(live)):
+                    row = int(qi[n])
+                    change = u[row] - self._U[cpos[row, ki[n]]]
+                    pos = int(ipos[n, d])
+                    if not self._moves_alike(change, self._S[pos]):
+                        continue
+                    linked[row] = True
+                    other = self._client[pos]
+                    if other not in parents[row] and (parents[row] == 0).any():
+                        parents[row, int(np.argmax(parents[row] == 0))] = other
+                    if row not in matched and not filing[row]:
+                        steps[row] = change  # a verified step: the query's own from now on
+                        matched.add(row)
+                filing = filing.copy()
+                filing[list(matched)] = True
+            rows = np.flatnonzero(filing)
+            if rows.size:
+                mv = np.abs(steps[rows, :r]) >= floor
+                fileable = np.count_nonzero(mv, axis=1) >= min(_PROBE_MIN, r)
+                rows = rows[fileable]
+                if rows.size:
+                    self._pending += list(zip(self._step_bucket(steps[rows, :r], mv[fileable]).tolist(), (base + rows).tolist()))
+                    self._step_last = max(self._step_last, float(ts[rows].max()))
+
+    def _step_bucket(self, step: np.ndarray, moved: np.ndarray) -> np.ndarray:
+        """(n,) the bucket of each step (n, probe) in the table of steps: per probe feature, its
+        size to the factor of two and its sign, every sign flipped so that the first moved feature
+        is positive (a step and its opposite file together)."""
+        floor = self._floor[: step.shape[1]]
+        mag = np.where(moved, np.floor(np.log2(np.maximum(np.abs(step) / floor, 1.0))).astype(np.int64) + 1, 0)
+        sign = np.where(step < 0, -1, 1)
+        flip = sign[np.arange(step.shape[0]), np.argmax(moved, axis=1)]
+        q = (mag * sign * flip[:, None] + 64).astype(np.uint64)
+        h = splitmix64((q * self._step_mix[: step.shape[1]]).sum(axis=1, dtype=np.uint64))
+        return (h >> _U64(64 - self.params.step_bits)).astype(np.int64)
+
+    def _flush(self, chunk_start: int, undo: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+        """File the steps of completed chunks into the table (each bucket keeps its ``step_depth`` most recent)."""
+        done = [(b, i) for b, i in self._pending if i < chunk_start]
+        if not done:
+            return
+        self._pending = [(b, i) for b, i in self._pending if i >= chunk_start]
+        buckets = np.array([b for b, _ in done], dtype=np.int64)[:, None]
+        ids = np.array([i for _, i in done], dtype=np.int64)
+        _, order, starts, rank_sorted = recent(buckets, self._step_fill, self._step_slots, self.params.step_depth, 0, ids=ids)
+        file(buckets, order, starts, rank_sorted, self._step_fill, self._step_slots, self.params.step_depth, 0, undo, ids=ids)
+
+    def _moves_alike(self, step: np.ndarray, other: np.ndarray) -> bool:
+        """Whether two steps move every feature they both move in the same direction (or every one in
+        the opposite direction), most of them by the same amount: the same attack configuration
+        following the same substitute model. Every sign must agree: independent attackers with the
+        same configuration train substitutes of their own, whose gradients differ in a few signs."""
+        p = self.params
+        moved = (np.abs(step) >= self._floor) & (np.abs(other) >= self._floor)
+        nb = int(moved.sum())
+        if nb < p.min_moved * self._cols.size:
+            return False
+        agree = int(np.count_nonzero(moved & ((step > 0) == (other > 0))))
+        if 0 < agree < nb:
+            return False
+        tol = p.tolerance * np.maximum(np.abs(step), np.abs(other))
+        same = np.abs(step - other) if agree else np.abs(step + other)
+        return int(np.count_nonzero(moved & (same <= tol))) >= p.agreement * nb
+
+    @staticmethod
+    def _write(at: slice | np.ndarray, undo: list[tuple[np.ndarray, np.ndarray, np.ndarray]], items: tuple[tuple[np.ndarray, np.ndarray], ...]) -> None:
+        """Write each (array, values) at rows ``at``, keeping what was there in ``undo``."""
+        for array, values in items:
+            undo.append((array, at, array[at].copy()))  # type: ignore[arg-type]
+            array[at] = values
+
+    def _bounds(self, step: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per probe feature, the sizes a change must have to repeat ``step`` there (an empty range where the step did not move it)."""
+        size = np.abs(step)
+        lo = size * (1.0 - self.params.tolerance)
+        hi = size / (1.0 - self.params.tolerance)
+        lo[size < self._floor[: step.shape[1]]] = np.inf
+        return lo, hi
+
+    def _continues(self, delta: np.ndarray, step: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Whether each change ``delta`` (n, width) repeats the parent's own ``step``: the
+        same size on the features both moved, not back along the parent's step; and whether it goes on
+        along the parent's step (three points on one line: a step, but honest data has such lines too)."""
+        p = self.params
+        a, b = np.abs(delta), np.abs(step)
+        both = (a >= self._floor) & (b >= self._floor)
+        nb = both.sum(axis=1)
+        tol = p.tolerance * np.maximum(a, b)
+        along = (both & (np.abs(delta - step) <= tol)).sum(axis=1)
+        back = (both & (np.abs(delta + step) <= tol)).sum(axis=1)
+        close = along + back
+        ok = (nb >= p.min_moved * self._cols.size) & (close >= p.agreement * nb) & (back <= p.returns * close)
+        return ok, ok & (along > p.returns * close)
+
+    # -- the index ---------------------------------------------------------------------------
+    def _grow(self) -> None:
+        """Double the rows (up to max_queries); rows keep their places (ids below the old size)."""
+        new = min(self.params.max_queries, max(2 * self._alloc, self._INITIAL_ROWS))
+
+        def grown(a: np.ndarray) -> np.ndarray:
+            out = np.zeros((new, *a.shape[1:]), dtype=a.dtype)
+            out[: a.shape[0]] = a
+            return out
+
+        self._U, self._S, self._Up, self._lo, self._hi = grown(self._U), grown(self._S), grown(self._Up), grown(self._lo), grown(self._hi)
+        self._ts, self._digest, self._client = grown(self._ts), grown(self._digest), grown(self._client)
+        self._alloc = new
+
+    def _expire(self, now: float) -> None:
+        """Move the oldest live id past the entries older than the TTL (event time)."""
+        limit = now - self.params.ttl_seconds
+        if self._alloc == 0:
+            return
+        lo = max(self._oldest, self._next - self._alloc)
+        if lo >= self._next or self._ts[lo % self._alloc] >= limit:
+            return
+        ids = np.arange(lo, self._next)
+        fresh = np.flatnonzero(self._ts[ids % self._alloc] >= limit)
+        self._oldest = int(ids[fresh[0]]) if fresh.size else self._next
+
+    def index_size(self) -> int:
+        """Queries currently held by the index (live, not past the TTL)."""
+        return self._next - max(self._oldest, self._next - self._alloc) if self._alloc else 0
+
+    # -- shared state ----------------------------------------------------------------------------
+    def shared_state(self) -> State | None:
+        if self._inv is None:
+            return None
+        lo = max(self._oldest, self._next - self._alloc) if self._alloc else self._next
+        pos = np.arange(lo, self._next, dtype=np.int64) % max(self._alloc, 1)
+        return {
+            "ids": np.array([lo, self._next], dtype=np.int64),
+            "U": self._U[pos], "S": self._S[pos],
+            "ts": self._ts[pos], "digest": self._digest[pos], "client": self._client[pos],
+            "slots": self._slots.copy(), "fill": self._fill.copy(),
+            "step_slots": self._step_slots.copy(), "step_fill": self._step_fill.copy(), "step_last": np.array(self._step_last),
+            "pending": np.array(self._pending, dtype=np.int64).reshape(-1, 2),
+        }
+
+    def load_shared_state(self, state: State) -> None:
+        if self._inv is None:
+            raise ValueError("links shared state needs the model's reference first")
+        lo, nxt = (int(v) for v in np.asarray(state["ids"], dtype=np.int64))
+        n = nxt - lo
+        width = self._cols.size
+        shapes = {"U": (n, width), "S": (n, width), "ts": (n,), "digest": (n,), "client": (n,)}
+        if n < 0 or n > self.params.max_queries or any(np.asarray(state[k]).shape != s for k, s in shapes.items()):
+            raise ValueError("links shared state does not fit these parameters")
+        if np.asarray(state["slots"]).shape != self._slots.shape or np.asarray(state["fill"]).shape != self._fill.shape:
+            raise ValueError("links shared state does not fit these parameters")
+        self._reset()
+        while self._alloc < min(max(nxt, 1), self.params.max_queries):
+            self._grow()
+        pos = np.arange(lo, nxt, dtype=np.int64) % self._alloc
+        for name, array in (("U", self._U), ("S", self._S), ("ts", self._ts), ("digest", self._digest), ("client", self._client)):
+            array[pos] = np.asarray(state[name], dtype=array.dtype)
+        r = self._Up.shape[1]
+        self._Up[pos] = self._U[pos, :r]
+        self._lo[pos], self._hi[pos] = self._bounds(self._S[pos, :r])
+        self._slots[...] = np.asarray(state["slots"], dtype=np.int64)
+        self._fill[...] = np.asarray(state["fill"], dtype=np.int64)
+        if np.asarray(state["step_slots"]).shape != self._step_slots.shape or np.asarray(state["step_fill"]).shape != self._step_fill.shape:
+            raise ValueError("links shared state does not fit these parameters")
+        self._step_slots[...] = np.asarray(state["step_slots"], dtype=np.int64)
+        self._step_fill[...] = np.asarray(state["step_fill"], dtype=np.int64)
+        self._step_last = float(state["step_last"])
+        self._pending = [(int(b), int(i)) for b, i in np.asarray(state["pending"], dtype=np.int64).reshape(-1, 2)]
+        self._next, self._oldest = nxt, lo
+
+
+def recent(
+    buckets: np.ndarray, fill: np.ndarray, slots: np.ndarray, depth: int, base: int, ids: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Candidates of a run of queries in bucket tables that keep each bucket's ``depth`` most recent entries.
+
+    ``buckets`` (n, T): each query's bucket in each of T tables (flat indexes into
+    ``fill``, entries ever filed per bucket, and ``slots``, ``depth`` entry ids per bucket);
+    the queries are entries ``ids`` (default ``base + arange(n)``), in time order.
+    Returns the (n, T x depth) ids each query sees, most recent first per table, exactly as
+    if the queries had been filed one at a time (earlier queries of the run first, then
+    the buckets' slots; -1 for none), and the sort (order, run starts, ranks) that
+    :func:`file` reuses.
+    """
+    n, tables = buckets.shape
+    take = np.take
+    own = base + np.arange(n) if ids is None else ids
+    flat = buckets.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    sf = flat[order]
+    at = np.arange(flat.size)
+    first = np.ones(flat.size, dtype=bool)
+    first[1:] = sf[1:] != sf[:-1]
+    starts = np.flatnonzero(first)
+    rank_sorted = at - np.repeat(starts, np.diff(np.append(starts, flat.size)))
+    rank = np.empty_like(rank_sorted)
+    rank[order] = rank_sorted
+    where = np.empty_like(at)
+    where[order] = at
+    j = np.arange(depth)
+    earlier = j < rank[:, None]
+    pred = take(own, take(order, np.maximum(where[:, None] - 1 - j, 0)) // tables)
+    filled = take(fill, flat)
+    back = j - rank[:, None]
+    in_slots = (back >= 0) & (back < np.minimum(filled, depth)[:, None])
+    slot_ids = take(slots, flat[:, None] * depth + (filled[:, None] - 1 - np.maximum(back, 0)) % depth)
+    cand = np.where(earlier, pred, np.where(in_slots, slot_ids, -1)).reshape(n, tables * depth)
+    return cand, order, starts, rank_sorted
+
+
+def file(
+    buckets: np.ndarray, order: np.ndarray, starts: np.ndarray, rank_sorted: np.ndarray, fill: np.ndarray, slots: np.ndarray,
+    depth: int, base: int, undo: list[tuple[np.ndarray, np.ndarray, np.ndarray]], ids: np.ndarray | None = None,
+) -> None:
+    """File the run of queries of :func:`recent` in their buckets (each keeps its ``depth`` most recent), logging what it overwrites."""
+    n, tables = buckets.shape
+    own = base + np.arange(n) if ids is None else ids
+    sf = buckets.reshape(-1)[order]
+    counts = np.diff(np.append(starts, sf.size))
+    keep = rank_sorted >= np.repeat(counts, counts) - depth
+    kb = sf[keep]
+    at_slot = kb * depth + (np.take(fill, kb) + rank_sorted[keep]) % depth
+    undo.append((slots, at_slot, slots[at_slot]))
+    slots[at_slot] = np.take(own, order[keep] // tables)
+    ub = sf[starts]
+    undo.append((fill, ub, fill[ub]))
+    fill[ub] += counts
+
+
+def precision_units(x: np.ndarray) -> np.ndarray:
+    """(d,) one unit of each feature's precision: 10**-k for the fewest decimals k that 99 % of the values are written with."""
+    out = np.full(x.shape[1], 10.0**-_MAX_DECIMALS)
+    done = np.zeros(x.shape[1], dtype=bool)
+    for k in range(_MAX_DECIMALS + 1):
+        scaled = x * 10.0**k
+        ok = ~done & (np.mean(np.abs(scaled - np.round(scaled)) < 1e-6 * np.maximum(1.0, np.abs(scaled)), axis=0) >= 0.99)
+        out[ok] = 10.0**-k
+        done |= ok
+    return out

@@ -1,0 +1,585 @@
+"""Groups: clients linked by coordinated exploration, named as one attacker (a Sybil split).
+
+The ``links`` detector (:mod:`exporter.detectors.links`) finds, query by query, the other
+clients whose exploration a query continues (it repeats the step of another client's
+query) or follows (it makes, sign for sign, the step another client made recently). This
+stage, run after the detectors on each block in time order, turns those directed links
+into groups:
+
+* **Edges.** Every link adds one to the edge between the two clients (either direction),
+  stamped with its event time. Each client keeps its ``max_peers`` heaviest edges (a
+  space-saving count), and at most ``max_tracked_clients`` clients are remembered per
+  model (least recently linked forgotten first).
+* **Who can be a member.** Only a client whose *own* queries were linked: the ``links``
+  detector flagged it (the share of its recent queries linked to other clients reached the
+  detector's calibrated threshold), or at least ``group_min_links`` of its queries were
+  linked. The evidence is directed (the client whose query continued or followed another's
+  is the explorer), so an attacker who copies or steps away from an honest client's
+  queries makes links of its own, never of the honest client, who cannot join.
+* **Groups.** Two flagged clients with at least ``group_min_links`` links between them are
+  in one group, and groups are the connected components of such edges. A group is named
+  ``g<n>`` when it forms; it keeps its id while it has members; when two groups merge, the
+  older keeps its id; when expiry splits a group, the part with the earliest member keeps
+  it. A group with fewer than two members is dissolved and its id never reused.
+* **Expiry.** An edge expires ``ttl_seconds`` (the detector's, event time) after its last
+  link, a client's flag as long after the last link that found it flagged; a member
+  without either leaves its group. Expiry is checked once per processed block, and when
+  a tracked client is evicted from the exporter's state it leaves its group at once.
+* **Score and verdict.** A group's score is the share of its members' queries that were
+  linked to another member (links inside the group / the members' queries on the model);
+  the group is *flagged* while the score is at least the group threshold. A group can be
+  flagged while none of its members is (the members' own verdicts are per client).
+  ``monitaur-exporter calibrate`` sets the threshold from the groups that form by chance
+  among benign calibration clients (:func:`group_threshold`), and says so in the profile.
+
+Per link event the work is O(members of the groups involved); per block, a sort of the
+block's client keys. Memory per model: ``max_tracked_clients`` records of at most
+``max_peers`` edges, and the groups over them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+import numpy as np
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from exporter.detectors.fingerprint import client_key
+from exporter.names import is_valid_name
+
+if TYPE_CHECKING:
+    from exporter.detectors.base import Batch, Block, Signals
+    from exporter.detectors.links import LinksParams
+    from exporter.profile import Profile
+
+SOURCE = "links"  # the detector whose links make groups
+HISTORY = 10_000  # dissolved groups' maxima kept for calibration, per model
+
+
+@dataclass(frozen=True, slots=True)
+class MemberSummary:
+    """A member of a group, with its link strength."""
+
+    client: str
+    links: int  # links between this client and the other members (either way)
+    queries: int  # the client's queries on the model
+    strength: float  # links / queries (at most 1): how much of its traffic ties it to the group
+    joined: float  # event time at which the client joined the group (or a group merged into it)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSummary:
+    """What the view, the report and the metrics show of a group."""
+
+    group: str
+    model: str
+    members: tuple[MemberSummary, ...]  # strongest first
+    score: float
+    flagged: bool
+    threshold: float
+    links: int  # links between members
+    created: float  # event time the group formed
+    first_flagged: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "members": {m.client: {"links": m.links, "queries": m.queries, "strength": round(m.strength, 6), "joined": m.joined} for m in self.members},
+            "score": round(self.score, 6),
+            "flagged": self.flagged,
+            "threshold": round(self.threshold, 6),
+            "links": self.links,
+            "created": self.created,
+            "first_flagged": self.first_flagged,
+        }
+
+
+@dataclass(slots=True)
+class _Edge:
+    links: int
+    last: float
+
+
+@dataclass(slots=True)
+class _Client:
+    name: str
+    flagged_at: float | None = None  # event time of the last link that made or kept the client a possible member
+    peers: dict[int, _Edge] = field(default_factory=dict)
+    own: int = 0  # links of its own queries (as the explorer)
+
+
+@dataclass(slots=True)
+class _Group:
+    gid: str
+    number: int
+    created: float
+    joined: dict[int, float]  # member key -> event time it joined
+    links: int = 0
+    score: float = 0.0
+    max_score: float = 0.0
+    flagged: bool = False
+    first_flagged: float | None = None
+
+
+class ModelGroups:
+    """The groups of one model (see the module docstring)."""
+
+    def __init__(self, model: str, params: "LinksParams", threshold: float, new_number: Callable[[], int]) -> None:
+        self.model = model
+        self.params = params
+        self.threshold = threshold
+        self._new_number = new_number
+        self.clients: OrderedDict[int, _Client] = OrderedDict()  # LRU: least recently linked first
+        self.groups: dict[str, _Group] = {}
+        self.member_of: dict[int, str] = {}
+        self.maxima: list[float] = []  # the maximum score of every dissolved group (calibration)
+        self._queries: Callable[[str], int] = lambda _: 0
+        self._block_counts: dict[int, tuple[int, np.ndarray]] = {}  # key -> (queries before the block, its rows)
+        self._names: dict[int, str] = {}  # key -> client id, for the clients of the block being processed
+        self._oldest = math.inf  # no edge or flag is older than this (event time): expiry has nothing to do before
+
+    # -- per block ----------------------------------------------------------------------
+    def observe(self, block: "Block", flagged: np.ndarray, queries: Callable[[str], int]) -> None:
+        """Fold the block's links (``block.prepared``) into edges and groups, in time order.
+
+        ``flagged``: per event of the block, whether the links detector flagged its client
+        right after it; ``queries(client)``: the client's queries on the model so far (the
+        block included).
+        """
+        found = block.prepared.get(SOURCE)
+        self._queries = queries
+        if found is None:
+            return
+        linked, parents = found[1], found[2]
+        rows = np.flatnonzero(linked)
+        self._block_counts = {}
+        if rows.size:
+            self._count_block(block)
+            for i in rows.tolist():
+                ts = float(block.events[i].ts)
+                child = client_key(block.events[i].client)
+                self._link(child, block.events[i].client, [int(k) for k in parents[i] if k], ts, bool(flagged[i]), i)
+        if len(block):
+            last = float(block.events[-1].ts)
+            self.expire(last)
+            self._refresh(None, last)
+        self._block_counts, self._names = {}, {}
+
+    def _count_block(self, block: "Block") -> None:
+        """Each tracked (or linking) client's queries before the block, and its rows in the block."""
+        names: dict[str, list[int]] = {}
+        for i, e in enumerate(block.events):
+            names.setdefault(e.client, []).append(i)
+        for name, at in names.items():
+            rows = np.asarray(at, dtype=np.int64)
+            key = client_key(name)
+            self._names[key] = name
+            self._block_counts[key] = (self._queries(name) - rows.size, rows)
+
+    def _count(self, key: int, name: str, upto: int | None) -> int:
+        """The client's queries up to block row ``upto`` (None: all so far)."""
+        at = self._block_counts.get(key)
+        if at is None or upto is None:
+            return self._queries(name)
+        before, rows = at
+        return before + int(np.searchsorted(rows, upto, side="right"))
+
+    def _link(self, child: int, name: str, parents: list[int], ts: float, flagged: bool, row: int) -> None:
+        self._oldest = min(self._oldest, ts)
+        me = self._client(child, name)
+        me.own += 1
+        if flagged or me.own >= self.params.group_min_links:
+            first = me.flagged_at is None
+            me.flagged_at = ts
+        else:
+            first = False
+        for parent in parents:
+            if parent == child:
+                continue
+            other = self.clients.get(parent)
+            if other is None:
+                other = self._client(parent, self._names.get(parent, f"#{parent:016x}"))
+            for a, b in ((me, parent), (other, child)):
+                edge = a.peers.get(b)
+                if edge is not None:
+                    edge.links += 1
+                    edge.last = ts
+                elif len(a.peers) < self.params.max_peers:
+                    a.peers[b] = _Edge(1, ts)
+                else:  # space-saving: the newcomer takes the lightest edge's place and count
+                    lightest = min(a.peers, key=lambda k: a.peers[k].links)
+                    a.peers[b] = _Edge(a.peers.pop(lightest).links + 1, ts)
+            g1, g2 = self.member_of.get(child), self.member_of.get(parent)
+            if g1 is not None and g1 == g2:
+                self.groups[g1].links += 1
+            elif self._joinable(child, parent):
+                self._union(child, parent, ts)
+        if first:  # newly flagged: its existing strong edges to flagged clients count now
+            for peer in list(me.peers):
+                if self._joinable(child, peer):
+                    self._union(child, peer, ts)
+        self._refresh({g for k in (child, *parents) if (g := self.member_of.get(k)) is not None}, ts, row)
+
+    def _client(self, key: int, name: str) -> _Client:
+        c = self.clients.get(key)
+        if c is None:
+            c = self.clients[key] = _Client(name)
+            while len(self.clients) > self.params.max_tracked_clients:
+                old, _ = next(iter(self.clients.items()))
+                self._drop(old)
+        else:
+            self.clients.move_to_end(key)
+            if not name.startswith("#"):
+                c.name = name
+        return c
+
+    def _joinable(self, a: int, b: int) -> bool:
+        ca, cb = self.clients.get(a), self.clients.get(b)
+        if ca is None or cb is None or ca.flagged_at is None or cb.flagged_at is None:
+            return False
+        edge = self._edge(a, b)
+        return edge is not None and edge.links >= self.params.group_min_links
+
+    def _union(self, a: int, b: int, ts: float) -> None:
+        ga, gb = self.member_of.get(a), self.member_of.get(b)
+        if ga is None and gb is None:
+            number = self._new_number()
+            g = _Group(f"g{number}", number, ts, {a: ts, b: ts})
+            self.groups[g.gid] = g
+            self.member_of[a] = self.member_of[b] = g.gid
+        elif ga is None or gb is None:
+            gid = ga or gb
+            assert gid is not None
+            joiner = a if ga is None else b
+            self.groups[gid].joined[joiner] = ts
+            self.member_of[joiner] = gid
+        elif ga != gb:
+            keep, gone = sorted((self.groups[ga], self.groups[gb]), key=lambda g: (g.created, g.number))
+            for k, t in gone.joined.items():
+                keep.joined[k] = min(t, keep.joined.get(k, t))
+                self.member_of[k] = keep.gid
+            keep.first_flagged = min((t for t in (keep.first_flagged, gone.first_flagged) if t is not None), default=None)
+            keep.max_score = max(keep.max_score, gone.max_score)
+            del self.groups[gone.gid]
+        else:
+            return
+        self._recount(self.member_of[a])
+
+    def _edge(self, a: int, b: int) -> _Edge | None:
+        ca, cb = self.clients.get(a), self.clients.get(b)
+        return (ca.peers.get(b) if ca is not None else None) or (cb.peers.get(a) if cb is not None else None)
+
+    def _recount(self, gid: str) -> None:
+        """The links between a group's members, from their edges (each pair once)."""
+        g = self.groups[gid]
+        keys = list(g.joined)
+        g.links = sum(e.links for i, k in enumerate(keys) for q in keys[i + 1 :] if (e := self._edge(k, q)) is not None)
+
+    def _refresh(self, gids: set[str] | None, ts: float | None = None, row: int | None = None) -> None:
+        """Recompute the scores (and flags) of the groups ``gids`` (None: all), at block row ``row``."""
+        for gid in (self.groups if gids is None else gids):
+            g = self.groups.get(gid)
+            if g is None:
+                continue
+            queries = sum(self._count(k, self.clients[k].name, row) for k in g.joined if k in self.clients)
+            g.score = min(1.0, g.links / max(queries, 1))
+            g.max_score = max(g.max_score, g.score)
+            g.flagged = len(g.joined) >= 2 and g.score >= self.threshold
+            if g.flagged and g.first_flagged is None and ts is not None:
+                g.first_flagged = ts
+
+    # -- expiry and eviction -------------------------------------------------------------
+    def expire(self, now: float) -> None:
+        """Drop edges and flags older than the TTL; members without them leave (module docstring)."""
+        limit = now - self.params.ttl_seconds
+        if self._oldest >= limit:
+            return
+        touched: set[str] = set()
+        for key in list(self.clients):
+            c = self.clients[key]
+            for peer in [p for p, e in c.peers.items() if e.last < limit]:
+                del c.peers[peer]
+                if (g := self.member_of.get(key)) is not None:
+                    touched.add(g)
+            if c.flagged_at is not None and c.flagged_at < limit:
+                c.flagged_at = None
+                c.own = 0
+                if (g := self.member_of.get(key)) is not None:
+                    touched.add(g)
+            if not c.peers and c.flagged_at is None:
+                self._drop(key)
+        for gid in touched:
+            self._split(gid)
+        self._oldest = min((t for c in self.clients.values() for t in (*(e.last for e in c.peers.values()), c.flagged_at) if t is not None), default=math.inf)
+
+    def forget(self, key: int) -> None:
+        """A client evicted from the exporter's state leaves everything."""
+        if key in self.clients:
+            self._drop(key)
+
+    def _drop(self, key: int) -> None:
+        self.clients.pop(key, None)  # edges of others that point to it stay, inert: it cannot join any more
+        gid = self.member_of.pop(key, None)
+        if gid is not None:
+            self.groups[gid].joined.pop(key, None)
+            self._split(gid)
+
+    def _split(self, gid: str) -> None:
+        """Recompute a group's components after members or edges left; the part with the earliest member keeps the id."""
+        g = self.groups.get(gid)
+        if g is None:
+            return
+        members = [k for k in g.joined if k in self.clients and self.clients[k].flagged_at is not None]
+        for k in list(g.joined):
+            if k not in members:
+                g.joined.pop(k)
+                self.member_of.pop(k, None)
+        parts: list[list[int]] = []
+        left = set(members)
+        while left:
+            start = min(left, key=lambda k: (g.joined[k], k))
+            part, todo = [], [start]
+            left.discard(start)
+            while todo:
+                k = todo.pop()
+                part.append(k)
+                for p in list(left):
+                    if self._joinable(k, p):
+                        left.discard(p)
+                        todo.append(p)
+            parts.append(part)
+        parts = [p for p in parts if len(p) >= 2]
+        parts.sort(key=lambda p: min((g.joined[k], k) for k in p))
+        if not parts:
+            self._dissolve(g)
+            return
+        keep = set(parts[0])
+        for k in list(g.joined):
+            if k not in keep:
+                g.joined.pop(k)
+                self.member_of.pop(k, None)
+        for part in parts[1:]:
+            number = self._new_number()
+            created = min(g.joined.get(k, math.inf) for k in part)
+            new = _Group(f"g{number}", number, g.created if math.isinf(created) else created, {k: g.created for k in part})
+            self.groups[new.gid] = new
+            for k in part:
+                self.member_of[k] = new.gid
+            self._recount(new.gid)
+        self._recount(gid)
+
+    def _dissolve(self, g: _Group) -> None:
+        for k in g.joined:
+            self.member_of.pop(k, None)
+        self.maxima.append(g.max_score)
+        del self.maxima[:-HISTORY]
+        del self.groups[g.gid]
+
+    # -- reading --------------------------------------------------------------------------
+    def summary(self, gid: str, queries: Callable[[str], int]) -> GroupSummary:
+        g = self.groups[gid]
+        members = []
+        for k, joined in g.joined.items():
+            c = self.clients[k]
+            links = sum(e.links for p, e in c.peers.items() if p in g.joined)
+            q = queries(c.name)
+            members.append(MemberSummary(c.name, links, q, min(1.0, links / max(q, 1)), joined))
+        members.sort(key=lambda m: (-m.strength, m.client))
+        return GroupSummary(gid, self.model, tuple(members), g.score, g.flagged, self.threshold, g.links, g.created, g.first_flagged)
+
+    def all_maxima(self) -> list[float]:
+        """The maximum score of every group that formed (dissolved ones and current ones)."""
+        return self.maxima + [g.max_score for g in self.groups.values()]
+
+    # -- snapshots -------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "clients": [
+                {"key": k, "name": c.name, "flagged_at": c.flagged_at, "own": c.own, "peers": [[p, e.links, e.last] for p, e in c.peers.items()]}
+                for k, c in self.clients.items()
+            ],
+            "groups": [
+                {"gid": g.gid, "number": g.number, "created": g.created, "joined": [[k, t] for k, t in g.joined.items()], "links": g.links,
+                 "score": g.score, "max_score": g.max_score, "flagged": g.flagged, "first_flagged": g.first_flagged}
+                for g in self.groups.values()
+            ],
+            "maxima": list(self.maxima),
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.clients.clear()
+        self.groups.clear()
+        self.member_of.clear()
+        for c in state.get("clients", []):
+            if not is_valid_name(c["name"]) and not str(c["name"]).startswith("#"):
+                continue
+            self.clients[int(c["key"])] = _Client(str(c["name"]), None if c["flagged_at"] is None else float(c["flagged_at"]),
+                                                   {int(p): _Edge(int(n), float(t)) for p, n, t in c["peers"]}, int(c.get("own", 0)))
+        for g in state.get("groups", []):
+            joined = {int(k): float(t) for k, t in g["joined"] if int(k) in self.clients}
+            if len(joined) < 2:
+                continue
+            grp = _Group(str(g["gid"]), int(g["number"]), float(g["created"]), joined, int(g["links"]), float(g["score"]),
+                         float(g["max_score"]), bool(g["flagged"]), None if g["first_flagged"] is None else float(g["first_flagged"]))
+            self.groups[grp.gid] = grp
+            for k in joined:
+                self.member_of[k] = grp.gid
+        self.maxima = [float(v) for v in state.get("maxima", [])][-HISTORY:]
+        self._oldest = -math.inf  # the next expiry looks at everything restored
+
+
+class GroupBook:
+    """The groups of every model of a pipeline, and the one sequence their ids come from."""
+
+    def __init__(self, profile: "Profile | None" = None) -> None:
+        self.profile = profile
+        self.by_model: dict[str, ModelGroups] = {}
+        self._next = 1
+        self._flags: dict[int, np.ndarray] = {}  # id(block) -> per-event links flag, filled batch by batch
+
+    def _number(self) -> int:
+        n = self._next
+        self._next += 1
+        return n
+
+    def model(self, model: str, params: "LinksParams") -> ModelGroups:
+        """The model's groups, made on first use with the calibrated threshold when the profile has one
+        (calibrated under the same links parameters)."""
+        mg = self.by_model.get(model)
+        if mg is None:
+            from exporter.profile import params_digest
+
+            threshold = float(params.group_threshold)
+            mp = self.profile.models.get(model) if self.profile is not None else None
+            if mp is not None and "threshold" in (mp.groups or {}) and mp.params.get(SOURCE) == params_digest(params, "threshold"):
+                threshold = float(mp.groups["threshold"])
+            mg = self.by_model[model] = ModelGroups(model, params, threshold, self._number)
+        return mg
+
+    # -- fed by the pipeline -----------------------------------------------------------------
+    def note(self, batch: "Batch", signals: dict[str, "Signals"]) -> None:
+        """Keep the links detector's per-event flags of one client's batch, for :meth:`process`."""
+        found = signals.get(SOURCE)
+        block = batch.block
+        if found is None or block is None:
+            return
+        flags = self._flags.get(id(block))
+        if flags is None:
+            flags = self._flags[id(block)] = np.zeros(len(block), dtype=bool)
+        flags[batch.rows] = found.flagged
+
+    def process(self, model: str, params: "LinksParams | None", block: "Block", queries: Callable[[str], int]) -> None:
+        """Fold a judged block into the model's groups."""
+        flags = self._flags.pop(id(block), None)
+        if params is None or SOURCE not in block.prepared:
+            return
+        self.model(model, params).observe(block, flags if flags is not None else np.zeros(len(block), dtype=bool), queries)
+
+    def forget(self, client: str) -> None:
+        key = client_key(client)
+        for mg in self.by_model.values():
+            mg.forget(key)
+
+    def expire(self, now: float) -> None:
+        for mg in self.by_model.values():
+            mg.expire(now)
+            mg._refresh(None)
+
+    # -- reading -------------------------------------------------------------------------------
+    def summaries(self, queries: Callable[[str, str], int]) -> list[GroupSummary]:
+        """Every group, flagged first, then by score."""
+        out = [mg.summary(gid, lambda c, m=mg.model: queries(c, m)) for mg in self.by_model.values() for gid in mg.groups]
+        return sorted(out, key=lambda s: (not s.flagged, -s.score, s.group))
+
+    def of(self, client: str) -> list[str]:
+        """The groups a client is in (one per model at most)."""
+        key = client_key(client)
+        return [gid for mg in self.by_model.values() if (gid := mg.member_of.get(key)) is not None]
+
+    # -- snapshots -----------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {"next": self._next, "models": {m: mg.state() for m, mg in self.by_model.items()}}
+
+    def load(self, state: dict[str, Any], params_of: Callable[[str], "LinksParams | None"]) -> None:
+        self._next = max(self._next, int(state.get("next", 1)))
+        for model, st in state.get("models", {}).items():
+            params = params_of(model)
+            if params is not None:
+                self.model(model, params).load(st)
+
+
+def group_threshold(maxima: Iterable[float], default: float, alpha: float) -> tuple[float, str]:
+    """The group threshold from the maximum scores of the groups that formed among benign clients, and how.
+
+    No benign group formed: the configured default stands. Otherwise the threshold is
+    just above the largest benign maximum when there are fewer than ``2 / alpha`` groups
+    (no benign group of the calibration would have been flagged), else the value that a
+    share ``alpha`` of them exceeded; never below the default's half (a benign sample that
+    happened to form weak groups must not make the first weak group an alarm).
+    """
+    x = np.sort(np.asarray(list(maxima), dtype=np.float64))
+    if x.size == 0:
+        return default, "no group formed among the benign calibration clients: the configured group_threshold stands"
+    if x.size < 2.0 / alpha:
+        tau = float(np.nextafter(x[-1], np.inf))
+        how = f"{x.size} group(s) formed among the benign calibration clients (largest score {x[-1]:.4f}): the threshold lies just above it"
+    else:
+        k = int(np.floor(alpha * x.size))
+        tau = float(np.nextafter(x[x.size - k - 1], np.inf))
+        how = f"{x.size} groups formed among the benign calibration clients: {alpha:.1%} of them reached the threshold"
+    return max(tau, default / 2.0), how
+
+
+class GroupCollector(Collector):
+    """Group series under a cardinality guard: at most ``max_group_series`` groups (flagged
+    first, then by score), each listing at most ``max_member_series`` members.
+
+    * ``monitaur_group_suspicious{group, model}``: 1 while the group is flagged;
+    * ``monitaur_group_score{group, model}``: its score (0 to 1);
+    * ``monitaur_group_members{group, model}``: how many clients it has;
+    * ``monitaur_group_member_info{group, model, client}``: 1 per member listed (the alert's list);
+    * ``monitaur_groups{model}`` and ``monitaur_groups_flagged{model}``: all groups, exported or not.
+    """
+
+    def __init__(self, read: Callable[[], list[GroupSummary]], limits: Callable[[str], tuple[int, int]]) -> None:
+        self._read = read
+        self._limits = limits
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterable:
+        found = self._read()
+        suspicious = GaugeMetricFamily("monitaur_group_suspicious", "1 while the group of linked clients is flagged.", labels=["group", "model"])
+        score = GaugeMetricFamily("monitaur_group_score", "Share of the group's queries linked to another member's, 0 to 1.", labels=["group", "model"])
+        members = GaugeMetricFamily("monitaur_group_members", "Clients in the group.", labels=["group", "model"])
+        info = GaugeMetricFamily("monitaur_group_member_info", "1 for each member of the group (strongest first, up to the configured limit).", labels=["group", "model", "client"])
+        total = GaugeMetricFamily("monitaur_groups", "Groups of linked clients, by model.", labels=["model"])
+        flagged = GaugeMetricFamily("monitaur_groups_flagged", "Flagged groups of linked clients, by model.", labels=["model"])
+        counts: dict[str, list[int]] = {}
+        shown: dict[str, int] = {}
+        for g in found:
+            c = counts.setdefault(g.model, [0, 0])
+            c[0] += 1
+            c[1] += int(g.flagged)
+            if not is_valid_name(g.model):
+                continue
+            max_groups, max_members = self._limits(g.model)
+            if shown.get(g.model, 0) >= max_groups:
+                continue
+            shown[g.model] = shown.get(g.model, 0) + 1
+            labels = [g.group, g.model]
+            suspicious.add_metric(labels, 1.0 if g.flagged else 0.0)
+            score.add_metric(labels, g.score)
+            members.add_metric(labels, float(len(g.members)))
+            for m in [m for m in g.members if is_valid_name(m.client)][:max_members]:
+                info.add_metric([*labels, m.client], 1.0)
+        for model, (n, f) in counts.items():
+            if is_valid_name(model):
+                total.add_metric([model], float(n))
+                flagged.add_metric([model], float(f))
+        return [suspicious, score, members, info, total, flagged]

@@ -1,0 +1,173 @@
+"""Groups of linked clients (exporter.groups): ids, merges, splits, expiry, directed evidence, snapshots.
+
+These tests feed the registry links directly (what the links detector leaves in
+``block.prepared``), so they pin the bookkeeping down independently of how links are found
+(tests/test_links.py does that on simulated traffic).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from exporter.detectors.base import Block
+from exporter.detectors.fingerprint import client_key
+from exporter.detectors.links import LinksParams
+from exporter.events import Event
+from exporter.groups import GroupBook, ModelGroups, group_threshold
+
+PARAMS = LinksParams(group_min_links=2, group_threshold=0.05, ttl_seconds=1000.0)
+
+
+class Feed:
+    """A model's groups fed one link at a time, with per-client query counts."""
+
+    def __init__(self, params: LinksParams = PARAMS) -> None:
+        self.book = GroupBook()
+        self.groups = self.book.model("m", params)
+        self.queries: dict[str, int] = {}
+
+    def link(self, child: str, parents: list[str], ts: float, flagged: bool = True, queries: int = 0) -> None:
+        """One event of ``child`` that continued queries of ``parents`` (after ``queries`` more of its own)."""
+        self.queries[child] = self.queries.get(child, 0) + queries + 1
+        block = Block("m", [Event(child, "m", ts, "tabular", vector=np.zeros(2))])
+        keys = np.zeros((1, 2), dtype=np.uint64)
+        keys[0, : len(parents)] = [client_key(p) for p in parents]
+        block.prepared["links"] = (np.ones(1, dtype=bool), np.ones(1, dtype=bool), keys)
+        self.groups.observe(block, np.array([flagged]), lambda c: self.queries.get(c, 0))
+
+    def members(self) -> dict[str, set[str]]:
+        return {gid: {self.groups.clients[k].name for k in g.joined} for gid, g in self.groups.groups.items()}
+
+
+def test_two_flagged_clients_linked_often_enough_form_a_group_with_a_stable_id() -> None:
+    f = Feed()
+    f.link("a", ["b"], 1.0)
+    assert f.members() == {}  # b is not flagged (it never linked itself), one link is not enough anyway
+    f.link("b", ["a"], 2.0)
+    assert f.members() == {"g1": {"a", "b"}}
+    f.link("c", ["a", "b"], 3.0)
+    assert f.members() == {"g1": {"a", "b"}}  # one link to each: not yet
+    f.link("c", ["a"], 4.0)
+    assert f.members() == {"g1": {"a", "b", "c"}}  # joins, the id stays
+    s = f.groups.summary("g1", lambda c: f.queries.get(c, 0))
+    assert {m.client for m in s.members} == {"a", "b", "c"} and s.links == 5 and s.created == 2.0
+    assert all(m.links >= 1 and 0 < m.strength <= 1 for m in s.members)
+
+
+def test_a_merge_keeps_the_older_id_and_ids_are_never_reused() -> None:
+    f = Feed()
+    f.link("a", ["b"], 1.0)
+    f.link("b", ["a"], 2.0)  # g1 = {a, b}
+    f.link("x", ["y"], 3.0)
+    f.link("y", ["x"], 4.0)  # g2 = {x, y}
+    assert set(f.members()) == {"g1", "g2"}
+    f.link("x", ["a"], 5.0)
+    f.link("a", ["x"], 6.0)
+    assert f.members() == {"g1": {"a", "b", "x", "y"}}
+    f.link("p", ["q"], 7.0)
+    f.link("q", ["p"], 8.0)
+    assert "g3" in f.members() and "g2" not in f.members()
+
+
+def test_framing_an_honest_client_links_only_the_attacker() -> None:
+    """An attacker whose queries continue an honest client's (copies, steps away from them) makes
+    links *from* itself; the honest client never links itself, is never flagged, never joins."""
+    f = Feed()
+    for t in range(20):
+        f.link("mallory", ["honest"], float(t))
+        f.link("mallory-2", ["honest", "mallory"], float(t) + 0.5)
+    assert f.groups.clients[client_key("honest")].flagged_at is None
+    groups = f.members()
+    assert all("honest" not in members for members in groups.values())
+    assert groups == {"g1": {"mallory", "mallory-2"}}
+    assert f.book.of("honest") == [] and f.book.of("mallory") == ["g1"]
+
+
+def test_a_client_joins_on_links_of_its_own_queries_only() -> None:
+    f = Feed()
+    f.link("a", ["b"], 0.0, flagged=False)
+    f.link("b", ["a"], 0.5, flagged=False)
+    assert f.members() == {}  # unflagged, one link of its own each
+    f.link("a", ["b"], 1.0, flagged=False)
+    f.link("b", ["a"], 1.5, flagged=False)
+    assert f.members() == {"g1": {"a", "b"}}  # group_min_links (2) links of their own
+
+
+def test_the_group_verdict_follows_its_own_score_and_threshold() -> None:
+    f = Feed()
+    f.link("a", ["b"], 1.0, queries=100)
+    f.link("b", ["a"], 2.0, queries=100)  # 2 links over 202 queries: 0.0099
+    g = f.groups.groups["g1"]
+    assert not g.flagged and g.first_flagged is None
+    for t in range(10):
+        f.link("a", ["b"], 3.0 + t)  # 12 links over 212 queries: 0.057 >= 0.05
+    assert g.flagged and g.first_flagged is not None and g.score >= 0.05
+    f.link("a", [], 100.0, queries=1000)  # the members keep querying without links: the score falls
+    assert not g.flagged and g.first_flagged is not None
+
+
+def test_expiry_splits_and_dissolves_groups_and_the_earliest_member_keeps_the_id() -> None:
+    f = Feed()
+    f.link("a", ["b"], 0.0)
+    f.link("b", ["a"], 1.0)
+    f.link("c", ["b"], 900.0)
+    f.link("b", ["c"], 901.0)  # g1 = {a, b, c}: a-b old, b-c recent
+    assert f.members() == {"g1": {"a", "b", "c"}}
+    f.groups.expire(1500.0)  # ttl 1000: a's edge and flag are gone
+    assert f.members() == {"g1": {"b", "c"}}
+    f.groups.expire(2500.0)
+    assert f.members() == {} and len(f.groups.maxima) == 1  # dissolved; its maximum kept for calibration
+
+
+def test_evicted_clients_leave_their_group() -> None:
+    f = Feed()
+    f.link("a", ["b"], 1.0)
+    f.link("b", ["a"], 2.0)
+    f.link("c", ["a"], 3.0)
+    f.link("a", ["c"], 4.0)
+    f.book.forget("c")
+    assert f.members() == {"g1": {"a", "b"}}
+
+
+def test_group_state_survives_a_snapshot_round_trip() -> None:
+    from exporter.snapshot import pack, unpack
+
+    f = Feed()
+    f.link("a", ["b"], 1.0)
+    f.link("b", ["a"], 2.0)
+    restored = GroupBook()
+    restored.load(unpack(pack(f.book.state())), lambda model: PARAMS)
+    assert {gid: {restored.by_model["m"].clients[k].name for k in g.joined} for gid, g in restored.by_model["m"].groups.items()} == f.members()
+    restored.by_model["m"]._refresh(None)
+    f2 = Feed()
+    f2.book = restored
+    f2.groups = restored.by_model["m"]
+    f2.link("x", ["y"], 3.0)
+    f2.link("y", ["x"], 4.0)
+    assert set(f2.members()) == {"g1", "g2"}  # the id sequence continues after a restart
+
+
+def test_tracked_clients_are_bounded() -> None:
+    f = Feed(LinksParams(group_min_links=2, max_tracked_clients=5))
+    for i in range(50):
+        f.link(f"c{i}", [f"p{i}"], float(i))
+    assert len(f.groups.clients) <= 5
+
+
+def test_group_threshold_sits_above_every_benign_group_of_a_small_calibration() -> None:
+    assert group_threshold([], 0.03, 0.01)[0] == 0.03
+    tau, how = group_threshold([0.004, 0.011], 0.03, 0.01)
+    assert 0.011 < tau and tau >= 0.015 and "2 group(s)" in how
+    tau, _ = group_threshold([0.2] + [0.001] * 400, 0.03, 0.01)
+    assert tau < 0.2  # enough groups: the 1 % quantile, not the one outlier
+
+
+def test_model_groups_use_the_profiles_group_threshold_only_for_the_same_parameters() -> None:
+    from exporter.profile import ModelProfile, Profile, params_digest
+
+    mp = ModelProfile("tabular", 2, 2, None, params={"links": params_digest(PARAMS, "threshold")}, groups={"threshold": 0.2})
+    book = GroupBook(Profile(0.01, {"m": mp}))
+    assert book.model("m", PARAMS).threshold == 0.2
+    other = GroupBook(Profile(0.01, {"m": mp}))
+    assert other.model("m", LinksParams(group_min_links=5)).threshold == LinksParams().group_threshold
+    assert isinstance(book.by_model["m"], ModelGroups)

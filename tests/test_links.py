@@ -1,0 +1,113 @@
+"""Linking coordinated clients on simulated traffic: a JbDA split on continuous features becomes one group;
+popular inputs, apps of one organisation, retries after an outage and a framing attacker link nobody honest.
+
+Every case runs the real pipeline (``replay`` with a profile from ``calibrate``) on traffic of
+``exporter.sim``; needs scikit-learn for the datasets.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn")
+
+from exporter.calibrate import calibrate  # noqa: E402
+from exporter.config import Settings  # noqa: E402
+from exporter.profile import Profile  # noqa: E402
+from exporter.replay import replay  # noqa: E402
+from exporter.sim import Traffic, build_world  # noqa: E402
+from exporter.sim.traffic import DEFAULT_START  # noqa: E402
+from tests.sybil import benign_only, sybil_split  # noqa: E402
+
+DATASET = "breast_cancer"  # 30 continuous features
+
+
+def settings() -> Settings:
+    return Settings(state={"dir": None}, files={"paths": []}, calibration={"target_fpr": 0.01})
+
+
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory: pytest.TempPathFactory) -> Profile:
+    log = tmp_path_factory.mktemp("links") / "cal.jsonl"
+    benign_only(DATASET, clients=80).write(log, append=False)
+    return calibrate(settings(), [str(log)], progress=False)[0]
+
+
+def run(traffic: Traffic, path: Path, profile: Profile) -> dict:
+    traffic.write(path, append=False)
+    return replay(settings(), [str(path)], progress=False, profile=profile)
+
+
+def honest(report: dict) -> list[str]:
+    return [c for c in report["clients"] if c.startswith("app-")]
+
+
+def test_a_jbda_split_of_ten_on_continuous_features_is_named_as_one_group(profile: Profile, tmp_path: Path) -> None:
+    traffic, members = sybil_split(DATASET, size=10, per_member=300, benign=40)
+    report = run(traffic, tmp_path / "sybil.jsonl", profile)
+    found = {c: report["clients"][c]["group"] for c in members}
+    groups = [g for g in found.values() if g]
+    assert groups, "the split was not linked at all"
+    best = max(set(groups), key=groups.count)
+    assert groups.count(best) >= 8, found  # >= 80 % of the members in one group
+    g = report["groups"][best]
+    assert g["flagged"] and g["score"] >= g["threshold"] and g["first_flagged"] is not None
+    assert all(report["clients"][c]["group"] is None for c in honest(report))  # no honest client in any group
+    assert all(m["links"] >= 1 and m["queries"] == 300 and 0.0 < m["strength"] <= 1.0 for m in g["members"].values())
+
+
+def test_clients_sending_the_same_popular_inputs_are_not_linked(profile: Profile, tmp_path: Path) -> None:
+    traffic = benign_only(DATASET, clients=60, mix={"popular": 1.0}, stream="tests-popular", prefix="app")
+    report = run(traffic, tmp_path / "popular.jsonl", profile)
+    assert report["groups"] == {}
+    assert all(v["detectors"]["links"]["value"] == 0.0 for v in report["clients"].values())
+
+
+def test_apps_of_one_organisation_with_similar_data_are_not_linked(profile: Profile, tmp_path: Path) -> None:
+    traffic = benign_only(DATASET, clients=40, mix={"org_app": 1.0}, stream="tests-org", prefix="app")
+    orgs = {info["group"] for info in traffic.truth.values()}
+    assert len(orgs) >= 8  # several organisations of 2-5 apps each: the check is not vacuous
+    report = run(traffic, tmp_path / "org.jsonl", profile)
+    assert report["groups"] == {}
+    assert not any(v["detectors"]["links"]["flagged"] for v in report["clients"].values())
+
+
+def test_many_clients_retrying_after_an_outage_are_not_linked(profile: Profile, tmp_path: Path) -> None:
+    traffic = benign_only(DATASET, clients=40, mix={"outage_retry": 1.0}, stream="tests-outage", prefix="app")
+    report = run(traffic, tmp_path / "outage.jsonl", profile)
+    assert report["groups"] == {}
+    assert not any(v["detectors"]["links"]["flagged"] for v in report["clients"].values())
+
+
+def test_an_attacker_who_copies_and_steps_away_from_an_honest_clients_queries_frames_nobody(profile: Profile, tmp_path: Path) -> None:
+    """mallory-* copy every query of one honest client and send sign steps away from them (JbDA
+    around the honest client's points), each key a share of it; the honest client stays unlinked
+    and unflagged, whatever the attackers get."""
+    world = build_world(DATASET, 0)
+    ds = world.dataset
+    victim = benign_only(DATASET, clients=1, stream="tests-framed", prefix="honest")
+    rng = np.random.default_rng(3)
+    X_h = victim.X
+    lam = 0.1 * ds.span
+    copies = X_h.copy()
+    steps = ds.round(ds.clip(X_h + lam * rng.choice([-1.0, 1.0], X_h.shape)))
+    steps2 = ds.round(ds.clip(steps + lam * rng.choice([-1.0, 1.0], X_h.shape)))
+    X_a = np.concatenate([copies, steps, steps2])
+    ts_a = np.concatenate([victim.ts + 5.0, victim.ts + 10.0, victim.ts + 15.0])
+    order = np.argsort(ts_a, kind="stable")
+    X_a, ts_a = X_a[order], ts_a[order]
+    attackers = Traffic(ts_a, np.arange(len(X_a)) % 3, ["mallory-0", "mallory-1", "mallory-2"], X_a, world.answer(X_a),
+                        {f"mallory-{j}": {"kind": "attack", "type": "framing", "group": "mallory"} for j in range(3)}, world.model, ds.decimals)
+    others, _ = sybil_split(DATASET, size=3, per_member=10, benign=30, start=DEFAULT_START)  # some ordinary traffic around
+    from tests.sybil import _merge
+
+    traffic = _merge([victim, attackers, others])
+    report = run(traffic, tmp_path / "framing.jsonl", profile)
+    h = report["clients"]["honest-0000"]
+    assert h["group"] is None
+    assert h["detectors"]["links"]["value"] == 0.0 and not h["detectors"]["links"]["flagged"]
+    assert not h["flagged"]
+    assert all("honest-0000" not in g["members"] for g in report["groups"].values())
