@@ -20,7 +20,7 @@ from exporter.calibrate import calibrate
 from exporter.config import Settings
 from exporter.detectors import enabled_detectors
 from exporter.profile import Profile
-from exporter.replay import _summary, replay
+from exporter.replay import _summary, group_report, replay
 from exporter.sim import Population, build_world, simulate
 
 BLOCKS = (262_144, 1000, 37, 1)
@@ -89,8 +89,11 @@ def test_a_live_run_gives_the_verdicts_of_a_replay(logs, tmp_path: Path) -> None
     app.tailer.poll_once()
     names = list(enabled_detectors(app.settings))
     live = {c.client_id: _summary(c, names) for c in app.pipeline.store.values()}
+    live_groups = group_report(app.pipeline, live)  # sets each client's group, as replay does
     app.tailer.close()
-    expected = replay(settings(), [str(log)], progress=False)["clients"]
+    report = replay(settings(), [str(log)], progress=False)
+    expected = report["clients"]
+    assert live_groups == report["groups"]  # groups run on event time: the same live and in replay
     # flag times are the pipeline's clock: wall time live, event time in replay
     untimed = lambda report: {c: {k: v for k, v in r.items() if k not in ("flagged_at", "last_flagged_at")} for c, r in report.items()}  # noqa: E731
     assert untimed(live) == untimed(expected)

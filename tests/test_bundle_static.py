@@ -605,9 +605,9 @@ def test_links_come_from_one_base_url_each():
 @needs_amtool
 def test_a_group_notification_lists_every_member_and_details_ten(tmp_path):
     """A linked group (label `group`) pages once: every member named, the first 10 detailed, so one attack's message is bounded."""
-    alerts = [{**SAMPLE_ALERT, "labels": {**SAMPLE_ALERT["labels"], "client": f"syb-{i:02d}", "group": "g-7"}, "fingerprint": f"{i:016x}"} for i in range(12)]
-    common = {k: v for k, v in SAMPLE_ALERT["labels"].items() if k != "client"} | {"group": "g-7"}
-    data = {"receiver": "x", "status": "firing", "alerts": alerts, "groupLabels": {"alertname": "MonitaurModelExtractionSuspected", "group": "g-7"},
+    alerts = [{**SAMPLE_ALERT, "labels": {**SAMPLE_ALERT["labels"], "client": f"syb-{i:02d}", "group": "group/g7"}, "fingerprint": f"{i:016x}"} for i in range(12)]
+    common = {k: v for k, v in SAMPLE_ALERT["labels"].items() if k != "client"} | {"group": "group/g7"}
+    data = {"receiver": "x", "status": "firing", "alerts": alerts, "groupLabels": {"alertname": "MonitaurModelExtractionSuspected", "group": "group/g7"},
             "commonLabels": common, "commonAnnotations": {}, "externalURL": "http://alertmanager:9093"}
     path = tmp_path / "data.json"
     path.write_text(json.dumps(data))
@@ -617,7 +617,7 @@ def test_a_group_notification_lists_every_member_and_details_ten(tmp_path):
                   f"--template.text={{{{ template \"{template}\" . }}}}")
         assert res.returncode == 0, res.stderr
         out[template] = res.stdout
-    assert out["monitaur.slack.title"].strip() == "[FIRING:12] MonitaurModelExtractionSuspected — group g-7 (12 clients) on model resnet50 (critical)"
+    assert out["monitaur.slack.title"].strip() == "[FIRING:12] MonitaurModelExtractionSuspected — group g7 (12 clients) on model resnet50 (critical)"
     for template in ("monitaur.slack.text", "monitaur.email.text"):
         text = out[template]
         assert all(f"syb-{i:02d}" in text.split("\n", 1)[0] for i in range(12)), text[:300]  # the members, on the first line
