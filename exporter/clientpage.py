@@ -86,6 +86,7 @@ def client_page(pipeline: "Pipeline", clients: "ClientsAPI", client_id: str) -> 
         "profile": profile_summary(pipeline.runtimes.profile),
         "facts": facts,
         "facts_title": "Verdict and reaction",
+        "timelines_note": "Timelines are not recorded by the live exporter: `monitaur-exporter replay --html` draws them from the logs.",
         "generated_at": time.time(),
     }
     return render_client(client_id, summary, {})

@@ -76,6 +76,7 @@ MAX_HEAD = 65536  # bytes of the request line and headers together (nginx forwar
 MAX_DISCARD = 65536  # a body sent with a decision request is read and dropped up to this; beyond, the connection closes
 WRITE_TIMEOUT = 10.0
 REPORT_EVERY = 1.0  # seconds between count reports to the exporter
+FIRST_TABLE_WAIT = 2.0  # seconds connections wait (in the backlog) for the first table at start, before errors are answered
 
 
 @dataclass(frozen=True)
@@ -279,7 +280,11 @@ class DecisionServer:
         self._slots = threading.BoundedSemaphore(self.config.max_connections)
         self._closed = threading.Event()
 
-    def serve_forever(self) -> None:
+    def serve_forever(self, ready: threading.Event | None = None) -> None:
+        """Accept connections until :meth:`close`; first wait up to :data:`FIRST_TABLE_WAIT` for ``ready``
+        (the first table), so that connections made at start wait in the backlog rather than get errors."""
+        if ready is not None:
+            ready.wait(FIRST_TABLE_WAIT)
         while not self._closed.is_set():
             try:
                 conn, _ = self.sock.accept()
@@ -405,12 +410,14 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     reporter = threading.Thread(target=_report, args=(decider, stdout, stop), name="monitaur-decision-report", daemon=True)
     reporter.start()
-    threading.Thread(target=server.serve_forever, name="monitaur-decision-accept", daemon=True).start()
+    ready = threading.Event()
+    threading.Thread(target=server.serve_forever, args=(ready,), name="monitaur-decision-accept", daemon=True).start()
     for line in stdin:  # until the exporter closes our input
         try:
             msg = json.loads(line)
             if "table" in msg:
                 decider.publish(_table(msg["table"]))
+                ready.set()
             elif "set" in msg:
                 decider.change(_table(msg["set"]), [str(c) for c in msg.get("unset", ())])
             elif "fresh" in msg:

@@ -16,6 +16,7 @@ client's page) can both use it:
     - ``title`` and ``generated_at`` (Unix seconds), optional;
     - ``facts`` (label -> scalar) and its heading ``facts_title``, optional: shown after the
       summary (a live client's page puts its verdict and reaction state there);
+    - ``timelines_note``, optional: said where timelines are, instead of the note on those not drawn;
 * ``timelines``: ``{client: [Timeline, ...]}`` (:class:`exporter.timelines.Timeline`,
   one per model), drawn for the flagged clients.
 
@@ -451,7 +452,9 @@ def timelines_section(summary: Mapping[str, Any], timelines: Mapping[str, Sequen
             out.append(timeline_svg(tl, m.get("thresholds") or {}, m.get("verdict_inputs") or (), e.get("queries")))
         out.append("</section>")
     hidden = len(flagged) - sum(1 for c in flagged if c in anchors)
-    if hidden > 0:
+    if summary.get("timelines_note"):
+        out.append(f"<p class=note id=timelines-note>{text(summary['timelines_note'])}</p>")
+    elif hidden > 0:
         out.append(f"<p class=note>{hidden:,} more flagged clients: timelines not drawn (page bound); they are in the table.</p>")
     return "".join(out)
 
