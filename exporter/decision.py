@@ -73,7 +73,8 @@ ERRORS = ("missing_client", "invalid_client", "not_published", "stale", "bad_req
 
 MAX_LINE = 8192  # bytes of the request line, and of each header line
 MAX_HEAD = 65536  # bytes of the request line and headers together (nginx forwards the user's headers)
-MAX_DISCARD = 65536  # a body sent with a decision request is read and dropped up to this; beyond, the connection closes
+MAX_DISCARD = 65536  # bytes read and dropped before a connection closes (a body sent with a decision request)
+LINGER = 1.0  # seconds given to those bytes
 WRITE_TIMEOUT = 10.0
 REPORT_EVERY = 1.0  # seconds between count reports to the exporter
 FIRST_TABLE_WAIT = 2.0  # seconds connections wait (in the backlog) for the first table at start, before errors are answered
@@ -187,6 +188,11 @@ class Decider:
         self._log.log(logging.WARNING, reason, "decision request without a decision: %s%s", reason, f" ({detail})" if detail else "")
         return self.count(decision or self._on_error)
 
+    def note_body(self) -> None:
+        """A decision request came with a body: say how to avoid it (each such request costs a connection)."""
+        self._log.log(logging.WARNING, "body", "decision requests carry a body (or a Content-Length) and so close their connection; "
+                      'with nginx, set proxy_set_header Content-Length ""; in the auth_request location')
+
     def count(self, decision: str) -> str:
         with self._lock:
             self.decisions[decision] += 1
@@ -252,20 +258,25 @@ def _keep_alive(version: bytes, headers: dict[bytes, list[bytes]]) -> tuple[bool
     return (True, "keep-alive") if b"keep-alive" in tokens else (False, "close")
 
 
-def _body_length(headers: dict[bytes, list[bytes]]) -> int | None:
-    """Bytes of body to read and drop: 0 without one; None if it cannot be read here (chunked, too long, malformed)."""
-    if b"transfer-encoding" in headers:
-        return None
-    values = {v for v in headers.get(b"content-length", ())}
-    if not values:
-        return 0
-    if len(values) > 1:
-        return None
-    value = values.pop()
-    if not value.isdigit():
-        return None
-    n = int(value)
-    return n if n <= MAX_DISCARD else None
+def _has_body(headers: dict[bytes, list[bytes]]) -> bool:
+    """Whether the request declares a body (chunked, or a Content-Length other than 0)."""
+    return b"transfer-encoding" in headers or any(v != b"0" for v in headers.get(b"content-length", ()))
+
+
+def _linger(conn: socket.socket, reader: DeadlineReader, rfile: io.BufferedReader) -> None:
+    """Before closing: end our side, then read and drop what the peer still sends (bounded), so
+    that closing with unread bytes does not reset the connection before the answer is read."""
+    try:
+        conn.shutdown(socket.SHUT_WR)
+        reader.expect("drain", LINGER)
+        left = MAX_DISCARD
+        while left > 0:
+            chunk = rfile.read1(min(left, 16384))
+            if not chunk:
+                break
+            left -= len(chunk)
+    except (TimeoutError, OSError):
+        pass
 
 
 class DecisionServer:
@@ -349,16 +360,16 @@ class DecisionServer:
                     return
                 _, version, headers = head
                 keep, connection = _keep_alive(version, headers)
-                length = _body_length(headers)
-                if length is None:
+                if _has_body(headers):
+                    # Answered at once, never after waiting for a body: nginx forwards the user's
+                    # Content-Length with no body unless told not to. The connection then closes,
+                    # since where the next request starts is not known.
                     keep, connection = False, "close"
-                elif length:
-                    reader.expect("body", cfg.header_timeout)
-                    if len(rfile.read(length)) < length:
-                        return
+                    self.decider.note_body()
                 decision = self.decider.decide(headers)
                 writer.write(self.answers[(decision, connection)])
                 if not keep:
+                    _linger(conn, reader, rfile)
                     return
         except (TimeoutError, OSError):
             pass  # a stalled or vanished gateway connection
