@@ -14,20 +14,23 @@ import time
 from typing import Callable
 
 from exporter import webconfig
-from exporter.config import Settings
+from exporter.api import ClientsAPI
+from exporter.clientpage import client_page
+from exporter.config import Settings, api_enabled
 from exporter.detectors import enabled_detectors
 from exporter.health import Health, HealthCheck, HealthCollector
 from exporter.metrics import Metrics
 from exporter.persist import Checkpointer
 from exporter.pipeline import Pipeline
 from exporter.profile import Profile
+from exporter.reaction import Reaction
 from exporter.server import ConnectionLimits, ExporterHTTPServer
 from exporter.tailer import Tailer
 
 log = logging.getLogger("monitaur.app")
 
 
-def _http_server(s: Settings, pipeline: Pipeline, healthy: Callable[[], Health]) -> ExporterHTTPServer:
+def _http_server(s: Settings, pipeline: Pipeline, healthy: Callable[[], Health], reaction: Reaction) -> ExporterHTTPServer:
     """The HTTP server as ``listen`` and ``push`` configure it (the web config is read here, again, after validation)."""
     web = webconfig.load(s.listen.web_config_file) if s.listen.web_config_file is not None else None
     if web is not None and web.basic_auth_users and web.tls is None and not s.listen.is_loopback:
@@ -40,8 +43,12 @@ def _http_server(s: Settings, pipeline: Pipeline, healthy: Callable[[], Health])
         idle_timeout=s.listen.idle_timeout_seconds,
         write_timeout=s.listen.write_timeout_seconds,
     )
+    clients = ClientsAPI(pipeline, reaction, s.api.all_tokens())
+    if not api_enabled(s) and s.api.enabled is None:
+        log.warning("the clients API (/api/v1/clients) is off: listen.host %s is not loopback and api.tokens is empty", s.listen.host)
     return ExporterHTTPServer(
-        (s.listen.host, s.listen.port), pipeline, s.push.all_tokens(), s.push.enabled, s.push.max_body_bytes, healthy, limits, web
+        (s.listen.host, s.listen.port), pipeline, s.push.all_tokens(), s.push.enabled, s.push.max_body_bytes, healthy, limits, web,
+        clients if api_enabled(s) else None, lambda client: client_page(pipeline, clients, client),
     )
 
 
@@ -52,6 +59,7 @@ class App:
         self.settings = settings
         self.metrics = Metrics(enabled_detectors(settings))
         self.pipeline = Pipeline(settings, self.metrics, profile=profile)
+        self.reaction = Reaction(settings, self.pipeline)  # overrides, and the decision endpoint (exporter.reaction)
         self.tailer = Tailer(settings.files, self._sink, self.metrics, self.pipeline.reject, logging.getLogger("monitaur.tailer"))
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -102,7 +110,8 @@ class App:
     def start(self) -> None:
         self.restore()
         s = self.settings
-        self._server = _http_server(s, self.pipeline, self.healthy)
+        self.reaction.start()
+        self._server = _http_server(s, self.pipeline, self.healthy, self.reaction)
         self._server.serve_in_thread()
         self.tailer.watch(self._wake)
         self._thread = threading.Thread(target=self._ingest_loop, name="monitaur-ingest", daemon=True)
@@ -150,6 +159,7 @@ class App:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=60)
+        self.reaction.stop()
         self.checkpoint()
         self.tailer.close()
         log.info("stopped")

@@ -97,12 +97,17 @@ class ListenConfig(_Section):
 
     @property
     def is_loopback(self) -> bool:
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
+        return is_loopback(self.host)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address to listen on) is loopback only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class PushConfig(_Section):
@@ -266,6 +271,161 @@ class VerdictConfig(_Section):
     max_recently_flagged: int = Field(1000, ge=0, description="evicted flagged clients remembered (id, model, flag times, detectors)")
 
 
+# Header names the gateway sets for the decision endpoint: HTTP tokens, and none that
+# carries the user's credentials or frames the request.
+_HEADER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")
+_RESERVED_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "cookie", "host", "content-length", "transfer-encoding", "connection", "upgrade", "te", "expect"}
+)
+_TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+MIN_SECRET_LENGTH = 16
+
+
+def _secret_text(value: str, what: str) -> str:
+    if len(value) < MIN_SECRET_LENGTH or not value.isascii() or not value.isprintable() or " " in value:
+        raise ValueError(f"{what} must be at least {MIN_SECRET_LENGTH} printable ASCII characters without spaces")
+    return value
+
+
+def read_named_tokens(path: Path) -> dict[str, str]:
+    """A tokens file: one ``name:token`` per line; blank lines and lines starting with ``#`` are skipped."""
+    out: dict[str, str] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, token = line.partition(":")
+        if not sep:
+            raise ValueError(f"{str(path)!r} line {n}: expected name:token")
+        out[name.strip()] = token.strip()
+    return out
+
+
+class ApiConfig(_Section):
+    """The clients API (``/api/v1/clients``): read verdicts; release and block clients.
+
+    Protected like push, by bearer tokens, but its own: each token has a name, which the
+    log and the override record give as who released or blocked a client.
+    """
+
+    enabled: bool | None = Field(
+        None, description="null: on when listen.host is loopback or tokens are set; true: on (tokens required beyond loopback); false: off"
+    )
+    tokens: dict[str, str] = Field(default_factory=dict, description="name -> bearer token; env: a JSON object")
+    tokens_file: Path | None = Field(None, description="file with one name:token per line")
+
+    def all_tokens(self) -> dict[str, str]:
+        """Tokens from the config/environment plus those in ``tokens_file`` (which wins for a name in both)."""
+        tokens = dict(self.tokens)
+        if self.tokens_file is not None:
+            tokens.update(read_named_tokens(self.tokens_file))
+        return tokens
+
+    @model_validator(mode="after")
+    def _tokens(self) -> "ApiConfig":
+        if self.tokens_file is not None and not self.tokens_file.is_file():
+            raise ValueError(f"api.tokens_file {str(self.tokens_file)!r} does not exist")
+        try:
+            tokens = self.all_tokens()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"api.tokens_file {str(self.tokens_file)!r} cannot be read: {exc}") from None
+        for name, token in tokens.items():
+            if not _TOKEN_NAME.fullmatch(name):
+                raise ValueError(f"api token name {name!r}: letters, digits and . _ @ - only (at most 64), as it names who acted in logs")
+            _secret_text(token, f"api token {name!r}")
+        if len(set(tokens.values())) < len(tokens):
+            raise ValueError("two api tokens are the same: each token must name one operator")
+        return self
+
+
+class ReactionListenConfig(_Section):
+    """Where the decision endpoint listens (its own port, served by a process of its own)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(9718, ge=0, le=65535)
+    max_connections: int = Field(256, ge=1, le=4096, description="gateway connections served at once; beyond, the on_error answer")
+    header_timeout_seconds: float = Field(10.0, gt=0, description="a request's line and headers, whole")
+    idle_timeout_seconds: float = Field(
+        75.0, gt=0, description="a kept-alive connection between requests (keep it above the gateway's own: nginx's upstream keepalive_timeout is 60 s)"
+    )
+
+    @property
+    def is_loopback(self) -> bool:
+        return is_loopback(self.host)
+
+
+class ReactionConfig(_Section):
+    """The decision endpoint for gateways (nginx ``auth_request``, Envoy ``ext_authz``): see docs/reaction.md."""
+
+    enabled: bool = Field(False, description="serve decisions on reaction.listen")
+    mode: Literal["observe", "block"] = Field("observe", description="observe: always allow, count would_block; block: answer 403 to blocked clients")
+    listen: ReactionListenConfig = Field(default_factory=ReactionListenConfig)
+    client_header: str = Field("X-Monitaur-Client", description="the header the gateway sets to the client id, from its own authentication")
+    secret_header: str = Field("X-Monitaur-Secret", description="the header that carries the shared secret, when one is set")
+    secret: str | None = Field(None, description="shared secret the gateway sends in secret_header; required beyond loopback")
+    secret_file: Path | None = Field(None, description="file holding the shared secret (first line)")
+    allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list, description="clients never blocked; env: comma-separated")
+    block_seconds: float | None = Field(24 * 3600, gt=0, description="how long a manual block lasts; null: until released")
+    on_error: Literal["allow", "deny"] = Field(
+        "allow", description="answer when no decision can be made (no or bad client header, no table yet, stale table): allow (fail open) or deny"
+    )
+    stale_seconds: float = Field(30.0, ge=2, description="decisions not confirmed against the verdicts for this long are stale (on_error)")
+    cache_seconds: int = Field(5, ge=0, le=3600, description="Cache-Control max-age of decisions; 0: no-store")
+    max_manual_blocks: int = Field(10_000, ge=1, description="manual blocks in force at once")
+
+    @field_validator("allowlist", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [c.strip() for c in value.split(",") if c.strip()]
+        return value
+
+    @field_validator("allowlist")
+    @classmethod
+    def _ids(cls, value: list[str]) -> list[str]:
+        for client in value:
+            if not is_valid_name(client):
+                raise ValueError(f"{client!r} is not a client id (printable text of at most 256 characters)")
+        return value
+
+    @field_validator("client_header", "secret_header")
+    @classmethod
+    def _header(cls, value: str) -> str:
+        if not _HEADER_NAME.fullmatch(value):
+            raise ValueError(f"{value!r} is not a header name (letters, digits and '-', at most 64)")
+        if value.lower() in _RESERVED_HEADERS:
+            raise ValueError(f"{value!r} is reserved: the decision endpoint never reads the user's credentials or the request's framing")
+        return value
+
+    @field_validator("secret")
+    @classmethod
+    def _secret(cls, value: str | None) -> str | None:
+        return None if value is None else _secret_text(value, "reaction.secret")
+
+    @model_validator(mode="after")
+    def _checks(self) -> "ReactionConfig":
+        if self.client_header.lower() == self.secret_header.lower():
+            raise ValueError("reaction.client_header and reaction.secret_header must differ")
+        if self.secret is not None and self.secret_file is not None:
+            raise ValueError("set reaction.secret or reaction.secret_file, not both")
+        if self.secret_file is not None:
+            if not self.secret_file.is_file():
+                raise ValueError(f"reaction.secret_file {str(self.secret_file)!r} does not exist")
+            try:
+                secret = self.shared_secret() or ""
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"reaction.secret_file {str(self.secret_file)!r} cannot be read: {exc}") from None
+            _secret_text(secret, "the secret in reaction.secret_file")
+        return self
+
+    def shared_secret(self) -> str | None:
+        """The shared secret, from ``secret`` or the first line of ``secret_file``; None without one."""
+        if self.secret_file is not None:
+            lines = self.secret_file.read_text(encoding="utf-8").splitlines()
+            return lines[0].strip() if lines else ""
+        return self.secret
+
+
 class LimitsConfig(_Section):
     """Bounds on the work one event can cause, whatever its sender puts in it."""
 
@@ -322,6 +482,8 @@ class Settings(BaseSettings):
     plugins: dict[str, str] = Field(default_factory=dict, description="extra detectors: name -> 'module:Class'")
     fusion: FusionConfig = Field(default_factory=FusionConfig)
     verdict: VerdictConfig = Field(default_factory=VerdictConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    reaction: ReactionConfig = Field(default_factory=ReactionConfig)
     profile: Path | None = Field(None, description="calibration profile used by run and replay (--profile overrides)")
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -365,7 +527,29 @@ class Settings(BaseSettings):
                     f"push is enabled and listen.host {self.listen.host!r} is not loopback: bearer tokens are required "
                     "(set push.tokens_file or MONITAUR_PUSH__TOKENS), or disable push"
                 )
+        if self.api.enabled and not self.listen.is_loopback and not self.api.all_tokens():
+            raise ValueError(
+                f"api.enabled is true and listen.host {self.listen.host!r} is not loopback: named tokens are required "
+                "(set api.tokens_file or MONITAUR_API__TOKENS), or leave api.enabled unset"
+            )
+        r = self.reaction
+        if r.enabled:
+            if not r.listen.is_loopback and r.shared_secret() is None:
+                raise ValueError(
+                    f"reaction.listen.host {r.listen.host!r} is not loopback: set reaction.secret_file (or reaction.secret), "
+                    "a shared secret the gateway sends, so that only it can ask for decisions"
+                )
+            hosts = {r.listen.host, self.listen.host}
+            if r.listen.port != 0 and r.listen.port == self.listen.port and (len(hosts) == 1 or hosts & {"0.0.0.0", "::"}):
+                raise ValueError(f"reaction.listen.port and listen.port are both {self.listen.port}: the decision endpoint needs a port of its own")
         return self
+
+
+def api_enabled(settings: Settings) -> bool:
+    """Whether the clients API is served: ``api.enabled``, or when unset, on loopback or with tokens."""
+    if settings.api.enabled is not None:
+        return settings.api.enabled
+    return settings.listen.is_loopback or bool(settings.api.all_tokens())
 
 
 def _prod(shape: tuple[int, ...]) -> int:

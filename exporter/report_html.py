@@ -14,6 +14,9 @@ client's page) can both use it:
     - ``groups`` (cross-client groups, any list or mapping of mappings) or else ``peers``
       (``{client: {peer: matches}}``), drawn by :func:`cross_client_section`;
     - ``title`` and ``generated_at`` (Unix seconds), optional;
+    - ``facts`` (label -> scalar) and its heading ``facts_title``, optional: shown after the
+      summary (a live client's page puts its verdict and reaction state there);
+    - ``timelines_note``, optional: said where timelines are, instead of the note on those not drawn;
 * ``timelines``: ``{client: [Timeline, ...]}`` (:class:`exporter.timelines.Timeline`,
   one per model), drawn for the flagged clients.
 
@@ -49,6 +52,7 @@ MAX_ROWS = 5_000  # clients in the table (flagged first, then by risk)
 MAX_TIMELINES = 100  # flagged clients whose timelines are drawn (by risk)
 MAX_GROUPS = 200  # cross-client groups (or clients with peers) listed
 MAX_MEMBERS = 50  # members listed per group
+DASH = "\u2013"
 
 # Geometry of a timeline, in SVG user units.
 WIDTH, LEFT, RIGHT = 760, 150, 70
@@ -202,6 +206,15 @@ def summary_section(summary: Mapping[str, Any], anchors: Mapping[str, str], max_
         if len(flagged) > max_listed:
             out.append(f"<p class=note>{len(flagged) - max_listed:,} more flagged clients, in the table below.</p>")
     return "".join(out)
+
+
+def facts_section(summary: Mapping[str, Any]) -> str:
+    """``summary["facts"]`` (label -> scalar), if any, as a table: a live client's verdict and reaction state."""
+    facts = summary.get("facts") or {}
+    if not facts:
+        return ""
+    rows = "".join(f"<tr><td>{text(k)}</td><td>{text(_fmt(v)) if v is not None else DASH}</td></tr>" for k, v in facts.items() if _scalar(v))
+    return f"<h2>{text(summary.get('facts_title') or 'Verdict')}</h2><table class=kv id=facts>{rows}</table>"
 
 
 def profile_section(summary: Mapping[str, Any]) -> str:
@@ -439,7 +452,9 @@ def timelines_section(summary: Mapping[str, Any], timelines: Mapping[str, Sequen
             out.append(timeline_svg(tl, m.get("thresholds") or {}, m.get("verdict_inputs") or (), e.get("queries")))
         out.append("</section>")
     hidden = len(flagged) - sum(1 for c in flagged if c in anchors)
-    if hidden > 0:
+    if summary.get("timelines_note"):
+        out.append(f"<p class=note id=timelines-note>{text(summary['timelines_note'])}</p>")
+    elif hidden > 0:
         out.append(f"<p class=note>{hidden:,} more flagged clients: timelines not drawn (page bound); they are in the table.</p>")
     return "".join(out)
 
@@ -468,6 +483,7 @@ def render_report(
             f"<p class=note>Generated {_when(generated)} by monitaur-exporter {text(__version__)}. "
             "Derived values, client ids and times only: no model input is shown.</p>",
             summary_section(summary, anchors, max_timelines),
+            facts_section(summary),
             profile_section(summary),
             timelines_section(summary, timelines, anchors),
             cross_client_section(summary),

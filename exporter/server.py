@@ -1,5 +1,7 @@
-"""HTTP endpoints: ``/metrics``, ``/healthz``, a landing page at ``/``, the runbook at
-``/runbook`` (:mod:`exporter.runbook`) and ``POST /api/v1/events``.
+"""HTTP endpoints: ``/metrics``, ``/healthz``, a landing page at ``/``, a client's page at
+``/clients/{id}`` (:mod:`exporter.clientpage`), the runbook at ``/runbook``
+(:mod:`exporter.runbook`), ``POST /api/v1/events`` and the clients API under
+``/api/v1/clients`` (:mod:`exporter.api`, which decides its answers).
 
 Push answers are JSON: 202 with accepted/rejected counts, or an error object
 ``{"error": "...", "reason": "..."}`` with 400, 401, 404, 405, 408, 411 or 413 (500 only if
@@ -12,7 +14,7 @@ deadlines for each phase of a request, so that stalled clients are dropped and c
 hold threads. A request whose body is refused is answered first, then its body is
 discarded up to a bound, so that a client that sends it whole still reads the answer.
 With a web config (:mod:`exporter.webconfig`): TLS, and basic auth on every endpoint but
-push, which keeps its bearer tokens. Nothing a client sends reaches a status line or a
+push and the clients API, which have their own bearer tokens. Nothing a client sends reaches a status line or a
 response header (``send_response``, ``header_value``).
 """
 
@@ -23,21 +25,24 @@ import html
 import io
 import json
 import logging
-import math
 import re
 import socket
 import ssl
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any, Callable
+from urllib.parse import quote, unquote
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 
-from exporter import __version__, jsonparse, reasons, runbook
+from exporter import __version__, api, jsonparse, reasons, runbook
 from exporter.health import Health
+from exporter.httpio import DeadlineReader as _DeadlineReader
+from exporter.httpio import DeadlineWriter as _DeadlineWriter
+from exporter.httpio import header_value
+from exporter.names import is_valid_name
 from exporter.pipeline import Pipeline
 from exporter.webconfig import BasicAuth, TLSContextSource, WebConfig
 
@@ -49,8 +54,9 @@ DROP_REASONS = ("over_capacity", "header_timeout", "body_timeout", "write_timeou
 ERROR_REASONS = (
     "unauthorized", "not_found", "method_not_allowed", "push_disabled", "length_required", "bad_content_length",
     reasons.BODY_TOO_LARGE, "body_timeout", "body_incomplete", "empty_body", reasons.MALFORMED_JSON, reasons.INTERNAL_ERROR,
-    "over_capacity",
+    "over_capacity", *api.ERROR_REASONS,
 )
+CLIENT_PAGE = "/clients/"
 
 
 @dataclass(frozen=True)
@@ -69,91 +75,6 @@ class ConnectionLimits:
     body_timeout: float = 30.0
     idle_timeout: float = 30.0
     write_timeout: float = 30.0
-
-
-class _DeadlineReader(io.RawIOBase):
-    """The read side of a connection, bounded by a deadline for a whole phase, not per ``recv``.
-
-    A timeout per ``recv`` does not stop a slowloris, which sends one byte just before each
-    timeout; here every ``recv`` waits only for what is left of the phase's deadline.
-    """
-
-    def __init__(self, sock: socket.socket) -> None:
-        super().__init__()
-        self._sock = sock
-        self._deadline = math.inf
-        self._then: float | None = None
-        self.phase = "header"
-        self.phase_bytes = 0
-        self.timed_out = False
-
-    def readable(self) -> bool:
-        return True
-
-    def expect(self, phase: str, within: float, then: float | None = None) -> None:
-        """Start a phase (``header``, ``body``, ``drain``): data within ``within`` seconds; if ``then``
-        is given, the deadline becomes ``then`` seconds after the first bytes arrive (idle, then header timeout)."""
-        self._deadline = time.monotonic() + within
-        self._then = then
-        self.phase = phase
-        self.phase_bytes = 0
-        self.timed_out = False
-
-    def readinto(self, buffer: Any) -> int:
-        remaining = self._deadline - time.monotonic()
-        if remaining <= 0:
-            self.timed_out = True
-            raise TimeoutError("read deadline passed")
-        self._sock.settimeout(remaining)
-        try:
-            n = self._sock.recv_into(buffer)
-        except TimeoutError:
-            self.timed_out = True
-            raise
-        if n and self._then is not None:
-            self._deadline = time.monotonic() + self._then
-            self._then = None
-        self.phase_bytes += n
-        return n
-
-
-class _DeadlineWriter(io.RawIOBase):
-    """The write side of a connection: each ``write`` sends everything within ``timeout`` seconds, or raises TimeoutError."""
-
-    def __init__(self, sock: socket.socket, timeout: float) -> None:
-        super().__init__()
-        self._sock = sock
-        self._timeout = timeout
-        self.timed_out = False
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        deadline = time.monotonic() + self._timeout
-        sent = 0
-        while sent < len(view):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self.timed_out = True
-                raise TimeoutError("write deadline passed")
-            self._sock.settimeout(remaining)
-            try:
-                sent += self._sock.send(view[sent:])
-            except TimeoutError:
-                self.timed_out = True
-                raise
-        return sent
-
-
-def header_value(value: str) -> str:
-    """``value`` safe for a response header: printable ASCII as it is, anything else
-    (CR, LF, controls, non-ASCII) percent-escaped from its UTF-8 bytes, so no text can end
-    a header line or forge another."""
-    if value.isascii() and value.isprintable():
-        return value
-    return "".join(ch if ch.isascii() and ch.isprintable() else "".join(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass")) for ch in value)
 
 
 def _busy_answer(limit: int) -> bytes:
@@ -176,8 +97,11 @@ class ExporterHTTPServer(HTTPServer):
     request_queue_size = 1024  # listen backlog: a burst of connections waits here, not in SYN retries (1 s each)
 
     def __init__(self, address: tuple[str, int], pipeline: Pipeline, tokens: list[str], push_enabled: bool, max_body: int,
-                 healthy: Callable[[], Health], limits: ConnectionLimits = ConnectionLimits(), web: WebConfig | None = None) -> None:
+                 healthy: Callable[[], Health], limits: ConnectionLimits = ConnectionLimits(), web: WebConfig | None = None,
+                 clients_api: "api.ClientsAPI | None" = None, client_page: Callable[[str], str | None] | None = None) -> None:
         self.pipeline = pipeline
+        self.api = clients_api
+        self.client_page = client_page
         self.tokens = [t.encode() for t in tokens]
         self.push_enabled = push_enabled
         self.max_body = max_body
@@ -428,6 +352,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
+        if self.server.api is not None and (path == api.PREFIX or path.startswith(api.PREFIX + "/")):
+            self._api(path)  # bearer tokens, not basic auth
+            return
         if not self._basic_auth_ok(path):
             return
         if path == "/metrics":
@@ -445,6 +372,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, self._landing().encode(), "text/html; charset=utf-8")
         elif path == "/runbook":
             self._send(200, runbook.page(), "text/html; charset=utf-8")
+        elif path.startswith(CLIENT_PAGE) and self.server.client_page is not None:
+            self._client_page(path[len(CLIENT_PAGE):])
         elif path == PUSH_PATH:
             self._json(405, {"error": "use POST to push events", "reason": "method_not_allowed"}, {"Allow": "POST"})
         else:
@@ -454,6 +383,9 @@ class _Handler(BaseHTTPRequestHandler):
         """Push. Every refusal is answered before the body is read; ``finish`` then discards
         the body (bounded), so that even a client that sends it whole reads the answer."""
         path = self.path.split("?", 1)[0]
+        if self.server.api is not None and path.startswith(api.PREFIX + "/"):
+            self._api(path)
+            return
         if path != PUSH_PATH:
             if self._basic_auth_ok(path):
                 self._json(404, {"error": f"POST is only accepted at {PUSH_PATH}", "reason": "not_found"})
@@ -482,8 +414,9 @@ class _Handler(BaseHTTPRequestHandler):
         if body is not None:
             self._ingest(body)
 
-    def _read_body(self, length: int) -> bytes | None:
-        """The body, whole within ``body_timeout``; None (answered 408 or 400, connection closed) if it does not come."""
+    def _read_body(self, length: int, answer: Callable[..., None] | None = None) -> bytes | None:
+        """The body, whole within ``body_timeout``; None (answered 408 or 400 by ``answer``, push's by default; connection closed) if it does not come."""
+        answer = answer or self._push_answer
         if self._expect_100:
             self.send_response_only(100)
             self.end_headers()
@@ -494,13 +427,53 @@ class _Handler(BaseHTTPRequestHandler):
         except TimeoutError:
             self.server.dropped.labels("body_timeout").inc()
             self.close_connection = True
-            self._push_answer(408, {"error": f"the body did not arrive within {self.server.limits.body_timeout:g} s (listen.body_timeout_seconds)", "reason": "body_timeout"})
+            answer(408, {"error": f"the body did not arrive within {self.server.limits.body_timeout:g} s (listen.body_timeout_seconds)", "reason": "body_timeout"})
             return None
         if len(body) < length:
             self.close_connection = True
-            self._push_answer(400, {"error": f"the body ended after {len(body)} of its {length} bytes", "reason": "body_incomplete"})
+            answer(400, {"error": f"the body ended after {len(body)} of its {length} bytes", "reason": "body_incomplete"})
             return None
         return body
+
+    def _api(self, path: str) -> None:
+        """A clients API request: authenticated here, answered by :class:`exporter.api.ClientsAPI`."""
+        clients = self.server.api
+        assert clients is not None
+        allowed, who = clients.authenticate(self.headers.get("Authorization"))
+        if not allowed:
+            self.close_connection = True
+            self._json(401, {"error": "missing or invalid bearer token (api.tokens)", "reason": "unauthorized"}, {"WWW-Authenticate": 'Bearer realm="monitaur"'})
+            return
+        if self.command in ("GET", "HEAD"):
+            answer = clients.get(path, self.path.partition("?")[2])
+        else:
+            if self.headers.get("Transfer-Encoding") is not None or not self.headers.get_all("Content-Length"):
+                self._json(411, {"error": "a Content-Length header is required", "reason": "length_required"})
+                return
+            length = self._content_length()
+            if length is None:
+                self._json(400, {"error": "Content-Length is not one non-negative decimal integer", "reason": "bad_content_length"})
+                return
+            if length > api.MAX_BODY:
+                self._json(413, {"error": f"body of {length} bytes exceeds the limit of {api.MAX_BODY} bytes", "reason": reasons.BODY_TOO_LARGE})
+                return
+            body = self._read_body(length, self._json)
+            if body is None:
+                return
+            answer = clients.post(path, body, who)
+        self._json(answer.status, answer.body, answer.headers)
+
+    def _client_page(self, quoted: str) -> None:
+        """A client's page (HTML): ``/clients/{id}``, the id percent-encoded."""
+        try:
+            client = unquote(quoted, errors="strict")
+        except UnicodeDecodeError:
+            client = ""
+        page = self.server.client_page(client) if is_valid_name(client) else None
+        if page is None:
+            self._json(404, {"error": "no such client (ids are percent-encoded in the path)", "reason": "not_found"})
+            return
+        self._send(200, page.encode("utf-8"), "text/html; charset=utf-8")
 
     def _authorized(self) -> bool:
         header = self.headers.get("Authorization", "")
@@ -541,8 +514,9 @@ class _Handler(BaseHTTPRequestHandler):
         view = self.server.pipeline.view
         flagged = view.flagged(50)
         tracked = view.tracked()
+        link = self.server.client_page is not None
         rows = "".join(
-            f"<tr><td>{html.escape(c.client_id)}</td><td>{c.score:.3f}</td>"
+            f"<tr><td>{_client_link(c.client_id) if link else html.escape(c.client_id)}</td><td>{c.score:.3f}</td>"
             f"<td>{c.flag.first_query if c.flag else ''}</td>"
             f"<td>{html.escape(', '.join(f'{d} {r:.2f}x' for d, r in c.flag.detectors.items()) if c.flag else '')}</td>"
             f"<td>{c.queries}</td></tr>"
@@ -557,3 +531,8 @@ class _Handler(BaseHTTPRequestHandler):
             f"<th>over threshold at the flag (value / threshold)</th><th>queries</th></tr>{rows}</table>"
             f"</body></html>"
         )
+
+
+def _client_link(client: str) -> str:
+    """A link to the client's page: the id percent-encoded in the URL, HTML-escaped in the text (ids are client-chosen)."""
+    return f'<a href="{CLIENT_PAGE}{quote(client, safe="")}">{html.escape(client)}</a>'

@@ -215,6 +215,9 @@ class Verdicts:
         self._forget = forget
         self.event_time = event_time
         self.now = -math.inf  # the latest time seen (for evictions, which come without one)
+        # Bumped whenever a flag opens or clears, or the recently-flagged record changes: a
+        # reader (the reaction's decision table) rebuilds what it derives from flags only then.
+        self.version = 0
         self._next_sweep = -math.inf
         self._log = RateLimitedLog(log)
         metrics.recently_flagged_limit.set(recent.limit)
@@ -275,6 +278,7 @@ class Verdicts:
             model=batch.model,
             detectors=judged.over_threshold(first),
         )
+        self.version += 1
         evidence = ", ".join(f"{name} {ratio:.2f}x" for name, ratio in client.flag.detectors.items()) or "the fused risk"
         # One line per flag: a flag opens once per client and hold (the old per-flicker lines are gone).
         log.info("client %s flagged by %s at its query %d (value / threshold)", client.client_id, evidence, client.flag.first_query)
@@ -331,6 +335,7 @@ class Verdicts:
         flag = client.flag
         assert flag is not None
         flag.cleared_at, flag.cleared = now, cause
+        self.version += 1
         if release is not None:
             client.released = release
         restart(client, self._forget)
@@ -343,6 +348,7 @@ class Verdicts:
                           client.client_id, self.hold_seconds, flag.first_query)
 
     def _recent_changed(self) -> None:
+        self.version += 1
         self.metrics.recently_flagged.set(len(self.recent))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Iterable, TypeVar
 
 from exporter.logutil import RateLimitedLog
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from exporter.groups import GroupSummary
     from exporter.runtime import Runtimes
     from exporter.state import ClientState, ClientStore
-    from exporter.verdict import FlagRecord, RecentFlag, RecentlyFlagged
+    from exporter.verdict import FlagRecord, RecentFlag, RecentlyFlagged, Release
 
 log = logging.getLogger("monitaur.view")
 T = TypeVar("T")
@@ -27,10 +27,12 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, slots=True)
 class ClientSummary:
-    """What the landing page shows of a client.
+    """What the landing page, a client's page and the clients API show of a client.
 
     ``score``: the current fused risk; ``suspicious``: the sticky verdict; ``flag``: its
-    record (a copy) while flagged; ``detectors_on``: the detectors flagging it now.
+    record (a copy) while flagged, or its last flag once cleared; ``detectors_on``: the
+    detectors flagging it now; ``released``: the operator's last release. Per detector:
+    ``scores`` (its last value) and ``first_flagged`` (the client's query at its first flag).
     """
 
     client_id: str
@@ -39,12 +41,19 @@ class ClientSummary:
     detectors_on: tuple[str, ...]
     queries: int
     flag: "FlagRecord | None" = None
+    released: "Release | None" = None
+    queries_by_model: dict[str, int] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)
+    first_flagged: dict[str, int] = field(default_factory=dict)
+    first_flagged_query: int | None = None
+    last_seen: float | None = None
 
 
 def summary(c: "ClientState") -> ClientSummary:
     """A client's summary (under the lock: it copies what it keeps)."""
     return ClientSummary(c.client_id, c.score, c.suspicious, tuple(n for n, on in c.current.items() if on), c.total,
-                         c.flag.copy() if c.flag is not None else None)
+                         c.flag.copy() if c.flag is not None else None, c.released, dict(c.queries), dict(c.scores),
+                         dict(c.first_flagged), c.first_flagged_query, c.last_seen)
 
 
 class ClientView:
@@ -79,6 +88,22 @@ class ClientView:
         with self._lock:
             c = self._store.get(client_id)
             return summary(c) if c is not None else None
+
+    def flagged_ids(self) -> tuple[list[str], list[tuple[str, float]]]:
+        """The ids of flagged clients: the tracked ones, and the evicted ones whose flag is
+        open with the time of its last flag (the hold counts from there). Ids only, cheap."""
+        with self._lock:
+            tracked = [c.client_id for c in self._store.flagged()]
+            recent = [(e.client_id, e.flag.last_at) for e in (self._recent.entries() if self._recent is not None else ()) if e.flag.open]
+            return tracked, recent
+
+    def recently_flagged_one(self, client_id: str) -> "RecentFlag | None":
+        """An evicted flagged client's entry in the recently-flagged record (a copy), if it is there."""
+        if self._recent is None:
+            return None
+        with self._lock:
+            entry = self._recent.get(client_id)
+            return replace(entry, flag=entry.flag.copy()) if entry is not None else None
 
     def recently_flagged(self) -> list["RecentFlag"]:
         """Flagged clients that were evicted (id, flag record, when and why), least recently evicted first; copies."""
