@@ -17,8 +17,9 @@ without them. Overrides always need a token: its name is who made the override (
 log, the record and the answers). Answers are JSON; errors are ``{"error", "reason"}``.
 
 Each client answer has a ``group`` field: the linked group of coordinated clients it
-belongs to (issue 10; null until the grouping stage exists). :meth:`ClientsAPI.override`
-acts on a list of clients, with the group named, so that a group route can use it as is.
+belongs to (:mod:`exporter.groups`; the first if it is in groups of several models), or
+null. ``/api/v1/groups`` is answered by :mod:`exporter.groups_api` (``ClientsAPI.groups``),
+whose group overrides go through :meth:`ClientsAPI.override`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from exporter.names import is_valid_name
 from exporter.overrides import BLOCK, RELEASE, Override, OverrideError, check_reason
 
 if TYPE_CHECKING:
+    from exporter.groups_api import GroupsAPI
     from exporter.pipeline import Pipeline
     from exporter.reaction import Reaction
     from exporter.verdict import FlagRecord
@@ -50,6 +52,7 @@ MAX_PEERS = 20  # cross-client peers listed per client, heaviest first
 ERROR_REASONS = (
     "unauthorized", "named_token_required", "invalid_client", "unknown_client", "bad_query", "filter_required",
     "not_blocked", "allowlisted", "too_many_blocks", "reason_required", "reason_too_long", "malformed_json",
+    "invalid_group", "unknown_group", "nothing_to_block",  # the groups API (exporter.groups_api)
 )
 
 
@@ -113,8 +116,13 @@ class ClientsAPI:
         self.pipeline = pipeline
         self.reaction = reaction
         self._tokens = [(name, token.encode()) for name, token in tokens.items()]
-        # The linked group of a client now (issue 10); until then, the group its flag recorded.
+        # The linked group of a client now (exporter.groups); without it, the group its flag recorded.
         self._group_of = group_of
+        self.groups: "GroupsAPI | None" = None  # /api/v1/groups, set by the app
+
+    def handles(self, path: str) -> bool:
+        """Whether ``path`` is this API's (clients, or groups when set)."""
+        return path == PREFIX or path.startswith(PREFIX + "/") or (self.groups is not None and self.groups.handles(path))
 
     # -- authentication ------------------------------------------------------------------
     def authenticate(self, authorization: str | None) -> tuple[bool, str | None]:
@@ -131,6 +139,8 @@ class ClientsAPI:
 
     # -- reads ---------------------------------------------------------------------------
     def get(self, path: str, query: str) -> Answer:
+        if self.groups is not None and self.groups.handles(path):
+            return self.groups.get(path, query)
         if path in (PREFIX, PREFIX + "/"):
             return self.list_clients(query)
         client, action = self._target(path)
@@ -241,6 +251,8 @@ class ClientsAPI:
 
     # -- overrides --------------------------------------------------------------------------
     def post(self, path: str, body: bytes, who: str | None) -> Answer:
+        if self.groups is not None and self.groups.handles(path):
+            return self.groups.post(path, body, who)
         client, action = self._target(path)
         if action not in (RELEASE, BLOCK):
             return error(404, "not_found", "POST /api/v1/clients/{id}/release or /api/v1/clients/{id}/block")
@@ -263,7 +275,7 @@ class ClientsAPI:
         return Answer(200, {"override": override_json(records[0]), "saved": saved, "client": self.client(client)})
 
     def override(self, action: str, clients: list[str], who: str, reason: str, group: str | None = None) -> tuple[list[Override], bool]:
-        """Release or block ``clients`` as one override (a group's members, later); (records, saved)."""
+        """Release or block ``clients`` as one override (a group's members, with its id); (records, saved)."""
         if action == RELEASE:
             return self.reaction.release(clients, who, reason, group)
         return self.reaction.block(clients, who, reason, group)

@@ -15,6 +15,7 @@ from typing import Callable
 
 from exporter import webconfig
 from exporter.api import ClientsAPI
+from exporter.groups_api import GroupsAPI
 from exporter.clientpage import client_page
 from exporter.config import Settings, api_enabled
 from exporter.detectors import enabled_detectors
@@ -43,7 +44,8 @@ def _http_server(s: Settings, pipeline: Pipeline, healthy: Callable[[], Health],
         idle_timeout=s.listen.idle_timeout_seconds,
         write_timeout=s.listen.write_timeout_seconds,
     )
-    clients = ClientsAPI(pipeline, reaction, s.api.all_tokens())
+    clients = ClientsAPI(pipeline, reaction, s.api.all_tokens(), group_of=lambda client: next(iter(pipeline.group_ids(client)), None))
+    clients.groups = GroupsAPI(pipeline.view, clients.client, clients.override, reaction.allowlist)
     if not api_enabled(s) and s.api.enabled is None:
         log.warning("the clients API (/api/v1/clients) is off: listen.host %s is not loopback and api.tokens is empty", s.listen.host)
     return ExporterHTTPServer(

@@ -317,7 +317,7 @@ class ModelGroups:
         self._oldest = min((t for c in self.clients.values() for t in (*(e.last for e in c.peers.values()), c.flagged_at) if t is not None), default=math.inf)
 
     def forget(self, key: int) -> None:
-        """A client evicted from the exporter's state leaves everything."""
+        """A client evicted from the exporter's state, or released, leaves everything."""
         if key in self.clients:
             self._drop(key)
 

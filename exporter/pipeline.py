@@ -268,7 +268,9 @@ class Pipeline:
             return self.verdicts.release(client_id, who, reason, self.clock())
 
     def _forget(self, client_id: str) -> None:
-        """Drop what detectors keep about a client outside its own state (shared indexes)."""
+        """Drop what is kept about a client outside its own state: the detectors' shared indexes
+        and its links in the groups (on release and eviction: that history judges it no more)."""
+        self.groups.forget(client_id)
         for _, rt in self.runtimes:
             for det in rt.detectors:
                 det.forget_client(client_id)
@@ -286,6 +288,11 @@ class Pipeline:
             self.groups.process(model, _links_params(rt), block, queries)
         except Exception as exc:  # groups are a reading of the links, never a reason to lose the block
             self._detector_failed("links", len(block), model, exc)
+
+    def group_ids(self, client_id: str) -> list[str]:
+        """The groups a client is in (at most one per model), under the lock."""
+        with self.lock:
+            return self.groups.of(client_id)
 
     def group_summaries(self) -> list[GroupSummary]:
         """Every group (flagged first, then by score), under the lock."""
@@ -307,7 +314,6 @@ class Pipeline:
     def _evicted(self, client: ClientState, reason: str) -> None:
         self.metrics.client_evictions.labels(reason).inc()
         self.collector.forget(client.client_id)
-        self.groups.forget(client.client_id)
         self._forget(client.client_id)
         self.verdicts.evicted(client, reason)
         if self._on_evict is not None:

@@ -1,7 +1,7 @@
 """HTTP endpoints: ``/metrics``, ``/healthz``, a landing page at ``/``, a client's page at
 ``/clients/{id}`` (:mod:`exporter.clientpage`), the runbook at ``/runbook``
-(:mod:`exporter.runbook`), ``POST /api/v1/events`` and the clients API under
-``/api/v1/clients`` (:mod:`exporter.api`, which decides its answers).
+(:mod:`exporter.runbook`), ``POST /api/v1/events`` and the clients and groups API under
+``/api/v1/clients`` and ``/api/v1/groups`` (:mod:`exporter.api`, :mod:`exporter.groups_api`, which decide their answers).
 
 Push answers are JSON: 202 with accepted/rejected counts, or an error object
 ``{"error": "...", "reason": "..."}`` with 400, 401, 404, 405, 408, 411 or 413 (500 only if
@@ -352,7 +352,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
-        if self.server.api is not None and (path == api.PREFIX or path.startswith(api.PREFIX + "/")):
+        if self.server.api is not None and self.server.api.handles(path):
             self._api(path)  # bearer tokens, not basic auth
             return
         if not self._basic_auth_ok(path):
@@ -383,7 +383,7 @@ class _Handler(BaseHTTPRequestHandler):
         """Push. Every refusal is answered before the body is read; ``finish`` then discards
         the body (bounded), so that even a client that sends it whole reads the answer."""
         path = self.path.split("?", 1)[0]
-        if self.server.api is not None and path.startswith(api.PREFIX + "/"):
+        if self.server.api is not None and self.server.api.handles(path):
             self._api(path)
             return
         if path != PUSH_PATH:
