@@ -622,3 +622,31 @@ def test_a_group_notification_lists_every_member_and_details_ten(tmp_path):
         text = out[template]
         assert all(f"syb-{i:02d}" in text.split("\n", 1)[0] for i in range(12)), text[:300]  # the members, on the first line
         assert text.count("Model extraction suspected.") == 10 and "12 alerts in this group; the first 10 are detailed above." in text
+
+
+@needs_amtool
+@pytest.mark.parametrize(
+    "labels,title",
+    [
+        # a group's page with one member flagged so far: still the group's notification, not a lone client's
+        ({"client": "syb-03", "group": "group/g7"}, "[FIRING:1] MonitaurModelExtractionSuspected — group g7 (1 clients) on model resnet50 (critical)"),
+        # the group alert (label group, no client): one alert for the whole group, not "(1 clients)"
+        ({"alertname": "MonitaurSybilGroupSuspected", "client": None, "detector": None, "group": "g7"},
+         "[FIRING:1] MonitaurSybilGroupSuspected — group g7 on model resnet50 (critical)"),
+        # a lone client's page
+        ({}, "[FIRING:1] MonitaurModelExtractionSuspected — client mallory@corp on model resnet50 (critical)"),
+    ],
+    ids=["group-page-of-one", "group-alert", "client-page"],
+)
+def test_notification_titles_name_the_group_or_the_client(tmp_path, labels, title):
+    alert_labels = {k: v for k, v in {**SAMPLE_ALERT["labels"], **labels}.items() if v is not None}
+    data = {"receiver": "x", "status": "firing", "alerts": [{**SAMPLE_ALERT, "labels": alert_labels}],
+            "groupLabels": {"alertname": alert_labels["alertname"], "group": alert_labels["group"]},
+            "commonLabels": alert_labels, "commonAnnotations": {}, "externalURL": "http://alertmanager:9093"}
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(data))
+    for template in ("monitaur.slack.title", "monitaur.email.subject"):
+        res = run(AMTOOL, "template", "render", f"--template.glob={AM_TEMPLATES}/*.tmpl", f"--template.data={path}",
+                  f"--template.text={{{{ template \"{template}\" . }}}}")
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.strip() == title, (template, res.stdout)
