@@ -524,7 +524,7 @@ def replay_summary(report: Mapping[str, Any], recorder: "TimelineRecorder", prof
     summary = dict(report)
     summary["models"] = recorder.models
     summary["profile"] = profile_summary(profile, source)
-    if "groups" not in summary and recorder.peers:
+    if not summary.get("groups") and recorder.peers:  # peers where no group was found
         summary["peers"] = recorder.peers
     return summary
 

@@ -235,7 +235,9 @@ def test_replay_summary_takes_peers_and_thresholds_from_the_recorder(tmp_path: P
     summary = replay_summary(report, rec, None)
     assert summary["models"]["digits"]["thresholds"]["near_duplicate"] == pytest.approx(0.9)
     assert summary["peers"] == rec.peers and summary["profile"] is None
-    assert "peers" not in replay_summary({**report, "groups": []}, rec, None)
+    assert report["groups"] == {}  # the demo has no linked group: peers are the cross-client evidence shown
+    grouped = {**report, "groups": {"g1": {"model": "digits", "members": {"scraper-search": {"links": 3}, "app-03": {"links": 3}}}}}
+    assert "peers" not in replay_summary(grouped, rec, None)
 
 
 def test_paths_are_compact_and_exact() -> None:

@@ -18,6 +18,7 @@ from exporter.app import App
 from exporter.config import Settings
 from exporter.events import Decoder
 from exporter.sim import ATTACKS, BEHAVIOURS, Population, build_world, run_attack, simulate
+from exporter.sim.benign import DEFAULT_MIX, organisation
 from exporter.sim.attacks import BudgetExhausted, Interleave, Oracle
 from exporter.sim.cli import main as simulate_main
 from exporter.sim.datasets import FRACTIONS, load, sklearn_available
@@ -111,7 +112,7 @@ def test_ground_truth(mixed) -> None:
     clients = gt["clients"]
     assert sum(c["queries"] for c in clients.values()) == len(mixed)
     kinds = {c["type"] for c in clients.values() if c["kind"] == "benign"}
-    assert kinds == set(BEHAVIOURS)
+    assert kinds == set(DEFAULT_MIX)  # org_app and outage_retry are not in the default mix
     for name in ATTACKS:
         if name == "sybil":
             continue
@@ -120,14 +121,17 @@ def test_ground_truth(mixed) -> None:
 
 # -- benign behaviours ---------------------------------------------------------------------------
 def behaviour(world, name: str, n: int = 400, seed: int = 0):
-    return BEHAVIOURS[name](world, np.random.default_rng(seed), n, 1000.0, 3600.0)
+    rng = np.random.default_rng(seed)
+    extra = {"org": organisation(world, rng, 1000.0, 3600.0)} if name == "org_app" else {"outage": (2500.0, 2800.0)} if name == "outage_retry" else {}
+    return BEHAVIOURS[name](world, rng, n, 1000.0, 3600.0, **extra)
 
 
 @pytest.mark.parametrize("name", list(BEHAVIOURS))
 def test_behaviour_shape(world, name: str) -> None:
     s = behaviour(world, name)
     ds = world.dataset
-    assert s.X.shape == (400, ds.dim) and s.ts.shape == (400,)
+    sent = 400 if name != "outage_retry" else len(s.X)  # outage_retry re-sends what the outage lost: a few more
+    assert s.X.shape == (sent, ds.dim) and s.ts.shape == (sent,) and 400 <= sent <= 480
     assert (np.diff(s.ts) >= 0).all()
     assert s.ts[0] >= 1000.0 and s.ts[-1] <= 1000.0 + 3600.0 + 120.0  # re-sends may trail the session a little
     assert (s.X >= ds.lo).all() and (s.X <= ds.hi).all()
