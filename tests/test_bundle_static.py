@@ -335,7 +335,7 @@ SAMPLE_ALERT = {
         "job": "monitaur",
         "client": "mallory@corp",
         "model": "resnet50",
-        "group": "mallory@corp",
+        "group": "client/mallory@corp",
         "detector": "risk",
     },
     "annotations": {
@@ -378,7 +378,7 @@ def test_notification_templates_name_client_model_detector_score_and_dashboard(t
         "receiver": "monitaur-slack",
         "status": "firing",
         "alerts": [SAMPLE_ALERT],
-        "groupLabels": {"alertname": "MonitaurModelExtractionSuspected", "group": "mallory@corp"},
+        "groupLabels": {"alertname": "MonitaurModelExtractionSuspected", "group": "client/mallory@corp"},
         "commonLabels": {"alertname": "MonitaurModelExtractionSuspected", "job": "monitaur"},
         "commonAnnotations": {},
         "externalURL": "http://alertmanager:9093",
@@ -397,7 +397,7 @@ def test_notification_templates_name_client_model_detector_score_and_dashboard(t
 
 @needs_amtool
 def test_notification_titles(tmp_path):
-    data = {"receiver": "x", "status": "firing", "alerts": [SAMPLE_ALERT], "groupLabels": {"alertname": "MonitaurModelExtractionSuspected", "group": "mallory@corp"},
+    data = {"receiver": "x", "status": "firing", "alerts": [SAMPLE_ALERT], "groupLabels": {"alertname": "MonitaurModelExtractionSuspected", "group": "client/mallory@corp"},
             "commonLabels": SAMPLE_ALERT["labels"], "commonAnnotations": {}, "externalURL": "http://alertmanager:9093"}
     path = tmp_path / "data.json"
     path.write_text(json.dumps(data))
@@ -576,7 +576,7 @@ def test_client_controlled_values_are_escaped_in_slack_and_html(tmp_path, templa
         "labels": {**SAMPLE_ALERT["labels"], "client": client, "model": model},
         "annotations": {**SAMPLE_ALERT["annotations"], "summary": f"Model extraction suspected from client {client}.", "description": f"Client {client}."},
     }
-    data = {"receiver": "x", "status": "firing", "alerts": [alert], "groupLabels": {"alertname": "MonitaurModelExtractionSuspected", "group": client},
+    data = {"receiver": "x", "status": "firing", "alerts": [alert], "groupLabels": {"alertname": "MonitaurModelExtractionSuspected", "group": "client/" + client},
             "commonLabels": alert["labels"], "commonAnnotations": {}, "externalURL": "http://alertmanager:9093"}
     path = tmp_path / "data.json"
     path.write_text(json.dumps(data))

@@ -340,7 +340,7 @@ def test_stack_end_to_end(stacks) -> None:
         assert {a["labels"]["client"] for a in firing} <= ATTACKERS, firing
         alert = next(a for a in firing)
         assert alert["labels"]["model"] == MODEL and alert["labels"]["severity"] == "critical"
-        assert alert["labels"]["group"] == alert["labels"]["client"]  # a page per client (no linked groups here)
+        assert alert["labels"]["group"] == "client/" + alert["labels"]["client"]  # a page per client (no linked groups here)
         # the alert's value is when the exporter flagged the client; the description says by what, how far over its threshold
         assert abs(float(alert["value"]) - time.time()) < WAIT
         assert re.search(r"thresholds at the flag \(value / threshold\): \w+ \d+\.\d\dx", alert["annotations"]["description"]), alert
