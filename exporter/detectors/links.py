@@ -89,12 +89,12 @@ class LinksDetector(Detector):
     compared with recent queries of every client (a shared index); it *continues* one of
     them, p, when the change from p repeats p's own step: every moved feature changed by
     the same amount (within ``tolerance``, on ``agreement`` of the features both moved),
-    in a pattern that neither continues p's step along a line nor returns along it. That
+    without going back along it (a change along p's step, three points on one line, links
+    too, but is not filed in the table of steps below: honest data holds such lines). That
     test needs no units: the attacker's feature box and λ are whatever they are, and the
     step sizes only have to repeat, which is what the lattice guarantees and what
-    independent inputs almost never do (features move by unrelated amounts; points on one
-    line, like interpolations between two records or a slider moved by one app, are
-    excluded by the collinearity test; rounding noise by the precision floor).
+    independent inputs almost never do (features move by unrelated amounts; rounding noise
+    is below the precision floor).
 
     Sharing popular inputs, sending similar data, retrying, or starting at the same time
     does none of this, so honest clients are not linked for it. The evidence is directed:
@@ -109,7 +109,7 @@ class LinksDetector(Detector):
     ``tables`` hash tables; a query's bucket in each is the cell of ``projections`` random
     projections of ``width``, and each bucket keeps its ``depth`` most recent queries. A
     new query's candidates are those (at most ``tables x depth``); a cheap test on the
-    lengths of the two steps per group of ``group_features`` features picks the few worth
+    sizes of the two steps on the ``probe`` features (those benign inputs spread most) picks the few worth
     the full test. A query that exactly repeats a candidate is no new point: it continues
     nothing. Score: the share of linked queries among the client's last ``window`` judged
     queries, ``linked / max(n, min_events)``; flagged at ``threshold``.
@@ -132,9 +132,10 @@ class LinksDetector(Detector):
 
     Cost per query: one (d x tables·projections) projection, a gather of at most
     ``tables x depth`` candidate rows and one multiply-add over them, and the full test on
-    the few that pass the cheap one. State per client: ``window + 16`` bytes. Shared index
-    per model: ``8 d' + 8 g + 24`` bytes per query (d' moving features padded to groups,
-    g groups), grown with the traffic up to ``max_queries``, plus ``8 x depth + 8`` bytes
+    the few that pass the cheap one. State per client: ``window + 8·own_repeats + 24`` bytes
+    (736 B with the defaults). Shared index per model: ``8·d' + 12·min(probe, d') + 24``
+    bytes per query (d' features that move in the reference), grown with the traffic up
+    to ``max_queries``, plus ``8 x depth + 8`` bytes
     per bucket (``tables x 2**bucket_bits`` buckets: 4.5 MiB with the defaults).
     """
 
