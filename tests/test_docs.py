@@ -70,8 +70,6 @@ def test_dashboard_titles_in_the_docs_are_the_real_ones() -> None:
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_figures_are_results_not_history(page: Path) -> None:
-    if page.name == "detection.md":
-        pytest.skip("the detection-quality section is rewritten with the next benchmark run")
     text = page.read_text(encoding="utf-8")
     for phrase in ("this round", "at the start of", "before the last", "earlier in the session", "where it used to"):
         assert phrase not in text, f"{page.name}: {phrase!r}"
