@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from exporter.detectors.base import Batch, Signals, State
+from exporter.detectors.base import Batch, Reference, Signals, State
 from exporter.hashing import splitmix64, splitmix64_int
 
 _U64 = np.uint64
@@ -239,3 +239,33 @@ class Scaling:
         if dim is not None and out.dim != dim:
             raise ValueError(f"the feature scaling has {out.dim} features; the model has {dim}")
         return out
+
+
+UNIFORM_FACTOR = 2.0  # features whose full extents lie within this factor of the median extent share one scale
+
+
+def feature_spans(reference: "Reference", dim: int | None) -> tuple[np.ndarray, np.ndarray, bool] | None:
+    """The range benign inputs span per feature, for detectors that measure steps in range units.
+
+    Returns ``(x, span, uniform)``: the reference's vectors as float64; per feature, the
+    0.1-99.9 % quantile range (0: a feature that never moves); and whether the features
+    share one box (pixels: 80 % of the moving features' full extents within
+    :data:`UNIFORM_FACTOR` of the median extent), in which case every moving feature gets
+    the median extent, since rarely lit pixels have narrow quantile ranges. None when the
+    reference has no usable vectors of length ``dim`` or no feature moves.
+    """
+    x = reference.vectors
+    if x is None or x.ndim != 2 or x.shape[0] < 2 or dim is None or x.shape[1] != dim:
+        return None
+    x = np.asarray(x, dtype=np.float64)
+    lo, hi = np.quantile(x, [0.001, 0.999], axis=0)
+    span = hi - lo
+    moving = span > 0
+    if not moving.any():
+        return None
+    extent = (x.max(axis=0) - x.min(axis=0))[moving]
+    median = float(np.median(extent))
+    uniform = bool(((extent >= median / UNIFORM_FACTOR) & (extent <= median * UNIFORM_FACTOR)).mean() >= 0.8)
+    if uniform:
+        span = np.where(moving, median, 0.0)
+    return x, span, uniform

@@ -20,12 +20,11 @@ from exporter.detectors.base import (
     min_threshold_field,
 )
 from exporter.detectors.fingerprint import client_key
-from exporter.detectors.kit import ring_in_order, ring_write, share_signals, vector_rows
+from exporter.detectors.kit import feature_spans, ring_in_order, ring_write, share_signals, vector_rows
 from exporter.hashing import splitmix64
 
 _U64 = np.uint64
-_UNIFORM = 2.0
-_PROBE_MIN = 3  # probe features on which both steps must agree before the full test  # features whose ranges lie within this factor of the median range share one scale (as in steps)
+_PROBE_MIN = 3  # probe features on which both steps must agree before the full test
 _MAX_DECIMALS = 6
 
 
@@ -160,19 +159,10 @@ class LinksDetector(Detector):
 
     # -- reference -----------------------------------------------------------------------
     def fit(self, reference: Reference) -> State | None:
-        x = reference.vectors
-        if x is None or x.ndim != 2 or x.shape[0] < 2 or self._dim is None or x.shape[1] != self._dim:
+        found = feature_spans(reference, self._dim)
+        if found is None:
             return None
-        x = np.asarray(x, dtype=np.float64)
-        lo, hi = np.quantile(x, [0.001, 0.999], axis=0)
-        span = hi - lo
-        moving = span > 0
-        if not moving.any():
-            return None
-        extent = (x.max(axis=0) - x.min(axis=0))[moving]
-        median = float(np.median(extent))
-        if ((extent >= median / _UNIFORM) & (extent <= median * _UNIFORM)).mean() >= 0.8:
-            span = np.where(moving, median, 0.0)  # pixels: one box for all features
+        x, span, _ = found
         spread = np.where(span > 0, x.std(axis=0) / np.where(span > 0, span, 1.0), 0.0)
         return {"span": span, "unit": precision_units(x), "spread": spread}
 

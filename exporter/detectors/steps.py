@@ -18,10 +18,9 @@ from exporter.detectors.base import (
     WindowedParams,
     min_threshold_field,
 )
-from exporter.detectors.kit import share_signals, vector_rows
+from exporter.detectors.kit import feature_spans, share_signals, vector_rows
 
 _CHUNK = 256  # queries judged at once (bounds the (chunk, history + chunk) distance matrix)
-_UNIFORM = 2.0  # features whose ranges lie within this factor of the median range share one scale
 
 
 class StepsParams(WindowedParams):
@@ -117,22 +116,10 @@ class StepsDetector(Detector):
 
     # -- reference --------------------------------------------------------------
     def fit(self, reference: Reference) -> State | None:
-        x = reference.vectors
-        if x is None or x.ndim != 2 or x.shape[0] < 2 or self._dim is None or x.shape[1] != self._dim:
+        found = feature_spans(reference, self._dim)
+        if found is None:
             return None
-        x = np.asarray(x, dtype=np.float64)
-        lo, hi = np.quantile(x, [0.001, 0.999], axis=0)
-        span = hi - lo
-        moving = span > 0
-        if not moving.any():
-            return None
-        # Pixels share one box even where few benign images reach its corners: the full
-        # extent tells (rarely lit pixels have narrow quantile ranges).
-        extent = (x.max(axis=0) - x.min(axis=0))[moving]
-        median = float(np.median(extent))
-        uniform = bool(((extent >= median / _UNIFORM) & (extent <= median * _UNIFORM)).mean() >= 0.8)
-        if uniform:  # one box for all features (pixels): the attacker's steps share one size
-            span = np.where(moving, median, 0.0)
+        _, span, uniform = found
         return {"span": span, "uniform": np.asarray(uniform)}
 
     def load_reference(self, reference: State) -> None:
