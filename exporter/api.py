@@ -97,6 +97,25 @@ def override_json(o: Override | None) -> dict[str, Any] | None:
     return out
 
 
+def override_request(body: bytes, who: str | None) -> tuple[str, str] | Answer:
+    """(who, reason) of an override request, or the error answer: a named token and a JSON body with a reason are required."""
+    if who is None:
+        return error(403, "named_token_required", "an override needs a named API token (api.tokens): it records who acted")
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return error(400, "malformed_json", 'the body must be a JSON object: {"reason": "..."}')
+    try:
+        return who, check_reason(doc.get("reason") if isinstance(doc, dict) else None)
+    except OverrideError as exc:
+        return override_error(exc)
+
+
+def override_error(exc: OverrideError) -> Answer:
+    """An override refused: 400 for the request's reason text, 409 for the state (allowlisted, too many blocks)."""
+    return error(400 if exc.reason.startswith("reason") else 409, exc.reason, str(exc))
+
+
 def encode_cursor(client: str) -> str:
     return base64.urlsafe_b64encode(client.encode("utf-8")).decode("ascii").rstrip("=")
 
@@ -258,18 +277,14 @@ class ClientsAPI:
             return error(404, "not_found", "POST /api/v1/clients/{id}/release or /api/v1/clients/{id}/block")
         if client is None:
             return error(400, "invalid_client", "not a valid client id (percent-encode it in the path)")
-        if who is None:
-            return error(403, "named_token_required", "an override needs a named API token (api.tokens): it records who acted")
+        asked = override_request(body, who)
+        if isinstance(asked, Answer):
+            return asked
+        who, reason = asked
         try:
-            doc = json.loads(body)
-        except ValueError:
-            return error(400, "malformed_json", 'the body must be a JSON object: {"reason": "..."}')
-        try:
-            reason = check_reason(doc.get("reason") if isinstance(doc, dict) else None)
             records, saved = self.override(action, [client], who, reason)
         except OverrideError as exc:
-            status = 400 if exc.reason.startswith("reason") else 409
-            return error(status, exc.reason, str(exc))
+            return override_error(exc)
         if not records:
             return error(409, "not_blocked", "the client is neither flagged nor blocked by hand: nothing to release")
         return Answer(200, {"override": override_json(records[0]), "saved": saved, "client": self.client(client)})

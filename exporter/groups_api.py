@@ -17,13 +17,12 @@ server authenticates, :class:`exporter.api.ClientsAPI` hands ``/api/v1/groups`` 
 
 from __future__ import annotations
 
-import json
 import re
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import parse_qs
 
-from exporter.api import DEFAULT_LIMIT, MAX_LIMIT, Answer, error, override_json
-from exporter.overrides import BLOCK, RELEASE, Override, OverrideError, check_reason
+from exporter.api import DEFAULT_LIMIT, MAX_LIMIT, Answer, error, override_error, override_json, override_request
+from exporter.overrides import BLOCK, RELEASE, Override, OverrideError
 
 if TYPE_CHECKING:
     from exporter.groups import GroupSummary
@@ -124,22 +123,19 @@ class GroupsAPI:
             return error(404, "not_found", "POST /api/v1/groups/{id}/release or /api/v1/groups/{id}/block")
         if group_id is None:
             return error(400, "invalid_group", "not a group id (g<number>)")
-        if who is None:
-            return error(403, "named_token_required", "an override needs a named API token (api.tokens): it records who acted")
-        try:
-            doc = json.loads(body)
-        except ValueError:
-            return error(400, "malformed_json", 'the body must be a JSON object: {"reason": "..."}')
+        asked = override_request(body, who)
+        if isinstance(asked, Answer):
+            return asked
+        name, reason = asked
         g = self._view.group(group_id)
         if g is None:
             return error(404, "unknown_group", "no such group (any more): groups dissolve when their links expire")
         members = [m.client for m in g.members]
         skipped = [c for c in members if action == BLOCK and c in self._allowlist]
         try:
-            reason = check_reason(doc.get("reason") if isinstance(doc, dict) else None)
-            records, saved = self._override(action, [c for c in members if c not in skipped], who, reason, group_id)
+            records, saved = self._override(action, [c for c in members if c not in skipped], name, reason, group_id)
         except OverrideError as exc:
-            return error(400 if exc.reason.startswith("reason") else 409, exc.reason, str(exc))
+            return override_error(exc)
         if not records:
             return error(409, "not_blocked" if action == RELEASE else "nothing_to_block",
                          "no member is flagged or blocked by hand: nothing to release" if action == RELEASE else "every member is allowlisted")
