@@ -512,6 +512,11 @@ class GroupBook:
                 self.model(model, params).load(st)
 
 
+def links_params(runtime: Any) -> "LinksParams | None":
+    """The params of a model runtime's ``links`` detector (whose links make the model's groups), or None."""
+    return next((d.params for d in (runtime.detectors if runtime is not None else ()) if d.name == SOURCE), None)
+
+
 def group_threshold(maxima: Iterable[float], default: float, alpha: float) -> tuple[float, str]:
     """The group threshold from the maximum scores of the groups that formed among benign clients, and how.
 

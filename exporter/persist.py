@@ -29,6 +29,7 @@ import numpy as np
 
 from exporter.atomic import atomic_write, atomic_write_bytes
 from exporter.detectors.kit import Scaling
+from exporter.groups import links_params
 from exporter.names import MAX_CLIENT_LENGTH, MAX_MODEL_LENGTH, is_valid_name
 from exporter.snapshot import dump, unpack
 from exporter.state import ClientState, ClientStore
@@ -185,7 +186,7 @@ def restore(data: bytes | BinaryIO, lock: threading.RLock, store: ClientStore, r
         if recent is not None:
             recent.load([r for r in doc.get("recently_flagged", []) if is_valid_name(r["id"], MAX_CLIENT_LENGTH) and r["id"] not in store])
         if groups is not None and current and isinstance(doc.get("groups"), dict):
-            groups.load(doc["groups"], lambda model: _links_params(_runtime(runtimes, decoder, model)))
+            groups.load(doc["groups"], lambda model: links_params(_runtime(runtimes, decoder, model)))
         return len(store)
 
 
@@ -199,11 +200,6 @@ def _flag(raw: dict[str, Any], version: int) -> FlagRecord | None:
     query = int(raw["first_flagged_query"] or raw["total"])
     model = max(raw["queries"], key=raw["queries"].get) if raw["queries"] else ""
     return FlagRecord(first_at=at, last_at=at, first_query=query, last_query=int(raw["total"]), model=model)
-
-
-def _links_params(rt: Any) -> Any:
-    """The params of a runtime's links detector (whose links make the model's groups), or None."""
-    return next((d.params for d in (rt.detectors if rt is not None else ()) if d.name == "links"), None)
 
 
 def _readmitted(runtimes: "Runtimes", doc: dict[str, Any]) -> dict[str, dict[str, Any]]:

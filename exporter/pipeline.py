@@ -37,7 +37,7 @@ from exporter.detectors import Batch, Signals, enabled_detectors
 from exporter.detectors.base import Block, Detector, State
 from exporter.events import Decoder, Event, Rejected
 from exporter.fusion import FUSION
-from exporter.groups import GroupBook, GroupCollector, GroupSummary
+from exporter.groups import GroupBook, GroupCollector, GroupSummary, links_params
 from exporter.logutil import RateLimitedLog
 from exporter.metrics import ClientCollector, Metrics
 from exporter.profile import Profile
@@ -285,7 +285,7 @@ class Pipeline:
             return st.queries.get(model, 0) if st is not None else 0
 
         try:
-            self.groups.process(model, _links_params(rt), block, queries)
+            self.groups.process(model, links_params(rt), block, queries)
         except Exception as exc:  # groups are a reading of the links, never a reason to lose the block
             self._detector_failed("links", len(block), model, exc)
 
@@ -304,7 +304,7 @@ class Pipeline:
             return self.groups.summaries(queries)
 
     def _group_limits(self, model: str) -> tuple[int, int]:
-        params = _links_params(self.runtimes.get(model))
+        params = links_params(self.runtimes.get(model))
         return (params.max_group_series, params.max_member_series) if params is not None else (0, 0)
 
     def _detector_failed(self, name: str, n: int, model: str, exc: Exception) -> None:
@@ -339,14 +339,6 @@ class Pipeline:
         self.verdicts.restored()
         self.metrics.tracked_clients.set(n)
         return n
-
-
-def _links_params(rt: ModelRuntime | None) -> Any:
-    """The params of the model's links detector (the source of its groups), or None."""
-    for det in rt.detectors if rt is not None else ():
-        if det.name == "links":
-            return det.params
-    return None
 
 
 def _update_all_or_nothing(det: Detector, states: dict[str, State], batch: Batch) -> Signals | None:
