@@ -195,19 +195,24 @@ class Pipeline:
         groups: dict[str, list[int]] = {}
         for i, e in enumerate(block.events):
             groups.setdefault(e.client, []).append(i)
+        spent = dict.fromkeys(rt.durations, 0.0)  # seconds per detector over the block's batches
         for client_id, rows in groups.items():
             evs = block.events if len(rows) == n else [block.events[i] for i in rows]
             when = evs[-1].ts if self.event_time else (self.clock() if now is None else now)
             try:
-                self._judge(rt, Batch(client_id, block.model, evs, block, np.asarray(rows, dtype=np.int64)), when)
+                self._judge(rt, Batch(client_id, block.model, evs, block, np.asarray(rows, dtype=np.int64)), when, spent)
             except Exception as exc:  # the last resort around the verdict and the client's bookkeeping: other clients go on
                 self._detector_failed(FUSION, len(rows), block.model, exc)
+        for name, seconds in spent.items():  # one observation per block and detector: time per event, averaged
+            if seconds:
+                rt.durations[name].observe(seconds / n)
         self._judge_groups(rt, block)
         rt.events.inc(n)
         self.metrics.prediction_confidence.observe_many(block.model, block.confidence)
 
-    def _judge(self, rt: ModelRuntime, batch: Batch, now: float) -> None:
-        """Run every detector, then fusion, on one client's batch, and update the client's state."""
+    def _judge(self, rt: ModelRuntime, batch: Batch, now: float, spent: dict[str, float]) -> None:
+        """Run every detector, then fusion, on one client's batch, and update the client's state;
+        each detector's time is added to ``spent``."""
         n = len(batch)
         model = batch.model
         returning = self.verdicts.returning(batch.client)
@@ -228,7 +233,7 @@ class Pipeline:
                 self._detector_failed(name, n, model, exc)
                 continue
             finally:
-                rt.durations[name].observe((time.perf_counter() - started) / n)
+                spent[name] += time.perf_counter() - started
             if found is None:
                 continue
             signals[name] = found

@@ -294,7 +294,6 @@ class LinksDetector(Detector):
         known = {c: client_key(c) for c in set(names)}
         keys = np.fromiter((known[c] for c in names), dtype=np.uint64, count=m)
         buckets = self._buckets(u)
-        cand, order, starts, rank_sorted = self._candidates(buckets)
         saved = (list(self._pending), self._step_last, self._alloc, self._next, self._oldest, self._U, self._S, self._Up, self._lo, self._hi, self._ts, self._digest, self._client)
         undo: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         out_linked = np.zeros(m, dtype=bool)
@@ -310,9 +309,12 @@ class LinksDetector(Detector):
                 if self._alloc < self.params.max_queries:  # rows keep their places until the index is full
                     stop = min(stop, start + self._alloc - self._next)
                 sl = slice(start, stop)
-                out_linked[sl], out_parents[sl] = self._piece(u[sl], ts[sl], dig[sl], keys[sl], cand[sl], undo)
+                # Candidates and filing piece by piece: the same as for the whole block (the
+                # buckets then hold the earlier pieces), with arrays that stay in the CPU cache.
+                cand, order, starts, rank_sorted = self._candidates(buckets[sl])
+                out_linked[sl], out_parents[sl] = self._piece(u[sl], ts[sl], dig[sl], keys[sl], cand, undo)
+                self._file(buckets[sl], order, starts, rank_sorted, undo)
                 start = stop
-            self._file(buckets, order, starts, rank_sorted, undo)
         except BaseException:
             for array, at, old in reversed(undo):
                 array[at] = old

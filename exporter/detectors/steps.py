@@ -192,8 +192,9 @@ class StepsDetector(Detector):
         order = np.lexsort((pos - near, exact), axis=1)[:, : min(k, wide)]
         change = np.take_along_axis(change, order[..., None], axis=1)
         seen = np.take_along_axis(seen, order, axis=1)
-        moved = self._moved(change) & seen & ~repeat[:, None]
-        step = self._sign_steps(change) & moved
+        enough, sign_step = self._shape(change)
+        moved = enough & seen & ~repeat[:, None]
+        step = sign_step & moved
         # A change that an earlier query made too: the same step size per feature, in any units.
         primary = np.where(moved[:, :1], change[:, 0, :], 0.0).astype(np.float32)  # (m, d)
         if not self._uniform:  # features of their own ranges: the attacker's box is not ours
@@ -205,13 +206,6 @@ class StepsDetector(Detector):
             ring[(n0 + m - tail.shape[0] + np.arange(tail.shape[0])) % size] = tail
         state["count"][...] = n0 + m
         return step.any(axis=1)
-
-    def _moved(self, change: np.ndarray) -> np.ndarray:
-        """(m, kk) whether each change moves at least ``min_changed`` of the features."""
-        moving = self._moving
-        assert moving is not None
-        c = change[:, :, moving]
-        return np.count_nonzero(c > 1e-6, axis=-1) >= self.params.min_changed * c.shape[-1]
 
     def _repeats(self, state: State, change: np.ndarray, moved: np.ndarray, primary: np.ndarray, n0: int) -> np.ndarray:
         """(m, kk) whether each candidate change repeats the primary change of one of the
@@ -234,8 +228,9 @@ class StepsDetector(Detector):
         hit = (visible & (dist <= tol)).any(axis=1).reshape(m, kk)
         return hit & moved
 
-    def _sign_steps(self, change: np.ndarray) -> np.ndarray:
-        """(m, kk) whether each change vector (range units, last axis the features) is a sign step."""
+    def _shape(self, change: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(m, kk) twice, from one sort of each change's moving features (range units): whether
+        it moves at least ``min_changed`` of them, and whether it is a sign step besides."""
         p = self.params
         moving = self._moving
         assert moving is not None
@@ -243,9 +238,10 @@ class StepsDetector(Detector):
         d = c.shape[-1]
         srt = np.sort(c, axis=-1)
         nz = np.count_nonzero(srt > 1e-6, axis=-1)
+        enough = nz >= p.min_changed * d
         first = d - nz  # sorted: the unchanged features come first
         lo = np.minimum(first + (0.15 * nz).astype(np.int64), d - 1)
         hi = np.minimum(first + np.ceil(0.85 * nz).astype(np.int64) - 1, d - 1)
         a = np.take_along_axis(srt, lo[..., None], axis=-1)[..., 0]
         b = np.take_along_axis(srt, np.maximum(hi, lo)[..., None], axis=-1)[..., 0]
-        return (nz >= p.min_changed * d) & (a >= p.min_step) & (b <= a * p.spread)
+        return enough, enough & (a >= p.min_step) & (b <= a * p.spread)
