@@ -19,7 +19,20 @@ from exporter.app import App
 from exporter.detectors.base import Block
 from exporter.detectors.fingerprint import client_key
 from exporter.events import Event
-from tests.test_reaction import ALICE, AUTH, BOB, app, event, url  # noqa: F401  (app: the fixture)
+from exporter.config import Settings
+from tests.test_reaction import ALICE, AUTH, BOB, event, url
+
+
+@pytest.fixture
+def app(tmp_path):
+    """tests/test_reaction.py's app, with the opt-in links detector on (its params make the model's groups)."""
+    s = Settings(plugins={"marked": "tests.plugins:Marked"}, detectors={"marked": {"latch": True}, "links": {"enabled": True}},
+                 fusion={"inputs": ["marked"]}, state={"dir": str(tmp_path / "state")}, listen={"host": "127.0.0.1", "port": 0},
+                 files={"paths": [], "mode": "poll"}, api={"tokens": {"alice": ALICE, "bob": BOB}}, reaction={"allowlist": ["vip"]})
+    a = App(s)
+    a.start()
+    yield a
+    a.stop()
 
 
 def link(a: App, child: str, parents: list[str], ts: float) -> None:
@@ -49,7 +62,7 @@ def get(a: App, path: str, **params: str) -> requests.Response:
     return requests.get(url(a, path), params=params, headers=AUTH, timeout=5)
 
 
-def test_a_group_is_listed_with_its_members_and_their_verdicts(app: App) -> None:  # noqa: F811
+def test_a_group_is_listed_with_its_members_and_their_verdicts(app: App) -> None:
     gid = make_group(app)
     listed = get(app, "/api/v1/groups")
     assert listed.status_code == 200, listed.text
@@ -71,7 +84,7 @@ def test_a_group_is_listed_with_its_members_and_their_verdicts(app: App) -> None
     assert [g["group"] for g in flagged["groups"]] == ([gid] if one["flagged"] else [])
 
 
-def test_bad_group_requests_are_answered_with_a_reason(app: App) -> None:  # noqa: F811
+def test_bad_group_requests_are_answered_with_a_reason(app: App) -> None:
     gid = make_group(app)
     for path, params, status, reason in [
         ("/api/v1/groups/x1", {}, 400, "invalid_group"),
@@ -88,7 +101,7 @@ def test_bad_group_requests_are_answered_with_a_reason(app: App) -> None:  # noq
     assert requests.get(url(app, "/api/v1/groups"), timeout=5).status_code == 401  # tokens are set: reads need one
 
 
-def test_a_group_is_blocked_and_released_as_one(app: App, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+def test_a_group_is_blocked_and_released_as_one(app: App, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     gid = make_group(app)
     post = lambda action, body, token=ALICE: requests.post(url(app, f"/api/v1/groups/{gid}/{action}"), data=body,  # noqa: E731

@@ -26,7 +26,7 @@ DATASET = "breast_cancer"  # 30 continuous features
 
 
 def settings() -> Settings:
-    return Settings(state={"dir": None}, files={"paths": []}, calibration={"target_fpr": 0.01})
+    return Settings(state={"dir": None}, files={"paths": []}, calibration={"target_fpr": 0.01}, detectors={"links": {"enabled": True}})  # links is opt-in
 
 
 @pytest.fixture(scope="module")

@@ -67,10 +67,10 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
 
     cal = tmp_path / "calibration.jsonl"
     benign_only(DATASET, clients=80).write(cal, append=False)
-    settings = Settings(state={"dir": None}, files={"paths": []}, calibration={"target_fpr": 0.01})
+    settings = Settings(state={"dir": None}, files={"paths": []}, calibration={"target_fpr": 0.01}, detectors={"links": {"enabled": True}})
     profile = tmp_path / "profile.bin"
     calibrate(settings, [str(cal)], progress=False)[0].save(profile)
-    s = Stack(tmp_path / "stack", {"profile": str(profile), "calibration": {"target_fpr": 0.01}, "log_level": "info"}, FAST)
+    s = Stack(tmp_path / "stack", {"profile": str(profile), "calibration": {"target_fpr": 0.01}, "log_level": "info", "detectors": {"links": {"enabled": True}}}, FAST)
     try:
         yield s.start()
     finally:

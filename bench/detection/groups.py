@@ -92,7 +92,8 @@ def run_one(dataset: str, seed: int, args: argparse.Namespace, workdir: Path, lo
     cal = simulate(world, Population(benign=200, mix=MIX_A, window=WINDOW, benign_prefix="cal", stream="groups-calibration"), seed)
     cal.write(run_dir / "calibration.jsonl", append=False)
     cfg = run_dir / "config.yml"
-    extra = yaml.safe_load(Path(args.extra_config).read_text()) if args.extra_config else None
+    extra = yaml.safe_load(Path(args.extra_config).read_text()) if args.extra_config else {}
+    extra.setdefault("detectors", {}).setdefault("links", {}).setdefault("enabled", True)  # links is opt-in; groups need it
     write_config(cfg, world, extra)
     simulated = time.perf_counter() - t0
     res = calibrate_and_replay("200", cfg, run_dir / "calibration.jsonl", run_dir / "evaluation.jsonl", run_dir)
