@@ -116,6 +116,16 @@ def override_error(exc: OverrideError) -> Answer:
     return error(400 if exc.reason.startswith("reason") else 409, exc.reason, str(exc))
 
 
+def page_limit(params: dict[str, list[str]]) -> int | Answer:
+    """The ``limit`` query parameter of a listing (default :data:`DEFAULT_LIMIT`), or the 400 answer."""
+    if "limit" not in params:
+        return DEFAULT_LIMIT
+    text = params["limit"][0]
+    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+        return error(400, "bad_query", f"limit is a whole number from 1 to {MAX_LIMIT}")
+    return int(text)
+
+
 def encode_cursor(client: str) -> str:
     return base64.urlsafe_b64encode(client.encode("utf-8")).decode("ascii").rstrip("=")
 
@@ -241,12 +251,9 @@ class ClientsAPI:
             return error(400, "bad_query", "flagged and blocked take the value true")
         if not want:
             return error(400, "filter_required", "give flagged=true or blocked=true (every tracked client is not listed; /metrics has them)")
-        limit = DEFAULT_LIMIT
-        if "limit" in params:
-            text = params["limit"][0]
-            if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
-                return error(400, "bad_query", f"limit is a whole number from 1 to {MAX_LIMIT}")
-            limit = int(text)
+        limit = page_limit(params)
+        if isinstance(limit, Answer):
+            return limit
         after = None
         if "cursor" in params:
             after = decode_cursor(params["cursor"][0])

@@ -21,7 +21,7 @@ import re
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import parse_qs
 
-from exporter.api import DEFAULT_LIMIT, MAX_LIMIT, Answer, error, override_error, override_json, override_request
+from exporter.api import Answer, error, override_error, override_json, override_request, page_limit
 from exporter.overrides import BLOCK, RELEASE, Override, OverrideError
 
 if TYPE_CHECKING:
@@ -99,12 +99,9 @@ class GroupsAPI:
             return error(400, "bad_query", "query parameters: flagged=true, limit, cursor (each at most once)")
         if "flagged" in params and params["flagged"][0] != "true":
             return error(400, "bad_query", "flagged takes the value true")
-        limit = DEFAULT_LIMIT
-        if "limit" in params:
-            text = params["limit"][0]
-            if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
-                return error(400, "bad_query", f"limit is a whole number from 1 to {MAX_LIMIT}")
-            limit = int(text)
+        limit = page_limit(params)
+        if isinstance(limit, Answer):
+            return limit
         after = 0
         if "cursor" in params:
             if not GROUP_ID.fullmatch(params["cursor"][0]):
