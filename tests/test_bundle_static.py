@@ -66,6 +66,16 @@ def run(*args: str | Path, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
+def render(tmp_path: Path, data: dict, template: str, kind: str | None = None) -> str:
+    """``amtool template render`` of one of the bundle's templates on a notification's data (its stdout)."""
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(data))
+    res = run(AMTOOL, "template", "render", f"--template.glob={AM_TEMPLATES}/*.tmpl", f"--template.data={path}",
+              *([f"--template.type={kind}"] if kind else []), f"--template.text={{{{ template \"{template}\" . }}}}")
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
 def load_yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text(encoding="utf-8"))
 
@@ -383,29 +393,9 @@ def test_notification_templates_name_client_model_detector_score_and_dashboard(t
         "commonAnnotations": {},
         "externalURL": "http://alertmanager:9093",
     }
-    path = tmp_path / "data.json"
-    path.write_text(json.dumps(data))
-    res = run(
-        AMTOOL, "template", "render", f"--template.glob={AM_TEMPLATES}/*.tmpl", f"--template.data={path}",
-        f"--template.type={kind}", f"--template.text={{{{ template \"{template}\" . }}}}",
-    )
-    assert res.returncode == 0, res.stdout + res.stderr
-    out = res.stdout
+    out = render(tmp_path, data, template, kind)
     for what, fact in SAMPLE_FACTS.items():
         assert fact in out, f"{template} does not show the {what} ({fact!r}):\n{out}"
-
-
-@needs_amtool
-def test_notification_titles(tmp_path):
-    data = {"receiver": "x", "status": "firing", "alerts": [SAMPLE_ALERT], "groupLabels": {"alertname": "MonitaurModelExtractionSuspected", "group": "client/mallory@corp"},
-            "commonLabels": SAMPLE_ALERT["labels"], "commonAnnotations": {}, "externalURL": "http://alertmanager:9093"}
-    path = tmp_path / "data.json"
-    path.write_text(json.dumps(data))
-    for template in ("monitaur.slack.title", "monitaur.email.subject"):
-        res = run(AMTOOL, "template", "render", f"--template.glob={AM_TEMPLATES}/*.tmpl", f"--template.data={path}",
-                  f"--template.text={{{{ template \"{template}\" . }}}}")
-        assert res.returncode == 0, res.stderr
-        assert res.stdout.strip() == "[FIRING:1] MonitaurModelExtractionSuspected — client mallory@corp on model resnet50 (critical)", res.stdout
 
 
 # =========================================================================== Grafana
@@ -578,12 +568,7 @@ def test_client_controlled_values_are_escaped_in_slack_and_html(tmp_path, templa
     }
     data = {"receiver": "x", "status": "firing", "alerts": [alert], "groupLabels": {"alertname": "MonitaurModelExtractionSuspected", "group": "client/" + client},
             "commonLabels": alert["labels"], "commonAnnotations": {}, "externalURL": "http://alertmanager:9093"}
-    path = tmp_path / "data.json"
-    path.write_text(json.dumps(data))
-    res = run(AMTOOL, "template", "render", f"--template.glob={AM_TEMPLATES}/*.tmpl", f"--template.data={path}",
-              f"--template.type={kind}", f"--template.text={{{{ template \"{template}\" . }}}}")
-    assert res.returncode == 0, res.stderr
-    out = res.stdout
+    out = render(tmp_path, data, template, kind)
     assert "&lt;!channel&gt; &amp; &lt;b&gt;mallory&lt;/b&gt;" in out and "m&lt;@U123&gt;" in out, out
     for raw in ("<!channel>", "<b>mallory", "<@U123>", "& <"):
         assert raw not in out, out
@@ -609,14 +594,7 @@ def test_a_group_notification_lists_every_member_and_details_ten(tmp_path):
     common = {k: v for k, v in SAMPLE_ALERT["labels"].items() if k != "client"} | {"group": "group/g7"}
     data = {"receiver": "x", "status": "firing", "alerts": alerts, "groupLabels": {"alertname": "MonitaurModelExtractionSuspected", "group": "group/g7"},
             "commonLabels": common, "commonAnnotations": {}, "externalURL": "http://alertmanager:9093"}
-    path = tmp_path / "data.json"
-    path.write_text(json.dumps(data))
-    out = {}
-    for template in ("monitaur.slack.title", "monitaur.slack.text", "monitaur.email.text"):
-        res = run(AMTOOL, "template", "render", f"--template.glob={AM_TEMPLATES}/*.tmpl", f"--template.data={path}",
-                  f"--template.text={{{{ template \"{template}\" . }}}}")
-        assert res.returncode == 0, res.stderr
-        out[template] = res.stdout
+    out = {template: render(tmp_path, data, template) for template in ("monitaur.slack.title", "monitaur.slack.text", "monitaur.email.text")}
     assert out["monitaur.slack.title"].strip() == "[FIRING:12] MonitaurModelExtractionSuspected — group g7 (12 clients) on model resnet50 (critical)"
     for template in ("monitaur.slack.text", "monitaur.email.text"):
         text = out[template]
@@ -643,10 +621,6 @@ def test_notification_titles_name_the_group_or_the_client(tmp_path, labels, titl
     data = {"receiver": "x", "status": "firing", "alerts": [{**SAMPLE_ALERT, "labels": alert_labels}],
             "groupLabels": {"alertname": alert_labels["alertname"], "group": alert_labels["group"]},
             "commonLabels": alert_labels, "commonAnnotations": {}, "externalURL": "http://alertmanager:9093"}
-    path = tmp_path / "data.json"
-    path.write_text(json.dumps(data))
     for template in ("monitaur.slack.title", "monitaur.email.subject"):
-        res = run(AMTOOL, "template", "render", f"--template.glob={AM_TEMPLATES}/*.tmpl", f"--template.data={path}",
-                  f"--template.text={{{{ template \"{template}\" . }}}}")
-        assert res.returncode == 0, res.stderr
-        assert res.stdout.strip() == title, (template, res.stdout)
+        out = render(tmp_path, data, template)
+        assert out.strip() == title, (template, out)
