@@ -40,7 +40,8 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def settings(**kw: object) -> Settings:
-    return Settings(state={"dir": None}, files={"paths": []}, **kw)
+    # links (opt-in) on: its shared index and the groups must not depend on batching either
+    return Settings(state={"dir": None}, files={"paths": []}, detectors={"links": {"enabled": True}}, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,8 @@ def test_replay_verdicts_do_not_depend_on_the_block_size(logs, profile, calibrat
     assert {"atk-hopskipjump-0", "atk-uniform-0"} <= flagged  # the check is not vacuous
     if calibrated:  # the shared index took part (the live baseline's first fit, at 16 clients, comes after this search)
         assert first["atk-hopskipjump-0"]["detectors"]["fingerprint"]["flagged"]
+    else:  # links' shared index linked queries too (none on this traffic under the profile's reference)
+        assert any(v["detectors"]["links"]["value"] > 0 for v in first.values())
     for size, clients in reports.items():
         assert clients == first, f"block size {size} changed the verdicts of {[c for c in first if clients.get(c) != first[c]]}"
 
