@@ -165,7 +165,7 @@ class ModelGroups:
                 self._link(child, block.events[i].client, [int(k) for k in parents[i] if k], ts, bool(flagged[i]), i)
         if len(block):
             last = float(block.events[-1].ts)
-            self.expire(last)
+            self._drop_stale(last)
             self._refresh(None, last)
         self._block_counts, self._names = {}, {}
 
@@ -294,7 +294,12 @@ class ModelGroups:
 
     # -- expiry and eviction -------------------------------------------------------------
     def expire(self, now: float) -> None:
-        """Drop edges and flags older than the TTL; members without them leave (module docstring)."""
+        """Drop edges and flags older than the TTL, members without them leave (module docstring);
+        then recompute every group's score, since its members' query counts have moved on."""
+        self._drop_stale(now)
+        self._refresh(None)
+
+    def _drop_stale(self, now: float) -> None:
         limit = now - self.params.ttl_seconds
         if self._oldest >= limit:
             return
@@ -487,7 +492,6 @@ class GroupBook:
     def expire(self, now: float) -> None:
         for mg in self.by_model.values():
             mg.expire(now)
-            mg._refresh(None)
 
     # -- reading -------------------------------------------------------------------------------
     def summaries(self, queries: Callable[[str, str], int]) -> list[GroupSummary]:

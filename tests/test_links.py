@@ -82,6 +82,47 @@ def test_many_clients_retrying_after_an_outage_are_not_linked(profile: Profile, 
     assert not any(v["detectors"]["links"]["flagged"] for v in report["clients"].values())
 
 
+def test_clients_that_start_at_the_same_moment_are_not_linked(profile: Profile, tmp_path: Path) -> None:
+    """60 honest clients of the default mix, each moved in time so that all of them send their
+    first query in the same second and keep their own pace after it: time alone links nobody."""
+    traffic = benign_only(DATASET, clients=60, stream="tests-together", prefix="app")
+    first = np.full(len(traffic.clients), np.inf)
+    np.minimum.at(first, traffic.client, traffic.ts)
+    ts = traffic.ts - first[traffic.client] + DEFAULT_START + 0.01 * traffic.client  # every start within 0.6 s
+    order = np.argsort(ts, kind="stable")
+    together = Traffic(ts[order], traffic.client[order], traffic.clients, traffic.X[order], traffic.P[order], traffic.truth,
+                       traffic.model, traffic.decimals)
+    starts = [together.ts[together.client == c].min() for c in np.unique(together.client)]
+    assert len(starts) == 60 and max(starts) - min(starts) < 1.0
+    report = run(together, tmp_path / "together.jsonl", profile)
+    assert len(report["clients"]) == 60
+    assert report["groups"] == {}
+    assert not any(v["detectors"]["links"]["flagged"] for v in report["clients"].values())
+
+
+def test_a_popular_input_sent_again_and_again_does_not_push_a_parent_out_of_the_index(profile: Profile, tmp_path: Path) -> None:
+    """A parent point p1 (one step from p0, sent by alice), then 300 copies of one honest input
+    right next to it (30 clients, 10 each: more than a bucket's depth, in the same buckets), then
+    bob's steps from p1: a repeated point is filed once, so p1 is still a candidate and bob's
+    queries continue alice's step."""
+    world = build_world(DATASET, 0)
+    ds = world.dataset
+    rng = np.random.default_rng(2)  # p0, p1 and most children share buckets in 2 of the 4 tables
+    lam = 0.05 * ds.span
+    p0 = ds.lo + ds.span * rng.uniform(0.35, 0.65, ds.dim)
+    p1 = p0 + lam * rng.choice([-1.0, 1.0], ds.dim)
+    popular = p1 + 0.002 * ds.span * rng.uniform(-1.0, 1.0, ds.dim)
+    children = p1 + lam * rng.choice([-1.0, 1.0], (10, ds.dim))
+    X = ds.round(np.vstack([p0, p1, np.repeat(popular[None], 300, axis=0), children]))
+    who = np.concatenate([[0, 0], 2 + np.arange(300) % 30, np.ones(10, dtype=np.int64)])
+    ts = DEFAULT_START + np.arange(len(X), dtype=np.float64)
+    names = ["alice", "bob", *[f"app-{j:04d}" for j in range(30)]]
+    truth = {n: {"kind": "benign" if n.startswith("app-") else "attack", "type": "test"} for n in names}
+    report = run(Traffic(ts, who, names, X, world.answer(X), truth, world.model, ds.decimals), tmp_path / "popular-parent.jsonl", profile)
+    assert report["clients"]["bob"]["detectors"]["links"]["value"] > 0.0  # bob continued alice's step
+    assert all(report["clients"][n]["detectors"]["links"]["value"] == 0.0 for n in names if n.startswith("app-"))
+
+
 def test_an_attacker_who_copies_and_steps_away_from_an_honest_clients_queries_frames_nobody(profile: Profile, tmp_path: Path) -> None:
     """mallory-* copy every query of one honest client and send sign steps away from them (JbDA
     around the honest client's points), each key a share of it; the honest client stays unlinked

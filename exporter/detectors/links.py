@@ -229,6 +229,7 @@ class LinksDetector(Detector):
         self._step_fill = np.zeros(1 << p.step_bits, dtype=np.int64)
         self._step_last = -np.inf  # event time of the latest filed step
         self._pending: list[tuple[int, int]] = []  # (bucket, query id) of the steps of the current chunk, filed once it is complete
+        self._filed: dict[int, int] = {}  # digest -> id of the entry filed in the buckets for that point (repeats are not filed)
 
     # -- per-client state -------------------------------------------------------------------
     def init_state(self) -> State:
@@ -296,6 +297,7 @@ class LinksDetector(Detector):
         buckets = self._buckets(u)
         saved = (list(self._pending), self._step_last, self._alloc, self._next, self._oldest, self._U, self._S, self._Up, self._lo, self._hi, self._ts, self._digest, self._client)
         undo: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        filed_undo: list[tuple[int, int | None]] = []
         out_linked = np.zeros(m, dtype=bool)
         out_parents = np.zeros((m, 2), dtype=np.uint64)
         try:
@@ -311,13 +313,27 @@ class LinksDetector(Detector):
                 sl = slice(start, stop)
                 # Candidates and filing piece by piece: the same as for the whole block (the
                 # buckets then hold the earlier pieces), with arrays that stay in the CPU cache.
-                cand, order, starts, rank_sorted = self._candidates(buckets[sl])
+                # A repeat of a point the index holds is no new point: it gets no candidates and
+                # is not filed, so that popular inputs and retries do not push parents out of
+                # their buckets (it still takes its row, which keeps ids and chunks as they were).
+                rows = self._new_points(dig[sl], ts[sl], filed_undo)
+                ids = self._next + rows
+                found, order, starts, rank_sorted = recent(buckets[sl][rows], self._fill, self._slots, self.params.depth, 0, ids=ids)
+                cand = np.full((stop - start, found.shape[1]), -1, dtype=np.int64)
+                cand[rows] = found
                 out_linked[sl], out_parents[sl] = self._piece(u[sl], ts[sl], dig[sl], keys[sl], cand, undo)
-                self._file(buckets[sl], order, starts, rank_sorted, undo)
+                file(buckets[sl][rows], order, starts, rank_sorted, self._fill, self._slots, self.params.depth, 0, undo, ids=ids)
                 start = stop
+            if len(self._filed) > 2 * self.params.max_queries:
+                self._prune_filed()
         except BaseException:
             for array, at, old in reversed(undo):
                 array[at] = old
+            for digest, was in reversed(filed_undo):
+                if was is None:
+                    self._filed.pop(digest, None)
+                else:
+                    self._filed[digest] = was
             (self._pending, self._step_last, self._alloc, self._next, self._oldest, self._U, self._S, self._Up, self._lo, self._hi, self._ts, self._digest, self._client) = saved
             raise
         judged[idx] = True
@@ -334,14 +350,29 @@ class LinksDetector(Detector):
         b = (h >> _U64(64 - p.bucket_bits)).astype(np.int64)
         return b + (np.arange(p.tables, dtype=np.int64) << p.bucket_bits)
 
-    def _candidates(self, buckets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(m, tables x depth) candidate ids of the block's queries in the index (-1: none), and the bucket order for :meth:`_file`."""
-        cand, order, starts, rank_sorted = recent(buckets, self._fill, self._slots, self.params.depth, self._next)
-        return cand, order, starts, rank_sorted
+    def _new_points(self, dig: np.ndarray, ts: np.ndarray, filed_undo: list[tuple[int, int | None]]) -> np.ndarray:
+        """Rows of a piece (about to take ids ``self._next + row``) that are new points: no entry
+        filed for the same digest is still live (the same horizon as candidates': not overwritten
+        by the end of the chunk, within the TTL); those rows are recorded as filed."""
+        p = self.params
+        base = self._next
+        horizon = max(self._oldest, base - base % p.chunk + p.chunk - p.max_queries)
+        alloc = max(self._alloc, 1)
+        filed, stamps = self._filed, self._ts
+        rows = []
+        for row, (digest, t) in enumerate(zip(dig.tolist(), ts.tolist())):
+            at = filed.get(digest)
+            if at is not None and (at >= base or (at >= horizon and stamps[at % alloc] >= t - p.ttl_seconds)):
+                continue
+            filed_undo.append((digest, at))
+            filed[digest] = base + row
+            rows.append(row)
+        return np.array(rows, dtype=np.int64)
 
-    def _file(self, buckets: np.ndarray, order: np.ndarray, starts: np.ndarray, rank_sorted: np.ndarray, undo: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
-        """Put the block's queries in their buckets: each keeps its ``depth`` most recent entries."""
-        file(buckets, order, starts, rank_sorted, self._fill, self._slots, self.params.depth, self._next - buckets.shape[0], undo)
+    def _prune_filed(self) -> None:
+        """Forget the filed digests whose entries were overwritten (they can never be live again)."""
+        lo = self._next - self._alloc
+        self._filed = {d: i for d, i in self._filed.items() if i >= lo}
 
     def _piece(
         self, u: np.ndarray, ts: np.ndarray, dig: np.ndarray, keys: np.ndarray, cand: np.ndarray, undo: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
@@ -602,6 +633,13 @@ class LinksDetector(Detector):
         self._step_last = float(state["step_last"])
         self._pending = [(int(b), int(i)) for b, i in np.asarray(state["pending"], dtype=np.int64).reshape(-1, 2)]
         self._next, self._oldest = nxt, lo
+        # Which entry holds each point in the buckets: the first of its repeats, or a later one
+        # sent when the one before had passed the TTL (what _new_points decided then).
+        ttl = self.params.ttl_seconds
+        stamp: dict[int, float] = {}
+        for i, digest, t in zip(range(lo, nxt), self._digest[pos].tolist(), self._ts[pos].tolist()):
+            if digest not in stamp or stamp[digest] < t - ttl:
+                self._filed[digest], stamp[digest] = i, t
 
 
 def recent(
