@@ -63,7 +63,9 @@ def test_clients_sending_the_same_popular_inputs_are_not_linked(profile: Profile
     traffic = benign_only(DATASET, clients=60, mix={"popular": 1.0}, stream="tests-popular", prefix="app")
     report = run(traffic, tmp_path / "popular.jsonl", profile)
     assert report["groups"] == {}
-    assert all(v["detectors"]["links"]["value"] == 0.0 for v in report["clients"].values())
+    assert not any(v["detectors"]["links"]["flagged"] for v in report["clients"].values())
+    # Sharing the inputs is no evidence: at most a chance continuation of one query here and there.
+    assert sum(v["detectors"]["links"]["value"] > 0.0 for v in report["clients"].values()) <= 1
 
 
 def test_apps_of_one_organisation_with_similar_data_are_not_linked(profile: Profile, tmp_path: Path) -> None:
@@ -107,7 +109,7 @@ def test_a_popular_input_sent_again_and_again_does_not_push_a_parent_out_of_the_
     queries continue alice's step."""
     world = build_world(DATASET, 0)
     ds = world.dataset
-    rng = np.random.default_rng(2)  # p0, p1 and most children share buckets in 2 of the 4 tables
+    rng = np.random.default_rng(2)  # p0, p1 and most children share some of their buckets
     lam = 0.05 * ds.span
     p0 = ds.lo + ds.span * rng.uniform(0.35, 0.65, ds.dim)
     p1 = p0 + lam * rng.choice([-1.0, 1.0], ds.dim)

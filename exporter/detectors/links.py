@@ -32,10 +32,10 @@ class LinksParams(WindowedParams):
     """Parameters of :class:`LinksDetector` and of the groups built from its links (:mod:`exporter.groups`)."""
 
     # -- the index of recent queries ---------------------------------------------------
-    tables: int = Field(4, ge=1, le=16, description="Independent hash tables of the index (p-stable LSH); more find more parents, at a cost per query.")
+    tables: int = Field(8, ge=1, le=16, description="Independent hash tables of the index (p-stable LSH); more find more parents, at a cost per query.")
     projections: int = Field(6, ge=1, le=16, description="Random projections per table; a table's bucket is the cell of all of them.")
     width: float = Field(0.5, gt=0.0, le=100.0, description="Cell width of each projection, in units of the features' ranges.")
-    depth: int = Field(8, ge=1, le=64, description="Most recent queries kept per bucket: candidates per query are at most tables x depth.")
+    depth: int = Field(16, ge=1, le=64, description="Most recent queries kept per bucket: candidates per query are at most tables x depth.")
     bucket_bits: int = Field(14, ge=6, le=22, description="Buckets per table: 2**bucket_bits (cells are hashed into them).")
     seed: int = Field(0, ge=0, description="Seed of the projections; the same seed gives the same buckets in every process.")
     max_queries: int = Field(65_536, ge=4096, le=4_000_000, description="Queries kept in the shared index (all clients of the model); the oldest are overwritten first.")
@@ -109,8 +109,9 @@ class LinksDetector(Detector):
     projections of ``width``, and each bucket keeps its ``depth`` most recent queries. A
     new query's candidates are those (at most ``tables x depth``); a cheap test on the
     sizes of the two steps on the ``probe`` features (those benign inputs spread most) picks the few worth
-    the full test. A query that exactly repeats a candidate is no new point: it continues
-    nothing. Score: the share of linked queries among the client's last ``window`` judged
+    the full test. A query that repeats a point the index holds is no new point: it
+    continues nothing and is not filed again, since popular inputs and retries would fill
+    the buckets and push out the points an exploration continues from. Score: the share of linked queries among the client's last ``window`` judged
     queries, ``linked / max(n, min_events)``; flagged at ``threshold``.
 
     Batching: matching and indexing happen in :meth:`prepare`, in time order over all the
@@ -135,7 +136,7 @@ class LinksDetector(Detector):
     (736 B with the defaults). Shared index per model: ``8·d' + 12·min(probe, d') + 24``
     bytes per query (d' features that move in the reference), grown with the traffic up
     to ``max_queries``, plus ``8 x depth + 8`` bytes
-    per bucket (``tables x 2**bucket_bits`` buckets: 4.5 MiB with the defaults).
+    per bucket (``tables x 2**bucket_bits`` buckets: 17 MiB with the defaults).
     """
 
     name: ClassVar[str] = "links"
