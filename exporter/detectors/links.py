@@ -108,11 +108,12 @@ class LinksDetector(Detector):
     ``tables`` hash tables; a query's bucket in each is the cell of ``projections`` random
     projections of ``width``, and each bucket keeps its ``depth`` most recent queries. A
     new query's candidates are those (at most ``tables x depth``); a cheap test on the
-    sizes of the two steps on the ``probe`` features (those benign inputs spread most) picks the few worth
-    the full test. A query that repeats a point the index holds is no new point: it
-    continues nothing and is not filed again, since popular inputs and retries would fill
-    the buckets and push out the points an exploration continues from. Score: the share of linked queries among the client's last ``window`` judged
-    queries, ``linked / max(n, min_events)``; flagged at ``threshold``.
+    sizes of the two steps on the ``probe`` features (those benign inputs spread most)
+    picks the few worth the full test. A query that repeats a point the index holds is no
+    new point: it continues nothing and is not filed again, since popular inputs and
+    retries would fill the buckets and push out the points an exploration continues from.
+    Score: the share of linked queries among the client's last ``window`` judged queries,
+    ``linked / max(n, min_events)``; flagged at ``threshold``.
 
     Batching: matching and indexing happen in :meth:`prepare`, in time order over all the
     clients' queries. A query's own step becomes usable as a parent's once its chunk of
