@@ -137,7 +137,9 @@ class LinksDetector(Detector):
     (736 B with the defaults). Shared index per model: ``8·d' + 12·min(probe, d') + 24``
     bytes per query (d' features that move in the reference), grown with the traffic up
     to ``max_queries``, plus ``8 x depth + 8`` bytes
-    per bucket (``tables x 2**bucket_bits`` buckets: 17 MiB with the defaults).
+    per bucket (``tables x 2**bucket_bits`` buckets: 17 MiB with the defaults), plus the
+    map of filed digests: at most ``1.25 x max_queries`` entries of about 100 B in CPython
+    (two int objects and a dict slot: about 8 MiB with the defaults).
     """
 
     name: ClassVar[str] = "links"
@@ -326,8 +328,8 @@ class LinksDetector(Detector):
                 out_linked[sl], out_parents[sl] = self._piece(u[sl], ts[sl], dig[sl], keys[sl], cand, undo)
                 file(buckets[sl][rows], order, starts, rank_sorted, self._fill, self._slots, self.params.depth, 0, undo, ids=ids)
                 start = stop
-            if len(self._filed) > 2 * self.params.max_queries:
-                self._prune_filed()
+                if len(self._filed) > self.params.max_queries + self.params.max_queries // 4:
+                    self._prune_filed(filed_undo)  # at most max_queries of them are live: memory stays bounded
         except BaseException:
             for array, at, old in reversed(undo):
                 array[at] = old
@@ -371,10 +373,11 @@ class LinksDetector(Detector):
             rows.append(row)
         return np.array(rows, dtype=np.int64)
 
-    def _prune_filed(self) -> None:
+    def _prune_filed(self, filed_undo: list[tuple[int, int | None]]) -> None:
         """Forget the filed digests whose entries were overwritten (they can never be live again)."""
         lo = self._next - self._alloc
-        self._filed = {d: i for d, i in self._filed.items() if i >= lo}
+        for digest in [d for d, i in self._filed.items() if i < lo]:
+            filed_undo.append((digest, self._filed.pop(digest)))
 
     def _piece(
         self, u: np.ndarray, ts: np.ndarray, dig: np.ndarray, keys: np.ndarray, cand: np.ndarray, undo: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
