@@ -138,7 +138,7 @@ class LinksDetector(Detector):
     bytes per query (d' features that move in the reference), grown with the traffic up
     to ``max_queries``, plus ``8 x depth + 8`` bytes
     per bucket (``tables x 2**bucket_bits`` buckets: 17 MiB with the defaults), plus the
-    map of filed digests: at most ``1.25 x max_queries`` entries of about 100 B in CPython
+    map of filed digests: at most ``1.25 x max_queries + chunk`` entries of about 100 B in CPython
     (two int objects and a dict slot: about 8 MiB with the defaults).
     """
 
