@@ -28,12 +28,12 @@ import base64
 import binascii
 import hmac
 import heapq
-import json
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import parse_qs, unquote
 
+from exporter import jsonparse
 from exporter.names import is_valid_name
 from exporter.overrides import BLOCK, RELEASE, Override, OverrideError, check_reason
 
@@ -102,7 +102,7 @@ def override_request(body: bytes, who: str | None) -> tuple[str, str] | Answer:
     if who is None:
         return error(403, "named_token_required", "an override needs a named API token (api.tokens): it records who acted")
     try:
-        doc = json.loads(body)
+        doc = jsonparse.loads(body)  # UTF-8 only, and nesting too deep is a ValueError too
     except ValueError:
         return error(400, "malformed_json", 'the body must be a JSON object: {"reason": "..."}')
     try:
@@ -121,7 +121,7 @@ def page_limit(params: dict[str, list[str]]) -> int | Answer:
     if "limit" not in params:
         return DEFAULT_LIMIT
     text = params["limit"][0]
-    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+    if not (text.isascii() and text.isdigit() and len(text) <= 6) or not 1 <= int(text) <= MAX_LIMIT:
         return error(400, "bad_query", f"limit is a whole number from 1 to {MAX_LIMIT}")
     return int(text)
 

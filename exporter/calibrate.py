@@ -213,8 +213,9 @@ def calibrate(settings: Settings, paths: list[str], progress_stream: TextIO = sy
         rec = _Maxima(measured)
         pipe = Pipeline(settings, event_time=True, profile=_profile(settings, fitted_on, rng, cal.target_fpr), observer=rec)
         run_blocks(pipe, events, bar, f"calibrating (fold {fold + 1} of 2)")
-        for model, mg in pipe.groups.by_model.items():  # groups that formed by chance among benign clients
-            group_maxima[model] += mg.all_maxima()
+        if fold == 0:  # groups that formed by chance among benign clients: each fold replays every event, so count one
+            for model, mg in pipe.groups.by_model.items():
+                group_maxima[model] += mg.all_maxima()
         for model, per in rec.values.items():
             for name, clients in per.items():
                 maxima[model][name].update(clients)

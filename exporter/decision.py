@@ -59,7 +59,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from exporter.httpio import DeadlineReader, DeadlineWriter
-from exporter.logutil import RateLimitedLog, escape, escaping_handler
+from exporter.logutil import RateLimitedLog, escaping_handler
 from exporter.names import is_valid_name
 
 log = logging.getLogger("monitaur.decision")
@@ -168,7 +168,7 @@ class Decider:
         except UnicodeDecodeError:
             return self.error("invalid_client", detail="not UTF-8")
         if not is_valid_name(client):
-            return self.error("invalid_client", detail=f"not a client id: {escape(client[:64])!r}")
+            return self.error("invalid_client", detail=f"not a client id: {client[:64]!r}")  # the log handler escapes it
         table = self.table
         if table is None:
             return self.error("not_published")

@@ -259,8 +259,8 @@ class ModelGroups:
             self.member_of[joiner] = gid
         elif ga != gb:
             keep, gone = sorted((self.groups[ga], self.groups[gb]), key=lambda g: (g.created, g.number))
-            for k, t in gone.joined.items():
-                keep.joined[k] = min(t, keep.joined.get(k, t))
+            for k in gone.joined:  # they join the kept group now (the merge's time, as the scorers read it)
+                keep.joined[k] = ts
                 self.member_of[k] = keep.gid
             keep.first_flagged = min((t for t in (keep.first_flagged, gone.first_flagged) if t is not None), default=None)
             keep.max_score = max(keep.max_score, gone.max_score)
@@ -363,14 +363,14 @@ class ModelGroups:
             self._dissolve(g)
             return
         keep = set(parts[0])
+        joined = dict(g.joined)
         for k in list(g.joined):
             if k not in keep:
                 g.joined.pop(k)
                 self.member_of.pop(k, None)
         for part in parts[1:]:
             number = self._new_number()
-            created = min(g.joined.get(k, math.inf) for k in part)
-            new = _Group(f"g{number}", number, g.created if math.isinf(created) else created, {k: g.created for k in part})
+            new = _Group(f"g{number}", number, min(joined[k] for k in part), {k: joined[k] for k in part})  # members keep their times
             self.groups[new.gid] = new
             for k in part:
                 self.member_of[k] = new.gid

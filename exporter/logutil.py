@@ -28,6 +28,11 @@ def escape(text: str) -> str:
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
+def printable(text: str, limit: int = 200) -> str:
+    """Operator-given text for a log line: escaped (as every record is again by the log handler), length bounded."""
+    return escape(text[:limit]) + ("..." if len(text) > limit else "")
+
+
 def _escape_block(text: str) -> str:
     """A traceback or stack: each line escaped and indented, so that none can pass for a record of its own."""
     return "\n".join("    " + escape(line) for line in text.split("\n"))

@@ -38,7 +38,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from exporter import decision
-from exporter.logutil import escape
+from exporter.logutil import printable
 from exporter.overrides import ACTIONS, BLOCK, RELEASE, FILE, Override, OverrideError, Overrides, block_until
 
 if TYPE_CHECKING:
@@ -128,7 +128,7 @@ class Reaction:
                 released.append((client, flag.first_at))
             elif self.overrides.block_of(client, now) is not None:
                 released.append((client, None))
-                log.info("client %s: manual block ended by %s: %s", client, who, _printable(reason))
+                log.info("client %s: manual block ended by %s: %s", client, who, printable(reason))
         if not released:
             return [], True
         records, saved = self.overrides.release(released, who, reason, now, group)
@@ -149,7 +149,7 @@ class Reaction:
         self.overrides_total.labels(BLOCK).inc(len(records))
         for r in records:
             until = "until released" if r.until is None else f"for {r.until - r.at:.0f} s"
-            log.info("client %s blocked by %s %s: %s", r.client, r.who, until, _printable(r.reason))
+            log.info("client %s blocked by %s %s: %s", r.client, r.who, until, printable(r.reason))
         return records, saved
 
     # -- block state ----------------------------------------------------------------------
@@ -206,11 +206,6 @@ def _open_flag(summary: Any, recent: "RecentFlag | None") -> "FlagRecord | None"
     if recent is not None and recent.flag.open:
         return recent.flag
     return None
-
-
-def _printable(text: str, limit: int = 200) -> str:
-    """Operator-given text for a log line: escaped (as every record is again by the log handler), length bounded."""
-    return escape(text[:limit]) + ("..." if len(text) > limit else "")
 
 
 def table_change(old: dict[str, float], new: dict[str, float]) -> tuple[dict[str, float], list[str]]:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from exporter.logutil import RateLimitedLog, escape
+from exporter.logutil import RateLimitedLog, printable
 
 if TYPE_CHECKING:
     from exporter.detectors import Batch
@@ -316,7 +316,7 @@ class Verdicts:
             return None
         self._recent_changed()
         self.metrics.flags_cleared.labels(RELEASED).inc()
-        log.info("client %s (evicted) released by %s: %s", client_id, _printable(who), _printable(reason))
+        log.info("client %s (evicted) released by %s: %s", client_id, printable(who), printable(reason))
         return entry.flag.copy()
 
     def evicted(self, client: "ClientState", reason: str) -> None:
@@ -342,7 +342,7 @@ class Verdicts:
         self.store.refile(client.client_id)
         self.metrics.flags_cleared.labels(cause).inc()
         if release is not None:
-            log.info("client %s released by %s: %s (flagged since its query %d)", client.client_id, _printable(release.who), _printable(release.reason), flag.first_query)
+            log.info("client %s released by %s: %s (flagged since its query %d)", client.client_id, printable(release.who), printable(release.reason), flag.first_query)
         else:
             self._log.log(logging.INFO, cause, "client %s: flag lapsed, not flagged again for %.0f s (flagged since its query %d)",
                           client.client_id, self.hold_seconds, flag.first_query)
@@ -365,6 +365,3 @@ def restart(client: "ClientState", forget: Callable[[str], None]) -> None:
     forget(client.client_id)
 
 
-def _printable(text: str, limit: int = 200) -> str:
-    """Operator-given text for a log line: escaped (as every record is again by the log handler), length bounded."""
-    return escape(text[:limit]) + ("..." if len(text) > limit else "")

@@ -154,7 +154,3 @@ class ClientView:
     def group(self, group_id: str) -> "GroupSummary | None":
         """One group with its members and their link strength; None if there is no such group (any more)."""
         return next((g for g in self.groups() if g.group == group_id), None)
-
-    def groups_of(self, client_id: str) -> list["GroupSummary"]:
-        """The groups a client is in: at most one per model (to page on or block together)."""
-        return [g for g in self.groups() if any(m.client == client_id for m in g.members)]

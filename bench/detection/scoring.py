@@ -217,6 +217,11 @@ def promise_of(summary: dict[str, Any] | None, model: str) -> dict[str, Any] | N
 NAMED_SHARE = 0.8  # a true group is "named" by a reported group holding at least this share of its members
 
 
+def _ever_flagged(group: dict[str, Any]) -> bool:
+    """Whether a reported group was flagged at any time of the replay (not only at its end)."""
+    return bool(group["flagged"]) or group.get("first_flagged") is not None
+
+
 def score_groups(traffic: Traffic, report: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Per true attacker group (Sybil), whether and when the report named it; and the benign side.
 
@@ -253,7 +258,7 @@ def score_groups(traffic: Traffic, report: dict[str, Any]) -> tuple[list[dict[st
         if best is not None:
             g = groups[best]
             row["purity"] = counts[best] / len(g["members"])
-            row["flagged"] = bool(g["flagged"])
+            row["flagged"] = _ever_flagged(g)
             if counts[best] >= need:
                 joined = sorted(g["members"][c]["joined"] for c in members if c in g["members"])
                 at = joined[need - 1]
@@ -273,7 +278,7 @@ def score_groups(traffic: Traffic, report: dict[str, Any]) -> tuple[list[dict[st
         by_type[key][0] += 1
         by_type[key][1] += int(c in member_of)
     side = {"benign": len(benign), "linked": len(linked), "linked_clients": sorted(linked),
-            "benign_only_groups": len(benign_only), "benign_only_flagged": sum(bool(groups[g]["flagged"]) for g in benign_only),
+            "benign_only_groups": len(benign_only), "benign_only_flagged": sum(_ever_flagged(groups[g]) for g in benign_only),
             "by_behaviour": {k: {"clients": n, "linked": m} for k, (n, m) in sorted(by_type.items()) if m},
-            "groups_reported": len(groups), "groups_flagged": sum(bool(g["flagged"]) for g in groups.values())}
+            "groups_reported": len(groups), "groups_flagged": sum(_ever_flagged(g) for g in groups.values())}
     return rows, side

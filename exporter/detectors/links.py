@@ -397,14 +397,13 @@ class LinksDetector(Detector):
         alive = (cand >= max(self._oldest, chunk_start + p.chunk - p.max_queries)) & (cand >= 0)
         cpos = np.where(alive, cand % alloc, 0)
         alive &= take(self._ts, cpos) >= (ts - p.ttl_seconds)[:, None]
-        same = alive & (take(self._digest, cpos) == dig[:, None])
-        repeat = same.any(axis=1)  # an exact repeat of a candidate is no new point
+        # (No candidate has the query's digest: a repeat got no candidates, _new_points.)
         # 2. The cheap test on the probe features (the two steps' sizes agree on at least
         # _PROBE_MIN of them); it also finds the nearest candidate.
         du = u[:, None, :r] - take(self._Up, cpos, axis=0)  # (m, K, r)
         ad = np.abs(du)
         close = np.count_nonzero((ad >= take(self._lo, cpos, axis=0)) & (ad <= take(self._hi, cpos, axis=0)), axis=2)
-        usable = alive & ~same & (cand < chunk_start) & (close >= min(_PROBE_MIN, r))  # the candidate's own step is final
+        usable = alive & (cand < chunk_start) & (close >= min(_PROBE_MIN, r))  # the candidate's own step is final
         # 3. The full test on the few left.
         passed = np.zeros(usable.shape, dtype=bool)
         straight = np.zeros(usable.shape, dtype=bool)
@@ -413,14 +412,14 @@ class LinksDetector(Detector):
             sel = cpos[qi, ki]
             passed[qi, ki], straight[qi, ki] = self._continues(u[qi] - take(self._U, sel, axis=0), take(self._S, sel, axis=0))
         owner = take(self._client, cpos)
-        other = passed & (owner != keys[:, None]) & ~repeat[:, None]
+        other = passed & (owner != keys[:, None])
         linked = other.any(axis=1)
         parents = np.zeros((m, 2), dtype=np.uint64)
         for row in np.flatnonzero(linked).tolist():
             found = list(dict.fromkeys(owner[row, other[row]].tolist()))[:2]
             parents[row, : len(found)] = found
         # 4. Each query's own step: from the first candidate it continued, else from the nearest other point (probe distance).
-        dist = np.where(alive & ~same, np.einsum("mkr,mkr->mk", du, du), np.inf)
+        dist = np.where(alive, np.einsum("mkr,mkr->mk", du, du), np.inf)
         hit = passed.any(axis=1)
         pick = np.where(hit, np.argmax(passed, axis=1), np.argmin(dist, axis=1))
         has = hit | np.isfinite(dist.min(axis=1))
@@ -429,8 +428,8 @@ class LinksDetector(Detector):
         # a change that repeats one is a step too, and becomes the query's own.
         # Only steps that turn (not three points on one line) are filed: a line is also what honest
         # data can hold (records interpolated between two others), a turn of equal size is not.
-        filing = hit & ~repeat & ~straight[np.arange(m), pick]
-        self._alike(u, du, ad, alive & ~same & ~repeat[:, None], cpos, steps, filing, ts, keys, base, chunk_start, linked, parents, undo)
+        filing = hit & ~straight[np.arange(m), pick]
+        self._alike(u, du, ad, alive, cpos, steps, filing, ts, keys, base, chunk_start, linked, parents, undo)
         lo, hi = self._bounds(steps[:, :r])
         self._write(at, undo, ((self._S, steps), (self._lo, lo), (self._hi, hi)))
         self._next = base + m
