@@ -53,22 +53,25 @@ def replays(log: Path, profile: Profile | None, monkeypatch: pytest.MonkeyPatch)
     out = {}
     for size in BLOCKS:
         monkeypatch.setattr(replay_module, "BLOCK", size)
-        out[size] = replay(settings(), [str(log)], progress=False, profile=profile)["clients"]
+        report = replay(settings(), [str(log)], progress=False, profile=profile)
+        out[size] = {"clients": report["clients"], "groups": report["groups"]}
     return out
 
 
 @pytest.mark.parametrize("calibrated", [False, True], ids=["live baseline", "profile"])
 def test_replay_verdicts_do_not_depend_on_the_block_size(logs, profile, calibrated: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     reports = replays(logs[0], profile if calibrated else None, monkeypatch)
-    first = reports[BLOCKS[0]]
+    first = reports[BLOCKS[0]]["clients"]
     flagged = {c for c, v in first.items() if v["flagged"]}
     assert {"atk-hopskipjump-0", "atk-uniform-0"} <= flagged  # the check is not vacuous
     if calibrated:  # the shared index took part (the live baseline's first fit, at 16 clients, comes after this search)
         assert first["atk-hopskipjump-0"]["detectors"]["fingerprint"]["flagged"]
     else:  # links' shared index linked queries too (none on this traffic under the profile's reference)
         assert any(v["detectors"]["links"]["value"] > 0 for v in first.values())
-    for size, clients in reports.items():
+    for size, report in reports.items():
+        clients = report["clients"]
         assert clients == first, f"block size {size} changed the verdicts of {[c for c in first if clients.get(c) != first[c]]}"
+        assert report["groups"] == reports[BLOCKS[0]]["groups"], f"block size {size} changed the groups"
 
 
 def test_a_live_run_gives_the_verdicts_of_a_replay(logs, tmp_path: Path) -> None:

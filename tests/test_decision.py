@@ -155,6 +155,8 @@ def test_malformed_requests_get_the_error_answer_and_the_connection_closes(serve
         with socket.create_connection(("127.0.0.1", port)) as s:
             got = exchange(s, bad)
             assert status(got[0]) == 200 and b"X-Monitaur-Decision: error_allow" in got[0] and b"no-store" in got[0]
+            s.settimeout(2.0)
+            assert s.recv(10) == b""  # closed
     assert d.counts()["errors"]["bad_request"] == 4
 
 
@@ -167,6 +169,8 @@ def test_a_request_with_a_body_is_answered_at_once_and_its_connection_closes(ser
         got = exchange(s, b"GET / HTTP/1.1\r\nX-Monitaur-Client: mallory\r\n" + framing)
         assert time.monotonic() - started < 0.5
         assert status(got[0]) == 403 and b"Connection: close" in got[0]
+        s.settimeout(2.0)
+        assert s.recv(10) == b""  # closed, the body never read
 
 
 def test_connections_beyond_the_cap_get_the_error_answer_at_once(served) -> None:

@@ -126,29 +126,33 @@ def test_a_popular_input_sent_again_and_again_does_not_push_a_parent_out_of_the_
 
 
 def test_an_attacker_who_copies_and_steps_away_from_an_honest_clients_queries_frames_nobody(profile: Profile, tmp_path: Path) -> None:
-    """mallory-* copy every query of one honest client and send sign steps away from them (JbDA
-    around the honest client's points), each key a share of it; the honest client stays unlinked
-    and unflagged, whatever the attackers get."""
+    """mallory-* copy every query of one honest client and explore away from them (JbDA rounds
+    of sign steps grown from the honest client's points), each key a share of it. The attack is
+    linked (the malloreys form a group), the honest client stays unlinked and unflagged."""
     world = build_world(DATASET, 0)
     ds = world.dataset
     victim = benign_only(DATASET, clients=1, stream="tests-framed", prefix="honest")
+    others, _ = sybil_split(DATASET, size=3, per_member=10, benign=30, start=DEFAULT_START)  # some ordinary traffic around
     rng = np.random.default_rng(3)
-    X_h = victim.X
-    lam = 0.1 * ds.span
-    copies = X_h.copy()
-    steps = ds.round(ds.clip(X_h + lam * rng.choice([-1.0, 1.0], X_h.shape)))
-    steps2 = ds.round(ds.clip(steps + lam * rng.choice([-1.0, 1.0], X_h.shape)))
-    X_a = np.concatenate([copies, steps, steps2])
-    ts_a = np.concatenate([victim.ts + 5.0, victim.ts + 10.0, victim.ts + 15.0])
+    lam = 0.05 * ds.span
+    rounds = [victim.X.copy()]
+    for _ in range(4):
+        rounds.append(ds.round(ds.clip(rounds[-1] + lam * rng.choice([-1.0, 1.0], victim.X.shape))))
+    later = max(victim.ts.max(), others.ts.max()) + 60.0
+    rest = [later + 1000.0 * k + np.arange(len(victim), dtype=np.float64) for k in range(3)]
+    X_a = np.concatenate(rounds)
+    ts_a = np.concatenate([victim.ts + 5.0, victim.ts + 10.0, *rest])
     order = np.argsort(ts_a, kind="stable")
     X_a, ts_a = X_a[order], ts_a[order]
     attackers = Traffic(ts_a, np.arange(len(X_a)) % 3, ["mallory-0", "mallory-1", "mallory-2"], X_a, world.answer(X_a),
                         {f"mallory-{j}": {"kind": "attack", "type": "framing", "group": "mallory"} for j in range(3)}, world.model, ds.decimals)
-    others, _ = sybil_split(DATASET, size=3, per_member=10, benign=30, start=DEFAULT_START)  # some ordinary traffic around
     from tests.sybil import _merge
 
     traffic = _merge([victim, attackers, others])
     report = run(traffic, tmp_path / "framing.jsonl", profile)
+    mallory = [f"mallory-{j}" for j in range(3)]
+    assert all(report["clients"][m]["detectors"]["links"]["value"] > 0.0 for m in mallory)  # the attack itself is linked
+    assert any(sum(m in g["members"] for m in mallory) >= 2 for g in report["groups"].values())
     h = report["clients"]["honest-0000"]
     assert h["group"] is None
     assert h["detectors"]["links"]["value"] == 0.0 and not h["detectors"]["links"]["flagged"]
