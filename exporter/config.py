@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from exporter.names import MAX_MODEL_LENGTH, is_valid_name
@@ -402,28 +402,29 @@ class ReactionConfig(_Section):
     def _secret(cls, value: str | None) -> str | None:
         return None if value is None else _secret_text(value, "reaction.secret")
 
+    _secret_value: str | None = PrivateAttr(default=None)  # the secret as validated (secret_file is read once, here)
+
     @model_validator(mode="after")
     def _checks(self) -> "ReactionConfig":
         if self.client_header.lower() == self.secret_header.lower():
             raise ValueError("reaction.client_header and reaction.secret_header must differ")
         if self.secret is not None and self.secret_file is not None:
             raise ValueError("set reaction.secret or reaction.secret_file, not both")
+        self._secret_value = self.secret
         if self.secret_file is not None:
             if not self.secret_file.is_file():
                 raise ValueError(f"reaction.secret_file {str(self.secret_file)!r} does not exist")
             try:
-                secret = self.shared_secret() or ""
+                lines = self.secret_file.read_text(encoding="utf-8").splitlines()
             except (OSError, UnicodeDecodeError) as exc:
                 raise ValueError(f"reaction.secret_file {str(self.secret_file)!r} cannot be read: {exc}") from None
-            _secret_text(secret, "the secret in reaction.secret_file")
+            self._secret_value = _secret_text(lines[0].strip() if lines else "", "the secret in reaction.secret_file")
         return self
 
     def shared_secret(self) -> str | None:
-        """The shared secret, from ``secret`` or the first line of ``secret_file``; None without one."""
-        if self.secret_file is not None:
-            lines = self.secret_file.read_text(encoding="utf-8").splitlines()
-            return lines[0].strip() if lines else ""
-        return self.secret
+        """The shared secret, from ``secret`` or the first line of ``secret_file`` as read and checked at
+        validation (a file emptied later cannot turn it into an empty secret); None without one."""
+        return self._secret_value
 
 
 class LimitsConfig(_Section):

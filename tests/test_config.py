@@ -206,3 +206,15 @@ def test_unknown_env_variables_are_warned_about(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     assert "MONITAUR_FOO names no configuration key" in run.stderr and "MONITAUR_PUSH_TOKEN names no configuration key" in run.stderr
     assert "MONITAUR_LISTEN__PORT" not in run.stderr
+
+
+def test_the_reaction_secret_file_is_read_and_checked_once(tmp_path: Path) -> None:
+    """The secret is the file's first line as validated at start-up: emptying the file later
+    cannot turn it into an empty secret that an empty header would match."""
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret-s3cret-s3cret-0123\n")
+    s = Settings(state={"dir": None}, files={"paths": []}, reaction={"enabled": True, "secret_file": str(secret)})
+    secret.write_text("")
+    assert s.reaction.shared_secret() == "s3cret-s3cret-s3cret-0123"
+    with pytest.raises(ValidationError, match="secret_file"):
+        Settings(state={"dir": None}, files={"paths": []}, reaction={"enabled": True, "secret_file": str(secret)})

@@ -26,7 +26,7 @@ import requests
 
 from exporter.demo import DigitsLike, benign_log
 from tests.conftest import REPO, ExporterProcess, free_port, sample, wait_for
-from tests.gateway import PROTECTED_LOCATION, ModelService, Nginx
+from tests.gateway import NGINX, PROTECTED_LOCATION, ModelService, Nginx
 
 TOKEN = "ops-token-0123456789abcdef"
 KEYS = {"key-alice": "alice", "key-bob": "bob", "key-carol": "carol", "key-scraper": "scraper"}
@@ -121,12 +121,13 @@ def scrape_until_blocked(url: str, timeout: float = 90.0) -> tuple[list[float], 
     raise AssertionError(f"the scraper was not blocked within {timeout:g} s ({len(allowed)} queries allowed)")
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def _nginx_installed() -> None:
-    if not Path("/usr/sbin/nginx").exists():
+    if not Path(NGINX).exists():
         pytest.fail("nginx is not installed (Debian package 'nginx'); .ci/run installs it")
 
 
+@pytest.mark.usefixtures("_nginx_installed")
 def test_block_mode_blocks_the_scraper_at_the_gateway_and_a_release_unblocks(tmp_path: Path) -> None:
     with Stack(tmp_path, "block") as stack:
         assert stack.nginx is not None
@@ -174,6 +175,7 @@ def test_block_mode_blocks_the_scraper_at_the_gateway_and_a_release_unblocks(tmp
         assert "Traceback" not in stack.exporter.log_text()
 
 
+@pytest.mark.usefixtures("_nginx_installed")
 def test_observe_mode_blocks_nobody_and_counts_what_it_would_have_blocked(tmp_path: Path) -> None:
     with Stack(tmp_path, "observe") as stack:
         assert stack.nginx is not None
