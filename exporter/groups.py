@@ -444,7 +444,6 @@ class GroupBook:
         self.profile = profile
         self.by_model: dict[str, ModelGroups] = {}
         self._next = 1
-        self._flags: dict[int, np.ndarray] = {}  # id(block) -> per-event links flag, filled batch by batch
 
     def _number(self) -> int:
         n = self._next
@@ -467,19 +466,18 @@ class GroupBook:
 
     # -- fed by the pipeline -----------------------------------------------------------------
     def note(self, batch: "Batch", signals: dict[str, "Signals"]) -> None:
-        """Keep the links detector's per-event flags of one client's batch, for :meth:`process`."""
+        """Keep the links detector's per-event flags of one client's batch in its block, for :meth:`process`."""
         found = signals.get(SOURCE)
         block = batch.block
         if found is None or block is None:
             return
-        flags = self._flags.get(id(block))
-        if flags is None:
-            flags = self._flags[id(block)] = np.zeros(len(block), dtype=bool)
-        flags[batch.rows] = found.flagged
+        if SOURCE not in block.flagged:
+            block.flagged[SOURCE] = np.zeros(len(block), dtype=bool)
+        block.flagged[SOURCE][batch.rows] = found.flagged
 
     def process(self, model: str, params: "LinksParams | None", block: "Block", queries: Callable[[str], int]) -> None:
         """Fold a judged block into the model's groups."""
-        flags = self._flags.pop(id(block), None)
+        flags = block.flagged.get(SOURCE)
         if params is None or SOURCE not in block.prepared:
             return
         self.model(model, params).observe(block, flags if flags is not None else np.zeros(len(block), dtype=bool), queries)

@@ -148,13 +148,15 @@ class Block:
     clients' events of a processed chunk, so that state shared across clients is updated
     in time order whatever the batching. :class:`Batch` (one client's events) reads its
     views from its block. ``prepared`` holds each detector's per-event results of the
-    cross-client stage, aligned with ``events``.
+    cross-client stage, aligned with ``events``; ``flagged`` the per-event flags of the
+    client batches, for the stages after them that ask for a detector's (the groups).
     """
 
     def __init__(self, model: str, events: list["Event"]) -> None:
         self.model = model
         self.events = events
         self.prepared: dict[str, tuple[np.ndarray, ...]] = {}
+        self.flagged: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.events)
