@@ -111,6 +111,28 @@ def scatter(n: int, judged: np.ndarray | list[int] | None, values: np.ndarray, f
     return out
 
 
+_BYTE_SUM = np.uint64(0x0101010101010101)
+
+
+def count_true(mask: np.ndarray) -> np.ndarray:
+    """``np.count_nonzero(mask, axis=-1)`` for a boolean array, about twice as fast on short last axes.
+
+    Eight booleans at a time are read as one 64-bit word whose bytes are 0 or 1; multiplying
+    by 0x0101...01 adds them up in the top byte. The last ``n % 8`` are counted as usual.
+    """
+    mask = np.ascontiguousarray(mask, dtype=np.bool_)
+    n = mask.shape[-1]
+    whole = n - n % 8
+    if whole == 0:
+        return np.count_nonzero(mask, axis=-1)
+    words = mask[..., :whole] if whole < n else mask
+    sums = (np.ascontiguousarray(words).view(np.uint64) * _BYTE_SUM) >> np.uint64(56)
+    out = sums.sum(axis=-1, dtype=np.int64)
+    if whole < n:
+        out += np.count_nonzero(mask[..., whole:], axis=-1)
+    return out
+
+
 def vector_rows(batch: Batch, dim: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Positions of the batch's events that carry a ``dim``-long vector, and those vectors stacked.
 

@@ -20,7 +20,7 @@ from exporter.detectors.base import (
     min_threshold_field,
 )
 from exporter.detectors.fingerprint import client_key
-from exporter.detectors.kit import feature_spans, ring_in_order, ring_write, share_signals, vector_rows
+from exporter.detectors.kit import count_true, feature_spans, ring_in_order, ring_write, share_signals, vector_rows
 from exporter.hashing import splitmix64
 
 _U64 = np.uint64
@@ -292,13 +292,11 @@ class LinksDetector(Detector):
         if x is None:
             return
         m = idx.shape[0]
-        u = (np.asarray(x, dtype=np.float64)[:, self._cols] * self._inv).astype(np.float32)
         ts = block.ts[idx]
         dig = block.digests[idx]
         names = [block.events[i].client for i in idx.tolist()]
         known = {c: client_key(c) for c in set(names)}
         keys = np.fromiter((known[c] for c in names), dtype=np.uint64, count=m)
-        buckets = self._buckets(u)
         saved = (list(self._pending), self._step_last, self._alloc, self._next, self._oldest, self._U, self._S, self._Up, self._lo, self._hi, self._ts, self._digest, self._client)
         undo: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         filed_undo: list[tuple[int, int | None]] = []
@@ -315,6 +313,8 @@ class LinksDetector(Detector):
                 if self._alloc < self.params.max_queries:  # rows keep their places until the index is full
                     stop = min(stop, start + self._alloc - self._next)
                 sl = slice(start, stop)
+                u = self._units(x[sl])
+                buckets = self._buckets(u)
                 # Candidates and filing piece by piece: the same as for the whole block (the
                 # buckets then hold the earlier pieces), with arrays that stay in the CPU cache.
                 # A repeat of a point the index holds is no new point: it gets no candidates and
@@ -322,11 +322,11 @@ class LinksDetector(Detector):
                 # their buckets (it still takes its row, which keeps ids and chunks as they were).
                 rows = self._new_points(dig[sl], ts[sl], filed_undo)
                 ids = self._next + rows
-                found, order, starts, rank_sorted = recent(buckets[sl][rows], self._fill, self._slots, self.params.depth, 0, ids=ids)
+                found, order, starts, rank_sorted = recent(buckets[rows], self._fill, self._slots, self.params.depth, 0, ids=ids)
                 cand = np.full((stop - start, found.shape[1]), -1, dtype=np.int64)
                 cand[rows] = found
-                out_linked[sl], out_parents[sl] = self._piece(u[sl], ts[sl], dig[sl], keys[sl], cand, undo)
-                file(buckets[sl][rows], order, starts, rank_sorted, self._fill, self._slots, self.params.depth, 0, undo, ids=ids)
+                out_linked[sl], out_parents[sl] = self._piece(u, ts[sl], dig[sl], keys[sl], cand, undo)
+                file(buckets[rows], order, starts, rank_sorted, self._fill, self._slots, self.params.depth, 0, undo, ids=ids)
                 start = stop
                 if len(self._filed) > self.params.max_queries + self.params.max_queries // 4:
                     self._prune_filed(filed_undo)  # at most max_queries of them are live: memory stays bounded
@@ -343,6 +343,10 @@ class LinksDetector(Detector):
         judged[idx] = True
         linked[idx] = out_linked
         parents[idx] = out_parents
+
+    def _units(self, x: np.ndarray) -> np.ndarray:
+        """(m, width) float32: the queries' moving features (the layout's columns) in units of their ranges."""
+        return (np.take(np.asarray(x, dtype=np.float64), self._cols, axis=1) * self._inv).astype(np.float32)
 
     def _buckets(self, u: np.ndarray) -> np.ndarray:
         """(m, tables) flat bucket index of each query in each table."""
@@ -400,9 +404,13 @@ class LinksDetector(Detector):
         # (No candidate has the query's digest: a repeat got no candidates, _new_points.)
         # 2. The cheap test on the probe features (the two steps' sizes agree on at least
         # _PROBE_MIN of them); it also finds the nearest candidate.
-        du = u[:, None, :r] - take(self._Up, cpos, axis=0)  # (m, K, r)
+        du = take(self._Up, cpos, axis=0)  # (m, K, r); in place from here on (these arrays are the stage's largest)
+        np.subtract(u[:, None, :r], du, out=du)
         ad = np.abs(du)
-        close = np.count_nonzero((ad >= take(self._lo, cpos, axis=0)) & (ad <= take(self._hi, cpos, axis=0)), axis=2)
+        bound = take(self._lo, cpos, axis=0)
+        close = ad >= bound
+        close &= ad <= take(self._hi, cpos, axis=0, out=bound)
+        close = count_true(close)
         usable = alive & (cand < chunk_start) & (close >= min(_PROBE_MIN, r))  # the candidate's own step is final
         # 3. The full test on the few left.
         passed = np.zeros(usable.shape, dtype=bool)
@@ -665,23 +673,29 @@ def recent(
     flat = buckets.reshape(-1)
     order = np.argsort(flat, kind="stable")
     sf = flat[order]
-    at = np.arange(flat.size)
     first = np.ones(flat.size, dtype=bool)
     first[1:] = sf[1:] != sf[:-1]
     starts = np.flatnonzero(first)
-    rank_sorted = at - np.repeat(starts, np.diff(np.append(starts, flat.size)))
-    rank = np.empty_like(rank_sorted)
-    rank[order] = rank_sorted
-    where = np.empty_like(at)
-    where[order] = at
+    rank_sorted = np.arange(flat.size) - np.repeat(starts, np.diff(np.append(starts, flat.size)))
     j = np.arange(depth)
-    earlier = j < rank[:, None]
-    pred = take(own, take(order, np.maximum(where[:, None] - 1 - j, 0)) // tables)
     filled = take(fill, flat)
-    back = j - rank[:, None]
-    in_slots = (back >= 0) & (back < np.minimum(filled, depth)[:, None])
-    slot_ids = take(slots, flat[:, None] * depth + (filled[:, None] - 1 - np.maximum(back, 0)) % depth)
-    cand = np.where(earlier, pred, np.where(in_slots, slot_ids, -1)).reshape(n, tables * depth)
+    # Each query sees its buckets' slots, most recent first ...
+    pos = ((filled - 1) % depth)[:, None] - j
+    pos += depth * (pos < 0)
+    pos += (flat * depth)[:, None]
+    cand = take(slots, pos)
+    cand[j >= np.minimum(filled, depth)[:, None]] = -1
+    # ... after the earlier queries of the run in the same bucket, if any (a few: done apart).
+    later = np.flatnonzero(rank_sorted)  # positions in the sort
+    if later.size:
+        rows = order[later]
+        rank = rank_sorted[later][:, None]
+        pred = take(own, take(order, np.maximum(later[:, None] - 1 - j, 0)) // tables)
+        back = j - rank
+        f = filled[rows][:, None]
+        slot_ids = take(slots, flat[rows][:, None] * depth + (f - 1 - np.maximum(back, 0)) % depth)
+        cand[rows] = np.where(j < rank, pred, np.where((back >= 0) & (back < np.minimum(f, depth)), slot_ids, -1))
+    cand = cand.reshape(n, tables * depth)
     return cand, order, starts, rank_sorted
 
 
