@@ -50,6 +50,7 @@ log = logging.getLogger("monitaur.reaction")
 
 PUBLISH_EVERY = 0.1  # seconds between checks for changed flags or overrides
 CONFIRM_EVERY = 1.0  # seconds between confirmations of an unchanged table
+READER_GRACE = 2.0  # seconds a restart waits for the ended process's last report of its counts
 LOCK_WAIT = 1.0  # the longest the publisher waits for the pipeline's lock at a time
 
 
@@ -215,6 +216,10 @@ def table_change(old: dict[str, float], new: dict[str, float]) -> tuple[dict[str
     return set_, unset
 
 
+def _zero_counts() -> dict[str, dict[str, int]]:
+    return {"decisions": dict.fromkeys(decision.DECISIONS, 0), "errors": dict.fromkeys(decision.ERRORS, 0)}
+
+
 def _wire(table: dict[str, float]) -> dict[str, float | None]:
     return {c: (None if math.isinf(u) else u) for c, u in table.items()}
 
@@ -244,8 +249,9 @@ class DecisionProcess:
         self.restarts = 0
         self._version: tuple[int, int] | None = None
         self._confirmed = 0.0
-        self._base = {"decisions": dict.fromkeys(decision.DECISIONS, 0), "errors": dict.fromkeys(decision.ERRORS, 0)}
-        self._current = {"decisions": dict.fromkeys(decision.DECISIONS, 0), "errors": dict.fromkeys(decision.ERRORS, 0)}
+        self._base = _zero_counts()  # the counts of the processes that ended
+        self._current = _zero_counts()  # the running process's own (each process reports its totals)
+        self._reader: threading.Thread | None = None
         self._counts_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -299,7 +305,8 @@ class DecisionProcess:
         self.published = None
         self._send({"config": self.child_config.as_dict()})
         assert self.proc.stdout is not None
-        threading.Thread(target=self._read_counts, args=(self.proc.stdout,), name="monitaur-decision-counts", daemon=True).start()
+        self._reader = threading.Thread(target=self._read_counts, args=(self.proc.stdout, self._current), name="monitaur-decision-counts", daemon=True)
+        self._reader.start()
 
     def _send(self, msg: dict[str, Any]) -> bool:
         proc = self.proc
@@ -312,16 +319,17 @@ class DecisionProcess:
             return False  # the process died: the publisher restarts it
         return True
 
-    def _read_counts(self, out: IO[bytes]) -> None:
+    def _read_counts(self, out: IO[bytes], into: dict[str, dict[str, int]]) -> None:
+        """Keep the totals a process reports, line by line, in ``into`` (that process's own counts)."""
         for line in out:
             try:
                 counts = json.loads(line)
-                fresh = {k: {n: int(v) for n, v in counts[k].items() if n in self._current[k]} for k in ("decisions", "errors")}
+                fresh = {k: {n: int(v) for n, v in counts[k].items() if n in into[k]} for k in ("decisions", "errors")}
             except (ValueError, KeyError, TypeError, AttributeError):
                 continue
             with self._counts_lock:
                 for k in fresh:
-                    self._current[k].update(fresh[k])
+                    into[k].update(fresh[k])
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Decisions and errors since the exporter started, over every run of the process."""
@@ -332,11 +340,15 @@ class DecisionProcess:
         proc = self.proc
         code = proc.returncode if proc is not None else None
         log.error("the decision process exited (code %s); starting it again", code)
+        if self._reader is not None:
+            self._reader.join(timeout=READER_GRACE)  # its last report, written before it exited
         with self._counts_lock:
+            # A report read after this goes to the old process's dict, which nobody reads any
+            # more: a few decisions may go uncounted, but the totals never go down or double.
             for k in self._base:
                 for n in self._base[k]:
                     self._base[k][n] += self._current[k][n]
-                    self._current[k][n] = 0
+            self._current = _zero_counts()
         self.restarts += 1
         self._version = None
         self._spawn()
@@ -383,7 +395,7 @@ class DecisionCollector(Collector):
 
     def collect(self) -> Iterable:
         d = self.reaction.decisions
-        counts = d.counts() if d is not None else {"decisions": dict.fromkeys(decision.DECISIONS, 0), "errors": dict.fromkeys(decision.ERRORS, 0)}
+        counts = d.counts() if d is not None else _zero_counts()
         decisions = CounterMetricFamily(
             "monitaur_decisions", "Answers of the decision endpoint for gateways, by decision (see docs/reaction.md).", labels=["decision"]
         )

@@ -86,5 +86,26 @@ def test_counts_from_the_process_are_read_line_by_line(app: App) -> None:
     # a report names every decision; unknown names or broken lines are ignored
     from io import BytesIO
 
-    d._read_counts(BytesIO(b'{"decisions": {"allow": 5, "nope": 1}, "errors": {}}\nnot json\n'))
+    d._read_counts(BytesIO(b'{"decisions": {"allow": 5, "nope": 1}, "errors": {}}\nnot json\n'), d._current)
     assert d.counts()["decisions"]["allow"] == 5 and "nope" not in d.counts()["decisions"]
+
+
+def test_a_report_of_the_old_process_read_after_a_restart_neither_doubles_nor_lowers_the_counts(app: App) -> None:
+    from io import BytesIO
+
+    d = app.reaction.decisions
+    d._stop.set()  # the publisher would restart the process itself
+    d._thread.join(timeout=10)
+    for _ in range(3):
+        decide(app, "alice")
+    wait_for(lambda: d.counts()["decisions"]["allow"] == 3, timeout=5, what="3 allowed")
+    old, old_counts = d.proc, d._current
+    os.kill(old.pid, signal.SIGKILL)
+    old.wait(timeout=5)
+    d._restart()
+    d._publish()  # the table, as the (stopped) publisher would send it
+    assert d.counts()["decisions"]["allow"] == 3  # the ended process's counts are kept
+    d._read_counts(BytesIO(b'{"decisions": {"allow": 3}, "errors": {}}\n'), old_counts)  # its last report, read late
+    assert d.counts()["decisions"]["allow"] == 3  # not 6
+    decide(app, "alice")
+    wait_for(lambda: d.counts()["decisions"]["allow"] == 4, timeout=5, what="the new process's decision counted")
