@@ -29,7 +29,7 @@ import numpy as np
 
 from exporter.atomic import atomic_write, atomic_write_bytes
 from exporter.detectors.kit import Scaling
-from exporter.groups import links_params
+from exporter.groups import SOURCE, links_params
 from exporter.names import MAX_CLIENT_LENGTH, MAX_MODEL_LENGTH, is_valid_name
 from exporter.snapshot import dump, unpack
 from exporter.state import ClientState, ClientStore
@@ -37,6 +37,7 @@ from exporter.verdict import FlagRecord, RecentlyFlagged, Release
 
 if TYPE_CHECKING:
     from exporter.events import Decoder
+    from exporter.detectors.links import LinksParams
     from exporter.groups import GroupBook
     from exporter.metrics import Metrics
     from exporter.runtime import Runtimes
@@ -76,7 +77,8 @@ def copy_state(lock: threading.RLock, store: ClientStore, runtimes: "Runtimes", 
             "recently_flagged": recent.state() if recent is not None else [],
         }
         if groups is not None:
-            head["groups"] = groups.state()  # plain lists and numbers: a fresh copy
+            # plain lists and numbers (a fresh copy), with the links version each model's groups were made under
+            head["groups"] = {**groups.state(), "versions": {name: rt.versions.get(SOURCE) for name, rt in runtimes}}
     clients = []
     for start in range(0, len(ids), _CHUNK):
         with lock:
@@ -186,8 +188,28 @@ def restore(data: bytes | BinaryIO, lock: threading.RLock, store: ClientStore, r
         if recent is not None:
             recent.load([r for r in doc.get("recently_flagged", []) if is_valid_name(r["id"], MAX_CLIENT_LENGTH) and r["id"] not in store])
         if groups is not None and current and isinstance(doc.get("groups"), dict):
-            groups.load(doc["groups"], lambda model: links_params(_runtime(runtimes, decoder, model)))
+            _restore_groups(groups, doc["groups"], runtimes, decoder)
         return len(store)
+
+
+def _restore_groups(groups: "GroupBook", saved: dict[str, Any], runtimes: "Runtimes", decoder: "Decoder") -> None:
+    """Load the saved groups of each model whose ``links`` detector has the version they were made
+    under (the same parameters and reference); the others start afresh, like detector state."""
+    versions = saved.get("versions") if isinstance(saved.get("versions"), dict) else {}
+    stale: list[str] = []
+
+    def params_of(model: str) -> "LinksParams | None":
+        rt = _runtime(runtimes, decoder, model)
+        if rt is None or rt.versions.get(SOURCE) is None:
+            return None
+        if versions.get(model) != rt.versions[SOURCE]:
+            stale.append(model)
+            return None
+        return links_params(rt)
+
+    groups.load(saved, params_of)
+    if stale:
+        log.warning("dropped the groups of %d model(s) made under other links parameters or another reference; they form afresh", len(stale))
 
 
 def _flag(raw: dict[str, Any], version: int) -> FlagRecord | None:

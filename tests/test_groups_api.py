@@ -127,3 +127,16 @@ def test_a_group_is_blocked_and_released_as_one(app: App, caplog: pytest.LogCapt
     assert not get(app, "/api/v1/clients/syb-0").json()["flagged"]
     # released members leave the group (their links are history): it dissolves, and a second release has nothing to act on
     assert app.pipeline.group_ids("syb-0") == [] and get(app, f"/api/v1/groups/{gid}").json()["reason"] == "unknown_group"
+
+
+def test_groups_are_restored_after_a_restart_only_under_the_links_parameters_they_were_made_with(app: App, caplog: pytest.LogCaptureFixture) -> None:
+    gid = make_group(app)
+    app.checkpoint()
+    same = App(app.settings)
+    same.restore()
+    assert same.pipeline.group_ids("syb-0") == [gid] and same.pipeline.group_ids("vip") == [gid]
+    other = App(app.settings.model_copy(update={"detectors": {**app.settings.detectors, "links": {"enabled": True, "group_min_links": 5}}}))
+    with caplog.at_level(logging.WARNING, logger="monitaur.persist"):
+        other.restore()
+    assert other.pipeline.group_ids("syb-0") == []  # made where 3 links joined two clients: not under 5
+    assert "dropped the groups of 1 model(s)" in caplog.text
