@@ -11,6 +11,7 @@ import time
 import pytest
 
 from exporter.decision import DECISIONS, ERRORS, Decider, DecisionConfig, DecisionServer, answers
+from tests.conftest import wait_for
 
 
 class Mono:
@@ -182,9 +183,15 @@ def test_connections_beyond_the_cap_get_the_error_answer_at_once(served) -> None
             got = exchange(s, b"GET / HTTP/1.1\r\nX-Monitaur-Client: mallory\r\n\r\n")
             assert b"X-Monitaur-Decision: error_allow" in got[0]
         assert d.counts()["errors"]["over_capacity"] == 1
-        time.sleep(1.3)  # header_timeout: the idle connections are dropped and their slots freed
-        with socket.create_connection(("127.0.0.1", port)) as s:
-            assert status(exchange(s, b"GET / HTTP/1.1\r\nX-Monitaur-Client: mallory\r\n\r\n")[0]) == 403
+        for s in idle:  # header_timeout (1 s): the server drops the idle connections, which frees their slots
+            s.settimeout(5.0)
+            assert s.recv(1) == b""
+
+        def answered() -> bool:
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                return status(exchange(s, b"GET / HTTP/1.1\r\nX-Monitaur-Client: mallory\r\n\r\n")[0]) == 403
+
+        wait_for(answered, timeout=5, what="a freed slot")
     finally:
         for s in idle:
             s.close()
