@@ -492,9 +492,10 @@ class GroupBook:
             mg.expire(now)
 
     # -- reading -------------------------------------------------------------------------------
-    def summaries(self, queries: Callable[[str, str], int]) -> list[GroupSummary]:
-        """Every group, flagged first, then by score."""
-        out = [mg.summary(gid, lambda c, m=mg.model: queries(c, m)) for mg in self.by_model.values() for gid in mg.groups]
+    def summaries(self, queries: Callable[[str, str], int], only: str | None = None) -> list[GroupSummary]:
+        """Every group, flagged first, then by score; or only the group ``only``, if it exists."""
+        out = [mg.summary(gid, lambda c, m=mg.model: queries(c, m)) for mg in self.by_model.values()
+               for gid in (mg.groups if only is None else [only] if only in mg.groups else [])]
         return sorted(out, key=lambda s: (not s.flagged, -s.score, s.group))
 
     def of(self, client: str) -> list[str]:

@@ -299,14 +299,14 @@ class Pipeline:
         with self.lock:
             return self.groups.of(client_id)
 
-    def group_summaries(self) -> list[GroupSummary]:
-        """Every group (flagged first, then by score), under the lock."""
+    def group_summaries(self, only: str | None = None) -> list[GroupSummary]:
+        """Every group (flagged first, then by score), or only the group ``only`` (if it exists), under the lock."""
         with self.lock:
             def queries(client: str, model: str) -> int:
                 st = self.store.get(client)
                 return st.queries.get(model, 0) if st is not None else 0
 
-            return self.groups.summaries(queries)
+            return self.groups.summaries(queries, only)
 
     def _group_limits(self, model: str) -> tuple[int, int]:
         params = links_params(self.runtimes.get(model))

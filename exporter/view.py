@@ -60,12 +60,12 @@ class ClientView:
     """Read-only access to the tracked clients, their flags and their cross-client evidence."""
 
     def __init__(self, lock: threading.RLock, store: "ClientStore", runtimes: "Runtimes", recent: "RecentlyFlagged | None" = None,
-                 groups: "Callable[[], list[GroupSummary]] | None" = None) -> None:
+                 groups: "Callable[[str | None], list[GroupSummary]] | None" = None) -> None:
         self._lock = lock
         self._store = store
         self._runtimes = runtimes
         self._recent = recent
-        self._groups = groups or (lambda: [])
+        self._groups = groups or (lambda only: [])  # every group (None), or only one
         self._errors = RateLimitedLog(log, interval=60.0)
 
     def read(self, fn: Callable[[Iterable["ClientState"]], T]) -> T:
@@ -149,8 +149,9 @@ class ClientView:
     def groups(self) -> list["GroupSummary"]:
         """Every group of linked clients, flagged first, then by score (copies)."""
         with self._lock:
-            return self._groups()
+            return self._groups(None)
 
     def group(self, group_id: str) -> "GroupSummary | None":
         """One group with its members and their link strength; None if there is no such group (any more)."""
-        return next((g for g in self.groups() if g.group == group_id), None)
+        with self._lock:
+            return next(iter(self._groups(group_id)), None)
