@@ -164,6 +164,14 @@ def test_batch_jobs_send_same_timestamp_bursts(world) -> None:
     assert counts.min() >= 1 and counts.max() >= 50 and len(counts) <= 12
 
 
+@pytest.mark.parametrize("start", [0.0, 1000.0, 3000.0, 9000.0])
+def test_an_org_app_sends_within_its_organisations_hours_and_never_all_at_once(world, start: float) -> None:
+    org = organisation(world, np.random.default_rng(3), 1000.0, 6000.0)
+    s = BEHAVIOURS["org_app"](world, np.random.default_rng(0), 200, start, 1500.0, org=org)  # a session before, in or after the hours
+    assert org.t0 <= s.ts[0] and s.ts[-1] <= org.t1
+    assert s.ts[-1] - s.ts[0] >= 0.5 * min(1500.0, org.t1 - org.t0)  # spread over the session, not one burst
+
+
 def test_class_skew_and_drift(world) -> None:
     v = world.victim
     skewed = np.bincount(v.predict(behaviour(world, "class_skewed", seed=4).X), minlength=10) / 400

@@ -180,9 +180,11 @@ def org_app(world: World, rng: np.random.Generator, n: int, t0: float, span: flo
     again = rng.random(n) < 0.3
     if again.any():
         X[again] = ds.clip(ds.round_natural(X[again] * (1.0 + rng.normal(0.0, 0.02, (int(again.sum()), ds.dim)))))
-    lo = max(t0, org.t0)
-    hi = max(lo, min(t0 + span, org.t1))
-    return Stream(arrivals(rng, n, lo, hi - lo), X)
+    # The session, as long as the organisation's hours allow, moved the least into them (a
+    # session outside them would otherwise send every query at one instant).
+    length = min(span, org.t1 - org.t0)
+    lo = min(max(t0, org.t0), org.t1 - length)
+    return Stream(arrivals(rng, n, lo, length), X)
 
 
 def outage_retry(world: World, rng: np.random.Generator, n: int, t0: float, span: float, outage: tuple[float, float] | None = None) -> Stream:
