@@ -30,7 +30,7 @@ import hmac
 import heapq
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 from urllib.parse import parse_qs, unquote
 
 from exporter import jsonparse
@@ -138,6 +138,17 @@ def decode_cursor(cursor: str) -> str | None:
     return client if is_valid_name(client) else None
 
 
+def bearer_match(authorization: str | None, tokens: Sequence[tuple[str, bytes]]) -> str | None:
+    """The name of the token that an ``Authorization: Bearer <token>`` header carries, or None."""
+    scheme, _, token = (authorization or "").partition(" ")
+    given = token.strip().encode()
+    if scheme.lower() != "bearer" or not given:
+        return None
+    # Compare against every token so timing does not reveal which one nearly matched.
+    found = [name for name, t in tokens if hmac.compare_digest(given, t)]
+    return found[0] if found else None
+
+
 class ClientsAPI:
     """Answers the clients API's requests (the HTTP server reads and writes; this decides)."""
 
@@ -158,13 +169,8 @@ class ClientsAPI:
         """(allowed, token name): with tokens configured, a valid bearer token is required; without, anyone (loopback only) is allowed, unnamed."""
         if not self._tokens:
             return True, None
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return False, None
-        given = token.strip().encode()
-        # Compare against every token so timing does not reveal which one nearly matched.
-        found = [name for name, t in self._tokens if hmac.compare_digest(given, t)]
-        return (True, found[0]) if found else (False, None)
+        name = bearer_match(authorization, self._tokens)
+        return name is not None, name
 
     # -- reads ---------------------------------------------------------------------------
     def get(self, path: str, query: str) -> Answer:

@@ -20,7 +20,6 @@ response header (``send_response``, ``header_value``).
 
 from __future__ import annotations
 
-import hmac
 import html
 import io
 import json
@@ -102,7 +101,7 @@ class ExporterHTTPServer(HTTPServer):
         self.pipeline = pipeline
         self.api = clients_api
         self.client_page = client_page
-        self.tokens = [t.encode() for t in tokens]
+        self.tokens = [("push", t.encode()) for t in tokens]
         self.push_enabled = push_enabled
         self.max_body = max_body
         self.healthy = healthy
@@ -397,26 +396,31 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._push_answer(401, {"error": "missing or invalid bearer token", "reason": "unauthorized"}, {"WWW-Authenticate": 'Bearer realm="monitaur"'})
             return
-        if self.headers.get("Transfer-Encoding") is not None or not self.headers.get_all("Content-Length"):
-            self._push_answer(411, {"error": "a Content-Length header is required (chunked bodies are not supported)", "reason": "length_required"})
-            return
-        length = self._content_length()
-        if length is None:
-            self._push_answer(400, {"error": "Content-Length is not one non-negative decimal integer", "reason": "bad_content_length"})
-            return
-        if length > self.server.max_body:
-            self.server.pipeline.reject(reasons.BODY_TOO_LARGE, f"push body of {length} bytes exceeds {self.server.max_body}")
-            self._push_answer(
-                413, {"error": f"body of {length} bytes exceeds the limit of {self.server.max_body} bytes (push.max_body_bytes)", "reason": reasons.BODY_TOO_LARGE}
-            )
-            return
-        body = self._read_body(length)
+        limit = self.server.max_body
+        body = self._body(limit, "push.max_body_bytes", self._push_answer,
+                          lambda n: self.server.pipeline.reject(reasons.BODY_TOO_LARGE, f"push body of {n} bytes exceeds {limit}"))
         if body is not None:
             self._ingest(body)
 
-    def _read_body(self, length: int, answer: Callable[..., None] | None = None) -> bytes | None:
-        """The body, whole within ``body_timeout``; None (answered 408 or 400 by ``answer``, push's by default; connection closed) if it does not come."""
-        answer = answer or self._push_answer
+    def _body(self, limit: int, setting: str, answer: Callable[..., None], too_large: Callable[[int], None] | None = None) -> bytes | None:
+        """The request's body, of a declared length of at most ``limit`` bytes (the config's ``setting``);
+        None once ``answer`` has said why not (``too_large`` is told the length of a body over the limit)."""
+        if self.headers.get("Transfer-Encoding") is not None or not self.headers.get_all("Content-Length"):
+            answer(411, {"error": "a Content-Length header is required (chunked bodies are not supported)", "reason": "length_required"})
+            return None
+        length = self._content_length()
+        if length is None:
+            answer(400, {"error": "Content-Length is not one non-negative decimal integer", "reason": "bad_content_length"})
+            return None
+        if length > limit:
+            if too_large is not None:
+                too_large(length)
+            answer(413, {"error": f"body of {length} bytes exceeds the limit of {limit} bytes ({setting})", "reason": reasons.BODY_TOO_LARGE})
+            return None
+        return self._read_body(length, answer)
+
+    def _read_body(self, length: int, answer: Callable[..., None]) -> bytes | None:
+        """The body, whole within ``body_timeout``; None (answered 408 or 400 by ``answer``; connection closed) if it does not come."""
         if self._expect_100:
             self.send_response_only(100)
             self.end_headers()
@@ -447,17 +451,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command in ("GET", "HEAD"):
             answer = clients.get(path, self.path.partition("?")[2])
         else:
-            if self.headers.get("Transfer-Encoding") is not None or not self.headers.get_all("Content-Length"):
-                self._json(411, {"error": "a Content-Length header is required", "reason": "length_required"})
-                return
-            length = self._content_length()
-            if length is None:
-                self._json(400, {"error": "Content-Length is not one non-negative decimal integer", "reason": "bad_content_length"})
-                return
-            if length > api.MAX_BODY:
-                self._json(413, {"error": f"body of {length} bytes exceeds the limit of {api.MAX_BODY} bytes", "reason": reasons.BODY_TOO_LARGE})
-                return
-            body = self._read_body(length, self._json)
+            body = self._body(api.MAX_BODY, "fixed for the clients API", self._json)
             if body is None:
                 return
             answer = clients.post(path, body, who)
@@ -476,13 +470,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, page.encode("utf-8"), "text/html; charset=utf-8")
 
     def _authorized(self) -> bool:
-        header = self.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            return False
-        given = token.strip().encode()
-        # Compare against every token so timing does not reveal which one nearly matched.
-        return any([hmac.compare_digest(given, t) for t in self.server.tokens])
+        return api.bearer_match(self.headers.get("Authorization"), self.server.tokens) is not None
 
     def _ingest(self, body: bytes) -> None:
         pipeline = self.server.pipeline

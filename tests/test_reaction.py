@@ -156,6 +156,29 @@ def url(app: App, path: str) -> str:
     return f"http://{host}:{port}{path}"
 
 
+@pytest.mark.parametrize("framing, status, reason", [
+    (b"", 411, "length_required"),
+    (b"Transfer-Encoding: chunked\r\n", 411, "length_required"),
+    (b"Content-Length: -1\r\n", 400, "bad_content_length"),
+    (b"Content-Length: 1\r\nContent-Length: 2\r\n", 400, "bad_content_length"),
+    (b"Content-Length: 16385\r\n", 413, "body_too_large"),  # api.MAX_BODY + 1: refused before it is read
+])
+def test_an_override_body_without_a_usable_length_is_refused_with_a_reason(app: App, framing: bytes, status: int, reason: str) -> None:
+    import socket
+
+    with socket.create_connection(app.address, timeout=5) as s:
+        s.sendall(b"POST /api/v1/clients/mallory/block HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + ALICE.encode() + b"\r\n" + framing + b"\r\n")
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status} ".encode()), head
+    assert json.loads(body)["reason"] == reason
+
+
 def test_reads_need_a_token_once_tokens_are_set(app: App) -> None:
     for headers in ({}, {"Authorization": "Bearer nope-nope-nope-nope"}, {"Authorization": f"Basic {ALICE}"}):
         r = requests.get(url(app, "/api/v1/clients?flagged=true"), headers=headers, timeout=5)
