@@ -14,15 +14,11 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from exporter.report_html import profile_summary, render_client
+from exporter.report_html import profile_summary, render_client, when
 
 if TYPE_CHECKING:
     from exporter.api import ClientsAPI
     from exporter.pipeline import Pipeline
-
-
-def _when(ts: Any) -> str | None:
-    return None if ts is None else time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(float(ts)))
 
 
 def _override(o: dict[str, Any] | None, what: str) -> str | None:
@@ -30,8 +26,8 @@ def _override(o: dict[str, Any] | None, what: str) -> str | None:
         return None
     until = ""
     if o["action"] == "block":
-        until = " until released" if o.get("until") is None else f" until {_when(o['until'])}"
-    return f"{what} by {o['who']} at {_when(o['at'])}{until}: {o['reason']}"
+        until = " until released" if o.get("until") is None else f" until {when(o['until'])}"
+    return f"{what} by {o['who']} at {when(o['at'])}{until}: {o['reason']}"
 
 
 def models_summary(pipeline: "Pipeline") -> dict[str, dict[str, Any]]:
@@ -65,15 +61,15 @@ def client_page(pipeline: "Pipeline", clients: "ClientsAPI", client_id: str) -> 
     over = ", ".join(f"{d['detector']} {d['over_threshold']:.2f}x" if d["over_threshold"] is not None else d["detector"] for d in flag["detectors"]) if flag else None
     block = answer["block"]
     facts = {
-        "tracked": "yes" if answer["tracked"] else f"no: evicted ({answer['evicted']['reason']}) at {_when(answer['evicted']['at'])}" if answer["evicted"] else "no",
+        "tracked": "yes" if answer["tracked"] else f"no: evicted ({answer['evicted']['reason']}) at {when(answer['evicted']['at'])}" if answer["evicted"] else "no",
         "flagged now (sticky verdict)": "yes" if answer["flagged"] else "no",
         "model": answer["model"],
-        "first flagged": f"{_when(flag['first_at'])}, at query {flag['first_query']}" if flag else None,
-        "last flagged": f"{_when(flag['last_at'])}, at query {flag['last_query']}" if flag else None,
-        "flag cleared": f"{flag['cleared']} at {_when(flag['cleared_at'])}" if flag and flag["cleared"] else None,
+        "first flagged": f"{when(flag['first_at'])}, at query {flag['first_query']}" if flag else None,
+        "last flagged": f"{when(flag['last_at'])}, at query {flag['last_query']}" if flag else None,
+        "flag cleared": f"{flag['cleared']} at {when(flag['cleared_at'])}" if flag and flag["cleared"] else None,
         "over threshold at the flag (value / threshold)": over,
         "linked group": answer["group"],
-        "blocked": (f"yes, by {block['source']}" + (f" until {_when(block['until'])}" if block["until"] is not None else "")) if block else "no",
+        "blocked": (f"yes, by {block['source']}" + (f" until {when(block['until'])}" if block["until"] is not None else "")) if block else "no",
         "the gateway's decision now": f"{answer['decision']} (reaction.mode: {clients.reaction.config.mode})",
         "manual block": _override(answer["manual_block"], "blocked"),
         "last release": _override(answer["released"], "released"),

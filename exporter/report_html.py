@@ -145,7 +145,7 @@ def _num(value: Any, digits: int = 3) -> str:
     return "\u2013"
 
 
-def _when(ts: Any) -> str:
+def when(ts: Any) -> str:
     """Unix seconds as UTC date and time."""
     try:
         return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(ts))) + "Z"
@@ -232,7 +232,7 @@ def profile_section(summary: Mapping[str, Any]) -> str:
             out.append(f"<tr><td>profile</td><td class=id>{text(profile['source'])}</td></tr>")
         out.append(f"<tr><td>target false-alarm rate (per client)</td><td class=n>{_num(profile.get('target_fpr'), 4)}</td></tr>")
         if profile.get("created_at") is not None:
-            out.append(f"<tr><td>calibrated</td><td>{_when(profile['created_at'])}</td></tr>")
+            out.append(f"<tr><td>calibrated</td><td>{when(profile['created_at'])}</td></tr>")
         out.append("</table>")
         models = profile.get("models") or {}
         if models:
@@ -414,10 +414,10 @@ def timeline_svg(tl: Timeline, thresholds: Mapping[str, float], verdict_inputs: 
     if tl.alarm is not None:
         ax = float(x(tl.alarm))
         at = np.flatnonzero(tl.query == tl.alarm)
-        when = f", {_when(tl.ts[at[0]])}" if at.size else ""
+        moment = f", {when(tl.ts[at[0]])}" if at.size else ""
         out.append(f"<line class='alarm' x1='{ax:.0f}' x2='{ax:.0f}' y1='{TOP}' y2='{top - GAP}'/>")
         anchor = "end" if ax > LEFT + plot_w * 0.6 else "start"
-        out.append(f"<text class='alarm' x='{ax:.0f}' y='{TOP - 4}' text-anchor='{anchor}'>alarm at query {tl.alarm:,}{when}</text>")
+        out.append(f"<text class='alarm' x='{ax:.0f}' y='{TOP - 4}' text-anchor='{anchor}'>alarm at query {tl.alarm:,}{moment}</text>")
     out.append("</svg>")
     return "".join(out)
 
@@ -480,7 +480,7 @@ def render_report(
             "<meta name=viewport content='width=device-width, initial-scale=1'>",
             f"<title>{text(title)}</title><style>{CSS}</style></head><body>",
             f"<h1>{text(title)}</h1>",
-            f"<p class=note>Generated {_when(generated)} by monitaur-exporter {text(__version__)}. "
+            f"<p class=note>Generated {when(generated)} by monitaur-exporter {text(__version__)}. "
             "Derived values, client ids and times only: no model input is shown.</p>",
             summary_section(summary, anchors, max_timelines),
             facts_section(summary),
