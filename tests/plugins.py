@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
+from exporter.config import Settings
 from exporter.detectors import Batch, ClientMetric, Detector, DetectorParams, Signals, State
 
 
@@ -111,3 +114,14 @@ class Marked(Detector):
         state["seen"][...] = bool(seen[-1]) if self.params.latch else False
         values = np.where(seen, 0.8, 0.1)
         return Signals(values, values >= self.params.threshold)
+
+
+def marked_event(client: str, marked: bool) -> str:
+    """One JSON line of model digits that :class:`Marked` flags (``marked``) or not."""
+    x = [16.0 if marked else 0.0] + [1.0] * 63
+    return json.dumps({"client": client, "model": "digits", "input": x, "output": [0.5, 0.5]})
+
+
+def marked_settings(latch: bool = False, **kw: object) -> Settings:
+    """Settings whose verdict has one input, :class:`Marked`: each test decides exactly when a client is flagged."""
+    return Settings(plugins={"marked": "tests.plugins:Marked"}, detectors={"marked": {"latch": latch}}, fusion={"inputs": ["marked"]}, **kw)

@@ -27,6 +27,8 @@ from exporter.pipeline import Pipeline
 from exporter.reaction import Reaction
 from exporter.snapshot import pack
 from tests.conftest import parse_metrics, sample
+from tests.plugins import marked_event as event
+from tests.plugins import marked_settings
 from tests.test_pipeline import Clock
 
 ALICE = "alice-token-0123456789"
@@ -34,14 +36,9 @@ BOB = "bob-token-0123456789ab"
 AUTH = {"Authorization": f"Bearer {ALICE}"}
 
 
-def event(client: str, marked: bool) -> str:
-    x = [16.0 if marked else 0.0] + [1.0] * 63
-    return json.dumps({"client": client, "model": "digits", "input": x, "output": [0.5, 0.5]})
-
-
 def settings(tmp_path: Path, **kw: object) -> Settings:
     kw.setdefault("state", {"dir": str(tmp_path / "state")})
-    return Settings(plugins={"marked": "tests.plugins:Marked"}, detectors={"marked": {"latch": True}}, fusion={"inputs": ["marked"]}, **kw)
+    return marked_settings(latch=True, **kw)
 
 
 def pipeline(s: Settings, clock: Clock) -> Pipeline:

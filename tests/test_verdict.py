@@ -15,23 +15,19 @@ import subprocess
 import pytest
 from prometheus_client import generate_latest
 
-from exporter.config import Settings
 from exporter.detectors import enabled_detectors
 from exporter.metrics import Metrics
 from exporter.pipeline import Pipeline
 from exporter.snapshot import pack, unpack
+from tests.plugins import marked_event as event
+from tests.plugins import marked_settings
 from tests.test_pipeline import Clock, value
 
 
 def make(clock: Clock, latch: bool = False, **kw: object) -> Pipeline:
     kw.setdefault("state", {"dir": None})
-    settings = Settings(plugins={"marked": "tests.plugins:Marked"}, detectors={"marked": {"latch": latch}}, fusion={"inputs": ["marked"]}, **kw)
+    settings = marked_settings(latch, **kw)
     return Pipeline(settings, Metrics(enabled_detectors(settings)), clock=clock)
-
-
-def event(client: str, marked: bool) -> str:
-    x = [16.0 if marked else 0.0] + [1.0] * 63
-    return json.dumps({"client": client, "model": "digits", "input": x, "output": [0.5, 0.5]})
 
 
 def send(p: Pipeline, clock: Clock, client: str, *marks: bool, step: float = 1.0) -> None:
@@ -231,7 +227,7 @@ def test_replay_reports_the_flag_and_keeps_it_across_an_eviction(tmp_path) -> No
     rows = [row("mallory", False, 1), row("mallory", True, 2), row("mallory", False, 3), row("x", True, 4), row("y", True, 5), row("mallory", False, 6)]
     log = tmp_path / "a.jsonl"
     log.write_text("".join(r + "\n" for r in rows))
-    settings = Settings(plugins={"marked": "tests.plugins:Marked"}, detectors={"marked": {}}, fusion={"inputs": ["marked"]}, state={"dir": None, "max_clients": 2})
+    settings = marked_settings(state={"dir": None, "max_clients": 2})
     m = replay(settings, [str(log)], progress=False)["clients"]["mallory"]
     assert (m["queries"], m["flagged"], m["first_flagged_query"], m["flagged_at"], m["last_flagged_at"]) == (4, True, 2, 2.0, 2.0)
     assert m["flag_detectors"] == {"marked": 2.0} and m["flagged_at_end"]  # back within the hold: still flagged
