@@ -257,15 +257,16 @@ class LinksDetector(Detector):
             # block, so that groups do not count them either.
             dig = batch.digests[rows]
             ring, count = state["sent"], int(state["sent_count"])
-            seen = np.isin(dig, ring_in_order(ring, count))
-            _, first = np.unique(dig, return_index=True)
-            again = np.ones(rows.size, dtype=bool)
-            again[first] = False
-            drop = rows[(seen | again) & linked[rows]]
-            if drop.size:
-                linked[drop] = False
-                if batch.block is not None:
-                    batch.block.prepared[self.name][1][batch.rows[drop]] = False
+            if linked[rows].any():  # (most batches have no link: nothing to drop)
+                seen = np.isin(dig, ring_in_order(ring, count))
+                _, first = np.unique(dig, return_index=True)
+                again = np.ones(rows.size, dtype=bool)
+                again[first] = False
+                drop = rows[(seen | again) & linked[rows]]
+                if drop.size:
+                    linked[drop] = False
+                    if batch.block is not None:
+                        batch.block.prepared[self.name][1][batch.rows[drop]] = False
             ring_write(ring, count, dig)
             state["sent_count"][...] = count + rows.size
         hits = linked[rows]
@@ -399,7 +400,11 @@ class LinksDetector(Detector):
         self._write(at, undo, ((self._U, u), (self._Up, u[:, :r]), (self._ts, ts), (self._digest, dig), (self._client, keys)))
         # Alive: not overwritten by the end of this chunk, not expired, not past the TTL for this query.
         alive = (cand >= max(self._oldest, chunk_start + p.chunk - p.max_queries)) & (cand >= 0)
-        cpos = np.where(alive, cand % alloc, 0)
+        # Their rows (id % alloc): live ids lie within the last alloc ids, so one wrap at most (no division).
+        low = max(0, base + m - alloc)
+        cpos = cand - (low - low % alloc)
+        cpos -= alloc * (cpos >= alloc)
+        cpos[~alive] = 0
         alive &= take(self._ts, cpos) >= (ts - p.ttl_seconds)[:, None]
         # (No candidate has the query's digest: a repeat got no candidates, _new_points.)
         # 2. The cheap test on the probe features (the two steps' sizes agree on at least
@@ -419,13 +424,19 @@ class LinksDetector(Detector):
         if qi.size:
             sel = cpos[qi, ki]
             passed[qi, ki], straight[qi, ki] = self._continues(u[qi] - take(self._U, sel, axis=0), take(self._S, sel, axis=0))
-        owner = take(self._client, cpos)
-        other = passed & (owner != keys[:, None])
-        linked = other.any(axis=1)
+        pi, pk = np.nonzero(passed)  # row by row, in candidate order
+        owner = take(self._client, cpos[pi, pk])
+        other = owner != keys[pi]
+        linked = np.zeros(m, dtype=bool)
+        linked[pi[other]] = True
         parents = np.zeros((m, 2), dtype=np.uint64)
-        for row in np.flatnonzero(linked).tolist():
-            found = list(dict.fromkeys(owner[row, other[row]].tolist()))[:2]
-            parents[row, : len(found)] = found
+        found: dict[int, list[int]] = {}
+        for row, key in zip(pi[other].tolist(), owner[other].tolist()):
+            named = found.setdefault(row, [])
+            if len(named) < 2 and key not in named:
+                named.append(key)
+        for row, named in found.items():
+            parents[row, : len(named)] = named
         # 4. Each query's own step: from the first candidate it continued, else from the nearest other point (probe distance).
         dist = np.where(alive, np.einsum("mkr,mkr->mk", du, du), np.inf)
         hit = passed.any(axis=1)
