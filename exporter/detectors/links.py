@@ -149,7 +149,7 @@ class LinksDetector(Detector):
     # (a member may be flagged on its own evidence by steps, ood or coverage).
     verdict: ClassVar[bool] = False
     state_format: ClassVar[str] = "1"
-    default_enabled: ClassVar[bool] = False  # opt-in: it costs about a third of replay throughput (docs/groups.md, Cost)
+    default_enabled: ClassVar[bool] = False  # opt-in: it costs about a quarter of replay throughput (docs/groups.md, Cost)
     params: LinksParams
 
     _INITIAL_ROWS = 4096
