@@ -21,7 +21,7 @@ from PIL import Image
 from exporter.config import Settings
 from exporter.demo import example_log
 from exporter.replay import replay
-from exporter.report_html import CSS, SCRIPT, _path, render_client, render_report, replay_summary
+from exporter.report_html import CSS, SCRIPT, _path, render_client, render_report, replay_summary, when
 from exporter.timelines import Timeline, TimelineRecorder
 from tests.conftest import REPO
 
@@ -324,3 +324,9 @@ def test_the_browser_check_sees_console_errors(tmp_path: Path) -> None:
     assert any("hello" in m for m in got.console)
     assert any("missing is not defined" in m for m in got.console)
     assert any("Content Security Policy" in m for m in got.console)
+
+
+def test_a_time_that_cannot_be_shown_becomes_a_dash_not_an_error() -> None:
+    assert when(0) == "1970-01-01 00:00:00Z" and when("1.5") == "1970-01-01 00:00:01Z"
+    for bad in (None, 1e300, float("nan"), float("inf"), "soon", [1]):  # client pages and reports render whatever they hold
+        assert when(bad) == "\u2013"
