@@ -696,7 +696,8 @@ def recent(
     pos += (flat * depth)[:, None]
     cand = take(slots, pos)
     cand[j >= np.minimum(filled, depth)[:, None]] = -1
-    # ... after the earlier queries of the run in the same bucket, if any (a few: done apart).
+    # ... after the earlier queries of the run in the same bucket, if any (done apart: on spread
+    # traffic they are few).
     later = np.flatnonzero(rank_sorted)  # positions in the sort
     if later.size:
         rows = order[later]
