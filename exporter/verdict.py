@@ -181,6 +181,10 @@ class RecentlyFlagged:
         """Every entry, least recently evicted first, as copies."""
         return [replace(e, flag=e.flag.copy()) for e in self._entries.values()]
 
+    def open_flags(self) -> list[tuple[str, float]]:
+        """(client id, time of its last flag) of every entry whose flag is open, least recently evicted first; no copies."""
+        return [(e.client_id, e.flag.last_at) for e in self._entries.values() if e.flag.open]
+
     def state(self) -> list[dict[str, Any]]:
         return [e.as_dict() for e in self._entries.values()]
 

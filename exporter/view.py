@@ -94,7 +94,7 @@ class ClientView:
         open with the time of its last flag (the hold counts from there). Ids only, cheap."""
         with self._lock:
             tracked = [c.client_id for c in self._store.flagged()]
-            recent = [(e.client_id, e.flag.last_at) for e in (self._recent.entries() if self._recent is not None else ()) if e.flag.open]
+            recent = self._recent.open_flags() if self._recent is not None else []
             return tracked, recent
 
     def recently_flagged_one(self, client_id: str) -> "RecentFlag | None":
