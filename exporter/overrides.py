@@ -109,6 +109,7 @@ class Overrides:
         self.max_blocks = max_blocks
         self._blocks: dict[str, Override] = {}
         self._log: deque[Override] = deque(maxlen=log_limit)
+        self._latest: dict[tuple[str, str], Override] = {}  # (client, action) -> its latest record in the log
         self._lock = threading.Lock()
         self.version = 0
 
@@ -133,9 +134,21 @@ class Overrides:
             return
         with self._lock:
             self._blocks = {b.client: b for b in blocks if b.action == BLOCK}
-            self._log.extend(entries)
+            for e in entries:
+                self._append(e)
             self.version += 1
         log.info("loaded %d manual blocks and %d override records from %s", len(self._blocks), len(entries), self.path)
+
+    def _append(self, entry: Override) -> None:
+        """Log ``entry`` (under the lock); the oldest record drops out of a full log."""
+        if self._log.maxlen is not None and len(self._log) >= self._log.maxlen:
+            if not self._log:
+                return  # a log that keeps nothing
+            gone = self._log[0]
+            if self._latest.get((gone.client, gone.action)) is gone:
+                del self._latest[(gone.client, gone.action)]
+        self._log.append(entry)
+        self._latest[(entry.client, entry.action)] = entry
 
     def _save(self, now: float) -> bool:
         """Write the overrides (under the lock); whether it worked. Ended blocks are dropped first."""
@@ -167,7 +180,7 @@ class Overrides:
             records = [Override(BLOCK, c, now, who, reason, until=until, group=group) for c in clients]
             for r in records:
                 self._blocks[r.client] = r
-                self._log.append(r)
+                self._append(r)
             self.version += 1
             return records, self._save(now)
 
@@ -178,7 +191,7 @@ class Overrides:
             records = [Override(RELEASE, c, now, who, reason, flag_first_at=first, group=group) for c, first in released]
             for r in records:
                 self._blocks.pop(r.client, None)
-                self._log.append(r)
+                self._append(r)
             self.version += 1
             return records, self._save(now)
 
@@ -197,7 +210,7 @@ class Overrides:
     def last(self, client: str, action: str) -> Override | None:
         """The client's latest override of ``action`` in the log, if any."""
         with self._lock:
-            return next((e for e in reversed(self._log) if e.client == client and e.action == action), None)
+            return self._latest.get((client, action))
 
     def releases(self) -> list[Override]:
         """The releases in the log that cleared a flag, oldest first (to apply again after a restart)."""

@@ -22,7 +22,7 @@ from exporter.app import App
 from exporter.config import Settings
 from exporter.detectors import enabled_detectors
 from exporter.metrics import Metrics
-from exporter.overrides import FILE, OverrideError
+from exporter.overrides import BLOCK, FILE, RELEASE, OverrideError, Overrides
 from exporter.pipeline import Pipeline
 from exporter.reaction import Reaction
 from exporter.snapshot import pack
@@ -135,6 +135,22 @@ def test_an_unreadable_overrides_file_is_set_aside(tmp_path: Path, caplog: pytes
     r.start()
     assert r.overrides.blocks(0.0) == {} and not (tmp_path / "state" / FILE).exists()
     assert list((tmp_path / "state").glob(f"{FILE}.corrupt-*")) and "cannot read overrides" in caplog.text
+
+
+def test_the_latest_override_of_a_client_is_the_logs_even_as_old_records_drop_out(tmp_path: Path) -> None:
+    o = Overrides(tmp_path / FILE, max_blocks=10, log_limit=3)
+    o.block(["a"], "alice", "first", 1.0, None)
+    o.release([("a", None)], "bob", "false alarm", 2.0)
+    o.block(["a"], "alice", "again", 3.0, None)
+    assert o.last("a", BLOCK).reason == "again" and o.last("a", RELEASE).reason == "false alarm"
+    o.block(["b"], "alice", "b", 4.0, None)
+    o.block(["c"], "alice", "c", 5.0, None)  # the log keeps 3: a's first block and its release have dropped out
+    assert o.last("a", RELEASE) is None and o.last("a", BLOCK).reason == "again"
+    o.block(["d"], "alice", "d", 6.0, None)
+    assert o.last("a", BLOCK) is None and o.last("d", BLOCK).reason == "d"
+    again = Overrides(tmp_path / FILE, max_blocks=10, log_limit=3)
+    again.load()  # the same answers from the saved log
+    assert again.last("a", BLOCK) is None and again.last("b", BLOCK).reason == "b" and again.last("nobody", BLOCK) is None
 
 
 # -- the clients API over HTTP ---------------------------------------------------------------
