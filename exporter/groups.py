@@ -171,11 +171,7 @@ class ModelGroups:
 
     def _count_block(self, block: "Block") -> None:
         """Each tracked (or linking) client's queries before the block, and its rows in the block."""
-        names: dict[str, list[int]] = {}
-        for i, e in enumerate(block.events):
-            names.setdefault(e.client, []).append(i)
-        for name, at in names.items():
-            rows = np.asarray(at, dtype=np.int64)
+        for name, rows in block.rows_by_client.items():
             key = client_key(name)
             self._names[key] = name
             self._block_counts[key] = (self._queries(name) - rows.size, rows)

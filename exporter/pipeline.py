@@ -192,15 +192,12 @@ class Pipeline:
                 self._detector_failed(det.name, n, block.model, exc)
             finally:
                 rt.durations[det.name].observe((time.perf_counter() - started) / n)
-        groups: dict[str, list[int]] = {}
-        for i, e in enumerate(block.events):
-            groups.setdefault(e.client, []).append(i)
         spent = dict.fromkeys(rt.durations, 0.0)  # seconds per detector over the block's batches
-        for client_id, rows in groups.items():
-            evs = block.events if len(rows) == n else [block.events[i] for i in rows]
+        for client_id, rows in block.rows_by_client.items():
+            evs = block.events if len(rows) == n else [block.events[i] for i in rows.tolist()]
             when = evs[-1].ts if self.event_time else (self.clock() if now is None else now)
             try:
-                self._judge(rt, Batch(client_id, block.model, evs, block, np.asarray(rows, dtype=np.int64)), when, spent)
+                self._judge(rt, Batch(client_id, block.model, evs, block, rows), when, spent)
             except Exception as exc:  # the last resort around the verdict and the client's bookkeeping: other clients go on
                 self._detector_failed(FUSION, len(rows), block.model, exc)
         for name, seconds in spent.items():  # one observation per block and detector: time per event, averaged

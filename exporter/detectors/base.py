@@ -166,6 +166,17 @@ class Block:
         return np.fromiter((e.ts for e in self.events), dtype=np.float64, count=len(self.events))
 
     @cached_property
+    def rows_by_client(self) -> dict[str, np.ndarray]:
+        """Each client's rows of the block, in time order; clients in order of their first event."""
+        rows: dict[str, list[int]] = {}
+        for i, e in enumerate(self.events):
+            rows.setdefault(e.client, []).append(i)
+        out = {c: np.asarray(r, dtype=np.int64) for c, r in rows.items()}
+        for r in out.values():
+            r.flags.writeable = False  # shared by the client batches and the groups stage
+        return out
+
+    @cached_property
     def vectors(self) -> np.ndarray | None:
         """(m, d) input vectors, or None unless every event carries one of the same length."""
         return _stacked([e.vector for e in self.events])
