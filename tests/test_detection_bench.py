@@ -381,3 +381,22 @@ def test_promise_checks() -> None:
     [ok] = targets.check_promises("digits", "60", [(0, {"fpr": 0.01, "upper": 0.02}, measured)])
     [bad] = targets.check_promises("digits", "60", [(0, {"fpr": 0.01}, measured), (1, {"fpr": 0.02}, measured)])
     assert ok["pass"] and not bad["pass"] and bad["value"] == 1
+
+
+def test_group_rules_regroup_a_toy_link_graph() -> None:
+    """bench/detection/group_rules.py: two true groups joined by one bridge of 3 links; components merge them, average linkage does not."""
+    from collections import Counter
+
+    rules = load("group_rules")
+    a = [f"syb-even-3-0-{j}" for j in range(3)]
+    b = [f"syb-even-3-1-{j}" for j in range(3)]
+    edges = Counter({frozenset(p): 6 for p in [(a[0], a[1]), (a[1], a[2]), (a[0], a[2]), (b[0], b[1]), (b[1], b[2]), (b[0], b[2])]})
+    edges[frozenset((a[2], b[0]))] = 3  # the bridge
+    eligible = set(a) | set(b)
+    truth = {"syb-even-3-0": set(a), "syb-even-3-1": set(b)}
+    merged = rules.components(edges, eligible, 3)
+    assert merged == [eligible] and rules.score(merged, truth) == (2, 0)  # both named, neither pure
+    assert rules.score(rules.components(edges, eligible, 5), truth) == (2, 2)
+    split = rules.average_linkage(edges, eligible, 1.0)
+    assert sorted(map(sorted, split)) == sorted([sorted(a), sorted(b)]) and rules.score(split, truth) == (2, 2)
+    assert rules.MEMBER.match("syb-mixed-30-11-29").group(1) == "syb-mixed-30-11" and rules.MEMBER.match("atk-jbda-0") is None

@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""Would another grouping rule name Sybil groups with fewer other attackers in them?
+
+Replays a log kept by ``bench/detection/groups.py --workdir DIR`` (its config, profile and
+evaluation log), records every link the ``links`` detector makes (the explorer, the
+clients it continued or followed, whether it was flagged), and regroups the clients
+offline under several rules:
+
+* ``components >= k``: the exporter's rule (:mod:`exporter.groups`) at ``group_min_links``
+  k: eligible clients joined by edges of at least k links, connected components;
+* ``average linkage >= t``: eligible clients merged greedily, strongest first, while the
+  links between two clusters per pair of their members is at least t (edges of at least 3
+  links only).
+
+Eligible, as in the exporter: flagged by ``links``, or at least 3 linked queries. A true
+group is *named* when one cluster holds >= 80 % of its members, and *pure* when >= 80 % of
+that cluster's members are its own (as ``scoring.score_groups``), counted over the whole
+log: no expiry and no timing. Members are told apart by their ids
+(``syb-<strategy>-<size>-<index>-<j>``, :mod:`exporter.sim.sybil`).
+
+    python3 bench/detection/groups.py --datasets digits,breast_cancer,wine --seeds 0 --workdir DIR
+    python3 bench/detection/group_rules.py DIR/digits-0 DIR/breast_cancer-0 DIR/wine-0
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+from collections import Counter, defaultdict  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from exporter.config import load_settings  # noqa: E402
+from exporter.detectors.base import Batch, Signals  # noqa: E402
+from exporter.detectors.fingerprint import client_key  # noqa: E402
+from exporter.profile import load_profile  # noqa: E402
+from exporter.replay import replay  # noqa: E402
+
+MEMBER = re.compile(r"(syb-[a-z]+-\d+-\d+)-\d+$")
+Edges = Counter[frozenset[str]]
+
+
+def record(workdir: Path) -> tuple[Edges, set[str], set[str]]:
+    """Replay the kept log; the links between clients (either way), the eligible clients, and every client."""
+    names: dict[int, str] = {}
+    linked: list[tuple[str, list[int]]] = []
+    own: Counter[str] = Counter()
+    flagged: set[str] = set()
+
+    def observe(batch: Batch, name: str, signals: Signals) -> None:
+        names.setdefault(client_key(batch.client), batch.client)
+        found = batch.block.prepared.get("links") if batch.block is not None and name == "links" else None
+        if found is None:
+            return
+        for i, row in enumerate(batch.rows.tolist()):
+            if found[1][row]:
+                own[batch.client] += 1
+                flagged.update([batch.client] if signals.flagged[i] else [])
+                linked.append((batch.client, [int(k) for k in found[2][row] if k]))
+
+    settings = load_settings(str(workdir / "config.yml"))
+    replay(settings, [str(workdir / "evaluation.jsonl")], progress=False, profile=load_profile(str(workdir / "profile-200.bin"), settings),
+           observer=observe)
+    edges: Edges = Counter()
+    for child, parents in linked:
+        for key in parents:
+            parent = names.get(key)
+            if parent is not None and parent != child:
+                edges[frozenset((child, parent))] += 1
+    return edges, {c for c in own if c in flagged or own[c] >= 3}, set(names.values())
+
+
+def components(edges: Edges, eligible: set[str], k: int) -> list[set[str]]:
+    adj: dict[str, set[str]] = defaultdict(set)
+    for pair, n in edges.items():
+        a, b = tuple(pair)
+        if n >= k and a in eligible and b in eligible:
+            adj[a].add(b)
+            adj[b].add(a)
+    seen: set[str] = set()
+    out = []
+    for start in adj:
+        if start in seen:
+            continue
+        part, todo = set(), [start]
+        while todo:
+            c = todo.pop()
+            if c not in part:
+                part.add(c)
+                todo += adj[c] - part
+        seen |= part
+        out.append(part)
+    return out
+
+
+def average_linkage(edges: Edges, eligible: set[str], t: float) -> list[set[str]]:
+    clusters = {c: {c} for c in eligible}
+    between: Counter[frozenset[str]] = Counter({p: n for p, n in edges.items() if n >= 3 and p <= eligible})
+    while between:
+        pair, n = max(between.items(), key=lambda item: item[1] / math.prod(len(clusters[c]) for c in item[0]))
+        a, b = tuple(pair)
+        if n / (len(clusters[a]) * len(clusters[b])) < t:
+            break
+        clusters[a] |= clusters.pop(b)
+        merged: Counter[frozenset[str]] = Counter()
+        for p, m in between.items():
+            x, y = (a if c == b else c for c in p)
+            if x != y:
+                merged[frozenset((x, y))] += m
+        between = merged
+    return [c for c in clusters.values() if len(c) >= 2]
+
+
+def score(clusters: list[set[str]], truth: dict[str, set[str]]) -> tuple[int, int]:
+    """(named, named and pure) true groups."""
+    where = {c: i for i, part in enumerate(clusters) for c in part}
+    named = pure = 0
+    for members in truth.values():
+        counts = Counter(where[c] for c in members if c in where)
+        if counts:
+            i, n = counts.most_common(1)[0]
+            if n >= math.ceil(0.8 * len(members)):
+                named += 1
+                pure += len(members & clusters[i]) >= 0.8 * len(clusters[i])
+    return named, pure
+
+
+RULES: dict[str, Callable[[Edges, set[str]], list[set[str]]]] = {
+    **{f"components >= {k}": (lambda e, g, k=k: components(e, g, k)) for k in (3, 5, 10)},
+    **{f"average linkage >= {t}": (lambda e, g, t=t: average_linkage(e, g, t)) for t in (1.0, 2.0)},
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("workdirs", nargs="+", type=Path, help="DIR/<dataset>-<seed> of bench/detection/groups.py --workdir DIR")
+    args = ap.parse_args()
+    print("| log | rule | named | named and pure | clusters |\n|---|---|---:|---:|---:|")
+    for workdir in args.workdirs:
+        edges, eligible, clients = record(workdir)
+        truth: dict[str, set[str]] = defaultdict(set)
+        for c in clients:
+            if (m := MEMBER.match(c)) is not None:
+                truth[m.group(1)].add(c)
+        for rule, group in RULES.items():
+            clusters = group(edges, eligible)
+            named, pure = score(clusters, truth)
+            print(f"| {workdir.name} | {rule} | {named}/{len(truth)} | {pure} | {len(clusters)} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
