@@ -12,6 +12,11 @@ offline under several rules:
   links between two clusters per pair of their members is at least t (edges of at least 3
   links only).
 
+To try other ``links`` parameters, change ``DIR/<log>/config.yml`` and recalibrate
+(``monitaur-exporter calibrate --config DIR/<log>/config.yml --out DIR/<log>/profile-200.bin
+DIR/<log>/calibration.jsonl``): a profile made under other parameters would be ignored, and
+the script refuses it.
+
 Eligible, as in the exporter: flagged by ``links``, or at least 3 linked queries. A true
 group is *named* when one cluster holds >= 80 % of its members, and *pure* when >= 80 % of
 that cluster's members are its own (as ``scoring.score_groups``), counted over the whole
@@ -43,9 +48,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from exporter.config import load_settings  # noqa: E402
+from exporter.detectors import enabled_detectors  # noqa: E402
 from exporter.detectors.base import Batch, Signals  # noqa: E402
 from exporter.detectors.fingerprint import client_key  # noqa: E402
-from exporter.profile import load_profile  # noqa: E402
+from exporter.profile import load_profile, params_digest  # noqa: E402
 from exporter.replay import replay  # noqa: E402
 
 MEMBER = re.compile(r"(syb-[a-z]+-\d+-\d+)-\d+$")
@@ -71,8 +77,13 @@ def record(workdir: Path) -> tuple[Edges, set[str], set[str]]:
                 linked.append((batch.client, [int(k) for k in found[2][row] if k]))
 
     settings = load_settings(str(workdir / "config.yml"))
-    replay(settings, [str(workdir / "evaluation.jsonl")], progress=False, profile=load_profile(str(workdir / "profile-200.bin"), settings),
-           observer=observe)
+    profile = load_profile(str(workdir / "profile-200.bin"), settings)
+    cls, params = enabled_detectors(settings)["links"]
+    if any(mp.params.get("links") != params_digest(params, cls.threshold_param) for mp in profile.models.values()):
+        # The exporter would ignore the profile's links reference, and links would judge nothing.
+        raise SystemExit(f"{workdir}: the profile was calibrated under other links parameters than config.yml's; recalibrate first: "
+                         f"monitaur-exporter calibrate --config {workdir}/config.yml --out {workdir}/profile-200.bin {workdir}/calibration.jsonl")
+    replay(settings, [str(workdir / "evaluation.jsonl")], progress=False, profile=profile, observer=observe)
     edges: Edges = Counter()
     for child, parents in linked:
         for key in parents:
