@@ -367,5 +367,3 @@ def restart(client: "ClientState", forget: Callable[[str], None]) -> None:
     client.score = 0.0
     client.flagged_now = False
     forget(client.client_id)
-
-

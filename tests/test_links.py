@@ -128,7 +128,7 @@ def test_a_popular_input_sent_again_and_again_does_not_push_a_parent_out_of_the_
 def test_an_attacker_who_copies_and_steps_away_from_an_honest_clients_queries_frames_nobody(profile: Profile, tmp_path: Path) -> None:
     """mallory-* copy every query of one honest client and explore away from them (JbDA rounds
     of sign steps grown from the honest client's points), each key a share of it. The attack is
-    linked (the malloreys form a group), the honest client stays unlinked and unflagged."""
+    linked (the mallory keys form a group), the honest client stays unlinked and unflagged."""
     world = build_world(DATASET, 0)
     ds = world.dataset
     victim = benign_only(DATASET, clients=1, stream="tests-framed", prefix="honest")

@@ -42,10 +42,10 @@ def test_a_run_sees_and_files_what_one_query_at_a_time_would(seed: int) -> None:
         ids = next_id + np.sort(rng.choice(3 * n, n, replace=False))
         next_id = int(ids[-1]) + 1
         expected = one_at_a_time(buckets, held, depth, ids)
-        cand, order, starts, rank_sorted = recent(buckets, fill, slots, depth, 0, ids=ids)
+        cand, order, starts, rank_sorted = recent(buckets, fill, slots, depth, ids)
         assert np.array_equal(cand, expected)
         undo: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        file(buckets, order, starts, rank_sorted, fill, slots, depth, 0, undo, ids=ids)
+        file(buckets, order, starts, rank_sorted, fill, slots, depth, undo, ids)
         assert fill.tolist() == [len(h) for h in held]
         for b, h in enumerate(held):
             kept = slots[b * depth : (b + 1) * depth]

@@ -323,11 +323,11 @@ class LinksDetector(Detector):
                 # their buckets (it still takes its row, which keeps ids and chunks as they were).
                 rows = self._new_points(dig[sl], ts[sl], filed_undo)
                 ids = self._next + rows
-                found, order, starts, rank_sorted = recent(buckets[rows], self._fill, self._slots, self.params.depth, 0, ids=ids)
+                found, order, starts, rank_sorted = recent(buckets[rows], self._fill, self._slots, self.params.depth, ids)
                 cand = np.full((stop - start, found.shape[1]), -1, dtype=np.int64)
                 cand[rows] = found
                 out_linked[sl], out_parents[sl] = self._piece(u, ts[sl], dig[sl], keys[sl], cand, undo)
-                file(buckets[rows], order, starts, rank_sorted, self._fill, self._slots, self.params.depth, 0, undo, ids=ids)
+                file(buckets[rows], order, starts, rank_sorted, self._fill, self._slots, self.params.depth, undo, ids)
                 start = stop
                 if len(self._filed) > self.params.max_queries + self.params.max_queries // 4:
                     self._prune_filed(filed_undo)  # at most max_queries of them are live: memory stays bounded
@@ -532,8 +532,8 @@ class LinksDetector(Detector):
         self._pending = [(b, i) for b, i in self._pending if i >= chunk_start]
         buckets = np.array([b for b, _ in done], dtype=np.int64)[:, None]
         ids = np.array([i for _, i in done], dtype=np.int64)
-        _, order, starts, rank_sorted = recent(buckets, self._step_fill, self._step_slots, self.params.step_depth, 0, ids=ids)
-        file(buckets, order, starts, rank_sorted, self._step_fill, self._step_slots, self.params.step_depth, 0, undo, ids=ids)
+        _, order, starts, rank_sorted = recent(buckets, self._step_fill, self._step_slots, self.params.step_depth, ids)
+        file(buckets, order, starts, rank_sorted, self._step_fill, self._step_slots, self.params.step_depth, undo, ids)
 
     def _moves_alike(self, step: np.ndarray, other: np.ndarray) -> bool:
         """Whether two steps move every feature they both move in the same direction (or every one in
@@ -666,13 +666,13 @@ class LinksDetector(Detector):
 
 
 def recent(
-    buckets: np.ndarray, fill: np.ndarray, slots: np.ndarray, depth: int, base: int, ids: np.ndarray | None = None
+    buckets: np.ndarray, fill: np.ndarray, slots: np.ndarray, depth: int, ids: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Candidates of a run of queries in bucket tables that keep each bucket's ``depth`` most recent entries.
 
     ``buckets`` (n, T): each query's bucket in each of T tables (flat indexes into
     ``fill``, entries ever filed per bucket, and ``slots``, ``depth`` entry ids per bucket);
-    the queries are entries ``ids`` (default ``base + arange(n)``), in time order.
+    the queries are entries ``ids``, in time order.
     Returns the (n, T x depth) ids each query sees, most recent first per table, exactly as
     if the queries had been filed one at a time (earlier queries of the run first, then
     the buckets' slots; -1 for none), and the sort (order, run starts, ranks) that
@@ -680,7 +680,6 @@ def recent(
     """
     n, tables = buckets.shape
     take = np.take
-    own = base + np.arange(n) if ids is None else ids
     flat = buckets.reshape(-1)
     order = np.argsort(flat, kind="stable")
     sf = flat[order]
@@ -702,7 +701,7 @@ def recent(
     if later.size:
         rows = order[later]
         rank = rank_sorted[later][:, None]
-        pred = take(own, take(order, np.maximum(later[:, None] - 1 - j, 0)) // tables)
+        pred = take(ids, take(order, np.maximum(later[:, None] - 1 - j, 0)) // tables)
         back = j - rank
         f = filled[rows][:, None]
         slot_ids = take(slots, flat[rows][:, None] * depth + (f - 1 - np.maximum(back, 0)) % depth)
@@ -713,18 +712,17 @@ def recent(
 
 def file(
     buckets: np.ndarray, order: np.ndarray, starts: np.ndarray, rank_sorted: np.ndarray, fill: np.ndarray, slots: np.ndarray,
-    depth: int, base: int, undo: list[tuple[np.ndarray, np.ndarray, np.ndarray]], ids: np.ndarray | None = None,
+    depth: int, undo: list[tuple[np.ndarray, np.ndarray, np.ndarray]], ids: np.ndarray,
 ) -> None:
     """File the run of queries of :func:`recent` in their buckets (each keeps its ``depth`` most recent), logging what it overwrites."""
     n, tables = buckets.shape
-    own = base + np.arange(n) if ids is None else ids
     sf = buckets.reshape(-1)[order]
     counts = np.diff(np.append(starts, sf.size))
     keep = rank_sorted >= np.repeat(counts, counts) - depth
     kb = sf[keep]
     at_slot = kb * depth + (np.take(fill, kb) + rank_sorted[keep]) % depth
     undo.append((slots, at_slot, slots[at_slot]))
-    slots[at_slot] = np.take(own, order[keep] // tables)
+    slots[at_slot] = np.take(ids, order[keep] // tables)
     ub = sf[starts]
     undo.append((fill, ub, fill[ub]))
     fill[ub] += counts
