@@ -414,7 +414,7 @@ class LinksDetector(Detector):
         ad = np.abs(du)
         bound = take(self._lo, cpos, axis=0)
         close = ad >= bound
-        close &= ad <= take(self._hi, cpos, axis=0, out=bound)
+        close &= ad <= take(self._hi, cpos, axis=0, out=bound, mode="clip")  # cpos are valid rows; "raise" would buffer the output
         close = count_true(close)
         usable = alive & (cand < chunk_start) & (close >= min(_PROBE_MIN, r))  # the candidate's own step is final
         # 3. The full test on the few left.
