@@ -400,3 +400,31 @@ def test_group_rules_regroup_a_toy_link_graph() -> None:
     split = rules.average_linkage(edges, eligible, 1.0)
     assert sorted(map(sorted, split)) == sorted([sorted(a), sorted(b)]) and rules.score(split, truth) == (2, 2)
     assert rules.MEMBER.match("syb-mixed-30-11-29").group(1) == "syb-mixed-30-11" and rules.MEMBER.match("atk-jbda-0") is None
+
+
+def _group_row(strategy: str, kind: str, size: int, named: bool, queries: float | None = None) -> dict:
+    return {"strategy": strategy, "set": kind, "size": size, "named": named, "flagged": named, "queries_at_naming": queries,
+            "purity": 1.0 if named else None}
+
+
+def test_group_summary_checks_held_out_and_independent_groups_apart() -> None:
+    """bench/detection/groups.py: groups that chose the method meet the main target; held-out and
+    independent-generator groups (``--sybil b``) are checked against the held-out target only."""
+    groups = load("groups")
+    benign = {"benign": 1000, "linked": 20, "benign_only_flagged": 0}
+    ours = [_group_row("even", "default", 10, True, 120.0), _group_row("even", "default", 3, True), _group_row("uneven", "default", 3, False),
+            _group_row("mixed", "heldout", 10, True, 90.0), _group_row("mixed", "heldout", 3, False)]
+    text, checks = groups.summarize([{"dataset": "wine", "groups": ours, "benign": benign}], ["wine"])
+    got = {c["target"]: c for c in checks}
+    assert got[">= 80 % of Sybil groups named"]["value"] == pytest.approx(2 / 3) and not got[">= 80 % of Sybil groups named"]["pass"]
+    assert got["held-out strategies: >= 70 % named"]["value"] == 0.5 and not got["held-out strategies: >= 70 % named"]["pass"]
+    assert got["10-member groups named before a median 200 queries/member"]["value"] == 120.0  # held-out groups left out
+    assert got["<= 1 % of benign clients linked"]["value"] == 0.02 and not got["<= 1 % of benign clients linked"]["pass"]
+    assert "| wine | mixed (HELD OUT) | 2 | 1/2 |" in text and "| wine | uneven | 1 | 0/1 | 0/1 | - | - |" in text
+    theirs = [_group_row("rotation", "independent", 10, True, 150.0), _group_row("rotation", "independent", 30, True, 180.0),
+              _group_row("bisect", "independent", 3, True)]
+    text, checks = groups.summarize([{"dataset": "wine", "groups": theirs, "benign": {**benign, "linked": 1}}], ["wine"])
+    got = {c["target"]: c for c in checks}
+    assert ">= 80 % of Sybil groups named" not in got  # no group of this log chose the method
+    assert got["held-out strategies: >= 70 % named"]["pass"] and got["10-member groups named before a median 200 queries/member"]["value"] == 150.0
+    assert "| wine | rotation (independent generator) | 2 | 2/2 |" in text

@@ -252,7 +252,7 @@ def score_groups(traffic: Traffic, report: dict[str, Any]) -> tuple[list[dict[st
             if c in member_of:
                 counts[member_of[c]] = counts.get(member_of[c], 0) + 1
         best = max(counts, key=lambda g: counts[g]) if counts else None
-        row: dict[str, Any] = {"group": gname, "strategy": info.get("strategy", info["type"]), "size": len(members),
+        row: dict[str, Any] = {"group": gname, "strategy": info.get("strategy", info["type"]), "set": info.get("set"), "size": len(members),
                                "reported": best, "members_found": counts.get(best, 0) if best else 0, "named": False,
                                "flagged": False, "queries_at_naming": None, "purity": None}
         if best is not None:
