@@ -404,7 +404,7 @@ def test_group_rules_regroup_a_toy_link_graph() -> None:
 
 def _group_row(strategy: str, kind: str, size: int, named: bool, queries: float | None = None) -> dict:
     return {"strategy": strategy, "set": kind, "size": size, "named": named, "flagged": named, "queries_at_naming": queries,
-            "purity": 1.0 if named else None}
+            "purity": 1.0 if named else None, "members_flagged": size - 1}
 
 
 def test_group_summary_checks_held_out_and_independent_groups_apart() -> None:
@@ -420,7 +420,8 @@ def test_group_summary_checks_held_out_and_independent_groups_apart() -> None:
     assert got["held-out strategies: >= 70 % named"]["value"] == 0.5 and not got["held-out strategies: >= 70 % named"]["pass"]
     assert got["10-member groups named before a median 200 queries/member"]["value"] == 120.0  # held-out groups left out
     assert got["<= 1 % of benign clients linked"]["value"] == 0.02 and not got["<= 1 % of benign clients linked"]["pass"]
-    assert "| wine | mixed (HELD OUT) | 2 | 1/2 |" in text and "| wine | uneven | 1 | 0/1 | 0/1 | - | - |" in text
+    assert "| wine | mixed (HELD OUT) | 2 | 1/2 |" in text and "| wine | uneven | 1 | 0/1 | 0/1 | - | - | 2/3 |" in text
+    assert "| wine | even | 2 | 2/2 | 2/2 | 120.0 | 1.00 | 11/13 |" in text
     theirs = [_group_row("rotation", "independent", 10, True, 150.0), _group_row("rotation", "independent", 30, True, 180.0),
               _group_row("bisect", "independent", 3, True)]
     text, checks = groups.summarize([{"dataset": "wine", "groups": theirs, "benign": {**benign, "linked": 1}}], ["wine"])
@@ -428,3 +429,32 @@ def test_group_summary_checks_held_out_and_independent_groups_apart() -> None:
     assert ">= 80 % of Sybil groups named" not in got  # no group of this log chose the method
     assert got["held-out strategies: >= 70 % named"]["pass"] and got["10-member groups named before a median 200 queries/member"]["value"] == 150.0
     assert "| wine | rotation (independent generator) | 2 | 2/2 |" in text
+
+
+def test_score_groups_names_a_true_group_held_by_one_reported_group(world) -> None:
+    """scoring.score_groups: named at 80 % of the members in one reported group, when, purity, own flags, the benign side."""
+    scoring = load("scoring")
+    populations = load("populations")
+    from exporter.sim import Population, simulate
+    from exporter.sim.sybil import SybilPlan, simulate_sybil
+
+    benign = populations.tag(simulate(world, Population(benign=3, benign_queries=20), seed=0), family="a")
+    sybil = populations.tag(simulate_sybil(world, SybilPlan("even", 5, 20), 0, 0), set="default")
+    traffic = populations.merge(benign, sybil)
+    members, app = sybil.clients, benign.clients[0]
+    at = float(np.median(sybil.ts))
+    joined = {c: {"joined": at} for c in [*members[:4], app]}
+    report = {"clients": {c: {"flagged": c in members[1:4]} for c in traffic.clients},
+              "groups": {"g1": {"flagged": False, "first_flagged": at, "members": joined}}}
+    [row], side = scoring.score_groups(traffic, report)
+    sent = [int(np.count_nonzero(sybil.ts[sybil.client == j] <= at)) for j in range(5)]
+    assert row["named"] and row["set"] == "default" and row["members_found"] == 4 and row["purity"] == 0.8 and row["flagged"]
+    assert row["members_flagged"] == 3 and row["queries_at_naming"] == float(np.median(sent)) and row["named_at"] == at
+    assert side["linked"] == 1 and side["linked_clients"] == [app] and side["benign_only_groups"] == 0
+    assert side["by_behaviour"] == {f"a:{benign.truth[app]['type']}": {"clients": sum(benign.truth[c]["type"] == benign.truth[app]["type"] for c in benign.clients), "linked": 1}}
+    # 3 of 5 members in one group and the benign client alone in another: not named, a benign-only group
+    report["groups"] = {"g1": {"flagged": False, "members": {c: {"joined": at} for c in members[:3]}},
+                        "g2": {"flagged": True, "members": {app: {"joined": at}}}}
+    [row], side = scoring.score_groups(traffic, report)
+    assert not row["named"] and row["members_found"] == 3 and row["purity"] == 1.0 and not row["flagged"] and row["queries_at_naming"] is None
+    assert side["benign_only_groups"] == 1 and side["benign_only_flagged"] == 1

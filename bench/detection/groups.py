@@ -131,8 +131,8 @@ def summarize(runs: list[dict[str, Any]], datasets: list[str]) -> tuple[str, lis
     Groups of set ``default`` chose the method; those of ``heldout`` (our held-out strategy)
     and ``independent`` (``--sybil b``) did not, and are checked against the held-out target.
     """
-    out = ["| dataset | strategy | groups | named (>= 80 % of members) | flagged | median queries/member at naming (size 10) | purity (median) |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| dataset | strategy | groups | named (>= 80 % of members) | flagged | median queries/member at naming (size 10) | purity (median) | members flagged on their own |",
+           "|---|---|---|---|---|---|---|---|"]
     checks = []
     for d in datasets:
         rows = [r for run in runs if run["dataset"] == d for r in run["groups"]]
@@ -141,9 +141,10 @@ def summarize(runs: list[dict[str, Any]], datasets: list[str]) -> tuple[str, lis
             ten = [r["queries_at_naming"] for r in sel if r["size"] == 10 and r["named"]]
             pur = [r["purity"] for r in sel if r["purity"] is not None]
             label = f"{strategy} ({HELD_LABEL[kind]})" if kind in HELD_LABEL else strategy
+            own = f"{sum(r.get('members_flagged', 0) for r in sel)}/{sum(r['size'] for r in sel)}"
             out.append(f"| {d} | {label} | {len(sel)} | {sum(r['named'] for r in sel)}/{len(sel)} | {sum(r['flagged'] for r in sel)}/{len(sel)} | "
-                       f"{np.median(ten) if ten else '-'} | {np.median(pur):.2f} |" if pur else
-                       f"| {d} | {label} | {len(sel)} | 0/{len(sel)} | 0/{len(sel)} | - | - |")
+                       f"{np.median(ten) if ten else '-'} | {np.median(pur):.2f} | {own} |" if pur else
+                       f"| {d} | {label} | {len(sel)} | 0/{len(sel)} | 0/{len(sel)} | - | - | {own} |")
         main = [r for r in rows if r.get("set") not in HELD_LABEL]
         held = [r for r in rows if r.get("set") in HELD_LABEL]
         ten = [r["queries_at_naming"] for r in main or held if r["size"] == 10 and r["named"]]
