@@ -52,6 +52,7 @@ from exporter.sim.datasets import Dataset
 from exporter.sim.victim import SoftmaxRegression
 
 Answer = Callable[[np.ndarray], np.ndarray]
+NewPoints = Callable[[SoftmaxRegression, np.ndarray, np.ndarray, int], np.ndarray]  # (substitute, set, its labels, round) -> new points
 
 
 class BudgetExhausted(Exception):
@@ -154,24 +155,30 @@ def _jacobian_augmentation(ctx: AttackContext, targeted: bool) -> None:
     ds, rng = ctx.dataset, ctx.rng
     lam = float(ctx.params.get("step", 0.1)) * ds.span
     tau = int(ctx.params.get("tau", 3))
-    rounds = int(ctx.params.get("rounds", 0))
     targets = int(ctx.params.get("targets", 1))
-    S = _seeds(ctx, int(ctx.params.get("seeds", 10)))
-    labels = ctx.oracle(S).argmax(axis=1)
-    rho = 0
-    while not rounds or rho < rounds:
-        sub = _substitute(ds).fit(S, labels)
+
+    def new_points(sub: SoftmaxRegression, S: np.ndarray, labels: np.ndarray, rho: int) -> np.ndarray:
         if targeted:
             src = S if targets == 1 else np.repeat(S, targets, axis=0)
             src_labels = labels if targets == 1 else np.repeat(labels, targets)
             target = (src_labels + rng.integers(1, ds.num_classes, len(src))) % ds.num_classes
-            new = ds.clip(src + lam * np.sign(sub.grad_class_prob(src, target)))
-        else:
-            sign = -1.0 if (rho // tau) % 2 else 1.0
-            new = ds.clip(S + sign * lam * np.sign(sub.grad_class_prob(S, labels)))
-        new_labels = ctx.oracle(new).argmax(axis=1)
+            return ds.clip(src + lam * np.sign(sub.grad_class_prob(src, target)))
+        sign = -1.0 if (rho // tau) % 2 else 1.0
+        return ds.clip(S + sign * lam * np.sign(sub.grad_class_prob(S, labels)))
+
+    _augmentation_rounds(ctx, _seeds(ctx, int(ctx.params.get("seeds", 10))), new_points, int(ctx.params.get("rounds", 0)))
+
+
+def _augmentation_rounds(ctx: AttackContext, S: np.ndarray, new_points: NewPoints, rounds: int = 0) -> None:
+    """The round loop of the augmentation attacks: ask the seeds ``S``, then each round fit a
+    substitute to every answer so far, make new points from it and ask them; the set grows by
+    what each round made. Ends after ``rounds`` rounds (0: at the budget)."""
+    labels = ctx.oracle(S).argmax(axis=1)
+    rho = 0
+    while not rounds or rho < rounds:
+        new = new_points(_substitute(ctx.dataset).fit(S, labels), S, labels, rho)
         S = np.concatenate([S, new])
-        labels = np.concatenate([labels, new_labels])
+        labels = np.concatenate([labels, ctx.oracle(new).argmax(axis=1)])
         rho += 1
 
 
@@ -374,25 +381,19 @@ def coordinated_augmentation(dataset: Dataset, answer: Answer, budget: int, rng:
         sent += n
         return out
 
+    def new_points(sub: SoftmaxRegression, S: np.ndarray, labels: np.ndarray, rho: int) -> np.ndarray:
+        who = deal(len(S))
+        owners.append(who)
+        trnd = np.array([kinds[w] == "trnd" for w in who])
+        sign = -1.0 if (rho // tau) % 2 else 1.0
+        target = np.where(trnd, (labels + rng.integers(1, ds.num_classes, len(S))) % ds.num_classes, labels)
+        grad = np.sign(sub.grad_class_prob(S, target))
+        return ds.clip(S + np.where(trnd[:, None], 1.0, sign) * lam * grad)
+
     try:
         S = _seeds(ctx, int(params.get("seeds", 10)))
-        own = deal(len(S))
-        owners.append(own)
-        labels = oracle(S).argmax(axis=1)
-        rho = 0
-        while True:
-            sub = _substitute(ds).fit(S, labels)
-            who = deal(len(S))
-            trnd = np.array([kinds[w] == "trnd" for w in who])
-            sign = -1.0 if (rho // tau) % 2 else 1.0
-            target = np.where(trnd, (labels + rng.integers(1, ds.num_classes, len(S))) % ds.num_classes, labels)
-            grad = np.sign(sub.grad_class_prob(S, target))
-            new = ds.clip(S + np.where(trnd[:, None], 1.0, sign) * lam * grad)
-            owners.append(who)
-            new_labels = oracle(new).argmax(axis=1)
-            S = np.concatenate([S, new])
-            labels = np.concatenate([labels, new_labels])
-            rho += 1
+        owners.append(deal(len(S)))
+        _augmentation_rounds(ctx, S, new_points)
     except BudgetExhausted:
         pass
     X = oracle.queries
