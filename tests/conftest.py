@@ -1,7 +1,8 @@
-"""Shared test helpers: free ports, a real exporter subprocess, and scraping /metrics."""
+"""Shared test helpers: free ports, a real exporter subprocess, scraping /metrics, and loading bench scripts."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable
 
 import pytest
@@ -18,6 +20,17 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def load_script(path: Path, name: str) -> ModuleType:
+    """A script outside the package (``bench/``) as module ``name``, registered in
+    ``sys.modules`` (dataclasses look their module up there)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:

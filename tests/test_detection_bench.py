@@ -8,7 +8,7 @@ calibrated on 20 and on 200 other benign clients.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import subprocess
 import sys
@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, load_script
 
 pytest.importorskip("sklearn", reason="the detection benchmark needs scikit-learn (the 'bench' extra)")
 
@@ -46,12 +46,7 @@ def load(name: str):
     if str(BENCH) not in sys.path:
         sys.path.insert(0, str(BENCH))
     if name == "run":
-        spec = importlib.util.spec_from_file_location("bench_detection_run", RUN_PY)
-        module = importlib.util.module_from_spec(spec)
-        assert spec.loader is not None
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        return module
+        return load_script(RUN_PY, "bench_detection_run")
     return importlib.import_module(name)
 
 

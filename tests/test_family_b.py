@@ -6,8 +6,6 @@ Everything runs on the "synthetic" dataset (no scikit-learn), except one tabular
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 
 import numpy as np
 import pytest
@@ -16,19 +14,10 @@ from exporter.config import Settings
 from exporter.events import Decoder
 from exporter.sim import Population, Traffic, build_world, simulate
 from exporter.sim.traffic import DEFAULT_START
-from tests.conftest import REPO
+from tests.conftest import REPO, load_script
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_detection_family_b", REPO / "bench" / "detection" / "family_b.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-fb = _load()
+fb = load_script(REPO / "bench" / "detection" / "family_b.py", "bench_detection_family_b")
 SMALL = fb.FamilyB(length=fb.LengthDist(20, 300))  # short sessions keep the tests fast
 SEED = 3
 N = 72  # ~4-7 clients of every behaviour with the default mix

@@ -6,7 +6,6 @@ with DNS refused and a dead loopback proxy: nothing leaves the machine.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -23,12 +22,9 @@ from exporter.demo import example_log
 from exporter.replay import replay
 from exporter.report_html import CSS, SCRIPT, _path, render_client, render_report, replay_summary, when
 from exporter.timelines import Timeline, TimelineRecorder
-from tests.conftest import REPO
+from tests.conftest import REPO, load_script
 
-_spec = importlib.util.spec_from_file_location("bench_chromium", REPO / "bench" / "chromium.py")
-chromium = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
-sys.modules[_spec.name] = chromium  # dataclasses look their module up
-_spec.loader.exec_module(chromium)  # type: ignore[union-attr]
+chromium = load_script(REPO / "bench" / "chromium.py", "bench_chromium")
 needs_chromium = pytest.mark.skipif(chromium.find_chromium() is None, reason="needs Debian's chromium")
 
 SCRAPERS = ("scraper-boundary", "scraper-repeat", "scraper-search")

@@ -7,30 +7,18 @@ Runs on digits (images) and wine (tabular), which need scikit-learn, with small 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from types import ModuleType
 
 import numpy as np
 import pytest
 
 from exporter.sim import Traffic, World, build_world
 from exporter.sim.traffic import DEFAULT_START
-from tests.conftest import REPO
+from tests.conftest import REPO, load_script
 
 pytest.importorskip("sklearn")
 
 
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_detection_sybil_b", REPO / "bench" / "detection" / "sybil_b.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-sb = _load()
+sb = load_script(REPO / "bench" / "detection" / "sybil_b.py", "bench_detection_sybil_b")
 SIZE, PER, SEED = 4, 24, 5
 DATASETS = ("digits", "wine")
 CASES = [(d, s) for d in DATASETS for s in sb.STRATEGIES_B]
