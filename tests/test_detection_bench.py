@@ -456,16 +456,22 @@ def test_score_groups_names_a_true_group_held_by_one_reported_group(world) -> No
 
 
 def test_nearness_finds_the_nearest_earlier_query_of_another_client() -> None:
-    """bench/detection/nearness.py: own queries, later queries, exact repeats and queries past the window do not count."""
+    """bench/detection/nearness.py: own queries, later queries, exact repeats, queries past the
+    window and rows outside ``among`` do not count; groups come from member ids."""
     nearness = load("nearness")
     ts = np.array([0.0, 10.0, 20.0, 30.0, 40.0, 50.0])
     clients = np.array(["app-1", "bapp-2", "app-1", "sybb-bisect-3-0-1", "app-1", "sybb-bisect-3-0-2"])
     U = np.array([[0.0, 0.0], [0.5, 0.5], [0.1, 0.0], [0.1, 0.0], [0.9, 0.9], [0.4, 0.4]])
     # query 5: nearest other-client queries back are 4 (app-1, 0.5 away), 3 and 2 ((0.3, 0.4)), 1 (0.1 each way)
-    assert nearness.nearest_other(ts, clients, U, 5, window=100.0, recent=100) == pytest.approx(0.1)
-    assert nearness.nearest_other(ts, clients, U, 5, window=25.0, recent=100) == pytest.approx(np.sqrt((0.09 + 0.16) / 2))  # 1 is past the window
-    assert nearness.nearest_other(ts, clients, U, 5, window=100.0, recent=1) == pytest.approx(0.5)  # only query 4 back
-    assert nearness.nearest_other(ts, clients, U, 3, window=100.0, recent=100) == pytest.approx(np.sqrt(0.005))  # 2 is an exact repeat: 0 next
+    assert nearness.nearest_other(ts, clients, U, 5, window=100.0, recent=100) == (pytest.approx(0.1), 1)
+    assert nearness.nearest_other(ts, clients, U, 5, window=25.0, recent=100) == (pytest.approx(np.sqrt((0.09 + 0.16) / 2)), 3)  # 1 is past the window
+    assert nearness.nearest_other(ts, clients, U, 5, window=100.0, recent=1) == (pytest.approx(0.5), 4)  # only query 4 back
+    among = np.array([True, False, True, True, False, True])
+    assert nearness.nearest_other(ts, clients, U, 5, window=100.0, recent=100, among=among)[1] == 2  # 1 and 4 left out; 2 and 3 tie: the earlier
+    assert nearness.nearest_other(ts, clients, U, 3, window=100.0, recent=100) == (pytest.approx(np.sqrt(0.005)), 0)  # 2 is an exact repeat
     assert nearness.nearest_other(ts, clients, U, 0, window=100.0, recent=100) is None
     assert [nearness.kind(c) for c in ("app-0001", "bapp-0420", "syb-even-3-0-1", "sybb-rotation-10-4-2", "atk-jbda-0")] == [
         "benign A", "benign B", "syb:even", "sybb:rotation", "atk"]
+    assert nearness.group_of("sybb-rotation-10-4-2") == "sybb-rotation-10-4" and nearness.group_of("app-0001") is None
+    R = np.array([[0.0, 0.0], [1.0, 1.0]])
+    assert nearness.reference_distance(U, R, block=4) == pytest.approx([0.0, 0.5, np.sqrt(0.005), np.sqrt(0.005), 0.1, 0.4])

@@ -8,13 +8,18 @@ sampled query lies to the nearest earlier query of *another* client: RMS distanc
 features in units of each feature's range in the log, among that client's predecessors of
 the last ``--window`` seconds (at most ``--recent`` queries back), exact repeats left out.
 
+With ``--reference`` (the run's ``calibration.jsonl``), only *off-manifold* queries count,
+as samples and as neighbours: those farther from every reference query than 99 % of
+honest queries are. Honest clients seldom send such queries, attacks often do; the
+question is then whether a Sybil member's off-manifold neighbour belongs to its own group.
+
 Clients are told apart by their ids, as the group benchmark names them: ``app-`` and
 ``bapp-`` benign families A and B, ``syb-<strategy>-`` and ``sybb-<strategy>-`` Sybil
-members of ``exporter/sim/sybil.py`` and ``bench/detection/sybil_b.py``, anything else
-by its first word (``atk``: solo attackers).
+members of ``exporter/sim/sybil.py`` and ``bench/detection/sybil_b.py`` (group: the id
+without its last part), anything else by its first word (``atk``: solo attackers).
 
     python3 bench/detection/groups.py --sybil b --datasets digits --seeds 0 --workdir DIR
-    python3 bench/detection/nearness.py DIR/digits-0/evaluation.jsonl
+    python3 bench/detection/nearness.py DIR/digits-0/evaluation.jsonl [--reference DIR/digits-0/calibration.jsonl]
 """
 
 from __future__ import annotations
@@ -39,8 +44,13 @@ def kind(client: str) -> str:
     return head
 
 
+def group_of(client: str) -> str | None:
+    """The Sybil group of a member's id, None for other clients."""
+    return client.rsplit("-", 1)[0] if client.partition("-")[0] in ("syb", "sybb") else None
+
+
 def load(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Event times, client ids and inputs (in units of each feature's range in the log)."""
+    """Event times, client ids and inputs of a JSON-lines log."""
     ts, clients, rows = [], [], []
     with open(path, "rb") as fh:
         for line in fh:
@@ -48,49 +58,70 @@ def load(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             ts.append(event["ts"])
             clients.append(event["client"])
             rows.append(event["input"])
-    X = np.asarray(rows, dtype=np.float64)
-    span = X.max(axis=0) - X.min(axis=0)
-    return np.asarray(ts), np.asarray(clients), X / np.where(span > 0, span, 1.0)
+    return np.asarray(ts), np.asarray(clients), np.asarray(rows, dtype=np.float64)
 
 
-def nearest_other(ts: np.ndarray, clients: np.ndarray, U: np.ndarray, i: int, window: float, recent: int) -> float | None:
-    """RMS distance from query ``i`` to the nearest earlier query of another client (None: no such query)."""
+def nearest_other(ts: np.ndarray, clients: np.ndarray, U: np.ndarray, i: int, window: float, recent: int,
+                  among: np.ndarray | None = None) -> tuple[float, int] | None:
+    """RMS distance from query ``i`` to the nearest earlier query of another client (among
+    the rows ``among`` marks, if given), and that query's row; None when there is none."""
     lo = max(0, i - recent, int(np.searchsorted(ts, ts[i] - window)))
     j = np.arange(lo, i)
-    j = j[clients[j] != clients[i]]
-    if j.size == 0:
-        return None
+    j = j[(clients[j] != clients[i]) & (True if among is None else among[j])]
     d = np.sqrt(((U[j] - U[i]) ** 2).mean(axis=1))
-    d = d[d > 0]
-    return float(d.min()) if d.size else None
+    j, d = j[d > 0], d[d > 0]
+    return (float(d.min()), int(j[np.argmin(d)])) if d.size else None
+
+
+def reference_distance(U: np.ndarray, R: np.ndarray, block: int = 2000) -> np.ndarray:
+    """(n,) RMS distance from each row of ``U`` to the nearest row of ``R``."""
+    out = np.empty(len(U))
+    r2 = (R**2).sum(axis=1)
+    for start in range(0, len(U), block):
+        q = U[start:start + block]
+        d2 = (q**2).sum(axis=1)[:, None] - 2.0 * q @ R.T + r2[None, :]
+        out[start:start + block] = np.sqrt(np.maximum(d2.min(axis=1), 0.0) / U.shape[1])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("log", type=Path, help="evaluation.jsonl of a groups.py --workdir run")
+    ap.add_argument("--reference", type=Path, help="calibration.jsonl of the run: compare off-manifold queries only")
     ap.add_argument("--sample", type=int, default=600, help="queries sampled per population (default 600)")
     ap.add_argument("--window", type=float, default=1800.0, help="seconds back (default 1800)")
     ap.add_argument("--recent", type=int, default=20_000, help="queries back at most (default 20,000)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    ts, clients, U = load(args.log)
+    ts, clients, X = load(args.log)
+    span = X.max(axis=0) - X.min(axis=0)
+    U = X / np.where(span > 0, span, 1.0)
     kinds = np.array([kind(c) for c in clients])
     rng = np.random.default_rng(args.seed)
-    found: dict[str, list[float]] = defaultdict(list)
+    honest = np.isin(kinds, list(BENIGN.values()))
+    among = None
+    if args.reference:
+        R = np.unique(load(args.reference)[2] / np.where(span > 0, span, 1.0), axis=0)
+        far = reference_distance(U, R)
+        among = far > np.quantile(far[rng.choice(np.flatnonzero(honest), min(20_000, int(honest.sum())), replace=False)], 0.99)
+        print("Off-manifold share of the queries: " + ", ".join(f"{k} {among[kinds == k].mean():.3f}" for k in sorted(set(kinds.tolist()))) + "\n")
+    found: dict[str, list[tuple[float, bool]]] = defaultdict(list)
     for k in sorted(set(kinds.tolist())):
-        rows = np.flatnonzero(kinds == k)
+        rows = np.flatnonzero((kinds == k) & (True if among is None else among))
         for i in rng.choice(rows, min(args.sample, rows.size), replace=False):
-            d = nearest_other(ts, clients, U, int(i), args.window, args.recent)
-            if d is not None:
-                found[k].append(d)
-    benign = np.concatenate([found[k] for k in BENIGN.values() if k in found])
+            near = nearest_other(ts, clients, U, int(i), args.window, args.recent, among)
+            if near is not None:
+                own = group_of(str(clients[i]))
+                found[k].append((near[0], own is not None and group_of(str(clients[near[1]])) == own))
+    benign = np.array([d for k in BENIGN.values() for d, _ in found.get(k, [])])
     q01, q1, q50 = np.quantile(benign, [0.001, 0.01, 0.5])
     print(f"`{args.log}`: honest queries' nearest other-client query, 0.1 / 1 / 50 % quantiles: {q01:.4f} / {q1:.4f} / {q50:.4f}\n")
-    print("| population | queries | median distance | share nearer than the honest 1 % quantile |")
-    print("|---|---:|---:|---:|")
-    for k, d in found.items():
-        v = np.asarray(d)
-        print(f"| {k} | {v.size} | {np.median(v):.4f} | {np.mean(v < q1):.3f} |")
+    print("| population | queries | median distance | share nearer than the honest 1 % quantile | nearest from its own group |")
+    print("|---|---:|---:|---:|---:|")
+    for k, rows in found.items():
+        v = np.array([d for d, _ in rows])
+        own = f"{np.mean([o for _, o in rows]):.2f}" if k.startswith("syb") else "-"
+        print(f"| {k} | {v.size} | {np.median(v):.4f} | {np.mean(v < q1):.3f} | {own} |")
     return 0
 
 
