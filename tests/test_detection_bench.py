@@ -475,3 +475,33 @@ def test_nearness_finds_the_nearest_earlier_query_of_another_client() -> None:
     assert nearness.group_of("sybb-rotation-10-4-2") == "sybb-rotation-10-4" and nearness.group_of("app-0001") is None
     R = np.array([[0.0, 0.0], [1.0, 1.0]])
     assert nearness.reference_distance(U, R, block=4) == pytest.approx([0.0, 0.5, np.sqrt(0.005), np.sqrt(0.005), 0.1, 0.4])
+
+
+@pytest.mark.parametrize("sybil", ["a", "b"])
+def test_group_benchmark_end_to_end_on_a_small_log(tmp_path, sybil: str) -> None:
+    """bench/detection/groups.py through the real calibrate and replay, on wine with 20 benign
+    clients per family (about 20 s): every Sybil group is scored with its set, the targets are
+    booleans, and the figures stay near those of the documented runs (deliberate margins)."""
+    out = tmp_path / "groups.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "groups.py"), "--datasets", "wine", "--seeds", "0", "--benign", "20", "--jobs", "1",
+                           "--sybil", sybil, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    [run] = result["runs"]
+    rows = run["groups"]
+    assert all(isinstance(c["pass"], bool) for c in result["targets"])
+    assert run["benign"]["benign"] == 40 and run["benign"]["linked"] == 0
+    members = sum(r["size"] for r in rows)
+    if sybil == "a":
+        assert sorted((r["strategy"], r["set"], r["size"]) for r in rows) == sorted(
+            (st, "heldout" if st == "mixed" else "default", n) for st in ("even", "staggered", "uneven", "mixed") for n in (3, 10, 30))
+        assert sum(r["named"] for r in rows) >= 10  # 12 of 12 when written
+        assert sum(r["members_flagged"] for r in rows) >= 0.8 * members  # 168 of 172
+        assert "| wine | mixed (HELD OUT) | 3 |" in proc.stdout
+    else:
+        sybil_b = load("sybil_b")
+        assert sorted((r["strategy"], r["set"], r["size"]) for r in rows) == sorted(
+            (st, "independent", n) for st in sybil_b.STRATEGIES_B for n in (3, 10, 30))
+        assert sum(r["members_flagged"] for r in rows) >= 0.5 * members  # 187 of 258 when written
+        assert ">= 80 % of Sybil groups named" not in {c["target"] for c in result["targets"]}
+        assert "| wine | bisect (independent generator) | 3 |" in proc.stdout

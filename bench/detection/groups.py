@@ -152,10 +152,10 @@ def summarize(runs: list[dict[str, Any]], datasets: list[str]) -> tuple[str, lis
         linked, total = sum(b["linked"] for b in ben), sum(b["benign"] for b in ben)
         if main:
             checks.append({"dataset": d, "target": ">= 80 % of Sybil groups named", "value": np.mean([r["named"] for r in main]),
-                           "pass": np.mean([r["named"] for r in main]) >= TARGETS["named"]})
+                           "pass": bool(np.mean([r["named"] for r in main]) >= TARGETS["named"])})
         checks += [
             {"dataset": d, "target": "held-out strategies: >= 70 % named", "value": np.mean([r["named"] for r in held]) if held else None,
-             "pass": bool(held) and np.mean([r["named"] for r in held]) >= TARGETS["named_heldout"]},
+             "pass": bool(held) and bool(np.mean([r["named"] for r in held]) >= TARGETS["named_heldout"])},
             {"dataset": d, "target": "10-member groups named before a median 200 queries/member", "value": float(np.median(ten)) if ten else None,
              "pass": bool(ten) and float(np.median(ten)) < TARGETS["queries_10"]},
             {"dataset": d, "target": "<= 1 % of benign clients linked", "value": linked / max(total, 1), "pass": linked / max(total, 1) <= TARGETS["benign_linked"]},
