@@ -505,3 +505,14 @@ def test_group_benchmark_end_to_end_on_a_small_log(tmp_path, sybil: str) -> None
         assert sum(r["members_flagged"] for r in rows) >= 0.5 * members  # 187 of 258 when written
         assert ">= 80 % of Sybil groups named" not in {c["target"] for c in result["targets"]}
         assert "| wine | bisect (independent generator) | 3 |" in proc.stdout
+
+
+def test_group_benchmark_keeps_a_groups_traffic_when_strategies_are_filtered(world) -> None:
+    """groups.py --strategies: the groups kept are those of the full log (their index does not move)."""
+    groups = load("groups")
+    every = groups.sybil_groups(world, 0, "a")
+    kept = groups.sybil_groups(world, 0, "a", ("mixed",))
+    assert [t.clients[0] for t in kept] == [t.clients[0] for t in every if t.truth[t.clients[0]]["strategy"] == "mixed"]
+    same = [t for t in every if t.truth[t.clients[0]]["strategy"] == "mixed"]
+    assert all(np.array_equal(a.X, b.X) and np.array_equal(a.ts, b.ts) for a, b in zip(kept, same))
+    assert {t.truth[t.clients[0]]["set"] for t in kept} == {"heldout"}

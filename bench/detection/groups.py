@@ -28,7 +28,7 @@ Scoring (``scoring.score_groups``): a true group is *named* when one reported gr
 benign clients linked to any group; benign-only groups and whether any is flagged.
 
     python3 bench/detection/groups.py [--datasets digits,breast_cancer,wine] [--seeds 0,1,2]
-        [--benign 1000] [--sybil a|b] [--jobs 2] [--extra-config FILE] [--out FILE] [--workdir DIR]
+        [--benign 1000] [--sybil a|b] [--strategies LIST] [--jobs 2] [--extra-config FILE] [--out FILE] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -70,22 +70,34 @@ MIX_A = {**DEFAULT_MIX, "org_app": 0.10, "outage_retry": 0.10}
 TARGETS = {"named": 0.8, "named_heldout": 0.7, "queries_10": 200.0, "benign_linked": 0.01}
 
 
-def sybil_groups(world: Any, seed: int, family: str) -> list[Traffic]:
-    """The Sybil groups of one log: every strategy of the family at every size in :data:`SIZES`."""
-    groups = []
+def sybil_strategies(family: str) -> tuple[str, ...]:
+    """The Sybil strategies of a generator family (``a``: ours, ``b``: the independent one)."""
     if family == "b":
         import sybil_b  # bench/detection/sybil_b.py: the independent generator
 
-        for index, (strategy, size) in enumerate((st, n) for st in sybil_b.STRATEGIES_B for n in SIZES):
+        return tuple(sybil_b.STRATEGIES_B)
+    return STRATEGIES
+
+
+def sybil_groups(world: Any, seed: int, family: str, strategies: tuple[str, ...] | None = None) -> list[Traffic]:
+    """The Sybil groups of one log: every strategy of the family (or those in ``strategies``)
+    at every size in :data:`SIZES`. A group's index, hence its traffic, does not depend on
+    which strategies are kept."""
+    groups = []
+    for index, (strategy, size) in enumerate((st, n) for st in sybil_strategies(family) for n in SIZES):
+        if strategies is not None and strategy not in strategies:
+            continue
+        if family == "b":
+            import sybil_b
+
             groups.append(tag(sybil_b.simulate_sybil_b(world, strategy, size, seed, index, per_member=PER_MEMBER, window=WINDOW), set="independent"))
-        return groups
-    for index, (strategy, size) in enumerate((st, n) for st in STRATEGIES for n in SIZES):
-        groups.append(tag(simulate_sybil(world, SybilPlan(strategy, size, PER_MEMBER), seed, index, window=WINDOW),
-                          set="heldout" if strategy == HELD_OUT else "default"))
+        else:
+            groups.append(tag(simulate_sybil(world, SybilPlan(strategy, size, PER_MEMBER), seed, index, window=WINDOW),
+                              set="heldout" if strategy == HELD_OUT else "default"))
     return groups
 
 
-def evaluation(world: Any, seed: int, benign: int, sybil: str = "a") -> Traffic:
+def evaluation(world: Any, seed: int, benign: int, sybil: str = "a", strategies: tuple[str, ...] | None = None) -> Traffic:
     """The evaluation log of one dataset and seed (module docstring)."""
     parts = [
         tag(simulate(world, Population(benign=benign, mix=MIX_A, window=WINDOW, benign_prefix="app", stream="groups-evaluation"), seed), family="a"),
@@ -93,7 +105,7 @@ def evaluation(world: Any, seed: int, benign: int, sybil: str = "a") -> Traffic:
         tag(simulate(world, Population(benign=0, attacks={"jbda": 2, "trnd": 2}, attack_queries=1000, window=WINDOW, stream="groups-solo"),
                      seed, attack_params={"natural_seeds": 1.0}), set="solo"),
     ]
-    return merge(*parts, *sybil_groups(world, seed, sybil))
+    return merge(*parts, *sybil_groups(world, seed, sybil, strategies))
 
 
 def run_one(dataset: str, seed: int, args: argparse.Namespace, workdir: Path, log: Any) -> dict[str, Any]:
@@ -101,7 +113,7 @@ def run_one(dataset: str, seed: int, args: argparse.Namespace, workdir: Path, lo
     world = build_world(dataset, seed)
     run_dir = workdir / f"{dataset}-{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    ev = evaluation(world, seed, args.benign, args.sybil)
+    ev = evaluation(world, seed, args.benign, args.sybil, args.strategies)
     ev.write(run_dir / "evaluation.jsonl", append=False)
     cal = simulate(world, Population(benign=200, mix=MIX_A, window=WINDOW, benign_prefix="cal", stream="groups-calibration"), seed)
     cal.write(run_dir / "calibration.jsonl", append=False)
@@ -176,11 +188,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--benign", type=int, default=1000, help="benign evaluation clients per family (default 1000)")
     ap.add_argument("--sybil", choices=("a", "b"), default="a",
                     help="Sybil generator: a, exporter/sim/sybil.py (default); b, the independent bench/detection/sybil_b.py")
+    ap.add_argument("--strategies", metavar="LIST", help="only these Sybil strategies of the generator (comma-separated; default: all)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--extra-config", metavar="YAML", help="merged into the generated exporter config")
     ap.add_argument("--out", metavar="FILE", help="JSON results")
     ap.add_argument("--workdir", metavar="DIR", help="keep logs, configs and profiles here")
     args = ap.parse_args(argv)
+    if args.strategies is not None:
+        args.strategies = tuple(st for st in args.strategies.split(",") if st)
+        unknown = sorted(set(args.strategies) - set(sybil_strategies(args.sybil)))
+        if unknown or not args.strategies:
+            ap.error(f"--strategies: unknown for --sybil {args.sybil}: {', '.join(unknown) or '(none given)'}; "
+                     f"known: {', '.join(sybil_strategies(args.sybil))}")
     datasets = [d for d in args.datasets.split(",") if d]
     seeds = [int(s) for s in args.seeds.split(",") if s]
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
