@@ -41,8 +41,8 @@ def _same(a: Traffic, b: Traffic) -> bool:
             and np.array_equal(a.X, b.X) and np.array_equal(a.P, b.P) and a.truth == b.truth)
 
 
-def test_strategy_names_cover_four_to_six_strategies():
-    assert 4 <= len(sb.STRATEGIES_B) <= 6 and len(set(sb.STRATEGIES_B)) == len(sb.STRATEGIES_B)
+def test_strategy_names_cover_four_to_seven_strategies():
+    assert 4 <= len(sb.STRATEGIES_B) <= 7 and len(set(sb.STRATEGIES_B)) == len(sb.STRATEGIES_B)
 
 
 @pytest.mark.parametrize("name,strategy", CASES)
@@ -112,6 +112,41 @@ def test_rotation_uses_one_key_at_a_time():
 def test_shared_chains_spend_every_key_budget():
     t = _traffic("wine", "shared_chains")
     assert np.array_equal(np.bincount(t.client, minlength=SIZE), np.full(SIZE, PER))
+
+
+@pytest.mark.parametrize("name,index", [("wine", 0), ("wine", 1), ("wine", 2), ("digits", 0)])
+def test_jbda_split_doubles_the_set_by_sign_steps_of_one_lambda(name, index):
+    """Papernot's augmentation, checked on a group sent at full logged precision: every round
+    after the seeds is as large as everything labelled before it (the last one at most), and
+    nearly every query is an earlier one moved by the same +-lambda * range on every feature it
+    was not clipped on (lambda one per group, within the rounding of the log)."""
+    w = _world(name)
+    ds = w.dataset
+    size, per = 4, 60
+    rng = sb._rng(SEED, "test", "jbda_split", size, index)
+    g = sb._Group(w, rng, size, per, sb._draw_pace(rng, size), "full", 0.0)
+    sb._jbda_split(g)
+    X, rnd, member = np.concatenate(g.X), np.concatenate(g.rnd), np.concatenate(g.member)
+    assert len(X) == size * per and np.bincount(member, minlength=size).min() >= 1
+    counts = np.bincount(rnd)
+    assert counts.size >= 3 and np.all(counts > 0)
+    assert np.array_equal(counts[1:-1], np.cumsum(counts)[:-2]) and counts[-1] <= counts[:-1].sum()
+    span = np.where(ds.span > 0, ds.span, 1.0)
+    tol = (0.5 * 10.0 ** -ds.decimals.astype(float) + 1e-9) / span
+    lo_band, hi_band = [], []  # per query after the seeds: the lambdas its best parent allows
+    for i in np.flatnonzero(rnd > 0):
+        inner = (X[i] > ds.lo) & (X[i] < ds.hi)  # features not clipped to the box
+        ratio = np.abs(X[i] - X[rnd < rnd[i]]) / span
+        lo = np.where(inner, ratio - tol, -np.inf).max(1)
+        hi = np.where(inner, ratio + tol, np.inf).min(1)
+        ok = np.flatnonzero((lo <= hi) & (lo > 0.01))
+        best = ok[np.argmax(hi[ok] - lo[ok])] if ok.size else None
+        lo_band.append(lo[best] if best is not None else np.nan)
+        hi_band.append(hi[best] if best is not None else np.nan)
+    lo_band, hi_band = np.array(lo_band), np.array(hi_band)
+    lam = float(np.nanmedian((lo_band + hi_band) / 2))
+    assert 0.05 - 1e-3 <= lam <= 0.3 + 1e-3
+    assert np.mean((lo_band <= lam + 1e-9) & (lam - 1e-9 <= hi_band)) >= 0.9
 
 
 def test_substitute_learns_the_victim_from_api_answers():

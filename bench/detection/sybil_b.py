@@ -61,6 +61,16 @@ shared_chains    boundary-walking chains (DeepFool-like): every key    each key 
                  the range plus ``U[0, 0.5]`` relative exploration     steps per key
                  noise; a chain ends when the victim's label flips
                  or after ``int U[8, 30]`` steps
+jbda_split       textbook Jacobian-based dataset augmentation          each round's new points, split (drawn per
+                 (Papernot et al. 2017): balanced natural seeds        group, 1/4 each) round-robin over the
+                 (``int U[5, 20]`` per class, at most budget/4) are    points, in contiguous slices, by a random
+                 labelled; each round the substitute is retrained on   key per point (over the round's non-idle
+                 every labelled point, then EVERY point x of the set   keys), or in slices over a rotating crew
+                 S becomes x + step * sign(grad of the substitute's    of ``ceil(U[0.25, 0.6] * size)`` keys; a
+                 probability of the victim's label y(x)) * range,      round larger than the crew may take goes
+                 clipped, so S doubles; step ``U[0.05, 0.3]``, its     out in chunks (late keys join); the
+                 sign flipped every ``int U[2, 4]`` rounds (50 %)      substitute is retrained between rounds
+                 or never; the last round is cut short by the budget
 ===============  ====================================================  ===========================================
 
 Inputs as sent, per group: rounded to the data's natural precision (40 %: integer pixels for
@@ -72,8 +82,8 @@ Pace. Per key a rate: a group base ``LU[1/6, 1]`` queries/s, capped so the whole
 most ``U[1, 5]`` queries/s, times ``lognormal(0, U[0, 0.8])`` per key. Half the groups stagger
 their joins (each key but one joins once ``U[0, 0.5]`` of the budget is spent, or of the longest
 key's stream in the parallel strategies; every key that has not sent yet joins once the budget
-left is down to twice their number). Half have idle keys: a key sits out a round of margin_pool
-or shared_chains with chance ``p = U[0.05, 0.3]`` (a key's first round excepted); in a parallel stream a gap becomes a break of
+left is down to twice their number). Half have idle keys: a key sits out a round of margin_pool,
+shared_chains or jbda_split (not its rotating crew) with chance ``p = U[0.05, 0.3]`` (a key's first round excepted); in a parallel stream a gap becomes a break of
 ``LU[2, 30]`` min with chance ``p / 10``. Round-based strategies pause ``LU[U[2, 20], U[30, 300]]`` s between rounds
 (retraining). A single-stream strategy (``rotation``, ``bisect`` spread) sends at ``LU[0.3, 3]``
 (rotation) or the sum of the key rates up to 4 queries/s (spread). The group starts uniformly in
@@ -106,7 +116,8 @@ from exporter.sim.datasets import Dataset  # noqa: E402
 from exporter.sim.traffic import DEFAULT_START, Traffic  # noqa: E402
 from exporter.sim.world import World, build_world  # noqa: E402
 
-STRATEGIES_B: tuple[str, ...] = ("margin_pool", "bisect", "jacobian_decay", "gauss_shared", "rotation", "shared_chains")
+STRATEGIES_B: tuple[str, ...] = ("margin_pool", "bisect", "jacobian_decay", "gauss_shared", "rotation", "shared_chains",
+                                  "jbda_split")
 DEFAULT_WINDOW = 6 * 3600.0
 
 
@@ -581,9 +592,56 @@ def _shared_chains(g: _Group) -> np.ndarray:
     return _round_times(g, np.concatenate(g.member), np.concatenate(g.rnd))
 
 
+def _jbda_split(g: _Group) -> np.ndarray:
+    rng, ds = g.rng, g.ds
+    K = ds.num_classes
+    lam, tau = rng.uniform(0.05, 0.3), (int(rng.integers(2, 5)) if rng.random() < 0.5 else 0)  # tau 0: no flip
+    split = ("robin", "slices", "random", "crew")[int(rng.integers(4))]
+    k = max(1, math.ceil(rng.uniform(0.25, 0.6) * g.size)) if split == "crew" else None
+    sub = Substitute(rng, ds.lo, ds.hi, K, int(rng.integers(16, 65)))
+
+    def deal(crew: np.ndarray, n: int) -> np.ndarray:
+        """(n,) key of each of the round's next ``n`` points."""
+        if split == "robin":
+            return crew[np.arange(n) % crew.size]
+        if split == "random":  # keys that have never sent (first in the crew) get one point each
+            keys = crew[rng.integers(0, crew.size, n)]
+            new = crew[g.count[crew] == 0][:n]
+            keys[rng.permutation(n)[: new.size]] = new
+            return keys
+        return g.slices(crew, n)  # slices, or a rotating crew of k keys cut into slices
+
+    def query(X: np.ndarray, rnd: int) -> tuple[np.ndarray, np.ndarray]:
+        """Label ``X`` in round ``rnd`` (cut short when the budget runs out), in chunks the crew can take."""
+        Xs, Ps, i = [], [], 0
+        while i < len(X) and g.left > 0:
+            crew = g.crew(k)
+            n = min(len(X) - i, g.room(crew))
+            Xq, Pq = g.send(X[i : i + n], deal(crew, n), rnd)
+            Xs.append(Xq)
+            Ps.append(Pq)
+            i += n
+        return np.vstack(Xs), np.vstack(Ps)
+
+    n0 = max(1, min(int(rng.integers(5, 21)) * K, g.total // 4))
+    seeds = ds.natural(rng, n0, role="attacker", classes=rng.permutation(np.arange(n0) % K))[0]
+    S, P = query(seeds, 0)
+    rnd = 0
+    while g.left > 0:
+        rnd += 1
+        sub.fit(S, P)  # retrained on every labelled point
+        y = P.argmax(1)  # the victim's label of each point of S
+        step = lam * (-1.0) ** ((rnd - 1) // tau if tau else 0)
+        new = ds.clip(S + step * np.sign(sub.input_grad(S, np.eye(K)[y])) * ds.span)
+        X, Q = query(new, rnd)  # S doubles
+        S, P = np.vstack([S, X]), np.vstack([P, Q])
+    return _round_times(g, np.concatenate(g.member), np.concatenate(g.rnd))
+
+
 STRATEGY_FUNCS: dict[str, Callable[[_Group], np.ndarray]] = {
     "margin_pool": _margin_pool, "bisect": _bisect, "jacobian_decay": _jacobian_decay,
     "gauss_shared": _gauss_shared, "rotation": _rotation, "shared_chains": _shared_chains,
+    "jbda_split": _jbda_split,
 }
 
 
