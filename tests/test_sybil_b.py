@@ -51,7 +51,11 @@ def test_members_truth_and_budget(name, strategy):
     group = f"sybb-{strategy}-{SIZE}-0"
     assert t.clients == [f"{group}-{j}" for j in range(SIZE)]
     for c in t.clients:
-        assert t.truth[c] == {"kind": "attack", "type": f"sybil-b-{strategy}", "group": group, "strategy": strategy, "size": SIZE}
+        truth = dict(t.truth[c])
+        params = truth.pop("params")
+        assert truth == {"kind": "attack", "type": f"sybil-b-{strategy}", "group": group, "strategy": strategy, "size": SIZE}
+        assert params["rounding"] in ("natural", "full", "jitter")
+        assert strategy != "jbda_split" or (0.05 <= params["step"] <= 0.3 and params["split"] in ("robin", "slices", "random", "crew"))
     assert SIZE * PER // 2 <= len(t) <= SIZE * PER
     assert np.bincount(t.client, minlength=SIZE).min() >= 1  # every key sends
     assert t.model == name and np.array_equal(t.decimals, _world(name).dataset.decimals)
@@ -145,7 +149,7 @@ def test_jbda_split_doubles_the_set_by_sign_steps_of_one_lambda(name, index):
         hi_band.append(hi[best] if best is not None else np.nan)
     lo_band, hi_band = np.array(lo_band), np.array(hi_band)
     lam = float(np.nanmedian((lo_band + hi_band) / 2))
-    assert 0.05 - 1e-3 <= lam <= 0.3 + 1e-3
+    assert 0.05 - 1e-3 <= lam <= 0.3 + 1e-3 and lam == pytest.approx(g.drawn["step"], abs=2e-3)  # the step the truth reports
     assert np.mean((lo_band <= lam + 1e-9) & (lam - 1e-9 <= hi_band)) >= 0.9
 
 

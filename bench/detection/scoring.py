@@ -230,7 +230,8 @@ def score_groups(traffic: Traffic, report: dict[str, Any]) -> tuple[list[dict[st
     members joined (``joined`` in the report), and ``queries_at_naming`` is the members'
     median number of queries sent by then. ``purity`` is the share of that reported
     group's members that belong to the true group. ``members_flagged``: members the client
-    verdict flagged on their own evidence, named or not. Benign side: the benign clients that
+    verdict flagged on their own evidence, named or not. ``params``: what the generator
+    drew for the group, if it says. Benign side: the benign clients that
     are members of any reported group, per family and behaviour, and the reported groups
     whose members are all benign (and whether any of those is flagged).
     """
@@ -253,7 +254,7 @@ def score_groups(traffic: Traffic, report: dict[str, Any]) -> tuple[list[dict[st
             if c in member_of:
                 counts[member_of[c]] = counts.get(member_of[c], 0) + 1
         best = max(counts, key=lambda g: counts[g]) if counts else None
-        row: dict[str, Any] = {"group": gname, "strategy": info.get("strategy", info["type"]), "set": info.get("set"), "size": len(members),
+        row: dict[str, Any] = {"group": gname, "strategy": info.get("strategy", info["type"]), "set": info.get("set"), "params": info.get("params"), "size": len(members),
                                "reported": best, "members_found": counts.get(best, 0) if best else 0, "named": False,
                                "members_flagged": sum(bool((report.get("clients") or {}).get(c, {}).get("flagged")) for c in members),
                                "flagged": False, "queries_at_naming": None, "purity": None}

@@ -220,6 +220,7 @@ class _Group:
     pace: _Pace
     rounding: str  # "natural" | "full" | "jitter"
     jitter: float
+    drawn: dict[str, Any] = field(default_factory=dict)  # parameters a strategy drew, for the ground truth
     X: list[np.ndarray] = field(default_factory=list)
     member: list[np.ndarray] = field(default_factory=list)
     rnd: list[np.ndarray] = field(default_factory=list)
@@ -597,6 +598,7 @@ def _jbda_split(g: _Group) -> np.ndarray:
     K = ds.num_classes
     lam, tau = rng.uniform(0.05, 0.3), (int(rng.integers(2, 5)) if rng.random() < 0.5 else 0)  # tau 0: no flip
     split = ("robin", "slices", "random", "crew")[int(rng.integers(4))]
+    g.drawn.update(step=round(float(lam), 4), tau=tau, split=split)
     k = max(1, math.ceil(rng.uniform(0.25, 0.6) * g.size)) if split == "crew" else None
     sub = Substitute(rng, ds.lo, ds.hi, K, int(rng.integers(16, 65)))
 
@@ -673,7 +675,8 @@ def simulate_sybil_b(
     ts, member, X = ts[order], member[order], X[order]
     group = f"{prefix}-{strategy}-{size}-{index}"
     clients = [f"{group}-{j}" for j in range(size)]
-    info: dict[str, Any] = {"kind": "attack", "type": f"sybil-b-{strategy}", "group": group, "strategy": strategy, "size": size}
+    info: dict[str, Any] = {"kind": "attack", "type": f"sybil-b-{strategy}", "group": group, "strategy": strategy, "size": size,
+                            "params": {"rounding": rounding, **g.drawn}}
     truth = {c: dict(info) for c in clients}
     return Traffic(ts, member, clients, X, world.answer(X), truth, world.model, world.dataset.decimals)
 
