@@ -6,7 +6,6 @@ Everything runs on the "synthetic" dataset (no scikit-learn), except one tabular
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 

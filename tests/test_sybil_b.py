@@ -7,7 +7,6 @@ Runs on digits (images) and wine (tabular), which need scikit-learn, with small 
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
