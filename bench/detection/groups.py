@@ -62,6 +62,7 @@ from exporter.sim.sybil import HELD_OUT, STRATEGIES, SybilPlan, simulate_sybil  
 from populations import merge, simulate_family_b, tag, FULL  # noqa: E402
 from run import calibrate_and_replay, write_config  # noqa: E402
 from scoring import score_groups  # noqa: E402
+from sybil_b import STRATEGIES_B, simulate_sybil_b  # noqa: E402  (--sybil b: the independent generator)
 
 SIZES = (3, 10, 30)
 PER_MEMBER = 300
@@ -72,29 +73,23 @@ TARGETS = {"named": 0.8, "named_heldout": 0.7, "queries_10": 200.0, "benign_link
 
 def sybil_strategies(family: str) -> tuple[str, ...]:
     """The Sybil strategies of a generator family (``a``: ours, ``b``: the independent one)."""
-    if family == "b":
-        import sybil_b  # bench/detection/sybil_b.py: the independent generator
+    return STRATEGIES_B if family == "b" else STRATEGIES
 
-        return tuple(sybil_b.STRATEGIES_B)
-    return STRATEGIES
+
+def sybil_group(world: Any, family: str, strategy: str, size: int, seed: int, index: int) -> Traffic:
+    """One Sybil group of the log, tagged with its set (``independent``, ``heldout`` or ``default``)."""
+    if family == "b":
+        return tag(simulate_sybil_b(world, strategy, size, seed, index, per_member=PER_MEMBER, window=WINDOW), set="independent")
+    return tag(simulate_sybil(world, SybilPlan(strategy, size, PER_MEMBER), seed, index, window=WINDOW),
+               set="heldout" if strategy == HELD_OUT else "default")
 
 
 def sybil_groups(world: Any, seed: int, family: str, strategies: tuple[str, ...] | None = None) -> list[Traffic]:
     """The Sybil groups of one log: every strategy of the family (or those in ``strategies``)
     at every size in :data:`SIZES`. A group's index, hence its traffic, does not depend on
     which strategies are kept."""
-    groups = []
-    for index, (strategy, size) in enumerate((st, n) for st in sybil_strategies(family) for n in SIZES):
-        if strategies is not None and strategy not in strategies:
-            continue
-        if family == "b":
-            import sybil_b
-
-            groups.append(tag(sybil_b.simulate_sybil_b(world, strategy, size, seed, index, per_member=PER_MEMBER, window=WINDOW), set="independent"))
-        else:
-            groups.append(tag(simulate_sybil(world, SybilPlan(strategy, size, PER_MEMBER), seed, index, window=WINDOW),
-                              set="heldout" if strategy == HELD_OUT else "default"))
-    return groups
+    pairs = [(st, n) for st in sybil_strategies(family) for n in SIZES]
+    return [sybil_group(world, family, st, n, seed, index) for index, (st, n) in enumerate(pairs) if strategies is None or st in strategies]
 
 
 def evaluation(world: Any, seed: int, benign: int, sybil: str = "a", strategies: tuple[str, ...] | None = None) -> Traffic:

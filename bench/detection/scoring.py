@@ -237,6 +237,7 @@ def score_groups(traffic: Traffic, report: dict[str, Any]) -> tuple[list[dict[st
     """
     truth = traffic.ground_truth()["clients"]
     groups = report.get("groups") or {}
+    verdicts = report.get("clients") or {}
     member_of = {c: gid for gid, g in groups.items() for c in g["members"]}
     order = np.argsort(traffic.client, kind="stable")
     bounds = np.searchsorted(traffic.client[order], np.arange(len(traffic.clients) + 1))
@@ -256,7 +257,7 @@ def score_groups(traffic: Traffic, report: dict[str, Any]) -> tuple[list[dict[st
         best = max(counts, key=lambda g: counts[g]) if counts else None
         row: dict[str, Any] = {"group": gname, "strategy": info.get("strategy", info["type"]), "set": info.get("set"), "params": info.get("params"), "size": len(members),
                                "reported": best, "members_found": counts.get(best, 0) if best else 0, "named": False,
-                               "members_flagged": sum(bool((report.get("clients") or {}).get(c, {}).get("flagged")) for c in members),
+                               "members_flagged": sum(bool(verdicts.get(c, {}).get("flagged")) for c in members),
                                "flagged": False, "queries_at_naming": None, "purity": None}
         if best is not None:
             g = groups[best]
