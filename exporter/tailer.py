@@ -29,6 +29,8 @@ never match.
   created and rotated away between two polls, or while the exporter was down. Two kinds
   are not read: a copy of a known file (same first bytes: copytruncate's copy, or a
   backup), and anything there when its origin is first seen (history, as at a first start).
+  A copy is never read on its own, even as it grows (it may be caught half-written), and is
+  marked as one in checkpoints; an empty rotated file is judged once it has bytes.
 - Copytruncate: when a file is truncated (or its first bytes change), the unread rest of
   its old content is read from the copy, the rotated file that starts with the same bytes,
   before the file is read again from the start. Only lines written between the copy and
@@ -106,9 +108,28 @@ def _fingerprint(head: bytes) -> tuple[int, str | None]:
     return (n, _hash(head[:n])) if n else (0, None)
 
 
+def _best_fingerprint(durable: _Pos, current: _Pos) -> _Pos:
+    """``durable`` with ``current``'s fingerprint if longer: both are of the same content, fingerprinted as it grew."""
+    if current.fp_len > durable.fp_len:
+        return _Pos(durable.offset, durable.skipping, current.fp_len, current.fp)
+    return durable
+
+
 def _starts_with(head: bytes, fp_len: int, fp: str | None) -> bool:
     """Whether ``head`` begins with the content fingerprinted as ``(fp_len, fp)``."""
     return fp is not None and len(head) >= fp_len and _hash(head[:fp_len]) == fp
+
+
+def _changed_since(path: str, size: int, pos: _Pos, verify: bool) -> bool:
+    """Whether a file we closed at ``pos``, ``size`` bytes now, must be opened again to be read.
+
+    It must if it was written to or truncated since: its size changed, or it is shorter than
+    its fingerprint (truncated, even back to the size we had read to). With ``verify``,
+    also if its first bytes changed at the same size (one more read per file).
+    """
+    if size != pos.offset or size < pos.fp_len:
+        return True
+    return verify and pos.fp is not None and not _starts_with(_read_head(path) or b"", pos.fp_len, pos.fp)
 
 
 def rotated_origins(name: str) -> list[str]:
@@ -179,6 +200,7 @@ class _Known:
     path: str
     origin: str
     gen: int
+    copy: bool = False  # a copy of content we know: never read on its own, even as it grows (it may still be being copied)
 
 
 @dataclass(frozen=True)
@@ -266,8 +288,8 @@ class Tailer:
             return
         with self._lock:
             self._checkpoint_version = version
-            for key, (pos, path_, origin) in saved.items():
-                self._known[key] = _Known(pos, pos, path_, origin, self._new_gen())
+            for key, (pos, path_, origin, copy) in saved.items():
+                self._known[key] = _Known(pos, pos, path_, origin, self._new_gen(), copy)
                 self._path_keys[path_] = key
 
     def save_offsets(self, path: Path) -> None:
@@ -289,8 +311,8 @@ class Tailer:
         """
         with self._lock:
             self._apply_commits()
-            entries = [(k, f.pos(), f.path, f.origin) for k, f in self._files.items()]
-            entries += [(k, e.pos, e.path, e.origin) for k, e in self._known.items()]
+            entries = [(k, f.pos(), f.path, f.origin, False) for k, f in self._files.items()]
+            entries += [(k, e.pos, e.path, e.origin, e.copy) for k, e in self._known.items()]
             positions = {k: (f.gen, f.pos()) for k, f in self._files.items()}
             positions.update((k, (e.gen, e.pos)) for k, e in self._known.items())
         return OffsetsSnapshot(_encode(entries), lambda: self._commits.append(positions))
@@ -303,8 +325,8 @@ class Tailer:
         """
         with self._lock:
             self._apply_commits()
-            entries = [(k, f.durable, f.path, f.origin) for k, f in self._files.items()]
-            entries += [(k, e.durable, e.path, e.origin) for k, e in self._known.items()]
+            entries = [(k, _best_fingerprint(f.durable, f.pos()), f.path, f.origin, False) for k, f in self._files.items()]
+            entries += [(k, _best_fingerprint(e.durable, e.pos), e.path, e.origin, e.copy) for k, e in self._known.items()]
         return _encode(entries)
 
     def _apply_commits(self) -> None:
@@ -342,11 +364,12 @@ class Tailer:
                 seen_origins: set[str] = set()  # a first start (or an old checkpoint): every rotated file is history
             else:
                 seen_origins = {f.origin for f in self._files.values()} | {e.origin for e in self._known.values()}
-            fingerprints = self._fingerprints()
+            fingerprints = self._fingerprints({})  # before the opens below: a replaced content's copy is still recognised
             self._follow(found, now)
             self._open_tailed(found, first, now)
+            self._fingerprints(fingerprints)  # and after: a copy of a file first seen in this poll is recognised too
             if first or found != self._glob_seen or now >= self._family_due:
-                self._rotated_names(found, seen_origins, fingerprints, now)
+                self._rotated_names(found, seen_origins, fingerprints, now, verify=first)
                 self._family_due = now + FAMILY_RESCAN_SECONDS
             self._glob_seen = found
             sizes = {f.key: self._check(f, now) for f in list(self._files.values())}
@@ -388,26 +411,30 @@ class Tailer:
                 found.setdefault((st.st_dev, st.st_ino), path)
         return found
 
-    def _fingerprints(self) -> FpIndex:
-        """The contents we know, by fingerprint length and fingerprint -> (file, its path): to recognise their copies."""
-        out: FpIndex = {}
+    def _fingerprints(self, out: FpIndex) -> FpIndex:
+        """Add the contents we know to ``out``, by fingerprint length and fingerprint -> (file, its path): to recognise their copies."""
         entries = [(k, f.pos(), f.path) for k, f in self._files.items()] + [(k, e.pos, e.path) for k, e in self._known.items()]
         for key, pos, path in entries:
             if pos.fp is not None:
-                out.setdefault(pos.fp_len, {}).setdefault(pos.fp, []).append((key, path))
+                files = out.setdefault(pos.fp_len, {}).setdefault(pos.fp, [])
+                if (key, path) not in files:
+                    files.append((key, path))
         return out
 
-    def _is_copy(
-        self, path: str, head: bytes, size: int, fingerprints: FpIndex, where: dict[Key, str]
-    ) -> bool:
-        """Whether the unknown file at ``path`` (``size`` bytes) is a copy of content we know: copytruncate's copy, a backup.
+    def _is_copy(self, path: str, head: bytes, size: int, fingerprints: FpIndex, where: dict[Key, str]) -> bool:
+        """Whether the unknown file at ``path`` (``size`` bytes, first bytes ``head``) is a copy of content we know.
 
-        Its first bytes must match a known content's fingerprint. If that content is still
-        in its own file, the last COPY_CHECK_BYTES they both have must match too: files of
-        repetitive lines can start alike without one being a copy of the other. If it is
-        gone (truncated, replaced, deleted), the first bytes are all there is to go by.
+        Copytruncate's copy, or a backup. It is one if it starts with the bytes a followed
+        file starts with now (a copy may be caught while it is being written, shorter than
+        a fingerprint), or with a content we recorded (by its fingerprint). If that content
+        is still in its own file, the last COPY_CHECK_BYTES they both have must match too:
+        files of repetitive lines can start alike without one being a copy of the other. If
+        it is gone (truncated, replaced, deleted), the first bytes are all there is to go by.
         ``where``: the files' paths as just listed (a known file's own may be out of date).
         """
+        for f in self._files.values():
+            if _pread(f.fd, len(head), 0) == head and self._same_tail(f.fd, path, len(head), size):
+                return True
         for n, by_fp in fingerprints.items():
             if len(head) < n:
                 continue
@@ -417,18 +444,26 @@ class Tailer:
                 if fd is None:
                     return True  # the original is gone
                 try:
-                    if os.pread(fd, n, 0) != head[:n]:
-                        return True  # its file holds other content now: truncated
-                    end = min(size, os.fstat(fd).st_size)
-                    start = max(n, end - COPY_CHECK_BYTES)
-                    theirs = os.pread(fd, end - start, start) if end > start else b""
-                except OSError:
-                    continue
+                    theirs = _pread(fd, n, 0)
+                    if theirs is not None and (theirs != head[:n] or self._same_tail(fd, path, n, size)):
+                        return True  # its file holds other content now (truncated), or the same to its end
                 finally:
                     os.close(fd)
-                if theirs == _read_range(path, start, len(theirs)):
-                    return True
         return False
+
+    @staticmethod
+    def _same_tail(fd: int, path: str, n: int, size: int) -> bool:
+        """Whether the file at ``path`` (``size`` bytes) and ``fd``, alike in their first ``n`` bytes, end alike too.
+
+        Compares the last COPY_CHECK_BYTES (after the first ``n``) that both have.
+        """
+        try:
+            end = min(size, os.fstat(fd).st_size)
+            start = max(n, end - COPY_CHECK_BYTES)
+            theirs = os.pread(fd, end - start, start) if end > start else b""
+        except OSError:
+            return False
+        return theirs == _read_range(path, start, len(theirs))
 
     def _follow(self, found: dict[Key, str], now: float) -> None:
         """Update where each followed file is; mark those that left the tailed paths as rotated."""
@@ -454,8 +489,13 @@ class Tailer:
                     self.metrics.file_rotations.labels(f.origin).inc()
                     self.log.info("%s: rotated; reading the new file from the start", path)
 
-    def _rotated_names(self, found: dict[Key, str], seen_origins: set[str], fingerprints: FpIndex, now: float) -> None:
-        """List the rotated names of every origin; follow what moved, reopen what grew, read what is new."""
+    def _rotated_names(self, found: dict[Key, str], seen_origins: set[str], fingerprints: FpIndex, now: float, verify: bool = False) -> None:
+        """List the rotated names of every origin; follow what moved, reopen what grew, read what is new.
+
+        ``verify`` (the first poll of a process): also reopen known files whose first bytes
+        changed while they kept their size, so that a copytruncate refilled to the same size
+        while the exporter was down is noticed. Later, only a change of size is.
+        """
         family = self._list_rotated({f.origin for f in self._files.values()} | {e.origin for e in self._known.values()} | set(found.values()))
         where = {**{k: p for k, (p, _, _) in family.items()}, **found}
         for key, (path, origin, size) in family.items():
@@ -470,16 +510,17 @@ class Tailer:
             if known is not None:
                 if known.path != path:
                     known.path, self._changed = path, True
-                if size != known.pos.offset:  # written to (or truncated) since we closed it, or since the checkpoint
+                if not known.copy and _changed_since(path, size, known.pos, verify):
                     self._open(path, origin, now, rotated=True)
                 continue
             head = _read_head(path)
-            if head is None:
-                continue
+            if not head:
+                continue  # unreadable, or empty: perhaps a copy just begun; decided once it has bytes
             fp_len, fp = _fingerprint(head)
-            if origin not in seen_origins or self._is_copy(path, head, size, fingerprints, where):
+            copy = origin in seen_origins and self._is_copy(path, head, size, fingerprints, where)
+            if copy or origin not in seen_origins:
                 pos = _Pos(size, False, fp_len, fp)  # history, or a copy of content we know: not read
-                self._known[key] = _Known(pos, pos, path, origin, self._new_gen())
+                self._known[key] = _Known(pos, pos, path, origin, self._new_gen(), copy)
                 self._changed = True
             else:
                 self.log.info("%s: a rotated file of %s we have not seen; reading it from the start", path, origin)
@@ -560,7 +601,7 @@ class Tailer:
             if pos.offset:
                 self.log.info("%s: resuming at byte %d", f.path, pos.offset)
             return
-        if pos.offset > size:
+        if pos.offset > size or size < pos.fp_len:
             self.metrics.file_truncations.labels(f.origin).inc()
             self.log.info("%s: truncated while we were not reading it; reading it from the start", f.path)
         else:
@@ -629,7 +670,8 @@ class Tailer:
             self._changed = True
             self._adopt_copy(f, old, durable, gen)
         elif f.fp_len < FINGERPRINT_BYTES:
-            f.fp_len, f.fp = _fingerprint(head)  # grown from one line to 256 bytes
+            had, (f.fp_len, f.fp) = f.fp, _fingerprint(head)  # grown from nothing to one line, or from one line to 256 bytes
+            self._changed |= had is None and f.fp is not None  # the durable record can now tell this content from the next
         return size
 
     def _read(self, f: _File, size: int, now: float) -> None:
@@ -821,6 +863,14 @@ def _read_range(path: str, start: int, length: int) -> bytes | None:
         os.close(fd)
 
 
+def _pread(fd: int, length: int, offset: int) -> bytes | None:
+    """``os.pread``, or None if the read fails."""
+    try:
+        return os.pread(fd, length, offset)
+    except OSError:
+        return None
+
+
 def _open_as(path: str, key: Key) -> int | None:
     """An fd of the file at ``path`` if it is still the file ``key``, else None."""
     try:
@@ -844,19 +894,21 @@ def _size(path: str) -> int:
         return 0
 
 
-def _encode(entries: Iterable[tuple[Key, _Pos, str, str]]) -> bytes:
+def _encode(entries: Iterable[tuple[Key, _Pos, str, str, bool]]) -> bytes:
     files = [
         {"dev": dev, "ino": ino, "fingerprint": p.fp, "fingerprint_bytes": p.fp_len, "offset": p.offset, "skipping": p.skipping, "path": path, "origin": origin}
-        for (dev, ino), p, path, origin in entries
+        | ({"copy": True} if copy else {})
+        for (dev, ino), p, path, origin, copy in entries
     ]
     return json.dumps({"version": CHECKPOINT_VERSION, "files": files}, separators=(",", ":")).encode("utf-8")
 
 
-def _parse_checkpoint(raw: bytes) -> tuple[int, dict[Key, tuple[_Pos, str, str]]]:
-    """Validate and decode a checkpoint: (version, key -> (position, path, origin)).
+def _parse_checkpoint(raw: bytes) -> tuple[int, dict[Key, tuple[_Pos, str, str, bool]]]:
+    """Validate and decode a checkpoint: (version, key -> (position, path, origin, whether a copy)).
 
     Raises ValueError (or KeyError/TypeError) if unusable. Version 1 had no origins:
-    a file's origin is then the path it was saved at.
+    a file's origin is then the path it was saved at. ``copy`` is optional (absent: false),
+    so that older exporters still read these checkpoints.
     """
 
     def nat(value: Any) -> int:
@@ -867,14 +919,14 @@ def _parse_checkpoint(raw: bytes) -> tuple[int, dict[Key, tuple[_Pos, str, str]]
     doc = json.loads(raw)
     if not isinstance(doc, dict) or doc.get("version") not in (1, CHECKPOINT_VERSION):
         raise ValueError(f"not a version 1 or {CHECKPOINT_VERSION} offset checkpoint")
-    saved: dict[Key, tuple[_Pos, str, str]] = {}
+    saved: dict[Key, tuple[_Pos, str, str, bool]] = {}
     for e in doc["files"]:
         fp, fp_len = e["fingerprint"], nat(e["fingerprint_bytes"])
         if not (fp is None or isinstance(fp, str)) or fp_len > FINGERPRINT_BYTES:
             raise ValueError("bad fingerprint")
         path = str(e.get("path", ""))
         pos = _Pos(nat(e["offset"]), bool(e.get("skipping", False)), fp_len, fp)
-        saved[(nat(e["dev"]), nat(e["ino"]))] = (pos, path, str(e.get("origin") or path))
+        saved[(nat(e["dev"]), nat(e["ino"]))] = (pos, path, str(e.get("origin") or path), e.get("copy", False) is True)
     return int(doc["version"]), saved
 
 

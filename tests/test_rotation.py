@@ -173,6 +173,101 @@ def test_copytruncate_while_stopped_reads_the_rest_from_the_copy(tmp_path: Path)
     second.tailer.close()
 
 
+@pytest.mark.parametrize("caught", [0, 5, 11, 300])  # bytes of the copy written when we look: none, mid-line, a line, 256+
+def test_a_copy_caught_half_written_is_never_read(tmp_path: Path, caught: int) -> None:
+    h = Harness(tmp_path)
+    log, copy = h.dir / "app.jsonl", h.dir / "app.jsonl-20261205"
+    lines = [b"line-%03d" % i for i in range(40)]
+    append(log, b"\n".join(lines[:30]) + b"\n")
+    assert h.poll() == lines[:30]
+    append(log, b"\n".join(lines[30:]) + b"\n")  # not read yet when logrotate starts copying
+    data = log.read_bytes()
+    copy.write_bytes(data[:caught])
+    h.tailer._family_due = 0  # the rotated names are listed while the copy is being written
+    assert h.poll() == lines[30:]
+    append(copy, data[caught:])  # the copy grows: that is not new lines
+    os.truncate(log, 0)
+    append(log, b"new-1\n")
+    h.tailer._family_due = 0
+    assert h.poll() == [b"new-1"]
+    h.tailer.close()
+
+
+def test_a_copy_of_a_file_first_seen_in_the_same_poll_is_not_read(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    log = h.dir / "app.jsonl"
+    append(log, b"0\n")
+    assert h.poll() == [b"0"]
+    os.rename(log, h.dir / "app.jsonl.1")
+    append(log, b"1\n2\n")  # a new file, then its copy, before the next poll
+    shutil.copyfile(log, h.dir / "app.jsonl-20261205")
+    assert h.poll() == [b"1", b"2"]
+    os.truncate(log, 0)
+    assert h.poll() == []
+    h.tailer.close()
+
+
+def test_a_kill_after_a_copytruncate_of_a_file_first_seen_empty_rereads_its_copy(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    durable = tmp_path / "offsets.json"
+    Recorder(h, durable)
+    log = h.dir / "app.jsonl"
+    log.touch()
+    assert h.poll() == []  # first seen empty: no fingerprint yet
+    h.tailer.offsets_snapshot().commit()  # the last state written holds none of its lines
+    append(log, b"1\n2\n")
+    assert h.poll() == [b"1", b"2"]  # its first line is now known, and recorded
+    shutil.copyfile(log, h.dir / "app.jsonl-20261205")
+    h.tailer._family_due = 0
+    assert h.poll() == []  # the copy is seen (and recorded) before the truncation
+    os.truncate(log, 0)
+    append(log, b"new-1\n")
+    killed = restart(tmp_path, durable)  # SIGKILL before the truncation was seen
+    assert sorted(killed.poll()) == [b"1", b"2", b"new-1"]
+    killed.tailer.close()
+    h.tailer.close()
+
+
+def test_a_copytruncate_while_stopped_refilled_to_the_same_size_is_noticed(tmp_path: Path) -> None:
+    first = Harness(tmp_path)
+    log, ckpt = first.dir / "app.jsonl", tmp_path / "offsets.json"
+    rotated = first.dir / "app.jsonl.1"
+    append(log, b"old-1\nold-2\n")
+    assert first.poll() == [b"old-1", b"old-2"]
+    os.rename(log, rotated)
+    assert first.poll() == []
+    first.tailer.close()
+    first.tailer.save_offsets(ckpt)
+    shutil.copyfile(rotated, first.dir / "app.jsonl-20261205")
+    with open(rotated, "r+b") as fh:  # truncated and refilled to the very size we had read to
+        fh.truncate(0)
+        fh.write(b"NEW-1\nNEW-2\n")
+    second = restart(tmp_path, ckpt)
+    assert second.poll() == [b"NEW-1", b"NEW-2"]
+    assert second.poll() == []
+    second.tailer.close()
+
+
+def test_a_copytruncate_while_killed_back_to_the_durable_offset_reads_the_copy(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    durable = tmp_path / "offsets.json"
+    Recorder(h, durable)
+    log, rotated = h.dir / "app.jsonl", h.dir / "app.jsonl.1"
+    assert h.poll() == []
+    h.tailer.offsets_snapshot().commit()  # the last state written: none of the lines below
+    append(log, b"1\n2\n")
+    assert h.poll() == [b"1", b"2"]
+    os.rename(log, rotated)
+    assert h.poll() == []  # the rename is recorded: app.jsonl.1 at offset 0 of its content
+    shutil.copyfile(rotated, h.dir / "app.jsonl-20261205")  # SIGKILL, then a copytruncate back to 0 bytes
+    os.truncate(rotated, 0)
+    killed = restart(tmp_path, durable)
+    assert sorted(killed.poll()) == [b"1", b"2"]
+    assert killed.sample("monitaur_file_truncations_total", log) == 1
+    killed.tailer.close()
+    h.tailer.close()
+
+
 def test_version_1_checkpoints_are_read(tmp_path: Path) -> None:
     first = Harness(tmp_path)
     log, ckpt = first.dir / "app.jsonl", tmp_path / "offsets.json"
