@@ -434,6 +434,7 @@ class Tailer:
         """
         for f in self._files.values():
             if _pread(f.fd, len(head), 0) == head and self._same_tail(f.fd, path, len(head), size):
+                self._refingerprint(f, _pread(f.fd, FINGERPRINT_BYTES, 0) or b"")  # so that its truncation, even before we read it, shows
                 return True
         for n, by_fp in fingerprints.items():
             if len(head) < n:
@@ -669,10 +670,19 @@ class Tailer:
             f.gen, f.durable = self._new_gen(), _Pos(0, False, f.fp_len, f.fp)
             self._changed = True
             self._adopt_copy(f, old, durable, gen)
-        elif f.fp_len < FINGERPRINT_BYTES:
-            had, (f.fp_len, f.fp) = f.fp, _fingerprint(head)  # grown from nothing to one line, or from one line to 256 bytes
-            self._changed |= had is None and f.fp is not None  # the durable record can now tell this content from the next
+        else:
+            self._refingerprint(f, head)
         return size
+
+    def _refingerprint(self, f: _File, head: bytes) -> None:
+        """Fingerprint ``f`` again from ``head`` (its first bytes now) if it has grown: from nothing to one line, or to 256 bytes.
+
+        Not if ``head`` no longer starts with the content fingerprinted so far: that is a
+        truncation, for :meth:`_check` to see.
+        """
+        if f.fp_len < FINGERPRINT_BYTES and (f.fp is None or _starts_with(head, f.fp_len, f.fp)):
+            had, (f.fp_len, f.fp) = f.fp, _fingerprint(head)
+            self._changed |= had is None and f.fp is not None  # the durable record can now tell this content from the next
 
     def _read(self, f: _File, size: int, now: float) -> None:
         """Deliver the complete lines of ``f`` up to ``size`` (at most its size at the check); update its metrics and progress."""

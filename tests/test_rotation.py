@@ -193,6 +193,32 @@ def test_a_copy_caught_half_written_is_never_read(tmp_path: Path, caught: int) -
     h.tailer.close()
 
 
+def test_a_truncation_inside_the_poll_that_found_the_copy_reads_the_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copy is judged by the live file's bytes, and the truncation lands before those bytes were read or fingerprinted."""
+    h = Harness(tmp_path)
+    log = h.dir / "app.jsonl"
+    append(log, b"0\n")
+    assert h.poll() == [b"0"]
+    os.rename(log, h.dir / "app.jsonl.1")
+    log.touch()
+    assert h.poll() == []  # the new file, first seen empty: no fingerprint
+    append(log, b"1\n2\n")
+    shutil.copyfile(log, h.dir / "app.jsonl-20261205")
+    listed = h.tailer._rotated_names
+
+    def then_truncate(*args: object, **kwargs: object) -> None:
+        listed(*args, **kwargs)
+        os.truncate(log, 0)
+
+    monkeypatch.setattr(h.tailer, "_rotated_names", then_truncate)
+    h.tailer._family_due = 0
+    assert h.poll() == [b"1", b"2"]
+    monkeypatch.undo()
+    append(log, b"3\n")
+    assert h.poll() == [b"3"]
+    h.tailer.close()
+
+
 def test_a_copy_of_a_file_first_seen_in_the_same_poll_is_not_read(tmp_path: Path) -> None:
     h = Harness(tmp_path)
     log = h.dir / "app.jsonl"
