@@ -120,7 +120,7 @@ def _starts_with(head: bytes, fp_len: int, fp: str | None) -> bool:
     return fp is not None and len(head) >= fp_len and _hash(head[:fp_len]) == fp
 
 
-def _changed_since(path: str, size: int, pos: _Pos, verify: bool) -> bool:
+def _changed_since(path: str, key: Key, size: int, pos: _Pos, verify: bool) -> bool:
     """Whether a file we closed at ``pos``, ``size`` bytes now, must be opened again to be read.
 
     It must if it was written to or truncated since: its size changed, or it is shorter than
@@ -129,7 +129,10 @@ def _changed_since(path: str, size: int, pos: _Pos, verify: bool) -> bool:
     """
     if size != pos.offset or size < pos.fp_len:
         return True
-    return verify and pos.fp is not None and not _starts_with(_read_head(path) or b"", pos.fp_len, pos.fp)
+    if not verify or pos.fp is None:
+        return False
+    head = _read_head(path, key)
+    return head is not None and not _starts_with(head, pos.fp_len, pos.fp)
 
 
 def rotated_origins(name: str) -> list[str]:
@@ -421,8 +424,8 @@ class Tailer:
                     files.append((key, path))
         return out
 
-    def _is_copy(self, path: str, head: bytes, size: int, fingerprints: FpIndex, where: dict[Key, str]) -> bool:
-        """Whether the unknown file at ``path`` (``size`` bytes, first bytes ``head``) is a copy of content we know.
+    def _is_copy(self, fd: int, head: bytes, fingerprints: FpIndex, where: dict[Key, str]) -> bool:
+        """Whether the unknown file open as ``fd`` (first bytes ``head``) is a copy of content we know.
 
         Copytruncate's copy, or a backup. It is one if it starts with the bytes a followed
         file starts with now (a copy may be caught while it is being written, shorter than
@@ -433,7 +436,7 @@ class Tailer:
         ``where``: the files' paths as just listed (a known file's own may be out of date).
         """
         for f in self._files.values():
-            if _pread(f.fd, len(head), 0) == head and self._same_tail(f.fd, path, len(head), size):
+            if _pread(f.fd, len(head), 0) == head and _same_tail(f.fd, fd, len(head)):
                 self._refingerprint(f, _pread(f.fd, FINGERPRINT_BYTES, 0) or b"")  # so that its truncation, even before we read it, shows
                 return True
         for n, by_fp in fingerprints.items():
@@ -441,30 +444,16 @@ class Tailer:
                 continue
             for key, known_path in by_fp.get(_hash(head[:n]), ()):
                 f = self._files.get(key)
-                fd = os.dup(f.fd) if f is not None else _open_as(where.get(key, known_path), key)
-                if fd is None:
+                original = os.dup(f.fd) if f is not None else _open_as(where.get(key, known_path), key)
+                if original is None:
                     return True  # the original is gone
                 try:
-                    theirs = _pread(fd, n, 0)
-                    if theirs is not None and (theirs != head[:n] or self._same_tail(fd, path, n, size)):
+                    theirs = _pread(original, n, 0)
+                    if theirs is not None and (theirs != head[:n] or _same_tail(original, fd, n)):
                         return True  # its file holds other content now (truncated), or the same to its end
                 finally:
-                    os.close(fd)
+                    os.close(original)
         return False
-
-    @staticmethod
-    def _same_tail(fd: int, path: str, n: int, size: int) -> bool:
-        """Whether the file at ``path`` (``size`` bytes) and ``fd``, alike in their first ``n`` bytes, end alike too.
-
-        Compares the last COPY_CHECK_BYTES (after the first ``n``) that both have.
-        """
-        try:
-            end = min(size, os.fstat(fd).st_size)
-            start = max(n, end - COPY_CHECK_BYTES)
-            theirs = os.pread(fd, end - start, start) if end > start else b""
-        except OSError:
-            return False
-        return theirs == _read_range(path, start, len(theirs))
 
     def _follow(self, found: dict[Key, str], now: float) -> None:
         """Update where each followed file is; mark those that left the tailed paths as rotated."""
@@ -511,21 +500,28 @@ class Tailer:
             if known is not None:
                 if known.path != path:
                     known.path, self._changed = path, True
-                if not known.copy and _changed_since(path, size, known.pos, verify):
-                    self._open(path, origin, now, rotated=True)
+                if not known.copy and _changed_since(path, key, size, known.pos, verify):
+                    self._open(path, origin, now, rotated=True, expect=key)
                 continue
-            head = _read_head(path)
-            if not head:
-                continue  # unreadable, or empty: perhaps a copy just begun; decided once it has bytes
+            # Read through a descriptor of this very file: the writer may rename others onto its path meanwhile.
+            fd = _open_as(path, key)
+            if fd is None:
+                continue  # moved or gone since the listing: seen again at the next one
+            try:
+                head = _pread(fd, FINGERPRINT_BYTES, 0)
+                if not head:
+                    continue  # unreadable, or empty: perhaps a copy just begun; decided once it has bytes
+                copy = origin in seen_origins and self._is_copy(fd, head, fingerprints, where)
+            finally:
+                os.close(fd)
             fp_len, fp = _fingerprint(head)
-            copy = origin in seen_origins and self._is_copy(path, head, size, fingerprints, where)
             if copy or origin not in seen_origins:
                 pos = _Pos(size, False, fp_len, fp)  # history, or a copy of content we know: not read
                 self._known[key] = _Known(pos, pos, path, origin, self._new_gen(), copy)
                 self._changed = True
             else:
                 self.log.info("%s: a rotated file of %s we have not seen; reading it from the start", path, origin)
-                self._open(path, origin, now, rotated=True)
+                self._open(path, origin, now, rotated=True, expect=key)
         for key in [k for k in self._known if k not in found and k not in family]:
             del self._known[key]  # gone, or out of reach: it cannot come back
             self._changed = True
@@ -555,10 +551,13 @@ class Tailer:
                     out.setdefault((st.st_dev, st.st_ino), (entry.path, origin, st.st_size))
         return out
 
-    def _open(self, path: str, origin: str, now: float, at_end: bool = False, rotated: bool = False, resume: bool = True) -> _File | None:
+    def _open(
+        self, path: str, origin: str, now: float, at_end: bool = False, rotated: bool = False, resume: bool = True, expect: Key | None = None
+    ) -> _File | None:
         """Open a file and decide where to start: where we left it if it is known (and ``resume``), else the start or end.
 
-        A known file keeps its origin, and leaves ``_known``; if it cannot be opened, it stays there.
+        A known file keeps its origin, and leaves ``_known``; if it cannot be opened, it stays
+        there. With ``expect``, nothing is opened unless ``path`` still holds that file.
         """
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -572,7 +571,7 @@ class Tailer:
         try:
             st = os.fstat(fd)  # authoritative: the path may have been replaced since the scan
             key = (st.st_dev, st.st_ino)
-            if key in self._files:  # renamed under us onto a path we already follow
+            if key in self._files or (expect is not None and key != expect):  # renamed under us
                 os.close(fd)
                 return None
             head = os.pread(fd, FINGERPRINT_BYTES, 0)
@@ -633,7 +632,7 @@ class Tailer:
             rank = (key not in self._known, size)  # a file we never saw first: a copy made since
             if key in self._files or size < old.offset or (best is not None and rank <= best[:2]):
                 continue
-            head = _read_head(path)
+            head = _read_head(path, key)
             if head is not None and _starts_with(head, old.fp_len, old.fp):
                 best = (*rank, path, key)
         if best is None:
@@ -641,7 +640,7 @@ class Tailer:
                 self.log.info("%s: no copy of its old content found under a rotated name; its unread rest is lost", f.path)
             return
         _, _, path, key = best
-        c = self._open(path, f.origin, f.active_at, rotated=True, resume=False)
+        c = self._open(path, f.origin, f.active_at, rotated=True, resume=False, expect=key)
         if c is None:
             return
         # A new content number: positions of a checkpoint copied before now belong to f, not to c.
@@ -854,23 +853,25 @@ class Tailer:
                 self._close(f)
 
 
-def _read_head(path: str) -> bytes | None:
-    """A file's first FINGERPRINT_BYTES bytes, or None if it cannot be read."""
-    return _read_range(path, 0, FINGERPRINT_BYTES)
-
-
-def _read_range(path: str, start: int, length: int) -> bytes | None:
-    """``length`` bytes of a file from ``start`` (fewer at its end), or None if it cannot be read."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
+def _read_head(path: str, key: Key) -> bytes | None:
+    """The first FINGERPRINT_BYTES bytes of the file ``key`` at ``path``; None if it cannot be read, or ``path`` holds another file now."""
+    fd = _open_as(path, key)
+    if fd is None:
         return None
     try:
-        return os.pread(fd, length, start)
-    except OSError:
-        return None
+        return _pread(fd, FINGERPRINT_BYTES, 0)
     finally:
         os.close(fd)
+
+
+def _same_tail(a: int, b: int, n: int) -> bool:
+    """Whether two open files, alike in their first ``n`` bytes, end alike too: the last COPY_CHECK_BYTES (after the first ``n``) both have."""
+    try:
+        end = min(os.fstat(a).st_size, os.fstat(b).st_size)
+        start = max(n, end - COPY_CHECK_BYTES)
+        return end <= start or os.pread(a, end - start, start) == os.pread(b, end - start, start)
+    except OSError:
+        return False
 
 
 def _pread(fd: int, length: int, offset: int) -> bytes | None:

@@ -219,6 +219,35 @@ def test_a_truncation_inside_the_poll_that_found_the_copy_reads_the_copy(tmp_pat
     h.tailer.close()
 
 
+def test_files_renamed_between_the_listing_and_the_look_are_not_mistaken_for_each_other(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each listed file is read through its own descriptor: its path may hold another file by then."""
+    h = Harness(tmp_path)
+    log = h.dir / "app.jsonl"
+    append(log, b"a-1\n")
+    assert h.poll() == [b"a-1"]
+    os.rename(log, h.dir / "app.jsonl-1")  # a (followed) ...
+    append(log, b"b-1\n")
+    os.rename(log, h.dir / "app.jsonl.1")  # ... and b, created and rotated between two polls
+    append(log, b"c-1\n")
+    listing, moved = h.tailer._list_rotated, []
+
+    def then_rename(*args: object, **kwargs: object) -> object:
+        out = listing(*args, **kwargs)
+        if not moved:  # the writer rotates again as soon as the names are listed: a onto b's path
+            os.rename(h.dir / "app.jsonl.1", h.dir / "app.jsonl-2")
+            os.rename(h.dir / "app.jsonl-1", h.dir / "app.jsonl.1")
+            moved.append(True)
+        return out
+
+    monkeypatch.setattr(h.tailer, "_list_rotated", then_rename)
+    delivered = h.poll()
+    monkeypatch.undo()
+    h.tailer._family_due = 0
+    delivered += h.poll()
+    assert sorted(delivered) == [b"b-1", b"c-1"]
+    h.tailer.close()
+
+
 def test_a_copy_of_a_file_first_seen_in_the_same_poll_is_not_read(tmp_path: Path) -> None:
     h = Harness(tmp_path)
     log = h.dir / "app.jsonl"

@@ -183,8 +183,9 @@ def run(seed: int, tmp_path: Path, clock: FakeClock) -> tuple[Exporter, Writer]:
             poll()
     while pending:
         pending.pop(0)()
-    for _ in range(3):
-        poll()
+    for _ in range(3):  # the end: what is left is read within a rescan of the rotated names
+        clock.now += tailer_mod.FAMILY_RESCAN_SECONDS
+        exporter.tailer.poll_once()
     exporter.tailer.close()
     os.close(writer.fd)
     return exporter, writer
