@@ -30,7 +30,9 @@ never match.
   are not read: a copy of a known file (same first bytes: copytruncate's copy, or a
   backup), and anything there when its origin is first seen (history, as at a first start).
   A copy is never read on its own, even as it grows (it may be caught half-written), and is
-  marked as one in checkpoints; an empty rotated file is judged once it has bytes.
+  marked as one in checkpoints; an empty rotated file is judged once it has bytes. A listed
+  file is read through a descriptor checked to be that (device, inode), never by a path that
+  the writer may have renamed another file onto since the listing.
 - Copytruncate: when a file is truncated (or its first bytes change), the unread rest of
   its old content is read from the copy, the rotated file that starts with the same bytes,
   before the file is read again from the start. Only lines written between the copy and
