@@ -17,7 +17,7 @@ import pytest
 
 from exporter import tailer as tailer_mod
 from exporter.tailer import rotated_origins
-from tests.test_tailer import Harness, append
+from tests.test_tailer import Harness, after_stage, append
 
 
 def restart(tmp_path: Path, ckpt: Path, **cfg: object) -> Harness:
@@ -193,7 +193,7 @@ def test_a_copy_caught_half_written_is_never_read(tmp_path: Path, caught: int) -
     h.tailer.close()
 
 
-def test_a_truncation_inside_the_poll_that_found_the_copy_reads_the_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_truncation_inside_the_poll_that_found_the_copy_reads_the_copy(tmp_path: Path) -> None:
     """The copy is judged by the live file's bytes, and the truncation lands before those bytes were read or fingerprinted."""
     h = Harness(tmp_path)
     log = h.dir / "app.jsonl"
@@ -204,22 +204,15 @@ def test_a_truncation_inside_the_poll_that_found_the_copy_reads_the_copy(tmp_pat
     assert h.poll() == []  # the new file, first seen empty: no fingerprint
     append(log, b"1\n2\n")
     shutil.copyfile(log, h.dir / "app.jsonl-20261205")
-    listed = h.tailer._rotated_names
-
-    def then_truncate(*args: object, **kwargs: object) -> None:
-        listed(*args, **kwargs)
-        os.truncate(log, 0)
-
-    monkeypatch.setattr(h.tailer, "_rotated_names", then_truncate)
     h.tailer._family_due = 0
-    assert h.poll() == [b"1", b"2"]
-    monkeypatch.undo()
+    with after_stage(h.tailer, "_rotated_names", lambda: os.truncate(log, 0)):
+        assert h.poll() == [b"1", b"2"]
     append(log, b"3\n")
     assert h.poll() == [b"3"]
     h.tailer.close()
 
 
-def test_files_renamed_between_the_listing_and_the_look_are_not_mistaken_for_each_other(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_files_renamed_between_the_listing_and_the_look_are_not_mistaken_for_each_other(tmp_path: Path) -> None:
     """Each listed file is read through its own descriptor: its path may hold another file by then."""
     h = Harness(tmp_path)
     log = h.dir / "app.jsonl"
@@ -229,19 +222,13 @@ def test_files_renamed_between_the_listing_and_the_look_are_not_mistaken_for_eac
     append(log, b"b-1\n")
     os.rename(log, h.dir / "app.jsonl.1")  # ... and b, created and rotated between two polls
     append(log, b"c-1\n")
-    listing, moved = h.tailer._list_rotated, []
 
-    def then_rename(*args: object, **kwargs: object) -> object:
-        out = listing(*args, **kwargs)
-        if not moved:  # the writer rotates again as soon as the names are listed: a onto b's path
-            os.rename(h.dir / "app.jsonl.1", h.dir / "app.jsonl-2")
-            os.rename(h.dir / "app.jsonl-1", h.dir / "app.jsonl.1")
-            moved.append(True)
-        return out
+    def rotate_again() -> None:  # as soon as the names are listed: a onto b's path
+        os.rename(h.dir / "app.jsonl.1", h.dir / "app.jsonl-2")
+        os.rename(h.dir / "app.jsonl-1", h.dir / "app.jsonl.1")
 
-    monkeypatch.setattr(h.tailer, "_list_rotated", then_rename)
-    delivered = h.poll()
-    monkeypatch.undo()
+    with after_stage(h.tailer, "_list_rotated", rotate_again):
+        delivered = h.poll()
     h.tailer._family_due = 0
     delivered += h.poll()
     assert sorted(delivered) == [b"b-1", b"c-1"]

@@ -28,6 +28,7 @@ from exporter import tailer as tailer_mod
 from exporter.config import FilesConfig
 from exporter.metrics import Metrics
 from exporter.tailer import Tailer
+from tests.test_tailer import after_stage
 
 SEEDS = range(120)
 STEPS = 300
@@ -144,21 +145,9 @@ def run(seed: int, tmp_path: Path, clock: FakeClock) -> tuple[Exporter, Writer]:
             exporter.tailer.poll_once()
             return
         # The writer's next step lands inside the poll, after one of its stages.
-        tailer, stage = exporter.tailer, rng.choice(INSIDE)
-        step, inner, done = pending.pop(0), getattr(tailer, stage), []
-
-        def then_step(*args: object, **kwargs: object) -> object:
-            out = inner(*args, **kwargs)
-            if not done:
-                step()
-                done.append(step)
-            return out
-
-        setattr(tailer, stage, then_step)
-        try:
-            tailer.poll_once()
-        finally:
-            delattr(tailer, stage)
+        step = pending.pop(0)
+        with after_stage(exporter.tailer, rng.choice(INSIDE), step) as done:
+            exporter.tailer.poll_once()
         if not done:  # that stage did not run in this poll
             step()
 

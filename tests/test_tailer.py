@@ -7,7 +7,9 @@ import logging
 import os
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 
@@ -57,6 +59,28 @@ def h(tmp_path: Path):
 def append(path: Path, data: bytes) -> None:
     with open(path, "ab") as fh:
         fh.write(data)
+
+
+@contextmanager
+def after_stage(tailer: Tailer, stage: str, action: Callable[[], object]) -> Iterator[list[bool]]:
+    """Run ``action`` once, right after the tailer's method ``stage`` first returns: a writer acting in the middle of a poll.
+
+    Yields a list that holds ``True`` once the action ran.
+    """
+    inner, done = getattr(tailer, stage), []
+
+    def wrapped(*args: object, **kwargs: object) -> object:
+        out = inner(*args, **kwargs)
+        if not done:
+            action()
+            done.append(True)
+        return out
+
+    setattr(tailer, stage, wrapped)
+    try:
+        yield done
+    finally:
+        delattr(tailer, stage)
 
 
 def test_appends_and_partial_lines(h: Harness) -> None:
