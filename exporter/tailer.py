@@ -705,12 +705,15 @@ class Tailer:
 
         Each byte is scanned for newlines once, so a long line arriving in many small
         appends costs linear time; at most ``max_line_bytes`` of it are ever buffered.
+        After each chunk is read, the file must still start with its fingerprinted bytes:
+        a copytruncate refilled between the check and the read would otherwise hand over
+        new content at the old content's offsets.
         """
         cap = self.cfg.max_line_bytes
         while f.read_pos < size:
             data = os.pread(f.fd, CHUNK_BYTES, f.read_pos)
-            if not data:
-                break  # truncated under us; the next poll notices
+            if not data or (f.fp is not None and not _starts_with(os.pread(f.fd, f.fp_len, 0), f.fp_len, f.fp)):
+                break  # truncated (and perhaps refilled) since the check: these bytes may be new content; the next poll sees it
             start = 0
             if f.skipping:
                 start = data.find(b"\n") + 1

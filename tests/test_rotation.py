@@ -212,6 +212,28 @@ def test_a_truncation_inside_the_poll_that_found_the_copy_reads_the_copy(tmp_pat
     h.tailer.close()
 
 
+@pytest.mark.parametrize("read", [0, 2])  # lines of the old content read before: none, or some
+def test_a_copytruncate_refilled_between_the_check_and_the_read_hands_over_no_new_bytes_at_old_offsets(tmp_path: Path, read: int) -> None:
+    h = Harness(tmp_path)
+    log = h.dir / "app.jsonl"
+    old = [b"old-%02d-%s" % (i, b"x" * 40) for i in range(12)]  # over 256 bytes: fingerprinted by its first 256
+    new = [b"NEW-%02d" % i for i in range(30)]
+    append(log, b"\n".join(old[:read]) + b"\n" if read else b"")
+    assert h.poll() == old[:read]
+    append(log, b"\n".join(old[read:]) + b"\n")
+
+    def copytruncate() -> None:
+        shutil.copyfile(log, h.dir / "app.jsonl-20261205")
+        os.truncate(log, 0)
+        append(log, b"\n".join(new) + b"\n")  # refilled past the old offsets before the read
+
+    with after_stage(h.tailer, "_check", copytruncate):
+        first = h.poll()
+    h.tailer._family_due = 0
+    assert first + h.poll() == old[read:] + new
+    h.tailer.close()
+
+
 def test_files_renamed_between_the_listing_and_the_look_are_not_mistaken_for_each_other(tmp_path: Path) -> None:
     """Each listed file is read through its own descriptor: its path may hold another file by then."""
     h = Harness(tmp_path)
