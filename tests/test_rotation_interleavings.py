@@ -3,9 +3,9 @@
 A writer appends numbered lines to ``app.jsonl`` and rotates it as logrotate and logging
 libraries do: numbered and dated renames followed by late lines to the renamed file, and
 copytruncate, whose copy can be caught half-written (even mid-line, or empty), and after
-whose truncate the writer may write again at once. Between any
-two of its steps (or inside a poll: after its glob scan, its opens, its listing of rotated
-names or its first size check) the exporter may poll (after a random pause: a clock is faked), write a
+whose truncate the writer may write again at once. Between any two of its steps, or
+inside a poll (after its glob scan, its opens, its listing of rotated names or its first
+size check), the exporter may poll (after a random pause: a clock is faked), write a
 checkpoint, stop (SIGTERM: a final checkpoint, then a new process) or be killed (SIGKILL:
 a new process restores the last checkpoint's state and the offsets file, where the durable
 offsets recorded at each rotation were written too).
