@@ -127,7 +127,8 @@ def _changed_since(path: str, key: Key, size: int, pos: _Pos, verify: bool) -> b
 
     It must if it was written to or truncated since: its size changed, or it is shorter than
     its fingerprint (truncated, even back to the size we had read to). With ``verify``,
-    also if its first bytes changed at the same size (one more read per file).
+    also if its first bytes changed at the same size (one more read per file). Without it,
+    a closed file truncated and refilled to exactly its size is not noticed.
     """
     if size != pos.offset or size < pos.fp_len:
         return True
