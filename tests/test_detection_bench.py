@@ -477,6 +477,21 @@ def test_nearness_finds_the_nearest_earlier_query_of_another_client() -> None:
     assert nearness.reference_distance(U, R, block=4) == pytest.approx([0.0, 0.5, np.sqrt(0.005), np.sqrt(0.005), 0.1, 0.4])
 
 
+def test_repeats_counts_inputs_another_client_sent_first(tmp_path, capsys) -> None:
+    """bench/detection/repeats.py: a repeat of one's own input or a new input is no cross-client
+    repeat; the first sender decides, whoever repeated since; the table splits by population."""
+    repeats = load("repeats")
+    clients = np.array(["app-1", "app-1", "bapp-2", "sybb-bisect-3-0-1", "sybb-bisect-3-0-2", "app-1", "sybb-bisect-3-0-2"])
+    X = np.array([[0.0, 1.0], [0.0, 1.0], [0.0, 1.0], [5.0, 5.0], [5.0, 5.0], [5.0, 5.0], [0.0, 1.0]])
+    assert repeats.first_other(clients, X).tolist() == [-1, -1, 0, -1, 3, 3, 0]
+    log = tmp_path / "evaluation.jsonl"
+    log.write_text("".join(json.dumps({"ts": float(t), "client": c, "input": x.tolist()}) + "\n" for t, c, x in zip(range(7), clients, X)))
+    assert repeats.main([str(log)]) == 0
+    table = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line}
+    assert table["benign A"][:2] == ["3", "0.333"] and table["benign B"][:2] == ["1", "1.000"]
+    assert table["sybb:bisect"][:3] == ["3", "0.667", "0.50"]  # 4 repeats its own group's 3, 6 repeats app-1's 0
+
+
 @pytest.mark.parametrize("sybil", ["a", "b"])
 def test_group_benchmark_end_to_end_on_a_small_log(tmp_path, sybil: str) -> None:
     """bench/detection/groups.py through the real calibrate and replay, on wine with 20 benign
