@@ -25,20 +25,26 @@ from tests.sybil import benign_only, sybil_split  # noqa: E402
 DATASET = "breast_cancer"  # 30 continuous features
 
 
-def settings() -> Settings:
-    return Settings(state={"dir": None}, files={"paths": []}, calibration={"target_fpr": 0.01}, detectors={"links": {"enabled": True}})  # links is opt-in
+def settings(**links: object) -> Settings:
+    """The tests' settings; ``links`` overrides parameters of the detector."""
+    return Settings(state={"dir": None}, files={"paths": []}, calibration={"target_fpr": 0.01}, detectors={"links": {"enabled": True, **links}})  # links is opt-in
+
+
+def calibrated(directory: Path, **links: object) -> Profile:
+    """A profile calibrated on 80 honest clients, with ``links`` parameters (a profile is valid for the parameters it was calibrated with)."""
+    log = directory / "cal.jsonl"
+    benign_only(DATASET, clients=80).write(log, append=False)
+    return calibrate(settings(**links), [str(log)], progress=False)[0]
 
 
 @pytest.fixture(scope="module")
 def profile(tmp_path_factory: pytest.TempPathFactory) -> Profile:
-    log = tmp_path_factory.mktemp("links") / "cal.jsonl"
-    benign_only(DATASET, clients=80).write(log, append=False)
-    return calibrate(settings(), [str(log)], progress=False)[0]
+    return calibrated(tmp_path_factory.mktemp("links"))
 
 
-def run(traffic: Traffic, path: Path, profile: Profile) -> dict:
+def run(traffic: Traffic, path: Path, profile: Profile, **links: object) -> dict:
     traffic.write(path, append=False)
-    return replay(settings(), [str(path)], progress=False, profile=profile)
+    return replay(settings(**links), [str(path)], progress=False, profile=profile)
 
 
 def honest(report: dict) -> list[str]:
@@ -158,3 +164,89 @@ def test_an_attacker_who_copies_and_steps_away_from_an_honest_clients_queries_fr
     assert h["detectors"]["links"]["value"] == 0.0 and not h["detectors"]["links"]["flagged"]
     assert not h["flagged"]
     assert all("honest-0000" not in g["members"] for g in report["groups"].values())
+
+
+def synthetic_points(n: int, seed: int) -> np.ndarray:
+    """``n`` inputs drawn uniformly in the data's box, rounded as logged: off the benign data
+    (breast cancer's 30 features are strongly correlated), and with no step in common."""
+    world = build_world(DATASET, 0)
+    ds = world.dataset
+    return ds.round(ds.lo + ds.span * np.random.default_rng(seed).uniform(0.0, 1.0, (n, ds.dim)))
+
+
+def resending_split(size: int = 10, per_member: int = 300, seed: int = 5) -> tuple[Traffic, list[str]]:
+    """A split whose keys send synthetic points with no common step (``links``' step tests
+    see nothing), each point sent first by one key and re-sent by two others later: the
+    textbook JbDA re-queries the points whose signs did not change, and any key may draw them."""
+    world = build_world(DATASET, 0)
+    rng = np.random.default_rng(seed)
+    total = size * per_member
+    points = synthetic_points(total // 3, seed)
+    X = np.concatenate([points, points[rng.permutation(len(points))], points[rng.permutation(len(points))]])
+    who = np.concatenate([rng.permutation(np.arange(total) % size)])
+    ts = DEFAULT_START + 600.0 + 2.0 * np.arange(total, dtype=np.float64)
+    names = [f"rsyb-{j}" for j in range(size)]
+    truth = {n: {"kind": "attack", "type": "sybil", "group": "rsyb"} for n in names}
+    attack = Traffic(ts, who, names, X, world.answer(X), truth, world.model, world.dataset.decimals)
+    from tests.sybil import _merge
+
+    return _merge([attack, benign_only(DATASET, clients=40, stream="tests-resend", prefix="app")]), names
+
+
+def test_a_split_that_resends_its_own_synthetic_points_is_named_by_the_repeats(profile: Profile, tmp_path: Path) -> None:
+    traffic, members = resending_split()
+    report = run(traffic, tmp_path / "resend.jsonl", profile)
+    groups = [report["clients"][c]["group"] for c in members]
+    best = max(set(groups), key=groups.count)
+    assert best is not None and groups.count(best) >= 8, groups
+    assert report["groups"][best]["flagged"]
+    assert all(report["clients"][c]["group"] is None for c in honest(report))
+    # Without anchors (a reference fitted before the off-manifold test) the same traffic links
+    # nobody: the repeats are what named the group.
+    without = run(traffic, tmp_path / "resend.jsonl", calibrated(tmp_path, anchors=0), anchors=0)
+    assert without["groups"] == {} and not any(without["clients"][c]["detectors"]["links"]["value"] > 0.0 for c in members)
+
+
+def test_honest_clients_sharing_synthetic_fixtures_are_not_grouped(profile: Profile, tmp_path: Path) -> None:
+    """Health checks and test fixtures: 30 honest clients each send, among their ordinary
+    queries, the same four synthetic inputs now and then; an attacker sends the fixtures first
+    (framing: every honest copy then repeats the attacker's off-manifold input). A client's
+    repeats link it only past its first ``distinct_repeats`` distinct ones: no honest client is
+    flagged by links or joins a group."""
+    world = build_world(DATASET, 0)
+    base = benign_only(DATASET, clients=30, stream="tests-fixtures", prefix="app")
+    fixtures = synthetic_points(4, 11)
+    rng = np.random.default_rng(12)
+    at = np.flatnonzero(rng.random(len(base)) < 0.05)  # 5 % of each client's queries are fixtures
+    X = base.X.copy()
+    X[at] = fixtures[rng.integers(0, 4, at.size)]
+    early = base.ts.min() - 10.0 + np.arange(4, dtype=np.float64)
+    ts = np.concatenate([early, base.ts])
+    who = np.concatenate([np.full(4, 30), base.client])
+    Xa = np.concatenate([fixtures, X])
+    truth = dict(base.truth) | {"mallory": {"kind": "attack", "type": "framing"}}
+    traffic = Traffic(ts, who, [*base.clients, "mallory"], Xa, world.answer(Xa), truth, world.model, world.dataset.decimals)
+    # Counting every repeat (no distinct inputs remembered), most apps are flagged: the check is not vacuous.
+    for links, flagged in (({}, 0), ({"distinct_repeats": 0, "repeats_remembered": 1}, 20)):
+        report = run(traffic, tmp_path / "fixtures.jsonl", calibrated(tmp_path, **links) if links else profile, **links)
+        apps = {c: v for c, v in report["clients"].items() if c.startswith("app-")}
+        assert len(apps) == 30
+        n = sum(v["detectors"]["links"]["flagged"] for v in apps.values())
+        assert n >= flagged if flagged else n == 0, (links, n)
+    report = run(traffic, tmp_path / "fixtures.jsonl", profile)
+    assert all(v["group"] is None for c, v in report["clients"].items() if c.startswith("app-")) and report["groups"] == {}
+
+
+def test_links_made_by_repeats_do_not_depend_on_the_block_size(profile: Profile, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The off-manifold test is cached per indexed entry and the distinct repeats are kept per
+    client: cut into blocks of any size, the same events give the same links and groups."""
+    from exporter import replay as replay_module
+
+    traffic, members = resending_split(size=5, per_member=120)
+    reports = []
+    for size in (262_144, 1000, 37):
+        monkeypatch.setattr(replay_module, "BLOCK", size)
+        reports.append(run(traffic, tmp_path / "resend.jsonl", profile))
+    assert any(reports[0]["clients"][c]["detectors"]["links"]["value"] > 0.0 for c in members)  # the check is not vacuous
+    for report in reports[1:]:
+        assert report["clients"] == reports[0]["clients"] and report["groups"] == reports[0]["groups"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from exporter.detectors.kit import count_true
-from exporter.detectors.links import file, recent
+from exporter.detectors.links import file, recent, sent_within
 
 
 def one_at_a_time(buckets: np.ndarray, held: list[list[int]], depth: int, ids: np.ndarray) -> np.ndarray:
@@ -58,3 +58,20 @@ def test_count_true_counts_like_count_nonzero(shape: tuple[int, ...]) -> None:
     assert np.array_equal(count_true(mask), np.count_nonzero(mask, axis=-1))
     assert np.array_equal(count_true(mask[..., ::2]), np.count_nonzero(mask[..., ::2], axis=-1))  # not contiguous
     assert np.array_equal(count_true(np.ones(shape, dtype=bool)), np.full(shape[:-1], shape[-1]))  # every byte 1: no carry
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_sent_within_answers_as_a_ring_checked_one_query_at_a_time(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    window = int(rng.integers(0, 9))
+    ring: list[int] = []
+    history = rng.integers(0, 6, int(rng.integers(0, 20))).astype(np.uint64)  # few values: many repeats
+    for d in history.tolist():
+        ring = (ring + [d])[-window:] if window else []
+    digests = rng.integers(0, 6, int(rng.integers(0, 40))).astype(np.uint64)
+    expected = []
+    for d in digests.tolist():
+        expected.append(d in ring)
+        ring = (ring + [d])[-window:] if window else []
+    got = sent_within(history[-window:] if window else history[:0], digests, window)
+    assert got.tolist() == expected

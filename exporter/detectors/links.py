@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from typing import ClassVar
 
 import numpy as np
@@ -26,6 +27,7 @@ from exporter.hashing import splitmix64
 _U64 = np.uint64
 _PROBE_MIN = 3  # probe features on which both steps must agree before the full test
 _MAX_DECIMALS = 6
+FAR_QUANTILE = 0.99  # the anchors' spacing that far_factor multiplies: this quantile of their nearest-other distances
 
 
 class LinksParams(WindowedParams):
@@ -53,6 +55,10 @@ class LinksParams(WindowedParams):
     step_depth: int = Field(4, ge=1, le=64, description="Most recent steps kept per bucket of the table of steps.")
     steps_window: float = Field(3600.0, gt=0.0, description="Two clients move alike when a query's step repeats, size for size and sign for sign (or every sign flipped), the step of another client's query made at most this many seconds before.")
     own_repeats: int = Field(64, ge=1, le=4096, description="Digests of the client's last queries remembered: a query the client already sent is no new point, whatever the index still holds.")
+    anchors: int = Field(1024, ge=0, le=16_384, description="Benign reference queries kept for the off-manifold test of exact repeats (0: a repeat is never evidence).")
+    far_factor: float = Field(3.0, ge=1.0, le=100.0, description="An input is off-manifold when it lies farther from every anchor than this many times the 99 % quantile of the anchors' distances to their nearest other anchor (RMS over the moving features, in range units). A client that sends an off-manifold input another client sent first is linked to that client ...")
+    distinct_repeats: int = Field(8, ge=0, le=1024, description="... once it has repeated more than this many distinct such inputs: clients that share a few synthetic fixtures (health checks, test inputs) are not linked for it.")
+    repeats_remembered: int = Field(32, ge=1, le=4096, description="Digests of the distinct off-manifold inputs a client repeated, remembered (>= distinct_repeats): a fixture sent again and again counts once.")
     # -- the per-client score ---------------------------------------------------------------
     window: int = Field(200, ge=1, le=100_000, description="How many of the client's last judged queries the share of linked queries is taken over.")
     min_events: int = Field(50, ge=1, description="Judged queries needed in the window before the client can be flagged (<= window): one chance coincidence among a few queries is no share.")
@@ -148,7 +154,7 @@ class LinksDetector(Detector):
     # Cross-client evidence: it makes groups and their own alert, not the client's verdict
     # (a member may be flagged on its own evidence by steps, ood or coverage).
     verdict: ClassVar[bool] = False
-    state_format: ClassVar[str] = "1"
+    state_format: ClassVar[str] = "2"  # 2: the per-client ring of distinct repeats
     default_enabled: ClassVar[bool] = False  # opt-in: it costs about a quarter of replay throughput (docs/groups.md, Cost)
     params: LinksParams
 
@@ -168,7 +174,23 @@ class LinksDetector(Detector):
             return None
         x, span, _ = found
         spread = np.where(span > 0, x.std(axis=0) / np.where(span > 0, span, 1.0), 0.0)
-        return {"span": span, "unit": precision_units(x), "spread": spread}
+        state: State = {"span": span, "unit": precision_units(x), "spread": spread}
+        anchors = self._anchor_sample(x)
+        if anchors is not None:
+            moving = span > 0
+            a = anchors[:, moving] / span[moving]
+            state["anchors"] = anchors.astype(np.float32)
+            state["far"] = np.array(self.params.far_factor * float(np.quantile(nearest_rms(a, a, exclude_self=True), FAR_QUANTILE)))
+        return state
+
+    def _anchor_sample(self, x: np.ndarray) -> np.ndarray | None:
+        """Up to ``anchors`` distinct reference queries, drawn with the detector's seed (None: too few to measure spacing)."""
+        distinct = np.unique(x, axis=0)
+        if self.params.anchors < 2 or distinct.shape[0] < 2:
+            return None
+        rng = np.random.default_rng([self.params.seed, distinct.shape[0]])
+        keep = min(self.params.anchors, distinct.shape[0])
+        return distinct[np.sort(rng.choice(distinct.shape[0], keep, replace=False))]
 
     def load_reference(self, reference: State) -> None:
         span = np.asarray(reference["span"], dtype=np.float64)
@@ -184,12 +206,21 @@ class LinksDetector(Detector):
             if spread.shape != span.shape or not np.isfinite(spread).all():
                 raise ValueError("links reference: spread must hold one finite value per feature")
             self._ref["spread"] = spread
+        if "anchors" in reference:  # optional: references fitted before the off-manifold test have none
+            anchors = np.asarray(reference["anchors"], dtype=np.float32)
+            far = float(np.asarray(reference.get("far", np.nan)))
+            if anchors.ndim != 2 or anchors.shape[1] != span.shape[0] or anchors.shape[0] < 2 or not np.isfinite(anchors).all():
+                raise ValueError("links reference: anchors must be two or more finite rows of one value per feature")
+            if not (np.isfinite(far) and far > 0.0):
+                raise ValueError("links reference: far must be a finite positive distance")
+            self._ref["anchors"], self._ref["far"] = anchors, np.array(far)
         self._reset_geometry()
         self._reset()  # entries in other units cannot be compared with new ones
 
     def _reset_geometry(self) -> None:
         """Feature layout (moving features, most spread first: the probe), projections and floors, from the reference."""
         self._inv: np.ndarray | None = None
+        self._anchors: np.ndarray | None = None  # benign queries in range units (the off-manifold test), None: no test
         if self._ref is None or self._dim is None:
             return
         p = self.params
@@ -211,6 +242,10 @@ class LinksDetector(Detector):
         self._offset = (rng.uniform(0.0, p.width, p.tables * p.projections)).astype(np.float32)
         self._mix = (splitmix64(np.arange(1, p.projections + 1, dtype=np.uint64) + _U64(p.seed)) | _U64(1)).astype(np.uint64)
         self._step_mix = (splitmix64(np.arange(1, cols.size + 1, dtype=np.uint64) ^ _U64(0x5EED)) | _U64(1)).astype(np.uint64)
+        if "anchors" in self._ref:
+            self._anchors = self._units(self._ref["anchors"])
+            self._anchor_sq = np.einsum("ij,ij->i", self._anchors, self._anchors)
+            self._far = float(self._ref["far"])
 
     def _reset(self) -> None:
         p = self.params
@@ -225,6 +260,7 @@ class LinksDetector(Detector):
         self._ts = np.zeros(0, dtype=np.float64)
         self._digest = np.zeros(0, dtype=np.uint64)
         self._client = np.zeros(0, dtype=np.uint64)
+        self._far_seen = np.zeros(0, dtype=np.int8)  # per entry: 0 not yet tested, 1 on the manifold, 2 off it (a cache of _repeats' test)
         self._slots = np.full((p.tables << p.bucket_bits) * p.depth, -1, dtype=np.int64)  # bucket -> its recent entry ids (depth per bucket)
         self._fill = np.zeros(p.tables << p.bucket_bits, dtype=np.int64)  # entries ever put in each bucket
         self._next = 0  # id of the next indexed query
@@ -243,6 +279,8 @@ class LinksDetector(Detector):
             "linked": np.zeros((), dtype=np.int64),  # queries linked to another client's, ever
             "sent": np.zeros(self.params.own_repeats, dtype=np.uint64),  # digests of the client's last queries, a ring
             "sent_count": np.zeros((), dtype=np.int64),
+            "repeated": np.zeros(self.params.repeats_remembered, dtype=np.uint64),  # digests of distinct off-manifold repeats, a ring
+            "repeated_count": np.zeros((), dtype=np.int64),
         }
 
     def update(self, state: State, batch: Batch) -> Signals | None:
@@ -258,21 +296,43 @@ class LinksDetector(Detector):
             dig = batch.digests[rows]
             ring, count = state["sent"], int(state["sent_count"])
             if linked[rows].any():  # (most batches have no link: nothing to drop)
-                seen = np.isin(dig, ring_in_order(ring, count))
-                _, first = np.unique(dig, return_index=True)
-                again = np.ones(rows.size, dtype=bool)
-                again[first] = False
-                drop = rows[(seen | again) & linked[rows]]
-                if drop.size:
-                    linked[drop] = False
-                    if batch.block is not None:
-                        batch.block.prepared[self.name][1][batch.rows[drop]] = False
+                self._unlink(batch, linked, rows[sent_within(ring_in_order(ring, count), dig, ring.shape[0]) & linked[rows]])
             ring_write(ring, count, dig)
             state["sent_count"][...] = count + rows.size
+            by_repeat = rows[linked[rows] & found[3][rows]]
+            if by_repeat.size:
+                self._distinct(state, batch, linked, by_repeat)
         hits = linked[rows]
         state["linked"][...] = int(state["linked"]) + int(np.count_nonzero(hits))
         p = self.params
         return share_signals(state["link_buf"], state["link_count"], hits, rows, len(batch), p.min_events, p.threshold)
+
+    def _distinct(self, state: State, batch: Batch, linked: np.ndarray, rows: np.ndarray) -> None:
+        """Keep a link made by an exact repeat (``rows``) only for a new distinct input of the
+        client's, and only past its first ``distinct_repeats``: a client that shares a few
+        synthetic fixtures with others (health checks, test inputs) links nobody. The dropped
+        links are dropped in the block too, so that groups do not count them."""
+        ring, count = state["repeated"], int(state["repeated_count"])
+        known = deque(ring_in_order(ring, count).tolist(), maxlen=ring.shape[0])  # as the ring is, one query at a time
+        drop, new = [], []
+        for row, digest in zip(rows.tolist(), batch.digests[rows].tolist()):
+            if digest not in known:
+                known.append(digest)
+                new.append(digest)
+                if count + len(new) > self.params.distinct_repeats:
+                    continue
+            drop.append(row)
+        if new:
+            ring_write(ring, count, np.array(new, dtype=np.uint64))
+            state["repeated_count"][...] = count + len(new)
+        self._unlink(batch, linked, np.array(drop, dtype=np.int64))
+
+    def _unlink(self, batch: Batch, linked: np.ndarray, rows: np.ndarray) -> None:
+        """Drop the links of the batch's ``rows``, in the block too (groups read it)."""
+        if rows.size:
+            linked[rows] = False
+            if batch.block is not None:
+                batch.block.prepared[self.name][1][batch.rows[rows]] = False
 
     # -- the cross-client stage -----------------------------------------------------------------
     def prepare(self, block: Block) -> None:
@@ -286,7 +346,8 @@ class LinksDetector(Detector):
         judged = np.zeros(n, dtype=bool)
         linked = np.zeros(n, dtype=bool)
         parents = np.zeros((n, 2), dtype=np.uint64)
-        block.prepared[self.name] = (judged, linked, parents)
+        repeat = np.zeros(n, dtype=bool)
+        block.prepared[self.name] = (judged, linked, parents, repeat)
         if self._inv is None or self._dim is None:
             return
         idx, x = vector_rows(block, self._dim)  # type: ignore[arg-type]
@@ -298,11 +359,12 @@ class LinksDetector(Detector):
         names = [block.events[i].client for i in idx.tolist()]
         known = {c: client_key(c) for c in set(names)}
         keys = np.fromiter((known[c] for c in names), dtype=np.uint64, count=m)
-        saved = (list(self._pending), self._step_last, self._alloc, self._next, self._oldest, self._U, self._S, self._Up, self._lo, self._hi, self._ts, self._digest, self._client)
+        saved = (list(self._pending), self._step_last, self._alloc, self._next, self._oldest, self._U, self._S, self._Up, self._lo, self._hi, self._ts, self._digest, self._client, self._far_seen)
         undo: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         filed_undo: list[tuple[int, int | None]] = []
         out_linked = np.zeros(m, dtype=bool)
         out_parents = np.zeros((m, 2), dtype=np.uint64)
+        out_repeat = np.zeros(m, dtype=bool)
         try:
             self._expire(float(ts[0]))
             start = 0
@@ -321,12 +383,13 @@ class LinksDetector(Detector):
                 # A repeat of a point the index holds is no new point: it gets no candidates and
                 # is not filed, so that popular inputs and retries do not push parents out of
                 # their buckets (it still takes its row, which keeps ids and chunks as they were).
-                rows = self._new_points(dig[sl], ts[sl], filed_undo)
+                rows, repeated = self._new_points(dig[sl], ts[sl], filed_undo)
                 ids = self._next + rows
                 found, order, starts, rank_sorted = recent(buckets[rows], self._fill, self._slots, self.params.depth, ids)
                 cand = np.full((stop - start, found.shape[1]), -1, dtype=np.int64)
                 cand[rows] = found
                 out_linked[sl], out_parents[sl] = self._piece(u, ts[sl], dig[sl], keys[sl], cand, undo)
+                self._repeats(u, keys[sl], repeated, out_linked[sl], out_parents[sl], out_repeat[sl], undo)
                 file(buckets[rows], order, starts, rank_sorted, self._fill, self._slots, self.params.depth, undo, ids)
                 start = stop
                 if len(self._filed) > self.params.max_queries + self.params.max_queries // 4:
@@ -339,11 +402,12 @@ class LinksDetector(Detector):
                     self._filed.pop(digest, None)
                 else:
                     self._filed[digest] = was
-            (self._pending, self._step_last, self._alloc, self._next, self._oldest, self._U, self._S, self._Up, self._lo, self._hi, self._ts, self._digest, self._client) = saved
+            (self._pending, self._step_last, self._alloc, self._next, self._oldest, self._U, self._S, self._Up, self._lo, self._hi, self._ts, self._digest, self._client, self._far_seen) = saved
             raise
         judged[idx] = True
         linked[idx] = out_linked
         parents[idx] = out_parents
+        repeat[idx] = out_repeat
 
     def _units(self, x: np.ndarray) -> np.ndarray:
         """(m, width) float32: the queries' moving features (the layout's columns) in units of their ranges."""
@@ -359,24 +423,60 @@ class LinksDetector(Detector):
         b = (h >> _U64(64 - p.bucket_bits)).astype(np.int64)
         return b + (np.arange(p.tables, dtype=np.int64) << p.bucket_bits)
 
-    def _new_points(self, dig: np.ndarray, ts: np.ndarray, filed_undo: list[tuple[int, int | None]]) -> np.ndarray:
+    def _new_points(self, dig: np.ndarray, ts: np.ndarray, filed_undo: list[tuple[int, int | None]]) -> tuple[np.ndarray, np.ndarray]:
         """Rows of a piece (about to take ids ``self._next + row``) that are new points: no entry
         filed for the same digest is still live (the same horizon as candidates': not overwritten
-        by the end of the chunk, within the TTL); those rows are recorded as filed."""
+        by the end of the chunk, within the TTL); those rows are recorded as filed. Also, per
+        row, the id of the live entry it repeats (-1: a new point)."""
         p = self.params
         base = self._next
         horizon = max(self._oldest, base - base % p.chunk + p.chunk - p.max_queries)
         alloc = max(self._alloc, 1)
         filed, stamps = self._filed, self._ts
         rows = []
+        repeated = np.full(dig.shape[0], -1, dtype=np.int64)
         for row, (digest, t) in enumerate(zip(dig.tolist(), ts.tolist())):
             at = filed.get(digest)
             if at is not None and (at >= base or (at >= horizon and stamps[at % alloc] >= t - p.ttl_seconds)):
+                repeated[row] = at
                 continue
             filed_undo.append((digest, at))
             filed[digest] = base + row
             rows.append(row)
-        return np.array(rows, dtype=np.int64)
+        return np.array(rows, dtype=np.int64), repeated
+
+    def _repeats(
+        self, u: np.ndarray, keys: np.ndarray, repeated: np.ndarray, linked: np.ndarray, parents: np.ndarray, by_repeat: np.ndarray,
+        undo: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    ) -> None:
+        """Link each query that exactly repeats an *off-manifold* input another client sent first
+        (the live entry ``repeated`` holds, -1: none) to that client, in ``linked`` and ``parents``
+        (and ``by_repeat``: :meth:`update` keeps only a client's distinct ones).
+
+        A split's keys re-send each other's synthetic points (a JbDA re-queries the children
+        whose signs did not change, and any key may draw them); honest clients repeat natural
+        inputs, which lie near the benign anchors. The test runs once per entry (cached in
+        ``_far_seen``), on the query's own vector: the same input as the entry's.
+        """
+        rows = np.flatnonzero(repeated >= 0)
+        if self._anchors is None or rows.size == 0:
+            return
+        pos = repeated[rows] % self._alloc
+        owner = self._client[pos]
+        other = owner != keys[rows]
+        rows, pos, owner = rows[other], pos[other], owner[other]
+        if rows.size == 0:
+            return
+        seen = self._far_seen[pos]
+        if (seen == 0).any():
+            todo, first = np.unique(pos[seen == 0], return_index=True)
+            far = nearest_rms(u[rows[seen == 0][first]], self._anchors, a_sq=self._anchor_sq) > self._far
+            self._write(todo, undo, ((self._far_seen, np.where(far, 2, 1).astype(np.int8)),))
+            seen = self._far_seen[pos]
+        hit = seen == 2
+        linked[rows[hit]] = True
+        by_repeat[rows[hit]] = True
+        parents[rows[hit], 0] = owner[hit]  # a repeat has no candidates: no other parent
 
     def _prune_filed(self, filed_undo: list[tuple[int, int | None]]) -> None:
         """Forget the filed digests whose entries were overwritten (they can never be live again)."""
@@ -397,7 +497,7 @@ class LinksDetector(Detector):
         # 1. Index the piece's rows first (their steps last), so that every candidate is a row of the index.
         first = base % alloc
         at: slice | np.ndarray = slice(first, first + m) if first + m <= alloc else (base + np.arange(m)) % alloc
-        self._write(at, undo, ((self._U, u), (self._Up, u[:, :r]), (self._ts, ts), (self._digest, dig), (self._client, keys)))
+        self._write(at, undo, ((self._U, u), (self._Up, u[:, :r]), (self._ts, ts), (self._digest, dig), (self._client, keys), (self._far_seen, 0)))
         # Alive: not overwritten by the end of this chunk, not expired, not past the TTL for this query.
         alive = (cand >= max(self._oldest, chunk_start + p.chunk - p.max_queries)) & (cand >= 0)
         # Their rows (id % alloc): live ids lie within the last alloc ids, so one wrap at most (no division).
@@ -593,7 +693,7 @@ class LinksDetector(Detector):
             return out
 
         self._U, self._S, self._Up, self._lo, self._hi = grown(self._U), grown(self._S), grown(self._Up), grown(self._lo), grown(self._hi)
-        self._ts, self._digest, self._client = grown(self._ts), grown(self._digest), grown(self._client)
+        self._ts, self._digest, self._client, self._far_seen = grown(self._ts), grown(self._digest), grown(self._client), grown(self._far_seen)
         self._alloc = new
 
     def _expire(self, now: float) -> None:
@@ -726,6 +826,35 @@ def file(
     ub = sf[starts]
     undo.append((fill, ub, fill[ub]))
     fill[ub] += counts
+
+
+def sent_within(before: np.ndarray, digests: np.ndarray, window: int) -> np.ndarray:
+    """(n,) whether each of ``digests`` (a client's next queries, in order) repeats one of the
+    ``window`` queries just before it, ``before`` (its last queries, oldest first) included:
+    the same answer as a ring of ``window`` checked and written one query at a time."""
+    seq = np.concatenate((before[-window:] if window else before[:0], digests))
+    order = np.argsort(seq, kind="stable")
+    same = seq[order[1:]] == seq[order[:-1]]
+    prev = np.full(seq.size, -window - 1, dtype=np.int64)
+    prev[order[1:][same]] = order[:-1][same]
+    at = np.arange(seq.size)
+    return (at - prev <= window)[seq.size - digests.size :]
+
+
+def nearest_rms(q: np.ndarray, a: np.ndarray, exclude_self: bool = False, a_sq: np.ndarray | None = None, block: int = 1024) -> np.ndarray:
+    """(n,) RMS distance (over the columns) from each row of ``q`` to the nearest row of ``a``;
+    with ``exclude_self``, ``q`` is ``a`` and each row's own is left out. Block by block: memory
+    stays ``block x len(a)``."""
+    a = np.asarray(a, dtype=np.float64 if q.dtype == np.float64 else np.float32)
+    sq = np.einsum("ij,ij->i", a, a) if a_sq is None else a_sq
+    out = np.empty(q.shape[0], dtype=np.float64)
+    for start in range(0, q.shape[0], block):
+        part = q[start : start + block]
+        d2 = np.einsum("ij,ij->i", part, part)[:, None] - 2.0 * (part @ a.T) + sq[None, :]
+        if exclude_self:
+            d2[np.arange(part.shape[0]), np.arange(start, start + part.shape[0])] = np.inf
+        out[start : start + block] = np.sqrt(np.maximum(d2.min(axis=1), 0.0) / max(q.shape[1], 1))
+    return out
 
 
 def precision_units(x: np.ndarray) -> np.ndarray:
