@@ -6,7 +6,11 @@ Generates digits-shaped traffic (64 features, 10 classes) for many clients, then
 Both run on one core (BLAS threads pinned to 1) in one process, so their ratio is
 meaningful on a noisy machine even when the absolute numbers are not.
 
-    python3 bench/throughput.py [--events 100000] [--clients 500] [--repeat 5] [--config FILE]
+    python3 bench/throughput.py [--events 100000] [--clients 500] [--repeat 5] [--config FILE] [--resent SHARE]
+
+``--resent SHARE`` makes that share of the events (at most 0.5) re-send the input of the
+event just before, from another client: the worst case of the ``links`` detector's test
+of repeated inputs, which runs once per input repeated by another client.
 """
 
 from __future__ import annotations
@@ -33,12 +37,17 @@ from exporter.pipeline import Pipeline  # noqa: E402
 from exporter.replay import Progress, read_events, replay  # noqa: E402
 
 
-def make_log(path: Path, events: int, clients: int, seed: int = 0) -> None:
+def make_log(path: Path, events: int, clients: int, seed: int = 0, resent: float = 0.0) -> None:
     world = DigitsLike(seed)
     rng = np.random.default_rng(seed)
     x = world.sample(rng, events)
-    p = world.predict(x)
     who = rng.integers(0, clients, events)
+    if resent > 0.0:  # (the default traffic stays as it was: no draws)
+        odd = np.arange(1, events, 2)
+        again = rng.choice(odd, min(odd.size, round(resent * events)), replace=False)  # each re-sends the event before it
+        x[again] = x[again - 1]
+        who[again] = (who[again - 1] + 1 + rng.integers(0, max(clients - 1, 1), again.size)) % clients
+    p = world.predict(x)
     ts = 1.7e9 + np.cumsum(rng.exponential(0.01, events))
     with open(path, "w") as fh:
         for t, c, xi, pi in zip(ts, who, x, p):
@@ -52,7 +61,10 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=5, help="best of N runs for each measurement")
     ap.add_argument("--config", default=None)
     ap.add_argument("--profile", default=None, help="calibration profile for the replay runs")
+    ap.add_argument("--resent", type=float, default=0.0, help="share of events that re-send the previous event's input from another client (0-0.5)")
     args = ap.parse_args()
+    if not 0.0 <= args.resent <= 0.5:
+        ap.error("--resent must be between 0 and 0.5")
     settings = load_settings(args.config)
     profile = None
     if args.profile:
@@ -61,7 +73,7 @@ def main() -> int:
         profile = load_profile(args.profile, settings)
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "traffic.jsonl"
-        make_log(log, args.events, args.clients)
+        make_log(log, args.events, args.clients, resent=args.resent)
         parse, full = [], []
         for _ in range(args.repeat):
             start = time.perf_counter()
@@ -75,6 +87,7 @@ def main() -> int:
         "clients": args.clients,
         "detectors": list(enabled_detectors(settings)),
         "calibrated": profile is not None,
+        "resent": args.resent,
         "parse_only_events_per_s": round(args.events / min(parse)),
         "replay_events_per_s": round(args.events / min(full)),
         "replay_to_parse_ratio": round(min(parse) / min(full), 3),

@@ -58,7 +58,7 @@ class LinksParams(WindowedParams):
     anchors: int = Field(1024, ge=0, le=16_384, description="Benign reference queries kept for the off-manifold test of exact repeats (0: a repeat is never evidence).")
     far_factor: float = Field(3.0, ge=1.0, le=100.0, description="An input is off-manifold when it lies farther from every anchor than this many times the 99 % quantile of the anchors' distances to their nearest other anchor (RMS over the moving features, in range units). A client that sends an off-manifold input another client sent first is linked to that client ...")
     distinct_repeats: int = Field(8, ge=0, le=1024, description="... once it has repeated more than this many distinct such inputs: clients that share a few synthetic fixtures (health checks, test inputs) are not linked for it.")
-    repeats_remembered: int = Field(32, ge=1, le=4096, description="Digests of the distinct off-manifold inputs a client repeated, remembered (>= distinct_repeats): a fixture sent again and again counts once.")
+    repeats_remembered: int = Field(32, ge=1, le=4096, description="Digests of the distinct off-manifold inputs a client repeated, remembered: a fixture sent again and again counts once.")
     # -- the per-client score ---------------------------------------------------------------
     window: int = Field(200, ge=1, le=100_000, description="How many of the client's last judged queries the share of linked queries is taken over.")
     min_events: int = Field(50, ge=1, description="Judged queries needed in the window before the client can be flagged (<= window): one chance coincidence among a few queries is no share.")
@@ -101,6 +101,15 @@ class LinksDetector(Detector):
     independent inputs almost never do (features move by unrelated amounts; rounding noise
     is below the precision floor).
 
+    It also links a query that exactly repeats another client's indexed input when that
+    input is *off-manifold* (farther from every one of ``anchors`` benign reference queries
+    than ``far_factor`` times their own 99 % nearest-other spacing): a split's keys re-send
+    each other's synthetic points (a JbDA re-queries the children whose signs did not
+    change), where honest clients repeat natural inputs. Such a link counts for a client
+    only for a distinct input it has not repeated before, and only past its first
+    ``distinct_repeats``, so that a few synthetic fixtures shared by many clients (health
+    checks, test inputs) link nobody, even when an attacker sent them first.
+
     Sharing popular inputs, sending similar data, retrying, or starting at the same time
     does none of this, so honest clients are not linked for it. The evidence is directed:
     the client whose query continued p's step is the one exploring; p's client is only
@@ -117,8 +126,9 @@ class LinksDetector(Detector):
     sizes of the two steps on the ``probe`` features (those benign inputs spread most)
     picks the few worth the full test. A query that repeats a point the index holds is no
     new point: it continues nothing and is not filed again, since popular inputs and
-    retries would fill the buckets and push out the points an exploration continues from.
-    Score: the share of linked queries among the client's last ``window`` judged queries,
+    retries would fill the buckets and push out the points an exploration continues from;
+    the off-manifold test of a repeated input runs once per indexed entry. Score: the share
+    of linked queries among the client's last ``window`` judged queries,
     ``linked / max(n, min_events)``; flagged at ``threshold``.
 
     Batching: matching and indexing happen in :meth:`prepare`, in time order over all the
@@ -135,17 +145,20 @@ class LinksDetector(Detector):
     its own seeds; the steps detector still flags each member).
 
     Not judged: queries without a vector of the model's length, and every query before the
-    model has a reference.
+    model has a reference. Without anchors (a reference fitted before them, or ``anchors``
+    0) a repeat links nobody.
 
     Cost per query: one (d x tables·projections) projection, a gather of at most
     ``tables x depth`` candidate rows and one multiply-add over them, and the full test on
-    the few that pass the cheap one. State per client: ``window + 8·own_repeats + 24`` bytes
-    (736 B with the defaults). Shared index per model: ``8·d' + 12·min(probe, d') + 24``
-    bytes per query (d' features that move in the reference), grown with the traffic up
-    to ``max_queries``, plus ``8 x depth + 8`` bytes
+    the few that pass the cheap one; per repeated input, once, its distance to the anchors
+    (``anchors x d'`` multiply-adds). State per client: ``window + 8·own_repeats +
+    8·repeats_remembered + 32`` bytes (1,000 B with the defaults). Shared index per model:
+    ``8·d' + 12·min(probe, d') + 25`` bytes per query (d' features that move in the
+    reference), grown with the traffic up to ``max_queries``, plus ``8 x depth + 8`` bytes
     per bucket (``tables x 2**bucket_bits`` buckets: 17 MiB with the defaults), plus the
     map of filed digests: at most ``1.25 x max_queries + chunk`` entries of about 100 B in CPython
-    (two int objects and a dict slot: about 8 MiB with the defaults).
+    (two int objects and a dict slot: about 8 MiB with the defaults), plus ``4·d'·anchors``
+    bytes of anchors.
     """
 
     name: ClassVar[str] = "links"
