@@ -8,8 +8,13 @@ those re-sends to any of its keys. This script measures, on a log kept by
 ``bench/detection/nearness.py``), the share of queries whose input exactly repeats one
 that *another* client sent first; of those, the share first sent by a member of the same
 Sybil group (the ground truth of the ids); and, with ``--reference`` (the run's
-``calibration.jsonl``), the share that are also off-manifold: farther from every
-reference query than 99 % of honest queries are.
+``calibration.jsonl``), the share that are also off-manifold by the ``links`` detector's
+own test, learned from the calibration data alone: farther from every one of
+``--anchors`` distinct calibration inputs than ``--factors`` times the 99 % quantile of
+the anchors' distances to their nearest other anchor (RMS in units of each feature's
+0.1-99.9 % range). A second table then gives, per factor, the honest clients that repeat
+such an input at all, and the most any one of them does: what ``far_factor`` must keep
+below ``distinct_repeats``.
 
     python3 bench/detection/groups.py --sybil b --datasets wine --seeds 0 --workdir DIR
     python3 bench/detection/repeats.py DIR/wine-0/evaluation.jsonl --reference DIR/wine-0/calibration.jsonl
@@ -24,7 +29,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nearness import BENIGN, group_of, kind, load, reference_distance  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from nearness import BENIGN, group_of, kind, load  # noqa: E402
+
+from exporter.detectors.links import FAR_QUANTILE, nearest_rms  # noqa: E402
 
 
 def first_other(clients: np.ndarray, X: np.ndarray) -> np.ndarray:
@@ -39,22 +47,37 @@ def first_other(clients: np.ndarray, X: np.ndarray) -> np.ndarray:
     return out
 
 
+def off_manifold_distance(X: np.ndarray, reference: np.ndarray, anchors: int, seed: int = 0) -> tuple[np.ndarray, float]:
+    """(n,) each input's RMS distance to the nearest anchor, and the anchors' spacing (the
+    FAR_QUANTILE of their nearest-other distances), as ``links`` learns them from ``reference``."""
+    lo, hi = np.quantile(reference, [0.001, 0.999], axis=0)
+    span = hi - lo
+    moving = span > 0
+    distinct = np.unique(reference, axis=0)
+    pick = np.random.default_rng(seed).choice(distinct.shape[0], min(anchors, distinct.shape[0]), replace=False)
+    A = distinct[np.sort(pick)][:, moving] / span[moving]
+    spacing = float(np.quantile(nearest_rms(A, A, exclude_self=True), FAR_QUANTILE))
+    return nearest_rms(X[:, moving] / span[moving], A), spacing
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("log", type=Path, help="evaluation.jsonl of a groups.py --workdir run")
     ap.add_argument("--reference", type=Path, help="calibration.jsonl of the run: also count the off-manifold repeats")
+    ap.add_argument("--anchors", type=int, default=1024, help="distinct calibration inputs kept as anchors (links' anchors, default 1024)")
+    ap.add_argument("--factors", default="1,1.5,2,3", help="far_factor values to compare (the first table uses the last; default 1,1.5,2,3)")
     args = ap.parse_args(argv)
+    factors = [float(f) for f in args.factors.split(",")]
     ts, clients, X = load(args.log)
     order = np.argsort(ts, kind="stable")
     clients, X = clients[order], X[order]
     kinds = np.array([kind(str(c)) for c in clients])
     other = first_other(clients, X)
-    off = None
+    off = far = None
+    spacing = 0.0
     if args.reference:
-        span = X.max(axis=0) - X.min(axis=0)
-        scale = np.where(span > 0, span, 1.0)
-        far = reference_distance(X / scale, np.unique(load(args.reference)[2] / scale, axis=0))
-        off = far > np.quantile(far[np.isin(kinds, list(BENIGN.values()))], 0.99)
+        far, spacing = off_manifold_distance(X, load(args.reference)[2], args.anchors)
+        off = far > factors[-1] * spacing
     print(f"`{args.log}`: queries that exactly repeat an input another client sent first\n")
     print("| population | queries | repeats of another client's | of those, first sent by its own group | off-manifold repeats |")
     print("|---|---:|---:|---:|---:|")
@@ -64,6 +87,18 @@ def main(argv: list[str] | None = None) -> int:
         own = np.mean([group_of(str(clients[i])) == group_of(str(clients[other[i]])) for i in rep]) if k.startswith("syb") and rep.size else None
         shares = [f"{rep.size / rows.size:.3f}", "-" if own is None else f"{own:.2f}", "-" if off is None else f"{off[rep].sum() / rows.size:.3f}"]
         print(f"| {k} | {rows.size} | " + " | ".join(shares) + " |")
+    if far is not None:
+        honest = np.isin(kinds, list(BENIGN.values())) & (other >= 0)
+        attack = np.char.startswith(kinds.astype(str), "syb")
+        print(f"\nAnchors' spacing {spacing:.4f}: honest clients repeating another client's off-manifold input, by far_factor\n")
+        print("| far_factor | honest clients with any | most distinct such inputs of one honest client | Sybil members' queries that are such repeats |")
+        print("|---:|---:|---:|---:|")
+        for f in factors:
+            hits = far > f * spacing
+            rows = np.flatnonzero(honest & hits)
+            per = np.unique([clients[i] for i in {(str(clients[i]), X[i].tobytes()): i for i in rows.tolist()}.values()], return_counts=True)[1]
+            share = (attack & (other >= 0) & hits).sum() / max(int(attack.sum()), 1)
+            print(f"| {f:g} | {per.size} | {int(per.max()) if per.size else 0} | {share:.3f} |")
     return 0
 
 
