@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from nearness import BENIGN, group_of, kind, load  # noqa: E402
 
-from exporter.detectors.links import FAR_QUANTILE, nearest_rms  # noqa: E402
+from exporter.detectors.links import anchor_sample, anchor_spacing, nearest_rms  # noqa: E402
 
 
 def first_other(clients: np.ndarray, X: np.ndarray) -> np.ndarray:
@@ -49,15 +49,15 @@ def first_other(clients: np.ndarray, X: np.ndarray) -> np.ndarray:
 
 def off_manifold_distance(X: np.ndarray, reference: np.ndarray, anchors: int, seed: int = 0) -> tuple[np.ndarray, float]:
     """(n,) each input's RMS distance to the nearest anchor, and the anchors' spacing (the
-    FAR_QUANTILE of their nearest-other distances), as ``links`` learns them from ``reference``."""
+    99 % quantile of their nearest-other distances), as ``links`` learns them from ``reference``
+    (without its winsorizing and the shared box of pixel features)."""
     lo, hi = np.quantile(reference, [0.001, 0.999], axis=0)
     span = hi - lo
     moving = span > 0
-    distinct = np.unique(reference, axis=0)
-    pick = np.random.default_rng(seed).choice(distinct.shape[0], min(anchors, distinct.shape[0]), replace=False)
-    A = distinct[np.sort(pick)][:, moving] / span[moving]
-    spacing = float(np.quantile(nearest_rms(A, A, exclude_self=True), FAR_QUANTILE))
-    return nearest_rms(X[:, moving] / span[moving], A), spacing
+    A = anchor_sample(reference, anchors, seed)
+    if A is None:
+        raise SystemExit("the reference has fewer than two distinct inputs")
+    return nearest_rms(X[:, moving] / span[moving], A[:, moving] / span[moving]), anchor_spacing(A, span)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -188,22 +188,11 @@ class LinksDetector(Detector):
         x, span, _ = found
         spread = np.where(span > 0, x.std(axis=0) / np.where(span > 0, span, 1.0), 0.0)
         state: State = {"span": span, "unit": precision_units(x), "spread": spread}
-        anchors = self._anchor_sample(x)
+        anchors = anchor_sample(x, self.params.anchors, self.params.seed)
         if anchors is not None:
-            moving = span > 0
-            a = anchors[:, moving] / span[moving]
             state["anchors"] = anchors.astype(np.float32)
-            state["far"] = np.array(self.params.far_factor * float(np.quantile(nearest_rms(a, a, exclude_self=True), FAR_QUANTILE)))
+            state["far"] = np.array(self.params.far_factor * anchor_spacing(anchors, span))
         return state
-
-    def _anchor_sample(self, x: np.ndarray) -> np.ndarray | None:
-        """Up to ``anchors`` distinct reference queries, drawn with the detector's seed (None: too few to measure spacing)."""
-        distinct = np.unique(x, axis=0)
-        if self.params.anchors < 2 or distinct.shape[0] < 2:
-            return None
-        rng = np.random.default_rng([self.params.seed, distinct.shape[0]])
-        keep = min(self.params.anchors, distinct.shape[0])
-        return distinct[np.sort(rng.choice(distinct.shape[0], keep, replace=False))]
 
     def load_reference(self, reference: State) -> None:
         span = np.asarray(reference["span"], dtype=np.float64)
@@ -839,6 +828,27 @@ def file(
     ub = sf[starts]
     undo.append((fill, ub, fill[ub]))
     fill[ub] += counts
+
+
+def anchor_sample(x: np.ndarray, anchors: int, seed: int) -> np.ndarray | None:
+    """Up to ``anchors`` distinct rows of ``x``, drawn uniformly with ``seed``; None when fewer
+    than two: no spacing to measure. (Finding the distinct rows takes a sorted copy of ``x``,
+    as the reference's quantiles already do.)"""
+    if anchors < 2:
+        return None
+    distinct = np.unique(x, axis=0)
+    if distinct.shape[0] < 2:
+        return None
+    rng = np.random.default_rng([seed, distinct.shape[0]])
+    return distinct[np.sort(rng.choice(distinct.shape[0], min(anchors, distinct.shape[0]), replace=False))]
+
+
+def anchor_spacing(anchors: np.ndarray, span: np.ndarray) -> float:
+    """The FAR_QUANTILE of the anchors' RMS distances to their nearest other anchor, over the
+    features that move (``span`` > 0), in units of their spans."""
+    moving = span > 0
+    a = anchors[:, moving] / span[moving]
+    return float(np.quantile(nearest_rms(a, a, exclude_self=True), FAR_QUANTILE))
 
 
 def sent_within(before: np.ndarray, digests: np.ndarray, window: int) -> np.ndarray:
