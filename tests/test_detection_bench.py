@@ -504,12 +504,13 @@ def test_repeats_tests_off_manifold_as_links_does(tmp_path, capsys) -> None:
         (tmp_path / name).write_text("".join(json.dumps({"ts": float(t), "client": c, "input": x}) + "\n" for t, (c, x) in enumerate(zip(who, rows))))
     far, spacing = repeats.off_manifold_distance(np.array(X), ref, anchors=1024)
     assert 0.0 < spacing < 0.2 and far[0] < spacing and far[2] > 10 * spacing
-    assert repeats.main([str(tmp_path / "evaluation.jsonl"), "--reference", str(tmp_path / "calibration.jsonl"), "--factors", "1,20"]) == 0
+    assert repeats.main([str(tmp_path / "evaluation.jsonl"), "--reference", str(tmp_path / "calibration.jsonl"), "--factors", "1,20", "--clients", "sybb-"]) == 0
     out = capsys.readouterr().out
     table = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in out.splitlines() if line.startswith("| ") and "---" not in line}
     assert table["sybb:bisect"][-1].strip(" |") == "0.500"  # member 2 repeats member 1's far input (still far at factor 20)
     assert table["benign A"][-1].strip(" |") == "0.333"  # of app-2's two repeats, the natural input's does not count
     assert table["1"][:2] == ["1", "1"] and table["20"][:2] == ["1", "1"]  # one honest client, one distinct far input
+    assert table["sybb-bisect-3-0-1"] == ["1", "0", "0 |"] and table["sybb-bisect-3-0-2"] == ["1", "1", "1 |"]
 
 
 @pytest.mark.parametrize("sybil", ["a", "b"])

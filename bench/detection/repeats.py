@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("log", type=Path, help="evaluation.jsonl of a groups.py --workdir run")
     ap.add_argument("--reference", type=Path, help="calibration.jsonl of the run: also count the off-manifold repeats")
     ap.add_argument("--anchors", type=int, default=1024, help="distinct calibration inputs kept as anchors (links' anchors, default 1024)")
+    ap.add_argument("--clients", default=None, help="also list, per client whose id starts with this, its queries, repeats and off-manifold repeats")
     ap.add_argument("--factors", default="1,1.5,2,3", help="far_factor values to compare (the first table uses the last; default 1,1.5,2,3)")
     args = ap.parse_args(argv)
     factors = [float(f) for f in args.factors.split(",")]
@@ -87,6 +88,14 @@ def main(argv: list[str] | None = None) -> int:
         own = np.mean([group_of(str(clients[i])) == group_of(str(clients[other[i]])) for i in rep]) if k.startswith("syb") and rep.size else None
         shares = [f"{rep.size / rows.size:.3f}", "-" if own is None else f"{own:.2f}", "-" if off is None else f"{off[rep].sum() / rows.size:.3f}"]
         print(f"| {k} | {rows.size} | " + " | ".join(shares) + " |")
+    if args.clients:
+        print(f"\nClients `{args.clients}*`\n")
+        print("| client | queries | repeats of another client's | off-manifold repeats |")
+        print("|---|---:|---:|---:|")
+        for c in sorted({str(c) for c in clients if str(c).startswith(args.clients)}):
+            rows = np.flatnonzero(clients == c)
+            rep = rows[other[rows] >= 0]
+            print(f"| {c} | {rows.size} | {rep.size} | {'-' if off is None else int(off[rep].sum())} |")
     if far is not None:
         honest = np.isin(kinds, list(BENIGN.values())) & (other >= 0)
         attack = np.char.startswith(kinds.astype(str), "syb")
