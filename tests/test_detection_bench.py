@@ -473,8 +473,6 @@ def test_nearness_finds_the_nearest_earlier_query_of_another_client() -> None:
     assert [nearness.kind(c) for c in ("app-0001", "bapp-0420", "syb-even-3-0-1", "sybb-rotation-10-4-2", "atk-jbda-0")] == [
         "benign A", "benign B", "syb:even", "sybb:rotation", "atk"]
     assert nearness.group_of("sybb-rotation-10-4-2") == "sybb-rotation-10-4" and nearness.group_of("app-0001") is None
-    R = np.array([[0.0, 0.0], [1.0, 1.0]])
-    assert nearness.reference_distance(U, R, block=4) == pytest.approx([0.0, 0.5, np.sqrt(0.005), np.sqrt(0.005), 0.1, 0.4])
 
 
 def test_repeats_counts_inputs_another_client_sent_first(tmp_path, capsys) -> None:

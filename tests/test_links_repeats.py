@@ -114,3 +114,12 @@ def test_a_reference_without_anchors_still_loads() -> None:
     assert ref is not None
     det.load_reference({k: v for k, v in ref.items() if k not in ("anchors", "far")})
     assert det._anchors is None and det._inv is not None
+
+
+def test_nearest_rms_block_by_block_and_without_self() -> None:
+    q = np.array([[0.0, 0.0], [0.5, 0.5], [0.1, 0.0], [0.0, 0.1], [0.9, 1.1], [0.6, 0.2]])
+    a = np.array([[0.0, 0.0], [1.0, 1.0]])
+    expected = [0.0, 0.5, np.sqrt(0.005), np.sqrt(0.005), 0.1, np.sqrt(0.2)]
+    assert nearest_rms(q, a, block=4) == pytest.approx(expected)  # two blocks: the second starts at row 4
+    assert nearest_rms(q.astype(np.float32), a.astype(np.float32)) == pytest.approx(expected, abs=1e-6)
+    assert nearest_rms(q, q, exclude_self=True, block=4) == pytest.approx([np.sqrt(0.005), np.sqrt(0.05), np.sqrt(0.005), np.sqrt(0.005), np.sqrt(0.26), np.sqrt(0.05)])

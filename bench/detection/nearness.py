@@ -25,11 +25,15 @@ without its last part), anything else by its first word (``atk``: solo attackers
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from exporter.detectors.links import nearest_rms  # noqa: E402
 
 BENIGN = {"app": "benign A", "bapp": "benign B"}
 
@@ -73,17 +77,6 @@ def nearest_other(ts: np.ndarray, clients: np.ndarray, U: np.ndarray, i: int, wi
     return (float(d.min()), int(j[np.argmin(d)])) if d.size else None
 
 
-def reference_distance(U: np.ndarray, R: np.ndarray, block: int = 2000) -> np.ndarray:
-    """(n,) RMS distance from each row of ``U`` to the nearest row of ``R``."""
-    out = np.empty(len(U))
-    r2 = (R**2).sum(axis=1)
-    for start in range(0, len(U), block):
-        q = U[start:start + block]
-        d2 = (q**2).sum(axis=1)[:, None] - 2.0 * q @ R.T + r2[None, :]
-        out[start:start + block] = np.sqrt(np.maximum(d2.min(axis=1), 0.0) / U.shape[1])
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("log", type=Path, help="evaluation.jsonl of a groups.py --workdir run")
@@ -102,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     among = None
     if args.reference:
         R = np.unique(load(args.reference)[2] / np.where(span > 0, span, 1.0), axis=0)
-        far = reference_distance(U, R)
+        far = nearest_rms(U, R)
         among = far > np.quantile(far[rng.choice(np.flatnonzero(honest), min(20_000, int(honest.sum())), replace=False)], 0.99)
         print("Off-manifold share of the queries: " + ", ".join(f"{k} {among[kinds == k].mean():.3f}" for k in sorted(set(kinds.tolist()))) + "\n")
     found: dict[str, list[tuple[float, bool]]] = defaultdict(list)
