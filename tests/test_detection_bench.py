@@ -493,18 +493,26 @@ def test_repeats_counts_inputs_another_client_sent_first(tmp_path, capsys) -> No
 
 def test_repeats_tests_off_manifold_as_links_does(tmp_path, capsys) -> None:
     """bench/detection/repeats.py --reference: anchors from the calibration log only; an input far
-    from them repeated by another client counts, per population and per far_factor."""
+    from them repeated by another client counts, per population and per far_factor;
+    --calibration-clients learns from the first clients of the calibration log only."""
     repeats = load("repeats")
     ref = np.random.default_rng(0).uniform(0.0, 1.0, (200, 2))
+    later = np.random.default_rng(1).uniform(4.9, 5.1, (50, 2))  # a second calibration client's inputs, around the far input
     clients = ["app-1", "app-2", "sybb-bisect-3-0-1", "sybb-bisect-3-0-2", "app-2"]
     X = [[0.5, 0.5], [0.5, 0.5], [5.0, 5.0], [5.0, 5.0], [5.0, 5.0]]
-    for name, rows, who in (("calibration.jsonl", ref.tolist(), ["cal-1"] * len(ref)), ("evaluation.jsonl", X, clients)):
+    cal = (np.vstack([ref, later]).tolist(), ["cal-1"] * len(ref) + ["cal-2"] * len(later))
+    for name, rows, who in (("calibration.jsonl", *cal), ("evaluation.jsonl", X, clients)):
         (tmp_path / name).write_text("".join(json.dumps({"ts": float(t), "client": c, "input": x}) + "\n" for t, (c, x) in enumerate(zip(who, rows))))
     far, spacing = repeats.off_manifold_distance(np.array(X), ref, anchors=1024)
     assert 0.0 < spacing < 0.2 and far[0] < spacing and far[2] > 10 * spacing
-    assert repeats.main([str(tmp_path / "evaluation.jsonl"), "--reference", str(tmp_path / "calibration.jsonl"), "--factors", "1,20", "--clients", "sybb-"]) == 0
-    out = capsys.readouterr().out
-    table = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in out.splitlines() if line.startswith("| ") and "---" not in line}
+    def rows_of(*extra: str) -> dict[str, list[str]]:
+        args = [str(tmp_path / "evaluation.jsonl"), "--reference", str(tmp_path / "calibration.jsonl"), "--factors", "1,20", "--clients", "sybb-", *extra]
+        assert repeats.main(args) == 0
+        out = capsys.readouterr().out
+        return {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in out.splitlines() if line.startswith("| ") and "---" not in line}
+
+    assert rows_of()["sybb:bisect"][-1].strip(" |") == "0.000"  # with cal-2, the far input has anchors around it
+    table = rows_of("--calibration-clients", "1")
     assert table["sybb:bisect"][-1].strip(" |") == "0.500"  # member 2 repeats member 1's far input (still far at factor 20)
     assert table["benign A"][-1].strip(" |") == "0.333"  # of app-2's two repeats, the natural input's does not count
     assert table["1"][:2] == ["1", "1"] and table["20"][:2] == ["1", "1"]  # one honest client, one distinct far input

@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("log", type=Path, help="evaluation.jsonl of a groups.py --workdir run")
     ap.add_argument("--reference", type=Path, help="calibration.jsonl of the run: also count the off-manifold repeats")
+    ap.add_argument("--calibration-clients", type=int, default=None, help="learn the anchors from only the first N clients of the calibration log (a small operator's calibration)")
     ap.add_argument("--anchors", type=int, default=1024, help="distinct calibration inputs kept as anchors (links' anchors, default 1024)")
     ap.add_argument("--clients", default=None, help="also list, per client whose id starts with this, its queries, repeats and off-manifold repeats")
     ap.add_argument("--factors", default="1,1.5,2,3", help="far_factor values to compare (the first table uses the last; default 1,1.5,2,3)")
@@ -77,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     off = far = None
     spacing = 0.0
     if args.reference:
-        far, spacing = off_manifold_distance(X, load(args.reference)[2], args.anchors)
+        _, cal_clients, reference = load(args.reference)
+        if args.calibration_clients is not None:
+            first = list(dict.fromkeys(cal_clients.tolist()))[: args.calibration_clients]
+            reference = reference[np.isin(cal_clients, first)]
+        far, spacing = off_manifold_distance(X, reference, args.anchors)
         off = far > factors[-1] * spacing
     print(f"`{args.log}`: queries that exactly repeat an input another client sent first\n")
     print("| population | queries | repeats of another client's | of those, first sent by its own group | off-manifold repeats |")
