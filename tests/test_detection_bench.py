@@ -559,3 +559,19 @@ def test_group_benchmark_keeps_a_groups_traffic_when_strategies_are_filtered(wor
     same = [t for t in every if t.truth[t.clients[0]]["strategy"] == "mixed"]
     assert all(np.array_equal(a.X, b.X) and np.array_equal(a.ts, b.ts) for a, b in zip(kept, same))
     assert {t.truth[t.clients[0]]["set"] for t in kept} == {"heldout"}
+
+
+def test_parents_tells_split_lattices_from_one(capsys) -> None:
+    """bench/detection/parents.py: round-robin dealing over a set that doubles from 2 seeds gives
+    every point to its parent's member with 2 members (two lattices), and crosses with 3 (one
+    lattice); a member that extends two others' points joins them; the table has a row per
+    strategy and dataset."""
+    parents = load("parents")
+    n = 16
+    assert parents.dealing(np.arange(n) % 2, 2) == (0.0, 2)
+    share, parts = parents.dealing(np.arange(n) % 3, 2)
+    assert parts == 1 and share == 1.0  # 2, 4, 8 are never multiples of 3
+    assert parents.dealing(np.array([0, 1, 0, 1, 0, 1, 2, 2]), 2) == (pytest.approx(2 / 6), 1)  # 2 extends 0's and 1's points: they join
+    assert parents.main(["--datasets", "synthetic", "--seeds", "0"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| synthetic |")]
+    assert len(rows) == 4 and all(row.count("part") == 3 for row in rows)

@@ -19,7 +19,7 @@ from exporter.config import Settings
 from exporter.events import Decoder
 from exporter.sim import ATTACKS, BEHAVIOURS, Population, build_world, run_attack, simulate
 from exporter.sim.benign import DEFAULT_MIX, organisation
-from exporter.sim.attacks import BudgetExhausted, Interleave, Oracle
+from exporter.sim.attacks import BudgetExhausted, Interleave, Oracle, augmentation_parents, coordinated_augmentation
 from exporter.sim.cli import main as simulate_main
 from exporter.sim.datasets import FRACTIONS, load, sklearn_available
 from exporter.sim.traffic import allocate
@@ -340,6 +340,34 @@ def test_jbda_step_and_seed_count_follow_params(world) -> None:
     moved = np.abs(X[seeds : 2 * seeds] - X[:seeds]) / np.where(ds.span > 0, ds.span, 1.0)
     assert (moved <= 0.02 + 1e-9).all()  # less only where the box clips the step
     assert np.mean(np.abs(moved - 0.02) < 1e-9) > 0.5
+
+
+@pytest.mark.parametrize("name", ["jbda", "trnd", "mixed"])
+def test_augmentation_parents_name_the_point_each_query_was_made_from(world, name: str) -> None:
+    """Every non-seed query is one step of λ (or less, where the box clips it) from the query
+    augmentation_parents names, in every feature; one seed fewer names the wrong points."""
+    ds = world.dataset
+    rng = np.random.default_rng(0)
+    if name == "mixed":
+        X, _ = coordinated_augmentation(ds, world.answer, 700, rng, ["jbda", "trnd", "jbda"])
+    else:
+        X = run_attack(name, ds, world.answer, 700, rng)
+    seeds = 10 * ds.num_classes
+    lam = 0.1 * ds.span
+
+    def one_step(parent: np.ndarray) -> np.ndarray:
+        made = np.flatnonzero(parent >= 0)
+        moved = np.abs(X[made] - X[parent[made]])
+        clipped = (X[made] == ds.lo) | (X[made] == ds.hi)
+        return np.all((np.abs(moved - lam) <= 1e-9) | ((moved < lam) & clipped), axis=1)
+
+    parent = augmentation_parents(len(X), seeds)
+    assert (parent[:seeds] == -1).all() and (parent[seeds:] >= 0).all() and (parent[seeds:] < np.arange(seeds, len(X))).all()
+    assert len(X) > 4 * seeds and one_step(parent).all()  # at least three rounds
+    assert not one_step(augmentation_parents(len(X), seeds - 1)).all()
+    assert augmentation_parents(7, 2).tolist() == [-1, -1, 0, 1, 0, 1, 2]
+    with pytest.raises(ValueError, match="seed"):
+        augmentation_parents(5, 0)
 
 
 def test_rounds_restart_from_fresh_seeds(world) -> None:

@@ -182,6 +182,27 @@ def _augmentation_rounds(ctx: AttackContext, S: np.ndarray, new_points: NewPoint
         rho += 1
 
 
+def augmentation_parents(n: int, seeds: int) -> np.ndarray:
+    """The query each of the first ``n`` queries of an augmentation run was made from (-1: a seed).
+
+    :func:`_augmentation_rounds` asks its ``seeds`` first, then each round one new point per
+    point of the set, in the set's order; so query ``q`` of the round that starts at set size
+    ``s`` (``s <= q < 2s``) was made from query ``q - s``. This holds for JbDA, for T-RND with
+    one target per point, and for :func:`coordinated_augmentation`. The group benchmark uses it
+    to tell whether a split's members make points from each other's
+    (``bench/detection/parents.py``)."""
+    if seeds < 1:
+        raise ValueError("an augmentation run starts from at least one seed")
+    q = np.arange(n, dtype=np.int64)
+    parent = np.full(n, -1, dtype=np.int64)
+    s = seeds
+    while s < n:
+        rnd = slice(s, min(2 * s, n))
+        parent[rnd] = q[rnd] - s
+        s *= 2
+    return parent
+
+
 # -- attacks --------------------------------------------------------------------------
 def uniform(ctx: AttackContext) -> None:
     ds = ctx.dataset
