@@ -575,3 +575,29 @@ def test_parents_tells_split_lattices_from_one(capsys) -> None:
     assert parents.main(["--datasets", "synthetic", "--seeds", "0"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| synthetic |")]
     assert len(rows) == 4 and all(row.count("part") == 3 for row in rows)
+
+
+def test_near_finds_off_manifold_inputs_near_another_clients(tmp_path, capsys) -> None:
+    """bench/detection/near.py: the nearest earlier off-manifold input of another client within the
+    last positions, exact repeats and one's own left out; the tables count a Sybil member near
+    its group's input, and no honest client."""
+    near = load("near")
+    U = np.array([[0.0, 0.0], [0.1, 0.0], [0.0, 0.0], [0.05, 0.0], [0.0, 0.3]])
+    at = np.array([0, 1, 2, 3, 10])
+    owner = np.array([0, 0, 1, 2, 1])
+    best, who = near.nearest_earlier_other(U, at, owner, recent=100, block=2)
+    assert who.tolist() == [-1, -1, 1, 0, 0]  # 2 repeats 0 exactly (left out): its nearest is 1; 4's own 2 is left out
+    assert best[2:] == pytest.approx([np.sqrt(0.005), np.sqrt(0.00125), np.sqrt(0.045)])
+    assert near.nearest_earlier_other(U, at, owner, recent=5)[1].tolist() == [-1, -1, 1, 0, -1]  # 10 - 5 > 3
+    rng = np.random.default_rng(0)
+    cal = tmp_path / "calibration.jsonl"
+    cal.write_text("".join(json.dumps({"ts": float(i), "client": f"app-{i % 5}", "input": x.tolist()}) + "\n" for i, x in enumerate(rng.uniform(0, 1, (300, 2)))))
+    far = 5.0 + rng.uniform(0, 0.01, (20, 2))
+    rows = [("app-1", x) for x in rng.uniform(0, 1, (20, 2))] + [("sybb-bisect-3-0-1", x) for x in far[:10]] + [("sybb-bisect-3-0-2", x) for x in far[10:]]
+    log = tmp_path / "evaluation.jsonl"
+    log.write_text("".join(json.dumps({"ts": float(t), "client": c, "input": x.tolist()}) + "\n" for t, (c, x) in enumerate(rows)))
+    assert near.main([str(log), str(cal), "--distinct", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| sybb:bisect | 20 | 1.000 | 0.500 | 1.00 |" in out  # the second member's, near the first's (sent before)
+    assert "| benign A | 20 | 0.000 | - | - |" in out
+    assert "| 0.5 | 0 | 0 | 0 | 1 |" in out

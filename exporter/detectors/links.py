@@ -55,9 +55,10 @@ class LinksParams(WindowedParams):
     step_depth: int = Field(4, ge=1, le=64, description="Most recent steps kept per bucket of the table of steps.")
     steps_window: float = Field(3600.0, gt=0.0, description="Two clients move alike when a query's step repeats, size for size and sign for sign (or every sign flipped), the step of another client's query made at most this many seconds before.")
     own_repeats: int = Field(64, ge=1, le=4096, description="Digests of the client's last queries remembered: a query the client already sent is no new point, whatever the index still holds.")
-    anchors: int = Field(1024, ge=0, le=16_384, description="Benign reference queries kept for the off-manifold test of exact repeats (0: a repeat is never evidence).")
+    anchors: int = Field(1024, ge=0, le=16_384, description="Benign reference queries kept for the off-manifold test of exact repeats and near inputs (0: neither is ever evidence).")
     far_factor: float = Field(3.0, ge=1.0, le=100.0, description="An input is off-manifold when it lies farther from every anchor than this many times the 99 % quantile of the anchors' distances to their nearest other anchor (RMS over the moving features, in range units). A client that sends an off-manifold input another client sent first is linked to that client ...")
-    distinct_repeats: int = Field(8, ge=0, le=1024, description="... once it has repeated more than this many distinct such inputs: clients that share a few synthetic fixtures (health checks, test inputs) are not linked for it.")
+    near_factor: float = Field(0.5, ge=0.0, le=100.0, description="An off-manifold input that lies within this many times the anchors' spacing (the same quantile, RMS, range units) of another client's earlier off-manifold input links its sender to that client, as a repeat does (0: never). Splits whose keys explore one region off the data (line searches, active learning, noise around shared seeds) send such inputs; honest clients seldom send off-manifold inputs at all.")
+    distinct_repeats: int = Field(8, ge=0, le=1024, description="... once it has repeated (or come near) more than this many distinct such inputs: clients that share a few synthetic fixtures (health checks, test inputs) are not linked for it.")
     repeats_remembered: int = Field(32, ge=1, le=4096, description="Digests of the distinct off-manifold inputs a client repeated, remembered: a fixture sent again and again counts once.")
     # -- the per-client score ---------------------------------------------------------------
     window: int = Field(200, ge=1, le=100_000, description="How many of the client's last judged queries the share of linked queries is taken over.")
@@ -110,6 +111,11 @@ class LinksDetector(Detector):
     ``distinct_repeats``, so that a few synthetic fixtures shared by many clients (health
     checks, test inputs) link nobody, even when an attacker sent them first.
 
+    It links, in the same way and with the same guards, a query that is itself off-manifold
+    and lies within ``near_factor`` anchor spacings of another client's indexed off-manifold
+    input: split line searches, active learning and noise around shared seeds explore one
+    region off the data from several keys, without fixed steps or exact repeats.
+
     Sharing popular inputs, sending similar data, retrying, or starting at the same time
     does none of this, so honest clients are not linked for it. The evidence is directed:
     the client whose query continued p's step is the one exploring; p's client is only
@@ -127,7 +133,8 @@ class LinksDetector(Detector):
     picks the few worth the full test. A query that repeats a point the index holds is no
     new point: it continues nothing and is not filed again, since popular inputs and
     retries would fill the buckets and push out the points an exploration continues from;
-    the off-manifold test of a repeated input runs once per indexed entry. Score: the share
+    the off-manifold test of a repeated input runs once per indexed entry (with
+    ``near_factor`` > 0, once per indexed query, as it is filed). Score: the share
     of linked queries among the client's last ``window`` judged queries,
     ``linked / max(n, min_events)``; flagged at ``threshold``.
 
@@ -146,12 +153,14 @@ class LinksDetector(Detector):
 
     Not judged: queries without a vector of the model's length, and every query before the
     model has a reference. Without anchors (a reference fitted before them, or ``anchors``
-    0) a repeat links nobody.
+    0) neither a repeat nor nearness links anybody; without a spacing in the reference (one
+    fitted before near links), nearness does not.
 
     Cost per query: one (d x tables·projections) projection, a gather of at most
     ``tables x depth`` candidate rows and one multiply-add over them, and the full test on
-    the few that pass the cheap one; per repeated input, once, its distance to the anchors
-    (``anchors x d'`` multiply-adds). State per client: ``window + 8·own_repeats +
+    the few that pass the cheap one; with ``near_factor`` > 0, its distance to the anchors
+    (``anchors x d'`` multiply-adds), and for an off-manifold query one distance per candidate
+    that is off-manifold too; without, the anchors' distance per repeated input, once. State per client: ``window + 8·own_repeats +
     8·repeats_remembered + 32`` bytes (1,000 B with the defaults). Shared index per model:
     ``8·d' + 12·min(probe, d') + 25`` bytes per query (d' features that move in the
     reference), grown with the traffic up to ``max_queries``, plus ``8 x depth + 8`` bytes
@@ -190,8 +199,10 @@ class LinksDetector(Detector):
         state: State = {"span": span, "unit": precision_units(x), "spread": spread}
         anchors = anchor_sample(x, self.params.anchors, self.params.seed)
         if anchors is not None:
+            spacing = anchor_spacing(anchors, span)
             state["anchors"] = anchors.astype(np.float32)
-            state["far"] = np.array(self.params.far_factor * anchor_spacing(anchors, span))
+            state["far"] = np.array(self.params.far_factor * spacing)
+            state["spacing"] = np.array(spacing)
         return state
 
     def load_reference(self, reference: State) -> None:
@@ -216,6 +227,11 @@ class LinksDetector(Detector):
             if not (np.isfinite(far) and far > 0.0):
                 raise ValueError("links reference: far must be a finite positive distance")
             self._ref["anchors"], self._ref["far"] = anchors, np.array(far)
+            if "spacing" in reference:  # optional: references fitted before near links have none (no near links)
+                spacing = float(np.asarray(reference["spacing"]))
+                if not (np.isfinite(spacing) and spacing > 0.0):
+                    raise ValueError("links reference: spacing must be a finite positive distance")
+                self._ref["spacing"] = np.array(spacing)
         self._reset_geometry()
         self._reset()  # entries in other units cannot be compared with new ones
 
@@ -223,6 +239,7 @@ class LinksDetector(Detector):
         """Feature layout (moving features, most spread first: the probe), projections and floors, from the reference."""
         self._inv: np.ndarray | None = None
         self._anchors: np.ndarray | None = None  # benign queries in range units (the off-manifold test), None: no test
+        self._near = 0.0  # an off-manifold input this near another client's links (RMS, range units); 0: never
         if self._ref is None or self._dim is None:
             return
         p = self.params
@@ -248,6 +265,7 @@ class LinksDetector(Detector):
             self._anchors = self._units(self._ref["anchors"])
             self._anchor_sq = np.einsum("ij,ij->i", self._anchors, self._anchors)
             self._far = float(self._ref["far"])
+            self._near = self.params.near_factor * float(self._ref.get("spacing", 0.0))  # 0: no near links
 
     def _reset(self) -> None:
         p = self.params
@@ -301,17 +319,18 @@ class LinksDetector(Detector):
                 self._unlink(batch, linked, rows[sent_within(ring_in_order(ring, count), dig, ring.shape[0]) & linked[rows]])
             ring_write(ring, count, dig)
             state["sent_count"][...] = count + rows.size
-            by_repeat = rows[linked[rows] & found[3][rows]]
-            if by_repeat.size:
-                self._distinct(state, batch, linked, by_repeat)
+            off_data = rows[linked[rows] & found[3][rows]]
+            if off_data.size:
+                self._distinct(state, batch, linked, off_data)
         hits = linked[rows]
         state["linked"][...] = int(state["linked"]) + int(np.count_nonzero(hits))
         p = self.params
         return share_signals(state["link_buf"], state["link_count"], hits, rows, len(batch), p.min_events, p.threshold)
 
     def _distinct(self, state: State, batch: Batch, linked: np.ndarray, rows: np.ndarray) -> None:
-        """Keep a link made by an exact repeat (``rows``) only for a new distinct input of the
-        client's, and only past its first ``distinct_repeats``: a client that shares a few
+        """Keep a link made by an off-manifold input (``rows``: an exact repeat of another client's,
+        or one near another client's) only for a new distinct input of the client's, and only
+        past its first ``distinct_repeats``: a client that shares a few
         synthetic fixtures with others (health checks, test inputs) links nobody. The dropped
         links are dropped in the block too, so that groups do not count them."""
         ring, count = state["repeated"], int(state["repeated_count"])
@@ -338,18 +357,21 @@ class LinksDetector(Detector):
 
     # -- the cross-client stage -----------------------------------------------------------------
     def prepare(self, block: Block) -> None:
-        """Find, for every query of the block in time order, the other clients whose steps it continued; then index it.
+        """Find, for every query of the block in time order, the other clients it is linked to; then index it.
 
-        Leaves per event (``block.prepared``): whether it was judged, whether it continued
-        another client's step, and the 64-bit keys of up to two such clients (0: none).
+        Leaves per event (``block.prepared``): whether it was judged, whether it is linked
+        (it continued or repeated another client's step, or repeated or came near another
+        client's off-manifold input), the 64-bit keys of up to two such clients (0: none),
+        and whether the link is one of the off-manifold kind (:meth:`update` counts those
+        past the client's first ``distinct_repeats`` only).
         All or nothing: the rows and buckets a failed block wrote are put back.
         """
         n = len(block)
         judged = np.zeros(n, dtype=bool)
         linked = np.zeros(n, dtype=bool)
         parents = np.zeros((n, 2), dtype=np.uint64)
-        repeat = np.zeros(n, dtype=bool)
-        block.prepared[self.name] = (judged, linked, parents, repeat)
+        off_data = np.zeros(n, dtype=bool)
+        block.prepared[self.name] = (judged, linked, parents, off_data)
         if self._inv is None or self._dim is None:
             return
         idx, x = vector_rows(block, self._dim)  # type: ignore[arg-type]
@@ -366,7 +388,7 @@ class LinksDetector(Detector):
         filed_undo: list[tuple[int, int | None]] = []
         out_linked = np.zeros(m, dtype=bool)
         out_parents = np.zeros((m, 2), dtype=np.uint64)
-        out_repeat = np.zeros(m, dtype=bool)
+        out_off_data = np.zeros(m, dtype=bool)
         try:
             self._expire(float(ts[0]))
             start = 0
@@ -390,8 +412,8 @@ class LinksDetector(Detector):
                 found, order, starts, rank_sorted = recent(buckets[rows], self._fill, self._slots, self.params.depth, ids)
                 cand = np.full((stop - start, found.shape[1]), -1, dtype=np.int64)
                 cand[rows] = found
-                out_linked[sl], out_parents[sl] = self._piece(u, ts[sl], dig[sl], keys[sl], cand, undo)
-                self._repeats(u, keys[sl], repeated, out_linked[sl], out_parents[sl], out_repeat[sl], undo)
+                out_linked[sl], out_parents[sl], out_off_data[sl] = self._piece(u, ts[sl], dig[sl], keys[sl], cand, undo)
+                self._repeats(u, keys[sl], repeated, out_linked[sl], out_parents[sl], out_off_data[sl], undo)
                 file(buckets[rows], order, starts, rank_sorted, self._fill, self._slots, self.params.depth, undo, ids)
                 start = stop
                 if len(self._filed) > self.params.max_queries + self.params.max_queries // 4:
@@ -409,7 +431,7 @@ class LinksDetector(Detector):
         judged[idx] = True
         linked[idx] = out_linked
         parents[idx] = out_parents
-        repeat[idx] = out_repeat
+        off_data[idx] = out_off_data
 
     def _units(self, x: np.ndarray) -> np.ndarray:
         """(m, width) float32: the queries' moving features (the layout's columns) in units of their ranges."""
@@ -488,8 +510,9 @@ class LinksDetector(Detector):
 
     def _piece(
         self, u: np.ndarray, ts: np.ndarray, dig: np.ndarray, keys: np.ndarray, cand: np.ndarray, undo: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Match and index consecutive queries of one chunk (see the class docstring)."""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Match and index consecutive queries of one chunk (see the class docstring): per query,
+        whether it is linked, the keys of up to two peers, and whether the link is a near one."""
         p = self.params
         m = u.shape[0]
         alloc, base = self._alloc, self._next
@@ -499,7 +522,7 @@ class LinksDetector(Detector):
         # 1. Index the piece's rows first (their steps last), so that every candidate is a row of the index.
         first = base % alloc
         at: slice | np.ndarray = slice(first, first + m) if first + m <= alloc else (base + np.arange(m)) % alloc
-        self._write(at, undo, ((self._U, u), (self._Up, u[:, :r]), (self._ts, ts), (self._digest, dig), (self._client, keys), (self._far_seen, 0)))
+        self._write(at, undo, ((self._U, u), (self._Up, u[:, :r]), (self._ts, ts), (self._digest, dig), (self._client, keys), (self._far_seen, self._off_manifold(u))))
         # Alive: not overwritten by the end of this chunk, not expired, not past the TTL for this query.
         alive = (cand >= max(self._oldest, chunk_start + p.chunk - p.max_queries)) & (cand >= 0)
         # Their rows (id % alloc): live ids lie within the last alloc ids, so one wrap at most (no division).
@@ -554,7 +577,47 @@ class LinksDetector(Detector):
         lo, hi = self._bounds(steps[:, :r])
         self._write(at, undo, ((self._S, steps), (self._lo, lo), (self._hi, hi)))
         self._next = base + m
-        return linked, parents
+        return linked, parents, self._near_links(u, cpos, alive, keys, at, linked, parents)
+
+    def _off_manifold(self, u: np.ndarray) -> np.ndarray:
+        """(m,) int8 per query, as ``_far_seen`` keeps it: 2 off the manifold, 1 on it; 0 (not
+        tested) when there are no near links to find, in which case :meth:`_repeats` tests
+        repeated entries only, when they are repeated."""
+        if self._anchors is None or self._near <= 0.0:
+            return np.zeros(u.shape[0], dtype=np.int8)
+        return np.where(nearest_rms(u, self._anchors, a_sq=self._anchor_sq) > self._far, 2, 1).astype(np.int8)
+
+    def _near_links(
+        self, u: np.ndarray, cpos: np.ndarray, alive: np.ndarray, keys: np.ndarray, at: slice | np.ndarray, linked: np.ndarray, parents: np.ndarray
+    ) -> np.ndarray:
+        """Link each query that is off the manifold, and not linked otherwise, to the client of its
+        nearest candidate that is off the manifold too, sent by another client, and within
+        ``near_factor`` anchor spacings (RMS over the features, range units): a split whose keys
+        explore one region off the data. Returns which queries it linked (:meth:`update` counts
+        them as it counts off-manifold repeats, past the client's first ``distinct_repeats``)."""
+        near = np.zeros(u.shape[0], dtype=bool)
+        if self._near <= 0.0:
+            return near
+        rows = np.flatnonzero((self._far_seen[at] == 2) & ~linked)
+        if rows.size == 0:
+            return near
+        c = cpos[rows]
+        ok = alive[rows] & (np.take(self._far_seen, c) == 2) & (np.take(self._client, c) != keys[rows][:, None])
+        qi, ki = np.nonzero(ok)
+        if qi.size == 0:
+            return near
+        diff = u[rows[qi]] - np.take(self._U, c[qi, ki], axis=0)
+        d = np.sqrt(np.einsum("ij,ij->i", diff, diff) / u.shape[1])
+        hit = d <= self._near
+        qi, ki, d = qi[hit], ki[hit], d[hit]
+        order = np.lexsort((d, qi))  # per query, its nearest such candidate first
+        qi, ki = qi[order], ki[order]
+        first = np.ones(qi.size, dtype=bool)
+        first[1:] = qi[1:] != qi[:-1]
+        found = rows[qi[first]]
+        near[found] = linked[found] = True
+        parents[found, 0] = self._client[c[qi[first], ki[first]]]
+        return near
 
     def _alike(
         self, u: np.ndarray, du: np.ndarray, ad: np.ndarray, pairs: np.ndarray, cpos: np.ndarray, steps: np.ndarray, filing: np.ndarray,

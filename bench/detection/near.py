@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""Do Sybil members send off-manifold inputs near another client's, where honest clients do not?
+
+Split line searches, active learning and noise around shared seeds explore one region off
+the data from several keys, with neither fixed steps nor exact repeats. This script
+measures, on a log kept by ``bench/detection/groups.py --workdir DIR`` and its calibration
+log, what ``links``' near links would see: each query that is off-manifold by the
+detector's own test (farther from every one of ``--anchors`` distinct calibration inputs
+than ``--far-factor`` anchor spacings, as in ``bench/detection/repeats.py``), and whether an
+off-manifold input of *another* client among the last ``--recent`` queries of the log (the
+index holds 65,536) lies within ``near_factor`` spacings of it (RMS over the features, in
+units of their 0.1-99.9 % ranges). It ignores what the detector's index can miss (queries
+pushed out of their buckets), so it is an upper bound of what the detector links.
+
+The first table gives, per population (named as in ``bench/detection/nearness.py``), the
+share of queries that are off-manifold, and of them, the share near another client's (at
+the first of ``--factors``, by default 0.5) and, for Sybil members, the share whose nearest
+such input came from their own group. The second gives, per ``near_factor``, the honest clients
+with any such input, those with more than ``--distinct`` (``distinct_repeats``, 8) distinct
+ones, which the detector would link, the most of one honest client, and the Sybil members
+past ``--distinct``.
+
+    python3 bench/detection/groups.py --sybil b --datasets wine --seeds 0 --workdir DIR
+    python3 bench/detection/near.py DIR/wine-0/evaluation.jsonl DIR/wine-0/calibration.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from nearness import BENIGN, group_of, kind, load  # noqa: E402
+from repeats import off_manifold_distance  # noqa: E402
+
+
+def nearest_earlier_other(U: np.ndarray, at: np.ndarray, owner: np.ndarray, recent: int, block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """For each row of ``U`` (the off-manifold queries, in log order; ``at`` their positions in the
+    log, ``owner`` their clients as integers): the RMS distance to the nearest earlier row of
+    another client at most ``recent`` log positions back, and that row (inf and -1: none).
+    Exact repeats (distance 0) are left out, as the index files an input once."""
+    n = U.shape[0]
+    best = np.full(n, np.inf)
+    who = np.full(n, -1, dtype=np.int64)
+    sq = np.einsum("ij,ij->i", U, U)
+    for s in range(0, n, block):
+        e = min(n, s + block)
+        j0 = int(np.searchsorted(at, at[s] - recent))
+        d2 = sq[s:e, None] - 2.0 * (U[s:e] @ U[j0:e].T) + sq[None, j0:e]
+        d = np.sqrt(np.maximum(d2, 0.0) / U.shape[1])
+        j = np.arange(j0, e)[None, :]
+        i = np.arange(s, e)[:, None]
+        d[(j >= i) | (owner[j0:e][None, :] == owner[s:e, None]) | (at[j0:e][None, :] < at[s:e, None] - recent) | (d == 0.0)] = np.inf
+        k = d.argmin(axis=1)
+        best[s:e] = d[np.arange(e - s), k]
+        who[s:e] = np.where(np.isfinite(best[s:e]), j0 + k, -1)
+    return best, who
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("log", type=Path, help="evaluation.jsonl of a groups.py --workdir run")
+    ap.add_argument("reference", type=Path, help="calibration.jsonl of the run")
+    ap.add_argument("--anchors", type=int, default=1024, help="distinct calibration inputs kept as anchors (links' anchors, default 1024)")
+    ap.add_argument("--far-factor", type=float, default=3.0, help="links' far_factor (default 3)")
+    ap.add_argument("--factors", default="0.5,0.25,1,2", help="near_factor values; the first is the first table's (default 0.5,0.25,1,2)")
+    ap.add_argument("--distinct", type=int, default=8, help="links' distinct_repeats (default 8)")
+    ap.add_argument("--recent", type=int, default=65_536, help="log positions back that count (links' max_queries, default 65,536)")
+    args = ap.parse_args(argv)
+    factors = [float(f) for f in args.factors.split(",")]
+    ts, clients, X = load(args.log)
+    order = np.argsort(ts, kind="stable")
+    clients, X = clients[order], X[order]
+    kinds = np.array([kind(str(c)) for c in clients])
+    reference = load(args.reference)[2]
+    far, spacing = off_manifold_distance(X, reference, args.anchors)
+    lo, hi = np.quantile(reference, [0.001, 0.999], axis=0)
+    span = hi - lo
+    moving = span > 0
+    at = np.flatnonzero(far > args.far_factor * spacing)
+    _, owner = np.unique(clients[at], return_inverse=True)
+    best, who = nearest_earlier_other(X[at][:, moving] / span[moving], at, owner, args.recent)
+    rel = best / spacing
+    print(f"`{args.log}`: anchors' spacing {spacing:.4f}; off-manifold queries (far_factor {args.far_factor:g}) near another client's\n")
+    print(f"| population | queries | off-manifold | of those, near another client's (near_factor {factors[0]:g}) | nearest from its own group |")
+    print("|---|---:|---:|---:|---:|")
+    off_kind = kinds[at]
+    for k in sorted(set(kinds.tolist())):
+        rows = np.flatnonzero(off_kind == k)
+        near = rows[rel[rows] <= factors[0]]
+        own = "-"
+        if k.startswith("syb") and near.size:
+            own = f"{np.mean([group_of(str(clients[at[i]])) == group_of(str(clients[at[who[i]]])) for i in near]):.2f}"
+        share = f"{near.size / rows.size:.3f}" if rows.size else "-"
+        print(f"| {k} | {int((kinds == k).sum())} | {rows.size / max(int((kinds == k).sum()), 1):.3f} | {share} | {own} |")
+    honest = np.isin(off_kind, list(BENIGN.values()))
+    attack = np.char.startswith(off_kind.astype(str), "syb")
+    members = len({str(c) for c, k in zip(clients, kinds) if k.startswith("syb")})
+    print(f"\nBy near_factor: honest clients with off-manifold inputs near another client's, and Sybil members, past {args.distinct} distinct ones\n")
+    print(f"| near_factor | honest clients with any | honest clients past {args.distinct} | most of one honest client | Sybil members past {args.distinct} (of {members}) |")
+    print("|---:|---:|---:|---:|---:|")
+    def distinct_per_client(rows: np.ndarray) -> np.ndarray:
+        """Distinct inputs per client among the off-manifold queries ``rows`` (a client's own repeats count once)."""
+        seen = {(str(clients[at[i]]), X[at[i]].tobytes()) for i in rows.tolist()}
+        return np.unique([c for c, _ in seen], return_counts=True)[1]
+
+    for f in factors:
+        hit = rel <= f
+        h = distinct_per_client(np.flatnonzero(hit & honest))
+        a = distinct_per_client(np.flatnonzero(hit & attack))
+        print(f"| {f:g} | {h.size} | {int((h > args.distinct).sum())} | {int(h.max()) if h.size else 0} | {int((a > args.distinct).sum())} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

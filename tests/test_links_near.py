@@ -1,0 +1,116 @@
+"""The ``links`` detector's evidence from nearness off the data: an off-manifold input that lies within
+``near_factor`` anchor spacings of another client's earlier off-manifold input links its sender to
+that client; inputs near the data, or farther apart, link nobody. Driven block by block, as the
+pipeline does (no simulator needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from exporter.detectors.base import Batch, Block, Reference
+from exporter.detectors.fingerprint import client_key
+from exporter.detectors.kit import Scaling
+from exporter.events import Event
+from tests.synthetic import WORLD, D
+from tests.test_links_repeats import detector, send, synthetic
+
+
+def moved(det, x: np.ndarray, spacings: float, seed: int) -> np.ndarray:
+    """``x`` moved by exactly ``spacings`` anchor spacings (RMS over the moving features, in range
+    units), in a random direction per row."""
+    span = det._ref["span"]
+    direction = np.random.default_rng(seed).choice([-1.0, 1.0], x.shape) * (span > 0)
+    rms = np.sqrt((direction**2).sum(axis=1, keepdims=True) / (span > 0).sum())
+    return x + direction / rms * spacings * float(det._ref["spacing"]) * span
+
+
+def test_an_off_manifold_input_near_another_clients_links_its_sender_to_that_client() -> None:
+    det = detector(distinct_repeats=0)
+    states: dict[str, dict] = {}
+    points = synthetic(20, 2)
+    send(det, states, "alice", points, 1000.0)
+    linked, parent = send(det, states, "bob", moved(det, points, 0.3, 1), 2000.0)
+    assert linked.all() and (parent == client_key("alice")).all()
+    linked, _ = send(det, states, "carol", moved(det, points, 3.0, 2), 3000.0)
+    assert not linked.any()  # three spacings away: not near (near_factor 0.5)
+    natural = WORLD.sample(np.random.default_rng(3), 20)
+    send(det, states, "dave", natural, 4000.0)
+    linked, _ = send(det, states, "erin", moved(det, natural, 0.3, 3), 5000.0)
+    assert not linked.any()  # near each other, but near the data too: honest clients do that
+
+
+@pytest.mark.parametrize("near", [0.2, 0.45, 0.55, 1.0])
+def test_near_means_within_near_factor_anchor_spacings(near: float) -> None:
+    det = detector(distinct_repeats=0)
+    states: dict[str, dict] = {}
+    points = synthetic(10, 4)
+    send(det, states, "alice", points, 1000.0)
+    linked, _ = send(det, states, "bob", moved(det, points, near, 5), 2000.0)
+    assert linked.all() == (near <= 0.5) and linked.any() == (near <= 0.5)
+
+
+def test_the_first_distinct_near_inputs_do_not_count() -> None:
+    det = detector()  # distinct_repeats 8
+    states: dict[str, dict] = {}
+    points = synthetic(12, 6)
+    send(det, states, "alice", points, 1000.0)
+    linked, _ = send(det, states, "bob", moved(det, points, 0.3, 7), 2000.0)
+    assert linked.tolist() == [False] * 8 + [True] * 4
+
+
+@pytest.mark.parametrize("how", ["near_factor 0", "a reference without spacing"])
+def test_without_near_factor_or_spacing_nearness_links_nobody(how: str) -> None:
+    det = detector(distinct_repeats=0, near_factor=0.0) if how == "near_factor 0" else detector(distinct_repeats=0)
+    points = synthetic(20, 8)
+    close = moved(det, points, 0.3, 9)
+    if how != "near_factor 0":
+        benign = WORLD.sample(np.random.default_rng(1), 3000)
+        ref = det.fit(Reference(benign, None, Scaling.fit(benign)))
+        assert ref is not None
+        det.load_reference({k: v for k, v in ref.items() if k != "spacing"})
+    states: dict[str, dict] = {}
+    send(det, states, "alice", points, 1000.0)
+    linked, _ = send(det, states, "bob", close, 2000.0)
+    assert not linked.any()
+    linked, _ = send(det, states, "bob", points, 3000.0)
+    assert linked.all()  # exact repeats still link
+
+
+@pytest.mark.parametrize("spacing", [0.0, -1.0, np.nan, np.inf])
+def test_a_reference_with_a_bad_spacing_is_refused(spacing: float) -> None:
+    det = detector()
+    benign = WORLD.sample(np.random.default_rng(1), 3000)
+    ref = det.fit(Reference(benign, None, Scaling.fit(benign)))
+    assert ref is not None
+    with pytest.raises(ValueError, match="links reference: spacing"):
+        det.load_reference({**ref, "spacing": np.array(spacing)})
+
+
+def interleaved(block: int) -> list[bool]:
+    """Three clients exploring one region off the data, their queries interleaved, fed in blocks
+    of ``block`` events (each block prepared once, then updated client by client)."""
+    det = detector(distinct_repeats=0)
+    base = synthetic(40, 10)
+    rng = np.random.default_rng(11)
+    x = np.concatenate([moved(det, base, s, i) for i, s in enumerate(rng.uniform(0.05, 0.2, 3))])
+    who = np.repeat(["k1", "k2", "k3"], 40)
+    order = rng.permutation(x.shape[0])
+    events = [Event(str(who[i]), "m", 1000.0 + n, "tabular", vector=x[i]) for n, i in enumerate(order)]
+    states: dict[str, dict] = {}
+    out: list[bool] = []
+    for start in range(0, len(events), block):
+        part = events[start : start + block]
+        b = Block("m", part)
+        det.prepare(b)
+        for client in sorted({e.client for e in part}):
+            rows = np.array([i for i, e in enumerate(part) if e.client == client])
+            det.update(states.setdefault(client, det.init_state()), Batch(client, "m", [part[i] for i in rows], b, rows))
+        out += b.prepared["links"][1].tolist()
+    return out
+
+
+def test_near_links_do_not_depend_on_how_the_traffic_is_cut_into_blocks() -> None:
+    whole = interleaved(1000)
+    assert sum(whole) >= 60  # most of the later queries find an earlier one of another key nearby
+    assert interleaved(7) == whole and interleaved(1) == whole
