@@ -12,7 +12,7 @@ from exporter.detectors.base import Batch, Block, Reference
 from exporter.detectors.fingerprint import client_key
 from exporter.detectors.kit import Scaling
 from exporter.events import Event
-from tests.synthetic import WORLD, D
+from tests.synthetic import WORLD, D, savez_roundtrip
 from tests.test_links_repeats import detector, send, synthetic
 
 
@@ -114,3 +114,16 @@ def test_near_links_do_not_depend_on_how_the_traffic_is_cut_into_blocks() -> Non
     whole = interleaved(1000)
     assert sum(whole) >= 60  # most of the later queries find an earlier one of another key nearby
     assert interleaved(7) == whole and interleaved(1) == whole
+
+
+def test_near_links_survive_a_restart() -> None:
+    """The index is saved without its off-manifold flags; a restarted process computes them again
+    from the saved inputs, so a query after the restart still links to an input from before."""
+    first = detector(distinct_repeats=0)
+    states: dict[str, dict] = {}
+    points = synthetic(20, 12)
+    send(first, states, "alice", points, 1000.0)
+    second = detector(distinct_repeats=0)
+    second.load_shared_state(savez_roundtrip(first.shared_state()))
+    linked, parent = send(second, {}, "bob", moved(first, points, 0.3, 13), 2000.0)
+    assert linked.all() and (parent == client_key("alice")).all()

@@ -812,6 +812,7 @@ class LinksDetector(Detector):
         r = self._Up.shape[1]
         self._Up[pos] = self._U[pos, :r]
         self._lo[pos], self._hi[pos] = self._bounds(self._S[pos, :r])
+        self._far_seen[pos] = self._off_manifold(self._U[pos])  # not saved: recomputed from the inputs
         self._slots[...] = np.asarray(state["slots"], dtype=np.int64)
         self._fill[...] = np.asarray(state["fill"], dtype=np.int64)
         if np.asarray(state["step_slots"]).shape != self._step_slots.shape or np.asarray(state["step_fill"]).shape != self._step_fill.shape:
