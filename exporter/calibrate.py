@@ -164,7 +164,7 @@ def _fit_model(settings: Settings, model: str, events: list[Event], rng: np.rand
     dim = vectors.shape[1] if vectors is not None else None
     k = probs.shape[1] if probs is not None else (mcfg.num_classes if mcfg else None)
     context = ModelContext(model, first.modality, dim, k, scaling, tuple(specs))
-    reference = Reference(winsorize(vectors, Scaling.TRIM) if vectors is not None else None, probs, scaling)
+    reference = Reference(winsorize(vectors, Scaling.TRIM) if vectors is not None else None, probs, scaling, unclipped=vectors)
     references: dict[str, dict[str, np.ndarray]] = {}
     for name, (cls, params) in specs.items():
         fitted = cls(params, context).fit(reference)

@@ -589,14 +589,22 @@ def test_near_finds_off_manifold_inputs_near_another_clients(tmp_path, capsys) -
     assert who.tolist() == [-1, -1, 1, 0, 0]  # 2 repeats 0 exactly (left out): its nearest is 1; 4's own 2 is left out
     assert best[2:] == pytest.approx([np.sqrt(0.005), np.sqrt(0.00125), np.sqrt(0.045)])
     assert near.nearest_earlier_other(U, at, owner, recent=5)[1].tolist() == [-1, -1, 1, 0, -1]  # 10 - 5 > 3
+    from exporter.detectors.base import ModelContext, Reference
+    from exporter.detectors.kit import Scaling
+    from exporter.detectors.links import LinksDetector, LinksParams
+    from exporter.profile import ModelProfile, Profile
+
     rng = np.random.default_rng(0)
-    cal = tmp_path / "calibration.jsonl"
-    cal.write_text("".join(json.dumps({"ts": float(i), "client": f"app-{i % 5}", "input": x.tolist()}) + "\n" for i, x in enumerate(rng.uniform(0, 1, (300, 2)))))
+    cal = rng.uniform(0, 1, (300, 2))
+    scaling = Scaling.fit(cal)
+    ref = LinksDetector(LinksParams(), ModelContext("m", "tabular", 2, 2, scaling, ("links",))).fit(Reference(cal, None, scaling, unclipped=cal))
+    assert ref is not None and "spacing" in ref
+    Profile(0.01, {"m": ModelProfile("tabular", 2, 2, None, references={"links": ref})}).save(tmp_path / "profile-200.bin")
     far = 5.0 + rng.uniform(0, 0.01, (20, 2))
     rows = [("app-1", x) for x in rng.uniform(0, 1, (20, 2))] + [("sybb-bisect-3-0-1", x) for x in far[:10]] + [("sybb-bisect-3-0-2", x) for x in far[10:]]
     log = tmp_path / "evaluation.jsonl"
     log.write_text("".join(json.dumps({"ts": float(t), "client": c, "input": x.tolist()}) + "\n" for t, (c, x) in enumerate(rows)))
-    assert near.main([str(log), str(cal), "--distinct", "2"]) == 0
+    assert near.main([str(tmp_path), "--distinct", "2"]) == 0
     out = capsys.readouterr().out
     assert "| sybb:bisect | 20 | 1.000 | 0.500 | 1.00 |" in out  # the second member's, near the first's (sent before)
     assert "| benign A | 20 | 0.000 | - | - |" in out

@@ -127,3 +127,30 @@ def test_near_links_survive_a_restart() -> None:
     second.load_shared_state(savez_roundtrip(first.shared_state()))
     linked, parent = send(second, {}, "bob", moved(first, points, 0.3, 13), 2000.0)
     assert linked.all() and (parent == client_key("alice")).all()
+
+
+def test_anchors_come_from_the_calibration_inputs_as_sent() -> None:
+    """Natural records with one extreme feature (0.3 % of them) are anchors as they were sent, so
+    honest clients that send them, or copies near them, are on the manifold; anchors taken from
+    the winsorized inputs would put them off it (and several clients sending them would link)."""
+    from exporter.detectors.base import ModelContext
+    from exporter.detectors.kit import winsorize
+    from exporter.detectors.links import LinksDetector, LinksParams, nearest_rms
+
+    rng = np.random.default_rng(14)
+    raw = WORLD.sample(rng, 3000)
+    outliers = rng.choice(3000, 9, replace=False)  # fewer than the winsorized 0.5 %: clipped to a common value
+    col = int(np.argmax(raw.std(axis=0)))
+    raw[outliers, col] += 20.0 * (raw[:, col].max() - raw[:, col].min())
+    scaling = Scaling.fit(raw)
+
+    def fitted(unclipped: np.ndarray | None) -> LinksDetector:
+        det = LinksDetector(LinksParams(anchors=4096), ModelContext("m", "tabular", D, 10, scaling, ("links",)))
+        ref = det.fit(Reference(winsorize(raw, Scaling.TRIM), None, scaling, unclipped=unclipped))
+        assert ref is not None
+        det.load_reference(ref)
+        return det
+
+    for det, off in ((fitted(raw), False), (fitted(None), True)):
+        d = nearest_rms(det._units(raw[outliers]), det._anchors)
+        assert ((d > det._far).mean() > 0.5) == off

@@ -3,14 +3,14 @@
 
 Split line searches, active learning and noise around shared seeds explore one region off
 the data from several keys, with neither fixed steps nor exact repeats. This script
-measures, on a log kept by ``bench/detection/groups.py --workdir DIR`` and its calibration
-log, what ``links``' near links would see: each query that is off-manifold by the
-detector's own test (farther from every one of ``--anchors`` distinct calibration inputs
-than ``--far-factor`` anchor spacings, as in ``bench/detection/repeats.py``), and whether an
-off-manifold input of *another* client among the last ``--recent`` queries of the log (the
-index holds 65,536) lies within ``near_factor`` spacings of it (RMS over the features, in
-units of their 0.1-99.9 % ranges). It ignores what the detector's index can miss (queries
-pushed out of their buckets), so it is an upper bound of what the detector links.
+measures, on a run directory kept by ``bench/detection/groups.py --workdir DIR`` (its
+``evaluation.jsonl`` and the calibration profile ``profile-200.bin``), what ``links``' near
+links would see: each query that is off-manifold by the detector's own test, with the
+anchors, spacing, ``far`` distance and feature ranges of the profile's ``links`` reference,
+and whether an off-manifold input of *another* client among the last ``--recent`` queries
+of the log (the index holds 65,536) lies within ``near_factor`` spacings of it (RMS over the
+moving features, in units of their ranges). It ignores what the detector's index can miss
+(queries pushed out of their buckets), so it is an upper bound of what the detector links.
 
 The first table gives, per population (named as in ``bench/detection/nearness.py``), the
 share of queries that are off-manifold, and of them, the share near another client's (at
@@ -21,7 +21,7 @@ ones, which the detector would link, the most of one honest client, and the Sybi
 past ``--distinct``.
 
     python3 bench/detection/groups.py --sybil b --datasets wine --seeds 0 --workdir DIR
-    python3 bench/detection/near.py DIR/wine-0/evaluation.jsonl DIR/wine-0/calibration.jsonl
+    python3 bench/detection/near.py DIR/wine-0
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from nearness import BENIGN, group_of, kind, load  # noqa: E402
-from repeats import off_manifold_distance  # noqa: E402
+
+from exporter.detectors.links import nearest_rms  # noqa: E402
+from exporter.profile import Profile  # noqa: E402
 
 
 def nearest_earlier_other(U: np.ndarray, at: np.ndarray, owner: np.ndarray, recent: int, block: int = 256) -> tuple[np.ndarray, np.ndarray]:
@@ -63,29 +65,30 @@ def nearest_earlier_other(U: np.ndarray, at: np.ndarray, owner: np.ndarray, rece
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("log", type=Path, help="evaluation.jsonl of a groups.py --workdir run")
-    ap.add_argument("reference", type=Path, help="calibration.jsonl of the run")
-    ap.add_argument("--anchors", type=int, default=1024, help="distinct calibration inputs kept as anchors (links' anchors, default 1024)")
-    ap.add_argument("--far-factor", type=float, default=3.0, help="links' far_factor (default 3)")
+    ap.add_argument("run", type=Path, help="a run directory of groups.py --workdir (evaluation.jsonl, profile-200.bin)")
+    ap.add_argument("--profile", default="profile-200.bin", help="the calibration profile in it (default profile-200.bin)")
     ap.add_argument("--factors", default="0.5,0.25,1,2", help="near_factor values; the first is the first table's (default 0.5,0.25,1,2)")
     ap.add_argument("--distinct", type=int, default=8, help="links' distinct_repeats (default 8)")
     ap.add_argument("--recent", type=int, default=65_536, help="log positions back that count (links' max_queries, default 65,536)")
     args = ap.parse_args(argv)
     factors = [float(f) for f in args.factors.split(",")]
-    ts, clients, X = load(args.log)
+    log = args.run / "evaluation.jsonl"
+    ts, clients, X = load(log)
     order = np.argsort(ts, kind="stable")
     clients, X = clients[order], X[order]
     kinds = np.array([kind(str(c)) for c in clients])
-    reference = load(args.reference)[2]
-    far, spacing = off_manifold_distance(X, reference, args.anchors)
-    lo, hi = np.quantile(reference, [0.001, 0.999], axis=0)
-    span = hi - lo
+    models = Profile.load(args.run / args.profile).models
+    ref = next(iter(models.values())).references.get("links", {})
+    if "spacing" not in ref:
+        raise SystemExit("the profile's links reference has no anchors' spacing: calibrate with links enabled, on this version")
+    span, spacing, far = ref["span"], float(ref["spacing"]), float(ref["far"])
     moving = span > 0
-    at = np.flatnonzero(far > args.far_factor * spacing)
+    U = X[:, moving] / span[moving]
+    at = np.flatnonzero(nearest_rms(U, np.asarray(ref["anchors"], dtype=np.float64)[:, moving] / span[moving]) > far)
     _, owner = np.unique(clients[at], return_inverse=True)
-    best, who = nearest_earlier_other(X[at][:, moving] / span[moving], at, owner, args.recent)
+    best, who = nearest_earlier_other(U[at], at, owner, args.recent)
     rel = best / spacing
-    print(f"`{args.log}`: anchors' spacing {spacing:.4f}; off-manifold queries (far_factor {args.far_factor:g}) near another client's\n")
+    print(f"`{log}`: anchors' spacing {spacing:.4f}, far {far:.4f}; off-manifold queries near another client's\n")
     print(f"| population | queries | off-manifold | of those, near another client's (near_factor {factors[0]:g}) | nearest from its own group |")
     print("|---|---:|---:|---:|---:|")
     off_kind = kinds[at]

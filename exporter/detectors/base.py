@@ -105,9 +105,14 @@ class Reference:
     from the model's live baseline (:mod:`exporter.baseline`).
     """
 
-    vectors: np.ndarray | None  # (n, d) raw input vectors
+    vectors: np.ndarray | None  # (n, d) input vectors, each feature winsorized (one client's extremes bounded)
     probs: np.ndarray | None  # (n, K) probabilities, NaN rows where unknown
     scaling: "Scaling | None"  # the feature scaling learned from the same data
+    # The same inputs as they were sent, where the source is trusted (calibration data); None:
+    # only ``vectors`` (the live baseline, which any client feeds). Winsorizing moves a natural
+    # record with one extreme feature off the data; a detector that needs where benign inputs
+    # really lie (``links``' anchors) takes these.
+    unclipped: np.ndarray | None = None
 
 
 @dataclass(slots=True)

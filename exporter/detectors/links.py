@@ -197,7 +197,11 @@ class LinksDetector(Detector):
         x, span, _ = found
         spread = np.where(span > 0, x.std(axis=0) / np.where(span > 0, span, 1.0), 0.0)
         state: State = {"span": span, "unit": precision_units(x), "spread": spread}
-        anchors = anchor_sample(x, self.params.anchors, self.params.seed)
+        # Anchors are where benign inputs lie: the calibration inputs as sent where there are such.
+        # Winsorized, a natural record with one extreme feature would lie off the data, and
+        # honest clients that send it would look as if they explored there together.
+        raw = reference.unclipped
+        anchors = anchor_sample(raw if raw is not None and raw.shape == x.shape else x, self.params.anchors, self.params.seed)
         if anchors is not None:
             spacing = anchor_spacing(anchors, span)
             state["anchors"] = anchors.astype(np.float32)
