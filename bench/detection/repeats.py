@@ -50,7 +50,8 @@ def first_other(clients: np.ndarray, X: np.ndarray) -> np.ndarray:
 def off_manifold_distance(X: np.ndarray, reference: np.ndarray, anchors: int, seed: int = 0) -> tuple[np.ndarray, float]:
     """(n,) each input's RMS distance to the nearest anchor, and the anchors' spacing (the
     99 % quantile of their nearest-other distances), as ``links`` learns them from ``reference``
-    (without its winsorizing and the shared box of pixel features)."""
+    (its ranges from the raw log, not the winsorized reference, and without the shared box of
+    pixel features; ``bench/detection/near.py`` reads the profile's own)."""
     lo, hi = np.quantile(reference, [0.001, 0.999], axis=0)
     span = hi - lo
     moving = span > 0
