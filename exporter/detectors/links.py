@@ -159,9 +159,10 @@ class LinksDetector(Detector):
     Cost per query: one (d x tables·projections) projection, a gather of at most
     ``tables x depth`` candidate rows and one multiply-add over them, and the full test on
     the few that pass the cheap one; with ``near_factor`` > 0, its distance to the anchors
-    (``anchors x d'`` multiply-adds), and for an off-manifold query one distance per candidate
-    that is off-manifold too; without, the anchors' distance per repeated input, once. State per client: ``window + 8·own_repeats +
-    8·repeats_remembered + 32`` bytes (1,000 B with the defaults). Shared index per model:
+    (``anchors x d'`` multiply-adds), and for an off-manifold query one distance per
+    candidate that is off-manifold too; without, the anchors' distance per repeated input,
+    once. State per client: ``window + 8·own_repeats + 8·repeats_remembered + 32`` bytes
+    (1,000 B with the defaults). Shared index per model:
     ``8·d' + 12·min(probe, d') + 25`` bytes per query (d' features that move in the
     reference), grown with the traffic up to ``max_queries``, plus ``8 x depth + 8`` bytes
     per bucket (``tables x 2**bucket_bits`` buckets: 17 MiB with the defaults), plus the
