@@ -15,10 +15,10 @@ moving features, in units of their ranges). It ignores what the detector's index
 The first table gives, per population (named as in ``bench/detection/nearness.py``), the
 share of queries that are off-manifold, and of them, the share near another client's (at
 the first of ``--factors``, by default 0.5) and, for Sybil members, the share whose nearest
-such input came from their own group. The second gives, per ``near_factor``, the honest clients
-with any such input, those with more than ``--distinct`` (``distinct_repeats``, 8) distinct
-ones, which the detector would link, the most of one honest client, and the Sybil members
-past ``--distinct``.
+such input came from their own group. The second gives, per ``near_factor``, the honest
+clients with any such input, those with more than ``--distinct`` (``distinct_repeats``, 8)
+distinct ones, which the detector would link, the most of one honest client, and the
+Sybil members past ``--distinct``.
 
     python3 bench/detection/groups.py --sybil b --datasets wine --seeds 0 --workdir DIR
     python3 bench/detection/near.py DIR/wine-0
