@@ -426,6 +426,14 @@ def test_group_summary_checks_held_out_and_independent_groups_apart() -> None:
     assert "| wine | rotation (independent generator) | 2 | 2/2 |" in text
 
 
+def test_group_benchmark_refuses_a_calibration_of_fewer_than_two_clients(capsys) -> None:
+    """bench/detection/groups.py --calibration-clients: below 2 there is nothing to calibrate, refused before any work."""
+    groups = load("groups")
+    with pytest.raises(SystemExit) as exc:
+        groups.main(["--calibration-clients", "1", "--datasets", "wine", "--seeds", "0"])
+    assert exc.value.code == 2 and "--calibration-clients must be at least 2" in capsys.readouterr().err
+
+
 def test_score_groups_names_a_true_group_held_by_one_reported_group(world) -> None:
     """scoring.score_groups: named at 80 % of the members in one reported group, when, purity, own flags, the benign side."""
     scoring = load("scoring")

@@ -20,15 +20,17 @@ simulator: other attacks, other splits), every strategy at sizes 3, 10 and 30. N
 strategies chose the method: all are reported as held out (set ``independent``).
 
 Calibration: 200 family-A clients of their own stream (the same behaviours, the two new
-ones included), ``monitaur-exporter calibrate``, then ``monitaur-exporter replay
---profile`` on the evaluation log: the real CLI, as an operator runs it.
+ones included; ``--calibration-clients N`` for a smaller operator's N), ``monitaur-exporter
+calibrate``, then ``monitaur-exporter replay --profile`` on the evaluation log: the real CLI,
+as an operator runs it.
 
 Scoring (``scoring.score_groups``): a true group is *named* when one reported group holds
 >= 80 % of its members; when, in the members' median queries; the reported group's purity;
 benign clients linked to any group; benign-only groups and whether any is flagged.
 
     python3 bench/detection/groups.py [--datasets digits,breast_cancer,wine] [--seeds 0,1,2]
-        [--benign 1000] [--sybil a|b] [--strategies LIST] [--jobs 2] [--extra-config FILE] [--out FILE] [--workdir DIR]
+        [--benign 1000] [--sybil a|b] [--strategies LIST] [--calibration-clients 200] [--jobs 2]
+        [--extra-config FILE] [--out FILE] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -110,14 +112,14 @@ def run_one(dataset: str, seed: int, args: argparse.Namespace, workdir: Path, lo
     run_dir.mkdir(parents=True, exist_ok=True)
     ev = evaluation(world, seed, args.benign, args.sybil, args.strategies)
     ev.write(run_dir / "evaluation.jsonl", append=False)
-    cal = simulate(world, Population(benign=200, mix=MIX_A, window=WINDOW, benign_prefix="cal", stream="groups-calibration"), seed)
+    cal = simulate(world, Population(benign=args.calibration_clients, mix=MIX_A, window=WINDOW, benign_prefix="cal", stream="groups-calibration"), seed)
     cal.write(run_dir / "calibration.jsonl", append=False)
     cfg = run_dir / "config.yml"
     extra = yaml.safe_load(Path(args.extra_config).read_text()) if args.extra_config else {}
     extra.setdefault("detectors", {}).setdefault("links", {}).setdefault("enabled", True)  # links is opt-in; groups need it
     write_config(cfg, world, extra)
     simulated = time.perf_counter() - t0
-    res = calibrate_and_replay("200", cfg, run_dir / "calibration.jsonl", run_dir / "evaluation.jsonl", run_dir)
+    res = calibrate_and_replay(str(args.calibration_clients), cfg, run_dir / "calibration.jsonl", run_dir / "evaluation.jsonl", run_dir)
     rows, side = score_groups(ev, res.report)
     calib = ((res.summary or {}).get("models") or {}).get(world.model, {})
     log(f"{dataset} seed {seed}: {len(ev):,} events, simulated {simulated:.0f}s, calibrate {res.seconds.get('calibrate', 0):.0f}s, "
@@ -125,7 +127,7 @@ def run_one(dataset: str, seed: int, args: argparse.Namespace, workdir: Path, lo
     for r in rows:
         r.update(dataset=dataset, seed=seed)
     return {"dataset": dataset, "seed": seed, "groups": rows, "benign": side, "events": len(ev),
-            "calibration": {"links_threshold": (calib.get("thresholds") or {}).get("links"), "groups": calib.get("groups")},
+            "calibration": {"clients": args.calibration_clients, "links_threshold": (calib.get("thresholds") or {}).get("links"), "groups": calib.get("groups")},
             "seconds": {"simulate": round(simulated, 1), **{k: round(v, 1) for k, v in res.seconds.items()}}}
 
 
@@ -184,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sybil", choices=("a", "b"), default="a",
                     help="Sybil generator: a, exporter/sim/sybil.py (default); b, the independent bench/detection/sybil_b.py")
     ap.add_argument("--strategies", metavar="LIST", help="only these Sybil strategies of the generator (comma-separated; default: all)")
+    ap.add_argument("--calibration-clients", type=int, default=200, metavar="N",
+                    help="benign family-A clients in the calibration log (default 200; fewer: a small operator's calibration)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--extra-config", metavar="YAML", help="merged into the generated exporter config")
     ap.add_argument("--out", metavar="FILE", help="JSON results")
@@ -195,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         if unknown or not args.strategies:
             ap.error(f"--strategies: unknown for --sybil {args.sybil}: {', '.join(unknown) or '(none given)'}; "
                      f"known: {', '.join(sybil_strategies(args.sybil))}")
+    if args.calibration_clients < 2:
+        ap.error("--calibration-clients must be at least 2")
     datasets = [d for d in args.datasets.split(",") if d]
     seeds = [int(s) for s in args.seeds.split(",") if s]
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
