@@ -415,15 +415,18 @@ def test_group_summary_checks_held_out_and_independent_groups_apart() -> None:
     assert got["held-out strategies: >= 70 % named"]["value"] == 0.5 and not got["held-out strategies: >= 70 % named"]["pass"]
     assert got["10-member groups named before a median 200 queries/member"]["value"] == 120.0  # held-out groups left out
     assert got["<= 1 % of benign clients linked"]["value"] == 0.02 and not got["<= 1 % of benign clients linked"]["pass"]
-    assert "| wine | mixed (HELD OUT) | 2 | 1/2 |" in text and "| wine | uneven | 1 | 0/1 | 0/1 | - | - | 2/3 |" in text
-    assert "| wine | even | 2 | 2/2 | 2/2 | 120.0 | 1.00 | 11/13 |" in text
+    assert "| wine | mixed (HELD OUT) | 2 | 1/2 (1.3–99 %) |" in text and "| wine | uneven | 1 | 0/1 (0–98 %) | 0/1 | - | - | 2/3 |" in text
+    assert "| wine | even | 2 | 2/2 (16–100 %) | 2/2 | 120.0 | 1.00 | 11/13 |" in text
+    # the targets' shares with their 95 % Clopper-Pearson intervals
+    assert "| wine | >= 80 % of Sybil groups named | 66.7%, 2/3 (9.4–99 %) | NO |" in text
+    assert "| wine | <= 1 % of benign clients linked | 2.0%, 20/1000 (1.2–3.1 %) | NO |" in text
     theirs = [_group_row("rotation", "independent", 10, True, 150.0), _group_row("rotation", "independent", 30, True, 180.0),
               _group_row("bisect", "independent", 3, True)]
     text, checks = groups.summarize([{"dataset": "wine", "groups": theirs, "benign": {**benign, "linked": 1}}], ["wine"])
     got = {c["target"]: c for c in checks}
     assert ">= 80 % of Sybil groups named" not in got  # no group of this log chose the method
     assert got["held-out strategies: >= 70 % named"]["pass"] and got["10-member groups named before a median 200 queries/member"]["value"] == 150.0
-    assert "| wine | rotation (independent generator) | 2 | 2/2 |" in text
+    assert "| wine | rotation (independent generator) | 2 | 2/2 (16–100 %) |" in text
 
 
 def test_group_benchmark_refuses_a_calibration_of_fewer_than_two_clients(capsys) -> None:

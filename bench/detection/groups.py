@@ -59,6 +59,7 @@ for _p in (REPO, HERE):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
+from exporter.binomial import clopper_pearson  # noqa: E402
 from exporter.sim import DEFAULT_MIX, Population, Traffic, build_world, simulate  # noqa: E402
 from exporter.sim.sybil import HELD_OUT, STRATEGIES, SybilPlan, simulate_sybil  # noqa: E402
 from populations import merge, simulate_family_b, tag, FULL  # noqa: E402
@@ -134,6 +135,13 @@ def run_one(dataset: str, seed: int, args: argparse.Namespace, workdir: Path, lo
 HELD_LABEL = {"heldout": "HELD OUT", "independent": "independent generator"}
 
 
+def share(k: int, n: int) -> str:
+    """``k/n (lo-hi %)``: a count with its two-sided 95 % Clopper-Pearson interval."""
+    lo, hi = clopper_pearson(k, n)
+    pct = lambda x: f"{100 * x:.0f}" if x >= 0.1 or x == 0 else f"{100 * x:.2g}"  # noqa: E731  (small shares keep two digits)
+    return f"{k}/{n} ({pct(lo)}–{pct(hi)} %)"
+
+
 def summarize(runs: list[dict[str, Any]], datasets: list[str]) -> tuple[str, list[dict[str, Any]]]:
     """The markdown report and the target checks, per dataset (seeds pooled).
 
@@ -151,9 +159,9 @@ def summarize(runs: list[dict[str, Any]], datasets: list[str]) -> tuple[str, lis
             pur = [r["purity"] for r in sel if r["purity"] is not None]
             label = f"{strategy} ({HELD_LABEL[kind]})" if kind in HELD_LABEL else strategy
             own = f"{sum(r.get('members_flagged', 0) for r in sel)}/{sum(r['size'] for r in sel)}"
-            out.append(f"| {d} | {label} | {len(sel)} | {sum(r['named'] for r in sel)}/{len(sel)} | {sum(r['flagged'] for r in sel)}/{len(sel)} | "
+            out.append(f"| {d} | {label} | {len(sel)} | {share(sum(r['named'] for r in sel), len(sel))} | {sum(r['flagged'] for r in sel)}/{len(sel)} | "
                        f"{np.median(ten) if ten else '-'} | {np.median(pur):.2f} | {own} |" if pur else
-                       f"| {d} | {label} | {len(sel)} | 0/{len(sel)} | 0/{len(sel)} | - | - | {own} |")
+                       f"| {d} | {label} | {len(sel)} | {share(0, len(sel))} | 0/{len(sel)} | - | - | {own} |")
         main = [r for r in rows if r.get("set") not in HELD_LABEL]
         held = [r for r in rows if r.get("set") in HELD_LABEL]
         ten = [r["queries_at_naming"] for r in main or held if r["size"] == 10 and r["named"]]
@@ -161,19 +169,22 @@ def summarize(runs: list[dict[str, Any]], datasets: list[str]) -> tuple[str, lis
         linked, total = sum(b["linked"] for b in ben), sum(b["benign"] for b in ben)
         if main:
             checks.append({"dataset": d, "target": ">= 80 % of Sybil groups named", "value": np.mean([r["named"] for r in main]),
-                           "pass": bool(np.mean([r["named"] for r in main]) >= TARGETS["named"])})
+                           "count": (sum(r["named"] for r in main), len(main)), "pass": bool(np.mean([r["named"] for r in main]) >= TARGETS["named"])})
         checks += [
             {"dataset": d, "target": "held-out strategies: >= 70 % named", "value": np.mean([r["named"] for r in held]) if held else None,
-             "pass": bool(held) and bool(np.mean([r["named"] for r in held]) >= TARGETS["named_heldout"])},
+             "count": (sum(r["named"] for r in held), len(held)), "pass": bool(held) and bool(np.mean([r["named"] for r in held]) >= TARGETS["named_heldout"])},
             {"dataset": d, "target": "10-member groups named before a median 200 queries/member", "value": float(np.median(ten)) if ten else None,
              "pass": bool(ten) and float(np.median(ten)) < TARGETS["queries_10"]},
-            {"dataset": d, "target": "<= 1 % of benign clients linked", "value": linked / max(total, 1), "pass": linked / max(total, 1) <= TARGETS["benign_linked"]},
+            {"dataset": d, "target": "<= 1 % of benign clients linked", "value": linked / max(total, 1), "count": (linked, total),
+             "pass": linked / max(total, 1) <= TARGETS["benign_linked"]},
             {"dataset": d, "target": "no benign-only group flagged", "value": sum(b["benign_only_flagged"] for b in ben), "pass": sum(b["benign_only_flagged"] for b in ben) == 0},
         ]
     lines = ["## Group benchmark", "", *out, "", "| dataset | target | value | pass |", "|---|---|---|---|"]
     for c in checks:
         v = c["value"]
         shown = "-" if v is None else (f"{v:.1%}" if isinstance(v, float) and v <= 1 and "queries" not in c["target"] else f"{v:g}")
+        if v is not None and c.get("count"):
+            shown += f", {share(*c['count'])}"
         lines.append(f"| {c['dataset']} | {c['target']} | {shown} | {'yes' if c['pass'] else 'NO'} |")
     return "\n".join(lines), checks
 
