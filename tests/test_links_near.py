@@ -154,3 +154,21 @@ def test_anchors_come_from_the_calibration_inputs_as_sent() -> None:
     for det, off in ((fitted(raw), False), (fitted(None), True)):
         d = nearest_rms(det._units(raw[outliers]), det._anchors)
         assert ((d > det._far).mean() > 0.5) == off
+
+
+def test_an_attacker_who_sends_inputs_near_an_honest_clients_frames_nobody_but_itself() -> None:
+    """Framing: an honest client whose inputs drift off the data (each a small move from its last),
+    and an attacker who sends a copy near each of them right after it. The attacker is linked to
+    the honest client; the honest client, whose next input is as near the attacker's copy as its
+    own last input, is never linked: it was in that region first."""
+    det = detector()  # distinct_repeats 8: the framing has 40 inputs to get past it
+    states: dict[str, dict] = {}
+    path = [synthetic(1, 14)[0]]
+    for i in range(39):
+        path.append(moved(det, path[-1][None, :], 0.1, 100 + i)[0])
+    honest, framer = [], []
+    for i, p in enumerate(path):
+        honest.append(send(det, states, "alice", p[None, :], 1000.0 + 10 * i)[0][0])
+        framer.append(send(det, states, "mallory", moved(det, p[None, :], 0.05, 200 + i), 1005.0 + 10 * i))
+    assert not any(honest)
+    assert sum(bool(linked[0]) for linked, _ in framer) >= 20 and all(parent[0] == client_key("alice") for linked, parent in framer if linked[0])

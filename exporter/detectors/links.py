@@ -596,10 +596,14 @@ class LinksDetector(Detector):
         self, u: np.ndarray, cpos: np.ndarray, alive: np.ndarray, keys: np.ndarray, at: slice | np.ndarray, linked: np.ndarray, parents: np.ndarray
     ) -> np.ndarray:
         """Link each query that is off the manifold, and not linked otherwise, to the client of its
-        nearest candidate that is off the manifold too, sent by another client, and within
-        ``near_factor`` anchor spacings (RMS over the features, range units): a split whose keys
-        explore one region off the data. Returns which queries it linked (:meth:`update` counts
-        them as it counts off-manifold repeats, past the client's first ``distinct_repeats``)."""
+        nearest candidate that is off the manifold too, when that candidate was sent by another
+        client and lies within ``near_factor`` anchor spacings (RMS over the features, range
+        units): a split whose keys explore one region off the data. A query nearer to (or as near
+        as) one of its own client's earlier inputs continues that client's own exploration and
+        links nobody, so an attacker who sends inputs near an honest client's cannot get the
+        honest client's next inputs linked to its own. Returns which queries it linked
+        (:meth:`update` counts them as it counts off-manifold repeats, past the client's first
+        ``distinct_repeats``)."""
         near = np.zeros(u.shape[0], dtype=bool)
         if self._near <= 0.0:
             return near
@@ -607,7 +611,7 @@ class LinksDetector(Detector):
         if rows.size == 0:
             return near
         c = cpos[rows]
-        ok = alive[rows] & (np.take(self._far_seen, c) == 2) & (np.take(self._client, c) != keys[rows][:, None])
+        ok = alive[rows] & (np.take(self._far_seen, c) == 2)
         qi, ki = np.nonzero(ok)
         if qi.size == 0:
             return near
@@ -615,13 +619,16 @@ class LinksDetector(Detector):
         d = np.sqrt(np.einsum("ij,ij->i", diff, diff) / u.shape[1])
         hit = d <= self._near
         qi, ki, d = qi[hit], ki[hit], d[hit]
-        order = np.lexsort((d, qi))  # per query, its nearest such candidate first
-        qi, ki = qi[order], ki[order]
+        owner = np.take(self._client, c[qi, ki])
+        own = owner == keys[rows[qi]]
+        order = np.lexsort((~own, d, qi))  # per query, its nearest such candidate first (its own client's first on a tie)
+        qi, owner, own = qi[order], owner[order], own[order]
         first = np.ones(qi.size, dtype=bool)
         first[1:] = qi[1:] != qi[:-1]
+        first &= ~own
         found = rows[qi[first]]
         near[found] = linked[found] = True
-        parents[found, 0] = self._client[c[qi[first], ki[first]]]
+        parents[found, 0] = owner[first]
         return near
 
     def _alike(
