@@ -590,15 +590,16 @@ def test_parents_tells_split_lattices_from_one(capsys) -> None:
 
 def test_near_finds_off_manifold_inputs_near_another_clients(tmp_path, capsys) -> None:
     """bench/detection/near.py: the nearest earlier off-manifold input of another client within the
-    last positions, exact repeats and one's own left out; the tables count a Sybil member near
-    its group's input, and no honest client."""
+    last positions, exact repeats left out, and the nearest of one's own; the tables count the
+    members of a split near each other's inputs (where their own are farther), and no honest client."""
     near = load("near")
     U = np.array([[0.0, 0.0], [0.1, 0.0], [0.0, 0.0], [0.05, 0.0], [0.0, 0.3]])
     at = np.array([0, 1, 2, 3, 10])
     owner = np.array([0, 0, 1, 2, 1])
-    best, who = near.nearest_earlier_other(U, at, owner, recent=100, block=2)
+    best, who, own = near.nearest_earlier_other(U, at, owner, recent=100, block=2)
     assert who.tolist() == [-1, -1, 1, 0, 0]  # 2 repeats 0 exactly (left out): its nearest is 1; 4's own 2 is left out
     assert best[2:] == pytest.approx([np.sqrt(0.005), np.sqrt(0.00125), np.sqrt(0.045)])
+    assert own == pytest.approx([np.inf, np.sqrt(0.005), np.inf, np.inf, np.sqrt(0.045)])  # 4: its own 2 as near as 0 (no link)
     assert near.nearest_earlier_other(U, at, owner, recent=5)[1].tolist() == [-1, -1, 1, 0, -1]  # 10 - 5 > 3
     from exporter.detectors.base import ModelContext, Reference
     from exporter.detectors.kit import Scaling
@@ -611,12 +612,16 @@ def test_near_finds_off_manifold_inputs_near_another_clients(tmp_path, capsys) -
     ref = LinksDetector(LinksParams(), ModelContext("m", "tabular", 2, 2, scaling, ("links",))).fit(Reference(cal, None, scaling, unclipped=cal))
     assert ref is not None and "spacing" in ref
     Profile(0.01, {"m": ModelProfile("tabular", 2, 2, None, references={"links": ref})}).save(tmp_path / "profile-200.bin")
-    far = 5.0 + rng.uniform(0, 0.01, (20, 2))
-    rows = [("app-1", x) for x in rng.uniform(0, 1, (20, 2))] + [("sybb-bisect-3-0-1", x) for x in far[:10]] + [("sybb-bisect-3-0-2", x) for x in far[10:]]
+    far = 5.0 + 0.001 * np.arange(20)[:, None] * np.ones(2)  # one line off the data, walked by two members in turn
+    rows = [("app-1", x) for x in rng.uniform(0, 1, (20, 2))] + [(f"sybb-bisect-3-0-{i % 2 + 1}", x) for i, x in enumerate(far)]
+    drift = 7.0 + 0.001 * np.arange(10)[:, None] * np.ones(2)  # an honest client off the data, each input a step from its last ...
+    for x in drift:  # ... and an attacker sending a copy near each, just after it: the honest client's last stays nearer
+        rows += [("app-2", x), ("atk-copy-1", x + np.array([0.0005, -0.0005]))]
     log = tmp_path / "evaluation.jsonl"
     log.write_text("".join(json.dumps({"ts": float(t), "client": c, "input": x.tolist()}) + "\n" for t, (c, x) in enumerate(rows)))
     assert near.main([str(tmp_path), "--distinct", "2"]) == 0
     out = capsys.readouterr().out
-    assert "| sybb:bisect | 20 | 1.000 | 0.500 | 1.00 |" in out  # the second member's, near the first's (sent before)
-    assert "| benign A | 20 | 0.000 | - | - |" in out
-    assert "| 0.5 | 0 | 0 | 0 | 1 |" in out
+    assert "| sybb:bisect | 20 | 1.000 | 0.950 | 1.00 |" in out  # every one but the first: the other member's last is nearest
+    assert "| benign A | 30 | 0.333 | 0.000 | - |" in out  # app-2's inputs are off the data, and near nobody else's first
+    assert "| atk | 10 | 1.000 | 1.000 | - |" in out  # the copier's are near app-2's
+    assert "| 0.5 | 0 | 0 | 0 | 2 |" in out

@@ -9,7 +9,8 @@ links would see: each query that is off-manifold by the detector's own test, wit
 anchors, spacing, ``far`` distance and feature ranges of the profile's ``links`` reference,
 and whether an off-manifold input of *another* client among the last ``--recent`` queries
 of the log (the index holds 65,536) lies within ``near_factor`` spacings of it (RMS over the
-moving features, in units of their ranges). It ignores what the detector's index can miss
+moving features, in units of their ranges) and nearer than every earlier input of the
+query's own client, as the detector asks. It ignores what the detector's index can miss
 (queries pushed out of their buckets), so it is an upper bound of what the detector links.
 
 The first table gives, per population (named as in ``bench/detection/nearness.py``), the
@@ -40,14 +41,16 @@ from exporter.detectors.links import nearest_rms  # noqa: E402
 from exporter.profile import Profile  # noqa: E402
 
 
-def nearest_earlier_other(U: np.ndarray, at: np.ndarray, owner: np.ndarray, recent: int, block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def nearest_earlier_other(U: np.ndarray, at: np.ndarray, owner: np.ndarray, recent: int, block: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each row of ``U`` (the off-manifold queries, in log order; ``at`` their positions in the
     log, ``owner`` their clients as integers): the RMS distance to the nearest earlier row of
-    another client at most ``recent`` log positions back, and that row (inf and -1: none).
-    Exact repeats (distance 0) are left out, as the index files an input once."""
+    another client at most ``recent`` log positions back, that row (inf and -1: none), and the
+    distance to the nearest such row of its own client (inf: none). Exact repeats (distance 0)
+    are left out, as the index files an input once."""
     n = U.shape[0]
     best = np.full(n, np.inf)
     who = np.full(n, -1, dtype=np.int64)
+    own = np.full(n, np.inf)
     sq = np.einsum("ij,ij->i", U, U)
     for s in range(0, n, block):
         e = min(n, s + block)
@@ -56,11 +59,14 @@ def nearest_earlier_other(U: np.ndarray, at: np.ndarray, owner: np.ndarray, rece
         d = np.sqrt(np.maximum(d2, 0.0) / U.shape[1])
         j = np.arange(j0, e)[None, :]
         i = np.arange(s, e)[:, None]
-        d[(j >= i) | (owner[j0:e][None, :] == owner[s:e, None]) | (at[j0:e][None, :] < at[s:e, None] - recent) | (d == 0.0)] = np.inf
+        d[(j >= i) | (at[j0:e][None, :] < at[s:e, None] - recent) | (d == 0.0)] = np.inf
+        same = owner[j0:e][None, :] == owner[s:e, None]
+        own[s:e] = np.where(same, d, np.inf).min(axis=1)
+        d[same] = np.inf
         k = d.argmin(axis=1)
         best[s:e] = d[np.arange(e - s), k]
         who[s:e] = np.where(np.isfinite(best[s:e]), j0 + k, -1)
-    return best, who
+    return best, who, own
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     U = X[:, moving] / span[moving]
     at = np.flatnonzero(nearest_rms(U, np.asarray(ref["anchors"], dtype=np.float64)[:, moving] / span[moving]) > far)
     _, owner = np.unique(clients[at], return_inverse=True)
-    best, who = nearest_earlier_other(U[at], at, owner, args.recent)
-    rel = best / spacing
+    best, who, own_d = nearest_earlier_other(U[at], at, owner, args.recent)
+    rel = np.where(best < own_d, best / spacing, np.inf)  # the sender's own input as near or nearer: no link
     print(f"`{log}`: anchors' spacing {spacing:.4f}, far {far:.4f}; off-manifold queries near another client's\n")
     print(f"| population | queries | off-manifold | of those, near another client's (near_factor {factors[0]:g}) | nearest from its own group |")
     print("|---|---:|---:|---:|---:|")
