@@ -57,7 +57,7 @@ class LinksParams(WindowedParams):
     own_repeats: int = Field(64, ge=1, le=4096, description="Digests of the client's last queries remembered: a query the client already sent is no new point, whatever the index still holds.")
     anchors: int = Field(1024, ge=0, le=16_384, description="Benign reference queries kept for the off-manifold test of exact repeats and near inputs (0: neither is ever evidence).")
     far_factor: float = Field(3.0, ge=1.0, le=100.0, description="An input is off-manifold when it lies farther from every anchor than this many times the 99 % quantile of the anchors' distances to their nearest other anchor (RMS over the moving features, in range units). A client that sends an off-manifold input another client sent first is linked to that client ...")
-    near_factor: float = Field(0.5, ge=0.0, le=100.0, description="An off-manifold input that lies within this many times the anchors' spacing (the same quantile, RMS, range units) of another client's earlier off-manifold input links its sender to that client, as a repeat does (0: never). Splits whose keys explore one region off the data (line searches, active learning, noise around shared seeds) send such inputs; honest clients seldom send off-manifold inputs at all.")
+    near_factor: float = Field(0.5, ge=0.0, le=100.0, description="An off-manifold input that lies within this many times the anchors' spacing (the same quantile, RMS, range units) of another client's earlier off-manifold input, with none of the sender's own as near, links its sender to that client, as a repeat does (0: never). Splits whose keys explore one region off the data (line searches, active learning, noise around shared seeds) send such inputs; honest clients seldom send off-manifold inputs at all.")
     distinct_repeats: int = Field(8, ge=0, le=1024, description="... once it has repeated (or come near) more than this many distinct such inputs: clients that share a few synthetic fixtures (health checks, test inputs) are not linked for it.")
     repeats_remembered: int = Field(32, ge=1, le=4096, description="Digests of the distinct off-manifold inputs a client repeated, remembered: a fixture sent again and again counts once.")
     # -- the per-client score ---------------------------------------------------------------
@@ -113,8 +113,9 @@ class LinksDetector(Detector):
 
     It links, in the same way and with the same guards, a query that is itself off-manifold
     and lies within ``near_factor`` anchor spacings of another client's indexed off-manifold
-    input: split line searches, active learning and noise around shared seeds explore one
-    region off the data from several keys, without fixed steps or exact repeats.
+    input, nearer than any of its own client's: split line searches, active learning and
+    noise around shared seeds explore one region off the data from several keys, without
+    fixed steps or exact repeats.
 
     Sharing popular inputs, sending similar data, retrying, or starting at the same time
     does none of this, so honest clients are not linked for it. The evidence is directed:
