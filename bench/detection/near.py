@@ -11,7 +11,9 @@ and whether an off-manifold input of *another* client among the last ``--recent`
 of the log (the index holds 65,536) lies within ``near_factor`` spacings of it (RMS over the
 moving features, in units of their ranges) and nearer than every earlier input of the
 query's own client, as the detector asks. It ignores what the detector's index can miss
-(queries pushed out of their buckets), so it is an upper bound of what the detector links.
+(queries pushed out of their buckets), so it is close to an upper bound of what the
+detector links: only where the index misses the sender's own nearer input can the detector
+link a query that this script does not count.
 
 The first table gives, per population (named as in ``bench/detection/nearness.py``), the
 share of queries that are off-manifold, and of them, the share near another client's (at
