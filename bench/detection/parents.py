@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from group_rules import components  # noqa: E402
 from groups import SIZES, sybil_group  # noqa: E402
 
 from exporter.sim import build_world  # noqa: E402
@@ -45,17 +47,10 @@ def dealing(member: np.ndarray, seeds: int) -> tuple[float, int]:
     split the members (members joined when one made a point from the other's; 1: one lattice)."""
     parent = augmentation_parents(member.size, seeds)
     made = parent >= 0
-    part = np.arange(int(member.max()) + 1)
-
-    def root(i: int) -> int:
-        while part[i] != i:
-            part[i] = part[part[i]]
-            i = int(part[i])
-        return i
-
-    for a, b in {(int(a), int(b)) for a, b in zip(member[parent[made]], member[made]) if a != b}:
-        part[root(a)] = root(b)
-    parts = len({root(i) for i in range(part.size)})
+    edges = Counter(frozenset((str(a), str(b))) for a, b in zip(member[parent[made]], member[made]) if a != b)
+    everyone = {str(m) for m in range(int(member.max()) + 1)}
+    joined = components(edges, everyone, 1)  # members linked to no other are parts of their own
+    parts = len(joined) + len(everyone - set().union(*joined))
     return (float(np.mean(member[parent[made]] != member[made])) if made.any() else float("nan")), parts
 
 
