@@ -1,12 +1,16 @@
 """Cost of each detector alone, in microseconds per event, on the throughput benchmark's traffic.
 
 ``bench/throughput.py`` says how fast the whole replay is; this says where the time goes.
-The traffic is decoded and cut into per-client batches exactly as ``replay`` does, the
-batches' shared views (stacked vectors, probabilities, digests) are computed once up front,
-and then every detector runs alone over all batches, with fresh per-client and shared state. Each
-figure is the best of ``--repeat`` runs (BLAS threads pinned to 1, like the replay bench).
+The traffic is decoded and cut into blocks and per-client batches exactly as ``replay``
+does, the shared views (stacked vectors, probabilities, digests) are computed once up front,
+every detector learns its reference from the first ``--reference`` inputs (the traffic is
+benign), and then every detector runs alone over all blocks (its cross-client stage, then
+its per-client updates), with fresh per-client and shared state. Each figure is the best of
+``--repeat`` runs (BLAS threads pinned to 1, like the replay bench).
 
-    python3 bench/detector_cost.py [--events 60000] [--clients 500] [--only prada,knn] [--profile]
+    python3 bench/detector_cost.py [--events 60000] [--clients 500] [--only prada,knn] [--config FILE] [--profile]
+
+``--config FILE`` turns on detectors that are off by default (``links``).
 
 ``--profile`` prints the top functions of each detector under cProfile as well.
 """
@@ -36,23 +40,26 @@ from throughput import make_log  # noqa: E402
 
 from exporter.config import load_settings  # noqa: E402
 from exporter.detectors import Batch  # noqa: E402
+from exporter.detectors.base import Block, Reference  # noqa: E402
+from exporter.detectors.kit import Scaling  # noqa: E402
 from exporter.pipeline import Pipeline  # noqa: E402
 from exporter.replay import BLOCK, Progress, read_events  # noqa: E402
 
 WARM_VIEWS = ("ts", "vectors", "probs", "confidence", "top2", "predicted", "digests")
 
 
-def batches_of(events: list, model: str) -> list[Batch]:
-    """Per-client batches of each replay block, with their shared views already computed."""
-    out: list[Batch] = []
+def blocks_of(events: list, model: str) -> list[tuple[Block, list[Batch]]]:
+    """Each replay block with its per-client batches, as the pipeline cuts them, shared views already computed."""
+    out: list[tuple[Block, list[Batch]]] = []
     for i in range(0, len(events), BLOCK):
-        groups: dict[str, list] = {}
-        for e in events[i : i + BLOCK]:
-            groups.setdefault(e.client, []).append(e)
-        out += [Batch(c, model, evs) for c, evs in groups.items()]
-    for b in out:
+        block = Block(model, events[i : i + BLOCK])
         for view in WARM_VIEWS:
-            getattr(b, view, None)
+            getattr(block, view, None)
+        batches = [Batch(c, model, [block.events[j] for j in rows.tolist()], block, rows) for c, rows in block.rows_by_client.items()]
+        for b in batches:
+            for view in WARM_VIEWS:
+                getattr(b, view, None)
+        out.append((block, batches))
     return out
 
 
@@ -62,19 +69,25 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=500)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--only", default="", help="comma-separated detector names (default: every enabled one)")
+    ap.add_argument("--reference", type=int, default=4096, help="inputs the detectors learn their references from")
+    ap.add_argument("--config", default=None, help="configuration file (e.g. one that turns links on)")
     ap.add_argument("--profile", action="store_true", help="print each detector's top functions under cProfile")
     args = ap.parse_args()
-    settings = load_settings(None)
+    settings = load_settings(args.config)
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "traffic.jsonl"
         make_log(log, args.events, args.clients)
         pipeline = Pipeline(settings)
         events = read_events([log], pipeline, settings.files.max_line_bytes, Progress(io.StringIO(), False), Counter())
-    pipeline.process(events[:1])  # builds the model's runtime (detectors, statistics)
+    pipeline.process(events[:1])  # builds the model's runtime (its detectors)
     model = events[0].model
-    runtime = pipeline.runtimes[model]
-    if runtime.context.stats is not None:  # a long-running exporter's settled feature statistics
-        runtime.context.stats.update_many(np.stack([e.vector for e in events[1:]]))
+    runtime = pipeline.runtimes.get(model)
+    assert runtime is not None
+    sample = np.stack([e.vector for e in events[: args.reference]])
+    scaling = Scaling.fit(sample)
+    reference = Reference(sample, None, scaling)
+    fitted = {det.name: found for det in runtime.detectors if (found := det.fit(reference))}
+    runtime.use_reference(scaling, fitted)
     wanted = [n for n in args.only.split(",") if n]
     total = 0.0
     print(f"{len(events)} events, {args.clients} clients, per-event cost of each detector alone:")
@@ -84,28 +97,21 @@ def main() -> int:
         best = float("inf")
         for _ in range(args.repeat):
             det = type(det)(det.params, runtime.context)  # fresh shared state (e.g. fingerprint's index) each run
-            batches = batches_of(events, model)
-            if det.name == "risk":  # fusion reads the other detectors' signals of the batch
-                others: dict[tuple[str, str], object] = {}
-                for b in batches:
-                    for other in runtime.detectors:
-                        if other is not det:
-                            key = (other.name, b.client)
-                            if key not in others:
-                                others[key] = other.init_state()
-                            sig = other.update(others[key], b)  # type: ignore[arg-type]
-                            if sig is not None:
-                                b.signals[other.name] = sig
+            if det.name in fitted:
+                det.load_reference(fitted[det.name])
+            blocks = blocks_of(events, model)
             states: dict[str, object] = {}
             prof = cProfile.Profile() if args.profile else None
             start = time.perf_counter()
             if prof is not None:
                 prof.enable()
-            for b in batches:
-                st = states.get(b.client)
-                if st is None:
-                    st = states[b.client] = det.init_state()
-                det.update(st, b)  # type: ignore[arg-type]
+            for block, batches in blocks:
+                det.prepare(block)
+                for b in batches:
+                    st = states.get(b.client)
+                    if st is None:
+                        st = states[b.client] = det.init_state()
+                    det.update(st, b)  # type: ignore[arg-type]
             if prof is not None:
                 prof.disable()
             best = min(best, time.perf_counter() - start)
