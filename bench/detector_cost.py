@@ -8,9 +8,10 @@ benign), and then every detector runs alone over all blocks (its cross-client st
 its per-client updates), with fresh per-client and shared state. Each figure is the best of
 ``--repeat`` runs (BLAS threads pinned to 1, like the replay bench).
 
-    python3 bench/detector_cost.py [--events 60000] [--clients 500] [--only prada,knn] [--config FILE] [--profile]
+    python3 bench/detector_cost.py [--events 60000] [--clients 500] [--only prada,knn] [--config FILE] [--tile K] [--profile]
 
-``--config FILE`` turns on detectors that are off by default (``links``).
+``--config FILE`` turns on detectors that are off by default (``links``). ``--tile K`` makes the
+inputs K times wider (64·K features), for costs that grow with the width.
 
 ``--profile`` prints the top functions of each detector under cProfile as well.
 """
@@ -38,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from throughput import make_log  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's exporter first, also where the venv installed another
 from exporter.config import load_settings  # noqa: E402
 from exporter.detectors import Batch  # noqa: E402
 from exporter.detectors.base import Block, Reference  # noqa: E402
@@ -71,12 +73,13 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma-separated detector names (default: every enabled one)")
     ap.add_argument("--reference", type=int, default=4096, help="inputs the detectors learn their references from")
     ap.add_argument("--config", default=None, help="configuration file (e.g. one that turns links on)")
+    ap.add_argument("--tile", type=int, default=1, help="inputs this many times wider (64 x TILE features)")
     ap.add_argument("--profile", action="store_true", help="print each detector's top functions under cProfile")
     args = ap.parse_args()
     settings = load_settings(args.config)
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "traffic.jsonl"
-        make_log(log, args.events, args.clients)
+        make_log(log, args.events, args.clients, tile=args.tile)
         pipeline = Pipeline(settings)
         events = read_events([log], pipeline, settings.files.max_line_bytes, Progress(io.StringIO(), False), Counter())
     pipeline.process(events[:1])  # builds the model's runtime (its detectors)
@@ -90,7 +93,7 @@ def main() -> int:
     runtime.use_reference(scaling, fitted)
     wanted = [n for n in args.only.split(",") if n]
     total = 0.0
-    print(f"{len(events)} events, {args.clients} clients, per-event cost of each detector alone:")
+    print(f"{len(events)} events of {events[0].vector.shape[0]} features, {args.clients} clients, per-event cost of each detector alone:")
     for det in runtime.detectors:
         if wanted and det.name not in wanted:
             continue

@@ -12,14 +12,17 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import sys
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 
-from exporter.config import load_settings
-from exporter.detectors import enabled_detectors
-from exporter.metrics import Metrics
-from exporter.pipeline import Pipeline
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's exporter first, also where the venv installed another
+from exporter.config import load_settings  # noqa: E402
+from exporter.detectors import enabled_detectors  # noqa: E402
+from exporter.metrics import Metrics  # noqa: E402
+from exporter.pipeline import Pipeline  # noqa: E402
 
 
 def state_bytes(p: Pipeline) -> int:

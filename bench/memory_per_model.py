@@ -22,16 +22,19 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import sys
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 
-from exporter.baseline import BaselinePlan
-from exporter.config import Settings
-from exporter.detectors import enabled_detectors
-from exporter.detectors.fingerprint import FingerprintDetector, FingerprintParams
-from exporter.metrics import Metrics
-from exporter.pipeline import Pipeline
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's exporter first, also where the venv installed another
+from exporter.baseline import BaselinePlan  # noqa: E402
+from exporter.config import Settings  # noqa: E402
+from exporter.detectors import enabled_detectors  # noqa: E402
+from exporter.detectors.fingerprint import FingerprintDetector, FingerprintParams  # noqa: E402
+from exporter.metrics import Metrics  # noqa: E402
+from exporter.pipeline import Pipeline  # noqa: E402
 
 MiB = 1024 * 1024
 

@@ -27,27 +27,34 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
 from pathlib import Path  # noqa: E402
+import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's exporter first, also where the venv installed another
 from exporter.config import load_settings  # noqa: E402
 from exporter.detectors import enabled_detectors  # noqa: E402
-from exporter.demo import DigitsLike, _line  # noqa: E402
+from exporter.demo import DIM, DigitsLike, _line  # noqa: E402
 from exporter.pipeline import Pipeline  # noqa: E402
 from exporter.replay import Progress, read_events, replay  # noqa: E402
 
 
-def make_log(path: Path, events: int, clients: int, seed: int = 0, resent: float = 0.0) -> None:
+def make_log(path: Path, events: int, clients: int, seed: int = 0, resent: float = 0.0, tile: int = 1) -> None:
+    """The benchmark's traffic; ``tile`` > 1 makes inputs that many times wider (the 64 features
+    repeated, each copy with its own noise, sd 0.5, rounded to 2 decimals): costs that grow with
+    the width show."""
     world = DigitsLike(seed)
     rng = np.random.default_rng(seed)
     x = world.sample(rng, events)
+    if tile > 1:  # (the default traffic stays as it was: no draws)
+        x = np.concatenate([x] + [np.round(x + rng.normal(0.0, 0.5, x.shape), 2) for _ in range(tile - 1)], axis=1)
     who = rng.integers(0, clients, events)
     if resent > 0.0:  # (the default traffic stays as it was: no draws)
         odd = np.arange(1, events, 2)
         again = rng.choice(odd, min(odd.size, round(resent * events)), replace=False)  # each re-sends the event before it
         x[again] = x[again - 1]
         who[again] = (who[again - 1] + 1 + rng.integers(0, max(clients - 1, 1), again.size)) % clients
-    p = world.predict(x)
+    p = world.predict(x[:, :DIM])
     ts = 1.7e9 + np.cumsum(rng.exponential(0.01, events))
     with open(path, "w") as fh:
         for t, c, xi, pi in zip(ts, who, x, p):
