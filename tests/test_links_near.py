@@ -12,6 +12,7 @@ from exporter.detectors.base import Batch, Block, Reference
 from exporter.detectors.fingerprint import client_key
 from exporter.detectors.kit import Scaling
 from exporter.events import Event
+from exporter.detectors.links import nearest_rms
 from tests.synthetic import WORLD, D, savez_roundtrip
 from tests.test_links_repeats import detector, send, synthetic
 
@@ -172,3 +173,30 @@ def test_an_attacker_who_sends_inputs_near_an_honest_clients_frames_nobody_but_i
         framer.append(send(det, states, "mallory", moved(det, p[None, :], 0.05, 200 + i), 1005.0 + 10 * i))
     assert not any(honest)
     assert sum(bool(linked[0]) for linked, _ in framer) >= 20 and all(parent[0] == client_key("alice") for linked, parent in framer if linked[0])
+
+
+def test_the_off_manifold_flags_are_those_of_the_distance_to_every_anchor() -> None:
+    """Most queries are settled by a bound (an earlier query's distance to the anchors plus the
+    distance between the two) instead of their distance to every anchor; the flags must be the
+    same as measuring every query. Inputs between the data and far from it put many near the
+    ``far`` boundary, where a wrong bound would show."""
+    det = detector(distinct_repeats=0)
+    rng = np.random.default_rng(21)
+    natural = WORLD.sample(rng, 600)
+    far = synthetic(600, 22)
+    mix = rng.uniform(0.0, 1.0, (600, 1))
+    x = np.concatenate([natural, far, natural + mix * (far - natural)])
+    x = x[rng.permutation(x.shape[0])]
+    states: dict[str, dict] = {}
+    for n, start in enumerate(range(0, x.shape[0], 300)):  # several blocks, several clients
+        send(det, states, f"c{n % 3}", x[start : start + 300], 1000.0 + start)
+    rows = np.arange(det._next) % det._alloc
+    exact = nearest_rms(det._U[rows], det._anchors, a_sq=det._anchor_sq)
+    flags = det._far_seen[rows]
+    assert ((flags == 2) == (exact > det._far)).all() and (flags > 0).all()
+    reach = det._reach[rows]
+    assert (reach >= exact - 1e-4).all()  # an upper bound ...
+    assert np.allclose(reach[flags == 2], exact[flags == 2], rtol=1e-4)  # ... exact off the manifold
+    bounded = reach > exact + 1e-3
+    assert bounded.sum() > 100 and (flags[bounded] == 1).all()  # many were settled by the bound
+    assert 0.2 < (flags == 2).mean() < 0.8

@@ -159,12 +159,13 @@ class LinksDetector(Detector):
 
     Cost per query: one (d x tables·projections) projection, a gather of at most
     ``tables x depth`` candidate rows and one multiply-add over them, and the full test on
-    the few that pass the cheap one; with ``near_factor`` > 0, its distance to the anchors
-    (``anchors x d'`` multiply-adds), and for an off-manifold query one distance per
-    candidate that is off-manifold too; without, the anchors' distance per repeated input,
-    once. State per client: ``window + 8·own_repeats + 8·repeats_remembered + 32`` bytes
+    the few that pass the cheap one; with ``near_factor`` > 0, a bound on its distance to the
+    anchors from one candidate's (``d'`` multiply-adds), its distance to every anchor
+    (``anchors x d'``) only where the bound does not settle the test (a few per cent of
+    honest queries), and for an off-manifold query one distance per candidate that is
+    off-manifold too; without, the anchors' distance per repeated input, once. State per client: ``window + 8·own_repeats + 8·repeats_remembered + 32`` bytes
     (1,000 B with the defaults). Shared index per model:
-    ``8·d' + 12·min(probe, d') + 25`` bytes per query (d' features that move in the
+    ``8·d' + 12·min(probe, d') + 29`` bytes per query (d' features that move in the
     reference), grown with the traffic up to ``max_queries``, plus ``8 x depth + 8`` bytes
     per bucket (``tables x 2**bucket_bits`` buckets: 17 MiB with the defaults), plus the
     map of filed digests: at most ``1.25 x max_queries + chunk`` entries of about 100 B in CPython
@@ -287,6 +288,7 @@ class LinksDetector(Detector):
         self._digest = np.zeros(0, dtype=np.uint64)
         self._client = np.zeros(0, dtype=np.uint64)
         self._far_seen = np.zeros(0, dtype=np.int8)  # per entry: 0 not yet tested, 1 on the manifold, 2 off it (a cache of _repeats' test)
+        self._reach = np.zeros(0, dtype=np.float32)  # per entry: an upper bound on its RMS distance to the nearest anchor (exact when off the manifold; inf: not known)
         self._slots = np.full((p.tables << p.bucket_bits) * p.depth, -1, dtype=np.int64)  # bucket -> its recent entry ids (depth per bucket)
         self._fill = np.zeros(p.tables << p.bucket_bits, dtype=np.int64)  # entries ever put in each bucket
         self._next = 0  # id of the next indexed query
@@ -389,7 +391,7 @@ class LinksDetector(Detector):
         names = [block.events[i].client for i in idx.tolist()]
         known = {c: client_key(c) for c in set(names)}
         keys = np.fromiter((known[c] for c in names), dtype=np.uint64, count=m)
-        saved = (list(self._pending), self._step_last, self._alloc, self._next, self._oldest, self._U, self._S, self._Up, self._lo, self._hi, self._ts, self._digest, self._client, self._far_seen)
+        saved = (list(self._pending), self._step_last, self._alloc, self._next, self._oldest, self._U, self._S, self._Up, self._lo, self._hi, self._ts, self._digest, self._client, self._far_seen, self._reach)
         undo: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         filed_undo: list[tuple[int, int | None]] = []
         out_linked = np.zeros(m, dtype=bool)
@@ -418,7 +420,7 @@ class LinksDetector(Detector):
                 found, order, starts, rank_sorted = recent(buckets[rows], self._fill, self._slots, self.params.depth, ids)
                 cand = np.full((stop - start, found.shape[1]), -1, dtype=np.int64)
                 cand[rows] = found
-                out_linked[sl], out_parents[sl], out_off_data[sl] = self._piece(u, ts[sl], dig[sl], keys[sl], cand, undo)
+                out_linked[sl], out_parents[sl], out_off_data[sl] = self._piece(u, ts[sl], dig[sl], keys[sl], cand, repeated >= 0, undo)
                 self._repeats(u, keys[sl], repeated, out_linked[sl], out_parents[sl], out_off_data[sl], undo)
                 file(buckets[rows], order, starts, rank_sorted, self._fill, self._slots, self.params.depth, undo, ids)
                 start = stop
@@ -432,7 +434,7 @@ class LinksDetector(Detector):
                     self._filed.pop(digest, None)
                 else:
                     self._filed[digest] = was
-            (self._pending, self._step_last, self._alloc, self._next, self._oldest, self._U, self._S, self._Up, self._lo, self._hi, self._ts, self._digest, self._client, self._far_seen) = saved
+            (self._pending, self._step_last, self._alloc, self._next, self._oldest, self._U, self._S, self._Up, self._lo, self._hi, self._ts, self._digest, self._client, self._far_seen, self._reach) = saved
             raise
         judged[idx] = True
         linked[idx] = out_linked
@@ -515,10 +517,12 @@ class LinksDetector(Detector):
             filed_undo.append((digest, self._filed.pop(digest)))
 
     def _piece(
-        self, u: np.ndarray, ts: np.ndarray, dig: np.ndarray, keys: np.ndarray, cand: np.ndarray, undo: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+        self, u: np.ndarray, ts: np.ndarray, dig: np.ndarray, keys: np.ndarray, cand: np.ndarray, repeats: np.ndarray,
+        undo: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Match and index consecutive queries of one chunk (see the class docstring): per query,
-        whether it is linked, the keys of up to two peers, and whether the link is a near one."""
+        whether it is linked, the keys of up to two peers, and whether the link is a near one.
+        ``repeats``: the rows that repeat a live entry (no candidates, never a candidate)."""
         p = self.params
         m = u.shape[0]
         alloc, base = self._alloc, self._next
@@ -528,7 +532,7 @@ class LinksDetector(Detector):
         # 1. Index the piece's rows first (their steps last), so that every candidate is a row of the index.
         first = base % alloc
         at: slice | np.ndarray = slice(first, first + m) if first + m <= alloc else (base + np.arange(m)) % alloc
-        self._write(at, undo, ((self._U, u), (self._Up, u[:, :r]), (self._ts, ts), (self._digest, dig), (self._client, keys), (self._far_seen, self._off_manifold(u))))
+        self._write(at, undo, ((self._U, u), (self._Up, u[:, :r]), (self._ts, ts), (self._digest, dig), (self._client, keys)))
         # Alive: not overwritten by the end of this chunk, not expired, not past the TTL for this query.
         alive = (cand >= max(self._oldest, chunk_start + p.chunk - p.max_queries)) & (cand >= 0)
         # Their rows (id % alloc): live ids lie within the last alloc ids, so one wrap at most (no division).
@@ -570,6 +574,8 @@ class LinksDetector(Detector):
             parents[row, : len(named)] = named
         # 4. Each query's own step: from the first candidate it continued, else from the nearest other point (probe distance).
         dist = np.where(alive, np.einsum("mkr,mkr->mk", du, du), np.inf)
+        far_seen, reach = self._off_manifold(u, cand < base, cpos, dist, repeats)
+        self._write(at, undo, ((self._far_seen, far_seen), (self._reach, reach)))
         hit = passed.any(axis=1)
         pick = np.where(hit, np.argmax(passed, axis=1), np.argmin(dist, axis=1))
         has = hit | np.isfinite(dist.min(axis=1))
@@ -585,13 +591,45 @@ class LinksDetector(Detector):
         self._next = base + m
         return linked, parents, self._near_links(u, cpos, alive, keys, at, linked, parents)
 
-    def _off_manifold(self, u: np.ndarray) -> np.ndarray:
+    def _off_manifold(
+        self, u: np.ndarray, earlier: np.ndarray | None = None, cpos: np.ndarray | None = None, dist: np.ndarray | None = None,
+        skip: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(m,) int8 per query, as ``_far_seen`` keeps it: 2 off the manifold, 1 on it; 0 (not
         tested) when there are no near links to find, in which case :meth:`_repeats` tests
-        repeated entries only, when they are repeated."""
+        repeated entries only, when they are repeated; and (m,) float32, as ``_reach`` keeps it.
+
+        The same answer as the distance to every anchor, at a fraction of the cost: most queries
+        lie near an indexed query whose distance to its nearest anchor is known, and by the
+        triangle inequality they are on the manifold when that distance plus their own to the
+        query is within ``far``. ``earlier`` (m, K) marks the candidates filed before this piece
+        (``cpos``: their rows; ``dist``: the squared probe distances, inf where not alive); the
+        one nearest on the probe features bounds the query's. Only the queries that this does
+        not settle are measured against the anchors. ``skip`` rows (repeats, which are never
+        candidates and are tested as the entry they repeat) are not tested."""
+        m = u.shape[0]
+        reach = np.full(m, np.inf, dtype=np.float32)
         if self._anchors is None or self._near <= 0.0:
-            return np.zeros(u.shape[0], dtype=np.int8)
-        return np.where(nearest_rms(u, self._anchors, a_sq=self._anchor_sq) > self._far, 2, 1).astype(np.int8)
+            return np.zeros(m, dtype=np.int8), reach
+        if earlier is not None and cpos is not None and dist is not None:
+            # The candidate with the smallest lower bound of the bound (probe distance plus its reach).
+            probe = np.where(earlier, np.sqrt(dist / u.shape[1]) + np.take(self._reach, cpos), np.inf)
+            src = np.argmin(probe, axis=1)
+            rows = np.flatnonzero(np.isfinite(probe[np.arange(m), src]))
+            if rows.size:
+                at = cpos[rows, src[rows]]
+                diff = u[rows] - np.take(self._U, at, axis=0)
+                reach[rows] = np.sqrt(np.einsum("ij,ij->i", diff, diff) / u.shape[1]) + np.take(self._reach, at)
+        todo = ~(reach <= self._far)
+        if skip is not None:
+            todo &= ~skip
+        rows = np.flatnonzero(todo)
+        if rows.size:
+            reach[rows] = nearest_rms(u[rows], self._anchors, a_sq=self._anchor_sq)
+        flags = np.where(reach > self._far, 2, 1).astype(np.int8)
+        if skip is not None:
+            flags[skip] = 0
+        return flags, reach
 
     def _near_links(
         self, u: np.ndarray, cpos: np.ndarray, alive: np.ndarray, keys: np.ndarray, at: slice | np.ndarray, linked: np.ndarray, parents: np.ndarray
@@ -771,7 +809,8 @@ class LinksDetector(Detector):
             return out
 
         self._U, self._S, self._Up, self._lo, self._hi = grown(self._U), grown(self._S), grown(self._Up), grown(self._lo), grown(self._hi)
-        self._ts, self._digest, self._client, self._far_seen = grown(self._ts), grown(self._digest), grown(self._client), grown(self._far_seen)
+        self._ts, self._digest, self._client = grown(self._ts), grown(self._digest), grown(self._client)
+        self._far_seen, self._reach = grown(self._far_seen), grown(self._reach)
         self._alloc = new
 
     def _expire(self, now: float) -> None:
@@ -825,7 +864,7 @@ class LinksDetector(Detector):
         r = self._Up.shape[1]
         self._Up[pos] = self._U[pos, :r]
         self._lo[pos], self._hi[pos] = self._bounds(self._S[pos, :r])
-        self._far_seen[pos] = self._off_manifold(self._U[pos])  # not saved: recomputed from the inputs
+        self._far_seen[pos], self._reach[pos] = self._off_manifold(self._U[pos])  # not saved: recomputed from the inputs
         self._slots[...] = np.asarray(state["slots"], dtype=np.int64)
         self._fill[...] = np.asarray(state["fill"], dtype=np.int64)
         if np.asarray(state["step_slots"]).shape != self._step_slots.shape or np.asarray(state["step_fill"]).shape != self._step_fill.shape:
