@@ -12,7 +12,10 @@ process allocated (tracemalloc: numpy arrays included):
 and, computed from the arrays themselves, what traffic can add at most per model: the
 ``fingerprint`` index at ``max_queries`` (grown to capacity here), and the live
 baseline's reservoir at its capacity (freed after its last refit step). The worst case
-at ``model_admission.max_models`` is ``max_models`` times the last column.
+at ``model_admission.max_models`` is ``max_models`` times the last column. Apart, the
+opt-in ``links`` detector's index at its capacity (rows, bucket tables and table of steps,
+grown to capacity here; the map of filed digests comes on top), which the worst case
+does not include.
 
     python3 bench/memory_per_model.py [--dims 64,784,3072] [--models 4] [--events 600] [--clients 40]
 """
@@ -32,7 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 from exporter.baseline import BaselinePlan  # noqa: E402
 from exporter.config import Settings  # noqa: E402
 from exporter.detectors import enabled_detectors  # noqa: E402
+from exporter.detectors.base import Reference  # noqa: E402
 from exporter.detectors.fingerprint import FingerprintDetector, FingerprintParams  # noqa: E402
+from exporter.detectors.links import LinksDetector, LinksParams  # noqa: E402
 from exporter.metrics import Metrics  # noqa: E402
 from exporter.pipeline import Pipeline  # noqa: E402
 
@@ -83,6 +88,16 @@ def measure(dim: int, models: int, events: int, clients: int, k: int = 10) -> di
     while full._alloc < full._cap:
         full._grow()
     index = sum(a.nbytes for a in (full._hashes, full._prev, full._ts, full._digest, full._client, full._head))
+    context = next(rt for name, rt in p.runtimes if name == "m0").context
+    links = LinksDetector(LinksParams(), context)
+    sample = rng.integers(0, 17, (600, dim)).astype(float)
+    fitted = links.fit(Reference(sample, None, context.scaling))
+    assert fitted is not None
+    links.load_reference(fitted)
+    while links._alloc < links._cap:
+        links._grow()
+    rows = (links._U, links._S, links._Up, links._lo, links._hi, links._ts, links._digest, links._client, links._far_seen, links._reach)
+    links_index = sum(a.nbytes for a in (*rows, links._slots, links._fill, links._step_slots, links._step_fill))
     plan = BaselinePlan()
     reservoir = plan.capacity * dim * 8
     after_first = first / models
@@ -94,6 +109,8 @@ def measure(dim: int, models: int, events: int, clients: int, k: int = 10) -> di
         "fingerprint_index_at_max_queries_MiB": round(index / MiB, 1),
         "baseline_reservoir_at_capacity_MiB": round(reservoir / MiB, 1),
         "worst_case_per_model_MiB": round((after_events + index + reservoir) / MiB, 1),
+        "links_queries_at_capacity": links._cap,
+        "links_index_at_capacity_MiB": round(links_index / MiB, 1),
     }
 
 

@@ -41,6 +41,12 @@ class LinksParams(WindowedParams):
     bucket_bits: int = Field(14, ge=6, le=22, description="Buckets per table: 2**bucket_bits (cells are hashed into them).")
     seed: int = Field(0, ge=0, description="Seed of the projections; the same seed gives the same buckets in every process.")
     max_queries: int = Field(65_536, ge=4096, le=4_000_000, description="Queries kept in the shared index (all clients of the model); the oldest are overwritten first.")
+    max_index_mib: float = Field(
+        64.0,
+        gt=0.0,
+        le=65_536.0,
+        description="Memory of the index's rows per model, in MiB: for wide inputs fewer than max_queries queries are kept (at least 2 x chunk), so that an input length a client chooses cannot make the index large. The bucket tables and the map of digests come on top.",
+    )
     ttl_seconds: float = Field(86_400.0, gt=0.0, description="Indexed queries older than this (event time) are no longer compared.")
     chunk: int = Field(256, ge=16, le=4096, description="A query's own step is usable as a parent's only for queries of a later chunk of this many indexed queries (keeps the work vectorized and independent of batching).")
     # -- what a link is --------------------------------------------------------------------
@@ -124,7 +130,8 @@ class LinksDetector(Detector):
     from them, makes *itself* look linked, never the honest client (groups join only
     clients that are flagged themselves, :mod:`exporter.groups`).
 
-    How: the index keeps the last ``max_queries`` queries of the model, in units of the
+    How: the index keeps the last ``max_queries`` queries of the model (fewer for wide
+    inputs, so that their rows fit in ``max_index_mib``: :func:`index_rows`), in units of the
     features' ranges (from the benign reference), with each query's own step (its change
     from the first earlier query it continued, else from its nearest candidate). It has
     ``tables`` hash tables; a query's bucket in each is the cell of ``projections`` random
@@ -163,12 +170,13 @@ class LinksDetector(Detector):
     anchors from one candidate's (``d'`` multiply-adds), its distance to every anchor
     (``anchors x d'``) only where the bound does not settle the test (a few per cent of
     honest queries), and for an off-manifold query one distance per candidate that is
-    off-manifold too; without, the anchors' distance per repeated input, once. State per client: ``window + 8·own_repeats + 8·repeats_remembered + 32`` bytes
-    (1,000 B with the defaults). Shared index per model:
-    ``8·d' + 12·min(probe, d') + 29`` bytes per query (d' features that move in the
-    reference), grown with the traffic up to ``max_queries``, plus ``8 x depth + 8`` bytes
-    per bucket (``tables x 2**bucket_bits`` buckets: 17 MiB with the defaults), plus the
-    map of filed digests: at most ``1.25 x max_queries + chunk`` entries of about 100 B in CPython
+    off-manifold too; without, the anchors' distance per repeated input, once. State per
+    client: ``window + 8·own_repeats + 8·repeats_remembered + 32`` bytes (1,000 B with the
+    defaults). Shared index per model: ``8·d' + 12·min(probe, d') + 29`` bytes per query (d'
+    features that move in the reference, :func:`row_bytes`), grown with the traffic up to
+    its capacity (``max_queries``, or as many as fit in ``max_index_mib``), plus
+    ``8 x depth + 8`` bytes per bucket (``tables x 2**bucket_bits`` buckets: 17 MiB with the
+    defaults), plus the map of filed digests: at most ``1.25 x capacity + chunk`` entries of about 100 B in CPython
     (two int objects and a dict slot: about 8 MiB with the defaults), plus ``4·d'·anchors``
     bytes of anchors.
     """
@@ -247,6 +255,7 @@ class LinksDetector(Detector):
         self._inv: np.ndarray | None = None
         self._anchors: np.ndarray | None = None  # benign queries in range units (the off-manifold test), None: no test
         self._near = 0.0  # an off-manifold input this near another client's links (RMS, range units); 0: never
+        self._cap = self.params.max_queries  # rows of the index (fewer for wide inputs: _reset_geometry)
         if self._ref is None or self._dim is None:
             return
         p = self.params
@@ -258,6 +267,7 @@ class LinksDetector(Detector):
         cols = moving[np.argsort(-spread[moving], kind="stable")]
         self._cols = cols
         self._probe = min(p.probe, cols.size)
+        self._cap = index_rows(p, cols.size)
         inv = 1.0 / span[cols]
         self._inv = inv.astype(np.float32)
         self._floor = np.maximum(p.min_step, p.precision_units * unit[cols] * inv).astype(np.float32)
@@ -402,10 +412,10 @@ class LinksDetector(Detector):
             start = 0
             chunk = self.params.chunk
             while start < m:
-                if self._alloc < self.params.max_queries and self._next >= self._alloc:
+                if self._alloc < self._cap and self._next >= self._alloc:
                     self._grow()
                 stop = min(m, start + chunk - self._next % chunk)
-                if self._alloc < self.params.max_queries:  # rows keep their places until the index is full
+                if self._alloc < self._cap:  # rows keep their places until the index is full
                     stop = min(stop, start + self._alloc - self._next)
                 sl = slice(start, stop)
                 u = self._units(x[sl])
@@ -424,8 +434,8 @@ class LinksDetector(Detector):
                 self._repeats(u, keys[sl], repeated, out_linked[sl], out_parents[sl], out_off_data[sl], undo)
                 file(buckets[rows], order, starts, rank_sorted, self._fill, self._slots, self.params.depth, undo, ids)
                 start = stop
-                if len(self._filed) > self.params.max_queries + self.params.max_queries // 4:
-                    self._prune_filed(filed_undo)  # at most max_queries of them are live: memory stays bounded
+                if len(self._filed) > self._cap + self._cap // 4:
+                    self._prune_filed(filed_undo)  # at most _cap of them are live: memory stays bounded
         except BaseException:
             for array, at, old in reversed(undo):
                 array[at] = old
@@ -462,7 +472,7 @@ class LinksDetector(Detector):
         row, the id of the live entry it repeats (-1: a new point)."""
         p = self.params
         base = self._next
-        horizon = max(self._oldest, base - base % p.chunk + p.chunk - p.max_queries)
+        horizon = max(self._oldest, base - base % p.chunk + p.chunk - self._cap)
         alloc = max(self._alloc, 1)
         filed, stamps = self._filed, self._ts
         rows = []
@@ -534,7 +544,7 @@ class LinksDetector(Detector):
         at: slice | np.ndarray = slice(first, first + m) if first + m <= alloc else (base + np.arange(m)) % alloc
         self._write(at, undo, ((self._U, u), (self._Up, u[:, :r]), (self._ts, ts), (self._digest, dig), (self._client, keys)))
         # Alive: not overwritten by the end of this chunk, not expired, not past the TTL for this query.
-        alive = (cand >= max(self._oldest, chunk_start + p.chunk - p.max_queries)) & (cand >= 0)
+        alive = (cand >= max(self._oldest, chunk_start + p.chunk - self._cap)) & (cand >= 0)
         # Their rows (id % alloc): live ids lie within the last alloc ids, so one wrap at most (no division).
         low = max(0, base + m - alloc)
         cpos = cand - (low - low % alloc)
@@ -700,7 +710,7 @@ class LinksDetector(Detector):
                 fill = np.take(self._step_fill, bucket)
                 ok = j < np.minimum(fill, p.step_depth)[:, None]
                 ids = np.where(ok, np.take(self._step_slots, bucket[:, None] * p.step_depth + (fill[:, None] - 1 - j) % p.step_depth), -1)
-                live = (ids >= max(self._oldest, chunk_start + p.chunk - p.max_queries)) & (ids < chunk_start)
+                live = (ids >= max(self._oldest, chunk_start + p.chunk - self._cap)) & (ids < chunk_start)
                 ipos = np.where(live, ids % self._alloc, 0)
                 live &= (np.take(self._ts, ipos) >= (ts[qi] - p.steps_window)[:, None]) & (np.take(self._client, ipos) != keys[qi][:, None])
                 matched: set[int] = set()
@@ -800,8 +810,8 @@ class LinksDetector(Detector):
 
     # -- the index ---------------------------------------------------------------------------
     def _grow(self) -> None:
-        """Double the rows (up to max_queries); rows keep their places (ids below the old size)."""
-        new = min(self.params.max_queries, max(2 * self._alloc, self._INITIAL_ROWS))
+        """Double the rows (up to the index's capacity); rows keep their places (ids below the old size)."""
+        new = min(self._cap, max(2 * self._alloc, self._INITIAL_ROWS))
 
         def grown(a: np.ndarray) -> np.ndarray:
             out = np.zeros((new, *a.shape[1:]), dtype=a.dtype)
@@ -851,12 +861,12 @@ class LinksDetector(Detector):
         n = nxt - lo
         width = self._cols.size
         shapes = {"U": (n, width), "S": (n, width), "ts": (n,), "digest": (n,), "client": (n,)}
-        if n < 0 or n > self.params.max_queries or any(np.asarray(state[k]).shape != s for k, s in shapes.items()):
+        if n < 0 or n > self._cap or any(np.asarray(state[k]).shape != s for k, s in shapes.items()):
             raise ValueError("links shared state does not fit these parameters")
         if np.asarray(state["slots"]).shape != self._slots.shape or np.asarray(state["fill"]).shape != self._fill.shape:
             raise ValueError("links shared state does not fit these parameters")
         self._reset()
-        while self._alloc < min(max(nxt, 1), self.params.max_queries):
+        while self._alloc < min(max(nxt, 1), self._cap):
             self._grow()
         pos = np.arange(lo, nxt, dtype=np.int64) % self._alloc
         for name, array in (("U", self._U), ("S", self._S), ("ts", self._ts), ("digest", self._digest), ("client", self._client)):
@@ -881,6 +891,20 @@ class LinksDetector(Detector):
         for i, digest, t in zip(range(lo, nxt), self._digest[pos].tolist(), self._ts[pos].tolist()):
             if digest not in stamp or stamp[digest] < t - ttl:
                 self._filed[digest], stamp[digest] = i, t
+
+
+def row_bytes(width: int, probe: int) -> int:
+    """Bytes of one indexed query: its input and its step in ``width`` moving features (float32),
+    the probe copy and the two bounds of its step on ``probe`` of them, its time, digest and
+    client (8 bytes each), its off-manifold flag and the bound on its distance to the anchors."""
+    return 8 * width + 12 * min(probe, width) + 8 + 8 + 8 + 1 + 4
+
+
+def index_rows(params: LinksParams, width: int) -> int:
+    """Queries the index keeps for inputs of ``width`` moving features: ``max_queries``, fewer
+    where their rows would take more than ``max_index_mib``, never fewer than two chunks."""
+    fit = int(params.max_index_mib * 2**20) // row_bytes(width, params.probe)
+    return min(params.max_queries, max(2 * params.chunk, fit))
 
 
 def recent(
