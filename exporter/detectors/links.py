@@ -168,8 +168,8 @@ class LinksDetector(Detector):
     ``tables x depth`` candidate rows and one multiply-add over them, and the full test on
     the few that pass the cheap one; with ``near_factor`` > 0, a bound on its distance to the
     anchors from one candidate's (``d'`` multiply-adds), its distance to every anchor
-    (``anchors x d'``) only where the bound does not settle the test (a few per cent of
-    honest queries), and for an off-manifold query one distance per candidate that is
+    (``anchors x d'``) only where the bound does not settle the test (3.6 % of the queries
+    of ``bench/throughput.py``), and for an off-manifold query one distance per candidate that is
     off-manifold too; without, the anchors' distance per repeated input, once. State per
     client: ``window + 8·own_repeats + 8·repeats_remembered + 32`` bytes (1,000 B with the
     defaults). Shared index per model: ``8·d' + 12·min(probe, d') + 29`` bytes per query (d'
@@ -614,8 +614,9 @@ class LinksDetector(Detector):
         triangle inequality they are on the manifold when that distance plus their own to the
         query is within ``far``. ``earlier`` (m, K) marks the candidates filed before this piece
         (``cpos``: their rows; ``dist``: the squared probe distances, inf where not alive); the
-        one nearest on the probe features bounds the query's. Only the queries that this does
-        not settle are measured against the anchors. ``skip`` rows (repeats, which are never
+        bound comes from the one whose own bound plus its probe distance (a lower bound of the
+        distance) is smallest. Only the queries that this does not settle are measured against
+        the anchors, and keep their exact distance. ``skip`` rows (repeats, which are never
         candidates and are tested as the entry they repeat) are not tested."""
         m = u.shape[0]
         reach = np.full(m, np.inf, dtype=np.float32)
