@@ -625,3 +625,35 @@ def test_near_finds_off_manifold_inputs_near_another_clients(tmp_path, capsys) -
     assert "| benign A | 30 | 0.333 | 0.000 | - |" in out  # app-2's inputs are off the data, and near nobody else's first
     assert "| atk | 10 | 1.000 | 1.000 | - |" in out  # the copier's are near app-2's
     assert "| 0.5 | 0 | 0 | 0 | 2 |" in out
+
+
+def test_local_scale_sees_inputs_off_a_dense_cluster_that_the_global_spacing_misses(tmp_path, capsys) -> None:
+    """bench/detection/local_scale.py: with one dense and one sparse cluster of anchors, an input a
+    little off the dense cluster is off the manifold by its local scale, not by the global spacing
+    (set by the sparse cluster); an input inside the dense cluster is off by neither; and two
+    members walking one line off the dense cluster are counted past ``--distinct`` near inputs."""
+    local = load("local_scale")
+    rng = np.random.default_rng(1)
+    dense = 0.5 + rng.normal(0.0, 0.005, (150, 2))
+    sparse = rng.uniform(0.0, 1.0, (150, 2)) * np.array([[1.0, 0.3]])  # a band far from the dense cluster
+    anchors = np.concatenate([dense, sparse])
+    near, ratio = local.local_ratio(np.array([[0.5, 0.5], [0.58, 0.5]]), anchors, k=5)
+    assert ratio[0] < 2.0 < ratio[1]
+    from exporter.detectors.base import ModelContext, Reference
+    from exporter.detectors.kit import Scaling
+    from exporter.detectors.links import LinksDetector, LinksParams
+    from exporter.profile import ModelProfile, Profile
+
+    scaling = Scaling.fit(anchors)
+    ref = LinksDetector(LinksParams(), ModelContext("m", "tabular", 2, 2, scaling, ("links",))).fit(Reference(anchors, None, scaling, unclipped=anchors))
+    assert ref is not None and near[1] < float(ref["far"])  # the global test misses it
+    Profile(0.01, {"m": ModelProfile("tabular", 2, 2, None, references={"links": ref})}).save(tmp_path / "profile-200.bin")
+    walk = np.array([0.58, 0.5]) + 0.0005 * np.arange(20)[:, None] * np.array([[1.0, 0.0]])  # one line off the dense cluster, two members in turn
+    rows = [("app-1", x) for x in dense[:20]] + [(f"sybb-bisect-3-0-{i % 2 + 1}", x) for i, x in enumerate(walk)]
+    log = tmp_path / "evaluation.jsonl"
+    log.write_text("".join(json.dumps({"ts": float(t), "client": c, "input": x.tolist()}) + "\n" for t, (c, x) in enumerate(rows)))
+    assert local.main([str(tmp_path), "--distinct", "2", "--ratios", "2,1000"]) == 0
+    out = capsys.readouterr().out
+    assert "| benign A | 20 | 0.0000 | 0.0000 | 0.0000 |" in out
+    assert "| sybb:bisect | 20 | 0.0000 | 1.0000 | 0.0000 |" in out
+    assert "| sybb:bisect | 2 | 2 | 0 |" in out and "| benign A | 1 | 0 | 0 |" in out
