@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import subprocess
 import sys
 import time
@@ -652,8 +653,12 @@ def test_local_scale_sees_inputs_off_a_dense_cluster_that_the_global_spacing_mis
     rows = [("app-1", x) for x in dense[:20]] + [(f"sybb-bisect-3-0-{i % 2 + 1}", x) for i, x in enumerate(walk)]
     log = tmp_path / "evaluation.jsonl"
     log.write_text("".join(json.dumps({"ts": float(t), "client": c, "input": x.tolist()}) + "\n" for t, (c, x) in enumerate(rows)))
+    calibration = 0.5 + rng.normal(0.0, 0.005, (100, 2))  # the honest side: inside the dense cluster
+    (tmp_path / "calibration.jsonl").write_text("".join(json.dumps({"ts": float(t), "client": "app-9", "input": x.tolist()}) + "\n" for t, x in enumerate(calibration)))
     assert local.main([str(tmp_path), "--distinct", "2", "--ratios", "2,1000"]) == 0
     out = capsys.readouterr().out
+    quantiles = re.search(r"Local ratios of the 100 calibration inputs that are not anchors, quantiles 0.99: ([0-9.]+),", out)
+    assert quantiles is not None and 0.0 < float(quantiles.group(1)) < 2.0, out
     assert "| benign A | 20 | 0.0000 | 0.0000 | 0.0000 |" in out
     assert "| sybb:bisect | 20 | 0.0000 | 1.0000 | 0.0000 |" in out
     assert "| sybb:bisect | 2 | 2 | 0 |" in out and "| benign A | 1 | 0 | 0 |" in out

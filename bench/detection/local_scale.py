@@ -17,7 +17,9 @@ share of queries off the manifold by the global test and by the local one at eac
 ``bench/detection/near.py`` counts them: the clients of each population with more than
 ``--distinct`` distinct off-manifold inputs that lie within ``--factor`` global spacings
 of another client's earlier off-manifold input, nearer than any of their own. Honest
-clients counted there are the ones such a test would risk linking.
+clients counted there are the ones such a test would risk linking. First, it prints the
+honest side's own ratios: quantiles over the run's calibration inputs (``calibration.jsonl``,
+the anchors themselves left out), from which a ratio could be set per model, as ``far`` is.
 
     python3 bench/detection/groups.py --sybil b --datasets digits --seeds 0 --workdir DIR
     python3 bench/detection/local_scale.py DIR/digits-0
@@ -83,9 +85,17 @@ def main(argv: list[str] | None = None) -> int:
     span, spacing, far = ref["span"], float(ref["spacing"]), float(ref["far"])
     moving = span > 0
     U = X[:, moving] / span[moving]
-    nearest, ratio = local_ratio(U, np.asarray(ref["anchors"], dtype=np.float64)[:, moving] / span[moving], args.k)
+    anchors = np.asarray(ref["anchors"], dtype=np.float64)[:, moving] / span[moving]
+    nearest, ratio = local_ratio(U, anchors, args.k)
     pops = sorted(set(kinds.tolist()))
     print(f"`{log}`: global spacing {spacing:.4f}, far {far:.4f}; local scale: each anchor's distance to its {args.k}th nearest other anchor\n")
+    calibration = args.run / "calibration.jsonl"
+    if calibration.exists():
+        cx = load(calibration)[2]
+        c_near, c_ratio = local_ratio(cx[:, moving] / span[moving], anchors, args.k)
+        c_ratio = c_ratio[c_near > 0]  # the anchors themselves are at distance 0
+        q = ", ".join(f"{p:g}: {np.quantile(c_ratio, p):.2f}" for p in (0.99, 0.999, 0.9999))
+        print(f"Local ratios of the {c_ratio.size} calibration inputs that are not anchors, quantiles {q}\n")
     print("| population | queries | off by the global test | " + " | ".join(f"local ratio > {r:g}" for r in ratios) + " |")
     print("|---|---:|---:|" + "---:|" * len(ratios))
     for p in pops:
