@@ -36,9 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from near import nearest_earlier_other  # noqa: E402
-from nearness import kind, load  # noqa: E402
-
-from exporter.profile import Profile  # noqa: E402
+from nearness import load, load_run, run_arguments  # noqa: E402
 
 
 def rms_distances(q: np.ndarray, a: np.ndarray) -> np.ndarray:
@@ -65,34 +63,22 @@ def local_ratio(U: np.ndarray, anchors: np.ndarray, k: int, block: int = 4096) -
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("run", type=Path, help="a run directory of groups.py --workdir (evaluation.jsonl, profile-200.bin)")
-    ap.add_argument("--profile", default="profile-200.bin", help="the calibration profile in it (default profile-200.bin)")
+    run_arguments(ap)
     ap.add_argument("--k", type=int, default=5, help="the anchor's k-th nearest other anchor sets its scale (default 5)")
     ap.add_argument("--ratios", default="2,2.5,3", help="local ratios above which an input is off-manifold (default 2,2.5,3)")
     ap.add_argument("--factor", type=float, default=0.5, help="links' near_factor, in global spacings (default 0.5)")
-    ap.add_argument("--distinct", type=int, default=8, help="links' distinct_repeats (default 8)")
-    ap.add_argument("--recent", type=int, default=65_536, help="log positions back that count (links' max_queries, default 65,536)")
     args = ap.parse_args(argv)
     ratios = [float(r) for r in args.ratios.split(",")]
-    log = args.run / "evaluation.jsonl"
-    ts, clients, X = load(log)
-    order = np.argsort(ts, kind="stable")
-    clients, X = clients[order], X[order]
-    kinds = np.array([kind(str(c)) for c in clients])
-    ref = next(iter(Profile.load(args.run / args.profile).models.values())).references.get("links", {})
-    if "spacing" not in ref:
-        raise SystemExit("the profile's links reference has no anchors' spacing: calibrate with links enabled, on this version")
-    span, spacing, far = ref["span"], float(ref["spacing"]), float(ref["far"])
-    moving = span > 0
-    U = X[:, moving] / span[moving]
-    anchors = np.asarray(ref["anchors"], dtype=np.float64)[:, moving] / span[moving]
-    nearest, ratio = local_ratio(U, anchors, args.k)
+    run = load_run(args.run, args.profile)
+    log, clients, X, kinds, spacing, far = run.log, run.clients, run.X, run.kinds, run.spacing, run.far
+    U = run.units(X)
+    nearest, ratio = local_ratio(U, run.anchors, args.k)
     pops = sorted(set(kinds.tolist()))
     print(f"`{log}`: global spacing {spacing:.4f}, far {far:.4f}; local scale: each anchor's distance to its {args.k}th nearest other anchor\n")
     calibration = args.run / "calibration.jsonl"
     if calibration.exists():
         cx = load(calibration)[2]
-        c_near, c_ratio = local_ratio(cx[:, moving] / span[moving], anchors, args.k)
+        c_near, c_ratio = local_ratio(run.units(cx), run.anchors, args.k)
         c_ratio = c_ratio[c_near > 0]  # the anchors themselves are at distance 0
         q = ", ".join(f"{p:g}: {np.quantile(c_ratio, p):.2f}" for p in (0.99, 0.999, 0.9999))
         print(f"Local ratios of the {c_ratio.size} calibration inputs that are not anchors, quantiles {q}\n")

@@ -37,10 +37,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from nearness import BENIGN, group_of, kind, load  # noqa: E402
+from nearness import BENIGN, group_of, load_run, run_arguments  # noqa: E402
 
 from exporter.detectors.links import nearest_rms  # noqa: E402
-from exporter.profile import Profile  # noqa: E402
 
 
 def nearest_earlier_other(U: np.ndarray, at: np.ndarray, owner: np.ndarray, recent: int, block: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -73,26 +72,14 @@ def nearest_earlier_other(U: np.ndarray, at: np.ndarray, owner: np.ndarray, rece
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("run", type=Path, help="a run directory of groups.py --workdir (evaluation.jsonl, profile-200.bin)")
-    ap.add_argument("--profile", default="profile-200.bin", help="the calibration profile in it (default profile-200.bin)")
+    run_arguments(ap)
     ap.add_argument("--factors", default="0.5,0.25,1,2", help="near_factor values; the first is the first table's (default 0.5,0.25,1,2)")
-    ap.add_argument("--distinct", type=int, default=8, help="links' distinct_repeats (default 8)")
-    ap.add_argument("--recent", type=int, default=65_536, help="log positions back that count (links' max_queries, default 65,536)")
     args = ap.parse_args(argv)
     factors = [float(f) for f in args.factors.split(",")]
-    log = args.run / "evaluation.jsonl"
-    ts, clients, X = load(log)
-    order = np.argsort(ts, kind="stable")
-    clients, X = clients[order], X[order]
-    kinds = np.array([kind(str(c)) for c in clients])
-    models = Profile.load(args.run / args.profile).models
-    ref = next(iter(models.values())).references.get("links", {})
-    if "spacing" not in ref:
-        raise SystemExit("the profile's links reference has no anchors' spacing: calibrate with links enabled, on this version")
-    span, spacing, far = ref["span"], float(ref["spacing"]), float(ref["far"])
-    moving = span > 0
-    U = X[:, moving] / span[moving]
-    at = np.flatnonzero(nearest_rms(U, np.asarray(ref["anchors"], dtype=np.float64)[:, moving] / span[moving]) > far)
+    run = load_run(args.run, args.profile)
+    log, clients, X, kinds, spacing, far = run.log, run.clients, run.X, run.kinds, run.spacing, run.far
+    U = run.units(X)
+    at = np.flatnonzero(nearest_rms(U, run.anchors) > far)
     _, owner = np.unique(clients[at], return_inverse=True)
     best, who, own_d = nearest_earlier_other(U[at], at, owner, args.recent)
     rel = np.where(best < own_d, best / spacing, np.inf)  # the sender's own input as near or nearer: no link

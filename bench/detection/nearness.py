@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,53 @@ def load(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             clients.append(event["client"])
             rows.append(event["input"])
     return np.asarray(ts), np.asarray(clients), np.asarray(rows, dtype=np.float64)
+
+
+def run_arguments(ap: argparse.ArgumentParser) -> None:
+    """The arguments of the scripts that read a run directory as ``links`` would: the directory,
+    its profile, and the near links' guards."""
+    ap.add_argument("run", type=Path, help="a run directory of groups.py --workdir (evaluation.jsonl, profile-200.bin)")
+    ap.add_argument("--profile", default="profile-200.bin", help="the calibration profile in it (default profile-200.bin)")
+    ap.add_argument("--distinct", type=int, default=8, help="links' distinct_repeats (default 8)")
+    ap.add_argument("--recent", type=int, default=65_536, help="log positions back that count (links' max_queries, default 65,536)")
+
+
+@dataclass
+class Run:
+    """A run directory of ``groups.py --workdir`` as ``links`` sees it: the evaluation log's
+    client ids, inputs and populations in time order, and from the calibration profile's
+    ``links`` reference the anchors, spacing and ``far`` distance; inputs and anchors in units
+    of the features' ranges, over the features that move (``units``)."""
+
+    log: Path
+    clients: np.ndarray
+    X: np.ndarray
+    kinds: np.ndarray
+    span: np.ndarray
+    anchors: np.ndarray
+    spacing: float
+    far: float
+
+    def units(self, x: np.ndarray) -> np.ndarray:
+        moving = self.span > 0
+        return x[:, moving] / self.span[moving]
+
+
+def load_run(run: Path, profile: str) -> Run:
+    """Read ``run`` (its ``evaluation.jsonl`` and the profile ``profile``, which must have the anchors' spacing)."""
+    from exporter.profile import Profile
+
+    log = run / "evaluation.jsonl"
+    ts, clients, X = load(log)
+    order = np.argsort(ts, kind="stable")
+    clients, X = clients[order], X[order]
+    ref = next(iter(Profile.load(run / profile).models.values())).references.get("links", {})
+    if "spacing" not in ref:
+        raise SystemExit("the profile's links reference has no anchors' spacing: calibrate with links enabled, on this version")
+    span = np.asarray(ref["span"], dtype=np.float64)
+    anchors = np.asarray(ref["anchors"], dtype=np.float64)[:, span > 0] / span[span > 0]
+    kinds = np.array([kind(str(c)) for c in clients])
+    return Run(log, clients, X, kinds, span, anchors, float(ref["spacing"]), float(ref["far"]))
 
 
 def nearest_other(ts: np.ndarray, clients: np.ndarray, U: np.ndarray, i: int, window: float, recent: int,
