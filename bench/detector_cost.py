@@ -36,10 +36,10 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's exporter first, also where the venv installed another
 
 from throughput import make_log  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's exporter first, also where the venv installed another
 from exporter.config import load_settings  # noqa: E402
 from exporter.detectors import Batch  # noqa: E402
 from exporter.detectors.base import Block, Reference  # noqa: E402

@@ -35,6 +35,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from exporter.detectors.links import nearest_rms  # noqa: E402
+from exporter.profile import Profile  # noqa: E402
 
 BENIGN = {"app": "benign A", "bapp": "benign B"}
 
@@ -98,8 +99,6 @@ class Run:
 
 def load_run(run: Path, profile: str) -> Run:
     """Read ``run`` (its ``evaluation.jsonl`` and the profile ``profile``, which must have the anchors' spacing)."""
-    from exporter.profile import Profile
-
     log = run / "evaluation.jsonl"
     ts, clients, X = load(log)
     order = np.argsort(ts, kind="stable")

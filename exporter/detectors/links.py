@@ -649,8 +649,8 @@ class LinksDetector(Detector):
         nearest candidate that is off the manifold too, when that candidate was sent by another
         client and lies within ``near_factor`` anchor spacings (RMS over the features, range
         units): a split whose keys explore one region off the data. A query nearer to (or as near
-        as) one of its own client's earlier inputs continues that client's own exploration and
-        links nobody, so an attacker who sends inputs near an honest client's cannot get the
+        as) one of its own client's earlier off-manifold inputs among its candidates continues
+        that client's own exploration and links nobody, so an attacker who sends inputs near an honest client's cannot get the
         honest client's next inputs linked to its own. Returns which queries it linked
         (:meth:`update` counts them as it counts off-manifold repeats, past the client's first
         ``distinct_repeats``)."""
