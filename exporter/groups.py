@@ -32,13 +32,20 @@ into groups:
   ``monitaur-exporter calibrate`` sets the threshold from the groups that form by chance
   among benign calibration clients (:func:`group_threshold`), and says so in the profile.
 
-Per link event the work is O(members of the groups involved); per block, a sort of the
-block's client keys. Memory per model: ``max_tracked_clients`` records of at most
-``max_peers`` edges, and the groups over them.
+Cost. Per link, O(``max_peers``) work: a join or a merge counts only the links that cross
+into the group (each client's edges, both ways), and a group's members' query count moves
+with a cursor over the block's rows. Per block, O(block) for that cursor, and the scores
+of the groups whose members sent queries. Members that leave (expiry, eviction,
+release) mark their group for a re-split, which runs once per group at the end of a block,
+at the periodic sweep, or before a read, in O(members × ``max_peers``): so that no client,
+and no number of clients, can make one event cost a search over all pairs of members.
+Memory per model: ``max_tracked_clients`` records of at most ``max_peers`` edges, the other
+view of those edges, and the groups over them.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -55,6 +62,8 @@ if TYPE_CHECKING:
     from exporter.detectors.base import Batch, Block, Signals
     from exporter.detectors.links import LinksParams
     from exporter.profile import Profile
+
+log = logging.getLogger("monitaur.groups")
 
 SOURCE = "links"  # the detector whose links make groups
 HISTORY = 10_000  # dissolved groups' maxima kept for calibration, per model
@@ -106,7 +115,7 @@ class _Edge:
 
 @dataclass(slots=True)
 class _Client:
-    name: str
+    name: str | None  # None: known only by key, as another client's peer, until it sends a query of its own
     flagged_at: float | None = None  # event time of the last link that made or kept the client a possible member
     peers: dict[int, _Edge] = field(default_factory=dict)
     own: int = 0  # links of its own queries (as the explorer)
@@ -118,7 +127,8 @@ class _Group:
     number: int
     created: float
     joined: dict[int, float]  # member key -> event time it joined
-    links: int = 0
+    links: int = 0  # links between members, counted as they happen (a join or merge adds those that cross)
+    queries: int = 0  # the members' queries up to the block cursor (ModelGroups._advance), during a block
     score: float = 0.0
     max_score: float = 0.0
     flagged: bool = False
@@ -140,6 +150,12 @@ class ModelGroups:
         self._queries: Callable[[str], int] = lambda _: 0
         self._block_counts: dict[int, tuple[int, np.ndarray]] = {}  # key -> (queries before the block, its rows)
         self._names: dict[int, str] = {}  # key -> client id, for the clients of the block being processed
+        self._row_keys: list[int] = []  # the block's client key per row
+        self._cursor = -1  # rows of the block up to here are counted in every group's ``queries``
+        self._touched: set[str] = set()  # groups whose members sent queries in the block so far
+        self._resync = False  # the groups' ``queries`` are to be recounted from the clients' (after a restore)
+        self._listers: dict[int, set[int]] = {}  # key -> the clients whose peers hold it (the other view of each edge)
+        self._dirty: set[str] = set()  # groups that lost members or edges since their last split (_settle)
         self._oldest = math.inf  # no edge or flag is older than this (event time): expiry has nothing to do before
 
     # -- per block ----------------------------------------------------------------------
@@ -150,41 +166,66 @@ class ModelGroups:
         right after it; ``queries(client)``: the client's queries on the model so far (the
         block included).
         """
-        found = block.prepared.get(SOURCE)
+        found = block.prepared.get(SOURCE)  # None when the detector failed on the block: its queries still count
         self._queries = queries
-        if found is None:
-            return
-        linked, parents = found[1], found[2]
-        rows = np.flatnonzero(linked)
-        self._block_counts = {}
-        if rows.size:
+        rows = np.flatnonzero(found[1]) if found is not None else np.zeros(0, dtype=np.int64)
+        parents = found[2] if found is not None else None
+        self._block_counts, self._touched, self._cursor = {}, set(), -1
+        if rows.size or self.groups:
             self._count_block(block)
+            if self._resync:  # after a restore: the members' counts before this block, once
+                self._resync = False
+                for g in self.groups.values():
+                    g.queries = sum(self._count(k, self._name(k), -1) for k in g.joined)
             for i in rows.tolist():
                 ts = float(block.events[i].ts)
                 child = client_key(block.events[i].client)
-                self._link(child, block.events[i].client, [int(k) for k in parents[i] if k], ts, bool(flagged[i]), i)
+                self._link(child, block.events[i].client, [int(k) for k in parents[i] if k], ts, bool(flagged[i]), i)  # type: ignore[index]
+            self._advance(len(block) - 1)
         if len(block):
             last = float(block.events[-1].ts)
             self._drop_stale(last)
-            self._refresh(None, last)
-        self._block_counts, self._names = {}, {}
+            self._settle(last)
+            self._refresh(self._touched, last)  # the groups whose members sent queries (their scores moved)
+        self._block_counts, self._names, self._row_keys, self._touched, self._cursor = {}, {}, [], set(), -1
 
     def _count_block(self, block: "Block") -> None:
-        """Each tracked (or linking) client's queries before the block, and its rows in the block."""
+        """Each tracked (or linking) client's queries before the block, its rows in the block, and each row's client."""
+        keys = np.zeros(len(block), dtype=np.uint64)
         for name, rows in block.rows_by_client.items():
             key = client_key(name)
             self._names[key] = name
             self._block_counts[key] = (self._queries(name) - rows.size, rows)
+            keys[rows] = key
+        self._row_keys = keys.tolist()
 
-    def _count(self, key: int, name: str, upto: int | None) -> int:
+    def _name(self, key: int) -> str | None:
+        c = self.clients.get(key)
+        return c.name if c is not None else None
+
+    def _count(self, key: int, name: str | None, upto: int | None) -> int:
         """The client's queries up to block row ``upto`` (None: all so far)."""
         at = self._block_counts.get(key)
         if at is None or upto is None:
-            return self._queries(name)
+            return self._queries(name) if name is not None else 0
         before, rows = at
         return before + int(np.searchsorted(rows, upto, side="right"))
 
+    def _advance(self, row: int) -> None:
+        """Move the cursor to block row ``row``: each row passed adds one query to its client's group."""
+        if row <= self._cursor:
+            return
+        if self.groups:
+            member_of, groups, touched = self.member_of, self.groups, self._touched
+            for k in self._row_keys[self._cursor + 1 : row + 1]:
+                gid = member_of.get(k)
+                if gid is not None:
+                    groups[gid].queries += 1
+                    touched.add(gid)
+        self._cursor = row
+
     def _link(self, child: int, name: str, parents: list[int], ts: float, flagged: bool, row: int) -> None:
+        self._advance(row)
         self._oldest = min(self._oldest, ts)
         me = self._client(child, name)
         me.own += 1
@@ -198,17 +239,20 @@ class ModelGroups:
                 continue
             other = self.clients.get(parent)
             if other is None:
-                other = self._client(parent, self._names.get(parent, f"#{parent:016x}"))
-            for a, b in ((me, parent), (other, child)):
+                other = self._client(parent, self._names.get(parent))
+            for a, (ka, b) in ((me, (child, parent)), (other, (parent, child))):
                 edge = a.peers.get(b)
                 if edge is not None:
                     edge.links += 1
                     edge.last = ts
-                elif len(a.peers) < self.params.max_peers:
-                    a.peers[b] = _Edge(1, ts)
-                else:  # space-saving: the newcomer takes the lightest edge's place and count
+                    continue
+                count = 1
+                if len(a.peers) >= self.params.max_peers:  # space-saving: the newcomer takes the lightest edge's place and count
                     lightest = min(a.peers, key=lambda k: a.peers[k].links)
-                    a.peers[b] = _Edge(a.peers.pop(lightest).links + 1, ts)
+                    count += a.peers.pop(lightest).links
+                    self._unlist(lightest, ka)
+                a.peers[b] = _Edge(count, ts)
+                self._listers.setdefault(b, set()).add(ka)
             g1, g2 = self.member_of.get(child), self.member_of.get(parent)
             if g1 is not None and g1 == g2:
                 self.groups[g1].links += 1
@@ -218,9 +262,21 @@ class ModelGroups:
             for peer in list(me.peers):
                 if self._joinable(child, peer):
                     self._union(child, peer, ts)
-        self._refresh({g for k in (child, *parents) if (g := self.member_of.get(k)) is not None}, ts, row)
+        self._refresh({g for k in (child, *parents) if (g := self.member_of.get(k)) is not None}, ts)
 
-    def _client(self, key: int, name: str) -> _Client:
+    def _unlist(self, key: int, lister: int) -> None:
+        found = self._listers.get(key)
+        if found is not None:
+            found.discard(lister)
+            if not found:
+                del self._listers[key]
+
+    def _neighbours(self, key: int) -> set[int]:
+        """The clients with an edge to ``key``, in either view."""
+        c = self.clients.get(key)
+        return set(c.peers if c is not None else ()) | self._listers.get(key, set())
+
+    def _client(self, key: int, name: str | None) -> _Client:
         c = self.clients.get(key)
         if c is None:
             c = self.clients[key] = _Client(name)
@@ -229,7 +285,7 @@ class ModelGroups:
                 self._drop(old)
         else:
             self.clients.move_to_end(key)
-            if not name.startswith("#"):
+            if name is not None:
                 c.name = name
         return c
 
@@ -244,26 +300,45 @@ class ModelGroups:
         ga, gb = self.member_of.get(a), self.member_of.get(b)
         if ga is None and gb is None:
             number = self._new_number()
-            g = _Group(f"g{number}", number, ts, {a: ts, b: ts})
+            g = _Group(f"g{number}", number, ts, {a: ts})
+            g.queries = self._count(a, self._name(a), self._cursor)
             self.groups[g.gid] = g
-            self.member_of[a] = self.member_of[b] = g.gid
+            self.member_of[a] = g.gid
+            self._join(g, b, ts)
         elif ga is None or gb is None:
             gid = ga or gb
             assert gid is not None
-            joiner = a if ga is None else b
-            self.groups[gid].joined[joiner] = ts
-            self.member_of[joiner] = gid
+            self._join(self.groups[gid], a if ga is None else b, ts)
         elif ga != gb:
             keep, gone = sorted((self.groups[ga], self.groups[gb]), key=lambda g: (g.created, g.number))
+            small, large = sorted((gone, keep), key=lambda g: len(g.joined))
+            pairs = ((k, q) if small is keep else (q, k) for k in small.joined for q in self._neighbours(k) if q in large.joined)
+            cross = sum(self._pair(k, q).links for k, q in pairs)
             for k in gone.joined:  # they join the kept group now (the merge's time, as the scorers read it)
                 keep.joined[k] = ts
                 self.member_of[k] = keep.gid
+            keep.links += gone.links + cross
+            keep.queries += gone.queries
             keep.first_flagged = min((t for t in (keep.first_flagged, gone.first_flagged) if t is not None), default=None)
             keep.max_score = max(keep.max_score, gone.max_score)
+            if gone.gid in self._dirty:
+                self._dirty.discard(gone.gid)
+                self._dirty.add(keep.gid)
             del self.groups[gone.gid]
-        else:
-            return
-        self._recount(self.member_of[a])
+
+    def _join(self, g: _Group, joiner: int, ts: float) -> None:
+        """``joiner`` joins ``g``: with the links between it and the members, and its queries so far."""
+        g.links += sum(self._pair(m, joiner).links for m in self._neighbours(joiner) if m in g.joined)
+        g.queries += self._count(joiner, self._name(joiner), self._cursor)
+        g.joined[joiner] = ts
+        self.member_of[joiner] = g.gid
+
+    def _pair(self, member: int, newcomer: int) -> _Edge:
+        """The edge between a member and a newcomer that have one (in either view): the member's view
+        first, as :meth:`_recount` reads pairs in the order the members joined."""
+        edge = self._edge(member, newcomer)
+        assert edge is not None
+        return edge
 
     def _edge(self, a: int, b: int) -> _Edge | None:
         ca, cb = self.clients.get(a), self.clients.get(b)
@@ -272,17 +347,22 @@ class ModelGroups:
     def _recount(self, gid: str) -> None:
         """The links between a group's members, from their edges (each pair once)."""
         g = self.groups[gid]
-        keys = list(g.joined)
-        g.links = sum(e.links for i, k in enumerate(keys) for q in keys[i + 1 :] if (e := self._edge(k, q)) is not None)
+        at = {k: i for i, k in enumerate(g.joined)}
+        g.links = sum(self._pair(k, q).links for k, i in at.items() for q in self._neighbours(k) if at.get(q, -1) > i)
 
-    def _refresh(self, gids: set[str] | None, ts: float | None = None, row: int | None = None) -> None:
-        """Recompute the scores (and flags) of the groups ``gids`` (None: all), at block row ``row``."""
+    def _members_queries(self, g: _Group) -> int:
+        return sum(self._count(k, self._name(k), self._cursor) for k in g.joined)
+
+    def _refresh(self, gids: set[str] | None, ts: float | None = None) -> None:
+        """Recompute the scores (and flags) of the groups ``gids`` (None: all, recounting their
+        members' queries from the clients'), from their links and members' queries at the cursor."""
         for gid in (self.groups if gids is None else gids):
             g = self.groups.get(gid)
             if g is None:
                 continue
-            queries = sum(self._count(k, self.clients[k].name, row) for k in g.joined if k in self.clients)
-            g.score = min(1.0, g.links / max(queries, 1))
+            if gids is None:
+                g.queries = self._members_queries(g)
+            g.score = min(1.0, g.links / max(g.queries, 1))
             g.max_score = max(g.max_score, g.score)
             g.flagged = len(g.joined) >= 2 and g.score >= self.threshold
             if g.flagged and g.first_flagged is None and ts is not None:
@@ -293,7 +373,9 @@ class ModelGroups:
         """Drop edges and flags older than the TTL, members without them leave (module docstring);
         then recompute every group's score, since its members' query counts have moved on."""
         self._drop_stale(now)
-        self._refresh(None)
+        self._settle()
+        if not self._resync:  # restored groups keep their saved scores until the first block recounts them
+            self._refresh(None)
 
     def _drop_stale(self, now: float) -> None:
         limit = now - self.params.ttl_seconds
@@ -304,6 +386,7 @@ class ModelGroups:
             c = self.clients[key]
             for peer in [p for p, e in c.peers.items() if e.last < limit]:
                 del c.peers[peer]
+                self._unlist(peer, key)
                 if (g := self.member_of.get(key)) is not None:
                     touched.add(g)
             if c.flagged_at is not None and c.flagged_at < limit:
@@ -313,51 +396,70 @@ class ModelGroups:
                     touched.add(g)
             if not c.peers and c.flagged_at is None:
                 self._drop(key)
-        for gid in touched:
-            self._split(gid)
+        self._dirty |= touched
         self._oldest = min((t for c in self.clients.values() for t in (*(e.last for e in c.peers.values()), c.flagged_at) if t is not None), default=math.inf)
 
     def forget(self, key: int) -> None:
-        """A client evicted from the exporter's state, or released, leaves everything."""
+        """A client evicted from the exporter's state, or released, leaves everything (its group is
+        re-split at the next settle: a block's end, the sweep or a read)."""
         if key in self.clients:
             self._drop(key)
 
     def _drop(self, key: int) -> None:
-        self.clients.pop(key, None)  # edges of others that point to it stay, inert: it cannot join any more
+        c = self.clients.pop(key, None)
+        if c is not None:
+            for peer in c.peers:
+                self._unlist(peer, key)
+        for other in self._listers.pop(key, ()):  # and the other clients' edges to it: its links are forgotten
+            oc = self.clients.get(other)
+            if oc is not None and oc.peers.pop(key, None) is not None and (g := self.member_of.get(other)) is not None:
+                self._dirty.add(g)
         gid = self.member_of.pop(key, None)
         if gid is not None:
-            self.groups[gid].joined.pop(key, None)
-            self._split(gid)
+            g = self.groups[gid]
+            g.joined.pop(key, None)
+            g.queries -= self._count(key, c.name if c is not None else None, self._cursor)
+            self._dirty.add(gid)
 
-    def _split(self, gid: str) -> None:
-        """Recompute a group's components after members or edges left; the part with the earliest member keeps the id."""
+    def settle(self) -> None:
+        """Re-split the groups that lost members or edges (once each), so that reads see connected groups."""
+        self._settle()
+
+    def _settle(self, ts: float | None = None) -> None:
+        dirty, self._dirty = self._dirty, set()
+        left: set[str] = set()
+        for gid in sorted(dirty, key=lambda gid: self.groups[gid].number if gid in self.groups else 0):
+            left.update(self._split(gid))
+        self._refresh(left, ts)
+
+    def _split(self, gid: str) -> list[str]:
+        """Recompute a group's components after members or edges left; the part with the earliest member keeps the id.
+        Returns the ids of the groups it left (none if it dissolved). O(members × max_peers): a search along edges."""
         g = self.groups.get(gid)
         if g is None:
-            return
-        members = [k for k in g.joined if k in self.clients and self.clients[k].flagged_at is not None]
-        for k in list(g.joined):
-            if k not in members:
-                g.joined.pop(k)
-                self.member_of.pop(k, None)
+            return []
+        for k in [k for k in g.joined if k not in self.clients or self.clients[k].flagged_at is None]:
+            g.joined.pop(k)
+            self.member_of.pop(k, None)
         parts: list[list[int]] = []
-        left = set(members)
-        while left:
-            start = min(left, key=lambda k: (g.joined[k], k))
+        left = set(g.joined)
+        for start in sorted(g.joined, key=lambda k: (g.joined[k], k)):  # so parts come in the order of their earliest member
+            if start not in left:
+                continue
             part, todo = [], [start]
             left.discard(start)
             while todo:
                 k = todo.pop()
                 part.append(k)
-                for p in list(left):
+                for p in self._neighbours(k) & left:
                     if self._joinable(k, p):
                         left.discard(p)
                         todo.append(p)
             parts.append(part)
         parts = [p for p in parts if len(p) >= 2]
-        parts.sort(key=lambda p: min((g.joined[k], k) for k in p))
         if not parts:
             self._dissolve(g)
-            return
+            return []
         keep = set(parts[0])
         joined = dict(g.joined)
         for k in list(g.joined):
@@ -371,7 +473,10 @@ class ModelGroups:
             for k in part:
                 self.member_of[k] = new.gid
             self._recount(new.gid)
+            new.queries = self._members_queries(new)
         self._recount(gid)
+        g.queries = self._members_queries(g)
+        return [gid, *(self.member_of[part[0]] for part in parts[1:])]
 
     def _dissolve(self, g: _Group) -> None:
         for k in g.joined:
@@ -386,6 +491,7 @@ class ModelGroups:
         members = []
         for k, joined in g.joined.items():
             c = self.clients[k]
+            assert c.name is not None  # a member joined through a query of its own, which named it
             links = sum(e.links for p, e in c.peers.items() if p in g.joined)
             q = queries(c.name)
             members.append(MemberSummary(c.name, links, q, min(1.0, links / max(q, 1)), joined))
@@ -412,25 +518,79 @@ class ModelGroups:
         }
 
     def load(self, state: dict[str, Any]) -> None:
-        self.clients.clear()
-        self.groups.clear()
-        self.member_of.clear()
-        for c in state.get("clients", []):
-            if not is_valid_name(c["name"]) and not str(c["name"]).startswith("#"):
-                continue
-            self.clients[int(c["key"])] = _Client(str(c["name"]), None if c["flagged_at"] is None else float(c["flagged_at"]),
-                                                   {int(p): _Edge(int(n), float(t)) for p, n, t in c["peers"]}, int(c.get("own", 0)))
-        for g in state.get("groups", []):
-            joined = {int(k): float(t) for k, t in g["joined"] if int(k) in self.clients}
-            if len(joined) < 2:
-                continue
-            grp = _Group(str(g["gid"]), int(g["number"]), float(g["created"]), joined, int(g["links"]), float(g["score"]),
-                         float(g["max_score"]), bool(g["flagged"]), None if g["first_flagged"] is None else float(g["first_flagged"]))
-            self.groups[grp.gid] = grp
+        """Restore a snapshot's :meth:`state`, all or nothing: state that does not hold together
+        (a malformed record, an edge or time that is not a finite number, a member in two
+        groups or without a record, a group of fewer than two members) raises ``ValueError``
+        and leaves this model's groups as they were."""
+        p = self.params
+        clients: OrderedDict[int, _Client] = OrderedDict()
+        for c in _records(state, "clients")[-p.max_tracked_clients :]:
+            name = c["name"]
+            if name is not None and not is_valid_name(name):
+                raise ValueError("a client's name is not a valid client id")
+            peers = {_key(k): _Edge(_count_of(n), _time(t)) for k, n, t in c["peers"]}
+            if len(peers) > p.max_peers:
+                raise ValueError("a client has more edges than max_peers")
+            flagged_at = None if c["flagged_at"] is None else _time(c["flagged_at"])
+            clients[_key(c["key"])] = _Client(name, flagged_at, peers, _count_of(c.get("own", 0), low=0))
+        groups: dict[str, _Group] = {}
+        member_of: dict[int, str] = {}
+        for g in _records(state, "groups"):
+            joined = {_key(k): _time(t) for k, t in g["joined"]}
+            gid, number = str(g["gid"]), _count_of(g["number"])
+            if gid != f"g{number}" or gid in groups or len(joined) < 2:
+                raise ValueError("a group's id, number or members do not hold together")
             for k in joined:
-                self.member_of[k] = grp.gid
-        self.maxima = [float(v) for v in state.get("maxima", [])][-HISTORY:]
+                c = clients.get(k)
+                if k in member_of or c is None or c.name is None or c.flagged_at is None:
+                    raise ValueError("a group's member is in another group, or has no record of its own")
+                member_of[k] = gid
+            first = None if g["first_flagged"] is None else _time(g["first_flagged"])
+            groups[gid] = _Group(gid, number, _time(g["created"]), joined, _count_of(g["links"], low=0), 0, _share(g["score"]),
+                                 _share(g["max_score"]), bool(g["flagged"]), first)
+        maxima = [_share(v) for v in state.get("maxima", [])][-HISTORY:]
+        self.clients, self.groups, self.member_of, self.maxima = clients, groups, member_of, maxima
+        self._listers = {}
+        for k, c in clients.items():
+            for peer in c.peers:
+                self._listers.setdefault(peer, set()).add(k)
+        self._dirty = set()
+        self._resync = True
         self._oldest = -math.inf  # the next expiry looks at everything restored
+
+
+def _records(state: dict[str, Any], part: str) -> list[dict[str, Any]]:
+    found = state.get(part, [])
+    if not isinstance(found, list) or not all(isinstance(r, dict) for r in found):
+        raise ValueError(f"the {part} of a model's groups are not a list of records")
+    return found
+
+
+def _key(value: Any) -> int:
+    k = int(value)
+    if not 0 <= k < 2**64:
+        raise ValueError("a client key is out of range")
+    return k
+
+
+def _count_of(value: Any, low: int = 1) -> int:
+    if isinstance(value, bool) or int(value) != value or value < low:
+        raise ValueError("a count is not a whole number in range")
+    return int(value)
+
+
+def _time(value: Any) -> float:
+    t = float(value)
+    if not math.isfinite(t):
+        raise ValueError("an event time is not finite")
+    return t
+
+
+def _share(value: Any) -> float:
+    v = float(value)
+    if not 0.0 <= v <= 1.0:
+        raise ValueError("a score is not within 0 and 1")
+    return v
 
 
 class GroupBook:
@@ -474,7 +634,7 @@ class GroupBook:
     def process(self, model: str, params: "LinksParams | None", block: "Block", queries: Callable[[str], int]) -> None:
         """Fold a judged block into the model's groups."""
         flags = block.flagged.get(SOURCE)
-        if params is None or SOURCE not in block.prepared:
+        if params is None:
             return
         self.model(model, params).observe(block, flags if flags is not None else np.zeros(len(block), dtype=bool), queries)
 
@@ -490,6 +650,8 @@ class GroupBook:
     # -- reading -------------------------------------------------------------------------------
     def summaries(self, queries: Callable[[str, str], int], only: str | None = None) -> list[GroupSummary]:
         """Every group, flagged first, then by score; or only the group ``only``, if it exists."""
+        for mg in self.by_model.values():
+            mg.settle()
         out = [mg.summary(gid, lambda c, m=mg.model: queries(c, m)) for mg in self.by_model.values()
                for gid in (mg.groups if only is None else [only] if only in mg.groups else [])]
         return sorted(out, key=lambda s: (not s.flagged, -s.score, s.group))
@@ -497,6 +659,8 @@ class GroupBook:
     def of(self, client: str) -> list[str]:
         """The groups a client is in (one per model at most)."""
         key = client_key(client)
+        for mg in self.by_model.values():
+            mg.settle()
         return [gid for mg in self.by_model.values() if (gid := mg.member_of.get(key)) is not None]
 
     # -- snapshots -----------------------------------------------------------------------------
@@ -504,11 +668,24 @@ class GroupBook:
         return {"next": self._next, "models": {m: mg.state() for m, mg in self.by_model.items()}}
 
     def load(self, state: dict[str, Any], params_of: Callable[[str], "LinksParams | None"]) -> None:
+        """Restore every model's groups whose ``links`` parameters ``params_of`` accepts. A model whose
+        saved groups do not hold together starts without groups (a warning says how many), and the
+        clients and detector state restored beside them stay."""
         self._next = max(self._next, int(state.get("next", 1)))
+        bad = 0
         for model, st in state.get("models", {}).items():
             params = params_of(model)
-            if params is not None:
-                self.model(model, params).load(st)
+            if params is None:
+                continue
+            mg = self.model(model, params)
+            try:
+                mg.load(st)
+            except (ValueError, TypeError, KeyError, IndexError, OverflowError):
+                bad += 1
+                continue
+            self._next = max(self._next, 1 + max((g.number for g in mg.groups.values()), default=0))
+        if bad:
+            log.warning("the saved groups of %d model(s) do not hold together; those models start without groups", bad)
 
 
 def links_params(runtime: Any) -> "LinksParams | None":

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 MARKER = 37
 
 
-@pytest.mark.parametrize("script", ["throughput", "detector_cost", "checkpoint", "memory_per_client", "memory_per_model"])
+@pytest.mark.parametrize("script", ["throughput", "detector_cost", "checkpoint", "memory_per_client", "memory_per_model", "group_cost"])
 def test_a_bench_script_imports_its_own_checkouts_exporter(tmp_path: Path, script: str) -> None:
     (tmp_path / "bench").mkdir()
     for name in ("throughput", script):  # detector_cost imports throughput's traffic

@@ -29,11 +29,14 @@ class Feed:
     def link(self, child: str, parents: list[str], ts: float, flagged: bool = True, queries: int = 0) -> None:
         """One event of ``child`` that continued queries of ``parents`` (after ``queries`` more of its own)."""
         self.queries[child] = self.queries.get(child, 0) + queries + 1
-        block = Block("m", [Event(child, "m", ts, "tabular", vector=np.zeros(2))])
-        keys = np.zeros((1, 2), dtype=np.uint64)
-        keys[0, : len(parents)] = [client_key(p) for p in parents]
-        block.prepared["links"] = (np.ones(1, dtype=bool), np.ones(1, dtype=bool), keys)
-        self.groups.observe(block, np.array([flagged]), lambda c: self.queries.get(c, 0))
+        n = queries + 1  # one block: the child's unlinked queries, then the linked one (every query is a row, as in the pipeline)
+        block = Block("m", [Event(child, "m", ts, "tabular", vector=np.zeros(2)) for _ in range(n)])
+        keys = np.zeros((n, 2), dtype=np.uint64)
+        keys[-1, : len(parents)] = [client_key(p) for p in parents]
+        linked = np.zeros(n, dtype=bool)
+        linked[-1] = True
+        block.prepared["links"] = (np.ones(n, dtype=bool), linked, keys)
+        self.groups.observe(block, np.full(n, flagged), lambda c: self.queries.get(c, 0))
 
     def members(self) -> dict[str, set[str]]:
         return {gid: {self.groups.clients[k].name for k in g.joined} for gid, g in self.groups.groups.items()}
@@ -171,3 +174,95 @@ def test_model_groups_use_the_profiles_group_threshold_only_for_the_same_paramet
     other = GroupBook(Profile(0.01, {"m": mp}))
     assert other.model("m", LinksParams(group_min_links=5)).threshold == LinksParams().group_threshold
     assert isinstance(book.by_model["m"], ModelGroups)
+
+
+def test_a_client_id_that_starts_with_a_hash_is_listed_as_sent() -> None:
+    """A peer first seen only by key (not in the block) is named when it sends a query of its own,
+    whatever its id looks like: a real id such as ``#b`` must not be taken for a placeholder."""
+    f = Feed()
+    f.link("a", ["#b"], 1.0)  # "#b" is only a's peer here: known by key
+    f.link("#b", ["a"], 2.0)
+    assert f.members() == {"g1": {"a", "#b"}}
+    assert {m.client for m in f.groups.summary("g1", lambda c: f.queries.get(c, 0)).members} == {"a", "#b"}
+
+
+def _components(mg: ModelGroups) -> set[frozenset[int]]:
+    """The groups a recount from scratch makes: components of 2 or more eligible clients joined by
+    edges of at least group_min_links links (in either client's view)."""
+    eligible = [k for k, c in mg.clients.items() if c.flagged_at is not None]
+    parent = {k: k for k in eligible}
+
+    def root(k: int) -> int:
+        while parent[k] != k:
+            k = parent[k]
+        return k
+
+    for a in eligible:
+        for b in eligible:
+            e = mg.clients[a].peers.get(b) or mg.clients[b].peers.get(a)
+            if a < b and e is not None and e.links >= mg.params.group_min_links:
+                parent[root(a)] = root(b)
+    parts: dict[int, set[int]] = {}
+    for k in eligible:
+        parts.setdefault(root(k), set()).add(k)
+    return {frozenset(p) for p in parts.values() if len(p) >= 2}
+
+
+def test_the_kept_counts_equal_a_recount_from_scratch_through_joins_merges_expiry_and_eviction() -> None:
+    """Joins and merges add only the links that cross, a cursor counts the members' queries, and
+    leaving members re-split their group once: checked against recounts from scratch after every
+    step of a random feed (no edge is ever displaced: max_peers is large)."""
+    rng = np.random.default_rng(7)
+    params = LinksParams(group_min_links=2, group_threshold=0.05, ttl_seconds=400.0, max_peers=64, max_tracked_clients=40)
+    f = Feed(params)
+    names = [f"c{i}" for i in range(30)]
+    for step in range(600):
+        t = float(step)
+        child = names[int(rng.integers(len(names)))]
+        parents = [names[int(i)] for i in rng.choice(len(names), size=int(rng.integers(1, 3)), replace=False)]
+        f.link(child, parents, t, flagged=bool(rng.random() < 0.3), queries=int(rng.integers(0, 3)))
+        if step % 97 == 0:
+            f.book.forget(names[int(rng.integers(len(names)))])
+        if step % 53 == 0:
+            f.groups.expire(t)
+        f.book.summaries(lambda c, m: f.queries.get(c, 0))  # a read settles the groups that lost members
+        mg = f.groups
+        assert {frozenset(g.joined) for g in mg.groups.values()} == _components(mg)
+        for g in mg.groups.values():
+            keys = list(g.joined)
+            assert g.links == sum(e.links for i, a in enumerate(keys) for b in keys[i + 1 :] if (e := mg._edge(a, b)) is not None)
+            assert g.queries == sum(f.queries.get(mg.clients[k].name, 0) for k in keys)
+            assert all(mg.member_of[k] == g.gid for k in keys)
+    assert len(f.groups.groups) >= 1  # the feed did make groups
+
+
+def test_saved_groups_that_do_not_hold_together_are_dropped_and_the_rest_restores(caplog) -> None:
+    """A member in two groups (or any record that does not hold together) drops that model's groups,
+    with a warning, instead of failing the restore or breaking every later read of the groups."""
+    import logging
+
+    f = Feed()
+    f.link("a", ["b"], 1.0)
+    f.link("b", ["a"], 2.0)
+    state = f.book.state()
+    good = {"next": state["next"], "models": {"m": state["models"]["m"], "n": state["models"]["m"]}}
+    overlapping = dict(state["models"]["m"])
+    g = dict(overlapping["groups"][0])
+    overlapping["groups"] = [g, {**g, "gid": "g7", "number": 7}]
+    for broken in (overlapping, {**overlapping, "groups": [{**g, "joined": [[g["joined"][0][0], 1.0]]}]},
+                   {**overlapping, "clients": [{**c, "peers": [[1, "x", 1.0]]} for c in overlapping["clients"]]},
+                   {**overlapping, "groups": [{**g, "score": float("nan")}]}):
+        book = GroupBook()
+        with caplog.at_level(logging.WARNING, logger="monitaur.groups"):
+            book.load({**good, "models": {"m": broken, "n": good["models"]["n"]}}, lambda model: PARAMS)
+        assert "do not hold together" in caplog.text
+        caplog.clear()
+        assert book.by_model["m"].groups == {} and book.of("a") == ["g1"]  # model n's copy restored
+        assert [s.group for s in book.summaries(lambda c, m: 1)] == ["g1"]
+    book = GroupBook()
+    book.load({**good, "next": 1}, lambda model: PARAMS)
+    f2 = Feed()
+    f2.book, f2.groups = book, book.by_model["m"]
+    f2.link("x", ["y"], 3.0)
+    f2.link("y", ["x"], 4.0)
+    assert "g1" not in {gid for gid, g in f2.groups.groups.items() if f2.groups.clients[next(iter(g.joined))].name == "x"}

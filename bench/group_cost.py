@@ -1,0 +1,91 @@
+"""Measure what one large group costs the groups' bookkeeping (exporter.groups), as it grows and as it leaves.
+
+Clients control how many keys they use, and each key needs only ``group_min_links``
+linked queries to join a group. This feeds one model's groups the links of ``N`` keys,
+each joining with ``group_min_links`` queries that continue an earlier key's (a star
+around the first key, or a chain), one event per block as in live ingestion, and times:
+
+* the joins, per linked event;
+* one read of every group (what ``/metrics`` and the groups API do);
+* the eviction of one member (its group is re-split at the read that follows);
+* the expiry of the whole group (one periodic sweep).
+
+All of it runs under the pipeline's lock, so a cost that grows with ``N`` per event is a
+stall of ingestion and of ``/metrics``. Compare the per-event figures across ``N``:
+they should stay flat.
+
+    python3 bench/group_cost.py [--sizes 250,500,1000,2000] [--shape star|chain]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's exporter first, also where the venv installed another
+from exporter.detectors.base import Block  # noqa: E402
+from exporter.detectors.fingerprint import client_key  # noqa: E402
+from exporter.detectors.links import LinksParams  # noqa: E402
+from exporter.events import Event  # noqa: E402
+from exporter.groups import GroupBook, ModelGroups  # noqa: E402
+
+
+def link(groups: ModelGroups, queries: dict[str, int], child: str, parent: str, ts: float) -> None:
+    """One event of ``child``, linked to ``parent``, as a block of its own."""
+    queries[child] = queries.get(child, 0) + 1
+    block = Block("m", [Event(child, "m", ts, "tabular", vector=np.zeros(2))])
+    keys = np.zeros((1, 2), dtype=np.uint64)
+    keys[0, 0] = client_key(parent)
+    block.prepared["links"] = (np.ones(1, dtype=bool), np.ones(1, dtype=bool), keys)
+    groups.observe(block, np.zeros(1, dtype=bool), lambda c: queries.get(c, 0))
+
+
+def measure(n: int, shape: str) -> dict[str, float]:
+    params = LinksParams()
+    book = GroupBook()
+    groups = book.model("m", params)
+    queries: dict[str, int] = {}
+    ts = 0.0
+    events = 0
+    started = time.perf_counter()
+    pairs = [("k0", "k1"), ("k1", "k0")] + [(f"k{i}", "k0" if shape == "star" else f"k{i - 1}") for i in range(2, n)]
+    for child, parent in pairs:  # k0 and k1 link each other, then every other key joins
+        for _ in range(params.group_min_links):
+            link(groups, queries, child, parent, ts)
+            ts += 0.01
+            events += 1
+    grow = time.perf_counter() - started
+    sizes = sorted((len(g.joined) for g in groups.groups.values()), reverse=True)
+    t = time.perf_counter()
+    book.summaries(lambda c, m: queries.get(c, 0))
+    read = time.perf_counter() - t
+    t = time.perf_counter()
+    book.forget(f"k{n // 2}")
+    book.summaries(lambda c, m: queries.get(c, 0))
+    evict = time.perf_counter() - t
+    t = time.perf_counter()
+    book.expire(ts + params.ttl_seconds + 1.0)
+    expire = time.perf_counter() - t
+    return {"members": float(sizes[0] if sizes else 0), "events": float(events), "grow_us_per_event": 1e6 * grow / events,
+            "read_ms": 1e3 * read, "evict_ms": 1e3 * evict, "expire_ms": 1e3 * expire, "groups_left": float(len(groups.groups))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="250,500,1000,2000", help="keys in the group, comma-separated")
+    ap.add_argument("--shape", choices=["star", "chain"], default="star", help="each key continues the first key's queries, or the previous key's")
+    args = ap.parse_args()
+    print(f"`bench/group_cost.py --sizes {args.sizes} --shape {args.shape}`\n")
+    print("| keys | largest group | linked events | µs per linked event, growing | one read, ms | evict one member + read, ms | expire all, ms |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for n in (int(s) for s in args.sizes.split(",")):
+        r = measure(n, args.shape)
+        print(f"| {n:,} | {int(r['members']):,} | {int(r['events']):,} | {r['grow_us_per_event']:.0f} | {r['read_ms']:.1f} | {r['evict_ms']:.1f} | {r['expire_ms']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
