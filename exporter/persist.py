@@ -141,7 +141,7 @@ def restore(data: bytes | BinaryIO, lock: threading.RLock, store: ClientStore, r
     with lock:
         learned = _readmitted(runtimes, doc)
         decoder.restore(learned)
-        dropped = 0
+        dropped = unfit = 0
         for model, m in (doc.get("models", {}) if current else {}).items():
             rt = _runtime(runtimes, decoder, model)
             if rt is None:
@@ -154,7 +154,12 @@ def restore(data: bytes | BinaryIO, lock: threading.RLock, store: ClientStore, r
             for det in rt.detectors:
                 shared = m.get("shared", {}).get(det.name)
                 if shared is not None and shared["version"] == rt.versions[det.name]:
-                    det.load_shared_state(shared["state"])
+                    try:
+                        det.load_shared_state(shared["state"])
+                    except ValueError:  # a shared index that does not hold together starts empty; the rest restores
+                        unfit += 1
+        if unfit:
+            log.warning("dropped %d shared detector index(es) that do not hold together; they start empty", unfit)
         for raw in doc.get("clients", []):
             c = ClientState(
                 client_id=raw["id"],

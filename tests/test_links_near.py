@@ -200,3 +200,20 @@ def test_the_off_manifold_flags_are_those_of_the_distance_to_every_anchor() -> N
     bounded = reach > exact + 1e-3
     assert bounded.sum() > 100 and (flags[bounded] == 1).all()  # many were settled by the bound
     assert 0.2 < (flags == 2).mean() < 0.8
+
+
+def test_a_saved_index_with_ids_out_of_range_is_refused_before_anything_changes() -> None:
+    """A bucket that names a query the index never gave would make every later block fail (and be
+    saved again): the load refuses it, and the detector goes on with what it had."""
+    first = detector(distinct_repeats=0)
+    send(first, {}, "alice", synthetic(20, 12), 1000.0)
+    saved = savez_roundtrip(first.shared_state())
+    for part, value in (("slots", 10**9), ("step_slots", 10**9), ("fill", -5), ("slots", -7)):
+        broken = dict(saved)
+        broken[part] = np.array(saved[part], copy=True)
+        broken[part][3] = value
+        second = detector(distinct_repeats=0)
+        with pytest.raises(ValueError, match="out of range"):
+            second.load_shared_state(broken)
+        linked, _ = send(second, {}, "bob", synthetic(20, 14), 2000.0)  # still works: an empty index, no failure
+        assert second.index_size() == 20 and not linked.any()

@@ -198,3 +198,36 @@ def test_a_failed_streamed_write_leaves_the_previous_checkpoint(tmp_path) -> Non
     with pytest.raises(OSError):
         atomic_write(path, half)
     assert path.read_bytes() == b"previous" and [f.name for f in tmp_path.iterdir()] == ["state.npz"]
+
+
+def test_a_shared_index_or_groups_that_do_not_hold_together_are_dropped_and_the_rest_restores(caplog: pytest.LogCaptureFixture) -> None:
+    """A snapshot whose links index names queries it never held, and whose groups put one client
+    in two groups, restores every client: those parts start empty, each with a warning (before,
+    the first failed the whole restore half-way, the second broke every later read of the groups)."""
+    import logging
+
+    settings = Settings(detectors={"links": {"enabled": True}}, state={"dir": None})
+    p = Pipeline(settings)
+    for i in range(30):
+        p.ingest_lines(lines(f"c{i}", 20, seed=i % 4))
+    doc = p.snapshot_copy()
+    shared = doc["models"]["digits"]["shared"]["links"]["state"]
+    shared["slots"] = np.array(shared["slots"], copy=True)
+    shared["slots"][0] = 10**12
+    member = {"key": 1, "name": "c1", "flagged_at": 1.0, "own": 3, "peers": [[2, 3, 1.0]]}
+    group = {"gid": "g1", "number": 1, "created": 1.0, "joined": [[1, 1.0], [2, 1.0]], "links": 3, "score": 0.5, "max_score": 0.5,
+             "flagged": True, "first_flagged": 1.0}
+    doc["groups"]["models"]["digits"] = {"clients": [member, {**member, "key": 2, "name": "c2", "peers": [[1, 3, 1.0]]}],
+                                         "groups": [group, {**group, "gid": "g2", "number": 2}], "maxima": []}
+    q = Pipeline(settings)
+    with caplog.at_level(logging.WARNING):
+        assert q.restore(pack(doc)) == 30
+    assert "dropped 1 shared detector index(es) that do not hold together" in caplog.text
+    assert "the saved groups of 1 model(s) do not hold together" in caplog.text
+    assert q.group_summaries() == [] and q.group_ids("c1") == []
+    q.ingest_lines(lines("c99", 5, seed=1))  # the links detector works on, from an empty index
+    assert value_of(q, "monitaur_detector_errors_total", detector="links") == 0.0
+
+
+def value_of(p: Pipeline, name: str, **labels: str) -> float | None:
+    return p.metrics.registry.get_sample_value(name, labels)

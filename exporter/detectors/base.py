@@ -383,7 +383,9 @@ class Detector(ABC):
         return None
 
     def load_shared_state(self, state: State) -> None:
-        """Restore what :meth:`shared_state` returned before a restart."""
+        """Restore what :meth:`shared_state` returned before a restart. State that does not fit or
+        hold together raises ``ValueError`` before anything changes: the restore then leaves the
+        index empty, with a warning, and restores the rest."""
 
     def forget_client(self, client: str) -> None:
         """Called when a client is evicted, for detectors that index clients in shared state."""

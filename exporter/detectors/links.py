@@ -866,6 +866,16 @@ class LinksDetector(Detector):
             raise ValueError("links shared state does not fit these parameters")
         if np.asarray(state["slots"]).shape != self._slots.shape or np.asarray(state["fill"]).shape != self._fill.shape:
             raise ValueError("links shared state does not fit these parameters")
+        if np.asarray(state["step_slots"]).shape != self._step_slots.shape or np.asarray(state["step_fill"]).shape != self._step_fill.shape:
+            raise ValueError("links shared state does not fit these parameters")
+        pending = np.asarray(state["pending"], dtype=np.int64).reshape(-1, 2)
+        ids = (np.asarray(state["slots"]), np.asarray(state["step_slots"]), pending[:, 1])
+        # Every id a table holds is one the index gave (or -1), every count and bucket in range: a
+        # snapshot that says otherwise would make every later block fail, and be saved again.
+        if (any(a.size and (a.min() < -1 or a.max() >= nxt) for a in ids) or np.asarray(state["fill"]).min() < 0
+                or np.asarray(state["step_fill"]).min() < 0 or (pending.size and not 0 <= pending[:, 0].min() <= pending[:, 0].max() < self._step_fill.size)
+                or not np.isfinite(np.asarray(state["ts"], dtype=np.float64)).all() or np.isnan(float(state["step_last"])) or float(state["step_last"]) == np.inf):
+            raise ValueError("links shared state holds ids, counts or times out of range")
         self._reset()
         while self._alloc < min(max(nxt, 1), self._cap):
             self._grow()
@@ -878,12 +888,10 @@ class LinksDetector(Detector):
         self._far_seen[pos], self._reach[pos] = self._off_manifold(self._U[pos])  # not saved: recomputed from the inputs
         self._slots[...] = np.asarray(state["slots"], dtype=np.int64)
         self._fill[...] = np.asarray(state["fill"], dtype=np.int64)
-        if np.asarray(state["step_slots"]).shape != self._step_slots.shape or np.asarray(state["step_fill"]).shape != self._step_fill.shape:
-            raise ValueError("links shared state does not fit these parameters")
         self._step_slots[...] = np.asarray(state["step_slots"], dtype=np.int64)
         self._step_fill[...] = np.asarray(state["step_fill"], dtype=np.int64)
         self._step_last = float(state["step_last"])
-        self._pending = [(int(b), int(i)) for b, i in np.asarray(state["pending"], dtype=np.int64).reshape(-1, 2)]
+        self._pending = [(int(b), int(i)) for b, i in pending]
         self._next, self._oldest = nxt, lo
         # Which entry holds each point in the buckets: the first of its repeats, or a later one
         # sent when the one before had passed the TTL (what _new_points decided then).
