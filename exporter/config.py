@@ -445,6 +445,16 @@ class LimitsConfig(_Section):
             "its input length, which an unconfigured model learns from its first event"
         ),
     )
+    max_future_seconds: float = Field(
+        300.0,
+        ge=1.0,
+        le=366 * 86400.0,
+        description=(
+            "in live ingestion (tail and push), an event stamped more than this many seconds after the exporter's clock is rejected: "
+            "what is kept by event time (the links index, groups' edges) expires against the latest event time, so one event far "
+            "in the future would wipe it. replay and calibrate take the log's own times and do not check"
+        ),
+    )
     max_classes: int = Field(
         4096,
         ge=2,

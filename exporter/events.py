@@ -125,6 +125,7 @@ class Decoder:
         self._max_input_values = settings.limits.max_input_values
         self._max_classes = settings.limits.max_classes
         self._admission = admission
+        self._max_ahead = settings.limits.max_future_seconds
         self.learned_input_dims: dict[str, int] = {}
         self.learned_num_classes: dict[str, int] = {}
         self.learned_modalities: dict[str, str] = {}
@@ -146,16 +147,21 @@ class Decoder:
         self.learned_num_classes.update({k: int(v) for k, v in valid("num_classes").items() if 1 < int(v) <= self._max_classes})
         self.learned_modalities.update({k: str(v) for k, v in valid("modalities").items()})
 
-    def decode_line(self, line: bytes | str, now: float | None = None) -> Event:
-        """Decode one JSON-lines record."""
+    def decode_line(self, line: bytes | str, now: float | None = None, clock: float | None = None) -> Event:
+        """Decode one JSON-lines record (see :meth:`decode_object`)."""
         try:
             obj = jsonparse.loads(line)
         except ValueError as exc:  # UnicodeDecodeError included
             raise Rejected(reasons.MALFORMED_JSON, f"not valid JSON ({type(exc).__name__})") from None
-        return self.decode_object(obj, now)
+        return self.decode_object(obj, now, clock)
 
-    def decode_object(self, obj: Any, now: float | None = None) -> Event:
-        """Decode one already-parsed JSON value."""
+    def decode_object(self, obj: Any, now: float | None = None, clock: float | None = None) -> Event:
+        """Decode one already-parsed JSON value.
+
+        ``now``: the time of an event without one. ``clock``: in live ingestion (tail, push),
+        the exporter's clock; an event stamped more than ``limits.max_future_seconds`` after it
+        is rejected. Replay and calibrate read a log's own times and pass no clock.
+        """
         if not isinstance(obj, dict):
             raise Rejected(reasons.NOT_AN_OBJECT, f"expected a JSON object, got {type(obj).__name__}")
         f = self._fields
@@ -187,6 +193,10 @@ class Decoder:
                 raise Rejected(*refused)
         # The common timestamp (a plausible float) needs no call.
         ts = raw_ts if type(raw_ts) is float and 0.0 <= raw_ts <= MAX_TIMESTAMP else self._timestamp(raw_ts, now)
+        if clock is not None and ts > clock + self._max_ahead:
+            # Event time drives what expires (the links index, groups' edges): one event far in
+            # the future would wipe it. Before admission, so that such an event admits nothing.
+            raise Rejected(reasons.FUTURE_TIMESTAMP, f"timestamp is more than {self._max_ahead:g} s after the exporter's clock")
         mcfg = self._models.get(model) or _NO_CONFIG
         # A model's modality is configured, or guessed from its first event and then held to.
         modality = mcfg.modality or self.learned_modalities.get(model)

@@ -123,13 +123,14 @@ class Pipeline:
         """Decode and process already-parsed JSON values."""
         return self._ingest(objs, self.decoder.decode_object)
 
-    def _ingest(self, items: Iterable[Any], decode: Callable[[Any, float | None], Event]) -> IngestResult:
+    def _ingest(self, items: Iterable[Any], decode: Callable[[Any, float | None, float | None], Event]) -> IngestResult:
         result = IngestResult(0, Counter())
         with self.lock:
             events: list[Event] = []
             for item in items:
                 try:
-                    events.append(decode(item, self.clock()))
+                    now = self.clock()
+                    events.append(decode(item, now, None if self.event_time else now))
                 except Rejected as rej:
                     self.reject(rej.reason, rej.message)
                     result.rejected[rej.reason] += 1

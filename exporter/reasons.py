@@ -9,6 +9,7 @@ NOT_AN_OBJECT = "not_an_object"
 MISSING_CLIENT = "missing_client"
 INVALID_CLIENT = "invalid_client"
 INVALID_TIMESTAMP = "invalid_timestamp"
+FUTURE_TIMESTAMP = "future_timestamp"  # live ingestion: stamped more than limits.max_future_seconds after the exporter's clock
 INVALID_MODEL = "invalid_model"
 MODEL_NOT_ALLOWED = "model_not_allowed"  # a new model name outside model_admission.allowed and .pattern
 TOO_MANY_MODELS = "too_many_models"  # a new model name while model_admission.max_models are admitted
@@ -31,6 +32,7 @@ ALL: tuple[str, ...] = (
     MISSING_CLIENT,
     INVALID_CLIENT,
     INVALID_TIMESTAMP,
+    FUTURE_TIMESTAMP,
     INVALID_MODEL,
     MODEL_NOT_ALLOWED,
     TOO_MANY_MODELS,

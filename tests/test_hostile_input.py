@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def test_the_decoder_rejects_each_kind_with_its_reason(hostile: Hostile) -> None
     settings = Settings(**SETTINGS)
     d = Decoder(settings, ModelAdmission.for_settings(settings))
     with pytest.raises(Rejected) as err:
-        d.decode_line(hostile.line)
+        d.decode_line(hostile.line, None, time.time())  # as live ingestion decodes: with the exporter's clock
     assert err.value.reason == hostile.reason
     assert "FORGED" not in err.value.message and SECRET_TEXT not in err.value.message
     assert d.learned() == {"input_dims": {}, "num_classes": {}, "modalities": {}}  # nothing learned from it
@@ -200,10 +201,10 @@ def test_an_unforeseen_decoding_failure_rejects_its_event_only(tmp_path: Path, c
     app = App(_app_settings(tmp_path))
     real = app.pipeline.decoder.decode_line
 
-    def flaky(line: bytes | str, now: float | None = None):
+    def flaky(line: bytes | str, now: float | None = None, clock: float | None = None):
         if b"BOOM" in (line if isinstance(line, bytes) else line.encode()):
             raise ZeroDivisionError(f"BOOM\n{MARKER}")
-        return real(line, now)
+        return real(line, now, clock)
 
     app.pipeline.decoder.decode_line = flaky  # type: ignore[method-assign]
     app.start()
