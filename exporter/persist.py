@@ -138,6 +138,9 @@ def restore(data: bytes | BinaryIO, lock: threading.RLock, store: ClientStore, r
     if unsafe:
         log.warning("dropped %d clients or models of the snapshot whose names are not valid (printable text) any more", unsafe)
     names = set(runtimes.specs)
+    # Every client record is read before anything is loaded: a malformed one fails the restore
+    # while the exporter is still empty, as the caller then says it is.
+    parsed = [(_client(raw, names, doc["version"]), _detector_entries(raw) if current else {}) for raw in doc.get("clients", [])]
     with lock:
         learned = _readmitted(runtimes, doc)
         decoder.restore(learned)
@@ -160,24 +163,8 @@ def restore(data: bytes | BinaryIO, lock: threading.RLock, store: ClientStore, r
                         unfit += 1
         if unfit:
             log.warning("dropped %d shared detector index(es) that do not hold together; they start empty", unfit)
-        for raw in doc.get("clients", []):
-            c = ClientState(
-                client_id=raw["id"],
-                last_seen=float(raw["last_seen"]),
-                total=int(raw["total"]),
-                queries={k: int(v) for k, v in raw["queries"].items()},
-                scores={k: float(v) for k, v in raw["scores"].items() if k in names},
-                current={k: bool(v) for k, v in raw["current"].items() if k in names},
-                flags={k: int(v) for k, v in raw["flags"].items()},
-                first_flagged={k: int(v) for k, v in raw["first_flagged"].items()},
-                first_flagged_query=raw["first_flagged_query"],
-                first_flagged_at=None if raw.get("first_flagged_at") is None else float(raw["first_flagged_at"]),
-                flag=_flag(raw, doc["version"]),
-                released=Release.from_dict(raw["released"]) if raw.get("released") else None,
-                flagged_now=bool(raw.get("flagged_now", raw.get("suspicious", False))),
-                score=float(raw.get("score", 0.0)),
-            )
-            for model, per in (raw.get("detectors", {}) if current else {}).items():
+        for c, entries in parsed:
+            for model, per in entries.items():
                 rt = _runtime(runtimes, decoder, model)
                 if rt is None:
                     continue
@@ -195,6 +182,36 @@ def restore(data: bytes | BinaryIO, lock: threading.RLock, store: ClientStore, r
         if groups is not None and current and isinstance(doc.get("groups"), dict):
             _restore_groups(groups, doc["groups"], runtimes, decoder)
         return len(store)
+
+
+def _client(raw: dict[str, Any], names: set[str], version: int) -> ClientState:
+    """One client's counters and verdict from its snapshot record (its detector state apart)."""
+    return ClientState(
+        client_id=raw["id"],
+        last_seen=float(raw["last_seen"]),
+        total=int(raw["total"]),
+        queries={k: int(v) for k, v in raw["queries"].items()},
+        scores={k: float(v) for k, v in raw["scores"].items() if k in names},
+        current={k: bool(v) for k, v in raw["current"].items() if k in names},
+        flags={k: int(v) for k, v in raw["flags"].items()},
+        first_flagged={k: int(v) for k, v in raw["first_flagged"].items()},
+        first_flagged_query=raw["first_flagged_query"],
+        first_flagged_at=None if raw.get("first_flagged_at") is None else float(raw["first_flagged_at"]),
+        flag=_flag(raw, version),
+        released=Release.from_dict(raw["released"]) if raw.get("released") else None,
+        flagged_now=bool(raw.get("flagged_now", raw.get("suspicious", False))),
+        score=float(raw.get("score", 0.0)),
+    )
+
+
+def _detector_entries(raw: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """A client record's detector state per model and detector, each entry with its ``version`` and ``state``."""
+    per_model = raw.get("detectors", {})
+    if not isinstance(per_model, dict) or not all(
+        isinstance(per, dict) and all(isinstance(e, dict) and "version" in e and "state" in e for e in per.values()) for per in per_model.values()
+    ):
+        raise ValueError("a client's detector state is not a mapping of versioned entries")
+    return per_model
 
 
 def _restore_groups(groups: "GroupBook", saved: dict[str, Any], runtimes: "Runtimes", decoder: "Decoder") -> None:

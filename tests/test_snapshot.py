@@ -231,3 +231,17 @@ def test_a_shared_index_or_groups_that_do_not_hold_together_are_dropped_and_the_
 
 def value_of(p: Pipeline, name: str, **labels: str) -> float | None:
     return p.metrics.registry.get_sample_value(name, labels)
+
+
+def test_a_malformed_client_record_fails_the_restore_before_anything_is_loaded() -> None:
+    """The caller of a failed restore logs that it starts empty: so it must be empty. Every client
+    record is read before anything is loaded (before, the clients before the bad one stayed)."""
+    p = Pipeline(Settings(detectors={"links": {"enabled": True}}, state={"dir": None}))
+    for i in range(30):
+        p.ingest_lines(lines(f"c{i}", 20, seed=i % 4))
+    doc = p.snapshot_copy()
+    doc["clients"][-1]["total"] = "many"
+    q = Pipeline(Settings(detectors={"links": {"enabled": True}}, state={"dir": None}))
+    with pytest.raises(ValueError):
+        q.restore(pack(doc))
+    assert len(q.store) == 0 and q.runtimes.get("digits") is None
