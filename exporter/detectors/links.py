@@ -869,12 +869,13 @@ class LinksDetector(Detector):
         if np.asarray(state["step_slots"]).shape != self._step_slots.shape or np.asarray(state["step_fill"]).shape != self._step_fill.shape:
             raise ValueError("links shared state does not fit these parameters")
         pending = np.asarray(state["pending"], dtype=np.int64).reshape(-1, 2)
-        ids = (np.asarray(state["slots"]), np.asarray(state["step_slots"]), pending[:, 1])
         # Every id a table holds is one the index gave (or -1), every count and bucket in range: a
         # snapshot that says otherwise would make every later block fail, and be saved again.
-        if (any(a.size and (a.min() < -1 or a.max() >= nxt) for a in ids) or np.asarray(state["fill"]).min() < 0
-                or np.asarray(state["step_fill"]).min() < 0 or (pending.size and not 0 <= pending[:, 0].min() <= pending[:, 0].max() < self._step_fill.size)
-                or not np.isfinite(np.asarray(state["ts"], dtype=np.float64)).all() or np.isnan(float(state["step_last"])) or float(state["step_last"]) == np.inf):
+        ids_ok = all(a.size == 0 or (a.min() >= -1 and a.max() < nxt) for a in (np.asarray(state["slots"]), np.asarray(state["step_slots"]), pending[:, 1]))
+        counts_ok = np.asarray(state["fill"]).min() >= 0 and np.asarray(state["step_fill"]).min() >= 0
+        buckets_ok = pending.size == 0 or (pending[:, 0].min() >= 0 and pending[:, 0].max() < self._step_fill.size)
+        times_ok = bool(np.isfinite(np.asarray(state["ts"], dtype=np.float64)).all()) and float(state["step_last"]) < np.inf  # -inf: no step yet
+        if not (ids_ok and counts_ok and buckets_ok and times_ok):
             raise ValueError("links shared state holds ids, counts or times out of range")
         self._reset()
         while self._alloc < min(max(nxt, 1), self._cap):
