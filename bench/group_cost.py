@@ -8,13 +8,15 @@ around the first key, or a chain), one event per block as in live ingestion, and
 * the joins, per linked event;
 * one read of every group (what ``/metrics`` and the groups API do);
 * the eviction of one member (its group is re-split at the read that follows);
-* the expiry of the whole group (one periodic sweep).
+* the expiry of the whole group (one periodic sweep);
+* and, apart from any group, the steady state of a long run: ``--tracked`` clients whose
+  edges age out one after another, so that expired edges are always due; µs per block.
 
 All of it runs under the pipeline's lock, so a cost that grows with ``N`` per event is a
 stall of ingestion and of ``/metrics``. Compare the per-event figures across ``N``:
 they should stay flat.
 
-    python3 bench/group_cost.py [--sizes 250,500,1000,2000] [--shape star|chain]
+    python3 bench/group_cost.py [--sizes 250,500,1000,2000] [--shape star|chain] [--tracked 10000]
 """
 
 from __future__ import annotations
@@ -74,17 +76,35 @@ def measure(n: int, shape: str) -> dict[str, float]:
             "read_ms": 1e3 * read, "evict_ms": 1e3 * evict, "expire_ms": 1e3 * expire, "groups_left": float(len(groups.groups))}
 
 
+def steady(tracked: int, blocks: int = 2000) -> float:
+    """µs per one-event block once edges age out continuously: each of ``tracked`` clients linked
+    once, one link per TTL / ``tracked`` of event time."""
+    params = LinksParams(max_tracked_clients=tracked)
+    groups = GroupBook().model("m", params)
+    queries: dict[str, int] = {}
+    step = params.ttl_seconds / tracked
+    for i in range(tracked):
+        link(groups, queries, f"c{i}", f"c{(i + 1) % tracked}", i * step)
+    started = time.perf_counter()
+    for i in range(blocks):
+        link(groups, queries, f"c{i}", f"c{(i + 7) % tracked}", (tracked + i) * step)
+    return 1e6 * (time.perf_counter() - started) / blocks
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="250,500,1000,2000", help="keys in the group, comma-separated")
     ap.add_argument("--shape", choices=["star", "chain"], default="star", help="each key continues the first key's queries, or the previous key's")
+    ap.add_argument("--tracked", type=int, default=10000, help="tracked clients of the steady-state measure (0: skip it)")
     args = ap.parse_args()
-    print(f"`bench/group_cost.py --sizes {args.sizes} --shape {args.shape}`\n")
+    print(f"`bench/group_cost.py --sizes {args.sizes} --shape {args.shape} --tracked {args.tracked}`\n")
     print("| keys | largest group | linked events | µs per linked event, growing | one read, ms | evict one member + read, ms | expire all, ms |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for n in (int(s) for s in args.sizes.split(",")):
         r = measure(n, args.shape)
         print(f"| {n:,} | {int(r['members']):,} | {int(r['events']):,} | {r['grow_us_per_event']:.0f} | {r['read_ms']:.1f} | {r['evict_ms']:.1f} | {r['expire_ms']:.1f} |")
+    if args.tracked:
+        print(f"\nSteady state, {args.tracked:,} tracked clients whose edges age out one after another: {steady(args.tracked):.0f} µs per one-event block")
 
 
 if __name__ == "__main__":

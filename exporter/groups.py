@@ -23,8 +23,9 @@ into groups:
   it. A group with fewer than two members is dissolved and its id never reused.
 * **Expiry.** An edge expires ``ttl_seconds`` (the detector's, event time) after its last
   link, a client's flag as long after the last link that found it flagged; a member
-  without either leaves its group. Expiry is checked once per processed block, and when
-  a tracked client is evicted from the exporter's state it leaves its group at once.
+  without either leaves its group. Blocks check expiry at most ``SCANS_PER_TTL`` (64) times
+  per TTL of event time, the periodic sweep every time; when a tracked client is evicted
+  from the exporter's state it leaves its group at once.
 * **Score and verdict.** A group's score is the share of its members' queries that were
   linked to another member (links inside the group / the members' queries on the model);
   the group is *flagged* while the score is at least the group threshold. A group can be
@@ -67,6 +68,10 @@ log = logging.getLogger("monitaur.groups")
 
 SOURCE = "links"  # the detector whose links make groups
 HISTORY = 10_000  # dissolved groups' maxima kept for calibration, per model
+# Blocks look for expired edges and flags at most this many times per TTL of event time (the
+# periodic sweep always does): once edges age out one after another, every block would find
+# one, and a scan visits every tracked client.
+SCANS_PER_TTL = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +162,7 @@ class ModelGroups:
         self._listers: dict[int, set[int]] = {}  # key -> the clients whose peers hold it (the other view of each edge)
         self._dirty: set[str] = set()  # groups that lost members or edges since their last split (_settle)
         self._oldest = math.inf  # no edge or flag is older than this (event time): expiry has nothing to do before
+        self._next_scan = -math.inf  # event time before which a block does not scan for expired edges (_drop_stale)
 
     # -- per block ----------------------------------------------------------------------
     def observe(self, block: "Block", flagged: np.ndarray, queries: Callable[[str], int]) -> None:
@@ -184,7 +190,9 @@ class ModelGroups:
             self._advance(len(block) - 1)
         if len(block):
             last = float(block.events[-1].ts)
-            self._drop_stale(last)
+            if last >= self._next_scan:  # a scan visits every tracked client: at most every SCANS_PER_TTL-th of the TTL
+                self._next_scan = last + self.params.ttl_seconds / SCANS_PER_TTL
+                self._drop_stale(last)
             self._settle(last)
             self._refresh(self._touched, last)  # the groups whose members sent queries (their scores moved)
         self._block_counts, self._names, self._row_keys, self._touched, self._cursor = {}, {}, [], set(), -1

@@ -266,3 +266,26 @@ def test_saved_groups_that_do_not_hold_together_are_dropped_and_the_rest_restore
     f2.link("x", ["y"], 3.0)
     f2.link("y", ["x"], 4.0)
     assert "g1" not in {gid for gid, g in f2.groups.groups.items() if f2.groups.clients[next(iter(g.joined))].name == "x"}
+
+
+def test_blocks_check_expiry_at_most_64_times_per_ttl_and_the_sweep_every_time() -> None:
+    """A check visits every tracked client; once edges age out one after another, every block
+    would find one due. Blocks check at most SCANS_PER_TTL times per TTL (an edge can outlive
+    the TTL by a 64th of it), the periodic sweep always."""
+    from exporter.groups import SCANS_PER_TTL
+
+    f = Feed()  # ttl 1000 s: blocks check every 1000 / 64 = 15.6 s of event time
+    f.link("a", ["b"], 0.0)
+    f.link("b", ["a"], 0.0)
+    assert f.members() == {"g1": {"a", "b"}}
+    f.link("x", ["y"], 999.0)  # a check, with nothing expired yet; the next is due at 999 + 15.6
+    f.link("x", ["y"], 1001.0)
+    f.link("x", ["y"], 999.0 + 1000.0 / SCANS_PER_TTL - 0.5)
+    assert f.members() == {"g1": {"a", "b"}}  # past the TTL, not yet checked
+    f.link("x", ["y"], 999.0 + 1000.0 / SCANS_PER_TTL + 0.5)
+    assert f.members() == {}  # checked: a's and b's edges and flags expired, the group dissolved
+    g = Feed()
+    g.link("a", ["b"], 0.0)
+    g.link("b", ["a"], 0.0)
+    g.groups.expire(1000.5)  # the sweep checks whatever the blocks did
+    assert g.members() == {}
