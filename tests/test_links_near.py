@@ -217,3 +217,22 @@ def test_a_saved_index_with_ids_out_of_range_is_refused_before_anything_changes(
             second.load_shared_state(broken)
         linked, _ = send(second, {}, "bob", synthetic(20, 14), 2000.0)  # still works: an empty index, no failure
         assert second.index_size() == 20 and not linked.any()
+
+
+def test_expiry_finds_the_first_live_entry_as_a_scan_of_the_whole_index_would() -> None:
+    """The index's oldest live id is searched for in windows that double (so a block pays for
+    the entries that expired, not for the whole index): the same id as a scan of everything,
+    with entries out of time order."""
+    d = detector()
+    n = 5000
+    while d._alloc < n:
+        d._grow()
+    rng = np.random.default_rng(3)
+    d._ts[:n] = np.sort(rng.uniform(0, 10_000, n)) + rng.normal(0, 300, n)  # roughly in id order
+    d._next, d._oldest = n, 0
+    for now in np.linspace(d.params.ttl_seconds, d.params.ttl_seconds + 11_000, 50):
+        start = d._oldest
+        d._expire(float(now))
+        live = np.flatnonzero(d._ts[start:n] >= now - d.params.ttl_seconds)
+        assert d._oldest == (start + int(live[0]) if live.size else n)
+    assert d._oldest == n

@@ -832,9 +832,17 @@ class LinksDetector(Detector):
         lo = max(self._oldest, self._next - self._alloc)
         if lo >= self._next or self._ts[lo % self._alloc] >= limit:
             return
-        ids = np.arange(lo, self._next)
-        fresh = np.flatnonzero(self._ts[ids % self._alloc] >= limit)
-        self._oldest = int(ids[fresh[0]]) if fresh.size else self._next
+        # The first live id, in windows that double: O(ids expired), not O(index) per block, once
+        # entries age out one after another and every block finds the oldest one expired.
+        width = 256
+        while lo < self._next:
+            ids = np.arange(lo, min(lo + width, self._next))
+            fresh = np.flatnonzero(self._ts[ids % self._alloc] >= limit)
+            if fresh.size:
+                self._oldest = int(ids[fresh[0]])
+                return
+            lo, width = int(ids[-1]) + 1, 2 * width
+        self._oldest = self._next
 
     def index_size(self) -> int:
         """Queries currently held by the index (live, not past the TTL)."""
