@@ -564,7 +564,7 @@ class ModelGroups:
                 self._listers.setdefault(peer, set()).add(k)
         self._dirty = set()
         self._resync = True
-        self._oldest = -math.inf  # the next expiry looks at everything restored
+        self._oldest = self._next_scan = -math.inf  # the next block's expiry check looks at everything restored
 
 
 def _records(state: dict[str, Any], part: str) -> list[dict[str, Any]]:
