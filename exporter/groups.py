@@ -160,7 +160,7 @@ class ModelGroups:
         self._touched: set[str] = set()  # groups whose members sent queries in the block so far
         self._resync = False  # the groups' ``queries`` are to be recounted from the clients' (after a restore)
         self._listers: dict[int, set[int]] = {}  # key -> the clients whose peers hold it (the other view of each edge)
-        self._dirty: set[str] = set()  # groups that lost members or edges since their last split (_settle)
+        self._dirty: set[str] = set()  # groups that lost members or edges since their last split (settle)
         self._oldest = math.inf  # no edge or flag is older than this (event time): expiry has nothing to do before
         self._next_scan = -math.inf  # event time before which a block does not scan for expired edges (_drop_stale)
 
@@ -182,7 +182,7 @@ class ModelGroups:
             if self._resync:  # after a restore: the members' counts before this block, once
                 self._resync = False
                 for g in self.groups.values():
-                    g.queries = sum(self._count(k, self._name(k), -1) for k in g.joined)
+                    g.queries = self._members_queries(g)
             for i in rows.tolist():
                 ts = float(block.events[i].ts)
                 child = client_key(block.events[i].client)
@@ -193,7 +193,7 @@ class ModelGroups:
             if last >= self._next_scan:  # a scan visits every tracked client: at most every SCANS_PER_TTL-th of the TTL
                 self._next_scan = last + self.params.ttl_seconds / SCANS_PER_TTL
                 self._drop_stale(last)
-            self._settle(last)
+            self.settle(last)
             self._refresh(self._touched, last)  # the groups whose members sent queries (their scores moved)
         self._block_counts, self._names, self._row_keys, self._touched, self._cursor = {}, {}, [], set(), -1
 
@@ -381,7 +381,7 @@ class ModelGroups:
         """Drop edges and flags older than the TTL, members without them leave (module docstring);
         then recompute every group's score, since its members' query counts have moved on."""
         self._drop_stale(now)
-        self._settle()
+        self.settle()
         if not self._resync:  # restored groups keep their saved scores until the first block recounts them
             self._refresh(None)
 
@@ -429,11 +429,8 @@ class ModelGroups:
             g.queries -= self._count(key, c.name if c is not None else None, self._cursor)
             self._dirty.add(gid)
 
-    def settle(self) -> None:
+    def settle(self, ts: float | None = None) -> None:
         """Re-split the groups that lost members or edges (once each), so that reads see connected groups."""
-        self._settle()
-
-    def _settle(self, ts: float | None = None) -> None:
         dirty, self._dirty = self._dirty, set()
         left: set[str] = set()
         for gid in sorted(dirty, key=lambda gid: self.groups[gid].number if gid in self.groups else 0):

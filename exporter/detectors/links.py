@@ -168,9 +168,8 @@ class LinksDetector(Detector):
     ``tables x depth`` candidate rows and one multiply-add over them, and the full test on
     the few that pass the cheap one; with ``near_factor`` > 0, a bound on its distance to the
     anchors from one candidate's (``d'`` multiply-adds), its distance to every anchor
-    (``anchors x d'``) only where the bound does not settle the test (3.6 % of the queries
-    of ``bench/throughput.py``), and for an off-manifold query one distance per candidate that is
-    off-manifold too; without, the anchors' distance per repeated input, once. State per
+    (``anchors x d'``) only where the bound does not settle the test, and for an off-manifold
+    query one distance per candidate that is off-manifold too; without, the anchors' distance per repeated input, once. State per
     client: ``window + 8·own_repeats + 8·repeats_remembered + 32`` bytes (1,000 B with the
     defaults). Shared index per model: ``8·d' + 12·min(probe, d') + 29`` bytes per query (d'
     features that move in the reference, :func:`row_bytes`), grown with the traffic up to
