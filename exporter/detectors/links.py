@@ -133,7 +133,8 @@ class LinksDetector(Detector):
     How: the index keeps the last ``max_queries`` queries of the model (fewer for wide
     inputs, so that their rows fit in ``max_index_mib``: :func:`index_rows`), in units of the
     features' ranges (from the benign reference), with each query's own step (its change
-    from the first earlier query it continued, else from its nearest candidate). It has
+    from the first earlier query it continued, else from the candidate it is a sign step
+    away from, else from its nearest candidate). It has
     ``tables`` hash tables; a query's bucket in each is the cell of ``projections`` random
     projections of ``width``, and each bucket keeps its ``depth`` most recent queries. A
     new query's candidates are those (at most ``tables x depth``); a cheap test on the
@@ -581,12 +582,13 @@ class LinksDetector(Detector):
                 named.append(key)
         for row, named in found.items():
             parents[row, : len(named)] = named
-        # 4. Each query's own step: from the first candidate it continued, else from the nearest other point (probe distance).
+        # 4. Each query's own step: from the first candidate it continued, else from the one it differs
+        # from by a sign step (most probe features moved by the same size), else from the nearest (probe distance).
         dist = np.where(alive, np.einsum("mkr,mkr->mk", du, du), np.inf)
         far_seen, reach = self._off_manifold(u, cand < base, cpos, dist, repeats)
         self._write(at, undo, ((self._far_seen, far_seen), (self._reach, reach)))
         hit = passed.any(axis=1)
-        pick = np.where(hit, np.argmax(passed, axis=1), np.argmin(dist, axis=1))
+        pick = np.where(hit, np.argmax(passed, axis=1), self._parent(ad, alive, dist))
         has = hit | np.isfinite(dist.min(axis=1))
         steps = np.where(has[:, None], u - take(self._U, cpos[np.arange(m), pick], axis=0), 0.0).astype(np.float32)
         # 5. Each change to a candidate compared with other clients' recent steps (the table of steps);
@@ -599,6 +601,26 @@ class LinksDetector(Detector):
         self._write(at, undo, ((self._S, steps), (self._lo, lo), (self._hi, hi)))
         self._next = base + m
         return linked, parents, self._near_links(u, cpos, alive, keys, at, linked, parents)
+
+    def _parent(self, ad: np.ndarray, alive: np.ndarray, dist: np.ndarray) -> np.ndarray:
+        """(m,) the candidate each query most likely stepped from, when it continued none: the one its
+        change from moves the most probe features by the same size (within ``tolerance`` of the
+        largest; at least 3 of them), the nearest of those; without such a candidate, the nearest.
+
+        A sign step moves every feature it does not clip by the same size, in units of the
+        features' ranges when the attacker's units are those (pixels; features it scales by the
+        same ranges as the calibration's). A natural input is seldom such a step away from
+        another, and at large steps the nearest candidate is another natural input, not the
+        point the query was stepped from: then no query continues the step and the chain never
+        starts. ``bench/detection/own_step.py`` counts how often each rule picks the parent.
+        """
+        floor = self._floor[: ad.shape[2]]
+        moved = ad >= floor
+        largest = np.where(moved, ad, 0.0).max(axis=2)
+        even = np.where(alive, count_true(moved & (ad >= (largest * (1.0 - self.params.tolerance))[:, :, None])), 0)
+        top = even.max(axis=1)
+        stepped = np.argmin(np.where(even == top[:, None], dist, np.inf), axis=1)
+        return np.where(top >= min(_PROBE_MIN, ad.shape[2]), stepped, np.argmin(dist, axis=1))
 
     def _off_manifold(
         self, u: np.ndarray, earlier: np.ndarray | None = None, cpos: np.ndarray | None = None, dist: np.ndarray | None = None,

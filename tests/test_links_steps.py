@@ -1,0 +1,47 @@
+"""``links``: which earlier point a query's own step is taken from, and the chains that follow from it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from exporter.detectors.fingerprint import client_key
+from tests.synthetic import WORLD
+from tests.test_links_repeats import detector, send
+
+STEP = 2.0  # an eighth of the pixels' range (a JbDA step of 0.125; the independent generator draws 0.05 to 0.3)
+
+
+def _chains(decoys: bool) -> tuple[int, int]:
+    """A hundred two-step chains of a split with large sign steps: alice sends natural seeds, bob a
+    sign step from each, dave a second sign step from each of bob's. With ``decoys``, carol first
+    sends, beside each of bob's points, a natural input one pixel away from it, nearer than the
+    seed. Returns how many of dave's queries are linked, and how many of those to bob."""
+    det = detector(chunk=16)
+    states: dict[str, dict] = {}
+    rng = np.random.default_rng(11)
+    seeds = WORLD.sample(rng, 100)
+    away = np.where(seeds < 8, 1.0, -1.0)  # every pixel moves, none is clipped at 0 or 16
+    first = seeds + STEP * away
+    second = first + STEP * np.where(first < 8, 1.0, -1.0)
+    send(det, states, "alice", seeds, 1000.0)
+    if decoys:
+        near = first.copy()
+        near[:, 0] = np.where(near[:, 0] < 16, near[:, 0] + 1, near[:, 0] - 1)  # one pixel: below the precision floor of a step
+        send(det, states, "carol", near, 1100.0)
+    send(det, states, "bob", first, 1200.0)
+    send(det, states, "erin", WORLD.sample(rng, 16), 1300.0)  # completes bob's chunk: his steps become usable
+    linked, parent = send(det, states, "dave", second, 1400.0)
+    return int(linked.sum()), int((linked & (parent == client_key("bob"))).sum())
+
+
+def test_a_sign_step_is_taken_from_the_point_it_was_made_from_though_another_lies_nearer() -> None:
+    """Bob's points are an eighth of the range from their seeds on every pixel. Their own steps must
+    be their changes from the seeds, though alice's other seeds, or carol's natural inputs one pixel
+    away, lie nearer: then dave's second steps repeat them and link dave to bob. Taken from the
+    nearest point instead (the rule before sign steps were looked for), half as many chains link
+    without carol's inputs, and none to bob with them."""
+    plain_linked, plain_bob = _chains(decoys=False)
+    _, to_bob = _chains(decoys=True)
+    assert plain_linked >= 50 and plain_bob == plain_linked  # of 100 chains (the index's buckets miss some)
+    # Carol's inputs are one pixel from bob's points, so a few of dave's continue hers as well.
+    assert to_bob >= 0.75 * plain_bob
