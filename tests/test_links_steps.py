@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from exporter.detectors.fingerprint import client_key
 from tests.synthetic import WORLD
@@ -14,8 +15,7 @@ STEP = 2.0  # an eighth of the pixels' range (a JbDA step of 0.125; the independ
 def _chains(decoys: bool) -> tuple[int, int]:
     """A hundred two-step chains of a split with large sign steps: alice sends natural seeds, bob a
     sign step from each, dave a second sign step from each of bob's. With ``decoys``, carol first
-    sends, beside each of bob's points, a natural input one pixel away from it, nearer than the
-    seed. Returns how many of dave's queries are linked, and how many of those to bob."""
+    sends, beside each of bob's points, an input one pixel away from it, nearer than the seed. Returns how many of dave's queries are linked, and how many of those to bob."""
     det = detector(chunk=16)
     states: dict[str, dict] = {}
     rng = np.random.default_rng(11)
@@ -36,7 +36,7 @@ def _chains(decoys: bool) -> tuple[int, int]:
 
 def test_a_sign_step_is_taken_from_the_point_it_was_made_from_though_another_lies_nearer() -> None:
     """Bob's points are an eighth of the range from their seeds on every pixel. Their own steps must
-    be their changes from the seeds, though alice's other seeds, or carol's natural inputs one pixel
+    be their changes from the seeds, though alice's other seeds, or carol's inputs one pixel
     away, lie nearer: then dave's second steps repeat them and link dave to bob. Taken from the
     nearest point instead (the rule before sign steps were looked for), half as many chains link
     without carol's inputs, and none to bob with them."""
@@ -45,3 +45,19 @@ def test_a_sign_step_is_taken_from_the_point_it_was_made_from_though_another_lie
     assert plain_linked >= 50 and plain_bob == plain_linked  # of 100 chains (the index's buckets miss some)
     # Carol's inputs are one pixel from bob's points, so a few of dave's continue hers as well.
     assert to_bob >= 0.75 * plain_bob
+
+
+@pytest.mark.parametrize("even", [5, 6, 8])
+def test_a_sign_step_moves_three_quarters_of_the_probe_features_by_one_size(even: int) -> None:
+    """Of two candidates, the farther one's change moves ``even`` of the 8 probe features by one
+    size. It is taken as the point stepped from only from 6 on; with fewer (honest changes between
+    integer inputs often move 3 or 4 by one size), the nearest is."""
+    det = detector()
+    r = det._probe
+    assert r == 8
+    ad = np.empty((1, 2, r), dtype=np.float32)
+    ad[0, 0] = [0.11, 0.13, 0.17, 0.19, 0.23, 0.29, 0.31, 0.37]  # the nearer candidate: sizes all different
+    ad[0, 1] = 0.25
+    ad[0, 1, even:] = np.linspace(0.12, 0.2, r - even)  # the rest moved by other sizes
+    picked = det._parent(ad, np.ones((1, 2), dtype=bool), np.array([[0.5, 0.9]]))
+    assert int(picked[0]) == (1 if even >= 6 else 0)
