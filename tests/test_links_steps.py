@@ -51,7 +51,7 @@ def test_a_sign_step_is_taken_from_the_point_it_was_made_from_though_another_lie
 def test_a_sign_step_moves_three_quarters_of_the_probe_features_by_one_size(even: int) -> None:
     """Of two candidates, the farther one's change moves ``even`` of the 8 probe features by one
     size. It is taken as the point stepped from only from 6 on; with fewer (honest changes between
-    integer inputs often move 3 or 4 by one size), the nearest is."""
+    integer inputs can move a few by one size), the nearest is."""
     det = detector()
     r = det._probe
     assert r == 8

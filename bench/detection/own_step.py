@@ -10,7 +10,7 @@ parent from those candidates:
 
 - ``nearest (probe)``: the nearest on the probe features (the rule before sign steps);
 - ``nearest (all)``: the nearest on all features;
-- ``links``: the detector's rule (``LinksDetector._parent``: the most probe features moved by one size, then the nearest).
+- ``links``: the detector's rule (``LinksDetector._parent``: the most probe features moved by one size, at least 6 of 8, then the nearest).
 
     python3 bench/detection/groups.py --sybil b --strategies jbda_split --datasets digits --seeds 3 --workdir DIR
     python3 bench/detection/own_step.py DIR/digits-3 sybb-jbda_split-30-20-

@@ -614,9 +614,10 @@ class LinksDetector(Detector):
         another, and at large steps the nearest candidate is another natural input, not the
         point the query was stepped from: then no query continues the step and the chain never
         starts. ``bench/detection/own_step.py`` counts how often each rule picks the parent.
-        Three quarters, not fewer: on integer features (pixels) honest changes often move three
-        or four probe features by one size, and their steps, once continued by chance, wake the
-        table of steps for every query of the next hour (``steps_window``).
+        Three quarters, not fewer: between integer inputs (pixels) honest changes can move a few
+        probe features by one size, and such steps, once continued by chance, wake the table of
+        steps for every query of the next hour (``steps_window``); with 3 of 8, honest queries of
+        ``bench/throughput.py``'s traffic were linked so (docs/groups.md).
         """
         r = ad.shape[2]
         largest = ad[:, :, 0].copy()
