@@ -6,11 +6,18 @@ Generates digits-shaped traffic (64 features, 10 classes) for many clients, then
 Both run on one core (BLAS threads pinned to 1) in one process, so their ratio is
 meaningful on a noisy machine even when the absolute numbers are not.
 
-    python3 bench/throughput.py [--events 100000] [--clients 500] [--repeat 5] [--config FILE] [--resent SHARE]
+    python3 bench/throughput.py [--events 100000] [--clients 500] [--repeat 5] [--config FILE] [--resent SHARE] [--split SHARE]
 
 ``--resent SHARE`` makes that share of the events (at most 0.5) re-send the input of the
 event just before, from another client: the worst case of the ``links`` detector's test
 of repeated inputs, which runs once per input repeated by another client.
+
+``--split SHARE`` makes that share of the events (at most 0.5) one sign-step exploration
+split over ``SPLIT_KEYS`` clients of their own: each point is a recent point of the split
+moved by ``SPLIT_STEP`` on every pixel, signs at random (JbDA's lattice without its
+substitute). Its points continue each other's steps, so ``links`` verifies steps all along
+and reads its table of steps for every query: the cost while an attack is under way, which
+honest traffic alone never shows.
 """
 
 from __future__ import annotations
@@ -39,7 +46,25 @@ from exporter.pipeline import Pipeline  # noqa: E402
 from exporter.replay import Progress, read_events, replay  # noqa: E402
 
 
-def make_log(path: Path, events: int, clients: int, seed: int = 0, resent: float = 0.0, tile: int = 1) -> None:
+SPLIT_KEYS = 10  # clients of the --split exploration
+SPLIT_STEP = 2.0  # its step on every pixel (an eighth of the 0..16 range)
+SPLIT_RECENT = 200  # each point is a step from one of the split's last this many points
+
+
+def split_points(world: DigitsLike, rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` points of a sign-step exploration: natural seeds, then each point one of the last
+    ``SPLIT_RECENT`` points moved by ``SPLIT_STEP`` on every pixel (signs at random, clipped to
+    the pixels' 0..16)."""
+    seeds = min(n, 20)
+    out = np.empty((n, DIM))
+    out[:seeds] = world.sample(rng, seeds)
+    for i in range(seeds, n):
+        parent = out[rng.integers(max(0, i - SPLIT_RECENT), i)]
+        out[i] = np.clip(parent + SPLIT_STEP * np.where(rng.random(DIM) < 0.5, -1.0, 1.0), 0, 16)
+    return out
+
+
+def make_log(path: Path, events: int, clients: int, seed: int = 0, resent: float = 0.0, tile: int = 1, split: float = 0.0) -> None:
     """The benchmark's traffic; ``tile`` > 1 makes inputs that many times wider (the 64 features
     repeated, each copy with its own noise, sd 0.5, rounded to 2 decimals): costs that grow with
     the width show."""
@@ -54,11 +79,17 @@ def make_log(path: Path, events: int, clients: int, seed: int = 0, resent: float
         again = rng.choice(odd, min(odd.size, round(resent * events)), replace=False)  # each re-sends the event before it
         x[again] = x[again - 1]
         who[again] = (who[again - 1] + 1 + rng.integers(0, max(clients - 1, 1), again.size)) % clients
+    names = [f"client-{c}" for c in who]
+    if split > 0.0:  # (the default traffic stays as it was: no draws)
+        at = np.sort(rng.choice(events, round(split * events), replace=False))
+        x[at, :DIM] = split_points(world, rng, at.size)
+        for k, i in enumerate(at.tolist()):
+            names[i] = f"split-{k % SPLIT_KEYS}"
     p = world.predict(x[:, :DIM])
     ts = 1.7e9 + np.cumsum(rng.exponential(0.01, events))
     with open(path, "w") as fh:
-        for t, c, xi, pi in zip(ts, who, x, p):
-            fh.write(_line(float(t), f"client-{c}", xi, pi) + "\n")
+        for t, c, xi, pi in zip(ts, names, x, p):
+            fh.write(_line(float(t), c, xi, pi) + "\n")
 
 
 def main() -> int:
@@ -69,9 +100,12 @@ def main() -> int:
     ap.add_argument("--config", default=None)
     ap.add_argument("--profile", default=None, help="calibration profile for the replay runs")
     ap.add_argument("--resent", type=float, default=0.0, help="share of events that re-send the previous event's input from another client (0-0.5)")
+    ap.add_argument("--split", type=float, default=0.0, help="share of events from one sign-step exploration split over SPLIT_KEYS clients (0-0.5)")
     args = ap.parse_args()
     if not 0.0 <= args.resent <= 0.5:
         ap.error("--resent must be between 0 and 0.5")
+    if not 0.0 <= args.split <= 0.5:
+        ap.error("--split must be between 0 and 0.5")
     settings = load_settings(args.config)
     profile = None
     if args.profile:
@@ -80,7 +114,7 @@ def main() -> int:
         profile = load_profile(args.profile, settings)
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "traffic.jsonl"
-        make_log(log, args.events, args.clients, resent=args.resent)
+        make_log(log, args.events, args.clients, resent=args.resent, split=args.split)
         parse, full = [], []
         for _ in range(args.repeat):
             start = time.perf_counter()
@@ -95,6 +129,7 @@ def main() -> int:
         "detectors": list(enabled_detectors(settings)),
         "calibrated": profile is not None,
         "resent": args.resent,
+        "split": args.split,
         "parse_only_events_per_s": round(args.events / min(parse)),
         "replay_events_per_s": round(args.events / min(full)),
         "replay_to_parse_ratio": round(min(parse) / min(full), 3),
