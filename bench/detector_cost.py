@@ -8,10 +8,11 @@ benign), and then every detector runs alone over all blocks (its cross-client st
 its per-client updates), with fresh per-client and shared state. Each figure is the best of
 ``--repeat`` runs (BLAS threads pinned to 1, like the replay bench).
 
-    python3 bench/detector_cost.py [--events 60000] [--clients 500] [--only prada,knn] [--config FILE] [--tile K] [--profile]
+    python3 bench/detector_cost.py [--events 60000] [--clients 500] [--only prada,knn] [--config FILE] [--tile K] [--split SHARE] [--profile]
 
 ``--config FILE`` turns on detectors that are off by default (``links``). ``--tile K`` makes the
-inputs K times wider (64·K features), for costs that grow with the width.
+inputs K times wider (64·K features), for costs that grow with the width. ``--split SHARE``
+adds ``bench/throughput.py``'s sign-step exploration (``links`` while an attack is under way).
 
 ``--profile`` prints the top functions of each detector under cProfile as well.
 """
@@ -74,12 +75,15 @@ def main() -> int:
     ap.add_argument("--reference", type=int, default=4096, help="inputs the detectors learn their references from")
     ap.add_argument("--config", default=None, help="configuration file (e.g. one that turns links on)")
     ap.add_argument("--tile", type=int, default=1, help="inputs this many times wider (64 x TILE features)")
+    ap.add_argument("--split", type=float, default=0.0, help="share of events from bench/throughput.py's sign-step exploration (0-0.5)")
     ap.add_argument("--profile", action="store_true", help="print each detector's top functions under cProfile")
     args = ap.parse_args()
+    if not 0.0 <= args.split <= 0.5:
+        ap.error("--split must be between 0 and 0.5")
     settings = load_settings(args.config)
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "traffic.jsonl"
-        make_log(log, args.events, args.clients, tile=args.tile)
+        make_log(log, args.events, args.clients, tile=args.tile, split=args.split)
         pipeline = Pipeline(settings)
         events = read_events([log], pipeline, settings.files.max_line_bytes, Progress(io.StringIO(), False), Counter())
     pipeline.process(events[:1])  # builds the model's runtime (its detectors)

@@ -12,8 +12,8 @@ meaningful on a noisy machine even when the absolute numbers are not.
 event just before, from another client: the worst case of the ``links`` detector's test
 of repeated inputs, which runs once per input repeated by another client.
 
-``--split SHARE`` makes that share of the events (at most 0.5) one sign-step exploration
-split over ``SPLIT_KEYS`` clients of their own: each point is a recent point of the split
+``--split SHARE`` makes that share of the events (at most 0.5, all after the first tenth of
+the log) one sign-step exploration split over ``SPLIT_KEYS`` clients of their own: each point is a recent point of the split
 moved by ``SPLIT_STEP`` on every pixel, signs at random (JbDA's lattice without its
 substitute). Its points continue each other's steps, so ``links`` verifies steps all along
 and reads its table of steps for every query: the cost while an attack is under way, which
@@ -81,7 +81,8 @@ def make_log(path: Path, events: int, clients: int, seed: int = 0, resent: float
         who[again] = (who[again - 1] + 1 + rng.integers(0, max(clients - 1, 1), again.size)) % clients
     names = [f"client-{c}" for c in who]
     if split > 0.0:  # (the default traffic stays as it was: no draws)
-        at = np.sort(rng.choice(events, round(split * events), replace=False))
+        start = events // 10  # after the first tenth: detector_cost.py learns its references from the first inputs
+        at = start + np.sort(rng.choice(events - start, min(events - start, round(split * events)), replace=False))
         x[at, :DIM] = split_points(world, rng, at.size)
         for k, i in enumerate(at.tolist()):
             names[i] = f"split-{k % SPLIT_KEYS}"
