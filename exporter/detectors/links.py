@@ -731,24 +731,29 @@ class LinksDetector(Detector):
             r = self._probe
             floor = self._floor[:r]
             moved = ad >= floor
-            step_like = pairs & (np.count_nonzero(moved, axis=2) >= min(_PROBE_MIN, r))
+            step_like = pairs & (count_true(moved) >= min(_PROBE_MIN, r))
             if step_like.any() and self._step_last >= ts[0] - p.steps_window:
                 qi, ki = np.nonzero(step_like)
                 bucket = self._step_bucket(du[qi, ki], moved[qi, ki])
-                j = np.arange(p.step_depth)
                 fill = np.take(self._step_fill, bucket)
+                held = np.flatnonzero(fill)  # only changes whose bucket holds steps are looked at further
+                qi, ki, bucket, fill = qi[held], ki[held], bucket[held], fill[held]
+                j = np.arange(p.step_depth)
                 ok = j < np.minimum(fill, p.step_depth)[:, None]
                 ids = np.where(ok, np.take(self._step_slots, bucket[:, None] * p.step_depth + (fill[:, None] - 1 - j) % p.step_depth), -1)
                 live = (ids >= max(self._oldest, chunk_start + p.chunk - self._cap)) & (ids < chunk_start)
                 ipos = np.where(live, ids % self._alloc, 0)
                 live &= (np.take(self._ts, ipos) >= (ts[qi] - p.steps_window)[:, None]) & (np.take(self._client, ipos) != keys[qi][:, None])
                 matched: set[int] = set()
-                for n, d in zip(*np.nonzero(live)):
+                ln, ld = np.nonzero(live)
+                changes = np.zeros((0, u.shape[1]), dtype=u.dtype)
+                if ln.size:  # every change against its bucket's steps at once; most are chance collisions of the hash
+                    changes = u[qi[ln]] - np.take(self._U, cpos[qi[ln], ki[ln]], axis=0)
+                    alike = self._moves_alike(changes, np.take(self._S, ipos[ln, ld], axis=0))
+                    ln, ld, changes = ln[alike], ld[alike], changes[alike]
+                for n, d, change in zip(ln.tolist(), ld.tolist(), changes):
                     row = int(qi[n])
-                    change = u[row] - self._U[cpos[row, ki[n]]]
                     pos = int(ipos[n, d])
-                    if not self._moves_alike(change, self._S[pos]):
-                        continue
                     linked[row] = True
                     other = self._client[pos]
                     if other not in parents[row] and (parents[row] == 0).any():
@@ -772,10 +777,12 @@ class LinksDetector(Detector):
         size to the factor of two and its sign, every sign flipped so that the first moved feature
         is positive (a step and its opposite file together)."""
         floor = self._floor[: step.shape[1]]
-        mag = np.where(moved, np.floor(np.log2(np.maximum(np.abs(step) / floor, 1.0))).astype(np.int64) + 1, 0)
-        sign = np.where(step < 0, -1, 1)
-        flip = sign[np.arange(step.shape[0]), np.argmax(moved, axis=1)]
-        q = (mag * sign * flip[:, None] + 64).astype(np.uint64)
+        mag = np.frexp(np.maximum(np.abs(step) / floor, 1.0))[1]  # floor(log2) + 1, exactly (log2 rounds near powers of two)
+        mag[~moved] = 0
+        signed = np.where(step < 0, -mag, mag)
+        first = signed[np.arange(step.shape[0]), np.argmax(moved, axis=1)]
+        np.negative(signed, out=signed, where=(first < 0)[:, None])
+        q = (signed + 64).astype(np.uint64)
         h = splitmix64((q * self._step_mix[: step.shape[1]]).sum(axis=1, dtype=np.uint64))
         return (h >> _U64(64 - self.params.step_bits)).astype(np.int64)
 
@@ -790,22 +797,20 @@ class LinksDetector(Detector):
         _, order, starts, rank_sorted = recent(buckets, self._step_fill, self._step_slots, self.params.step_depth, ids)
         file(buckets, order, starts, rank_sorted, self._step_fill, self._step_slots, self.params.step_depth, undo, ids)
 
-    def _moves_alike(self, step: np.ndarray, other: np.ndarray) -> bool:
-        """Whether two steps move every feature they both move in the same direction (or every one in
-        the opposite direction), most of them by the same amount: the same attack configuration
-        following the same substitute model. Every sign must agree: independent attackers with the
-        same configuration train substitutes of their own, whose gradients differ in a few signs."""
+    def _moves_alike(self, step: np.ndarray, other: np.ndarray) -> np.ndarray:
+        """Per row of ``step`` and ``other`` (n, width): whether the two steps move every feature they
+        both move in the same direction (or every one in the opposite direction), most of them by
+        the same amount: the same attack configuration following the same substitute model. Every
+        sign must agree: independent attackers with the same configuration train substitutes of
+        their own, whose gradients differ in a few signs."""
         p = self.params
-        moved = (np.abs(step) >= self._floor) & (np.abs(other) >= self._floor)
-        nb = int(moved.sum())
-        if nb < p.min_moved * self._cols.size:
-            return False
-        agree = int(np.count_nonzero(moved & ((step > 0) == (other > 0))))
-        if 0 < agree < nb:
-            return False
-        tol = p.tolerance * np.maximum(np.abs(step), np.abs(other))
-        same = np.abs(step - other) if agree else np.abs(step + other)
-        return int(np.count_nonzero(moved & (same <= tol))) >= p.agreement * nb
+        a, b = np.abs(step), np.abs(other)
+        moved = (a >= self._floor) & (b >= self._floor)
+        nb = count_true(moved)
+        agree = count_true(moved & ((step > 0) == (other > 0)))
+        same = np.where((agree > 0)[:, None], np.abs(step - other), np.abs(step + other))
+        close = count_true(moved & (same <= p.tolerance * np.maximum(a, b)))
+        return (nb >= p.min_moved * self._cols.size) & ((agree == 0) | (agree == nb)) & (close >= p.agreement * nb)
 
     @staticmethod
     def _write(at: slice | np.ndarray, undo: list[tuple[np.ndarray, np.ndarray, np.ndarray]], items: tuple[tuple[np.ndarray, np.ndarray], ...]) -> None:
