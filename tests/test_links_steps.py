@@ -61,3 +61,51 @@ def test_a_sign_step_moves_three_quarters_of_the_probe_features_by_one_size(even
     ad[0, 1, even:] = np.linspace(0.12, 0.2, r - even)  # the rest moved by other sizes
     picked = det._parent(ad, np.ones((1, 2), dtype=bool), np.array([[0.5, 0.9]]))
     assert int(picked[0]) == (1 if even >= 6 else 0)
+
+
+def _repeated_steps(same_signs: bool) -> tuple[int, int]:
+    """Alice makes two sign steps from each of a hundred seeds (her second steps continue her
+    first: verified steps, filed in the table of steps). Bob then makes one step from each of
+    his own hundred seeds, with the signs of alice's second steps (``same_signs``) or with
+    others. Returns how many of bob's steps are linked, and how many of those to alice."""
+    det = detector(chunk=16)
+    states: dict[str, dict] = {}
+    rng = np.random.default_rng(13)
+    a0, b0 = WORLD.sample(rng, 100), WORLD.sample(rng, 100)
+    first = np.where(rng.random(a0.shape) < 0.5, -1.0, 1.0)
+    second = np.where(rng.random(a0.shape) < 0.5, -1.0, 1.0)  # not along the first: a turn, which is filed
+    a1 = a0 + STEP * first
+    send(det, states, "alice", np.concatenate([a0, a1]), 1000.0)
+    send(det, states, "erin", WORLD.sample(rng, 16), 1300.0)
+    send(det, states, "alice", a1 + STEP * second, 1400.0)
+    send(det, states, "erin", WORLD.sample(rng, 16), 1600.0)
+    send(det, states, "bob", b0, 1700.0)
+    send(det, states, "erin", WORLD.sample(rng, 16), 1900.0)
+    signs = second if same_signs else np.where(rng.random(a0.shape) < 0.5, -1.0, 1.0)
+    linked, parent = send(det, states, "bob", b0 + STEP * signs, 2000.0)
+    return int(linked.sum()), int((linked & (parent == client_key("alice"))).sum())
+
+
+def test_a_step_that_repeats_another_clients_verified_step_links_to_that_client() -> None:
+    """Bob never starts from alice's points, but his steps repeat her verified ones size for size
+    and sign for sign: the table of steps links him to her. Steps with other signs do not."""
+    linked, to_alice = _repeated_steps(same_signs=True)
+    assert to_alice >= 50 and to_alice == linked  # of 100 (the index's buckets miss some of bob's own seeds)
+    assert _repeated_steps(same_signs=False)[0] == 0
+
+
+def test_steps_move_alike_when_every_sign_agrees_or_every_one_is_flipped_and_most_sizes_agree() -> None:
+    """``_moves_alike`` row by row: the same step, the opposite step, one sign changed, a fifth of
+    the sizes changed, most features unmoved."""
+    det = detector()
+    width = det._cols.size
+    step = np.full(width, STEP / 16, dtype=np.float32) * np.where(np.arange(width) % 3 == 0, -1.0, 1.0).astype(np.float32)
+    one_sign = step.copy()
+    one_sign[5] *= -1
+    sizes = step.copy()
+    sizes[: width // 4] *= 1.5  # a quarter of the features: more than 1 - agreement
+    few = np.zeros_like(step)
+    few[:4] = step[:4]
+    other = np.stack([step, -step, one_sign, sizes, few])
+    got = det._moves_alike(np.broadcast_to(step, other.shape), other)
+    assert got.tolist() == [True, True, False, False, False]
