@@ -13,11 +13,11 @@ event just before, from another client: the worst case of the ``links`` detector
 of repeated inputs, which runs once per input repeated by another client.
 
 ``--split SHARE`` makes that share of the events (at most 0.5, all after the first tenth of
-the log) one sign-step exploration split over ``SPLIT_KEYS`` clients of their own: each point is a recent point of the split
-moved by ``SPLIT_STEP`` on every pixel, signs at random (JbDA's lattice without its
-substitute). Its points continue each other's steps, so ``links`` verifies steps all along
-and reads its table of steps for every query: the cost while an attack is under way, which
-honest traffic alone never shows.
+the log) one sign-step exploration split over ``SPLIT_KEYS`` clients of their own: each
+point is a recent point of the split moved by ``SPLIT_STEP`` on every pixel, signs at random
+(JbDA's lattice without its substitute). Its points continue each other's steps, so
+``links`` verifies steps all along and reads its table of steps for every query: the cost
+while an attack is under way, which honest traffic alone never shows.
 """
 
 from __future__ import annotations
