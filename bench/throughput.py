@@ -117,13 +117,15 @@ def main() -> int:
         log = Path(tmp) / "traffic.jsonl"
         make_log(log, args.events, args.clients, resent=args.resent, split=args.split)
         parse, full = [], []
+        report: dict = {}
         for _ in range(args.repeat):
             start = time.perf_counter()
             read_events([log], Pipeline(settings), settings.files.max_line_bytes, Progress(io.StringIO(), False), Counter())
             parse.append(time.perf_counter() - start)
             start = time.perf_counter()
-            replay(settings, [str(log)], progress=False, profile=profile)
+            report = replay(settings, [str(log)], progress=False, profile=profile)
             full.append(time.perf_counter() - start)
+    groups = (report.get("groups") or {}).values()
     result = {
         "events": args.events,
         "clients": args.clients,
@@ -134,6 +136,9 @@ def main() -> int:
         "parse_only_events_per_s": round(args.events / min(parse)),
         "replay_events_per_s": round(args.events / min(full)),
         "replay_to_parse_ratio": round(min(parse) / min(full), 3),
+        # with links on: the groups the replay named (honest traffic should form none; --split one of SPLIT_KEYS keys)
+        "groups": len(groups),
+        "clients_in_groups": sum(len(g["members"]) for g in groups),
     }
     print(json.dumps(result, indent=2))
     return 0
