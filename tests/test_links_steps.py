@@ -95,8 +95,8 @@ def test_a_step_that_repeats_another_clients_verified_step_links_to_that_client(
 
 
 def test_steps_move_alike_when_every_sign_agrees_or_every_one_is_flipped_and_most_sizes_agree() -> None:
-    """``_moves_alike`` row by row: the same step, the opposite step, one sign changed, a fifth of
-    the sizes changed, most features unmoved."""
+    """``_moves_alike`` row by row: the same step, the opposite step, one sign changed, a quarter
+    of the sizes changed, most features unmoved."""
     det = detector()
     width = det._cols.size
     step = np.full(width, STEP / 16, dtype=np.float32) * np.where(np.arange(width) % 3 == 0, -1.0, 1.0).astype(np.float32)
