@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from exporter.detectors import links as links_module
 from exporter.detectors.fingerprint import client_key
 from tests.synthetic import WORLD
 from tests.test_links_repeats import detector, send
@@ -86,12 +87,15 @@ def _repeated_steps(same_signs: bool) -> tuple[int, int]:
     return int(linked.sum()), int((linked & (parent == client_key("alice"))).sum())
 
 
-def test_a_step_that_repeats_another_clients_verified_step_links_to_that_client() -> None:
+def test_a_step_that_repeats_another_clients_verified_step_links_to_that_client(monkeypatch: pytest.MonkeyPatch) -> None:
     """Bob never starts from alice's points, but his steps repeat her verified ones size for size
-    and sign for sign: the table of steps links him to her. Steps with other signs do not."""
+    and sign for sign: the table of steps links him to her. Steps with other signs do not. The
+    changes tested against the table one per block link the same."""
     linked, to_alice = _repeated_steps(same_signs=True)
     assert to_alice >= 50 and to_alice == linked  # of 100 (the index's buckets miss some of bob's own seeds)
     assert _repeated_steps(same_signs=False)[0] == 0
+    monkeypatch.setattr(links_module, "_ALIKE_VALUES", 1)
+    assert _repeated_steps(same_signs=True) == (linked, to_alice)
 
 
 def test_steps_move_alike_when_every_sign_agrees_or_every_one_is_flipped_and_most_sizes_agree() -> None:

@@ -26,6 +26,7 @@ from exporter.hashing import splitmix64
 
 _U64 = np.uint64
 _PROBE_MIN = 3  # probe features on which both steps must agree before the full test
+_ALIKE_VALUES = 1 << 18  # feature values per block of changes tested against the table of steps (1 MiB of float32 per array)
 _MAX_DECIMALS = 6
 FAR_QUANTILE = 0.99  # the anchors' spacing that far_factor multiplies: this quantile of their nearest-other distances
 
@@ -746,12 +747,16 @@ class LinksDetector(Detector):
                 live &= (np.take(self._ts, ipos) >= (ts[qi] - p.steps_window)[:, None]) & (np.take(self._client, ipos) != keys[qi][:, None])
                 matched: set[int] = set()
                 ln, ld = np.nonzero(live)
-                changes = np.zeros((0, u.shape[1]), dtype=u.dtype)
-                if ln.size:  # every change against its bucket's steps at once; most are chance collisions of the hash
-                    changes = u[qi[ln]] - np.take(self._U, cpos[qi[ln], ki[ln]], axis=0)
-                    alike = self._moves_alike(changes, np.take(self._S, ipos[ln, ld], axis=0))
-                    ln, ld, changes = ln[alike], ld[alike], changes[alike]
-                for n, d, change in zip(ln.tolist(), ld.tolist(), changes):
+                # Every change against its bucket's steps, many at once (most are chance collisions of the
+                # hash), in blocks: the pairs can be many and the inputs wide, and a block's arrays stay small.
+                block = max(1, _ALIKE_VALUES // u.shape[1])
+                keep = np.zeros(ln.size, dtype=bool)
+                for b in range(0, ln.size, block):
+                    bn, bd = ln[b : b + block], ld[b : b + block]
+                    changes = u[qi[bn]] - np.take(self._U, cpos[qi[bn], ki[bn]], axis=0)
+                    keep[b : b + block] = self._moves_alike(changes, np.take(self._S, ipos[bn, bd], axis=0))
+                ln, ld = ln[keep], ld[keep]
+                for n, d in zip(ln.tolist(), ld.tolist()):
                     row = int(qi[n])
                     pos = int(ipos[n, d])
                     linked[row] = True
@@ -759,7 +764,7 @@ class LinksDetector(Detector):
                     if other not in parents[row] and (parents[row] == 0).any():
                         parents[row, int(np.argmax(parents[row] == 0))] = other
                     if row not in matched and not filing[row]:
-                        steps[row] = change  # a verified step: the query's own from now on
+                        steps[row] = u[row] - self._U[cpos[row, ki[n]]]  # a verified step: the query's own from now on
                         matched.add(row)
                 filing = filing.copy()
                 filing[list(matched)] = True
