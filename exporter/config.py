@@ -450,9 +450,9 @@ class LimitsConfig(_Section):
         ge=1.0,
         le=366 * 86400.0,
         description=(
-            "in live ingestion (tail and push), an event stamped more than this many seconds after the exporter's clock is rejected: "
-            "what is kept by event time (the links index, groups' edges) expires against the latest event time, so one event far "
-            "in the future would wipe it. replay and calibrate take the log's own times and do not check"
+            "an event stamped more than this many seconds after the exporter's clock (in replay and calibrate, the moment reading "
+            "began) is rejected: what is kept by event time (the links index, groups' edges) expires against the latest event time, "
+            "so one event far in the future would wipe it"
         ),
     )
     max_classes: int = Field(

@@ -158,9 +158,9 @@ class Decoder:
     def decode_object(self, obj: Any, now: float | None = None, clock: float | None = None) -> Event:
         """Decode one already-parsed JSON value.
 
-        ``now``: the time of an event without one. ``clock``: in live ingestion (tail, push),
-        the exporter's clock; an event stamped more than ``limits.max_future_seconds`` after it
-        is rejected. Replay and calibrate read a log's own times and pass no clock.
+        ``now``: the time of an event without one. ``clock``: the exporter's clock (in replay
+        and calibrate, the moment reading began); an event stamped more than
+        ``limits.max_future_seconds`` after it is rejected. ``None`` checks nothing.
         """
         if not isinstance(obj, dict):
             raise Rejected(reasons.NOT_AN_OBJECT, f"expected a JSON object, got {type(obj).__name__}")

@@ -130,7 +130,7 @@ class Pipeline:
             for item in items:
                 try:
                     now = self.clock()
-                    events.append(decode(item, now, None if self.event_time else now))
+                    events.append(decode(item, now, now))  # nothing stamped far after the clock (limits.max_future_seconds)
                 except Rejected as rej:
                     self.reject(rej.reason, rej.message)
                     result.rejected[rej.reason] += 1

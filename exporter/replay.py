@@ -97,12 +97,21 @@ def _no_cyclic_gc() -> Iterator[None]:
 
 
 def read_events(paths: list[Path], pipeline: Pipeline, max_line: int, progress: Progress, rejected: Counter[str]) -> list[Event]:
-    """Decode every line of ``paths`` with the pipeline's decoder, in event-time order; count rejections."""
+    """Decode every line of ``paths`` with the pipeline's decoder, in event-time order; count rejections.
+
+    A log holds no event from the future: events stamped more than
+    ``limits.max_future_seconds`` after the moment reading began are rejected
+    (``future_timestamp``), as in live ingestion. Sorted last, one such event would
+    otherwise become the replay's "now" and expire everything kept by event time (the
+    ``links`` index, groups' edges) before the report is written.
+    """
     with _no_cyclic_gc():
-        return _read_events(paths, pipeline, max_line, progress, rejected)
+        return _read_events(paths, pipeline, max_line, progress, rejected, pipeline.clock())
 
 
-def _read_events(paths: list[Path], pipeline: Pipeline, max_line: int, progress: Progress, rejected: Counter[str]) -> list[Event]:
+def _read_events(
+    paths: list[Path], pipeline: Pipeline, max_line: int, progress: Progress, rejected: Counter[str], clock: float
+) -> list[Event]:
     total = sum(os.path.getsize(p) for p in paths)
     done = 0
     events: list[Event] = []
@@ -119,7 +128,7 @@ def _read_events(paths: list[Path], pipeline: Pipeline, max_line: int, progress:
                     rejected[reasons.LINE_TOO_LONG] += 1
                     continue
                 try:
-                    event = decode(line, last_ts)
+                    event = decode(line, last_ts, clock)
                 except Rejected as rej:
                     pipeline.reject(rej.reason, rej.message)
                     rejected[rej.reason] += 1

@@ -7,6 +7,7 @@ Every case runs the real pipeline (``replay`` with a profile from ``calibrate``)
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,31 @@ def test_a_jbda_split_of_ten_on_continuous_features_is_named_as_one_group(profil
     assert g["flagged"] and g["score"] >= g["threshold"] and g["first_flagged"] is not None
     assert all(report["clients"][c]["group"] is None for c in honest(report))  # no honest client in any group
     assert all(m["links"] >= 1 and m["queries"] == 300 and 0.0 < m["strength"] <= 1.0 for m in g["members"].values())
+
+
+def test_one_event_stamped_far_in_the_future_neither_expires_a_group_in_replay_nor_enters_calibration(
+    profile: Profile, tmp_path: Path
+) -> None:
+    """What is kept by event time expires against the latest event time. Sorted last, one line
+    stamped in the year 2999 would expire the split's group before the report was written.
+    replay and calibrate reject it (future_timestamp) and judge the rest as without it."""
+    traffic, members = sybil_split(DATASET, size=10, per_member=300, benign=40)
+    plain = run(traffic, tmp_path / "plain.jsonl", profile)
+    assert plain["groups"], "the split formed no group: the check below would be vacuous"
+    log = tmp_path / "far.jsonl"
+    traffic.write(log, append=False)
+    far = json.dumps({**json.loads(log.read_text().splitlines()[-1]), "ts": 32503679999.0})  # a member's or an honest client's
+    with log.open("a") as fh:
+        fh.write(far + "\n")
+    report = replay(settings(), [str(log)], progress=False, profile=profile)
+    assert report["events"]["rejected"] == {"future_timestamp": 1}
+    assert report["events"]["accepted"] == plain["events"]["accepted"]
+    assert report["groups"] == plain["groups"] and report["clients"] == plain["clients"]
+    cal = tmp_path / "cal.jsonl"
+    benign_only(DATASET, clients=20).write(cal, append=False)
+    with cal.open("a") as fh:
+        fh.write(far + "\n")
+    assert calibrate(settings(), [str(cal)], progress=False)[1]["events"]["rejected"] == {"future_timestamp": 1}
 
 
 def test_clients_sending_the_same_popular_inputs_are_not_linked(profile: Profile, tmp_path: Path) -> None:

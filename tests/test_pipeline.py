@@ -98,8 +98,8 @@ def test_bad_lines_are_counted_and_the_valid_ones_around_them_kept() -> None:
 def test_live_events_stamped_far_after_the_clock_are_rejected_before_they_admit_or_expire_anything() -> None:
     """What is kept by event time expires against the latest event time: one event stamped in
     the year 2999 would wipe the links index and every group. Live ingestion rejects events
-    more than limits.max_future_seconds (300) after the exporter's clock; replay reads a log's
-    own times and keeps them."""
+    more than limits.max_future_seconds (300) after the exporter's clock, whether or not event
+    time is the pipeline's clock (replay's pipeline)."""
     clock = Clock(1_000_000.0)
     p = make(clock, limits={"max_future_seconds": 300})
     ok, ahead, far = (json.loads(lines(c, 1)[0]) for c in ("ok", "ahead", "far"))
@@ -110,8 +110,9 @@ def test_live_events_stamped_far_after_the_clock_are_rejected_before_they_admit_
     assert "ahead" not in p.store and "far" not in p.store and "other" not in p.decoder.learned_input_dims
     clock.t += 10.0  # the clock moves on: the same event is now on time
     assert p.ingest_lines([json.dumps({**ahead, "ts": 1_000_301.0})]).accepted == 1
-    replaying = Pipeline(Settings(), event_time=True)
-    assert replaying.ingest_lines([json.dumps({**far, "ts": 32503679999.0})]).accepted == 1
+    replaying = Pipeline(Settings(), clock=clock, event_time=True)
+    result = replaying.ingest_lines([json.dumps({**far, "ts": 32503679999.0}), json.dumps({**ok, "ts": 1000.0})])
+    assert result.accepted == 1 and dict(result.rejected) == {"future_timestamp": 1}  # an old event is kept
 
 
 def test_cardinality_guard_top_n_plus_flagged_and_other() -> None:

@@ -79,9 +79,9 @@ def test_reading_and_detection_pause_the_cyclic_gc_and_restore_it(tmp_path: Path
     pipeline = Pipeline(Settings())
     decode, seen = pipeline.decoder.decode_line, []
 
-    def spy(line, now=None):
+    def spy(line, now=None, clock=None):
         seen.append(gc.isenabled())
-        return decode(line, now)
+        return decode(line, now, clock)
 
     monkeypatch.setattr(pipeline.decoder, "decode_line", spy)
     assert gc.isenabled()
