@@ -1,5 +1,5 @@
 """One hostile event never does lasting damage: the corpus of tests/hostile_corpus.py
-through the decoder, a tailed file and push, plus the last-resort paths.
+through the decoder, a tailed file, push, calibrate and replay, plus the last-resort paths.
 
 For every kind: rejected with its reason (counted in monitaur_events_rejected_total),
 its valid neighbours kept, nothing re-processed, no planted log line or input value in
@@ -9,13 +9,17 @@ the log, and /metrics (parsed as Prometheus text) and /healthz still answering.
 from __future__ import annotations
 
 import io
+import json
 import logging
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import requests
+import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -30,7 +34,7 @@ from exporter.runtime import ModelAdmission
 from exporter.snapshot import pack, unpack
 from exporter.state import ClientState
 from exporter.verdict import FlagRecord
-from tests.conftest import parse_metrics, sample, wait_for
+from tests.conftest import REPO, parse_metrics, sample, wait_for
 from tests.hostile_corpus import MARKER, SECRET, SETTINGS, Hostile, corpus
 from tests.test_pipeline import lines
 
@@ -189,6 +193,40 @@ def test_the_corpus_through_push_to_the_cli(tmp_path: Path, exporter_factory) ->
     assert "\\n2031-01-01 00:00:00,000 ERROR monitaur.app: PATH-FORGED" in text
     assert not any(line.startswith("2031-") for line in text.splitlines())
     assert MARKER not in text and SECRET_TEXT not in text
+
+
+# -- through calibrate and replay, as real processes -----------------------------------------
+
+
+def test_the_corpus_through_calibrate_and_replay(tmp_path: Path) -> None:
+    """A log with every kind between valid lines of control clients, as an operator would
+    calibrate on it and replay it: each kind rejected with its reason (the summary's and the
+    report's counts), every valid line judged, and the same report as from the valid lines
+    alone; nothing a client planted reaches stderr. (A far-future timestamp is rejected here
+    too: sorted last, it would expire what is kept by event time before the report.)"""
+    good = [line.encode() for line in lines("control-a", len(CORPUS) + 1)] + [line.encode() for line in lines("control-b", 40, seed=1)]
+    clean, hostile = tmp_path / "clean.jsonl", tmp_path / "hostile.jsonl"
+    clean.write_bytes(b"".join(g + b"\n" for g in good))
+    hostile.write_bytes(b"".join(g + b"\n" + (CORPUS[i].line + b"\n" if i < len(CORPUS) else b"") for i, g in enumerate(good)))
+    config = tmp_path / "config.yml"
+    config.write_text(yaml.safe_dump({**SETTINGS, "state": {"dir": None}, "files": {"paths": []}}))
+    expected = dict(Counter(h.reason for h in CORPUS))
+
+    def cli(*args: str) -> tuple[dict, str]:
+        run = subprocess.run([sys.executable, "-m", "exporter", *args], capture_output=True, text=True, cwd=REPO, timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return json.loads(run.stdout), run.stderr
+
+    summary, err = cli("calibrate", "--config", str(config), "--out", str(tmp_path / "profile.bin"), str(hostile))
+    assert summary["events"] == {"accepted": len(good), "rejected": expected}
+    assert "FORGED" not in err and SECRET_TEXT not in err
+    profile = str(tmp_path / "profile.bin")
+    report, err = cli("replay", "--config", str(config), "--profile", profile, str(hostile))
+    assert report["events"] == {"accepted": len(good), "rejected": dict(sorted(expected.items()))}
+    assert "FORGED" not in err and SECRET_TEXT not in err
+    plain, _ = cli("replay", "--config", str(config), "--profile", profile, str(clean))
+    assert set(report["clients"]) == {"control-a", "control-b"}  # no hostile line made a client
+    assert report["clients"] == plain["clients"] and report["groups"] == plain["groups"]
 
 
 # -- the last resort: an exception nobody foresaw ----------------------------------------------
