@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 SAMPLE_BYTES = 64 * 1024
+READ_BYTES = 256 * 1024  # bounded_lines reads this much at a time
 # Bytes that text never holds: C0 controls but tab, line feed, vertical tab, form feed,
 # carriage return and escape; and DEL.
 _CONTROL = bytes(b for b in range(32) if b not in b"\t\n\x0b\x0c\r\x1b") + b"\x7f"
@@ -134,7 +135,7 @@ def open_log(path: Path) -> Iterator[tuple[BinaryIO, Callable[[], int]]]:
 
 
 class _Checked:
-    """Iterates a decompressing stream's lines, turning a corrupt or truncated file into an InputError."""
+    """Reads a decompressing stream's lines, turning a corrupt or truncated file into an InputError."""
 
     def __init__(self, stream: BinaryIO, path: Path, kind: str) -> None:
         self._stream, self._path, self._kind = stream, path, kind
@@ -143,7 +144,46 @@ class _Checked:
         try:
             yield from self._stream
         except _DECOMPRESS_ERRORS as exc:
-            raise InputError(f"cannot read {self._path}: corrupt or truncated {self._kind} data ({exc})") from None
+            raise self._error(exc) from None
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self._stream.read(size)
+        except _DECOMPRESS_ERRORS as exc:
+            raise self._error(exc) from None
+
+    def _error(self, exc: BaseException) -> InputError:
+        return InputError(f"cannot read {self._path}: corrupt or truncated {self._kind} data ({exc})")
+
+
+def bounded_lines(stream: BinaryIO, limit: int) -> Iterator[bytes | None]:
+    """The lines of ``stream``, without their newlines, of at most ``limit`` bytes, and ``None``
+    in place of each longer line.
+
+    The stream is read in blocks of ``READ_BYTES`` and a longer line is dropped as soon as it
+    passes the limit, then skipped to its end, never held whole: the content of a line comes
+    from clients, and one huge line (or a small compressed file that expands to one) must not
+    exhaust memory. The live tailer bounds its lines the same way.
+    """
+    read = stream.read
+    partial = b""
+    skipping = False  # inside a line already dropped
+    while block := read(READ_BYTES):
+        if skipping:
+            end = block.find(b"\n")
+            if end < 0:
+                continue
+            block, skipping = block[end + 1 :], False
+        lines = block.split(b"\n")
+        lines[0] = partial + lines[0]
+        partial = lines.pop()  # the line the next block goes on with (b"" after a newline)
+        for line in lines:
+            yield line if len(line) <= limit else None
+        if len(partial) > limit:
+            yield None
+            partial, skipping = b"", True
+    if partial:
+        yield partial
 
 
 def _read_head(path: Path, n: int) -> bytes:

@@ -31,7 +31,7 @@ from exporter.config import Settings
 from exporter.detectors import Batch, Signals, enabled_detectors
 from exporter.events import Event, Rejected
 from exporter.fit import fit_warnings
-from exporter.inputs import log_files, open_log
+from exporter.inputs import bounded_lines, log_files, open_log
 from exporter.pipeline import Pipeline
 from exporter.profile import Profile
 from exporter.state import ClientState
@@ -120,12 +120,12 @@ def _read_events(
         last_ts = 0.0  # an event without a timestamp keeps its place after the one before it
         before = done
         with open_log(path) as (fh, position):  # plain or compressed; InputError if not text
-            for line in fh:
-                if line.isspace():  # blank (the file iterator never yields b""); no copy, unlike strip()
-                    continue
-                if len(line) > max_line:
+            for line in bounded_lines(fh, max_line):
+                if line is None:
                     pipeline.reject(reasons.LINE_TOO_LONG, f"line longer than {max_line} bytes")
                     rejected[reasons.LINE_TOO_LONG] += 1
+                    continue
+                if not line or line.isspace():  # blank; no copy, unlike strip()
                     continue
                 try:
                     event = decode(line, last_ts, clock)

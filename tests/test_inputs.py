@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import io
 import json
 import lzma
 import os
@@ -19,6 +20,7 @@ from exporter.config import Settings
 from exporter.demo import benign_log, example_log
 from exporter.events import Decoder
 from exporter.fit import FAR_SPREADS, fit_warnings
+from exporter import inputs
 from exporter.inputs import InputError, log_files, looks_binary, open_log
 from exporter.profile import ModelProfile, Profile
 from exporter.replay import replay
@@ -73,6 +75,49 @@ def test_binary_missing_and_corrupt_inputs_fail_with_the_file_named(tmp_path: Pa
         assert run.returncode == 2, (path, run.stderr)
         assert why in run.stderr and str(path.name) in run.stderr, run.stderr
     assert not (tmp_path / "p.npz").exists()
+
+
+class _Recording(io.BytesIO):
+    """A stream that remembers the most bytes any read asked for."""
+
+    largest = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        self.largest = max(self.largest, -1 if size is None or size < 0 else size)
+        return super().read(size)
+
+
+def test_lines_longer_than_the_limit_are_dropped_without_being_held_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inputs, "READ_BYTES", 7)  # lines span several reads
+    limit = 64
+    at_limit, over, huge = b"a" * limit, b"b" * (limit + 1), b"c" * (50 * limit + 3)
+    text = b"x\n" + at_limit + b"\n" + over + b"\n\n" + huge + b"\ny\n" + b"d" * (3 * limit) + b"\r\n" + b"z" * 5
+    stream = _Recording(text)
+    got = list(inputs.bounded_lines(stream, limit))
+    assert got == [b"x", at_limit, None, b"", None, b"y", None, b"z" * 5]
+    assert stream.largest == 7  # read a block at a time, never to the end of a line
+    assert got == [line if len(line) <= limit else None for line in text.split(b"\n")]  # the lines, as split
+    assert list(inputs.bounded_lines(io.BytesIO(b"e" * (10 * limit)), limit)) == [None]  # a last line without its newline too
+    assert list(inputs.bounded_lines(io.BytesIO(b""), limit)) == []
+
+
+@pytest.mark.parametrize("command", ["replay", "calibrate"])
+def test_a_huge_line_in_a_compressed_log_is_rejected_and_its_neighbours_kept(tmp_path: Path, command: str) -> None:
+    """A small gzip file that expands to one 64 MiB line (the content of a line comes from
+    clients): rejected as line_too_long, read a piece at a time, every other line judged."""
+    with gzip.open(tmp_path / "log.gz", "wb") as fh:
+        fh.write("".join(x + "\n" for x in LINES[:60]).encode())
+        for _ in range(64):
+            fh.write(b" " * (1 << 20))
+        fh.write(("\n" + "".join(x + "\n" for x in LINES[60:120])).encode())
+    assert (tmp_path / "log.gz").stat().st_size < 1 << 20
+    config = tmp_path / "config.yml"
+    config.write_text("files:\n  max_line_bytes: 65536\nstate:\n  dir: null\n")
+    out = ["--out", str(tmp_path / "p.bin")] if command == "calibrate" else []
+    run = cli(command, "--config", str(config), *out, str(tmp_path / "log.gz"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout)["events"] == {"accepted": 120, "rejected": {"line_too_long": 1}}
+    assert "line_too_long: line longer than 65536 bytes" in run.stderr
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
