@@ -135,7 +135,7 @@ def open_log(path: Path) -> Iterator[tuple[BinaryIO, Callable[[], int]]]:
 
 
 class _Checked:
-    """Reads a decompressing stream's lines, turning a corrupt or truncated file into an InputError."""
+    """Reads a decompressing stream (by lines or by blocks), turning a corrupt or truncated file into an InputError."""
 
     def __init__(self, stream: BinaryIO, path: Path, kind: str) -> None:
         self._stream, self._path, self._kind = stream, path, kind

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from exporter import inputs
 from exporter.config import Settings
 from exporter.demo import benign_log, example_log
 from exporter.events import Decoder
 from exporter.fit import FAR_SPREADS, fit_warnings
-from exporter import inputs
 from exporter.inputs import InputError, log_files, looks_binary, open_log
 from exporter.profile import ModelProfile, Profile
 from exporter.replay import replay

@@ -72,7 +72,7 @@ def test_one_event_stamped_far_in_the_future_neither_expires_a_group_in_replay_n
     """What is kept by event time expires against the latest event time. Sorted last, one line
     stamped in the year 2999 would expire the split's group before the report was written.
     replay and calibrate reject it (future_timestamp) and judge the rest as without it."""
-    traffic, members = sybil_split(DATASET, size=10, per_member=300, benign=40)
+    traffic, _ = sybil_split(DATASET, size=10, per_member=300, benign=40)
     plain = run(traffic, tmp_path / "plain.jsonl", profile)
     assert plain["groups"], "the split formed no group: the check below would be vacuous"
     log = tmp_path / "far.jsonl"
