@@ -12,8 +12,14 @@ parent from those candidates:
 - ``nearest (all)``: the nearest on all features;
 - ``links``: the detector's rule (``LinksDetector._parent``: the most probe features moved by one size, at least 6 of 8, then the nearest).
 
+``--units data`` finds the parents in units of the dataset's own feature ranges, as this
+repository's simulator (``exporter.sim``) steps, instead of the calibration's: where those
+differ (breast cancer), the parents are there, but not one size in the detector's units.
+
     python3 bench/detection/groups.py --sybil b --strategies jbda_split --datasets digits --seeds 3 --workdir DIR
     python3 bench/detection/own_step.py DIR/digits-3 sybb-jbda_split-30-20-
+    python3 bench/detection/groups.py --datasets breast_cancer --seeds 0 --workdir DIR
+    python3 bench/detection/own_step.py DIR/breast_cancer-0 syb-even-3-0- --units data
 """
 
 from __future__ import annotations
@@ -60,6 +66,9 @@ def main() -> int:
     ap.add_argument("--window", type=float, default=3000.0, help="candidates sent at most this many seconds before (default 3000)")
     ap.add_argument("--sample", type=int, default=400)
     ap.add_argument("--tolerance", type=float, default=0.02, help="relative tolerance of one size when finding parents (default 0.02)")
+    ap.add_argument("--units", choices=("calibration", "data"), default="calibration",
+                    help="find parents in the detector's units (the calibration's ranges, default) or in the dataset's own ranges "
+                         "(exporter.sim's; the run directory's name gives the dataset and seed)")
     args = ap.parse_args()
     cal, _, _ = _inputs(args.run / "calibration.jsonl")
     scaling = Scaling.fit(cal)
@@ -73,7 +82,14 @@ def main() -> int:
     members = np.flatnonzero([c.startswith(args.prefix) for c in clients])
     if members.size == 0:
         ap.error(f"no client id starts with {args.prefix!r}")
-    par = parents(u[members].astype(np.float64), args.tolerance)
+    if args.units == "data":
+        from exporter.sim import build_world
+
+        dataset, seed = args.run.name.rsplit("-", 1)
+        span = build_world(dataset, int(seed)).dataset.span
+        par = parents(x[members] / np.where(span > 0, span, 1.0), args.tolerance)
+    else:
+        par = parents(u[members].astype(np.float64), args.tolerance)
     rng = np.random.default_rng(0)
     with_parent = np.flatnonzero(par >= 0)
     picked = {"nearest (probe)": 0, "nearest (all)": 0, "links": 0}
@@ -91,7 +107,7 @@ def main() -> int:
         picked["nearest (all)"] += cand[np.argmin((du**2).sum(axis=1))] == p
         alive = np.ones((1, cand.size), dtype=bool)
         picked["links"] += cand[int(det._parent(np.abs(du[None, :, :r]), alive, probe[None, :])[0])] == p
-    print(f"{args.prefix}: {members.size} queries, {with_parent.size} a sign step from an earlier one; "
+    print(f"{args.prefix}: {members.size} queries, {with_parent.size} a sign step from an earlier one ({args.units} units); "
           f"sampled {min(args.sample, with_parent.size)}, parent among the candidates for {among}")
     for rule, n in picked.items():
         print(f"  {rule:>16}: parent picked for {n} of {among}")
