@@ -39,7 +39,9 @@ benign client's lifetime maximum of every detector, and sets all thresholds join
 
    If no calibration client reached the detector's conservative default, the threshold
    is never raised above it. Detectors outside the verdict (exported and alerted on by
-   themselves) get their own ``alpha`` quantile, never below their default.
+   themselves) get their own ``alpha`` quantile, never below their default. Clients that
+   ``links`` puts over its ``calibration_ceiling`` are an attack inside the log: left out
+   of the references fitted after the folds and of every threshold (:func:`_attacks_inside`).
 5. **The promise** (:func:`conformal_scale`). A client's statistic is its largest ratio
    of a lifetime maximum to its detector's threshold: the verdict flags it when that
    reaches 1. With ``n`` clients, split conformal prediction promises ``alpha`` when
@@ -79,6 +81,7 @@ from exporter.profile import ModelProfile, Profile, params_digest
 from exporter.replay import Progress, existing_files, read_events, run_blocks
 
 log = logging.getLogger("monitaur.calibrate")
+MAX_NAMED = 10  # clients named in a warning line (the summary lists them all)
 
 MAX_SESSION = 2_000  # a client with more events is cut into sessions
 MIN_CLIENTS = 10  # fewer client ids than this: the events have no client structure (training data)
@@ -221,11 +224,16 @@ def calibrate(settings: Settings, paths: list[str], progress_stream: TextIO = sy
                 maxima[model][name].update(clients)
     bar.close()
 
+    # Attacks inside the calibration log (links' calibration_ceiling) are left out of everything learned from here on.
+    left_out = {model: found for model, per in maxima.items() if (found := _attacks_inside(specs, per))}
+    attackers = {(model, c) for model, found in left_out.items() if found["left_out"] for c in found["clients"]}
+    if attackers:
+        events = [e for e in events if (e.model, e.client) not in attackers]
     profile = _profile(settings, events, rng, cal.target_fpr)
     defaults_kept: dict[str, list[str]] = {}
     for model, mp in profile.models.items():
         per = maxima.get(model, {})
-        clients = sorted({c for name in per for c in per[name]})
+        clients = sorted({c for name in per for c in per[name] if (model, c) not in attackers})
         mp.clients = len(clients)
         mp.events = sum(1 for e in events if e.model == model)
         kept = [n for n in SESSION_FREE if n in specs] if not structured else []
@@ -234,7 +242,7 @@ def calibrate(settings: Settings, paths: list[str], progress_stream: TextIO = sy
         mp.thresholds.update(thresholds)
         mp.promise = promise.as_dict()
         mp.groups = _group_calibration(specs, group_maxima.get(model, []), cal.target_fpr)
-    return profile, _summary(profile, raw, rejected, cal.target_fpr, structured, defaults_kept)
+    return profile, _summary(profile, raw, rejected, cal.target_fpr, structured, defaults_kept, left_out)
 
 
 def _thresholds(specs: dict[str, Any], per: dict[str, dict[str, float]], clients: list[str], kept: list[str], alpha: float) -> tuple[dict[str, float], Promise]:
@@ -308,13 +316,51 @@ def conformal_scale(per: dict[str, dict[str, float]], clients: list[str], thresh
     return (float(np.nextafter(level, np.inf)) if level >= 1.0 else 1.0), promised, upper
 
 
-def _group_calibration(specs: dict[str, Any], maxima: list[float], alpha: float) -> dict[str, Any]:
-    """The group threshold of a model (exporter.groups) from the groups that formed among benign clients, and what it rests on."""
+def _attacks_inside(specs: dict[str, Any], per: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The calibration clients of a model whose ``links`` value went over ``calibration_ceiling``
+    (empty: none, or ``links`` off).
+
+    Honest clients continue other clients' explorations only by chance, far below the
+    ceiling; a client over it is part of an attack split over several keys inside the
+    calibration log. Learned as benign, it would set ``links``' threshold and the group
+    threshold just above the split's own values, and the next split like it would form a
+    group that is never flagged. So such clients are left out of every reference and
+    threshold, unless they are more than half of the clients (then the log is not benign
+    traffic at all, or the ceiling is too low for it: they are kept, and named all the same).
+    """
     if "links" not in specs:
         return {}
-    default = float(specs["links"][1].group_threshold)
-    tau, how = group_threshold(maxima, default, alpha)
-    return {"threshold": tau, "benign_groups": len(maxima), "max_benign_score": max(maxima, default=0.0), "how": how + " (groups of both folds' replays)"}
+    ceiling = float(specs["links"][1].calibration_ceiling)
+    values = per.get("links", {})
+    over = {c: v for c, v in values.items() if v > ceiling}
+    if not over:
+        return {}
+    everyone = {c for name in per for c in per[name]}
+    return {
+        "clients": sorted(over),
+        "count": len(over),
+        "largest": round(max(over.values()), 6),
+        "ceiling": ceiling,
+        "left_out": 2 * len(over) <= len(everyone),
+    }
+
+
+def _group_calibration(specs: dict[str, Any], maxima: list[float], alpha: float) -> dict[str, Any]:
+    """The group threshold of a model (exporter.groups) from the groups that formed among benign clients, and what it rests on.
+
+    Groups scored over ``links``' ``calibration_ceiling`` are attacks inside the calibration
+    log (a split over several keys), not chance: they are left out (:func:`_attacks_inside`)."""
+    if "links" not in specs:
+        return {}
+    params = specs["links"][1]
+    chance = [m for m in maxima if m <= params.calibration_ceiling]
+    tau, how = group_threshold(chance, float(params.group_threshold), alpha)
+    out: dict[str, Any] = {"threshold": tau, "benign_groups": len(chance), "max_benign_score": max(chance, default=0.0)}
+    if len(chance) < len(maxima):
+        how += f"; {len(maxima) - len(chance)} group(s) scored over links' calibration_ceiling were left out as attacks (largest score {max(maxima):.4f})"
+        out["left_out_groups"] = len(maxima) - len(chance)
+    out["how"] = how + " (groups of both folds' replays)"
+    return out
 
 
 def tail_threshold(maxima: np.ndarray, alpha: float) -> tuple[float, str]:
@@ -358,7 +404,10 @@ def _own_threshold(maxima: np.ndarray, alpha: float) -> float:
     return float(np.nextafter(desc[k], np.inf)) if desc.size else 1.0
 
 
-def _summary(profile: Profile, events: list[Event], rejected: Counter[str], target_fpr: float, structured: bool, kept: dict[str, list[str]]) -> dict[str, Any]:
+def _summary(
+    profile: Profile, events: list[Event], rejected: Counter[str], target_fpr: float, structured: bool, kept: dict[str, list[str]],
+    left_out: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
     out: dict[str, Any] = {"events": {"accepted": len(events), "rejected": dict(rejected)}, "target_fpr": target_fpr, "models": {}}
     for model, mp in profile.models.items():
         entry: dict[str, Any] = {
@@ -372,6 +421,18 @@ def _summary(profile: Profile, events: list[Event], rejected: Counter[str], targ
         }
         if mp.groups:
             entry["groups"] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in mp.groups.items()}
+        found = left_out.get(model)
+        if found:
+            entry["attacks_inside"] = found
+            shown = ", ".join(found["clients"][:MAX_NAMED]) + (", ..." if found["count"] > MAX_NAMED else "")
+            log.warning(
+                "model %s: %d calibration client(s) continued other clients' explorations (links up to %.3g, above its "
+                "calibration_ceiling %.3g), which honest clients do not do by chance: the calibration log seems to hold an attack "
+                "split over several keys. %s Check them and calibrate again on logs without them: %s", model, found["count"],
+                found["largest"], found["ceiling"],
+                "They were left out of every reference and threshold." if found["left_out"]
+                else "They are more than half of the clients, so they were kept.", shown,
+            )
         if not structured:
             entry["sessions"] = "no client structure (fewer than %d client ids): the events were cut into pseudo-clients of 50 to 500 events" % MIN_CLIENTS
         if kept.get(model):

@@ -91,6 +91,38 @@ def test_one_event_stamped_far_in_the_future_neither_expires_a_group_in_replay_n
     assert calibrate(settings(), [str(cal)], progress=False)[1]["events"]["rejected"] == {"future_timestamp": 1}
 
 
+def test_a_split_inside_the_calibration_log_neither_raises_the_thresholds_nor_hides_the_next_one(
+    profile: Profile, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Calibration logs are production logs, and may hold an attack. A 10-way split among the
+    80 honest calibration clients would set links' threshold and the group threshold just
+    above its own values (the top of 90 clients), and the next split would form a group that
+    is never flagged. Clients and groups over links' calibration_ceiling (0.05) are left out
+    of every reference and threshold, named in the summary, and warned about."""
+    log = tmp_path / "cal.jsonl"
+    attack, members = sybil_split(DATASET, size=10, per_member=300, benign=0, seed=1)
+    _merge([benign_only(DATASET, clients=80), attack]).write(log, append=False)
+    caplog.set_level("WARNING", logger="monitaur.calibrate")
+    poisoned, summary = calibrate(settings(), [str(log)], progress=False)
+    model = summary["models"][DATASET]
+    assert model["thresholds"]["links"] == pytest.approx(profile.models[DATASET].thresholds["links"])  # as on honest clients alone
+    assert model["groups"]["threshold"] == pytest.approx(0.02) and model["groups"]["left_out_groups"] >= 1
+    found = model["attacks_inside"]
+    assert set(found["clients"]) <= set(members) and len(found["clients"]) >= 8 and found["largest"] > 0.05 and found["left_out"]
+    assert model["clients"] == summary_clients(log) - len(found["clients"])  # left out of everything learned
+    assert "seems to hold an attack" in caplog.text and found["clients"][0] in caplog.text
+    traffic, split = sybil_split(DATASET, size=10, per_member=300, benign=40)
+    report = run(traffic, tmp_path / "sybil.jsonl", poisoned)
+    groups = [report["clients"][c]["group"] for c in split]
+    best = max(set(groups) - {None}, key=groups.count)
+    assert groups.count(best) >= 8 and report["groups"][best]["flagged"]
+
+
+def summary_clients(log: Path) -> int:
+    """Distinct client ids of a log (calibrate's clients when none is cut into sessions)."""
+    return len({json.loads(line)["client"] for line in log.read_text().splitlines()})
+
+
 def test_clients_sending_the_same_popular_inputs_are_not_linked(profile: Profile, tmp_path: Path) -> None:
     traffic = benign_only(DATASET, clients=60, mix={"popular": 1.0}, stream="tests-popular", prefix="app")
     report = run(traffic, tmp_path / "popular.jsonl", profile)

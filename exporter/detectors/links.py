@@ -86,6 +86,18 @@ class LinksParams(WindowedParams):
         exclude=True,
         description="A group is flagged while the share of its members' queries that continued another member's exploration is at least this. Calibration overwrites it per model.",
     )
+    calibration_ceiling: float = Field(
+        0.05,
+        gt=0.0,
+        le=1.0,
+        exclude=True,
+        description=(
+            "A calibration client whose links value goes over this continued other keys' explorations, which honest clients do not "
+            "do by chance: it is part of an attack inside the calibration log, and is left out of every reference and threshold "
+            "that calibration learns (and named, with a warning); calibration groups scored over it are left out of group_threshold. "
+            "Learned as benign, such a split would set both thresholds just above its own values."
+        ),
+    )
     max_tracked_clients: int = Field(10_000, ge=2, le=10_000_000, description="Clients with link evidence remembered per model (least recently linked forgotten first).")
     max_peers: int = Field(8, ge=1, le=100, description="Peers remembered per client (the heaviest, by a space-saving count).")
     max_group_series: int = Field(50, ge=0, le=10_000, exclude=True, description="Groups exported with their own series (flagged first, then by score).")
