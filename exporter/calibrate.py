@@ -241,7 +241,7 @@ def calibrate(settings: Settings, paths: list[str], progress_stream: TextIO = sy
         thresholds, promise = _thresholds(specs, per, clients, kept, cal.target_fpr)
         mp.thresholds.update(thresholds)
         mp.promise = promise.as_dict()
-        mp.groups = _group_calibration(specs, group_maxima.get(model, []), cal.target_fpr)
+        mp.groups = _group_calibration(specs, group_maxima.get(model, []), cal.target_fpr, left_out.get(model, {}).get("left_out", True))
     return profile, _summary(profile, raw, rejected, cal.target_fpr, structured, defaults_kept, left_out)
 
 
@@ -345,15 +345,16 @@ def _attacks_inside(specs: dict[str, Any], per: dict[str, dict[str, float]]) -> 
     }
 
 
-def _group_calibration(specs: dict[str, Any], maxima: list[float], alpha: float) -> dict[str, Any]:
+def _group_calibration(specs: dict[str, Any], maxima: list[float], alpha: float, leave_out: bool = True) -> dict[str, Any]:
     """The group threshold of a model (exporter.groups) from the groups that formed among benign clients, and what it rests on.
 
     Groups scored over ``links``' ``calibration_ceiling`` are attacks inside the calibration
-    log (a split over several keys), not chance: they are left out (:func:`_attacks_inside`)."""
+    log (a split over several keys), not chance: they are left out, unless ``leave_out`` is
+    false (the clients over it were kept, being most of them: :func:`_attacks_inside`)."""
     if "links" not in specs:
         return {}
     params = specs["links"][1]
-    chance = [m for m in maxima if m <= params.calibration_ceiling]
+    chance = [m for m in maxima if m <= params.calibration_ceiling or not leave_out]
     tau, how = group_threshold(chance, float(params.group_threshold), alpha)
     out: dict[str, Any] = {"threshold": tau, "benign_groups": len(chance), "max_benign_score": max(chance, default=0.0)}
     if len(chance) < len(maxima):
