@@ -40,7 +40,8 @@ benign client's lifetime maximum of every detector, and sets all thresholds join
    If no calibration client reached the detector's conservative default, the threshold
    is never raised above it. Detectors outside the verdict (exported and alerted on by
    themselves) get their own ``alpha`` quantile, never below their default. Clients that
-   ``links`` puts over its ``calibration_ceiling`` are an attack inside the log: left out
+   linked more than ``links``' ``calibration_ceiling`` of a full window of their queries
+   (:class:`_LinkedWindows`) are an attack inside the log: left out
    of the references fitted after the folds and of every threshold (:func:`_attacks_inside`).
 5. **The promise** (:func:`conformal_scale`). A client's statistic is its largest ratio
    of a lifetime maximum to its detector's threshold: the verdict flags it when that
@@ -65,7 +66,7 @@ import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from statistics import NormalDist
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 import numpy as np
 
@@ -106,6 +107,50 @@ class _Maxima:
         if v.size:
             per = self.values[batch.model][name]
             per[batch.client] = max(per.get(batch.client, -np.inf), float(v.max()))
+
+
+@dataclass
+class _LinkedWindows:
+    """Pipeline observer: each recorded client's most linked queries within one ``links`` window,
+    as a share of the whole window, per model (what ``calibration_ceiling`` is compared with).
+
+    ``links``' own value divides by the queries in the window, at least ``min_events``: three
+    chance links among an honest client's first 50 queries make it 0.06. A split's members
+    make far more. So the ceiling counts linked queries against a full window: more than
+    ``calibration_ceiling x window`` (10 of 200 at the defaults) among consecutive queries.
+    The value after each judged query gives that count: the value times the queries then in
+    the window (at least ``min_events``).
+    """
+
+    clients: set[str]
+    window: int
+    min_events: int
+    shares: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
+    _judged: dict[tuple[str, str], int] = field(default_factory=dict, init=False)  # judged queries so far, per (model, client)
+
+    def __call__(self, batch: Batch, name: str, signals: Signals) -> None:
+        if name != "links" or batch.client not in self.clients:
+            return
+        v = signals.values[~np.isnan(signals.values)]
+        if v.size == 0:
+            return
+        key = (batch.model, batch.client)
+        before = self._judged.get(key, 0)
+        self._judged[key] = before + v.size
+        in_window = np.minimum(before + np.arange(1, v.size + 1), self.window)
+        linked = np.rint(v * np.maximum(in_window, self.min_events))
+        per = self.shares[batch.model]
+        per[batch.client] = max(per.get(batch.client, 0.0), float(linked.max()) / self.window)
+
+
+def _fan_out(observers: list[Callable[[Batch, str, Signals], None]]) -> Callable[[Batch, str, Signals], None]:
+    """One pipeline observer that calls each of ``observers`` in turn."""
+
+    def observe(batch: Batch, name: str, signals: Signals) -> None:
+        for o in observers:
+            o(batch, name, signals)
+
+    return observe
 
 
 @dataclass
@@ -208,13 +253,17 @@ def calibrate(settings: Settings, paths: list[str], progress_stream: TextIO = sy
     # Step 2: out-of-fold lifetime maxima.
     maxima: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
     group_maxima: dict[str, list[float]] = defaultdict(list)
+    linked_shares: dict[str, dict[str, float]] = defaultdict(dict)  # links' calibration_ceiling is compared with these
     for fold in (0, 1):
         fitted_on = [e for e in events if fold_of(e.client) != fold]
         measured = {e.client for e in events if fold_of(e.client) == fold}
         if not fitted_on or not measured:
             continue
         rec = _Maxima(measured)
-        pipe = Pipeline(settings, event_time=True, profile=_profile(settings, fitted_on, rng, cal.target_fpr), observer=rec)
+        observers: list[Callable[[Batch, str, Signals], None]] = [rec]
+        if "links" in specs:
+            observers.append(_LinkedWindows(measured, specs["links"][1].window, specs["links"][1].min_events, linked_shares))
+        pipe = Pipeline(settings, event_time=True, profile=_profile(settings, fitted_on, rng, cal.target_fpr), observer=_fan_out(observers))
         run_blocks(pipe, events, bar, f"calibrating (fold {fold + 1} of 2)")
         if fold == 0:  # groups that formed by chance among benign clients: each fold replays every event, so count one
             for model, mg in pipe.groups.by_model.items():
@@ -225,7 +274,7 @@ def calibrate(settings: Settings, paths: list[str], progress_stream: TextIO = sy
     bar.close()
 
     # Attacks inside the calibration log (links' calibration_ceiling) are left out of everything learned from here on.
-    left_out = {model: found for model, per in maxima.items() if (found := _attacks_inside(specs, per))}
+    left_out = {model: found for model, per in maxima.items() if (found := _attacks_inside(specs, per, linked_shares.get(model, {})))}
     attackers = {(model, c) for model, found in left_out.items() if found["left_out"] for c in found["clients"]}
     if attackers:
         events = [e for e in events if (e.model, e.client) not in attackers]
@@ -316,9 +365,10 @@ def conformal_scale(per: dict[str, dict[str, float]], clients: list[str], thresh
     return (float(np.nextafter(level, np.inf)) if level >= 1.0 else 1.0), promised, upper
 
 
-def _attacks_inside(specs: dict[str, Any], per: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """The calibration clients of a model whose ``links`` value went over ``calibration_ceiling``
-    (empty: none, or ``links`` off).
+def _attacks_inside(specs: dict[str, Any], per: dict[str, dict[str, float]], shares: dict[str, float]) -> dict[str, Any]:
+    """The calibration clients of a model that linked more than ``calibration_ceiling`` of one
+    ``links`` window's queries (``shares``, from :class:`_LinkedWindows`; empty: none, or
+    ``links`` off).
 
     Honest clients continue other clients' explorations only by chance, far below the
     ceiling; a client over it is part of an attack split over several keys inside the
@@ -331,8 +381,7 @@ def _attacks_inside(specs: dict[str, Any], per: dict[str, dict[str, float]]) -> 
     if "links" not in specs:
         return {}
     ceiling = float(specs["links"][1].calibration_ceiling)
-    values = per.get("links", {})
-    over = {c: v for c, v in values.items() if v > ceiling}
+    over = {c: v for c, v in shares.items() if v > ceiling}
     if not over:
         return {}
     everyone = {c for name in per for c in per[name]}
@@ -427,8 +476,8 @@ def _summary(
             entry["attacks_inside"] = found
             shown = ", ".join(found["clients"][:MAX_NAMED]) + (", ..." if found["count"] > MAX_NAMED else "")
             log.warning(
-                "model %s: %d calibration client(s) continued other clients' explorations (links up to %.3g, above its "
-                "calibration_ceiling %.3g), which honest clients do not do by chance: the calibration log seems to hold an attack "
+                "model %s: %d calibration client(s) continued other clients' explorations (up to %.3g of a links window's "
+                "queries, above its calibration_ceiling %.3g), which honest clients do not do by chance: the calibration log seems to hold an attack "
                 "split over several keys. %s Check them and calibrate again on logs without them: %s", model, found["count"],
                 found["largest"], found["ceiling"],
                 "They were left out of every reference and threshold." if found["left_out"]

@@ -156,3 +156,41 @@ def test_calibrating_on_nothing_fails_clearly(tmp_path: Path) -> None:
     log.write_text("{bad\n")
     run = cli("calibrate", "--out", str(tmp_path / "p.npz"), str(log))
     assert run.returncode == 1 and "no valid events" in run.stderr
+
+
+def test_the_calibration_ceiling_counts_linked_queries_against_a_full_links_window() -> None:
+    """links' value divides by the queries in its window, at least min_events: three chance
+    links among an honest client's first 50 queries make it 0.06, over the 0.05 ceiling, and
+    such a client (an org app of a 20-client calibration) was once left out as an attack. The
+    ceiling is compared with the most linked queries among any window of consecutive judged
+    queries, over the whole window, whatever the batching; and only that decides."""
+    from exporter.calibrate import _attacks_inside, _LinkedWindows
+    from exporter.detectors.base import Batch, Signals
+    from exporter.detectors.kit import window_shares
+
+    window, min_events = 200, 50
+    rng = np.random.default_rng(3)
+    cases = {
+        "burst": np.isin(np.arange(120), [10, 20, 30, 45]),  # 4 early links: value 0.08, 4 of a window
+        "split": rng.random(600) < 0.08,  # a split's member: far more than 10 of 200
+        "chance": rng.random(900) < 0.01,
+    }
+    rec = _LinkedWindows({"burst", "split", "chance"}, window, min_events)
+    for client, hits in cases.items():
+        buf, count, start = np.zeros(window, dtype=bool), 0, 0
+        while start < hits.size:  # batches of 1 to 40 events, some not judged (NaN)
+            part = hits[start : start + int(rng.integers(1, 41))]
+            values, flagged = window_shares(buf, count, part, min_events, 0.03)
+            count += part.size
+            start += part.size
+            sig = Signals(np.concatenate((values, [np.nan])), np.concatenate((flagged, [False])))
+            rec(Batch(client, "m", []), "links", sig)
+            rec(Batch(client, "m", []), "ood", Signals(np.ones(3), np.ones(3, dtype=bool)))  # another detector: ignored
+        # brute force: the most set flags among the up to `window` judged queries ending at each one
+        most = max(int(hits[max(0, i + 1 - window) : i + 1].sum()) for i in range(hits.size))
+        assert rec.shares["m"][client] == pytest.approx(most / window)
+    assert rec.shares["m"]["burst"] == pytest.approx(4 / window)
+    specs = enabled_detectors(Settings(state={"dir": None}, files={"paths": []}, detectors={"links": {"enabled": True}}))
+    values = {"links": {"burst": 0.08, "split": 0.2, "chance": 0.04}}  # links' own maxima: not what decides
+    found = _attacks_inside(specs, values, rec.shares["m"])
+    assert found["clients"] == ["split"] and found["largest"] == pytest.approx(rec.shares["m"]["split"])
