@@ -252,7 +252,7 @@ def calibrate(settings: Settings, paths: list[str], progress_stream: TextIO = sy
 
     # Step 2: out-of-fold lifetime maxima.
     maxima: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
-    group_maxima: dict[str, list[float]] = defaultdict(list)
+    group_maxima: dict[str, list[tuple[float, tuple[str, ...]]]] = defaultdict(list)  # groups' maximum scores, standing ones' members
     linked_shares: dict[str, dict[str, float]] = defaultdict(dict)  # links' calibration_ceiling is compared with these
     for fold in (0, 1):
         fitted_on = [e for e in events if fold_of(e.client) != fold]
@@ -290,7 +290,8 @@ def calibrate(settings: Settings, paths: list[str], progress_stream: TextIO = sy
         thresholds, promise = _thresholds(specs, per, clients, kept, cal.target_fpr)
         mp.thresholds.update(thresholds)
         mp.promise = promise.as_dict()
-        mp.groups = _group_calibration(specs, group_maxima.get(model, []), cal.target_fpr, left_out.get(model, {}).get("left_out", True))
+        found = left_out.get(model, {})
+        mp.groups = _group_calibration(specs, group_maxima.get(model, []), cal.target_fpr, found.get("left_out", True), set(found.get("clients", [])))
     return profile, _summary(profile, raw, rejected, cal.target_fpr, structured, defaults_kept, left_out)
 
 
@@ -394,20 +395,27 @@ def _attacks_inside(specs: dict[str, Any], per: dict[str, dict[str, float]], sha
     }
 
 
-def _group_calibration(specs: dict[str, Any], maxima: list[float], alpha: float, leave_out: bool = True) -> dict[str, Any]:
+def _group_calibration(
+    specs: dict[str, Any], groups: list[tuple[float, tuple[str, ...]]], alpha: float, leave_out: bool = True, attackers: set[str] | None = None
+) -> dict[str, Any]:
     """The group threshold of a model (exporter.groups) from the groups that formed among benign clients, and what it rests on.
 
-    Groups scored over ``links``' ``calibration_ceiling`` are attacks inside the calibration
-    log (a split over several keys), not chance: they are left out, unless ``leave_out`` is
-    false (the clients over it were kept, being most of them: :func:`_attacks_inside`)."""
+    Groups (maximum score, standing members) scored over ``links``' ``calibration_ceiling``,
+    or standing with a client over it (``attackers``: a split's weaker members link less than
+    its strongest, and its group's score can stay under the ceiling), are attacks inside the
+    calibration log, not chance: they are left out, unless ``leave_out`` is false (those
+    clients were kept, being most of them: :func:`_attacks_inside`)."""
     if "links" not in specs:
         return {}
     params = specs["links"][1]
-    chance = [m for m in maxima if m <= params.calibration_ceiling or not leave_out]
+    attackers = attackers or set()
+    maxima = [m for m, _ in groups]
+    chance = [m for m, members in groups if not leave_out or (m <= params.calibration_ceiling and attackers.isdisjoint(members))]
     tau, how = group_threshold(chance, float(params.group_threshold), alpha)
     out: dict[str, Any] = {"threshold": tau, "benign_groups": len(chance), "max_benign_score": max(chance, default=0.0)}
     if len(chance) < len(maxima):
-        how += f"; {len(maxima) - len(chance)} group(s) scored over links' calibration_ceiling were left out as attacks (largest score {max(maxima):.4f})"
+        how += (f"; {len(maxima) - len(chance)} group(s) scored over links' calibration_ceiling, or standing with a client over it, "
+                f"were left out as attacks (largest score {max(maxima):.4f})")
         out["left_out_groups"] = len(maxima) - len(chance)
     out["how"] = how + " (groups of both folds' replays)"
     return out
@@ -477,9 +485,9 @@ def _summary(
             shown = ", ".join(found["clients"][:MAX_NAMED]) + (", ..." if found["count"] > MAX_NAMED else "")
             log.warning(
                 "model %s: %d calibration client(s) continued other clients' explorations (up to %.3g of a links window's "
-                "queries, above its calibration_ceiling %.3g), which honest clients do not do by chance: the calibration log seems to hold an attack "
-                "split over several keys. %s Check them and calibrate again on logs without them: %s", model, found["count"],
-                found["largest"], found["ceiling"],
+                "queries linked, above its calibration_ceiling %.3g), which honest clients do not do by chance: the calibration log seems "
+                "to hold an attack split over several keys. %s Check them and calibrate again on logs without them: %s", model,
+                found["count"], found["largest"], found["ceiling"],
                 "They were left out of every reference and threshold." if found["left_out"]
                 else "They are more than half of the clients, so they were kept.", shown,
             )

@@ -503,9 +503,12 @@ class ModelGroups:
         members.sort(key=lambda m: (-m.strength, m.client))
         return GroupSummary(gid, self.model, tuple(members), g.score, g.flagged, self.threshold, g.links, g.created, g.first_flagged)
 
-    def all_maxima(self) -> list[float]:
-        """The maximum score of every group that formed (dissolved ones and current ones)."""
-        return self.maxima + [g.max_score for g in self.groups.values()]
+    def all_maxima(self) -> list[tuple[float, tuple[str, ...]]]:
+        """The maximum score of every group that formed, with the members of those still standing
+        (calibration; a dissolved group keeps no members: ``()``)."""
+        self.settle()
+        standing = [(g.max_score, tuple(sorted(str(self.clients[k].name) for k in g.joined))) for g in self.groups.values()]
+        return [(m, ()) for m in self.maxima] + standing
 
     # -- snapshots -------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:

@@ -194,3 +194,20 @@ def test_the_calibration_ceiling_counts_linked_queries_against_a_full_links_wind
     values = {"links": {"burst": 0.08, "split": 0.2, "chance": 0.04}}  # links' own maxima: not what decides
     found = _attacks_inside(specs, values, rec.shares["m"])
     assert found["clients"] == ["split"] and found["largest"] == pytest.approx(rec.shares["m"]["split"])
+
+
+def test_a_calibration_group_standing_with_a_client_over_the_links_ceiling_is_left_out_of_the_group_threshold() -> None:
+    """A split's weaker members link fewer queries than its strongest, and its group's score
+    can stay under the ceiling (a weak split on digits: 0.043), which would then set the group
+    threshold just above it. A group that stands with a client over the ceiling is left out,
+    whatever its score; a group without one, or dissolved (no members left to check), counts."""
+    from exporter.calibrate import _group_calibration
+
+    specs = enabled_detectors(Settings(state={"dir": None}, files={"paths": []}, detectors={"links": {"enabled": True}}))
+    groups = [(0.043, ("a", "b", "c")), (0.03, ("d", "e")), (0.5, ()), (0.01, ())]  # the last two dissolved
+    calibrated = _group_calibration(specs, groups, 0.01, True, {"a"})
+    assert calibrated["left_out_groups"] == 2 and calibrated["benign_groups"] == 2 and calibrated["max_benign_score"] == pytest.approx(0.03)
+    assert calibrated["threshold"] == pytest.approx(np.nextafter(0.03, 1.0))  # just above the largest benign group
+    kept = _group_calibration(specs, groups, 0.01, False, {"a"})  # most clients over it: nothing left out
+    assert kept["benign_groups"] == 4 and "left_out_groups" not in kept
+    assert _group_calibration(specs, groups, 0.01, True, set())["left_out_groups"] == 1  # by score alone
