@@ -124,11 +124,14 @@ def run_one(dataset: str, seed: int, args: argparse.Namespace, workdir: Path, lo
     rows, side = score_groups(ev, res.report)
     calib = ((res.summary or {}).get("models") or {}).get(world.model, {})
     log(f"{dataset} seed {seed}: {len(ev):,} events, simulated {simulated:.0f}s, calibrate {res.seconds.get('calibrate', 0):.0f}s, "
-        f"replay {res.seconds['replay']:.0f}s; named {sum(r['named'] for r in rows)}/{len(rows)}, benign linked {side['linked']}/{side['benign']}")
+        f"replay {res.seconds['replay']:.0f}s; named {sum(r['named'] for r in rows)}/{len(rows)}, benign linked {side['linked']}/{side['benign']}, "
+        f"calibration clients left out {(calib.get('attacks_inside') or {}).get('count', 0)}")
     for r in rows:
         r.update(dataset=dataset, seed=seed)
     return {"dataset": dataset, "seed": seed, "groups": rows, "benign": side, "events": len(ev),
-            "calibration": {"clients": args.calibration_clients, "links_threshold": (calib.get("thresholds") or {}).get("links"), "groups": calib.get("groups")},
+            "calibration": {"clients": args.calibration_clients, "links_threshold": (calib.get("thresholds") or {}).get("links"), "groups": calib.get("groups"),
+                            # clients links' calibration_ceiling left out as an attack inside the log (honest logs: 0)
+                            "attacks_inside": (calib.get("attacks_inside") or {}).get("count", 0)},
             "seconds": {"simulate": round(simulated, 1), **{k: round(v, 1) for k, v in res.seconds.items()}}}
 
 

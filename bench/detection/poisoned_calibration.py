@@ -5,7 +5,7 @@ plus one JbDA split over ``--size`` keys (seeds of its own), then replays anothe
 the same size among 40 honest clients with each profile. Printed per calibration:
 ``links``' threshold, the group threshold, the clients and groups calibration found over
 ``calibration_ceiling`` (left out as attacks), and whether the second split's group was flagged, with how
-many of its members ``links`` flagged. Needs scikit-learn (the ``bench`` extra).
+many of its members ``links`` flagged and how many honest clients it holds. Needs scikit-learn (the ``bench`` extra).
 
     python3 bench/detection/poisoned_calibration.py [--dataset breast_cancer] [--clients 200] [--size 10] [--ceiling C]
 """
@@ -60,6 +60,7 @@ def main() -> int:
                     "in_one_group": groups.count(best) if best else 0,
                     "group_score": report["groups"][best]["score"] if best else None,
                     "group_flagged": bool(best and report["groups"][best]["flagged"]),
+                    "honest_in_its_group": len(report["groups"][best]["members"]) - groups.count(best) if best else 0,
                     "members_flagged_by_links": sum(bool(report["clients"][c]["detectors"]["links"]["flagged"]) for c in members),
                 },
             }

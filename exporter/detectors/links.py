@@ -95,7 +95,8 @@ class LinksParams(WindowedParams):
             "A calibration client that linked more than this share of a full window of queries (more than calibration_ceiling x "
             "window of any window consecutive queries: 10 of 200) continued other keys' explorations, which honest clients do not "
             "do by chance: it is part of an attack inside the calibration log, and is left out of every reference and threshold "
-            "that calibration learns (and named, with a warning); calibration groups scored over it are left out of group_threshold. "
+            "that calibration learns (and named, with a warning); calibration groups scored over it, or standing with such a client, "
+            "are left out of group_threshold. "
             "Learned as benign, such a split would set both thresholds just above its own values."
         ),
     )
