@@ -290,8 +290,8 @@ def calibrate(settings: Settings, paths: list[str], progress_stream: TextIO = sy
         thresholds, promise = _thresholds(specs, per, clients, kept, cal.target_fpr)
         mp.thresholds.update(thresholds)
         mp.promise = promise.as_dict()
-        found = left_out.get(model, {})
-        mp.groups = _group_calibration(specs, group_maxima.get(model, []), cal.target_fpr, found.get("left_out", True), set(found.get("clients", [])))
+        inside = left_out.get(model, {})
+        mp.groups = _group_calibration(specs, group_maxima.get(model, []), cal.target_fpr, inside.get("left_out", True), set(inside.get("clients", [])))
     return profile, _summary(profile, raw, rejected, cal.target_fpr, structured, defaults_kept, left_out)
 
 

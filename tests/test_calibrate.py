@@ -161,7 +161,7 @@ def test_calibrating_on_nothing_fails_clearly(tmp_path: Path) -> None:
 def test_the_calibration_ceiling_counts_linked_queries_against_a_full_links_window() -> None:
     """links' value divides by the queries in its window, at least min_events: three chance
     links among an honest client's first 50 queries make it 0.06, over the 0.05 ceiling, and
-    such a client (an org app of a 20-client calibration) was once left out as an attack. The
+    compared with that value such a client would be left out as an attack. The
     ceiling is compared with the most linked queries among any window of consecutive judged
     queries, over the whole window, whatever the batching; and only that decides."""
     from exporter.calibrate import _attacks_inside, _LinkedWindows
