@@ -7,7 +7,9 @@ import pytest
 
 from exporter.detectors import links as links_module
 from exporter.detectors.fingerprint import client_key
-from tests.synthetic import WORLD
+from tests.synthetic import D, WORLD
+from exporter.detectors.links import LinksDetector
+from tests.synthetic import savez_roundtrip
 from tests.test_links_repeats import detector, send
 
 STEP = 2.0  # an eighth of the pixels' range (a JbDA step of 0.125; the independent generator draws 0.05 to 0.3)
@@ -113,3 +115,137 @@ def test_steps_move_alike_when_every_sign_agrees_or_every_one_is_flipped_and_mos
     other = np.stack([step, -step, one_sign, sizes, few])
     got = det._moves_alike(np.broadcast_to(step, other.shape), other)
     assert got.tolist() == [True, True, False, False, False]
+
+
+def _scaled_chains(det: LinksDetector, last_filed: bool = True) -> tuple[int, int]:
+    """Two rounds of a hundred two-step chains of a split whose sign steps scale every pixel its own
+    way (1.5 to 3 pixels: no sign step in the features' ranges). Each round: one key sends natural
+    seeds, a second one a step from each, a third a second step from each of the second's. Returns
+    how many of the second round's second steps are linked, and how many of the second round's
+    queries were linked to a client of the first round. Without ``last_filed``, the last chunk's
+    verified steps are left pending (its chunk is not complete)."""
+    states: dict[str, dict] = {}
+    rng = np.random.default_rng(17)
+    scale = rng.permutation(np.linspace(1.5, 3.0, D))
+    linked_round, to_first = 0, 0
+    for round_, (seeder, stepper, chainer) in enumerate((("alice", "bob", "dave"), ("carol", "erin", "frank"))):
+        seeds = WORLD.sample(rng, 100)
+        first = seeds + scale * np.where(seeds < 8, 1.0, -1.0)
+        second = first + scale * np.where(first < 8, 1.0, -1.0)
+        t = 1000.0 + 1000.0 * round_
+        send(det, states, seeder, seeds, t)
+        send(det, states, stepper, first, t + 200.0)
+        send(det, states, "zoe", WORLD.sample(rng, 16), t + 400.0)  # completes the chunk: the steps become usable
+        linked, parent = send(det, states, chainer, second, t + 600.0)
+        if round_ == 0 or last_filed:
+            send(det, states, "zoe", WORLD.sample(rng, 16), t + 800.0)  # completes the chunk: its verified steps are filed
+        linked_round = int(linked.sum())
+        to_first += round_ * int(np.isin(parent[linked], [client_key(c) for c in ("alice", "bob", "dave")]).sum())
+    return linked_round, to_first
+
+
+def test_a_step_with_the_sizes_of_a_recent_verified_step_is_taken_from_the_point_it_was_made_from() -> None:
+    """A split whose steps scale each pixel differently makes no sign step in the features' ranges,
+    so a query's own step is taken from its nearest candidate, often another seed, and most of its
+    chains are missed (4 of 100 link here). The chains of the first round that do link are verified steps; their sizes
+    are the attack's own, and in the second round they find the point each step was made from:
+    more chains link (to the second round's clients, who continued them) than without them."""
+    without, _ = _scaled_chains(detector(chunk=16, known_steps=0))
+    with_known, to_first = _scaled_chains(detector(chunk=16, known_steps=16))
+    assert without <= 20  # of 100
+    assert with_known >= 50 and with_known >= without + 30  # (the index's buckets miss some)
+    assert to_first == 0  # the second round's chains continue its own keys' steps
+
+
+def test_a_known_size_picks_a_candidate_only_on_three_quarters_of_the_probe_features_and_within_the_window() -> None:
+    """Of two candidates, the farther one's change has a known step's sizes on ``same`` of the 8
+    probe features (none is a sign step: every size differs). It is taken from 6 on, and only
+    for a query sent within ``steps_window`` of that step."""
+    det = detector(steps_window=100.0)
+    r = det._probe
+    size = np.array([0.11, 0.13, 0.17, 0.19, 0.23, 0.29, 0.31, 0.37], dtype=np.float32)
+    det._remember(size[None, :], np.array([1000.0]), [])
+    for same in range(4, r + 1):
+        ad = np.empty((1, 2, r), dtype=np.float32)
+        ad[0, 0] = size[::-1] * 0.9  # the nearer candidate
+        ad[0, 1] = size
+        ad[0, 1, same:] *= 1.5
+        alive, dist = np.ones((1, 2), dtype=bool), np.array([[0.5, 0.9]])
+        assert int(det._parent(ad, alive, dist, np.array([1050.0]))[0]) == (1 if same >= 6 else 0)
+        assert int(det._parent(ad, alive, dist, np.array([1101.0]))[0]) == 0  # past the window
+        assert int(det._parent(ad, alive, dist)[0]) == 0  # no times: the nearest
+
+
+def test_known_sizes_are_distinct_bounded_and_kept_by_their_latest_use() -> None:
+    """A size already known brings its time forward and takes no new place; a new size takes the
+    place of the one seen longest ago; a size that moves too few probe features is not kept."""
+    det = detector(known_steps=3)
+    r = det._probe
+    base = np.linspace(0.1, 0.3, r).astype(np.float32)
+    sizes = np.stack([base, base * 1.001, base * 2, base * 3])  # the second repeats the first within tolerance
+    det._remember(sizes, np.array([10.0, 20.0, 30.0, 40.0]), [])
+    assert sorted(det._known_time.tolist()) == [20.0, 30.0, 40.0]
+    assert np.allclose(np.sort(det._known_size[:, 0]), base[0] * np.array([1, 2, 3]), rtol=0.01)
+    det._remember((base * 4)[None, :], np.array([50.0]), [])  # replaces the one seen at 20 (the first size)
+    assert sorted(det._known_time.tolist()) == [30.0, 40.0, 50.0]
+    assert not np.isclose(det._known_size[:, 0], base[0]).any()
+    few = base * 5
+    few[: r // 2] = 0.0  # moves half the probe features
+    det._remember(few[None, :], np.array([60.0]), [])
+    assert sorted(det._known_time.tolist()) == [30.0, 40.0, 50.0]
+    det._remember((base * 2)[None, :], np.array([70.0]), [])  # known: refreshed in place
+    assert sorted(det._known_time.tolist()) == [40.0, 50.0, 70.0]
+
+
+def test_known_sizes_survive_a_restart_and_are_found_again_in_a_snapshot_without_them() -> None:
+    """The known sizes are saved with the index. A snapshot written before they existed has the table of
+    steps, whose live steps give the same sizes again; sizes that are not finite are refused."""
+    first = detector(chunk=16)
+    _scaled_chains(first)
+    assert np.isfinite(first._known_time).sum() >= 1
+    saved = savez_roundtrip(first.shared_state())
+    second = detector(chunk=16)
+    second.load_shared_state(saved)
+    np.testing.assert_array_equal(second._known_size, first._known_size)
+    np.testing.assert_array_equal(second._known_time, first._known_time)
+    old = {k: v for k, v in saved.items() if not k.startswith("known_")}
+    third = detector(chunk=16)
+    third.load_shared_state(old)
+    assert sorted(third._known_time.tolist()) == sorted(first._known_time.tolist())
+    broken = dict(saved)
+    broken["known_size"] = np.array(saved["known_size"], copy=True)
+    broken["known_size"][0, 0] = np.nan
+    with pytest.raises(ValueError, match="known step sizes"):
+        detector(chunk=16).load_shared_state(broken)
+
+
+def test_a_block_that_fails_halfway_leaves_the_known_sizes_as_they_were() -> None:
+    """The first piece of the block files the last chunk's pending verified steps, which brings their
+    size's time forward; the third fails. Everything the index holds, the known sizes included, is as before the block, and
+    the block sent again gives what it gives a detector that never saw it fail."""
+    a, b = detector(chunk=16), detector(chunk=16)
+    for det in (a, b):
+        _scaled_chains(det, last_filed=False)
+    before = a.shared_state()
+    x = WORLD.sample(np.random.default_rng(6), 64)
+    piece, calls = a._piece, 0
+
+    def failing(*args):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise MemoryError
+        return piece(*args)
+
+    a._piece = failing  # type: ignore[method-assign]
+    with pytest.raises(MemoryError):
+        send(a, {}, "zoe", x, 2800.0)
+    del a._piece
+    assert calls == 3
+    for key, value in before.items():
+        np.testing.assert_array_equal(a.shared_state()[key], value)
+    send(a, {}, "zoe", x, 2800.0)
+    send(b, {}, "zoe", x, 2800.0)
+    assert a._known_time.max() > before["known_time"].max()  # what the failed block had learnt, learnt again
+    for key, value in b.shared_state().items():
+        np.testing.assert_array_equal(a.shared_state()[key], value)

@@ -11,6 +11,8 @@ parent from those candidates:
 - ``nearest (probe)``: the nearest on the probe features (the rule before sign steps);
 - ``nearest (all)``: the nearest on all features;
 - ``links``: the detector's rule (``LinksDetector._parent``: the most probe features moved by one size, at least 6 of 8, then the nearest).
+  Its later rule, the sizes of the model's recent verified steps (``_known_parent``), needs the
+  steps a replay verifies, so it is not counted here: ``groups.py`` measures its effect.
 
 ``--units data`` finds the parents in units of the dataset's own feature ranges, as this
 repository's simulator (``exporter.sim``) steps, instead of the calibration's: where those

@@ -60,6 +60,17 @@ class LinksParams(WindowedParams):
     probe: int = Field(8, ge=1, le=4096, description="Cheap first test on this many features (those benign inputs spread most): the two steps' sizes agree on at least 3 of them; the full test runs on the few candidates that pass.")
     step_bits: int = Field(14, ge=6, le=22, description="Buckets of the table of steps: 2**step_bits (steps are filed by their signs and sizes, to the factor of two, on the probe features).")
     step_depth: int = Field(4, ge=1, le=64, description="Most recent steps kept per bucket of the table of steps.")
+    known_steps: int = Field(
+        16,
+        ge=0,
+        le=64,
+        description=(
+            "Distinct sizes of the model's recent verified steps remembered (steps filed in the table of steps, within "
+            "steps_window): a query that continued no candidate and is no sign step from one takes its own step from the "
+            "candidate its change from has one of these sizes on three quarters of the probe features. An attack's steps "
+            "have its own sizes, whatever its units (0: never)."
+        ),
+    )
     steps_window: float = Field(3600.0, gt=0.0, description="Two clients move alike when a query's step repeats, size for size and sign for sign (or every sign flipped), the step of another client's query made at most this many seconds before.")
     own_repeats: int = Field(64, ge=1, le=4096, description="Digests of the client's last queries remembered: a query the client already sent is no new point, whatever the index still holds.")
     anchors: int = Field(1024, ge=0, le=16_384, description="Benign reference queries kept for the off-manifold test of exact repeats and near inputs (0: neither is ever evidence).")
@@ -149,7 +160,8 @@ class LinksDetector(Detector):
     inputs, so that their rows fit in ``max_index_mib``: :func:`index_rows`), in units of the
     features' ranges (from the benign reference), with each query's own step (its change
     from the first earlier query it continued, else from the candidate it is a sign step
-    away from, else from its nearest candidate). It has
+    away from, else from the one its change from has the sizes of one of the model's recent
+    verified steps, else from its nearest candidate). It has
     ``tables`` hash tables; a query's bucket in each is the cell of ``projections`` random
     projections of ``width``, and each bucket keeps its ``depth`` most recent queries. A
     new query's candidates are those (at most ``tables x depth``); a cheap test on the
@@ -185,7 +197,9 @@ class LinksDetector(Detector):
     the few that pass the cheap one; with ``near_factor`` > 0, a bound on its distance to the
     anchors from one candidate's (``d'`` multiply-adds), its distance to every anchor
     (``anchors x d'``) only where the bound does not settle the test, and for an off-manifold
-    query one distance per candidate that is off-manifold too; without, the anchors' distance per repeated input, once. State per
+    query one distance per candidate that is off-manifold too; without, the anchors' distance per repeated input, once; while
+    verified steps are recent (an attack under way), one count over the candidates' probe changes per known
+    size, for the queries that are no sign step from a candidate. State per
     client: ``window + 8·own_repeats + 8·repeats_remembered + 32`` bytes (1,000 B with the
     defaults). Shared index per model: ``8·d' + 12·min(probe, d') + 29`` bytes per query (d'
     features that move in the reference, :func:`row_bytes`), grown with the traffic up to
@@ -193,7 +207,7 @@ class LinksDetector(Detector):
     ``8 x depth + 8`` bytes per bucket (``tables x 2**bucket_bits`` buckets: 17 MiB with the
     defaults), plus the map of filed digests: at most ``1.25 x capacity + chunk`` entries of about 100 B in CPython
     (two int objects and a dict slot: about 8 MiB with the defaults), plus ``4·d'·anchors``
-    bytes of anchors.
+    bytes of anchors, plus ``(4·min(probe, d') + 8)·known_steps`` bytes of known step sizes.
     """
 
     name: ClassVar[str] = "links"
@@ -322,6 +336,8 @@ class LinksDetector(Detector):
         self._step_fill = np.zeros(1 << p.step_bits, dtype=np.int64)
         self._step_last = -np.inf  # event time of the latest filed step
         self._pending: list[tuple[int, int]] = []  # (bucket, query id) of the steps of the current chunk, filed once it is complete
+        self._known_size = np.zeros((p.known_steps, r), dtype=np.float32)  # distinct sizes of recent verified steps (probe features)
+        self._known_time = np.full(p.known_steps, -np.inf)  # event time of the latest step of each size (-inf: none)
         self._filed: dict[int, int] = {}  # digest -> id of the entry filed in the buckets for that point (repeats are not filed)
 
     # -- per-client state -------------------------------------------------------------------
@@ -554,6 +570,9 @@ class LinksDetector(Detector):
         chunk_start = base - base % p.chunk
         take = np.take
         r = self._probe
+        # The steps of completed chunks go into the table of steps and the known sizes first: a
+        # chunk's queries all read them as they were at its start, whatever the cut into pieces.
+        self._flush(chunk_start, undo)
         # 1. Index the piece's rows first (their steps last), so that every candidate is a row of the index.
         first = base % alloc
         at: slice | np.ndarray = slice(first, first + m) if first + m <= alloc else (base + np.arange(m)) % alloc
@@ -603,7 +622,7 @@ class LinksDetector(Detector):
         far_seen, reach = self._off_manifold(u, cand < base, cpos, dist, repeats)
         self._write(at, undo, ((self._far_seen, far_seen), (self._reach, reach)))
         hit = passed.any(axis=1)
-        pick = np.where(hit, np.argmax(passed, axis=1), self._parent(ad, alive, dist))
+        pick = np.where(hit, np.argmax(passed, axis=1), self._parent(ad, alive, dist, ts))
         has = hit | np.isfinite(dist.min(axis=1))
         steps = np.where(has[:, None], u - take(self._U, cpos[np.arange(m), pick], axis=0), 0.0).astype(np.float32)
         # 5. Each change to a candidate compared with other clients' recent steps (the table of steps);
@@ -617,11 +636,12 @@ class LinksDetector(Detector):
         self._next = base + m
         return linked, parents, self._near_links(u, cpos, alive, keys, at, linked, parents)
 
-    def _parent(self, ad: np.ndarray, alive: np.ndarray, dist: np.ndarray) -> np.ndarray:
+    def _parent(self, ad: np.ndarray, alive: np.ndarray, dist: np.ndarray, ts: np.ndarray | None = None) -> np.ndarray:
         """(m,) the candidate each query most likely stepped from, when it continued none: the one its
         change from moves the most probe features by the same size (within ``tolerance`` of the
         largest; at least three quarters of the probe features), the nearest of those; without
-        such a candidate, the nearest.
+        such a candidate, the one whose change has the size of a recent verified step (sent at
+        ``ts``: :meth:`_known_parent`); without either, the nearest.
 
         A sign step moves every feature it does not clip by the same size, in units of the
         features' ranges when the attacker's units are those (pixels; features it scales by the
@@ -635,6 +655,7 @@ class LinksDetector(Detector):
         ``bench/throughput.py``'s traffic were linked so (docs/groups.md).
         """
         r = ad.shape[2]
+        need = _sized_need(r)
         largest = ad[:, :, 0].copy()
         for f in range(1, r):  # (a max over the short last axis is several times slower)
             np.maximum(largest, ad[:, :, f], out=largest)
@@ -642,7 +663,48 @@ class LinksDetector(Detector):
         even = np.where(alive, even, 0)
         top = even.max(axis=1)
         stepped = np.argmin(np.where(even == top[:, None], dist, np.inf), axis=1)
-        return np.where(top >= max(min(_PROBE_MIN, r), -(-3 * r // 4)), stepped, np.argmin(dist, axis=1))
+        out = np.where(top >= need, stepped, np.argmin(dist, axis=1))
+        if ts is not None:
+            self._known_parent(ad, alive, dist, ts, np.flatnonzero(top < need), out)
+        return out
+
+    def _known_parent(self, ad: np.ndarray, alive: np.ndarray, dist: np.ndarray, ts: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+        """Set ``out`` for the ``rows`` whose change from a candidate has the sizes of a known step
+        (one of the model's recent verified steps, within ``steps_window`` of the query) on three
+        quarters of the probe features: that candidate (the nearest of the best such).
+
+        Where the attacker's units are not the features' ranges (each feature scaled its own
+        way, as the data's own ranges are on breast cancer), its sign steps move the features by
+        different sizes, and the sign-step rule finds nothing; but every step of the attack has
+        the same sizes, and those of its verified steps (which continued another step, or
+        repeated one of the table) are known. Honest clients seldom make verified steps, so on
+        honest traffic this costs nothing; during an attack, one test over the candidates per
+        distinct known size (``known_steps`` at most) for the queries the sign-step rule leaves.
+        """
+        if rows.size == 0 or self._known_time.size == 0:
+            return
+        until = self._known_time + self.params.steps_window  # the latest query time each size is usable for
+        sizes = np.flatnonzero(until >= ts[rows].min())
+        if sizes.size == 0:
+            return
+        r = ad.shape[2]
+        sub = ad[rows]
+        best = np.zeros(sub.shape[:2], dtype=np.int64)
+        for j in sizes.tolist():
+            count = self._same_sizes(sub, self._known_size[j])
+            count *= (ts[rows] <= until[j])[:, None]
+            np.maximum(best, count, out=best)
+        best = np.where(alive[rows], best, 0)
+        top = best.max(axis=1)
+        pick = np.argmin(np.where(best == top[:, None], dist[rows], np.inf), axis=1)
+        found = top >= _sized_need(r)
+        out[rows[found]] = pick[found]
+
+    def _same_sizes(self, ad: np.ndarray, size: np.ndarray) -> np.ndarray:
+        """Per row of ``ad`` (..., r): how many of the probe features ``size`` (broadcast with ``ad``)
+        moved the row changed by the same amount (within ``tolerance``)."""
+        r = size.shape[-1]
+        return count_true((np.abs(ad - size) <= self.params.tolerance * np.maximum(ad, size)) & (size >= self._floor[:r]))
 
     def _off_manifold(
         self, u: np.ndarray, earlier: np.ndarray | None = None, cpos: np.ndarray | None = None, dist: np.ndarray | None = None,
@@ -741,7 +803,6 @@ class LinksDetector(Detector):
         result independent of batching. Matching steps replace the query's own step in ``steps``.
         """
         p = self.params
-        self._flush(chunk_start, undo)
         if filing.any() or self._step_last >= ts[0] - p.steps_window:
             r = self._probe
             floor = self._floor[:r]
@@ -815,6 +876,34 @@ class LinksDetector(Detector):
         ids = np.array([i for _, i in done], dtype=np.int64)
         _, order, starts, rank_sorted = recent(buckets, self._step_fill, self._step_slots, self.params.step_depth, ids)
         file(buckets, order, starts, rank_sorted, self._step_fill, self._step_slots, self.params.step_depth, undo, ids)
+        pos = ids % self._alloc
+        self._remember(np.abs(self._S[pos, : self._probe]), self._ts[pos], undo)
+
+    def _remember(self, sizes: np.ndarray, times: np.ndarray, undo: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+        """Add the sizes (n, probe) of newly filed steps, sent at ``times``, to the known sizes: a
+        size already known (the same on three quarters of the probe features) only brings its
+        time forward; a new one takes the place of the size seen longest ago. Sizes that move
+        fewer probe features than that can decide nothing and are not kept."""
+        if self._known_time.size == 0:
+            return
+        need = _sized_need(sizes.shape[1])
+        keep = count_true(sizes >= self._floor[: sizes.shape[1]]) >= need
+        sizes, times = sizes[keep], times[keep]
+        if times.size == 0:
+            return
+        known, when = self._known_size.copy(), self._known_time.copy()
+        # Most steps repeat a known size (an attack's steps all have its own): those at once ...
+        match = self._same_sizes(known[None, :, :], sizes[:, None, :]) >= need  # (n, known)
+        seen = match.any(axis=1)
+        np.maximum.at(when, np.argmax(match[seen], axis=1), times[seen])
+        # ... then the new ones, one by one (they may repeat each other).
+        for size, t in zip(sizes[~seen], times[~seen].tolist()):
+            same = np.flatnonzero(self._same_sizes(known, size) >= need)
+            j = int(same[0]) if same.size else int(np.argmin(when))
+            if not same.size:
+                known[j] = size
+            when[j] = max(when[j], t) if same.size else t
+        self._write(slice(None), undo, ((self._known_size, known), (self._known_time, when)))
 
     def _moves_alike(self, step: np.ndarray, other: np.ndarray) -> np.ndarray:
         """Per row of ``step`` and ``other`` (n, width): whether the two steps move every feature they
@@ -913,6 +1002,7 @@ class LinksDetector(Detector):
             "slots": self._slots.copy(), "fill": self._fill.copy(),
             "step_slots": self._step_slots.copy(), "step_fill": self._step_fill.copy(), "step_last": np.array(self._step_last),
             "pending": np.array(self._pending, dtype=np.int64).reshape(-1, 2),
+            "known_size": self._known_size.copy(), "known_time": self._known_time.copy(),
         }
 
     def load_shared_state(self, state: State) -> None:
@@ -937,6 +1027,13 @@ class LinksDetector(Detector):
         times_ok = bool(np.isfinite(np.asarray(state["ts"], dtype=np.float64)).all()) and float(state["step_last"]) < np.inf  # -inf: no step yet
         if not (ids_ok and counts_ok and buckets_ok and times_ok):
             raise ValueError("links shared state holds ids, counts or times out of range")
+        known = None
+        if "known_size" in state:
+            known = np.asarray(state["known_size"], dtype=np.float32), np.asarray(state["known_time"], dtype=np.float64)
+            if known[0].shape != self._known_size.shape or known[1].shape != self._known_time.shape:
+                raise ValueError("links shared state does not fit these parameters")
+            if not (np.isfinite(known[0]).all() and (known[0] >= 0).all() and (known[1] < np.inf).all()):
+                raise ValueError("links shared state holds known step sizes or times out of range")
         self._reset()
         while self._alloc < min(max(nxt, 1), self._cap):
             self._grow()
@@ -954,6 +1051,11 @@ class LinksDetector(Detector):
         self._step_last = float(state["step_last"])
         self._pending = [(int(b), int(i)) for b, i in pending]
         self._next, self._oldest = nxt, lo
+        if known is not None:
+            self._known_size[...], self._known_time[...] = known[0], known[1]
+        else:  # a snapshot from before the known sizes: the live steps of the table give them again
+            filed = np.unique(self._step_slots[self._step_slots >= lo])
+            self._remember(np.abs(self._S[filed % self._alloc, :r]), self._ts[filed % self._alloc], [])
         # Which entry holds each point in the buckets: the first of its repeats, or a later one
         # sent when the one before had passed the TTL (what _new_points decided then).
         ttl = self.params.ttl_seconds
@@ -961,6 +1063,12 @@ class LinksDetector(Detector):
         for i, digest, t in zip(range(lo, nxt), self._digest[pos].tolist(), self._ts[pos].tolist()):
             if digest not in stamp or stamp[digest] < t - ttl:
                 self._filed[digest], stamp[digest] = i, t
+
+
+def _sized_need(r: int) -> int:
+    """Probe features (of ``r``) a change must move by one size, or by a known step's sizes, to be
+    taken as the step a query was made by: three quarters of them, and at least ``_PROBE_MIN``."""
+    return max(min(_PROBE_MIN, r), -(-3 * r // 4))
 
 
 def row_bytes(width: int, probe: int) -> int:
