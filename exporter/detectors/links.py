@@ -688,23 +688,39 @@ class LinksDetector(Detector):
         if sizes.size == 0:
             return
         r = ad.shape[2]
+        need = _sized_need(r)
+        lo, hi = self._bounds(self._known_size[sizes])  # (S, r)
         sub = ad[rows]
+        # A candidate with one size on ``need`` probe features has some size on each of them:
+        # one search per feature in the union of the sizes' ranges finds the few worth counting.
+        some = np.zeros(sub.shape[:2], dtype=np.uint8)
+        for f in range(r):
+            moved = np.isfinite(lo[:, f])
+            order = np.argsort(lo[moved, f])
+            starts, ends = lo[moved, f][order], np.maximum.accumulate(hi[moved, f][order])
+            if starts.size:
+                at = np.searchsorted(starts, sub[:, :, f], side="right") - 1
+                some += (at >= 0) & (sub[:, :, f] <= ends[np.maximum(at, 0)])
+        some = (some >= need) & alive[rows]
+        li, ki = np.nonzero(some)
         best = np.zeros(sub.shape[:2], dtype=np.int64)
-        for j in sizes.tolist():
-            count = self._same_sizes(sub, self._known_size[j])
-            count *= (ts[rows] <= until[j])[:, None]
-            np.maximum(best, count, out=best)
-        best = np.where(alive[rows], best, 0)
+        if li.size:
+            a = sub[li, ki]  # (n, r)
+            count = np.zeros((li.size, sizes.size), dtype=np.int64)
+            for f in range(r):
+                count += (a[:, f, None] >= lo[:, f]) & (a[:, f, None] <= hi[:, f])
+            count *= ts[rows][li][:, None] <= until[sizes]  # each size within steps_window of the query
+            best[li, ki] = count.max(axis=1)
         top = best.max(axis=1)
         pick = np.argmin(np.where(best == top[:, None], dist[rows], np.inf), axis=1)
-        found = top >= _sized_need(r)
+        found = top >= need
         out[rows[found]] = pick[found]
 
     def _same_sizes(self, ad: np.ndarray, size: np.ndarray) -> np.ndarray:
         """Per row of ``ad`` (..., r): how many of the probe features ``size`` (broadcast with ``ad``)
-        moved the row changed by the same amount (within ``tolerance``)."""
-        r = size.shape[-1]
-        return count_true((np.abs(ad - size) <= self.params.tolerance * np.maximum(ad, size)) & (size >= self._floor[:r]))
+        moved the row changed by the same amount (:meth:`_bounds`)."""
+        lo, hi = self._bounds(size)
+        return count_true((ad >= lo) & (ad <= hi))
 
     def _off_manifold(
         self, u: np.ndarray, earlier: np.ndarray | None = None, cpos: np.ndarray | None = None, dist: np.ndarray | None = None,
@@ -928,11 +944,12 @@ class LinksDetector(Detector):
             array[at] = values
 
     def _bounds(self, step: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per probe feature, the sizes a change must have to repeat ``step`` there (an empty range where the step did not move it)."""
+        """Per probe feature of ``step`` (..., r), the sizes a change must have to repeat it there
+        (within ``tolerance``: |a - s| <= tolerance·max(a, s)); an empty range where the step did not move it."""
         size = np.abs(step)
         lo = size * (1.0 - self.params.tolerance)
         hi = size / (1.0 - self.params.tolerance)
-        lo[size < self._floor[: step.shape[1]]] = np.inf
+        lo[size < self._floor[: step.shape[-1]]] = np.inf
         return lo, hi
 
     def _continues(self, delta: np.ndarray, step: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -1027,13 +1044,11 @@ class LinksDetector(Detector):
         times_ok = bool(np.isfinite(np.asarray(state["ts"], dtype=np.float64)).all()) and float(state["step_last"]) < np.inf  # -inf: no step yet
         if not (ids_ok and counts_ok and buckets_ok and times_ok):
             raise ValueError("links shared state holds ids, counts or times out of range")
-        known = None
-        if "known_size" in state:
-            known = np.asarray(state["known_size"], dtype=np.float32), np.asarray(state["known_time"], dtype=np.float64)
-            if known[0].shape != self._known_size.shape or known[1].shape != self._known_time.shape:
-                raise ValueError("links shared state does not fit these parameters")
-            if not (np.isfinite(known[0]).all() and (known[0] >= 0).all() and (known[1] < np.inf).all()):
-                raise ValueError("links shared state holds known step sizes or times out of range")
+        known_size, known_time = np.asarray(state["known_size"], dtype=np.float32), np.asarray(state["known_time"], dtype=np.float64)
+        if known_size.shape != self._known_size.shape or known_time.shape != self._known_time.shape:
+            raise ValueError("links shared state does not fit these parameters")
+        if not (np.isfinite(known_size).all() and (known_size >= 0).all() and (known_time < np.inf).all()):  # -inf: no size
+            raise ValueError("links shared state holds known step sizes or times out of range")
         self._reset()
         while self._alloc < min(max(nxt, 1), self._cap):
             self._grow()
@@ -1051,11 +1066,7 @@ class LinksDetector(Detector):
         self._step_last = float(state["step_last"])
         self._pending = [(int(b), int(i)) for b, i in pending]
         self._next, self._oldest = nxt, lo
-        if known is not None:
-            self._known_size[...], self._known_time[...] = known[0], known[1]
-        else:  # a snapshot from before the known sizes: the live steps of the table give them again
-            filed = np.unique(self._step_slots[self._step_slots >= lo])
-            self._remember(np.abs(self._S[filed % self._alloc, :r]), self._ts[filed % self._alloc], [])
+        self._known_size[...], self._known_time[...] = known_size, known_time
         # Which entry holds each point in the buckets: the first of its repeats, or a later one
         # sent when the one before had passed the TTL (what _new_points decided then).
         ttl = self.params.ttl_seconds
