@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from exporter.detectors.kit import count_true
-from exporter.detectors.links import file, recent, sent_within
+from exporter.detectors.links import disjoint, file, recent, sent_within
 
 
 def one_at_a_time(buckets: np.ndarray, held: list[list[int]], depth: int, ids: np.ndarray) -> np.ndarray:
@@ -75,3 +75,22 @@ def test_sent_within_answers_as_a_ring_checked_one_query_at_a_time(seed: int) ->
         ring = (ring + [d])[-window:] if window else []
     got = sent_within(history[-window:] if window else history[:0], digests, window)
     assert got.tolist() == expected
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_disjoint_ranges_hold_what_the_ranges_hold(seed: int) -> None:
+    """The union of random ranges (some empty, some nested or touching) as disjoint ranges: a value is in one
+    of them exactly when it is in one of the ranges, and in at most one."""
+    rng = np.random.default_rng(seed)
+    lo = np.round(rng.uniform(0.0, 1.0, 12), 2).astype(np.float32)
+    hi = (lo + np.round(rng.uniform(0.0, 0.2, 12), 2)).astype(np.float32)
+    lo[rng.random(12) < 0.2] = np.inf
+    hi[3] = lo[5] if np.isfinite(lo[5]) else hi[3]  # touching ends
+    values = np.concatenate([rng.uniform(-0.1, 1.3, 2000), lo[np.isfinite(lo)], hi]).astype(np.float32)
+    found = disjoint(lo, hi)
+    assert all(a <= b for a, b in found) and all(b < c for (_, b), (c, _) in zip(found, found[1:]))
+    inside = np.zeros(values.size, dtype=np.int64)
+    for a, b in found:
+        inside += (values >= a) & (values <= b)
+    expected = ((values[:, None] >= lo) & (values[:, None] <= hi)).any(axis=1)
+    assert inside.max() <= 1 and np.array_equal(inside == 1, expected)

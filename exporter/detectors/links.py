@@ -691,16 +691,14 @@ class LinksDetector(Detector):
         need = _sized_need(r)
         lo, hi = self._bounds(self._known_size[sizes])  # (S, r)
         sub = ad[rows]
-        # A candidate with one size on ``need`` probe features has some size on each of them:
-        # one search per feature in the union of the sizes' ranges finds the few worth counting.
+        # A candidate with one size on ``need`` probe features has some size on each of them: per
+        # feature, the union of the sizes' ranges (few disjoint ranges: sizes share most values)
+        # finds the few worth counting.
         some = np.zeros(sub.shape[:2], dtype=np.uint8)
         for f in range(r):
-            moved = np.isfinite(lo[:, f])
-            order = np.argsort(lo[moved, f])
-            starts, ends = lo[moved, f][order], np.maximum.accumulate(hi[moved, f][order])
-            if starts.size:
-                at = np.searchsorted(starts, sub[:, :, f], side="right") - 1
-                some += (at >= 0) & (sub[:, :, f] <= ends[np.maximum(at, 0)])
+            for start, end in disjoint(lo[:, f], hi[:, f]):
+                a = sub[:, :, f]
+                some += (a >= start) & (a <= end)
         some = (some >= need) & alive[rows]
         li, ki = np.nonzero(some)
         best = np.zeros(sub.shape[:2], dtype=np.int64)
@@ -1074,6 +1072,19 @@ class LinksDetector(Detector):
         for i, digest, t in zip(range(lo, nxt), self._digest[pos].tolist(), self._ts[pos].tolist()):
             if digest not in stamp or stamp[digest] < t - ttl:
                 self._filed[digest], stamp[digest] = i, t
+
+
+def disjoint(lo: np.ndarray, hi: np.ndarray) -> list[tuple[float, float]]:
+    """The union of the closed ranges [lo, hi] (empty where lo is inf) as disjoint ranges, in order."""
+    keep = np.isfinite(lo)
+    order = np.argsort(lo[keep], kind="stable")
+    out: list[tuple[float, float]] = []
+    for start, end in zip(lo[keep][order].tolist(), hi[keep][order].tolist()):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
 
 
 def _sized_need(r: int) -> int:
