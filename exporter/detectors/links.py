@@ -198,8 +198,9 @@ class LinksDetector(Detector):
     anchors from one candidate's (``d'`` multiply-adds), its distance to every anchor
     (``anchors x d'``) only where the bound does not settle the test, and for an off-manifold
     query one distance per candidate that is off-manifold too; without, the anchors' distance per repeated input, once; while
-    verified steps are recent (an attack under way), one count over the candidates' probe changes per known
-    size, for the queries that are no sign step from a candidate. State per
+    verified steps are recent (an attack under way), for the queries that are no sign step from a candidate,
+    a test of the candidates' probe changes against the union of the known sizes' ranges, and a count per
+    size for the few in it. State per
     client: ``window + 8·own_repeats + 8·repeats_remembered + 32`` bytes (1,000 B with the
     defaults). Shared index per model: ``8·d' + 12·min(probe, d') + 29`` bytes per query (d'
     features that move in the reference, :func:`row_bytes`), grown with the traffic up to
@@ -678,8 +679,9 @@ class LinksDetector(Detector):
         different sizes, and the sign-step rule finds nothing; but every step of the attack has
         the same sizes, and those of its verified steps (which continued another step, or
         repeated one of the table) are known. Honest clients seldom make verified steps, so on
-        honest traffic this costs nothing; during an attack, one test over the candidates per
-        distinct known size (``known_steps`` at most) for the queries the sign-step rule leaves.
+        honest traffic this costs nothing; during an attack, for the queries the sign-step rule
+        leaves, one test of their candidates against the union of the known sizes' ranges, and a
+        count per size for the few candidates in it.
         """
         if rows.size == 0 or self._known_time.size == 0:
             return
@@ -696,8 +698,8 @@ class LinksDetector(Detector):
         # finds the few worth counting.
         some = np.zeros(sub.shape[:2], dtype=np.uint8)
         for f in range(r):
+            a = sub[:, :, f]
             for start, end in disjoint(lo[:, f], hi[:, f]):
-                a = sub[:, :, f]
                 some += (a >= start) & (a <= end)
         some = (some >= need) & alive[rows]
         li, ki = np.nonzero(some)
@@ -913,10 +915,11 @@ class LinksDetector(Detector):
         # ... then the new ones, one by one (they may repeat each other).
         for size, t in zip(sizes[~seen], times[~seen].tolist()):
             same = np.flatnonzero(self._same_sizes(known, size) >= need)
-            j = int(same[0]) if same.size else int(np.argmin(when))
-            if not same.size:
-                known[j] = size
-            when[j] = max(when[j], t) if same.size else t
+            if same.size:
+                when[same[0]] = max(when[same[0]], t)
+            else:
+                j = int(np.argmin(when))
+                known[j], when[j] = size, t
         self._write(slice(None), undo, ((self._known_size, known), (self._known_time, when)))
 
     def _moves_alike(self, step: np.ndarray, other: np.ndarray) -> np.ndarray:
