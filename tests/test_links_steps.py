@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from exporter.detectors import links as links_module
+from exporter.detectors.base import Block
 from exporter.detectors.fingerprint import client_key
-from tests.synthetic import D, WORLD
 from exporter.detectors.links import LinksDetector
-from tests.synthetic import savez_roundtrip
+from exporter.events import Event
+from tests.synthetic import D, WORLD, savez_roundtrip
 from tests.test_links_repeats import detector, send
 
 STEP = 2.0  # an eighth of the pixels' range (a JbDA step of 0.125; the independent generator draws 0.05 to 0.3)
@@ -155,6 +156,48 @@ def test_a_step_with_the_sizes_of_a_recent_verified_step_is_taken_from_the_point
     assert without <= 20  # of 100
     assert with_known >= 50 and with_known >= without + 30  # (the index's buckets miss some)
     assert to_first == 0  # the second round's chains continue its own keys' steps
+
+
+def _scaled_walk(cut: int) -> tuple[np.ndarray, np.ndarray, LinksDetector]:
+    """1,500 queries in blocks of ``cut``: half from 300 honest clients, half a split over 10 keys
+    whose every point is one of its last 200 moved by a sign step that scales each pixel its own
+    way (clipped at the box: new sizes keep appearing). Returns each query's link flag and first
+    peer, and the detector."""
+    det = detector(chunk=16)
+    rng = np.random.default_rng(3)
+    scale = rng.permutation(np.linspace(1.5, 3.0, D))
+    points = list(WORLD.sample(rng, 20))
+    honest = WORLD.sample(rng, 1500)
+    events = []
+    for i in range(1500):
+        if rng.random() < 0.5:
+            parent = points[-1 - int(rng.integers(min(len(points), 200)))]
+            points.append(np.clip(parent + scale * np.where(rng.random(D) < 0.5, -1.0, 1.0), 0, 16))
+            events.append(Event(f"split-{rng.integers(10)}", "m", 1000.0 + i, "tabular", vector=points[-1]))
+        else:
+            events.append(Event(f"honest-{rng.integers(300)}", "m", 1000.0 + i, "tabular", vector=honest[i]))
+    linked, parents = [], []
+    for start in range(0, len(events), cut):
+        block = Block("m", events[start : start + cut])
+        det.prepare(block)
+        linked.append(block.prepared["links"][1].copy())
+        parents.append(block.prepared["links"][2][:, 0].copy())
+    return np.concatenate(linked), np.concatenate(parents), det
+
+
+def test_known_sizes_link_the_same_whatever_the_blocks() -> None:
+    """The known sizes are learnt as a chunk's steps are filed, before any query of the next chunk
+    takes its own step: every query of a chunk reads them as they were at its start, so blocks of
+    7 queries, or of 1, link as one block does and leave the same sizes. (Filed after the first
+    piece of a chunk had taken its own steps, as they once were, blocks of 7 linked one query more.)"""
+    linked, parents, whole = _scaled_walk(10**6)
+    assert linked.sum() >= 100 and np.isfinite(whole._known_time).sum() >= 8
+    for cut in (7, 1):
+        other_linked, other_parents, det = _scaled_walk(cut)
+        np.testing.assert_array_equal(other_linked, linked)
+        np.testing.assert_array_equal(other_parents, parents)
+        np.testing.assert_array_equal(det._known_size, whole._known_size)
+        np.testing.assert_array_equal(det._known_time, whole._known_time)
 
 
 def test_a_known_size_picks_a_candidate_only_on_three_quarters_of_the_probe_features_and_within_the_window() -> None:
