@@ -148,9 +148,9 @@ def _scaled_chains(det: LinksDetector, last_filed: bool = True) -> tuple[int, in
 def test_a_step_with_the_sizes_of_a_recent_verified_step_is_taken_from_the_point_it_was_made_from() -> None:
     """A split whose steps scale each pixel differently makes no sign step in the features' ranges,
     so a query's own step is taken from its nearest candidate, often another seed, and most of its
-    chains are missed (4 of 100 link here). The chains of the first round that do link are verified steps; their sizes
-    are the attack's own, and in the second round they find the point each step was made from:
-    more chains link (to the second round's clients, who continued them) than without them."""
+    chains are missed (3 of 100 link here). The chains of the first round that do link are verified
+    steps; their sizes are the attack's own, and in the second round they find the point each step
+    was made from: more chains link (62 of 100, to the second round's clients, who continued them)."""
     without, _ = _scaled_chains(detector(chunk=16, known_steps=0))
     with_known, to_first = _scaled_chains(detector(chunk=16, known_steps=16))
     assert without <= 20  # of 100
@@ -260,8 +260,8 @@ def test_known_sizes_survive_a_restart() -> None:
 
 def test_a_block_that_fails_halfway_leaves_the_known_sizes_as_they_were() -> None:
     """The first piece of the block files the last chunk's pending verified steps, which brings their
-    size's time forward; the third fails. Everything the index holds, the known sizes included, is as before the block, and
-    the block sent again gives what it gives a detector that never saw it fail."""
+    size's time forward; the third fails. Everything the index holds, the known sizes included, is as
+    before the block, and the block sent again gives what it gives a detector that never saw it fail."""
     a, b = detector(chunk=16), detector(chunk=16)
     for det in (a, b):
         _scaled_chains(det, last_filed=False)
