@@ -705,10 +705,7 @@ class LinksDetector(Detector):
         li, ki = np.nonzero(some)
         best = np.zeros(sub.shape[:2], dtype=np.int64)
         if li.size:
-            a = sub[li, ki]  # (n, r)
-            count = np.zeros((li.size, sizes.size), dtype=np.int64)
-            for f in range(r):
-                count += (a[:, f, None] >= lo[:, f]) & (a[:, f, None] <= hi[:, f])
+            count = self._same_sizes(sub[li, ki][:, None, :], self._known_size[sizes])  # (n, S)
             count *= ts[rows][li][:, None] <= until[sizes]  # each size within steps_window of the query
             best[li, ki] = count.max(axis=1)
         top = best.max(axis=1)
