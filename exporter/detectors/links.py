@@ -56,6 +56,15 @@ class LinksParams(WindowedParams):
     tolerance: float = Field(0.005, gt=0.0, lt=0.5, description="A step repeats another when each moved feature changed by the same amount within this relative tolerance (an attacker's steps repeat exactly, up to the rounding of logged inputs).")
     agreement: float = Field(0.8, gt=0.0, le=1.0, description="Share of the features moved by both steps that must agree (features clipped at the box differ).")
     min_moved: float = Field(0.3, gt=0.0, le=1.0, description="Both steps move at least this share of the features.")
+    min_moved_features: int = Field(
+        8,
+        ge=1,
+        le=4096,
+        description=(
+            "... and at least this many features (every moving feature of a model with fewer): on a few features, equal "
+            "sizes agree by chance between honest records, which then look as if they moved alike (docs/groups.md)."
+        ),
+    )
     returns: float = Field(0.9, gt=0.5, le=1.0, description="A change that goes back along the parent's step on more than this share of the features is a return near an earlier point (an edited record sent again), not a step.")
     probe: int = Field(8, ge=1, le=4096, description="Cheap first test on this many features (those benign inputs spread most): the two steps' sizes agree on at least 3 of them; the full test runs on the few candidates that pass.")
     step_bits: int = Field(14, ge=6, le=22, description="Buckets of the table of steps: 2**step_bits (steps are filed by their signs and sizes, to the factor of two, on the probe features).")
@@ -297,6 +306,7 @@ class LinksDetector(Detector):
         cols = moving[np.argsort(-spread[moving], kind="stable")]
         self._cols = cols
         self._probe = min(p.probe, cols.size)
+        self._min_moved = max(p.min_moved * cols.size, min(p.min_moved_features, cols.size))  # features both steps move, at least
         self._cap = index_rows(p, cols.size)
         inv = 1.0 / span[cols]
         self._inv = inv.astype(np.float32)
@@ -932,7 +942,7 @@ class LinksDetector(Detector):
         agree = count_true(moved & ((step > 0) == (other > 0)))
         same = np.where((agree > 0)[:, None], np.abs(step - other), np.abs(step + other))
         close = count_true(moved & (same <= p.tolerance * np.maximum(a, b)))
-        return (nb >= p.min_moved * self._cols.size) & ((agree == 0) | (agree == nb)) & (close >= p.agreement * nb)
+        return (nb >= self._min_moved) & ((agree == 0) | (agree == nb)) & (close >= p.agreement * nb)
 
     @staticmethod
     def _write(at: slice | np.ndarray, undo: list[tuple[np.ndarray, np.ndarray, np.ndarray]], items: tuple[tuple[np.ndarray, np.ndarray], ...]) -> None:
@@ -962,7 +972,7 @@ class LinksDetector(Detector):
         along = (both & (np.abs(delta - step) <= tol)).sum(axis=1)
         back = (both & (np.abs(delta + step) <= tol)).sum(axis=1)
         close = along + back
-        ok = (nb >= p.min_moved * self._cols.size) & (close >= p.agreement * nb) & (back <= p.returns * close)
+        ok = (nb >= self._min_moved) & (close >= p.agreement * nb) & (back <= p.returns * close)
         return ok, ok & (along > p.returns * close)
 
     # -- the index ---------------------------------------------------------------------------
