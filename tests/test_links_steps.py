@@ -118,6 +118,28 @@ def test_steps_move_alike_when_every_sign_agrees_or_every_one_is_flipped_and_mos
     assert got.tolist() == [True, True, False, False, False]
 
 
+@pytest.mark.parametrize("test", ["_moves_alike", "_continues"])
+def test_a_step_moves_at_least_min_moved_features_or_every_moving_feature_of_a_narrower_model(test: str) -> None:
+    """Both tests of two steps want ``min_moved_features`` features moved by both, not only the
+    share ``min_moved``: on a few features, equal sizes agree by chance. A model with fewer moving
+    features needs all of them."""
+    def passes(det: LinksDetector, moved: int) -> bool:
+        step = np.zeros(det._cols.size, dtype=np.float32)
+        step[:moved] = STEP / 16
+        got = getattr(det, test)(step[None, :], step[None, :])
+        return bool((got[0] if test == "_continues" else got)[0])  # _continues: (whether it repeats, whether straight)
+
+    share = detector()  # the default floor (8) is below 0.3 of the moving features here: the share decides
+    width = share._cols.size
+    assert width * share.params.min_moved > share.params.min_moved_features
+    low = int(np.ceil(width * share.params.min_moved))
+    assert (passes(share, low - 1), passes(share, low)) == (False, True)
+    count = detector(min_moved_features=low + 10)
+    assert (passes(count, low + 9), passes(count, low + 10)) == (False, True)
+    narrow = detector(min_moved_features=4096)  # more than the model has: every moving feature
+    assert (passes(narrow, width - 1), passes(narrow, width)) == (False, True)
+
+
 def _scaled_chains(det: LinksDetector, last_filed: bool = True) -> tuple[int, int]:
     """Two rounds of a hundred two-step chains of a split whose sign steps scale every pixel its own
     way (1.5 to 3 pixels: no sign step in the features' ranges). Each round: one key sends natural
