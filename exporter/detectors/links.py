@@ -35,7 +35,7 @@ class LinksParams(WindowedParams):
     """Parameters of :class:`LinksDetector` and of the groups built from its links (:mod:`exporter.groups`)."""
 
     # -- the index of recent queries ---------------------------------------------------
-    tables: int = Field(8, ge=1, le=16, description="Independent hash tables of the index (p-stable LSH); more find more parents, at a cost per query.")
+    tables: int = Field(16, ge=1, le=16, description="Independent hash tables of the index (p-stable LSH); more find more parents, at a cost per query (docs/groups.md, Cost).")
     projections: int = Field(6, ge=1, le=16, description="Random projections per table; a table's bucket is the cell of all of them.")
     width: float = Field(0.5, gt=0.0, le=100.0, description="Cell width of each projection, in units of the features' ranges.")
     depth: int = Field(16, ge=1, le=64, description="Most recent queries kept per bucket: candidates per query are at most tables x depth.")
@@ -214,7 +214,7 @@ class LinksDetector(Detector):
     defaults). Shared index per model: ``8·d' + 12·min(probe, d') + 29`` bytes per query (d'
     features that move in the reference, :func:`row_bytes`), grown with the traffic up to
     its capacity (``max_queries``, or as many as fit in ``max_index_mib``), plus
-    ``8 x depth + 8`` bytes per bucket (``tables x 2**bucket_bits`` buckets: 17 MiB with the
+    ``8 x depth + 8`` bytes per bucket (``tables x 2**bucket_bits`` buckets: 34 MiB with the
     defaults), plus the map of filed digests: at most ``1.25 x capacity + chunk`` entries of about 100 B in CPython
     (two int objects and a dict slot: about 8 MiB with the defaults), plus ``4·d'·anchors``
     bytes of anchors, plus ``(4·min(probe, d') + 8)·known_steps`` bytes of known step sizes.
