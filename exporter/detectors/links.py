@@ -227,7 +227,7 @@ class LinksDetector(Detector):
     # (a member may be flagged on its own evidence by steps, ood or coverage).
     verdict: ClassVar[bool] = False
     state_format: ClassVar[str] = "2"  # 2: the per-client ring of distinct repeats
-    default_enabled: ClassVar[bool] = False  # opt-in: it costs about a quarter of replay throughput (docs/groups.md, Cost)
+    default_enabled: ClassVar[bool] = False  # opt-in: it costs more than half of replay throughput (docs/groups.md, Sixteen hash tables)
     params: LinksParams
 
     _INITIAL_ROWS = 4096
