@@ -662,3 +662,20 @@ def test_local_scale_sees_inputs_off_a_dense_cluster_that_the_global_spacing_mis
     assert "| benign A | 20 | 0.0000 | 0.0000 | 0.0000 |" in out
     assert "| sybb:bisect | 20 | 0.0000 | 1.0000 | 0.0000 |" in out
     assert "| sybb:bisect | 2 | 2 | 0 |" in out and "| benign A | 1 | 0 | 0 |" in out
+
+
+def test_members_sorts_members_by_type_and_reported_group() -> None:
+    """bench/detection/members.py: a ``mixed`` group's odd members are T-RND, the others JbDA; a
+    member is in the reported group only when its group is the one holding most of its group's
+    members; the other strategies' members are all JbDA."""
+    members = load("members")
+    M = members.Member
+    run = {
+        "syb-mixed-3-0-0": M(group="g1"), "syb-mixed-3-0-1": M(group="g2"), "syb-mixed-3-0-2": M(group="g1"),
+        "syb-even-3-1-0": M(), "syb-even-3-1-1": M(group="g3"), "syb-even-3-1-2": M(),
+    }
+    got = members.rows({"breast_cancer-7": run})
+    assert sorted(got) == [("breast_cancer", "even", 3, "jbda"), ("breast_cancer", "mixed", 3, "jbda"), ("breast_cancer", "mixed", 3, "trnd")]
+    assert [inside for _, inside in got[("breast_cancer", "mixed", 3, "jbda")]] == [True, True]
+    assert [inside for _, inside in got[("breast_cancer", "mixed", 3, "trnd")]] == [False]  # in g2, the group holds more of its members in g1
+    assert sorted(inside for _, inside in got[("breast_cancer", "even", 3, "jbda")]) == [False, False, True]

@@ -53,6 +53,13 @@ class SybilPlan:
             raise ValueError("a Sybil group needs at least 2 members, 1 query each and a positive rate")
 
 
+def member_kinds(strategy: str, size: int) -> list[str]:
+    """The attack type of each member of a group: ``mixed`` alternates JbDA and T-RND, the others are JbDA splits."""
+    if strategy == "mixed":
+        return ["jbda" if j % 2 == 0 else "trnd" for j in range(size)]
+    return ["jbda"] * size
+
+
 def _rng(seed: int, stream: str, role: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(stream.encode()), zlib.crc32(role.encode()), index])
 
@@ -65,8 +72,7 @@ def simulate_sybil(world: World, plan: SybilPlan, seed: int, index: int, *, stre
     budget = plan.size * plan.per_member
     params = {"natural_seeds": 1.0}
     if plan.strategy == "mixed":
-        kinds = ["jbda" if j % 2 == 0 else "trnd" for j in range(plan.size)]
-        X, member = coordinated_augmentation(ds, world.answer, budget, rng, kinds, params)
+        X, member = coordinated_augmentation(ds, world.answer, budget, rng, member_kinds(plan.strategy, plan.size), params)
     else:
         X = run_attack("jbda", ds, world.answer, budget, rng, params)
         n = len(X)
