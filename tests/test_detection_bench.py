@@ -398,6 +398,29 @@ def test_group_rules_regroup_a_toy_link_graph() -> None:
     assert rules.MEMBER.match("syb-mixed-30-11-29").group(1) == "syb-mixed-30-11" and rules.MEMBER.match("atk-jbda-0") is None
 
 
+def test_group_rules_attach_joins_a_client_whose_links_are_spread_over_a_group() -> None:
+    """bench/detection/group_rules.py's ``attach``: a client with 1 link to each of 3 members of a
+    component joins it at k = 3 (no single edge of 3), not at k = 4; one with 2 links joins nothing;
+    a client not eligible never joins; with links to two components it joins the one it has more with."""
+    from collections import Counter
+
+    rules = load("group_rules")
+    a = [f"syb-mixed-30-0-{j}" for j in range(3)]
+    b = [f"syb-even-3-1-{j}" for j in range(2)]
+    spread, weak, outsider = "syb-mixed-30-0-3", "syb-mixed-30-0-4", "app-0001"
+    edges = Counter({frozenset(p): 5 for p in [(a[0], a[1]), (a[1], a[2]), (b[0], b[1])]})
+    for m in a:
+        edges[frozenset((spread, m))] = 1
+        edges[frozenset((outsider, m))] = 1
+    edges[frozenset((spread, b[0]))] = 2
+    edges[frozenset((weak, a[0]))] = 2
+    eligible = set(a) | set(b) | {spread, weak}
+    got = rules.attach(edges, eligible, 3)
+    assert sorted(map(sorted, got)) == sorted([sorted(a + [spread]), sorted(b)])
+    assert sorted(map(sorted, rules.attach(edges, eligible, 4))) == sorted([sorted(a), sorted(b)])
+    assert rules.HONEST.match(outsider) and rules.HONEST.match("bapp-0417") and not rules.HONEST.match(spread)
+
+
 def _group_row(strategy: str, kind: str, size: int, named: bool, queries: float | None = None) -> dict:
     return {"strategy": strategy, "set": kind, "size": size, "named": named, "flagged": named, "queries_at_naming": queries,
             "purity": 1.0 if named else None, "members_flagged": size - 1}

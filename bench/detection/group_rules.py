@@ -10,7 +10,13 @@ offline under several rules:
   k: eligible clients joined by edges of at least k links, connected components;
 * ``average linkage >= t``: eligible clients merged greedily, strongest first, while the
   links between two clusters per pair of their members is at least t (edges of at least 3
-  links only).
+  links only);
+* ``components >= 3, then attach >= 3``: the exporter's rule, then each eligible client
+  left out joins the component its links add up to 3 with, summed over the component's
+  members (a member whose few links are spread over several members).
+
+Per log and rule: the true groups named, named and pure, the held-out strategy's groups
+named, and the honest clients (``app-`` and ``bapp-`` ids) in any cluster.
 
 To try other ``links`` parameters, change ``DIR/<log>/config.yml`` and recalibrate
 (``monitaur-exporter calibrate --config DIR/<log>/config.yml --out DIR/<log>/profile-200.bin
@@ -53,8 +59,11 @@ from exporter.detectors.base import Batch, Signals  # noqa: E402
 from exporter.detectors.fingerprint import client_key  # noqa: E402
 from exporter.profile import load_profile, params_digest  # noqa: E402
 from exporter.replay import replay  # noqa: E402
+from exporter.sim.sybil import HELD_OUT  # noqa: E402
 
 MEMBER = re.compile(r"(syb-[a-z]+-\d+-\d+)-\d+$")
+HONEST = re.compile(r"b?app-\d+$")  # the benign clients of groups.py's evaluation log (families A and B)
+
 Edges = Counter[frozenset[str]]
 
 
@@ -134,6 +143,25 @@ def average_linkage(edges: Edges, eligible: set[str], t: float) -> list[set[str]
     return [c for c in clusters.values() if len(c) >= 2]
 
 
+def attach(edges: Edges, eligible: set[str], k: int) -> list[set[str]]:
+    """``components >= k``, then each eligible client outside them joins the component it has
+    the most links with, summed over that component's members, when they are at least ``k``:
+    a member whose few links are spread over several members of one group."""
+    parts = components(edges, eligible, k)
+    where = {c: i for i, part in enumerate(parts) for c in part}
+    to_part: dict[str, Counter[int]] = defaultdict(Counter)
+    for pair, n in edges.items():
+        a, b = tuple(pair)
+        for x, y in ((a, b), (b, a)):
+            if x in eligible and x not in where and y in where:
+                to_part[x][where[y]] += n
+    for c, counts in to_part.items():
+        i, n = counts.most_common(1)[0]
+        if n >= k:
+            parts[i] = parts[i] | {c}
+    return parts
+
+
 def score(clusters: list[set[str]], truth: dict[str, set[str]]) -> tuple[int, int]:
     """(named, named and pure) true groups."""
     where = {c: i for i, part in enumerate(clusters) for c in part}
@@ -151,6 +179,7 @@ def score(clusters: list[set[str]], truth: dict[str, set[str]]) -> tuple[int, in
 RULES: dict[str, Callable[[Edges, set[str]], list[set[str]]]] = {
     **{f"components >= {k}": (lambda e, g, k=k: components(e, g, k)) for k in (3, 5, 10)},
     **{f"average linkage >= {t}": (lambda e, g, t=t: average_linkage(e, g, t)) for t in (1.0, 2.0)},
+    "components >= 3, then attach >= 3": lambda e, g: attach(e, g, 3),
 }
 
 
@@ -158,7 +187,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("workdirs", nargs="+", type=Path, help="DIR/<dataset>-<seed> of bench/detection/groups.py --workdir DIR")
     args = ap.parse_args()
-    print("| log | rule | named | named and pure | clusters |\n|---|---|---:|---:|---:|")
+    print("| log | rule | named | named and pure | named, held-out `mixed` | honest clients in a cluster | clusters |\n|---|---|---:|---:|---:|---:|---:|")
     for workdir in args.workdirs:
         edges, eligible, clients = record(workdir)
         truth: dict[str, set[str]] = defaultdict(set)
@@ -168,7 +197,9 @@ def main() -> int:
         for rule, group in RULES.items():
             clusters = group(edges, eligible)
             named, pure = score(clusters, truth)
-            print(f"| {workdir.name} | {rule} | {named}/{len(truth)} | {pure} | {len(clusters)} |", flush=True)
+            held = {g: m for g, m in truth.items() if g.startswith(f"syb-{HELD_OUT}-")}
+            honest = sum(1 for part in clusters for c in part if HONEST.match(c))
+            print(f"| {workdir.name} | {rule} | {named}/{len(truth)} | {pure} | {score(clusters, held)[0]}/{len(held)} | {honest} | {len(clusters)} |", flush=True)
     return 0
 
 
