@@ -2,8 +2,9 @@
 """What each kind of Sybil member gives ``links`` to work with: distinct inputs, linked queries, score, group.
 
 A group is named when the reported group holds 80 % of its members, and a member joins a
-group only when ``links`` flags it on its own links (``group_min_links`` of them with a
-member). This script replays a log kept by ``bench/detection/groups.py --workdir DIR``
+group only when its own queries were linked (``links`` flagged it, or ``group_min_links`` of
+its queries were linked) and it has ``group_min_links`` links with a member (docs/groups.md,
+How groups form). This script replays a log kept by ``bench/detection/groups.py --workdir DIR``
 in-process, with the run's own config and profile (the same code path as ``monitaur-exporter
 replay``), and prints, per dataset, strategy, group size and member attack type (``jbda``
 or ``trnd`` for the ``mixed`` strategy's members, ``jbda`` for the others), the medians over
@@ -102,6 +103,11 @@ def rows(runs: dict[str, dict[str, Member]]) -> dict[tuple[str, str, int, str], 
     return out
 
 
+def med(values: list[float] | list[int]) -> str:
+    """The median, as the table prints it."""
+    return f"{np.median(values):g}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path, help="run directories of groups.py --workdir (DIR/<dataset>-<seed>)")
@@ -114,10 +120,6 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for (dataset, strategy, size, kind), found in sorted(rows(runs).items()):
         ms = [m for m, _ in found]
-
-        def med(values: list[float]) -> str:
-            return f"{np.median(values):g}"
-
         print(f"| {dataset} | {strategy} | {size} | {kind} | {len(ms)} | {med([m.queries for m in ms])} | {med([len(m.inputs) for m in ms])} "
               f"| {med([m.linked for m in ms])} | {med([round(m.score, 3) for m in ms])} | {sum(m.links_flagged for m in ms)} "
               f"| {sum(m.flagged for m in ms)} | {sum(inside for _, inside in found)} |")
