@@ -177,7 +177,7 @@ def score(clusters: list[set[str]], truth: dict[str, set[str]]) -> tuple[int, in
 
 
 RULES: dict[str, Callable[[Edges, set[str]], list[set[str]]]] = {
-    **{f"components >= {k}": (lambda e, g, k=k: components(e, g, k)) for k in (3, 5, 10)},
+    **{f"components >= {k}": (lambda e, g, k=k: components(e, g, k)) for k in (2, 3, 5, 10)},
     **{f"average linkage >= {t}": (lambda e, g, t=t: average_linkage(e, g, t)) for t in (1.0, 2.0)},
     "components >= 3, then attach >= 3": lambda e, g: attach(e, g, 3),
 }
