@@ -398,6 +398,18 @@ def test_group_rules_regroup_a_toy_link_graph() -> None:
     assert rules.MEMBER.match("syb-mixed-30-11-29").group(1) == "syb-mixed-30-11" and rules.MEMBER.match("atk-jbda-0") is None
 
 
+def test_replay_kept_needs_exactly_one_profile(tmp_path) -> None:
+    """bench/detection/group_rules.py's ``replay_kept`` (members.py uses it too) refuses a run
+    directory without a calibration profile, or with several, instead of guessing which one."""
+    rules = load("group_rules")
+    with pytest.raises(SystemExit, match="expected one profile-\\*.bin, found 0"):
+        rules.replay_kept(tmp_path, lambda *_: None)
+    (tmp_path / "profile-20.bin").write_bytes(b"")
+    (tmp_path / "profile-200.bin").write_bytes(b"")
+    with pytest.raises(SystemExit, match="found 2"):
+        rules.replay_kept(tmp_path, lambda *_: None)
+
+
 def test_group_rules_attach_joins_a_client_whose_links_are_spread_over_a_group() -> None:
     """bench/detection/group_rules.py's ``attach``: a client with 1 link to each of 3 members of a
     component joins it at k = 3 (no single edge of 3), not at k = 4; one with 2 links joins nothing;

@@ -19,7 +19,7 @@ Per log and rule: the true groups named, named and pure, the held-out strategy's
 named, and the honest clients (``app-`` and ``bapp-`` ids) in any cluster.
 
 To try other ``links`` parameters, change ``DIR/<log>/config.yml`` and recalibrate
-(``monitaur-exporter calibrate --config DIR/<log>/config.yml --out DIR/<log>/profile-200.bin
+(``monitaur-exporter calibrate --config DIR/<log>/config.yml --out DIR/<log>/profile-<clients>.bin
 DIR/<log>/calibration.jsonl``): a profile made under other parameters would be ignored, and
 the script refuses it.
 
@@ -46,7 +46,7 @@ import re  # noqa: E402
 import sys  # noqa: E402
 from collections import Counter, defaultdict  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Callable  # noqa: E402
+from typing import Any, Callable  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -67,6 +67,23 @@ HONEST = re.compile(r"b?app-\d+$")  # the benign clients of groups.py's evaluati
 Edges = Counter[frozenset[str]]
 
 
+def replay_kept(workdir: Path, observer: Callable[[Batch, str, Signals], None], at_end: Callable[[Any], None] | None = None) -> dict[str, Any]:
+    """Replay a kept log (``DIR/<dataset>-<seed>`` of ``groups.py --workdir DIR``) with its config and
+    its one calibration profile (``profile-<clients>.bin``), as ``monitaur-exporter replay --profile``
+    would; ``observer`` and ``at_end`` as :func:`exporter.replay.replay` takes them. Returns the report."""
+    profiles = sorted(workdir.glob("profile-*.bin"))
+    if len(profiles) != 1:
+        raise SystemExit(f"{workdir}: expected one profile-*.bin, found {len(profiles)}")
+    settings = load_settings(str(workdir / "config.yml"))
+    profile = load_profile(str(profiles[0]), settings)
+    cls, params = enabled_detectors(settings)["links"]
+    if any(mp.params.get("links") != params_digest(params, cls.threshold_param) for mp in profile.models.values()):
+        # The exporter would ignore the profile's links reference, and links would judge nothing.
+        raise SystemExit(f"{workdir}: the profile was calibrated under other links parameters than config.yml's; recalibrate first: "
+                         f"monitaur-exporter calibrate --config {workdir}/config.yml --out {profiles[0]} {workdir}/calibration.jsonl")
+    return replay(settings, [str(workdir / "evaluation.jsonl")], progress=False, profile=profile, observer=observer, at_end=at_end)
+
+
 def record(workdir: Path) -> tuple[Edges, set[str], set[str]]:
     """Replay the kept log; the links between clients (either way), the eligible clients, and every client."""
     names: dict[int, str] = {}
@@ -85,14 +102,7 @@ def record(workdir: Path) -> tuple[Edges, set[str], set[str]]:
                 flagged.update([batch.client] if signals.flagged[i] else [])
                 linked.append((batch.client, [int(k) for k in found[2][row] if k]))
 
-    settings = load_settings(str(workdir / "config.yml"))
-    profile = load_profile(str(workdir / "profile-200.bin"), settings)
-    cls, params = enabled_detectors(settings)["links"]
-    if any(mp.params.get("links") != params_digest(params, cls.threshold_param) for mp in profile.models.values()):
-        # The exporter would ignore the profile's links reference, and links would judge nothing.
-        raise SystemExit(f"{workdir}: the profile was calibrated under other links parameters than config.yml's; recalibrate first: "
-                         f"monitaur-exporter calibrate --config {workdir}/config.yml --out {workdir}/profile-200.bin {workdir}/calibration.jsonl")
-    replay(settings, [str(workdir / "evaluation.jsonl")], progress=False, profile=profile, observer=observe)
+    replay_kept(workdir, observe)
     edges: Edges = Counter()
     for child, parents in linked:
         for key in parents:

@@ -4,10 +4,11 @@
 A group is named when the reported group holds 80 % of its members, and a member joins a
 group only when its own queries were linked (``links`` flagged it, or ``group_min_links`` of
 its queries were linked) and it has ``group_min_links`` links with a member (docs/groups.md,
-How groups form). This script replays a log kept by ``bench/detection/groups.py --workdir DIR``
-in-process, with the run's own config and profile (the same code path as ``monitaur-exporter
-replay``), and prints, per dataset, strategy, group size and member attack type (``jbda``
-or ``trnd`` for the ``mixed`` strategy's members, ``jbda`` for the others), the medians over
+How groups form). This script replays a log kept by ``bench/detection/groups.py --workdir
+DIR`` in-process, with the run's own config and profile (``group_rules.replay_kept``: the
+same code path as ``monitaur-exporter replay``), and prints, per dataset, strategy, group
+size and member attack type (``jbda`` or ``trnd`` for the ``mixed`` strategy's members,
+``jbda`` for the others), the medians over
 the members of the given runs of: queries sent, distinct inputs among them, queries that
 ``links`` linked to another client, and its score at the end; and how many members ``links``
 flagged, how many the verdict flagged (any detector) and how many are in their group's
@@ -32,10 +33,10 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from exporter.config import load_settings  # noqa: E402
-from exporter.profile import load_profile  # noqa: E402
-from exporter.replay import replay  # noqa: E402
+from group_rules import replay_kept  # noqa: E402
+
 from exporter.sim.sybil import member_kinds  # noqa: E402
 
 MEMBER = re.compile(r"^syb-([a-z]+)-(\d+)-(\d+)-(\d+)$")
@@ -56,10 +57,6 @@ class Member:
 
 def replay_run(run_dir: Path) -> dict[str, Member]:
     """The Sybil members of one ``groups.py`` run directory, replayed with its config and profile."""
-    profiles = sorted(run_dir.glob("profile-*.bin"))
-    if len(profiles) != 1:
-        raise SystemExit(f"{run_dir}: expected one profile-*.bin, found {len(profiles)}")
-    settings = load_settings(run_dir / "config.yml")
     members: dict[str, Member] = defaultdict(Member)
 
     def observe(batch: Any, name: str, _signals: Any) -> None:
@@ -75,8 +72,7 @@ def replay_run(run_dir: Path) -> dict[str, Member]:
                     if "links" in states:
                         members[client.client_id].linked = int(states["links"]["linked"])
 
-    report = replay(settings, [str(run_dir / "evaluation.jsonl")], progress=False, profile=load_profile(profiles[0], settings),
-                    observer=observe, at_end=at_end)
+    report = replay_kept(run_dir, observe, at_end)
     for cid, m in members.items():
         entry = report["clients"].get(cid, {})
         links = entry.get("detectors", {}).get("links", {})
