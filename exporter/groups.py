@@ -456,7 +456,10 @@ class ModelGroups:
             while todo:
                 k = todo.pop()
                 part.append(k)
-                for p in self._neighbours(k) & left:
+                # Each neighbour tested against ``left``, not ``neighbours & left``: that walks
+                # the smaller set's table, and ``left`` keeps its table as it empties (a star's
+                # hub empties it at once, and each later member would walk it: quadratic).
+                for p in [p for p in self._neighbours(k) if p in left]:
                     if self._joinable(k, p):
                         left.discard(p)
                         todo.append(p)
