@@ -68,6 +68,7 @@ log = logging.getLogger("monitaur.groups")
 
 SOURCE = "links"  # the detector whose links make groups
 HISTORY = 10_000  # dissolved groups' maxima kept for calibration, per model
+MAX_GROUP_NUMBER = 10**18 - 1  # ids g<n> have at most 18 digits (exporter.groups_api.GROUP_ID); a snapshot's are checked against it
 # Blocks look for expired edges and flags at most this many times per TTL of event time (the
 # periodic sweep always does): once edges age out one after another, every block would find
 # one, and a scan visits every tracked client.
@@ -499,7 +500,8 @@ class ModelGroups:
         members = []
         for k, joined in g.joined.items():
             c = self.clients[k]
-            assert c.name is not None  # a member joined through a query of its own, which named it
+            if c.name is None:  # never: a member joined through a query of its own, which named it (load checks it)
+                continue
             links = sum(e.links for p, e in c.peers.items() if p in g.joined)
             q = queries(c.name)
             members.append(MemberSummary(c.name, links, q, min(1.0, links / max(q, 1)), joined))
@@ -532,23 +534,29 @@ class ModelGroups:
         """Restore a snapshot's :meth:`state`, all or nothing: state that does not hold together
         (a malformed record, an edge or time that is not a finite number, a member in two
         groups or without a record, a group of fewer than two members) raises ``ValueError``
-        and leaves this model's groups as they were."""
+        and leaves this model's groups as they were. A client's record must carry the key of its
+        name, once, and a client that can be a member (flagged) must have a name: every read
+        names the members."""
         p = self.params
+        if not isinstance(state, dict):
+            raise ValueError("a model's groups are not a record")
         clients: OrderedDict[int, _Client] = OrderedDict()
         for c in _records(state, "clients")[-p.max_tracked_clients :]:
-            name = c["name"]
-            if name is not None and not is_valid_name(name):
-                raise ValueError("a client's name is not a valid client id")
+            name, key = c["name"], _key(c["key"])
+            if name is not None and (not is_valid_name(name) or client_key(name) != key):
+                raise ValueError("a client's name is not a valid client id, or not the one its key was made from")
             peers = {_key(k): _Edge(_count_of(n), _time(t)) for k, n, t in c["peers"]}
             if len(peers) > p.max_peers:
                 raise ValueError("a client has more edges than max_peers")
             flagged_at = None if c["flagged_at"] is None else _time(c["flagged_at"])
-            clients[_key(c["key"])] = _Client(name, flagged_at, peers, _count_of(c.get("own", 0), low=0))
+            if key in clients or (flagged_at is not None and name is None):
+                raise ValueError("a client has two records, or can be a member without a name")
+            clients[key] = _Client(name, flagged_at, peers, _count_of(c.get("own", 0), low=0))
         groups: dict[str, _Group] = {}
         member_of: dict[int, str] = {}
         for g in _records(state, "groups"):
             joined = {_key(k): _time(t) for k, t in g["joined"]}
-            gid, number = str(g["gid"]), _count_of(g["number"])
+            gid, number = str(g["gid"]), _count_of(g["number"], high=MAX_GROUP_NUMBER - 1)
             if gid != f"g{number}" or gid in groups or len(joined) < 2:
                 raise ValueError("a group's id, number or members do not hold together")
             for k in joined:
@@ -584,8 +592,8 @@ def _key(value: Any) -> int:
     return k
 
 
-def _count_of(value: Any, low: int = 1) -> int:
-    if isinstance(value, bool) or int(value) != value or value < low:
+def _count_of(value: Any, low: int = 1, high: float = math.inf) -> int:
+    if isinstance(value, bool) or int(value) != value or not low <= value <= high:
         raise ValueError("a count is not a whole number in range")
     return int(value)
 
@@ -678,13 +686,22 @@ class GroupBook:
     def state(self) -> dict[str, Any]:
         return {"next": self._next, "models": {m: mg.state() for m, mg in self.by_model.items()}}
 
-    def load(self, state: dict[str, Any], params_of: Callable[[str], "LinksParams | None"]) -> None:
+    def load(self, state: Any, params_of: Callable[[str], "LinksParams | None"]) -> None:
         """Restore every model's groups whose ``links`` parameters ``params_of`` accepts. A model whose
         saved groups do not hold together starts without groups (a warning says how many), and the
-        clients and detector state restored beside them stay."""
-        self._next = max(self._next, int(state.get("next", 1)))
+        clients and detector state restored beside them stay. Saved groups that are not even a
+        mapping of models with a group number to go on from restore none (a warning says so).
+        Never raises on what it reads: it runs after the clients are restored."""
+        try:
+            if not isinstance(state, dict) or not isinstance(models := state.get("models", {}), dict):
+                raise ValueError("the saved groups are not a mapping of models")
+            following = _count_of(state.get("next", 1), high=MAX_GROUP_NUMBER)
+        except (ValueError, TypeError, OverflowError):
+            log.warning("the saved groups are not readable; every model starts without groups")
+            return
+        self._next = max(self._next, following)
         bad = 0
-        for model, st in state.get("models", {}).items():
+        for model, st in models.items():
             params = params_of(model)
             if params is None:
                 continue

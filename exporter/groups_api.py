@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from exporter.view import ClientView
 
 GROUPS_PREFIX = "/api/v1/groups"
-GROUP_ID = re.compile(r"g[1-9][0-9]{0,17}")  # exporter.groups names groups g<n>
+GROUP_ID = re.compile(r"g[1-9][0-9]{0,17}")  # exporter.groups names groups g<n>, n <= MAX_GROUP_NUMBER
 Overrider = Callable[[str, list[str], str, str, "str | None"], "tuple[list[Override], bool]"]
 
 

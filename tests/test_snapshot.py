@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import json
 import threading
+from typing import Any
 
 import numpy as np
 import pytest
 
 from exporter.config import Settings
+from exporter.detectors.fingerprint import client_key
 from exporter.pipeline import Pipeline
 from exporter.snapshot import dump, pack, unpack
 from tests.test_pipeline import lines
@@ -214,11 +216,7 @@ def test_a_shared_index_or_groups_that_do_not_hold_together_are_dropped_and_the_
     shared = doc["models"]["digits"]["shared"]["links"]["state"]
     shared["slots"] = np.array(shared["slots"], copy=True)
     shared["slots"][0] = 10**12
-    member = {"key": 1, "name": "c1", "flagged_at": 1.0, "own": 3, "peers": [[2, 3, 1.0]]}
-    group = {"gid": "g1", "number": 1, "created": 1.0, "joined": [[1, 1.0], [2, 1.0]], "links": 3, "score": 0.5, "max_score": 0.5,
-             "flagged": True, "first_flagged": 1.0}
-    doc["groups"]["models"]["digits"] = {"clients": [member, {**member, "key": 2, "name": "c2", "peers": [[1, 3, 1.0]]}],
-                                         "groups": [group, {**group, "gid": "g2", "number": 2}], "maxima": []}
+    doc["groups"]["models"]["digits"] = _two_members(groups=2)
     q = Pipeline(settings)
     with caplog.at_level(logging.WARNING):
         assert q.restore(pack(doc)) == 30
@@ -227,6 +225,89 @@ def test_a_shared_index_or_groups_that_do_not_hold_together_are_dropped_and_the_
     assert q.group_summaries() == [] and q.group_ids("c1") == []
     q.ingest_lines(lines("c99", 5, seed=1))  # the links detector works on, from an empty index
     assert value_of(q, "monitaur_detector_errors_total", detector="links") == 0.0
+
+
+def _two_members(groups: int = 1) -> dict[str, Any]:
+    """A model's saved groups: clients c1 and c2, linked, in group g1 (and in g2 as well when ``groups`` is 2)."""
+    k1, k2 = client_key("c1"), client_key("c2")
+    member = {"key": k1, "name": "c1", "flagged_at": 1.0, "own": 3, "peers": [[k2, 3, 1.0]]}
+    group = {"gid": "g1", "number": 1, "created": 1.0, "joined": [[k1, 1.0], [k2, 1.0]], "links": 3, "score": 0.5, "max_score": 0.5,
+             "flagged": True, "first_flagged": 1.0}
+    return {"clients": [member, {**member, "key": k2, "name": "c2", "peers": [[k1, 3, 1.0]]}],
+            "groups": [{**group, "gid": f"g{n}", "number": n} for n in range(1, groups + 1)], "maxima": []}
+
+
+def _edited(model: dict[str, Any], edit: str) -> Any:
+    """The saved groups of one model, broken in one way a hand-edited or corrupted snapshot could be."""
+    first, second = model["clients"]
+    if edit == "not a record":
+        return []
+    if edit == "null":
+        return None
+    if edit == "a name that is not its key's":
+        return {**model, "clients": [{**first, "name": "c3"}, second]}
+    if edit == "one client twice":
+        return {**model, "clients": [first, second, {**first, "peers": []}]}  # which of the two is it?
+    if edit == "a member without a name":  # not in the group yet: the next link would make it one
+        return {**model, "clients": [{**first, "name": None}, second], "groups": []}
+    assert edit == "a group number past 18 digits"
+    n = 10**18 + 1
+    return {**model, "groups": [{**model["groups"][0], "gid": f"g{n}", "number": n}]}
+
+
+@pytest.mark.parametrize("edit", ["not a record", "null", "a name that is not its key's", "one client twice", "a member without a name",
+                                  "a group number past 18 digits"])
+def test_a_models_saved_groups_that_do_not_hold_together_restore_no_groups_for_it(caplog: pytest.LogCaptureFixture, edit: str) -> None:
+    """Records a checkpoint could hold after a hand edit or corruption: each drops that model's
+    groups with a warning, and the clients restore. Before, the first two failed the restore
+    half-way (clients in the store, verdicts not restored); a name that is not its key's left
+    a released client listed in its group; of two records of one client, the later was kept
+    silently; an unnamed client that could join made every scrape fail at its next link; a
+    4,000-digit group number gave every new group such an id, which no label bound and no
+    groups API route accepts."""
+    import logging
+
+    from prometheus_client import generate_latest
+
+    settings = Settings(detectors={"links": {"enabled": True}}, state={"dir": None})
+    p = Pipeline(settings)
+    for i in range(30):
+        p.ingest_lines(lines(f"c{i}", 20, seed=i % 4))
+    doc = p.snapshot_copy()
+    good = _two_members()
+    doc["groups"]["models"]["digits"] = good
+    q = Pipeline(settings)
+    assert q.restore(pack(doc)) == 30 and q.group_ids("c1") == ["g1"]  # the unbroken record restores
+    doc["groups"]["models"]["digits"] = _edited(good, edit)
+    q = Pipeline(settings)
+    with caplog.at_level(logging.WARNING):
+        assert q.restore(pack(doc)) == 30
+    assert "the saved groups of 1 model(s) do not hold together" in caplog.text
+    assert q.group_summaries() == [] and q.group_ids("c1") == []
+    q.ingest_lines(lines("c1", 5, seed=1))
+    assert b"monitaur_events_total" in generate_latest(q.metrics.registry)
+    assert q.groups.state()["next"] < 10**18  # the ids of new groups stay within 18 digits
+
+
+@pytest.mark.parametrize("saved", [{"next": "x", "models": {}}, {"next": None, "models": {}}, {"next": 10**19, "models": {}},
+                                   {"next": 2, "models": []}, {"next": 2, "models": None}])
+def test_saved_groups_that_are_not_a_mapping_of_models_restore_none_and_the_clients_restore(caplog: pytest.LogCaptureFixture,
+                                                                                           saved: dict[str, Any]) -> None:
+    """The groups part of a snapshot is read after the clients are in the store: whatever its
+    shape, it never fails the restore (before, these raised half-way through it)."""
+    import logging
+
+    settings = Settings(detectors={"links": {"enabled": True}}, state={"dir": None})
+    p = Pipeline(settings)
+    for i in range(30):
+        p.ingest_lines(lines(f"c{i}", 20, seed=i % 4))
+    doc = p.snapshot_copy()
+    doc["groups"] = saved
+    q = Pipeline(settings)
+    with caplog.at_level(logging.WARNING):
+        assert q.restore(pack(doc)) == 30
+    assert "the saved groups are not readable; every model starts without groups" in caplog.text
+    assert q.group_summaries() == []
 
 
 def value_of(p: Pipeline, name: str, **labels: str) -> float | None:
