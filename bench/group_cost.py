@@ -8,6 +8,8 @@ around the first key, or a chain), one event per block as in live ingestion, and
 * the joins, per linked event;
 * one read of every group (what ``/metrics`` and the groups API do);
 * the eviction of one member (its group is re-split at the read that follows);
+* members evicted at every block, by new client ids once the tracked clients are full
+  (µs per block; a chain of ``N`` keys);
 * the expiry of the whole group (one periodic sweep);
 * and, apart from any group, the steady state of a long run: ``--tracked`` clients whose
   edges age out one after another, so that expired edges are always due; µs per block.
@@ -46,21 +48,26 @@ def link(groups: ModelGroups, queries: dict[str, int], child: str, parent: str, 
     groups.observe(block, np.zeros(1, dtype=bool), lambda c: queries.get(c, 0))
 
 
+def grow(groups: ModelGroups, queries: dict[str, int], n: int, shape: str) -> float:
+    """Make one group of ``n`` keys, k0 to k(n-1); returns the event time of its last link."""
+    ts = 0.0
+    pairs = [("k0", "k1"), ("k1", "k0")] + [(f"k{i}", "k0" if shape == "star" else f"k{i - 1}") for i in range(2, n)]
+    for child, parent in pairs:  # k0 and k1 link each other, then every other key joins
+        for _ in range(groups.params.group_min_links):
+            link(groups, queries, child, parent, ts)
+            ts += 0.01
+    return ts
+
+
 def measure(n: int, shape: str) -> dict[str, float]:
     params = LinksParams()
     book = GroupBook()
     groups = book.model("m", params)
     queries: dict[str, int] = {}
-    ts = 0.0
-    events = 0
     started = time.perf_counter()
-    pairs = [("k0", "k1"), ("k1", "k0")] + [(f"k{i}", "k0" if shape == "star" else f"k{i - 1}") for i in range(2, n)]
-    for child, parent in pairs:  # k0 and k1 link each other, then every other key joins
-        for _ in range(params.group_min_links):
-            link(groups, queries, child, parent, ts)
-            ts += 0.01
-            events += 1
-    grow = time.perf_counter() - started
+    ts = grow(groups, queries, n, shape)
+    grow_s = time.perf_counter() - started
+    events = sum(queries.values())
     sizes = sorted((len(g.joined) for g in groups.groups.values()), reverse=True)
     t = time.perf_counter()
     book.summaries(lambda c, m: queries.get(c, 0))
@@ -72,8 +79,25 @@ def measure(n: int, shape: str) -> dict[str, float]:
     t = time.perf_counter()
     book.expire(ts + params.ttl_seconds + 1.0)
     expire = time.perf_counter() - t
-    return {"members": float(sizes[0] if sizes else 0), "events": float(events), "grow_us_per_event": 1e6 * grow / events,
-            "read_ms": 1e3 * read, "evict_ms": 1e3 * evict, "expire_ms": 1e3 * expire, "groups_left": float(len(groups.groups))}
+    return {"members": float(sizes[0] if sizes else 0), "events": float(events), "grow_us_per_event": 1e6 * grow_s / events,
+            "read_ms": 1e3 * read, "evict_ms": 1e3 * evict, "expire_ms": 1e3 * expire, "groups_left": float(len(groups.groups)),
+            "churn_us_per_block": churn(n)}
+
+
+def churn(n: int, blocks: int = 200) -> float:
+    """µs per one-event block while every block evicts members of a chain of ``n`` keys: the
+    tracked clients are full (``max_tracked_clients`` = n), and each block links two new
+    client ids, which push the two least recently linked keys out. A chain stays one group
+    when its oldest keys leave, so every block leaves a large group to re-split."""
+    params = LinksParams(max_tracked_clients=n)
+    groups = GroupBook().model("m", params)
+    queries: dict[str, int] = {}
+    ts = grow(groups, queries, n, "chain")
+    started = time.perf_counter()
+    for j in range(blocks):
+        ts += 0.01
+        link(groups, queries, f"x{j}", f"y{j}", ts)
+    return 1e6 * (time.perf_counter() - started) / blocks
 
 
 def steady(tracked: int, blocks: int = 2000) -> float:
@@ -98,11 +122,13 @@ def main() -> None:
     ap.add_argument("--tracked", type=int, default=10000, help="tracked clients of the steady-state measure (0: skip it)")
     args = ap.parse_args()
     print(f"`bench/group_cost.py --sizes {args.sizes} --shape {args.shape} --tracked {args.tracked}`\n")
-    print("| keys | largest group | linked events | µs per linked event, growing | one read, ms | evict one member + read, ms | expire all, ms |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("| keys | largest group | linked events | µs per linked event, growing | one read, ms | evict one member + read, ms | expire all, ms "
+          "| µs per block, evicting members (chain) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in (int(s) for s in args.sizes.split(",")):
         r = measure(n, args.shape)
-        print(f"| {n:,} | {int(r['members']):,} | {int(r['events']):,} | {r['grow_us_per_event']:.0f} | {r['read_ms']:.1f} | {r['evict_ms']:.1f} | {r['expire_ms']:.1f} |")
+        print(f"| {n:,} | {int(r['members']):,} | {int(r['events']):,} | {r['grow_us_per_event']:.0f} | {r['read_ms']:.1f} | {r['evict_ms']:.1f} "
+              f"| {r['expire_ms']:.1f} | {r['churn_us_per_block']:.0f} |")
     if args.tracked:
         print(f"\nSteady state, {args.tracked:,} tracked clients whose edges age out one after another: {steady(args.tracked):.0f} µs per one-event block")
 

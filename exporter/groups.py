@@ -37,9 +37,10 @@ Cost. Per link, O(``max_peers``) work: a join or a merge counts only the links t
 into the group (each client's edges, both ways), and a group's members' query count moves
 with a cursor over the block's rows. Per block, O(block) for that cursor, and the scores
 of the groups whose members sent queries. Members that leave (expiry, eviction,
-release) mark their group for a re-split, which runs once per group at the end of a block,
-at the periodic sweep, or before a read, in O(members × ``max_peers``): so that no client,
-and no number of clients, can make one event cost a search over all pairs of members.
+release) mark their group for a re-split, which runs at the end of a block (at most once per
+group and ``ttl_seconds / SCANS_PER_TTL`` of event time), at the periodic sweep, or before a
+read, in O(members × ``max_peers``): so that no client, and no number of clients, can make
+one event cost a search over all pairs of members, or a walk over a large group at every block.
 Memory per model: ``max_tracked_clients`` records of at most ``max_peers`` edges, the other
 view of those edges, and the groups over them.
 """
@@ -139,6 +140,7 @@ class _Group:
     max_score: float = 0.0
     flagged: bool = False
     first_flagged: float | None = None
+    next_split: float = -math.inf  # event time before which a block's end does not re-split it (ModelGroups.settle)
 
 
 class ModelGroups:
@@ -357,7 +359,8 @@ class ModelGroups:
         """The links between a group's members, from their edges (each pair once)."""
         g = self.groups[gid]
         at = {k: i for i, k in enumerate(g.joined)}
-        g.links = sum(self._pair(k, q).links for k, i in at.items() for q in self._neighbours(k) if at.get(q, -1) > i)
+        pairs = {(k, q) if i < at[q] else (q, k) for k, i in at.items() for q in self.clients[k].peers if q in at}  # own edges: see _split
+        g.links = sum(self._pair(k, q).links for k, q in pairs)
 
     def _members_queries(self, g: _Group) -> int:
         return sum(self._count(k, self._name(k), self._cursor) for k in g.joined)
@@ -431,41 +434,56 @@ class ModelGroups:
             self._dirty.add(gid)
 
     def settle(self, ts: float | None = None) -> None:
-        """Re-split the groups that lost members or edges (once each), so that reads see connected groups."""
-        dirty, self._dirty = self._dirty, set()
+        """Re-split the groups that lost members or edges (once each), so that reads see connected groups.
+
+        At a block's end (``ts``, its last event time) a group re-splits at most once per
+        ``ttl_seconds / SCANS_PER_TTL`` of event time, and stays due until then or until a read
+        (``ts`` None), which re-splits every group due: a re-split walks the whole group, and
+        evicting one member per block (new client ids push the least recent out) would
+        otherwise make one event cost a walk over thousands of members, block after block.
+        """
+        if ts is None:
+            due, self._dirty = self._dirty, set()
+        else:
+            due = {gid for gid in self._dirty if gid not in self.groups or self.groups[gid].next_split <= ts}
+            self._dirty -= due
         left: set[str] = set()
-        for gid in sorted(dirty, key=lambda gid: self.groups[gid].number if gid in self.groups else 0):
-            left.update(self._split(gid))
+        for gid in sorted(due, key=lambda gid: self.groups[gid].number if gid in self.groups else 0):
+            left.update(self._split(gid, ts))
         self._refresh(left, ts)
 
-    def _split(self, gid: str) -> list[str]:
+    def _split(self, gid: str, ts: float | None = None) -> list[str]:
         """Recompute a group's components after members or edges left; the part with the earliest member keeps the id.
-        Returns the ids of the groups it left (none if it dissolved). O(members × max_peers): a search along edges."""
+        Returns the ids of the groups it left (none if it dissolved).
+
+        O(members × max_peers): a union of the members joined by a strong edge, read from each
+        member's own edges only. Every edge is held by at least one of its two clients, so
+        that finds them all, without the other view (``_listers``), which has no bound: a
+        client that thousands of others linked to would make every split of its group walk them.
+        An edge held by both counts when either holds it with ``group_min_links`` links.
+        """
         g = self.groups.get(gid)
         if g is None:
             return []
         for k in [k for k in g.joined if k not in self.clients or self.clients[k].flagged_at is None]:
             g.joined.pop(k)
             self.member_of.pop(k, None)
-        parts: list[list[int]] = []
-        left = set(g.joined)
-        for start in sorted(g.joined, key=lambda k: (g.joined[k], k)):  # so parts come in the order of their earliest member
-            if start not in left:
-                continue
-            part, todo = [], [start]
-            left.discard(start)
-            while todo:
-                k = todo.pop()
-                part.append(k)
-                # Each neighbour tested against ``left``, not ``neighbours & left``: that walks
-                # the smaller set's table, and ``left`` keeps its table as it empties (a star's
-                # hub empties it at once, and each later member would walk it: quadratic).
-                for p in [p for p in self._neighbours(k) if p in left]:
-                    if self._joinable(k, p):
-                        left.discard(p)
-                        todo.append(p)
-            parts.append(part)
-        parts = [p for p in parts if len(p) >= 2]
+        root = {k: k for k in g.joined}
+
+        def find(k: int) -> int:
+            while root[k] != k:
+                root[k] = root[root[k]]
+                k = root[k]
+            return k
+
+        for k in g.joined:
+            for p in self.clients[k].peers:
+                if p in root and self._joinable(k, p) and (a := find(k)) != (b := find(p)):
+                    root[b] = a
+        by_root: dict[int, list[int]] = {}
+        for k in sorted(g.joined, key=lambda k: (g.joined[k], k)):  # so parts come in the order of their earliest member
+            by_root.setdefault(find(k), []).append(k)
+        parts = [p for p in by_root.values() if len(p) >= 2]
         if not parts:
             self._dissolve(g)
             return []
@@ -475,9 +493,12 @@ class ModelGroups:
             if k not in keep:
                 g.joined.pop(k)
                 self.member_of.pop(k, None)
+        if ts is not None:  # (a read's re-split leaves the pause as it was)
+            g.next_split = ts + self.params.ttl_seconds / SCANS_PER_TTL
         for part in parts[1:]:
             number = self._new_number()
             new = _Group(f"g{number}", number, min(joined[k] for k in part), {k: joined[k] for k in part})  # members keep their times
+            new.next_split = g.next_split  # the parts of a group pause as it does
             self.groups[new.gid] = new
             for k in part:
                 self.member_of[k] = new.gid

@@ -289,3 +289,29 @@ def test_blocks_check_expiry_at_most_64_times_per_ttl_and_the_sweep_every_time()
     g.link("b", ["a"], 0.0)
     g.groups.expire(1000.5)  # the sweep checks whatever the blocks did
     assert g.members() == {}
+
+
+def test_a_block_re_splits_a_group_at_most_once_per_64th_of_the_ttl_and_a_read_always_does() -> None:
+    """A re-split walks the whole group. New client ids can evict one member per block (the
+    least recently linked go first), so a block's end re-splits a group at most once per
+    TTL / SCANS_PER_TTL of event time; a read (the API, /metrics) re-splits whatever is due."""
+    from exporter.groups import SCANS_PER_TTL
+
+    f = Feed()  # ttl 1000 s: a group re-splits at a block's end at most every 15.6 s
+    chain = ["a", "b", "c", "d", "e", "f"]
+    for t, (x, y) in enumerate(zip(chain, chain[1:])):
+        f.link(x, [y], float(t))
+        f.link(y, [x], float(t))
+    assert f.members() == {"g1": set(chain)}
+    f.book.forget("e")
+    f.link("x", ["y"], 10.0)  # a block's end: the first re-split is due at once (f is left alone: dissolved)
+    assert f.members() == {"g1": {"a", "b", "c", "d"}}
+    f.book.forget("b")
+    f.link("x", ["y"], 10.0 + 1000.0 / SCANS_PER_TTL - 0.5)
+    assert f.members() == {"g1": {"a", "c", "d"}}  # b left at once; the split that leaves a alone waits
+    f.link("x", ["y"], 10.0 + 1000.0 / SCANS_PER_TTL + 0.5)
+    assert f.members() == {"g1": {"c", "d"}}  # now due: c and d keep the id, a alone is no group
+    f.book.forget("d")
+    f.link("x", ["y"], 30.0)
+    assert f.members() == {"g1": {"c"}}  # waits again ...
+    assert [s.group for s in f.book.summaries(lambda c, m: 1)] == [] and f.members() == {}  # ... but never for a read
