@@ -52,7 +52,7 @@ MAX_PEERS = 20  # cross-client peers listed per client, heaviest first
 ERROR_REASONS = (
     "unauthorized", "named_token_required", "invalid_client", "unknown_client", "bad_query", "filter_required",
     "not_blocked", "allowlisted", "too_many_blocks", "reason_required", "reason_too_long", "malformed_json",
-    "invalid_group", "unknown_group", "nothing_to_block",  # the groups API (exporter.groups_api)
+    "invalid_group", "unknown_group", "nothing_to_block", "invalid_members", "group_changed",  # the groups API (exporter.groups_api)
 )
 
 

@@ -9,7 +9,10 @@
 - ``POST /api/v1/groups/{id}/block`` and ``.../release`` with ``{"reason": "..."}``: one
   override of every member, recorded per member with the group's id. Allowlisted
   members are left out of a block (and listed as such); a release releases the members
-  that are flagged or blocked by hand.
+  that are flagged or blocked by hand. With ``"members": [...]`` (the members as read),
+  nothing is done if the group's members are not those any more (409 ``group_changed``,
+  with the members now): a group gains, loses and merges members between a read and a
+  POST, and a release should not clear the flag of a key that joined since.
 
 Authentication and error answers are the clients API's (:mod:`exporter.api`): the HTTP
 server authenticates, :class:`exporter.api.ClientsAPI` hands ``/api/v1/groups`` here.
@@ -21,7 +24,9 @@ import re
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import parse_qs
 
+from exporter import jsonparse
 from exporter.api import Answer, error, override_error, override_json, override_request, page_limit
+from exporter.names import is_valid_name
 from exporter.overrides import BLOCK, RELEASE, Override, OverrideError
 
 if TYPE_CHECKING:
@@ -35,6 +40,17 @@ Overrider = Callable[[str, list[str], str, str, "str | None"], "tuple[list[Overr
 
 def _number(group_id: str) -> int:
     return int(group_id[1:])
+
+
+def _expected_members(body: bytes) -> set[str] | None | Answer:
+    """The members an override request expects the group to have (``"members"``), None when it
+    names none, or the 400 answer. The body is a JSON object already (``override_request``)."""
+    found = jsonparse.loads(body).get("members")
+    if found is None:
+        return None
+    if not isinstance(found, list) or not found or not all(is_valid_name(c) for c in found):
+        return error(400, "invalid_members", "members, if given, is the list of client ids the group had when you read it")
+    return set(found)
 
 
 class GroupsAPI:
@@ -124,10 +140,17 @@ class GroupsAPI:
         if isinstance(asked, Answer):
             return asked
         name, reason = asked
+        expected = _expected_members(body)
+        if isinstance(expected, Answer):
+            return expected
         g = self._view.group(group_id)
         if g is None:
             return error(404, "unknown_group", "no such group (any more): groups dissolve when their links expire")
         members = [m.client for m in g.members]
+        if expected is not None and expected != set(members):
+            changed = error(409, "group_changed", "the group's members are not the ones given (members): nothing was done; read it again")
+            changed.body["members"] = members
+            return changed
         skipped = [c for c in members if action == BLOCK and c in self._allowlist]
         try:
             records, saved = self._override(action, [c for c in members if c not in skipped], name, reason, group_id)

@@ -140,3 +140,29 @@ def test_groups_are_restored_after_a_restart_only_under_the_links_parameters_the
         other.restore()
     assert other.pipeline.group_ids("syb-0") == []  # made where 3 links joined two clients: not under 5
     assert "dropped the groups of 1 model(s)" in caplog.text
+
+
+def test_a_block_or_release_that_names_the_members_it_read_acts_only_if_they_are_still_the_groups(app: App) -> None:
+    """A group gains members between a read and a POST: a release meant for the keys the
+    operator saw would clear the flag of a key that joined since, on its own evidence. With
+    "members" (as read), such a POST does nothing and answers 409 group_changed with the
+    members now; without it, it acts on the members now."""
+    gid = make_group(app)
+    seen = [m["client"] for m in get(app, f"/api/v1/groups/{gid}").json()["members"]]
+    post = lambda action, body: requests.post(url(app, f"/api/v1/groups/{gid}/{action}"), data=json.dumps(body),  # noqa: E731
+                                              headers={"Authorization": f"Bearer {ALICE}"}, timeout=5)
+    app.pipeline.ingest_lines([event("late", True)])  # flagged on its own evidence, then joins
+    for child, parent in [("late", "syb-0")] * 3:
+        link(app, child, [parent], 20.0)
+    assert app.pipeline.group_ids("late") == [gid]
+    for body, reason in [({"reason": "r", "members": "syb-0"}, "invalid_members"), ({"reason": "r", "members": []}, "invalid_members"),
+                         ({"reason": "r", "members": ["syb-0", 7]}, "invalid_members")]:
+        r = post("release", body)
+        assert (r.status_code, r.json()["reason"]) == (400, reason), r.text
+    r = post("release", {"reason": "the keys I looked at", "members": seen})
+    assert (r.status_code, r.json()["reason"]) == (409, "group_changed"), r.text
+    assert set(r.json()["members"]) == {*seen, "late"}
+    assert get(app, "/api/v1/clients/late").json()["flagged"]  # nothing was done
+    r = post("block", {"reason": "all four", "members": sorted({*seen, "late"}, reverse=True)})  # any order
+    assert r.status_code == 200, r.text
+    assert {o["client"] for o in r.json()["overrides"]} == {"syb-0", "syb-1", "late"}
