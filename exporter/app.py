@@ -15,6 +15,7 @@ from typing import Callable
 
 from exporter import webconfig
 from exporter.api import ClientsAPI
+from exporter.group_numbers import FILE as GROUP_NUMBERS, NumberReservations
 from exporter.groups_api import GroupsAPI
 from exporter.clientpage import client_page
 from exporter.config import Settings, api_enabled
@@ -68,6 +69,8 @@ class App:
         self._thread: threading.Thread | None = None
         self._server: ExporterHTTPServer | None = None
         state_dir = settings.state.dir
+        if state_dir is not None:
+            self.pipeline.groups.keep_numbers(NumberReservations(state_dir / GROUP_NUMBERS))
         self.checkpointer = (
             Checkpointer(state_dir, self.metrics, lambda: self.pipeline.snapshot_copy(), lambda: self.tailer.offsets_snapshot())
             if state_dir is not None

@@ -58,11 +58,13 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from exporter.detectors.fingerprint import client_key
+from exporter.group_numbers import BLOCK
 from exporter.names import is_valid_name
 
 if TYPE_CHECKING:
     from exporter.detectors.base import Batch, Block, Signals
     from exporter.detectors.links import LinksParams
+    from exporter.group_numbers import NumberReservations
     from exporter.profile import Profile
 
 log = logging.getLogger("monitaur.groups")
@@ -640,9 +642,20 @@ class GroupBook:
         self.profile = profile
         self.by_model: dict[str, ModelGroups] = {}
         self._next = 1
+        self._reserve: Callable[[int], None] | None = None  # records that numbers below its argument may be in use
+        self._reserved = 0  # numbers below this are recorded so
+
+    def keep_numbers(self, reservations: "NumberReservations") -> None:
+        """Keep group numbers unique across restarts and crashes (:mod:`exporter.group_numbers`):
+        go on after every number reserved before, and reserve numbers before using them."""
+        self._next = max(self._next, reservations.load())
+        self._reserve = reservations.reserve
 
     def _number(self) -> int:
         n = self._next
+        if self._reserve is not None and n >= self._reserved:
+            self._reserved = n + BLOCK
+            self._reserve(self._reserved)
         self._next += 1
         return n
 
