@@ -69,9 +69,9 @@ def test_a_sign_step_moves_three_quarters_of_the_probe_features_by_one_size(even
 
 def _repeated_steps(same_signs: bool) -> tuple[int, int]:
     """Alice makes two sign steps from each of a hundred seeds (her second steps continue her
-    first: verified steps, filed in the table of steps). Bob then makes one step from each of
-    his own hundred seeds, with the signs of alice's second steps (``same_signs``) or with
-    others. Returns how many of bob's steps are linked, and how many of those to alice."""
+    first: verified steps, filed in the table of steps). Bob makes two steps from each of his
+    own hundred seeds, the second with the signs of alice's second steps (``same_signs``) or
+    with others. Returns how many of bob's second steps are linked, and how many of those to alice."""
     det = detector(chunk=16)
     states: dict[str, dict] = {}
     rng = np.random.default_rng(13)
@@ -83,22 +83,52 @@ def _repeated_steps(same_signs: bool) -> tuple[int, int]:
     send(det, states, "erin", WORLD.sample(rng, 16), 1300.0)
     send(det, states, "alice", a1 + STEP * second, 1400.0)
     send(det, states, "erin", WORLD.sample(rng, 16), 1600.0)
-    send(det, states, "bob", b0, 1700.0)
+    b1 = b0 + STEP * np.where(rng.random(b0.shape) < 0.5, -1.0, 1.0)
+    send(det, states, "bob", np.concatenate([b0, b1]), 1700.0)
     send(det, states, "erin", WORLD.sample(rng, 16), 1900.0)
     signs = second if same_signs else np.where(rng.random(a0.shape) < 0.5, -1.0, 1.0)
-    linked, parent = send(det, states, "bob", b0 + STEP * signs, 2000.0)
+    linked, parent = send(det, states, "bob", b1 + STEP * signs, 2000.0)
     return int(linked.sum()), int((linked & (parent == client_key("alice"))).sum())
 
 
 def test_a_step_that_repeats_another_clients_verified_step_links_to_that_client(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Bob never starts from alice's points, but his steps repeat her verified ones size for size
-    and sign for sign: the table of steps links him to her. Steps with other signs do not. The
-    changes tested against the table one per block link the same."""
+    """Bob never starts from alice's points, but his second steps, which continue his first,
+    repeat her verified ones size for size and sign for sign: the table of steps links him to
+    her. Steps with other signs do not. The changes tested against the table one per block
+    link the same."""
     linked, to_alice = _repeated_steps(same_signs=True)
     assert to_alice >= 50 and to_alice == linked  # of 100 (the index's buckets miss some of bob's own seeds)
     assert _repeated_steps(same_signs=False)[0] == 0
     monkeypatch.setattr(links_module, "_ALIKE_VALUES", 1)
     assert _repeated_steps(same_signs=True) == (linked, to_alice)
+
+
+def test_an_attacker_who_files_the_differences_between_records_as_its_steps_frames_nobody() -> None:
+    """Framing through the table of steps. Mallory knows the records an honest client sends
+    (a public dataset), not when. For a hundred pairs of them (a record and a neighbour), she
+    makes a verified step equal to their difference, far off the data: a, a + s, then
+    a + s + d (s is d with half its signs flipped, so the last continues the step s with a
+    turn, and is filed). The honest client then sends its records, the neighbour first: each
+    change from its own earlier record repeats one of mallory's steps, sign for sign. A natural
+    record continues no step of its own, so the change is no step of an exploration, and
+    nobody is linked (before, almost every record was linked to mallory)."""
+    det = detector(chunk=16)
+    states: dict[str, dict] = {}
+    rng = np.random.default_rng(17)
+    first = WORLD.sample(rng, 100)
+    then = np.clip(first + rng.choice([-3.0, -2.0, 2.0, 3.0], first.shape), 0, 16)  # a neighbouring record
+    d = then - first
+    a = 48.0 + 16.0 * rng.random(first.shape)  # far off the data (pixels are 0 to 16), each triple apart
+    s = d * np.where(rng.random(d.shape) < 0.5, -1.0, 1.0)
+    send(det, states, "mallory-b", np.concatenate([a, a + s]), 1000.0)
+    send(det, states, "erin", WORLD.sample(rng, 16), 1300.0)
+    linked, _ = send(det, states, "mallory-a", a + s + d, 1400.0)
+    assert linked.sum() >= 50  # her steps are verified: they continue mallory-b's
+    send(det, states, "erin", WORLD.sample(rng, 16), 1600.0)
+    send(det, states, "honest", first, 1700.0)
+    send(det, states, "erin", WORLD.sample(rng, 16), 1900.0)
+    linked, parent = send(det, states, "honest", then, 2000.0)
+    assert int(linked.sum()) == 0, int(linked.sum())
 
 
 def test_steps_move_alike_when_every_sign_agrees_or_every_one_is_flipped_and_most_sizes_agree() -> None:

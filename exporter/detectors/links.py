@@ -143,6 +143,18 @@ class LinksDetector(Detector):
     independent inputs almost never do (features move by unrelated amounts; rounding noise
     is below the precision floor).
 
+    It also links a query that continues a candidate's own step (the test above; the
+    candidate may be its own client's) when its change from that candidate repeats, size
+    for size and sign for sign (or every sign flipped), a *verified* step of another client
+    made within ``steps_window`` (the table of steps: steps of queries that continued an
+    earlier one with a turn, or matched the table): the keys of a split that each grow their
+    own part of the set, following one substitute model, step alike without deriving from
+    each other's points. Only a change that continues a step is compared: a change between
+    two natural records continues nothing, whichever step it happens to repeat. An attacker
+    who knows the records an honest client sends (a public dataset) could otherwise file
+    their differences as verified steps of its own, far off the data, and have the honest
+    client's records linked to it (docs/groups.md).
+
     It also links a query that exactly repeats another client's indexed input when that
     input is *off-manifold* (farther from every one of ``anchors`` benign reference queries
     than ``far_factor`` times their own 99 % nearest-other spacing): a split's keys re-send
@@ -192,9 +204,10 @@ class LinksDetector(Detector):
 
     What it misses: steps of random sizes per feature, parents older than the index holds
     or pushed out of their buckets by busier traffic (the index remembers buckets, not
-    time: recall falls as benign traffic in the same region grows), and splits whose
-    members do not derive from each other's points (each running its own lattice from
-    its own seeds; the steps detector still flags each member).
+    time: recall falls as benign traffic in the same region grows), the first step from
+    each natural seed (a seed has no step to continue), and splits whose members neither
+    derive from each other's points nor step alike (each its own lattice, with its own
+    substitute; the steps detector still flags each member).
 
     Not judged: queries without a vector of the model's length, and every query before the
     model has a reference. Without anchors (a reference fitted before them, or ``anchors``
@@ -636,12 +649,13 @@ class LinksDetector(Detector):
         pick = np.where(hit, np.argmax(passed, axis=1), self._parent(ad, alive, dist, ts))
         has = hit | np.isfinite(dist.min(axis=1))
         steps = np.where(has[:, None], u - take(self._U, cpos[np.arange(m), pick], axis=0), 0.0).astype(np.float32)
-        # 5. Each change to a candidate compared with other clients' recent steps (the table of steps);
-        # a change that repeats one is a step too, and becomes the query's own.
+        # 5. Each change that continues a candidate's step compared with other clients' recent steps
+        # (the table of steps; only those: see the class docstring); a change that repeats one is
+        # a verified step, and becomes the query's own.
         # Only steps that turn (not three points on one line) are filed: a line is also what honest
         # data can hold (records interpolated between two others), a turn of equal size is not.
         filing = hit & ~straight[np.arange(m), pick]
-        self._alike(u, du, ad, alive, cpos, steps, filing, ts, keys, base, chunk_start, linked, parents, undo)
+        self._alike(u, du, ad, passed, cpos, steps, filing, ts, keys, base, chunk_start, linked, parents, undo)
         lo, hi = self._bounds(steps[:, :r])
         self._write(at, undo, ((self._S, steps), (self._lo, lo), (self._hi, hi)))
         self._next = base + m
@@ -814,10 +828,14 @@ class LinksDetector(Detector):
         ts: np.ndarray, keys: np.ndarray, base: int, chunk_start: int, linked: np.ndarray, parents: np.ndarray,
         undo: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
     ) -> None:
-        """Link each query whose change to one of its candidates repeats, size for size and sign for
-        sign (or every sign flipped), a recent step of another client: the same attack configuration,
-        following the same substitute model, even where the clients never derive from each other's
-        points (a split whose members each grow their own part of the set).
+        """Link each query whose change from a candidate it continues (``pairs``: the change repeats
+        the candidate's own step in size) repeats, size for size and sign for sign (or every sign
+        flipped), a recent step of another client: the same attack configuration, following the
+        same substitute model, even where the clients never derive from each other's points (a
+        split whose members each grow their own part of the set). A change from a candidate it
+        does not continue (between two natural records) is never compared: otherwise an attacker
+        could file the differences between records an honest client will send as verified steps
+        of its own, and frame it.
 
         The table of steps holds only verified steps: queries that continued an earlier one
         (``filing``) or matched a step of the table. Honest clients make neither, so their changes
