@@ -23,6 +23,7 @@ from exporter.atomic import atomic_write_bytes
 log = logging.getLogger("monitaur.groups")
 
 FILE = "group_numbers.json"
+MAX_GROUP_NUMBER = 10**18 - 1  # ids g<n> have at most 18 digits (exporter.groups_api.GROUP_ID); saved numbers are checked against it
 BLOCK = 1024  # numbers reserved per write: one small file write per 1,024 groups formed
 LOG_EVERY = 60.0  # seconds between two log lines about a failed reservation
 
@@ -42,7 +43,7 @@ class NumberReservations:
         try:
             doc = json.loads(self.path.read_bytes())
             following = doc["next"] if isinstance(doc, dict) else None
-            if isinstance(following, bool) or not isinstance(following, int) or following < 1:
+            if isinstance(following, bool) or not isinstance(following, int) or not 1 <= following <= MAX_GROUP_NUMBER:
                 raise ValueError("no number to go on from")
             return following
         except FileNotFoundError:

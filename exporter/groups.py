@@ -58,7 +58,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from exporter.detectors.fingerprint import client_key
-from exporter.group_numbers import BLOCK
+from exporter.group_numbers import BLOCK, MAX_GROUP_NUMBER
 from exporter.names import is_valid_name
 
 if TYPE_CHECKING:
@@ -71,7 +71,6 @@ log = logging.getLogger("monitaur.groups")
 
 SOURCE = "links"  # the detector whose links make groups
 HISTORY = 10_000  # dissolved groups' maxima kept for calibration, per model
-MAX_GROUP_NUMBER = 10**18 - 1  # ids g<n> have at most 18 digits (exporter.groups_api.GROUP_ID); a snapshot's are checked against it
 # Blocks look for expired edges and flags at most this many times per TTL of event time (the
 # periodic sweep always does): once edges age out one after another, every block would find
 # one, and a scan visits every tracked client.

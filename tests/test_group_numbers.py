@@ -29,7 +29,8 @@ def test_numbers_are_reserved_before_use_and_a_new_process_starts_past_the_reser
     assert book._next <= 1 + 2 * BLOCK  # nothing the first process issued is issued again
 
 
-@pytest.mark.parametrize("content", [b"{", b"[]", b'{"next": "7"}', b'{"next": 0}', b'{"next": true}', b"\xff"])
+@pytest.mark.parametrize("content", [b"{", b"[]", b'{"next": "7"}', b'{"next": 0}', b'{"next": true}', b"\xff",
+                                     b'{"next": 1000000000000000000}'])
 def test_an_unreadable_reservation_file_is_logged_and_the_snapshot_decides(tmp_path: Path, content: bytes,
                                                                            caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "group_numbers.json"
