@@ -97,8 +97,8 @@ def override_json(o: Override | None) -> dict[str, Any] | None:
     return out
 
 
-def override_request(body: bytes, who: str | None) -> tuple[str, str] | Answer:
-    """(who, reason) of an override request, or the error answer: a named token and a JSON body with a reason are required."""
+def override_request(body: bytes, who: str | None) -> tuple[str, str, dict[str, Any]] | Answer:
+    """(who, reason, the body's object) of an override request, or the error answer: a named token and a JSON body with a reason are required."""
     if who is None:
         return error(403, "named_token_required", "an override needs a named API token (api.tokens): it records who acted")
     try:
@@ -106,7 +106,7 @@ def override_request(body: bytes, who: str | None) -> tuple[str, str] | Answer:
     except ValueError:
         return error(400, "malformed_json", 'the body must be a JSON object: {"reason": "..."}')
     try:
-        return who, check_reason(doc.get("reason") if isinstance(doc, dict) else None)
+        return who, check_reason(doc.get("reason") if isinstance(doc, dict) else None), doc
     except OverrideError as exc:
         return override_error(exc)
 
@@ -293,7 +293,7 @@ class ClientsAPI:
         asked = override_request(body, who)
         if isinstance(asked, Answer):
             return asked
-        who, reason = asked
+        who, reason, _ = asked
         try:
             records, saved = self.override(action, [client], who, reason)
         except OverrideError as exc:

@@ -24,7 +24,6 @@ import re
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import parse_qs
 
-from exporter import jsonparse
 from exporter.api import Answer, error, override_error, override_json, override_request, page_limit
 from exporter.names import is_valid_name
 from exporter.overrides import BLOCK, RELEASE, Override, OverrideError
@@ -42,10 +41,10 @@ def _number(group_id: str) -> int:
     return int(group_id[1:])
 
 
-def _expected_members(body: bytes) -> set[str] | None | Answer:
-    """The members an override request expects the group to have (``"members"``), None when it
-    names none, or the 400 answer. The body is a JSON object already (``override_request``)."""
-    found = jsonparse.loads(body).get("members")
+def _expected_members(doc: dict[str, Any]) -> set[str] | None | Answer:
+    """The members an override request (its body's object) expects the group to have
+    (``"members"``), None when it names none, or the 400 answer."""
+    found = doc.get("members")
     if found is None:
         return None
     if not isinstance(found, list) or not found or not all(is_valid_name(c) for c in found):
@@ -139,8 +138,8 @@ class GroupsAPI:
         asked = override_request(body, who)
         if isinstance(asked, Answer):
             return asked
-        name, reason = asked
-        expected = _expected_members(body)
+        name, reason, doc = asked
+        expected = _expected_members(doc)
         if isinstance(expected, Answer):
             return expected
         g = self._view.group(group_id)

@@ -202,17 +202,22 @@ def test_a_failed_streamed_write_leaves_the_previous_checkpoint(tmp_path) -> Non
     assert path.read_bytes() == b"previous" and [f.name for f in tmp_path.iterdir()] == ["state.npz"]
 
 
+def _thirty_clients_with_links() -> tuple[Settings, dict[str, Any]]:
+    """Settings with the links detector on, and the snapshot of a pipeline that judged 30 clients under them."""
+    settings = Settings(detectors={"links": {"enabled": True}}, state={"dir": None})
+    p = Pipeline(settings)
+    for i in range(30):
+        p.ingest_lines(lines(f"c{i}", 20, seed=i % 4))
+    return settings, p.snapshot_copy()
+
+
 def test_a_shared_index_or_groups_that_do_not_hold_together_are_dropped_and_the_rest_restores(caplog: pytest.LogCaptureFixture) -> None:
     """A snapshot whose links index names queries it never held, and whose groups put one client
     in two groups, restores every client: those parts start empty, each with a warning (before,
     the first failed the whole restore half-way, the second broke every later read of the groups)."""
     import logging
 
-    settings = Settings(detectors={"links": {"enabled": True}}, state={"dir": None})
-    p = Pipeline(settings)
-    for i in range(30):
-        p.ingest_lines(lines(f"c{i}", 20, seed=i % 4))
-    doc = p.snapshot_copy()
+    settings, doc = _thirty_clients_with_links()
     shared = doc["models"]["digits"]["shared"]["links"]["state"]
     shared["slots"] = np.array(shared["slots"], copy=True)
     shared["slots"][0] = 10**12
@@ -269,11 +274,7 @@ def test_a_models_saved_groups_that_do_not_hold_together_restore_no_groups_for_i
 
     from prometheus_client import generate_latest
 
-    settings = Settings(detectors={"links": {"enabled": True}}, state={"dir": None})
-    p = Pipeline(settings)
-    for i in range(30):
-        p.ingest_lines(lines(f"c{i}", 20, seed=i % 4))
-    doc = p.snapshot_copy()
+    settings, doc = _thirty_clients_with_links()
     good = _two_members()
     doc["groups"]["models"]["digits"] = good
     q = Pipeline(settings)
@@ -297,11 +298,7 @@ def test_saved_groups_that_are_not_a_mapping_of_models_restore_none_and_the_clie
     shape, it never fails the restore (before, these raised half-way through it)."""
     import logging
 
-    settings = Settings(detectors={"links": {"enabled": True}}, state={"dir": None})
-    p = Pipeline(settings)
-    for i in range(30):
-        p.ingest_lines(lines(f"c{i}", 20, seed=i % 4))
-    doc = p.snapshot_copy()
+    settings, doc = _thirty_clients_with_links()
     doc["groups"] = saved
     q = Pipeline(settings)
     with caplog.at_level(logging.WARNING):

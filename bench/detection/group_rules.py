@@ -204,10 +204,10 @@ def main() -> int:
         for c in clients:
             if (m := MEMBER.match(c)) is not None:
                 truth[m.group(1)].add(c)
+        held = {g: m for g, m in truth.items() if g.startswith(f"syb-{HELD_OUT}-")}
         for rule, group in RULES.items():
             clusters = group(edges, eligible)
             named, pure = score(clusters, truth)
-            held = {g: m for g, m in truth.items() if g.startswith(f"syb-{HELD_OUT}-")}
             honest = sum(1 for part in clusters for c in part if HONEST.match(c))
             print(f"| {workdir.name} | {rule} | {named}/{len(truth)} | {pure} | {score(clusters, held)[0]}/{len(held)} | {honest} | {len(clusters)} |", flush=True)
     return 0
