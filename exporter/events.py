@@ -174,15 +174,23 @@ class Decoder:
             raise Rejected(reasons.MISSING_CLIENT, f"missing client field '{f.client}'")
         # Names reach labels, logs and alerts: printable text only. This is
         # exporter.names.is_valid_name, inlined on the hot path (a call costs as much as the check).
-        if not (type(client) is str and len(client) <= MAX_CLIENT_LENGTH and client.isprintable()):
+        if not (
+            type(client) is str and len(client) <= MAX_CLIENT_LENGTH and client.isprintable() and "\ufffd" not in client
+            and not (client[:2] == "__" and client[-2:] == "__")
+        ):
             raise Rejected(
-                reasons.INVALID_CLIENT, f"field '{f.client}' must be a string of at most {MAX_CLIENT_LENGTH} printable characters"
+                reasons.INVALID_CLIENT,
+                f"field '{f.client}' must be a string of at most {MAX_CLIENT_LENGTH} printable characters, without U+FFFD and not __reserved__",
             )
         if model is None:
             model = self._default_model
-        if not (type(model) is str and 0 < len(model) <= MAX_MODEL_LENGTH and model.isprintable()):
+        if not (
+            type(model) is str and 0 < len(model) <= MAX_MODEL_LENGTH and model.isprintable() and "\ufffd" not in model
+            and not (model[:2] == "__" and model[-2:] == "__")
+        ):
             raise Rejected(
-                reasons.INVALID_MODEL, f"field '{f.model}' must be a non-empty string of at most {MAX_MODEL_LENGTH} printable characters"
+                reasons.INVALID_MODEL,
+                f"field '{f.model}' must be a non-empty string of at most {MAX_MODEL_LENGTH} printable characters, without U+FFFD and not __reserved__",
             )
         # A model refused by the admission is rejected before anything is learned from it.
         admission = self._admission
@@ -290,7 +298,7 @@ class Decoder:
                 label = str(label)
             if not is_valid_name(label, MAX_LABEL_LENGTH):
                 raise Rejected(
-                    reasons.INVALID_OUTPUT, f"output label must be a 64-bit integer or a string of at most {MAX_LABEL_LENGTH} printable characters"
+                    reasons.INVALID_OUTPUT, f"output label must be a 64-bit integer or a string of at most {MAX_LABEL_LENGTH} printable characters, without U+FFFD and not __reserved__"
                 )
             score = raw.get("score")
             if score is not None:

@@ -13,6 +13,7 @@ from PIL import Image, ImageFile
 from exporter import reasons
 from exporter.config import Settings
 from exporter.events import Decoder, Rejected
+from exporter.names import is_valid_name
 
 SECRET = 987654.321  # a recognisable "sensitive" input value that must never surface in messages
 
@@ -403,6 +404,7 @@ UNSAFE_CHARACTERS = {
     "no-break space": "\\u00a0",
     "private use": "\\ue000",
     "unassigned": "\\u0378",
+    "replacement character": "\\ufffd",
 }
 
 
@@ -414,6 +416,24 @@ def test_unsafe_characters_in_names_are_rejected(what: str, field: str, reason: 
     with pytest.raises(Rejected) as err:
         decoder().decode_line(line)
     assert err.value.reason == reason
+
+
+@pytest.mark.parametrize("name", ["__other__", "__x__", "__"])
+@pytest.mark.parametrize("field, reason", [("client", reasons.INVALID_CLIENT), ("model", reasons.INVALID_MODEL)])
+def test_names_of_the_exporters_own_label_values_are_rejected(name: str, field: str, reason: str) -> None:
+    """``__other__`` is the aggregate of the clients outside the top N, which the alert rules
+    exclude: a client of that name would never be paged. The whole ``__name__`` form is reserved."""
+    obj = {"client": "k", "model": "m", "input": [1], field: name}
+    with pytest.raises(Rejected) as err:
+        decoder().decode_line(json.dumps(obj).encode())
+    assert err.value.reason == reason
+    assert not is_valid_name(name)
+
+
+@pytest.mark.parametrize("name", ["_other_", "__other", "other__", "a__b__c", "_"])
+def test_names_with_underscores_outside_the_reserved_form_are_accepted(name: str) -> None:
+    e = decoder().decode_line(json.dumps({"client": name, "model": name, "input": [1]}).encode())
+    assert (e.client, e.model) == (name, name) and is_valid_name(name)
 
 
 @pytest.mark.parametrize("name", ["key 17", "müller@example.com", "客户-7", "ключ", "a" * 256, "émoji-🙂", "<b>&amp;</b>", "%s%n{}"])
