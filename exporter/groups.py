@@ -13,7 +13,7 @@ into groups:
 * **Who can be a member.** Only a client whose *own* queries were linked: the ``links``
   detector flagged it (the share of its recent queries linked to other clients reached the
   detector's calibrated threshold), or at least ``group_min_links`` of its queries were
-  linked. The evidence is directed (the client whose query continued or followed another's
+  linked within ``ttl_seconds``. The evidence is directed (the client whose query continued or followed another's
   is the explorer), so an attacker who copies or steps away from an honest client's
   queries makes links of its own, never of the honest client, who cannot join.
 * **Groups.** Two flagged clients with at least ``group_min_links`` links between them are
@@ -126,7 +126,7 @@ class _Client:
     name: str | None  # None: known only by key, as another client's peer, until it sends a query of its own
     flagged_at: float | None = None  # event time of the last link that made or kept the client a possible member
     peers: dict[int, _Edge] = field(default_factory=dict)
-    own: int = 0  # links of its own queries (as the explorer)
+    own: list[float] = field(default_factory=list)  # event times of its last ``group_min_links`` own links (as the explorer), oldest first
 
 
 @dataclass(slots=True)
@@ -240,8 +240,12 @@ class ModelGroups:
         self._advance(row)
         self._oldest = min(self._oldest, ts)
         me = self._client(child, name)
-        me.own += 1
-        if flagged or me.own >= self.params.group_min_links:
+        own, need = me.own, self.params.group_min_links
+        own.append(ts)
+        del own[:-need]
+        # Links of its own within one TTL: chance links spread over weeks never add up (other
+        # clients' links to it keep its record alive however long).
+        if flagged or (len(own) >= need and own[0] >= ts - self.params.ttl_seconds):
             first = me.flagged_at is None
             me.flagged_at = ts
         else:
@@ -404,7 +408,7 @@ class ModelGroups:
                     touched.add(g)
             if c.flagged_at is not None and c.flagged_at < limit:
                 c.flagged_at = None
-                c.own = 0
+                c.own.clear()
                 if (g := self.member_of.get(key)) is not None:
                     touched.add(g)
             if not c.peers and c.flagged_at is None:
@@ -541,7 +545,7 @@ class ModelGroups:
     def state(self) -> dict[str, Any]:
         return {
             "clients": [
-                {"key": k, "name": c.name, "flagged_at": c.flagged_at, "own": c.own, "peers": [[p, e.links, e.last] for p, e in c.peers.items()]}
+                {"key": k, "name": c.name, "flagged_at": c.flagged_at, "own": list(c.own), "peers": [[p, e.links, e.last] for p, e in c.peers.items()]}
                 for k, c in self.clients.items()
             ],
             "groups": [
@@ -573,7 +577,7 @@ class ModelGroups:
             flagged_at = None if c["flagged_at"] is None else _time(c["flagged_at"])
             if key in clients or (flagged_at is not None and name is None):
                 raise ValueError("a client has two records, or can be a member without a name")
-            clients[key] = _Client(name, flagged_at, peers, _count_of(c.get("own", 0), low=0))
+            clients[key] = _Client(name, flagged_at, peers, _own_times(c.get("own", []), p.group_min_links))
         groups: dict[str, _Group] = {}
         member_of: dict[int, str] = {}
         for g in _records(state, "groups"):
@@ -605,6 +609,18 @@ def _records(state: dict[str, Any], part: str) -> list[dict[str, Any]]:
     if not isinstance(found, list) or not all(isinstance(r, dict) for r in found):
         raise ValueError(f"the {part} of a model's groups are not a list of records")
     return found
+
+
+def _own_times(value: Any, keep: int) -> list[float]:
+    """A client's own-link times as saved: the last ``keep`` of a list of times. A count (snapshots
+    before the times were kept) restores none: the count had no times, and the client's flag, saved
+    apart, keeps it a possible member for its TTL."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        _count_of(value, low=0)
+        return []
+    if not isinstance(value, list):
+        raise ValueError("a client's own links are not a list of times")
+    return sorted(_time(t) for t in value)[-keep:] if keep > 0 else []
 
 
 def _key(value: Any) -> int:

@@ -315,3 +315,27 @@ def test_a_block_re_splits_a_group_at_most_once_per_64th_of_the_ttl_and_a_read_a
     f.link("x", ["y"], 30.0)
     assert f.members() == {"g1": {"c"}}  # waits again ...
     assert [s.group for s in f.book.summaries(lambda c, m: 1)] == [] and f.members() == {}  # ... but never for a read
+
+
+def test_chance_links_of_an_honest_client_weeks_apart_never_make_it_a_possible_member() -> None:
+    """Attackers that step away from an honest client's queries every six hours keep its record
+    alive (links *to* it), for three weeks. The honest client makes one chance link of its own on
+    days 0, 10 and 20: never ``group_min_links`` within one TTL (a day), so it never becomes a
+    possible member, and never joins the attackers' group (it did when its own links were
+    counted for as long as its record lived)."""
+    day = 86400.0
+    f = Feed(LinksParams(group_min_links=3, ttl_seconds=day))
+    for h in range(0, 21 * 24, 6):
+        t = h * 3600.0
+        f.link("mallory", ["honest"], t)
+        f.link("mallory-2", ["honest", "mallory"], t + 1)
+        if h % 24 == 0 and h // 24 in (0, 10, 20):
+            f.link("honest", [f"bystander-{h // 24}"], t + 2, flagged=False, queries=500)
+        f.groups.expire(t + 3)
+    assert f.groups.clients[client_key("honest")].flagged_at is None
+    assert f.members() == {"g1": {"mallory", "mallory-2"}}
+    # three chance links within a day do make it a possible member (the rule, not a blanket refusal)
+    g = Feed(LinksParams(group_min_links=3, ttl_seconds=day))
+    for i in range(3):
+        g.link("honest", ["bystander"], 1000.0 * i, flagged=False)
+    assert g.groups.clients[client_key("honest")].flagged_at is not None

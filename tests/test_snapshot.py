@@ -235,7 +235,7 @@ def test_a_shared_index_or_groups_that_do_not_hold_together_are_dropped_and_the_
 def _two_members(groups: int = 1) -> dict[str, Any]:
     """A model's saved groups: clients c1 and c2, linked, in group g1 (and in g2 as well when ``groups`` is 2)."""
     k1, k2 = client_key("c1"), client_key("c2")
-    member = {"key": k1, "name": "c1", "flagged_at": 1.0, "own": 3, "peers": [[k2, 3, 1.0]]}
+    member = {"key": k1, "name": "c1", "flagged_at": 1.0, "own": [0.5, 0.75, 1.0], "peers": [[k2, 3, 1.0]]}
     group = {"gid": "g1", "number": 1, "created": 1.0, "joined": [[k1, 1.0], [k2, 1.0]], "links": 3, "score": 0.5, "max_score": 0.5,
              "flagged": True, "first_flagged": 1.0}
     return {"clients": [member, {**member, "key": k2, "name": "c2", "peers": [[k1, 3, 1.0]]}],
@@ -255,13 +255,15 @@ def _edited(model: dict[str, Any], edit: str) -> Any:
         return {**model, "clients": [first, second, {**first, "peers": []}]}  # which of the two is it?
     if edit == "a member without a name":  # not in the group yet: the next link would make it one
         return {**model, "clients": [{**first, "name": None}, second], "groups": []}
+    if edit == "own links that are not times":
+        return {**model, "clients": [{**first, "own": ["x"]}, second]}
     assert edit == "a group number past 18 digits"
     n = 10**18 + 1
     return {**model, "groups": [{**model["groups"][0], "gid": f"g{n}", "number": n}]}
 
 
 @pytest.mark.parametrize("edit", ["not a record", "null", "a name that is not its key's", "one client twice", "a member without a name",
-                                  "a group number past 18 digits"])
+                                  "own links that are not times", "a group number past 18 digits"])
 def test_a_models_saved_groups_that_do_not_hold_together_restore_no_groups_for_it(caplog: pytest.LogCaptureFixture, edit: str) -> None:
     """Records a checkpoint could hold after a hand edit or corruption: each drops that model's
     groups with a warning, and the clients restore. Before, the first two failed the restore
@@ -323,3 +325,15 @@ def test_a_malformed_client_record_fails_the_restore_before_anything_is_loaded()
     with pytest.raises(ValueError):
         q.restore(pack(doc))
     assert len(q.store) == 0 and q.runtimes.get("digits") is None
+
+
+def test_a_snapshot_that_counted_own_links_restores_its_groups() -> None:
+    """Snapshots before own links were kept as times saved a count: the groups restore, the
+    clients without own-link times (their flags keep them members for their TTL)."""
+    settings, doc = _thirty_clients_with_links()
+    old = _two_members()
+    old["clients"] = [{**c, "own": 3} for c in old["clients"]]
+    doc["groups"]["models"]["digits"] = old
+    q = Pipeline(settings)
+    assert q.restore(pack(doc)) == 30 and q.group_ids("c1") == ["g1"]
+    assert all(c["own"] == [] for c in q.groups.state()["models"]["digits"]["clients"])
