@@ -16,8 +16,11 @@ into groups:
   linked within ``ttl_seconds``. The evidence is directed (the client whose query continued or followed another's
   is the explorer), so an attacker who copies or steps away from an honest client's
   queries makes links of its own, never of the honest client, who cannot join.
-* **Groups.** Two flagged clients with at least ``group_min_links`` links between them are
-  in one group, and groups are the connected components of such edges. A group is named
+* **Groups.** Two flagged clients with at least ``group_min_links`` links between them, each
+  having made at least one of them, are in one group, and groups are the connected
+  components of such edges. An edge whose links were all made by one client is that client
+  exploring from the other's queries: an honest client that chance links elsewhere made a
+  possible member does not join the group of attackers that step away from its queries. A group is named
   ``g<n>`` when it forms; it keeps its id while it has members; when two groups merge, the
   older keeps its id; when expiry splits a group, the part with the earliest member keeps
   it. A group with fewer than two members is dissolved and its id never reused.
@@ -119,6 +122,8 @@ class GroupSummary:
 class _Edge:
     links: int
     last: float
+    made: int = 0  # of ``links``, those made by the queries of the client that holds this view of the edge
+    got: int = 0  # and those made by the peer's (the rest of ``links`` a space-saving replacement passed on)
 
 
 @dataclass(slots=True)
@@ -256,18 +261,20 @@ class ModelGroups:
             other = self.clients.get(parent)
             if other is None:
                 other = self._client(parent, self._names.get(parent))
-            for a, (ka, b) in ((me, (child, parent)), (other, (parent, child))):
+            for a, (ka, b), made in ((me, (child, parent), 1), (other, (parent, child), 0)):
                 edge = a.peers.get(b)
                 if edge is not None:
                     edge.links += 1
                     edge.last = ts
+                    edge.made += made
+                    edge.got += 1 - made
                     continue
                 count = 1
                 if len(a.peers) >= self.params.max_peers:  # space-saving: the newcomer takes the lightest edge's place and count
                     lightest = min(a.peers, key=lambda k: a.peers[k].links)
                     count += a.peers.pop(lightest).links
                     self._unlist(lightest, ka)
-                a.peers[b] = _Edge(count, ts)
+                a.peers[b] = _Edge(count, ts, made, 1 - made)  # (only the total inherits the lightest's)
                 self._listers.setdefault(b, set()).add(ka)
             g1, g2 = self.member_of.get(child), self.member_of.get(parent)
             if g1 is not None and g1 == g2:
@@ -306,11 +313,25 @@ class ModelGroups:
         return c
 
     def _joinable(self, a: int, b: int) -> bool:
+        """Whether the edge between ``a`` and ``b`` puts them in one group: both possible members,
+        ``group_min_links`` links between them, and each made at least one of them. The last
+        condition keeps a client out of a group that only links *to* it: an attacker whose
+        queries continue an honest client's makes every link of their edge, and the honest
+        client does not join through it, even when chance links of its own elsewhere made it a
+        possible member."""
         ca, cb = self.clients.get(a), self.clients.get(b)
         if ca is None or cb is None or ca.flagged_at is None or cb.flagged_at is None:
             return False
         edge = self._edge(a, b)
-        return edge is not None and edge.links >= self.params.group_min_links
+        return edge is not None and edge.links >= self.params.group_min_links and self._made(a, b) and self._made(b, a)
+
+    def _made(self, a: int, b: int) -> bool:
+        """Whether client ``a`` made at least one link on its edge with ``b``: in its own view of the
+        edge, or in ``b``'s. Both counts are exact: a space-saving replacement passes on only the total."""
+        ca, cb = self.clients.get(a), self.clients.get(b)
+        mine = ca.peers.get(b) if ca is not None else None
+        theirs = cb.peers.get(a) if cb is not None else None
+        return (mine is not None and mine.made > 0) or (theirs is not None and theirs.got > 0)
 
     def _union(self, a: int, b: int, ts: float) -> None:
         ga, gb = self.member_of.get(a), self.member_of.get(b)
@@ -545,7 +566,7 @@ class ModelGroups:
     def state(self) -> dict[str, Any]:
         return {
             "clients": [
-                {"key": k, "name": c.name, "flagged_at": c.flagged_at, "own": list(c.own), "peers": [[p, e.links, e.last] for p, e in c.peers.items()]}
+                {"key": k, "name": c.name, "flagged_at": c.flagged_at, "own": list(c.own), "peers": [[p, e.links, e.last, e.made, e.got] for p, e in c.peers.items()]}
                 for k, c in self.clients.items()
             ],
             "groups": [
@@ -571,7 +592,7 @@ class ModelGroups:
             name, key = c["name"], _key(c["key"])
             if name is not None and (not is_valid_name(name) or client_key(name) != key):
                 raise ValueError("a client's name is not a valid client id, or not the one its key was made from")
-            peers = {_key(k): _Edge(_count_of(n), _time(t)) for k, n, t in c["peers"]}
+            peers = {_key(e[0]): _edge_of(e) for e in c["peers"]}
             if len(peers) > p.max_peers:
                 raise ValueError("a client has more edges than max_peers")
             flagged_at = None if c["flagged_at"] is None else _time(c["flagged_at"])
@@ -609,6 +630,21 @@ def _records(state: dict[str, Any], part: str) -> list[dict[str, Any]]:
     if not isinstance(found, list) or not all(isinstance(r, dict) for r in found):
         raise ValueError(f"the {part} of a model's groups are not a list of records")
     return found
+
+
+def _edge_of(saved: Any) -> _Edge:
+    """One saved view of an edge: ``[peer, links, last, made, got]``. Snapshots before who made the
+    links was kept hold ``[peer, links, last]``: such an edge counts as made by both clients, so
+    that the groups it held restore as they were (until it expires, a TTL later)."""
+    if not isinstance(saved, list) or len(saved) not in (3, 5):
+        raise ValueError("an edge is not [peer, links, last, made, got]")
+    links, last = _count_of(saved[1]), _time(saved[2])
+    if len(saved) == 3:
+        return _Edge(links, last, 1, 1)
+    made, got = _count_of(saved[3], low=0), _count_of(saved[4], low=0)
+    if made + got > links:
+        raise ValueError("an edge's links made by its two clients are more than its links")
+    return _Edge(links, last, made, got)
 
 
 def _own_times(value: Any, keep: int) -> list[float]:

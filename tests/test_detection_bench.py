@@ -714,3 +714,21 @@ def test_members_sorts_members_by_type_and_reported_group() -> None:
     assert [inside for _, inside in got[("breast_cancer", "mixed", 3, "jbda")]] == [True, True]
     assert [inside for _, inside in got[("breast_cancer", "mixed", 3, "trnd")]] == [False]  # in g2, the group holds more of its members in g1
     assert sorted(inside for _, inside in got[("breast_cancer", "even", 3, "jbda")]) == [False, False, True]
+
+
+def test_group_rules_that_need_links_of_a_clients_own_leave_out_a_client_only_linked_to() -> None:
+    """bench/detection/group_rules.py's ``mutual`` and ``own_into``: two members that link each
+    other, and an eligible honest client that they only link *to* (every link of its edges is
+    theirs). Components take it in; both rules that need links of its own leave it out."""
+    from collections import Counter
+
+    rules = load("group_rules")
+    a, b, h = "syb-even-3-0-0", "syb-even-3-0-1", "app-0001"
+    arcs = Counter({(a, b): 3, (b, a): 3, (a, h): 4, (b, h): 4})
+    edges = Counter()
+    for (x, y), n in arcs.items():
+        edges[frozenset((x, y))] += n
+    eligible = {a, b, h}
+    assert rules.components(edges, eligible, 3) == [eligible]
+    assert rules.mutual(edges, eligible, arcs, 3) == [{a, b}]
+    assert rules.own_into(edges, eligible, arcs, 3, 1) == [{a, b}]

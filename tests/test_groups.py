@@ -51,9 +51,11 @@ def test_two_flagged_clients_linked_often_enough_form_a_group_with_a_stable_id()
     f.link("c", ["a", "b"], 3.0)
     assert f.members() == {"g1": {"a", "b"}}  # one link to each: not yet
     f.link("c", ["a"], 4.0)
-    assert f.members() == {"g1": {"a", "b", "c"}}  # joins, the id stays
+    assert f.members() == {"g1": {"a", "b"}}  # two links with a, but c made both: a link only *to* a client never joins it
+    f.link("a", ["c"], 4.5)
+    assert f.members() == {"g1": {"a", "b", "c"}}  # each made one: c joins, the id stays
     s = f.groups.summary("g1", lambda c: f.queries.get(c, 0))
-    assert {m.client for m in s.members} == {"a", "b", "c"} and s.links == 5 and s.created == 2.0
+    assert {m.client for m in s.members} == {"a", "b", "c"} and s.links == 6 and s.created == 2.0
     assert all(m.links >= 1 and 0 < m.strength <= 1 for m in s.members)
 
 
@@ -74,16 +76,22 @@ def test_a_merge_keeps_the_older_id_and_ids_are_never_reused() -> None:
 
 def test_framing_an_honest_client_links_only_the_attacker() -> None:
     """An attacker whose queries continue an honest client's (copies, steps away from them) makes
-    links *from* itself; the honest client never links itself, is never flagged, never joins."""
+    links *from* itself; the honest client never links itself, is never flagged, never joins.
+    Not even when chance links of its own to someone else make it a possible member: every link
+    of its edges with the attackers is theirs (it joined their group before that rule)."""
     f = Feed()
     for t in range(20):
-        f.link("mallory", ["honest"], float(t))
+        f.link("mallory", ["honest", "mallory-2"], float(t))
         f.link("mallory-2", ["honest", "mallory"], float(t) + 0.5)
     assert f.groups.clients[client_key("honest")].flagged_at is None
     groups = f.members()
     assert all("honest" not in members for members in groups.values())
     assert groups == {"g1": {"mallory", "mallory-2"}}
     assert f.book.of("honest") == [] and f.book.of("mallory") == ["g1"]
+    f.link("honest", ["bystander"], 30.0, flagged=False)
+    f.link("honest", ["bystander"], 31.0, flagged=False)
+    assert f.groups.clients[client_key("honest")].flagged_at is not None  # group_min_links (2) chance links of its own
+    assert f.members() == {"g1": {"mallory", "mallory-2"}} and f.book.of("honest") == []
 
 
 def test_a_client_joins_on_links_of_its_own_queries_only() -> None:
@@ -188,7 +196,8 @@ def test_a_client_id_that_starts_with_a_hash_is_listed_as_sent() -> None:
 
 def _components(mg: ModelGroups) -> set[frozenset[int]]:
     """The groups a recount from scratch makes: components of 2 or more eligible clients joined by
-    edges of at least group_min_links links (in either client's view)."""
+    edges of at least group_min_links links (in either client's view), each of the two clients
+    having made one of them (in its own view, or the other's)."""
     eligible = [k for k, c in mg.clients.items() if c.flagged_at is not None]
     parent = {k: k for k in eligible}
 
@@ -199,8 +208,11 @@ def _components(mg: ModelGroups) -> set[frozenset[int]]:
 
     for a in eligible:
         for b in eligible:
-            e = mg.clients[a].peers.get(b) or mg.clients[b].peers.get(a)
-            if a < b and e is not None and e.links >= mg.params.group_min_links:
+            ea, eb = mg.clients[a].peers.get(b), mg.clients[b].peers.get(a)
+            e = ea or eb
+            made_a = (ea is not None and ea.made > 0) or (eb is not None and eb.got > 0)
+            made_b = (eb is not None and eb.made > 0) or (ea is not None and ea.got > 0)
+            if a < b and e is not None and e.links >= mg.params.group_min_links and made_a and made_b:
                 parent[root(a)] = root(b)
     parts: dict[int, set[int]] = {}
     for k in eligible:
@@ -327,7 +339,7 @@ def test_chance_links_of_an_honest_client_weeks_apart_never_make_it_a_possible_m
     f = Feed(LinksParams(group_min_links=3, ttl_seconds=day))
     for h in range(0, 21 * 24, 6):
         t = h * 3600.0
-        f.link("mallory", ["honest"], t)
+        f.link("mallory", ["honest", "mallory-2"], t)
         f.link("mallory-2", ["honest", "mallory"], t + 1)
         if h % 24 == 0 and h // 24 in (0, 10, 20):
             f.link("honest", [f"bystander-{h // 24}"], t + 2, flagged=False, queries=500)
@@ -339,3 +351,4 @@ def test_chance_links_of_an_honest_client_weeks_apart_never_make_it_a_possible_m
     for i in range(3):
         g.link("honest", ["bystander"], 1000.0 * i, flagged=False)
     assert g.groups.clients[client_key("honest")].flagged_at is not None
+

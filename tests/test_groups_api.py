@@ -50,7 +50,7 @@ def make_group(a: App) -> str:
     """syb-0 (flagged), syb-1 (not flagged) and vip (allowlisted) linked into one group; its id."""
     a.pipeline.ingest_lines([event("syb-0", True), event("syb-1", False), event("vip", False), event("honest", False)])
     ts = 1.0
-    for child, parent in [("syb-0", "syb-1"), ("syb-1", "syb-0")] * 2 + [("vip", "syb-0")] * 3:
+    for child, parent in [("syb-0", "syb-1"), ("syb-1", "syb-0")] * 2 + [("vip", "syb-0")] * 3 + [("syb-0", "vip")]:
         link(a, child, [parent], ts)
         ts += 1.0
     ids = a.pipeline.group_ids("syb-0")
@@ -152,7 +152,7 @@ def test_a_block_or_release_that_names_the_members_it_read_acts_only_if_they_are
     post = lambda action, body: requests.post(url(app, f"/api/v1/groups/{gid}/{action}"), data=json.dumps(body),  # noqa: E731
                                               headers={"Authorization": f"Bearer {ALICE}"}, timeout=5)
     app.pipeline.ingest_lines([event("late", True)])  # flagged on its own evidence, then joins
-    for child, parent in [("late", "syb-0")] * 3:
+    for child, parent in [("late", "syb-0")] * 3 + [("syb-0", "late")]:
         link(app, child, [parent], 20.0)
     assert app.pipeline.group_ids("late") == [gid]
     for body, reason in [({"reason": "r", "members": "syb-0"}, "invalid_members"), ({"reason": "r", "members": []}, "invalid_members"),

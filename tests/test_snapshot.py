@@ -235,10 +235,10 @@ def test_a_shared_index_or_groups_that_do_not_hold_together_are_dropped_and_the_
 def _two_members(groups: int = 1) -> dict[str, Any]:
     """A model's saved groups: clients c1 and c2, linked, in group g1 (and in g2 as well when ``groups`` is 2)."""
     k1, k2 = client_key("c1"), client_key("c2")
-    member = {"key": k1, "name": "c1", "flagged_at": 1.0, "own": [0.5, 0.75, 1.0], "peers": [[k2, 3, 1.0]]}
+    member = {"key": k1, "name": "c1", "flagged_at": 1.0, "own": [0.5, 0.75, 1.0], "peers": [[k2, 3, 1.0, 2, 1]]}
     group = {"gid": "g1", "number": 1, "created": 1.0, "joined": [[k1, 1.0], [k2, 1.0]], "links": 3, "score": 0.5, "max_score": 0.5,
              "flagged": True, "first_flagged": 1.0}
-    return {"clients": [member, {**member, "key": k2, "name": "c2", "peers": [[k1, 3, 1.0]]}],
+    return {"clients": [member, {**member, "key": k2, "name": "c2", "peers": [[k1, 3, 1.0, 1, 2]]}],
             "groups": [{**group, "gid": f"g{n}", "number": n} for n in range(1, groups + 1)], "maxima": []}
 
 
@@ -257,13 +257,16 @@ def _edited(model: dict[str, Any], edit: str) -> Any:
         return {**model, "clients": [{**first, "name": None}, second], "groups": []}
     if edit == "own links that are not times":
         return {**model, "clients": [{**first, "own": ["x"]}, second]}
+    if edit == "an edge's two clients made more links than it has":
+        return {**model, "clients": [{**first, "peers": [[second["key"], 3, 1.0, 3, 1]]}, second]}
     assert edit == "a group number past 18 digits"
     n = 10**18 + 1
     return {**model, "groups": [{**model["groups"][0], "gid": f"g{n}", "number": n}]}
 
 
 @pytest.mark.parametrize("edit", ["not a record", "null", "a name that is not its key's", "one client twice", "a member without a name",
-                                  "own links that are not times", "a group number past 18 digits"])
+                                  "own links that are not times", "an edge's two clients made more links than it has",
+                                  "a group number past 18 digits"])
 def test_a_models_saved_groups_that_do_not_hold_together_restore_no_groups_for_it(caplog: pytest.LogCaptureFixture, edit: str) -> None:
     """Records a checkpoint could hold after a hand edit or corruption: each drops that model's
     groups with a warning, and the clients restore. Before, the first two failed the restore
@@ -327,12 +330,13 @@ def test_a_malformed_client_record_fails_the_restore_before_anything_is_loaded()
     assert len(q.store) == 0 and q.runtimes.get("digits") is None
 
 
-def test_a_snapshot_that_counted_own_links_restores_its_groups() -> None:
-    """Snapshots before own links were kept as times saved a count: the groups restore, the
-    clients without own-link times (their flags keep them members for their TTL)."""
+def test_a_snapshot_from_before_own_link_times_and_who_made_the_links_restores_its_groups() -> None:
+    """Snapshots before own links were kept as times saved a count, and edges without who made
+    their links: the groups restore, the clients without own-link times (their flags keep them
+    members for their TTL), each edge as made by both of its clients."""
     settings, doc = _thirty_clients_with_links()
     old = _two_members()
-    old["clients"] = [{**c, "own": 3} for c in old["clients"]]
+    old["clients"] = [{**c, "own": 3, "peers": [e[:3] for e in c["peers"]]} for c in old["clients"]]
     doc["groups"]["models"]["digits"] = old
     q = Pipeline(settings)
     assert q.restore(pack(doc)) == 30 and q.group_ids("c1") == ["g1"]

@@ -65,6 +65,7 @@ MEMBER = re.compile(r"(syb-[a-z]+-\d+-\d+)-\d+$")
 HONEST = re.compile(r"b?app-\d+$")  # the benign clients of groups.py's evaluation log (families A and B)
 
 Edges = Counter[frozenset[str]]
+Arcs = Counter[tuple[str, str]]  # (explorer, peer): links made by the explorer's own queries
 
 
 def replay_kept(workdir: Path, observer: Callable[[Batch, str, Signals], None], at_end: Callable[[Any], None] | None = None) -> dict[str, Any]:
@@ -84,8 +85,9 @@ def replay_kept(workdir: Path, observer: Callable[[Batch, str, Signals], None], 
     return replay(settings, [str(workdir / "evaluation.jsonl")], progress=False, profile=profile, observer=observer, at_end=at_end)
 
 
-def record(workdir: Path) -> tuple[Edges, set[str], set[str]]:
-    """Replay the kept log; the links between clients (either way), the eligible clients, and every client."""
+def record(workdir: Path) -> tuple[Edges, set[str], set[str], Arcs]:
+    """Replay the kept log; the links between clients (either way), the eligible clients, every
+    client, and the links by direction (explorer, peer)."""
     names: dict[int, str] = {}
     linked: list[tuple[str, list[int]]] = []
     own: Counter[str] = Counter()
@@ -104,12 +106,36 @@ def record(workdir: Path) -> tuple[Edges, set[str], set[str]]:
 
     replay_kept(workdir, observe)
     edges: Edges = Counter()
+    arcs: Arcs = Counter()
     for child, parents in linked:
         for key in parents:
             parent = names.get(key)
             if parent is not None and parent != child:
                 edges[frozenset((child, parent))] += 1
-    return edges, {c for c in own if c in flagged or own[c] >= 3}, set(names.values())
+                arcs[(child, parent)] += 1
+    return edges, {c for c in own if c in flagged or own[c] >= 3}, set(names.values()), arcs
+
+
+def mutual(edges: Edges, eligible: set[str], arcs: Arcs, k: int) -> list[set[str]]:
+    """``components >= k`` over the edges that each of their two clients made at least one link of (its own queries)."""
+    both = Counter({p: n for p, n in edges.items() if all(arcs[(a, b)] >= 1 for a, b in (tuple(p), tuple(p)[::-1]))})
+    return components(both, eligible, k)
+
+
+def own_into(edges: Edges, eligible: set[str], arcs: Arcs, k: int, own: int) -> list[set[str]]:
+    """``components >= k``, then, until nothing changes, every member whose own links to the other
+    members of its component add up to fewer than ``own`` leaves, and the components are recomputed."""
+    members = set(eligible)
+    while True:
+        parts = components(edges, members, k)
+        out = set()
+        for part in parts:
+            for c in part:
+                if sum(arcs[(c, q)] for q in part if q != c) < own:
+                    out.add(c)
+        if not out:
+            return parts
+        members -= out
 
 
 def components(edges: Edges, eligible: set[str], k: int) -> list[set[str]]:
@@ -186,10 +212,12 @@ def score(clusters: list[set[str]], truth: dict[str, set[str]]) -> tuple[int, in
     return named, pure
 
 
-RULES: dict[str, Callable[[Edges, set[str]], list[set[str]]]] = {
-    **{f"components >= {k}": (lambda e, g, k=k: components(e, g, k)) for k in (2, 3, 5, 10)},
-    **{f"average linkage >= {t}": (lambda e, g, t=t: average_linkage(e, g, t)) for t in (1.0, 2.0)},
-    "components >= 3, then attach >= 3": lambda e, g: attach(e, g, 3),
+RULES: dict[str, Callable[[Edges, set[str], Arcs], list[set[str]]]] = {
+    **{f"components >= {k}": (lambda e, g, a, k=k: components(e, g, k)) for k in (2, 3, 5, 10)},
+    **{f"average linkage >= {t}": (lambda e, g, a, t=t: average_linkage(e, g, t)) for t in (1.0, 2.0)},
+    "components >= 3, then attach >= 3": lambda e, g, a: attach(e, g, 3),
+    "components >= 3 of edges both clients link": lambda e, g, a: mutual(e, g, a, 3),
+    **{f"components >= 3, members with >= {n} own links into theirs": (lambda e, g, a, n=n: own_into(e, g, a, 3, n)) for n in (1, 3)},
 }
 
 
@@ -199,14 +227,14 @@ def main() -> int:
     args = ap.parse_args()
     print("| log | rule | named | named and pure | named, held-out `mixed` | honest clients in a cluster | clusters |\n|---|---|---:|---:|---:|---:|---:|")
     for workdir in args.workdirs:
-        edges, eligible, clients = record(workdir)
+        edges, eligible, clients, arcs = record(workdir)
         truth: dict[str, set[str]] = defaultdict(set)
         for c in clients:
             if (m := MEMBER.match(c)) is not None:
                 truth[m.group(1)].add(c)
         held = {g: m for g, m in truth.items() if g.startswith(f"syb-{HELD_OUT}-")}
         for rule, group in RULES.items():
-            clusters = group(edges, eligible)
+            clusters = group(edges, eligible, arcs)
             named, pure = score(clusters, truth)
             honest = sum(1 for part in clusters for c in part if HONEST.match(c))
             print(f"| {workdir.name} | {rule} | {named}/{len(truth)} | {pure} | {score(clusters, held)[0]}/{len(held)} | {honest} | {len(clusters)} |", flush=True)

@@ -98,7 +98,7 @@ class LinksParams(WindowedParams):
     )
     min_threshold: float = min_threshold_field(0.02)
     # -- groups (exporter.groups) ---------------------------------------------------------------
-    group_min_links: int = Field(3, ge=1, le=1000, description="Two flagged clients are linked into one group after this many links between them (either way).")
+    group_min_links: int = Field(3, ge=1, le=1000, description="Two flagged clients are linked into one group after this many links between them (either way), each having made at least one.")
     group_threshold: float = Field(
         0.02,
         ge=0.0,
