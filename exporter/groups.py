@@ -753,12 +753,17 @@ class GroupBook:
 
     # -- reading -------------------------------------------------------------------------------
     def summaries(self, queries: Callable[[str, str], int], only: str | None = None) -> list[GroupSummary]:
-        """Every group, flagged first, then by score; or only the group ``only``, if it exists."""
+        """Every group, flagged first, then the most members, then by score; or only the group ``only``, if it exists.
+
+        Members before score: series are cut at ``max_group_series`` in this order, and a pair of
+        keys that links only each other reaches a score of 1 cheaply; pairs by the dozen would push
+        a Sybil group of ten keys, whose score is a few hundredths, out of /metrics and its alert.
+        Every member costs a client with linked queries of its own."""
         for mg in self.by_model.values():
             mg.settle()
         out = [mg.summary(gid, lambda c, m=mg.model: queries(c, m)) for mg in self.by_model.values()
                for gid in (mg.groups if only is None else [only] if only in mg.groups else [])]
-        return sorted(out, key=lambda s: (not s.flagged, -s.score, s.group))
+        return sorted(out, key=lambda s: (not s.flagged, -len(s.members), -s.score, s.group))
 
     def of(self, client: str) -> list[str]:
         """The groups a client is in (one per model at most)."""
@@ -830,7 +835,7 @@ def group_threshold(maxima: Iterable[float], default: float, alpha: float) -> tu
 
 class GroupCollector(Collector):
     """Group series under a cardinality guard: at most ``max_group_series`` groups (flagged
-    first, then by score), each listing at most ``max_member_series`` members.
+    first, then the most members, then by score), each listing at most ``max_member_series`` members.
 
     * ``monitaur_group_suspicious{group, model}``: 1 while the group is flagged;
     * ``monitaur_group_score{group, model}``: its score (0 to 1);

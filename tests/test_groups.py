@@ -352,3 +352,39 @@ def test_chance_links_of_an_honest_client_weeks_apart_never_make_it_a_possible_m
         g.link("honest", ["bystander"], 1000.0 * i, flagged=False)
     assert g.groups.clients[client_key("honest")].flagged_at is not None
 
+
+def test_pairs_of_keys_with_high_scores_do_not_push_a_larger_flagged_group_out_of_the_series() -> None:
+    """The group series are cut at ``max_group_series`` per model. A flagged Sybil group of ten
+    keys has a score of a few hundredths; a pair of keys that link only each other reaches 1 with
+    six queries. Fifty such pairs, with room for fifty groups, pushed the ten out of /metrics (and
+    its alert with it) when the cut ranked by score; ranked by members first, it stays."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from exporter.groups import GroupCollector
+
+    params = LinksParams(group_min_links=3, group_threshold=0.02)
+    f = Feed(params)
+    real = [f"real-{i}" for i in range(10)]
+    t = 0.0
+    for _ in range(2):
+        for i, c in enumerate(real):
+            for peer in (real[(i + 1) % 10], real[(i - 1) % 10]):
+                t += 1.0
+                f.link(c, [peer], t, queries=30)
+    (gid,) = f.book.of("real-0")
+    assert f.groups.groups[gid].flagged and f.groups.groups[gid].score < 0.1
+    for d in range(params.max_group_series):
+        a, b = f"decoy-{d}-a", f"decoy-{d}-b"
+        for _ in range(3):
+            t += 1.0
+            f.link(a, [b], t)
+            t += 1.0
+            f.link(b, [a], t)
+    registry = CollectorRegistry()
+    registry.register(GroupCollector(lambda: f.book.summaries(lambda c, m: f.queries.get(c, 0)),
+                                     lambda m: (params.max_group_series, params.max_member_series)))
+    text = generate_latest(registry).decode()
+    assert 'monitaur_groups{model="m"} 51.0' in text
+    assert f'monitaur_group_suspicious{{group="{gid}",model="m"}} 1.0' in text
+    assert text.count("monitaur_group_suspicious{") == params.max_group_series
+    assert sum(f'client="real-{i}"' in text for i in range(10)) == 10
