@@ -23,8 +23,8 @@ Two more refusals:
   unflagged clients, and the alert rules, which exclude the aggregate, would never page it.
 
 A name that breaks the rule is rejected (``invalid_client``, ``invalid_model``), never
-rewritten: a rewritten id could collide with another client's. The check is one C call,
-and an ASCII id costs tens of nanoseconds.
+rewritten: a rewritten id could collide with another client's. The checks are a few C
+calls, and an ASCII id costs tens of nanoseconds.
 """
 
 from __future__ import annotations
