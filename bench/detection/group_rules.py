@@ -6,14 +6,20 @@ evaluation log), records every link the ``links`` detector makes (the explorer, 
 clients it continued or followed, whether it was flagged), and regroups the clients
 offline under several rules:
 
-* ``components >= k``: the exporter's rule (:mod:`exporter.groups`) at ``group_min_links``
-  k: eligible clients joined by edges of at least k links, connected components;
+* ``components >= k``: the exporter's rule (:mod:`exporter.groups`) before commit
+  ``3774c6b``, at ``group_min_links`` k: eligible clients joined by edges of at least k
+  links, connected components;
 * ``average linkage >= t``: eligible clients merged greedily, strongest first, while the
   links between two clusters per pair of their members is at least t (edges of at least 3
   links only);
-* ``components >= 3, then attach >= 3``: the exporter's rule, then each eligible client
+* ``components >= 3, then attach >= 3``: components at 3, then each eligible client
   left out joins the component its links add up to 3 with, summed over the component's
-  members (a member whose few links are spread over several members).
+  members (a member whose few links are spread over several members);
+* ``components >= 3 of edges both clients link``: the exporter's rule since commit
+  ``3774c6b``: only edges that each of their two clients made a link of;
+* ``components >= 3, members with >= n own links into theirs``: components at 3, then,
+  until nothing changes, members with fewer than n links of their own to the rest of their
+  component leave and the components are recomputed.
 
 Per log and rule: the true groups named, named and pure, the held-out strategy's groups
 named, and the honest clients (``app-`` and ``bapp-`` ids) in any cluster.
