@@ -340,4 +340,6 @@ def test_a_snapshot_from_before_own_link_times_and_who_made_the_links_restores_i
     doc["groups"]["models"]["digits"] = old
     q = Pipeline(settings)
     assert q.restore(pack(doc)) == 30 and q.group_ids("c1") == ["g1"]
-    assert all(c["own"] == [] for c in q.groups.state()["models"]["digits"]["clients"])
+    restored = q.groups.state()["models"]["digits"]["clients"]
+    assert all(c["own"] == [] for c in restored)
+    assert all(e[3:] == [1, 1] for c in restored for e in c["peers"])  # made by both: the group stands at its next re-split
