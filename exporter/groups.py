@@ -13,15 +13,15 @@ into groups:
 * **Who can be a member.** Only a client whose *own* queries were linked: the ``links``
   detector flagged it (the share of its recent queries linked to other clients reached the
   detector's calibrated threshold), or at least ``group_min_links`` of its queries were
-  linked within ``ttl_seconds``. The evidence is directed (the client whose query continued or followed another's
-  is the explorer), so an attacker who copies or steps away from an honest client's
-  queries makes links of its own, never of the honest client, who cannot join.
+  linked within ``ttl_seconds``. The evidence is directed (the client whose query continued
+  or followed another's is the explorer), so an attacker who copies or steps away from an
+  honest client's queries makes links of its own, never of the honest client, who cannot join.
 * **Groups.** Two flagged clients with at least ``group_min_links`` links between them, each
   having made at least one of them, are in one group, and groups are the connected
   components of such edges. An edge whose links were all made by one client is that client
   exploring from the other's queries: an honest client that chance links elsewhere made a
-  possible member does not join the group of attackers that step away from its queries. A group is named
-  ``g<n>`` when it forms; it keeps its id while it has members; when two groups merge, the
+  possible member does not join the group of attackers that step away from its queries.
+  A group is named ``g<n>`` when it forms; it keeps its id while it has members; when two groups merge, the
   older keeps its id; when expiry splits a group, the part with the earliest member keeps
   it. A group with fewer than two members is dissolved and its id never reused.
 * **Expiry.** An edge expires ``ttl_seconds`` (the detector's, event time) after its last
@@ -656,7 +656,7 @@ def _own_times(value: Any, keep: int) -> list[float]:
         return []
     if not isinstance(value, list):
         raise ValueError("a client's own links are not a list of times")
-    return sorted(_time(t) for t in value)[-keep:] if keep > 0 else []
+    return sorted(_time(t) for t in value)[-keep:]
 
 
 def _key(value: Any) -> int:

@@ -127,7 +127,7 @@ def test_an_attacker_who_files_the_differences_between_records_as_its_steps_fram
     send(det, states, "erin", WORLD.sample(rng, 16), 1600.0)
     send(det, states, "honest", first, 1700.0)
     send(det, states, "erin", WORLD.sample(rng, 16), 1900.0)
-    linked, parent = send(det, states, "honest", then, 2000.0)
+    linked, _ = send(det, states, "honest", then, 2000.0)
     assert int(linked.sum()) == 0, int(linked.sum())
 
 

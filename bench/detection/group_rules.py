@@ -124,7 +124,11 @@ def record(workdir: Path) -> tuple[Edges, set[str], set[str], Arcs]:
 
 def mutual(edges: Edges, eligible: set[str], arcs: Arcs, k: int) -> list[set[str]]:
     """``components >= k`` over the edges that each of their two clients made at least one link of (its own queries)."""
-    both = Counter({p: n for p, n in edges.items() if all(arcs[(a, b)] >= 1 for a, b in (tuple(p), tuple(p)[::-1]))})
+    both: Edges = Counter()
+    for pair, n in edges.items():
+        a, b = tuple(pair)
+        if arcs[(a, b)] and arcs[(b, a)]:
+            both[pair] = n
     return components(both, eligible, k)
 
 
