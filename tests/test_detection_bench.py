@@ -717,9 +717,10 @@ def test_members_sorts_members_by_type_and_reported_group() -> None:
 
 
 def test_group_rules_that_need_links_of_a_clients_own_leave_out_a_client_only_linked_to() -> None:
-    """bench/detection/group_rules.py's ``mutual`` and ``own_into``: two members that link each
-    other, and an eligible honest client that they only link *to* (every link of its edges is
-    theirs). Components take it in; both rules that need links of its own leave it out."""
+    """bench/detection/group_rules.py's ``mutual``, ``own_into`` and ``active``: two members that
+    link each other, and an eligible honest client that they only link *to* (every link of its
+    edges is theirs). Components take it in; the rules that need links of its own leave it out.
+    ``active`` differs from ``mutual`` in a member that links one way to an active member only."""
     from collections import Counter
 
     rules = load("group_rules")
@@ -732,3 +733,9 @@ def test_group_rules_that_need_links_of_a_clients_own_leave_out_a_client_only_li
     assert rules.components(edges, eligible, 3) == [eligible]
     assert rules.mutual(edges, eligible, arcs, 3) == [{a, b}]
     assert rules.own_into(edges, eligible, arcs, 3, 1) == [{a, b}]
+    assert rules.active(edges, eligible, arcs, 3) == [{a, b}]
+    c = "syb-even-3-0-2"  # explores from a's queries only: a one-way edge, to an active member
+    arcs[(c, a)] = 3
+    edges[frozenset((c, a))] = 3
+    assert rules.mutual(edges, eligible | {c}, arcs, 3) == [{a, b}]
+    assert rules.active(edges, eligible | {c}, arcs, 3) == [{a, b, c}]

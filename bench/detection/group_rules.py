@@ -17,12 +17,17 @@ offline under several rules:
   members (a member whose few links are spread over several members);
 * ``components >= 3 of edges both clients link``: the exporter's rule since commit
   ``3774c6b``: only edges that each of their two clients made a link of;
+* ``components >= 3 between clients that made a link of such an edge``: components at 3
+  among the eligible clients that made at least one link of some edge of 3 links to another
+  eligible client (a local rule that the exporter could keep link by link);
 * ``components >= 3, members with >= n own links into theirs``: components at 3, then,
   until nothing changes, members with fewer than n links of their own to the rest of their
   component leave and the components are recomputed.
 
 Per log and rule: the true groups named, named and pure, the held-out strategy's groups
-named, and the honest clients (``app-`` and ``bapp-`` ids) in any cluster.
+named, and the honest clients (``app-`` and ``bapp-`` ids) in any cluster. Logs of either
+Sybil generator (``groups.py --sybil a`` or ``b``) can be regrouped; the independent
+generator's have no held-out strategy.
 
 To try other ``links`` parameters, change ``DIR/<log>/config.yml`` and recalibrate
 (``monitaur-exporter calibrate --config DIR/<log>/config.yml --out DIR/<log>/profile-<clients>.bin
@@ -67,7 +72,7 @@ from exporter.profile import load_profile, params_digest  # noqa: E402
 from exporter.replay import replay  # noqa: E402
 from exporter.sim.sybil import HELD_OUT  # noqa: E402
 
-MEMBER = re.compile(r"(syb-[a-z]+-\d+-\d+)-\d+$")
+MEMBER = re.compile(r"(sybb?-[a-z_]+-\d+-\d+)-\d+$")  # both generators' members: exporter/sim/sybil.py, sybil_b.py
 HONEST = re.compile(r"b?app-\d+$")  # the benign clients of groups.py's evaluation log (families A and B)
 
 Edges = Counter[frozenset[str]]
@@ -146,6 +151,19 @@ def own_into(edges: Edges, eligible: set[str], arcs: Arcs, k: int, own: int) -> 
         if not out:
             return parts
         members -= out
+
+
+def active(edges: Edges, eligible: set[str], arcs: Arcs, k: int) -> list[set[str]]:
+    """``components >= k`` between *active* clients: eligible clients that made at least one link
+    of some edge of at least ``k`` links to another eligible client. An edge itself may be one
+    way; a client that never made a link of a heavy edge joins no group, however many links to
+    it others make."""
+    on: set[str] = set()
+    for pair, n in edges.items():
+        a, b = tuple(pair)
+        if n >= k and a in eligible and b in eligible:
+            on.update(c for c, peer in ((a, b), (b, a)) if arcs[(c, peer)])
+    return components(edges, on, k)
 
 
 def components(edges: Edges, eligible: set[str], k: int) -> list[set[str]]:
@@ -227,6 +245,7 @@ RULES: dict[str, Callable[[Edges, set[str], Arcs], list[set[str]]]] = {
     **{f"average linkage >= {t}": (lambda e, g, a, t=t: average_linkage(e, g, t)) for t in (1.0, 2.0)},
     "components >= 3, then attach >= 3": lambda e, g, a: attach(e, g, 3),
     "components >= 3 of edges both clients link": lambda e, g, a: mutual(e, g, a, 3),
+    "components >= 3 between clients that made a link of such an edge": lambda e, g, a: active(e, g, a, 3),
     **{f"components >= 3, members with >= {n} own links into theirs": (lambda e, g, a, n=n: own_into(e, g, a, 3, n)) for n in (1, 3)},
 }
 
