@@ -7,9 +7,11 @@ stage, run after the detectors on each block in time order, turns those directed
 into groups:
 
 * **Edges.** Every link adds one to the edge between the two clients (either direction),
-  stamped with its event time. Each client keeps its ``max_peers`` heaviest edges (a
-  space-saving count), and at most ``max_tracked_clients`` clients are remembered per
-  model (least recently linked forgotten first).
+  stamped with its event time (the latest, if events come late). Each client keeps its
+  ``max_peers`` heaviest edges (a space-saving count: an edge that takes a lighter one's
+  place carries on its count, so the two clients' views of an edge can differ, and the
+  larger is the edge's count), and at most ``max_tracked_clients`` clients are remembered
+  per model (least recently linked forgotten first).
 * **Who can be a member.** Only a client whose *own* queries were linked: the ``links``
   detector flagged it (the share of its recent queries linked to other clients reached the
   detector's calibrated threshold), or at least ``group_min_links`` of its queries were
@@ -26,7 +28,8 @@ into groups:
   it. A group with fewer than two members is dissolved and its id never reused.
 * **Expiry.** An edge expires ``ttl_seconds`` (the detector's, event time) after its last
   link, a client's flag as long after the last link that found it flagged; a member
-  without either leaves its group. Blocks check expiry at most ``SCANS_PER_TTL`` (64) times
+  without either leaves its group, and a group that lost an edge (expired, or pushed out of
+  both views by space-saving) is re-split. Blocks check expiry at most ``SCANS_PER_TTL`` (64) times
   per TTL of event time, the periodic sweep every time; when a tracked client is evicted
   from the exporter's state it leaves its group at once.
 * **Score and verdict.** A group's score is the share of its members' queries that were
@@ -36,14 +39,17 @@ into groups:
   ``monitaur-exporter calibrate`` sets the threshold from the groups that form by chance
   among benign calibration clients (:func:`group_threshold`), and says so in the profile.
 
-Cost. Per link, O(``max_peers``) work: a join or a merge counts only the links that cross
-into the group (each client's edges, both ways), and a group's members' query count moves
-with a cursor over the block's rows. Per block, O(block) for that cursor, and the scores
-of the groups whose members sent queries. Members that leave (expiry, eviction,
-release) mark their group for a re-split, which runs at the end of a block (at most once per
-group and ``ttl_seconds / SCANS_PER_TTL`` of event time), at the periodic sweep, or before a
-read, in O(members × ``max_peers``): so that no client, and no number of clients, can make
-one event cost a search over all pairs of members, or a walk over a large group at every block.
+Cost. Per link, O(``max_peers``) work, and a group's members' query count moves with a
+cursor over the block's rows. A join or a merge counts only the links that cross into the
+group, and a client that becomes a possible member looks for joins once; they read each
+client's edges both ways: its own ``max_peers``, and the clients whose edges hold it, which
+have no bound of their own (a merge walks the smaller group's members). Per block, O(block)
+for that cursor, and the scores of the groups whose members sent queries. Members that
+leave (expiry, eviction, release) mark their group for a re-split, which runs at the end
+of a block (at most once per group and ``ttl_seconds / SCANS_PER_TTL`` of event time), at
+the periodic sweep, or before a read, in O(members × ``max_peers``): so that no client, and
+no number of clients, can make one event cost a search over all pairs of members, or a
+walk over a large group at every block.
 Memory per model: ``max_tracked_clients`` records of at most ``max_peers`` edges, the other
 view of those edges, and the groups over them.
 """
@@ -252,7 +258,7 @@ class ModelGroups:
         # clients' links to it keep its record alive however long).
         if flagged or (len(own) >= need and own[0] >= ts - self.params.ttl_seconds):
             first = me.flagged_at is None
-            me.flagged_at = ts
+            me.flagged_at = ts if first else max(me.flagged_at, ts)  # (a late event does not bring expiry forward)
         else:
             first = False
         for parent in parents:
@@ -261,11 +267,13 @@ class ModelGroups:
             other = self.clients.get(parent)
             if other is None:
                 other = self._client(parent, self._names.get(parent))
+            g1, g2 = self.member_of.get(child), self.member_of.get(parent)
+            before = self._weight(child, parent) if g1 is not None and g1 == g2 else 0
             for a, (ka, b), made in ((me, (child, parent), 1), (other, (parent, child), 0)):
                 edge = a.peers.get(b)
                 if edge is not None:
                     edge.links += 1
-                    edge.last = ts
+                    edge.last = max(edge.last, ts)
                     edge.made += made
                     edge.got += 1 - made
                     continue
@@ -274,15 +282,16 @@ class ModelGroups:
                     lightest = min(a.peers, key=lambda k: a.peers[k].links)
                     count += a.peers.pop(lightest).links
                     self._unlist(lightest, ka)
+                    if (gid := self.member_of.get(ka)) is not None:  # the edge may have held its group together
+                        self._dirty.add(gid)
                 a.peers[b] = _Edge(count, ts, made, 1 - made)  # (only the total inherits the lightest's)
                 self._listers.setdefault(b, set()).add(ka)
-            g1, g2 = self.member_of.get(child), self.member_of.get(parent)
             if g1 is not None and g1 == g2:
-                self.groups[g1].links += 1
+                self.groups[g1].links += self._weight(child, parent) - before  # 1, unless a view was made anew
             elif self._joinable(child, parent):
                 self._union(child, parent, ts)
-        if first:  # newly flagged: its existing strong edges to flagged clients count now
-            for peer in list(me.peers):
+        if first:  # newly flagged: its existing strong edges to flagged clients count now (in either client's view)
+            for peer in self._neighbours(child):
                 if self._joinable(child, peer):
                     self._union(child, peer, ts)
         self._refresh({g for k in (child, *parents) if (g := self.member_of.get(k)) is not None}, ts)
@@ -322,8 +331,16 @@ class ModelGroups:
         ca, cb = self.clients.get(a), self.clients.get(b)
         if ca is None or cb is None or ca.flagged_at is None or cb.flagged_at is None:
             return False
-        edge = self._edge(a, b)
-        return edge is not None and edge.links >= self.params.group_min_links and self._made(a, b) and self._made(b, a)
+        return self._weight(a, b) >= self.params.group_min_links and self._made(a, b) and self._made(b, a)
+
+    def _weight(self, a: int, b: int) -> int:
+        """The links between ``a`` and ``b``: the larger total of the two views of their edge (0 without
+        one). Each view counts every link since it was made; a view made by a space-saving
+        replacement also carries the count of the edge it replaced, so the two can differ."""
+        ca, cb = self.clients.get(a), self.clients.get(b)
+        mine = ca.peers.get(b) if ca is not None else None
+        theirs = cb.peers.get(a) if cb is not None else None
+        return max(mine.links if mine is not None else 0, theirs.links if theirs is not None else 0)
 
     def _made(self, a: int, b: int) -> bool:
         """Whether client ``a`` made at least one link on its edge with ``b``: in its own view of the
@@ -349,8 +366,7 @@ class ModelGroups:
         elif ga != gb:
             keep, gone = sorted((self.groups[ga], self.groups[gb]), key=lambda g: (g.created, g.number))
             small, large = sorted((gone, keep), key=lambda g: len(g.joined))
-            pairs = ((k, q) if small is keep else (q, k) for k in small.joined for q in self._neighbours(k) if q in large.joined)
-            cross = sum(self._pair(k, q).links for k, q in pairs)
+            cross = sum(self._weight(k, q) for k in small.joined for q in self._neighbours(k) if q in large.joined)
             for k in gone.joined:  # they join the kept group now (the merge's time, as the scorers read it)
                 keep.joined[k] = ts
                 self.member_of[k] = keep.gid
@@ -365,28 +381,16 @@ class ModelGroups:
 
     def _join(self, g: _Group, joiner: int, ts: float) -> None:
         """``joiner`` joins ``g``: with the links between it and the members, and its queries so far."""
-        g.links += sum(self._pair(m, joiner).links for m in self._neighbours(joiner) if m in g.joined)
+        g.links += sum(self._weight(m, joiner) for m in self._neighbours(joiner) if m in g.joined)
         g.queries += self._count(joiner, self._name(joiner), self._cursor)
         g.joined[joiner] = ts
         self.member_of[joiner] = g.gid
 
-    def _pair(self, member: int, newcomer: int) -> _Edge:
-        """The edge between a member and a newcomer that have one (in either view): the member's view
-        first, as :meth:`_recount` reads pairs in the order the members joined."""
-        edge = self._edge(member, newcomer)
-        assert edge is not None
-        return edge
-
-    def _edge(self, a: int, b: int) -> _Edge | None:
-        ca, cb = self.clients.get(a), self.clients.get(b)
-        return (ca.peers.get(b) if ca is not None else None) or (cb.peers.get(a) if cb is not None else None)
-
     def _recount(self, gid: str) -> None:
         """The links between a group's members, from their edges (each pair once)."""
         g = self.groups[gid]
-        at = {k: i for i, k in enumerate(g.joined)}
-        pairs = {(k, q) if i < at[q] else (q, k) for k, i in at.items() for q in self.clients[k].peers if q in at}  # own edges: see _split
-        g.links = sum(self._pair(k, q).links for k, q in pairs)
+        pairs = {(k, q) if k < q else (q, k) for k in g.joined for q in self.clients[k].peers if q in g.joined}  # own edges: see _split
+        g.links = sum(self._weight(k, q) for k, q in pairs)
 
     def _members_queries(self, g: _Group) -> int:
         return sum(self._count(k, self._name(k), self._cursor) for k in g.joined)
@@ -620,7 +624,7 @@ class ModelGroups:
         for k, c in clients.items():
             for peer in c.peers:
                 self._listers.setdefault(peer, set()).add(k)
-        self._dirty = set()
+        self._dirty = set(groups)  # a split may have been due when the snapshot was taken: each group is re-split once
         self._resync = True
         self._oldest = self._next_scan = -math.inf  # the next block's expiry check looks at everything restored
 
