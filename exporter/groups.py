@@ -548,12 +548,19 @@ class ModelGroups:
     # -- reading --------------------------------------------------------------------------
     def summary(self, gid: str, queries: Callable[[str], int]) -> GroupSummary:
         g = self.groups[gid]
+        with_members: dict[int, int] = dict.fromkeys(g.joined, 0)  # each member's links with the others, each edge once
+        for k in g.joined:
+            for p in self.clients[k].peers:
+                if p in g.joined and not (k > p and k in self.clients[p].peers):  # (an edge both hold: counted from the lower key)
+                    w = self._weight(k, p)
+                    with_members[k] += w
+                    with_members[p] += w
         members = []
         for k, joined in g.joined.items():
             c = self.clients[k]
             if c.name is None:  # never: a member joined through a query of its own, which named it (load checks it)
                 continue
-            links = sum(e.links for p, e in c.peers.items() if p in g.joined)
+            links = with_members[k]
             q = queries(c.name)
             members.append(MemberSummary(c.name, links, q, min(1.0, links / max(q, 1)), joined))
         members.sort(key=lambda m: (-m.strength, m.client))

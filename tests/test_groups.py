@@ -253,6 +253,7 @@ def test_the_kept_counts_equal_a_recount_from_scratch_through_joins_merges_expir
             keys = list(g.joined)
             assert g.links == sum(_links_between(mg, a, b) for i, a in enumerate(keys) for b in keys[i + 1 :])
             assert g.queries == sum(f.queries.get(mg.clients[k].name, 0) for k in keys)
+            assert sum(m.links for m in mg.summary(g.gid, lambda c: 0).members) == 2 * g.links  # every edge, from both ends
             assert all(mg.member_of[k] == g.gid for k in keys)
     assert len(f.groups.groups) >= 1  # the feed did make groups
 
