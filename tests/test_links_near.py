@@ -130,6 +130,30 @@ def test_near_links_survive_a_restart() -> None:
     assert linked.all() and (parent == client_key("alice")).all()
 
 
+def test_a_restart_knows_which_entry_holds_a_point_also_when_only_repeats_of_it_are_left() -> None:
+    """Repeats take index rows but are not filed in the buckets. Once the first entry of a point
+    has expired while a repeat of it is live, the next send of the point is a new point (filed
+    anew), not a repeat: so also after a restart, which must not take the live repeat for the
+    entry that holds the point (it did, and linked every later sender of those points)."""
+    def restarted_and_not(first: object) -> tuple:
+        out = []
+        for det in (first, detector(distinct_repeats=0)):
+            if det is not first:
+                det.load_shared_state(savez_roundtrip(first.shared_state()))
+            linked, parents = send(det, {}, "carol", points, 86_445.0)
+            out.append((linked.tolist(), parents.tolist(), sorted(i for i in det._filed.values() if i >= 60)))
+        return tuple(out)
+
+    points = synthetic(20, 7)
+    first = detector(distinct_repeats=0)  # the default TTL: a day
+    send(first, {}, "alice", points, 0.0)  # ids 0-19, filed
+    send(first, {}, "bob", points, 50.0)  # ids 20-39: repeats of alice's, not filed
+    send(first, {}, "zoe", WORLD.sample(np.random.default_rng(2), 20), 86_440.0)  # alice's entries are past the TTL now, bob's not
+    now, after_restart = restarted_and_not(first)
+    assert now[2] == list(range(60, 80))  # carol's sends were filed as new points ...
+    assert after_restart == now  # ... and the same after a restart
+
+
 def test_anchors_come_from_the_calibration_inputs_as_sent() -> None:
     """Natural records with one extreme feature (0.3 % of them) are anchors as they were sent, so
     honest clients that send them, or copies near them, are on the manifold; anchors taken from
@@ -206,12 +230,20 @@ def test_a_saved_index_with_ids_out_of_range_is_refused_before_anything_changes(
     """A bucket that names a query the index never gave would make every later block fail (and be
     saved again): the load refuses it, and the detector goes on with what it had."""
     first = detector(distinct_repeats=0)
-    send(first, {}, "alice", synthetic(20, 12), 1000.0)
+    send(first, {}, "alice", synthetic(600, 12), 1000.0)
     saved = savez_roundtrip(first.shared_state())
-    for part, value in (("slots", 10**9), ("step_slots", 10**9), ("fill", -5), ("slots", -7)):
-        broken = dict(saved)
-        broken[part] = np.array(saved[part], copy=True)
-        broken[part][3] = value
+    lo, nxt = (int(v) for v in saved["ids"])
+    chunk = first.params.chunk
+    cases = [{part: _with(saved[part], 3, value)} for part, value in (("slots", 10**9), ("step_slots", 10**9), ("fill", -5), ("slots", -7))]
+    cases += [
+        {"ids": np.array([lo + 2**62, nxt + 2**62])},  # ids that would pass int64 soon after: every later block would fail
+        {"fill": _with(saved["fill"], 3, nxt + 1)},  # a bucket filed more often than there were queries
+        {"pending": np.array([[0, nxt - 1]] * (2 * chunk + 1))},  # more pending steps than two chunks hold: a scan per block
+        {"pending": np.array([[0, nxt - nxt % chunk - chunk - 1]])},  # a step of a chunk filed long ago
+        {"filed": np.array([[int(saved["digest"][0]), lo + 1]], dtype=np.uint64)},  # an entry that holds another point
+    ]
+    for change in cases:
+        broken = dict(saved) | change
         second = detector(distinct_repeats=0)
         with pytest.raises(ValueError, match="out of range"):
             second.load_shared_state(broken)
@@ -236,3 +268,9 @@ def test_expiry_finds_the_first_live_entry_as_a_scan_of_the_whole_index_would() 
         live = np.flatnonzero(d._ts[start:n] >= now - d.params.ttl_seconds)
         assert d._oldest == (start + int(live[0]) if live.size else n)
     assert d._oldest == n
+
+
+def _with(array: np.ndarray, at: int, value: int) -> np.ndarray:
+    out = np.array(array, copy=True)
+    out.flat[at] = value
+    return out

@@ -28,6 +28,7 @@ _U64 = np.uint64
 _PROBE_MIN = 3  # probe features on which both steps must agree before the full test
 _ALIKE_VALUES = 1 << 18  # feature values per block of changes tested against the table of steps (1 MiB of float32 per array)
 _MAX_DECIMALS = 6
+_MAX_ID = 1 << 62  # a restored index's next id must be below this: ids grow by one per query, and must not pass int64
 FAR_QUANTILE = 0.99  # the anchors' spacing that far_factor multiplies: this quantile of their nearest-other distances
 
 
@@ -1046,6 +1047,9 @@ class LinksDetector(Detector):
             "step_slots": self._step_slots.copy(), "step_fill": self._step_fill.copy(), "step_last": np.array(self._step_last),
             "pending": np.array(self._pending, dtype=np.int64).reshape(-1, 2),
             "known_size": self._known_size.copy(), "known_time": self._known_time.copy(),
+            # Which saved entry holds each point in the buckets: repeats take rows too, so the rows
+            # alone do not say it once the first entry of a point has expired.
+            "filed": np.array([(d, i) for d, i in self._filed.items() if lo <= i < self._next], dtype=np.uint64).reshape(-1, 2),
         }
 
     def load_shared_state(self, state: State) -> None:
@@ -1057,6 +1061,8 @@ class LinksDetector(Detector):
         shapes = {"U": (n, width), "S": (n, width), "ts": (n,), "digest": (n,), "client": (n,)}
         if n < 0 or n > self._cap or any(np.asarray(state[k]).shape != s for k, s in shapes.items()):
             raise ValueError("links shared state does not fit these parameters")
+        if not 0 <= lo <= nxt < _MAX_ID:
+            raise ValueError("links shared state holds ids, counts or times out of range")
         if np.asarray(state["slots"]).shape != self._slots.shape or np.asarray(state["fill"]).shape != self._fill.shape:
             raise ValueError("links shared state does not fit these parameters")
         if np.asarray(state["step_slots"]).shape != self._step_slots.shape or np.asarray(state["step_fill"]).shape != self._step_fill.shape:
@@ -1065,7 +1071,11 @@ class LinksDetector(Detector):
         # Every id a table holds is one the index gave (or -1), every count and bucket in range: a
         # snapshot that says otherwise would make every later block fail, and be saved again.
         ids_ok = all(a.size == 0 or (a.min() >= -1 and a.max() < nxt) for a in (np.asarray(state["slots"]), np.asarray(state["step_slots"]), pending[:, 1]))
-        counts_ok = np.asarray(state["fill"]).min() >= 0 and np.asarray(state["step_fill"]).min() >= 0
+        # Pending steps are those of the chunk under way and of one just completed (filed at the next piece).
+        chunk = self.params.chunk
+        ids_ok = ids_ok and len(pending) <= 2 * chunk and (pending.size == 0 or pending[:, 1].min() >= nxt - nxt % chunk - chunk)
+        # A bucket's count is at most one per id ever given.
+        counts_ok = all(0 <= np.asarray(state[k]).min() and np.asarray(state[k]).max() <= nxt for k in ("fill", "step_fill"))
         buckets_ok = pending.size == 0 or (pending[:, 0].min() >= 0 and pending[:, 0].max() < self._step_fill.size)
         times_ok = bool(np.isfinite(np.asarray(state["ts"], dtype=np.float64)).all()) and float(state["step_last"]) < np.inf  # -inf: no step yet
         if not (ids_ok and counts_ok and buckets_ok and times_ok):
@@ -1075,6 +1085,14 @@ class LinksDetector(Detector):
             raise ValueError("links shared state does not fit these parameters")
         if not (np.isfinite(known_size).all() and (known_size >= 0).all() and (known_time < np.inf).all()):  # -inf: no size
             raise ValueError("links shared state holds known step sizes or times out of range")
+        filed = None
+        if "filed" in state:  # (saved since it was; see the end)
+            filed = np.asarray(state["filed"], dtype=np.uint64).reshape(-1, 2)
+            at = filed[:, 1].astype(np.int64)  # (an id beyond int64 turns negative, and out of range)
+            digests = np.asarray(state["digest"], dtype=np.uint64)
+            if filed.size and not ((at >= lo).all() and (at < nxt).all() and (digests[np.clip(at - lo, 0, n - 1)] == filed[:, 0]).all()
+                                   and np.unique(filed[:, 0]).size == len(filed)):
+                raise ValueError("links shared state holds ids, counts or times out of range")
         self._reset()
         while self._alloc < min(max(nxt, 1), self._cap):
             self._grow()
@@ -1093,8 +1111,12 @@ class LinksDetector(Detector):
         self._pending = [(int(b), int(i)) for b, i in pending]
         self._next, self._oldest = nxt, lo
         self._known_size[...], self._known_time[...] = known_size, known_time
-        # Which entry holds each point in the buckets: the first of its repeats, or a later one
-        # sent when the one before had passed the TTL (what _new_points decided then).
+        if filed is not None:
+            self._filed = dict(zip(filed[:, 0].tolist(), filed[:, 1].tolist()))
+            return
+        # A snapshot of an earlier version: which entry holds each point in the buckets, guessed
+        # from the rows: the first of its repeats, or a later one sent when the one before had
+        # passed the TTL (wrong where that first entry was saved no more).
         ttl = self.params.ttl_seconds
         stamp: dict[int, float] = {}
         for i, digest, t in zip(range(lo, nxt), self._digest[pos].tolist(), self._ts[pos].tolist()):
