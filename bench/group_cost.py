@@ -2,8 +2,12 @@
 
 Clients control how many keys they use, and each key needs only ``group_min_links``
 linked queries to join a group. This feeds one model's groups the links of ``N`` keys,
-each joining with ``group_min_links`` queries that continue an earlier key's (a star
-around the first key, or a chain), one event per block as in live ingestion, and times:
+each joining through links with an earlier key (a star around the first key, or a chain):
+``group_min_links`` made by the new key's queries (which make it a possible member), and
+one by the earlier key's, since an edge joins two clients only when each made one of its links. One event per
+block, as in live ingestion. In a star, the first key's links back to every other key push
+its edges out of its ``max_peers`` (space-saving), and each such push marks the group for a
+re-split. It times:
 
 * the joins, per linked event;
 * one read of every group (what ``/metrics`` and the groups API do);
@@ -51,10 +55,11 @@ def link(groups: ModelGroups, queries: dict[str, int], child: str, parent: str, 
 def grow(groups: ModelGroups, queries: dict[str, int], n: int, shape: str) -> float:
     """Make one group of ``n`` keys, k0 to k(n-1); returns the event time of its last link."""
     ts = 0.0
-    pairs = [("k0", "k1"), ("k1", "k0")] + [(f"k{i}", "k0" if shape == "star" else f"k{i - 1}") for i in range(2, n)]
-    for child, parent in pairs:  # k0 and k1 link each other, then every other key joins
-        for _ in range(groups.params.group_min_links):
-            link(groups, queries, child, parent, ts)
+    need = groups.params.group_min_links
+    for i in range(1, n):  # key i joins through key k0 (star) or k(i-1) (chain)
+        parent = "k0" if shape == "star" else f"k{i - 1}"
+        for child, to in [(f"k{i}", parent)] * need + [(parent, f"k{i}")]:  # (need own links make it a possible member)
+            link(groups, queries, child, to, ts)
             ts += 0.01
     return ts
 

@@ -241,6 +241,7 @@ def test_a_saved_index_with_ids_out_of_range_is_refused_before_anything_changes(
         {"pending": np.array([[0, nxt - 1]] * (2 * chunk + 1))},  # more pending steps than two chunks hold: a scan per block
         {"pending": np.array([[0, nxt - nxt % chunk - chunk - 1]])},  # a step of a chunk filed long ago
         {"filed": np.array([[int(saved["digest"][0]), lo + 1]], dtype=np.uint64)},  # an entry that holds another point
+        {"U": _with(saved["U"], 5, np.nan)},  # an input that is no number (it made every later block slower)
     ]
     for change in cases:
         broken = dict(saved) | change
@@ -270,7 +271,7 @@ def test_expiry_finds_the_first_live_entry_as_a_scan_of_the_whole_index_would() 
     assert d._oldest == n
 
 
-def _with(array: np.ndarray, at: int, value: int) -> np.ndarray:
+def _with(array: np.ndarray, at: int, value: float) -> np.ndarray:
     out = np.array(array, copy=True)
     out.flat[at] = value
     return out

@@ -1078,6 +1078,7 @@ class LinksDetector(Detector):
         counts_ok = all(0 <= np.asarray(state[k]).min() and np.asarray(state[k]).max() <= nxt for k in ("fill", "step_fill"))
         buckets_ok = pending.size == 0 or (pending[:, 0].min() >= 0 and pending[:, 0].max() < self._step_fill.size)
         times_ok = bool(np.isfinite(np.asarray(state["ts"], dtype=np.float64)).all()) and float(state["step_last"]) < np.inf  # -inf: no step yet
+        times_ok = times_ok and all(bool(np.isfinite(np.asarray(state[k], dtype=np.float64)).all()) for k in ("U", "S"))  # inputs and steps too
         if not (ids_ok and counts_ok and buckets_ok and times_ok):
             raise ValueError("links shared state holds ids, counts or times out of range")
         known_size, known_time = np.asarray(state["known_size"], dtype=np.float32), np.asarray(state["known_time"], dtype=np.float64)
