@@ -4,10 +4,10 @@ Clients control how many keys they use, and each key needs only ``group_min_link
 linked queries to join a group. This feeds one model's groups the links of ``N`` keys,
 each joining through links with an earlier key (a star around the first key, or a chain):
 ``group_min_links`` made by the new key's queries (which make it a possible member), and
-one by the earlier key's, since an edge joins two clients only when each made one of its links. One event per
-block, as in live ingestion. In a star, the first key's links back to every other key push
-its edges out of its ``max_peers`` (space-saving), and each such push marks the group for a
-re-split. It times:
+one by the earlier key's, since an edge joins two clients only when each made one of its
+links. One event per block, as in live ingestion. In a star, the first key's links back to
+every other key push its edges out of its ``max_peers`` (space-saving), and each such push
+marks the group for a re-split. It times:
 
 * the joins, per linked event;
 * one read of every group (what ``/metrics`` and the groups API do);

@@ -1087,7 +1087,7 @@ class LinksDetector(Detector):
         if not (np.isfinite(known_size).all() and (known_size >= 0).all() and (known_time < np.inf).all()):  # -inf: no size
             raise ValueError("links shared state holds known step sizes or times out of range")
         filed = None
-        if "filed" in state:  # (saved since it was; see the end)
+        if "filed" in state:  # (snapshots of earlier versions lack it: see the end)
             filed = np.asarray(state["filed"], dtype=np.uint64).reshape(-1, 2)
             at = filed[:, 1].astype(np.int64)  # (an id beyond int64 turns negative, and out of range)
             digests = np.asarray(state["digest"], dtype=np.uint64)
