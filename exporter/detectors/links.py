@@ -122,7 +122,13 @@ class LinksParams(WindowedParams):
         ),
     )
     max_tracked_clients: int = Field(10_000, ge=2, le=10_000_000, description="Clients with link evidence remembered per model (least recently linked forgotten first).")
-    max_peers: int = Field(8, ge=1, le=100, description="Peers remembered per client (the heaviest, by a space-saving count).")
+    max_peers: int = Field(
+        16,
+        ge=1,
+        le=100,
+        description="Peers remembered per client (the heaviest, by a space-saving count). A member of a large group links with "
+        "many keys; an edge pushed out of both clients' peers no longer holds their group together.",
+    )
     max_group_series: int = Field(50, ge=0, le=10_000, exclude=True, description="Groups exported with their own series (flagged first, then by score).")
     max_member_series: int = Field(100, ge=1, le=10_000, exclude=True, description="Members listed per exported group (monitaur_group_member_info).")
 
