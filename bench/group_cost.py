@@ -16,13 +16,16 @@ marks the group for a re-split. It times:
   (µs per block; a chain of ``N`` keys);
 * the expiry of the whole group (one periodic sweep);
 * and, apart from any group, the steady state of a long run: ``--tracked`` clients whose
-  edges age out one after another, so that expired edges are always due; µs per block.
+  edges age out one after another, so that expired edges are always due; µs per block;
+* with ``--memory``, the memory of one model's group records when every one of
+  ``max_tracked_clients`` (10,000) clients holds ``max_peers`` edges: what ``max_peers``
+  costs at most (tracemalloc, MiB).
 
 All of it runs under the pipeline's lock, so a cost that grows with ``N`` per event is a
 stall of ingestion and of ``/metrics``. Compare the per-event figures across ``N``:
 they should stay flat.
 
-    python3 bench/group_cost.py [--sizes 250,500,1000,2000] [--shape star|chain] [--tracked 10000]
+    python3 bench/group_cost.py [--sizes 250,500,1000,2000] [--shape star|chain] [--tracked 10000] [--memory 8,16]
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -120,13 +124,32 @@ def steady(tracked: int, blocks: int = 2000) -> float:
     return 1e6 * (time.perf_counter() - started) / blocks
 
 
+def full_tables(peers: int) -> tuple[float, float]:
+    """MiB that one model's group records take once each of ``max_tracked_clients`` clients
+    holds ``peers`` edges (its links to the next ``peers / 2`` clients, and theirs back: each
+    edge has a view at both ends), and the edges held per client. No group forms: every edge
+    has one link."""
+    params = LinksParams(max_peers=peers)
+    n, half = params.max_tracked_clients, max(1, peers // 2)
+    queries = {f"c{i}": half for i in range(n)}  # (the feed's own counts, allocated before tracing)
+    tracemalloc.start()
+    groups = GroupBook().model("m", params)
+    for i in range(n):
+        for j in range(1, half + 1):
+            link(groups, queries, f"c{i}", f"c{(i + j) % n}", float(i))
+    used = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return used / 2**20, sum(len(c.peers) for c in groups.clients.values()) / max(len(groups.clients), 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="250,500,1000,2000", help="keys in the group, comma-separated")
     ap.add_argument("--shape", choices=["star", "chain"], default="star", help="each key continues the first key's queries, or the previous key's")
     ap.add_argument("--tracked", type=int, default=10000, help="tracked clients of the steady-state measure (0: skip it)")
+    ap.add_argument("--memory", default="", help="max_peers values (comma-separated) to measure full group records at (default: none)")
     args = ap.parse_args()
-    print(f"`bench/group_cost.py --sizes {args.sizes} --shape {args.shape} --tracked {args.tracked}`\n")
+    print(f"`bench/group_cost.py --sizes {args.sizes} --shape {args.shape} --tracked {args.tracked} --memory {args.memory}`\n")
     print("| keys | largest group | linked events | µs per linked event, growing | one read, ms | evict one member + read, ms | expire all, ms "
           "| µs per block, evicting members (chain) |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -136,6 +159,11 @@ def main() -> None:
               f"| {r['expire_ms']:.1f} | {r['churn_us_per_block']:.0f} |")
     if args.tracked:
         print(f"\nSteady state, {args.tracked:,} tracked clients whose edges age out one after another: {steady(args.tracked):.0f} µs per one-event block")
+    if args.memory:
+        print("\n| `max_peers` | edges per client | group records of one model, MiB |\n|---:|---:|---:|")
+        for peers in (int(s) for s in args.memory.split(",")):
+            mib, held = full_tables(peers)
+            print(f"| {peers} | {held:.1f} | {mib:.1f} |")
 
 
 if __name__ == "__main__":
