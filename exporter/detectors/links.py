@@ -123,7 +123,7 @@ class LinksParams(WindowedParams):
     )
     max_tracked_clients: int = Field(10_000, ge=2, le=10_000_000, description="Clients with link evidence remembered per model (least recently linked forgotten first).")
     max_peers: int = Field(
-        8,
+        16,
         ge=1,
         le=100,
         description="Peers remembered per client (the heaviest, by a space-saving count). A member of a large group links with "
