@@ -27,17 +27,20 @@ def _smallest(d2: np.ndarray, k: int) -> np.ndarray:
     """(m, k) the columns of the ``k`` smallest values of each row of ``d2`` (m, n > k), in no
     particular order; ties broken arbitrarily, as ``np.argpartition`` does.
 
-    One ``np.partition`` (values only) finds each row's k-th smallest value, and a row whose
-    values up to it are exactly ``k`` takes those columns; ``np.argpartition`` runs only when
-    some row has ties at its k-th value (a client's first queries, with fewer than ``k``
-    visible, or exact repeats), which is rare: ``np.argpartition`` alone is several times
-    slower than ``np.partition`` on these rows."""
-    m = d2.shape[0]
+    One ``np.partition`` (values only) finds each row's k-th smallest value, and a row with
+    exactly ``k`` values up to it takes those columns. ``np.argpartition``, several times
+    slower on these rows, sorts out only the rows with ties at their k-th value: the first
+    ``k`` queries of a client, which see fewer than ``k`` earlier ones, and exact repeats."""
     kth = np.partition(d2, k - 1, axis=1)[:, k - 1 : k]
-    within = d2 <= kth
-    if np.count_nonzero(within) == m * k:  # then every row has exactly k (each has at least k)
-        return np.nonzero(within)[1].reshape(m, k)
-    return np.argpartition(d2, k - 1, axis=1)[:, :k]
+    within = d2 <= kth  # at least k per row
+    single = np.count_nonzero(within, axis=1) == k
+    if single.all():
+        return np.nonzero(within)[1].reshape(-1, k)
+    out = np.empty((d2.shape[0], k), dtype=np.intp)
+    out[single] = np.nonzero(within[single])[1].reshape(-1, k)
+    tied = ~single
+    out[tied] = np.argpartition(d2[tied], k - 1, axis=1)[:, :k]
+    return out
 
 
 class StepsParams(WindowedParams):
