@@ -608,6 +608,23 @@ def test_group_benchmark_keeps_a_groups_traffic_when_strategies_are_filtered(wor
     assert {t.truth[t.clients[0]]["set"] for t in kept} == {"heldout"}
 
 
+def test_group_benchmark_copies_add_groups_of_their_own(world, monkeypatch) -> None:
+    """groups.py --copies: the first copy is the log of one copy; the others add groups with ids,
+    traffic and starts of their own, for either generator (groups of 3 only, to keep it quick)."""
+    groups = load("groups")
+    monkeypatch.setattr(groups, "SIZES", (3,))
+    for family in ("a", "b"):
+        one = groups.sybil_groups(world, 0, family, ("even",) if family == "a" else ("bisect",))
+        three = groups.sybil_groups(world, 0, family, ("even",) if family == "a" else ("bisect",), copies=3)
+        assert len(three) == 3 * len(one)
+        assert all(np.array_equal(a.X, b.X) and np.array_equal(a.ts, b.ts) and a.clients == b.clients for a, b in zip(one, three))
+        ids = [t.truth[t.clients[0]]["group"] for t in three]
+        assert len(set(ids)) == len(ids)
+        assert len({float(t.ts[0]) for t in three}) == len(three)
+    with pytest.raises(SystemExit):
+        groups.main(["--copies", "0", "--datasets", "wine", "--seeds", "0"])
+
+
 def test_parents_tells_split_lattices_from_one(capsys) -> None:
     """bench/detection/parents.py: round-robin dealing over a set that doubles from 2 seeds gives
     every point to its parent's member with 2 members (two lattices), and crosses with 3 (one

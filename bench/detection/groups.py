@@ -19,6 +19,11 @@ With ``--sybil b`` the Sybil groups come instead from the independent generator
 simulator: other attacks, other splits), every strategy at sizes 3, 10 and 30. None of its
 strategies chose the method: all are reported as held out (set ``independent``).
 
+``--copies K`` puts every Sybil group of either generator K times into the log, each copy
+with seeds, a start and a rate of its own: K times as many attackers at once in the same
+6-hour window, for the bounded tables of the linking (``max_peers``, the index), which were
+chosen at one copy.
+
 Calibration: 200 family-A clients of their own stream (the same behaviours, the two new
 ones included; ``--calibration-clients N`` for a smaller operator's N), ``monitaur-exporter
 calibrate``, then ``monitaur-exporter replay --profile`` on the evaluation log: the real CLI,
@@ -29,7 +34,7 @@ Scoring (``scoring.score_groups``): a true group is *named* when one reported gr
 benign clients linked to any group; benign-only groups and whether any is flagged.
 
     python3 bench/detection/groups.py [--datasets digits,breast_cancer,wine] [--seeds 0,1,2]
-        [--benign 1000] [--sybil a|b] [--strategies LIST] [--calibration-clients 200] [--jobs 2]
+        [--benign 1000] [--sybil a|b] [--strategies LIST] [--copies 1] [--calibration-clients 200] [--jobs 2]
         [--extra-config FILE] [--out FILE] [--workdir DIR]
 """
 
@@ -87,15 +92,18 @@ def sybil_group(world: Any, family: str, strategy: str, size: int, seed: int, in
                set="heldout" if strategy == HELD_OUT else "default")
 
 
-def sybil_groups(world: Any, seed: int, family: str, strategies: tuple[str, ...] | None = None) -> list[Traffic]:
+def sybil_groups(world: Any, seed: int, family: str, strategies: tuple[str, ...] | None = None, copies: int = 1) -> list[Traffic]:
     """The Sybil groups of one log: every strategy of the family (or those in ``strategies``)
-    at every size in :data:`SIZES`. A group's index, hence its traffic, does not depend on
-    which strategies are kept."""
+    at every size in :data:`SIZES`, ``copies`` times over. A group's index, hence its
+    traffic, does not depend on which strategies are kept, and the first copy is the log
+    of ``copies`` 1: more copies only add groups (each with an index, a start and a rate
+    of its own), that is more attackers at once in the same window."""
     pairs = [(st, n) for st in sybil_strategies(family) for n in SIZES]
-    return [sybil_group(world, family, st, n, seed, index) for index, (st, n) in enumerate(pairs) if strategies is None or st in strategies]
+    return [sybil_group(world, family, st, n, seed, copy * len(pairs) + index) for copy in range(copies)
+            for index, (st, n) in enumerate(pairs) if strategies is None or st in strategies]
 
 
-def evaluation(world: Any, seed: int, benign: int, sybil: str = "a", strategies: tuple[str, ...] | None = None) -> Traffic:
+def evaluation(world: Any, seed: int, benign: int, sybil: str = "a", strategies: tuple[str, ...] | None = None, copies: int = 1) -> Traffic:
     """The evaluation log of one dataset and seed (module docstring)."""
     parts = [
         tag(simulate(world, Population(benign=benign, mix=MIX_A, window=WINDOW, benign_prefix="app", stream="groups-evaluation"), seed), family="a"),
@@ -103,7 +111,7 @@ def evaluation(world: Any, seed: int, benign: int, sybil: str = "a", strategies:
         tag(simulate(world, Population(benign=0, attacks={"jbda": 2, "trnd": 2}, attack_queries=1000, window=WINDOW, stream="groups-solo"),
                      seed, attack_params={"natural_seeds": 1.0}), set="solo"),
     ]
-    return merge(*parts, *sybil_groups(world, seed, sybil, strategies))
+    return merge(*parts, *sybil_groups(world, seed, sybil, strategies, copies))
 
 
 def run_one(dataset: str, seed: int, args: argparse.Namespace, workdir: Path, log: Any) -> dict[str, Any]:
@@ -111,7 +119,7 @@ def run_one(dataset: str, seed: int, args: argparse.Namespace, workdir: Path, lo
     world = build_world(dataset, seed)
     run_dir = workdir / f"{dataset}-{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    ev = evaluation(world, seed, args.benign, args.sybil, args.strategies)
+    ev = evaluation(world, seed, args.benign, args.sybil, args.strategies, args.copies)
     ev.write(run_dir / "evaluation.jsonl", append=False)
     cal = simulate(world, Population(benign=args.calibration_clients, mix=MIX_A, window=WINDOW, benign_prefix="cal", stream="groups-calibration"), seed)
     cal.write(run_dir / "calibration.jsonl", append=False)
@@ -200,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sybil", choices=("a", "b"), default="a",
                     help="Sybil generator: a, exporter/sim/sybil.py (default); b, the independent bench/detection/sybil_b.py")
     ap.add_argument("--strategies", metavar="LIST", help="only these Sybil strategies of the generator (comma-separated; default: all)")
+    ap.add_argument("--copies", type=int, default=1, metavar="K",
+                    help="every Sybil group K times over, each copy with its own start and rate: K times as many attackers at once (default 1)")
     ap.add_argument("--calibration-clients", type=int, default=200, metavar="N",
                     help="benign family-A clients in the calibration log (default 200; fewer: a small operator's calibration)")
     ap.add_argument("--jobs", type=int, default=2)
@@ -213,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         if unknown or not args.strategies:
             ap.error(f"--strategies: unknown for --sybil {args.sybil}: {', '.join(unknown) or '(none given)'}; "
                      f"known: {', '.join(sybil_strategies(args.sybil))}")
+    if args.copies < 1:
+        ap.error("--copies must be at least 1")
     if args.calibration_clients < 2:
         ap.error("--calibration-clients must be at least 2")
     datasets = [d for d in args.datasets.split(",") if d]
