@@ -6,7 +6,7 @@ does, the shared views (stacked vectors, probabilities, digests) are computed on
 every detector learns its reference from the first ``--reference`` inputs (the traffic is
 benign), and then every detector runs alone over all blocks (its cross-client stage, then
 its per-client updates), with fresh per-client and shared state. Each figure is the best of
-``--repeat`` runs (BLAS threads pinned to 1, like the replay bench).
+``--repeat`` runs (with the command line's process settings, ``exporter.tuning``, like the replay bench).
 
     python3 bench/detector_cost.py [--events 60000] [--clients 500] [--only prada,knn] [--config FILE] [--tile K] [--split SHARE] [--profile]
 
@@ -19,25 +19,25 @@ adds ``bench/throughput.py``'s sign-step exploration (``links`` while an attack 
 
 from __future__ import annotations
 
-import os
+import sys
+from pathlib import Path
 
-for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(var, "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's exporter first, also where the venv installed another
+from exporter.tuning import tune_process  # noqa: E402
+
+tune_process()  # as the CLI does (exporter.tuning), before numpy loads
 
 import argparse  # noqa: E402
 import cProfile  # noqa: E402
 import io  # noqa: E402
 import pstats  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's exporter first, also where the venv installed another
 
 from throughput import make_log  # noqa: E402
 

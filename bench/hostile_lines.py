@@ -11,10 +11,13 @@ throughout. Output: the slowest kinds, then a summary (kinds, median, max).
 
 from __future__ import annotations
 
-import os
+import sys
+from pathlib import Path
 
-for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(var, "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's exporter first, also where the venv installed another
+from exporter.tuning import tune_process  # noqa: E402
+
+tune_process()  # as the CLI does (exporter.tuning), before numpy loads
 
 import argparse  # noqa: E402
 import base64  # noqa: E402
@@ -22,14 +25,10 @@ import io  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from exporter.config import Settings  # noqa: E402
 from exporter.demo import DigitsLike, _line  # noqa: E402

@@ -3,8 +3,9 @@
 Generates digits-shaped traffic (64 features, 10 classes) for many clients, then times
   1. parse-only: reading and decoding every line (JSON, validation) — the floor;
   2. replay: the same plus every enabled detector, as ``monitaur-exporter replay`` runs.
-Both run on one core (BLAS threads pinned to 1) in one process, so their ratio is
-meaningful on a noisy machine even when the absolute numbers are not.
+Both run in one process with the command line's process settings (``exporter.tuning``: one
+BLAS thread, no huge pages for numpy's arrays, a pad at the top of the heap), so their
+ratio is meaningful on a noisy machine even when the absolute numbers are not.
 
     python3 bench/throughput.py [--events 100000] [--clients 500] [--repeat 5] [--config FILE] [--resent SHARE] [--split SHARE]
 
@@ -22,23 +23,23 @@ while an attack is under way, which honest traffic alone never shows.
 
 from __future__ import annotations
 
-import os
+import sys
+from pathlib import Path
 
-for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(var, "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's exporter first, also where the venv installed another
+from exporter.tuning import tune_process  # noqa: E402
+
+tune_process()  # as the CLI does (exporter.tuning), before numpy loads
 
 import argparse  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's exporter first, also where the venv installed another
 from exporter.config import load_settings  # noqa: E402
 from exporter.detectors import enabled_detectors  # noqa: E402
 from exporter.demo import DIM, DigitsLike, _line  # noqa: E402

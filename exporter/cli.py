@@ -5,13 +5,11 @@ Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
 
 from __future__ import annotations
 
-import os
+from exporter.tuning import tune_process
 
-# Detectors multiply small matrices, one client's batch at a time under the pipeline's
-# lock: BLAS worker threads only add synchronisation there (replay of 100k events took
-# 19-21 s with two threads, 9 s with one). Set before numpy loads; an operator's own setting wins.
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+# Before numpy loads: one BLAS thread, no huge pages for numpy's arrays, a pad at the top
+# of the heap (exporter.tuning says why); an operator's own setting wins.
+tune_process()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
