@@ -9,17 +9,20 @@ Each one is a default: an operator's own environment variable wins.
 - **No transparent huge pages for numpy's arrays** (``NUMPY_MADVISE_HUGEPAGE=0``). numpy
   asks the kernel for huge pages on every array of 4 MiB or more. Where the kernel then
   compacts memory to find them (``/sys/kernel/mm/transparent_hugepage/defrag`` set to
-  ``madvise``, Debian's default), each new large array stalls: rebuilding the
-  ``fingerprint`` index's 32 MiB table took 320-350 ms with them and 83 ms without.
-- **A 64 MiB pad at the top of glibc's heap** (``mallopt(M_TOP_PAD)``; the
-  ``MALLOC_TOP_PAD_`` variable wins, and other C libraries are left alone). With glibc's
-  default of 128 KiB the heap grows and shrinks by small steps as blocks of events are
-  judged (1,544 ``brk`` calls in one replay of 100,000 events, 22 with the pad), and the
-  kernel zeroes the same memory again each time it grows: the pad keeps at most 64 MiB
-  of freed memory for reuse.
+  ``madvise``, the kernel's default), each new large array stalls, such as the 32 MiB table
+  that the ``fingerprint`` index rebuilds as it grows.
+- **A 64 MiB pad at the top of glibc's heap** (``mallopt(M_TOP_PAD)``). With glibc's
+  default the heap grows and shrinks by small steps as blocks of events are judged, and
+  the kernel zeroes the same memory again each time it grows: the pad keeps at most
+  64 MiB of freed memory for reuse. Setting it also stops glibc from adjusting the size
+  from which an allocation gets a mapping of its own; left where it happened to be, that
+  size would depend on what the process freed before, so it is set as well
+  (``M_MMAP_THRESHOLD``): 32 MiB, the most glibc's own adjustment goes to. Where the
+  operator tunes glibc's allocator (``MALLOC_TOP_PAD_``, ``MALLOC_MMAP_THRESHOLD_``,
+  ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_MAX_``, or ``glibc.malloc`` tunables in
+  ``GLIBC_TUNABLES``), the heap is left to that, and so it is on other C libraries.
 
-Together they made the first replay in a fresh process 15 to 18 % faster
-(``bench/throughput.py``; docs/performance.md, run 10, gives the figures and commands).
+What they gain and cost: docs/performance.md, "Process settings" (``bench/throughput.py``).
 """
 
 from __future__ import annotations
@@ -34,24 +37,24 @@ ENVIRONMENT: dict[str, str] = {
     "MKL_NUM_THREADS": "1",
     "NUMPY_MADVISE_HUGEPAGE": "0",
 }
-M_TOP_PAD = -2  # glibc's mallopt parameter number (malloc.h)
-HEAP_TOP_PAD = 64 << 20  # bytes
-TOP_PAD_VARIABLE = "MALLOC_TOP_PAD_"  # glibc reads it at start-up; set, it wins over HEAP_TOP_PAD
+M_TOP_PAD = -2  # glibc's mallopt parameter numbers (malloc.h)
+M_MMAP_THRESHOLD = -3
+HEAP: tuple[tuple[int, int], ...] = ((M_MMAP_THRESHOLD, 32 << 20), (M_TOP_PAD, 64 << 20))  # (parameter, bytes)
+GLIBC_MALLOC_VARIABLES = ("MALLOC_TOP_PAD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_")
 
 
 def tune_process(environ: MutableMapping[str, str] | None = None, libc: Any = None) -> bool:
     """Apply the settings above that the environment does not set; call before numpy loads.
 
     ``environ`` (default ``os.environ``) and ``libc`` (default: the C library of this
-    process, on glibc only) are parameters for tests. Returns whether the heap's pad was
-    set. Never raises: on another C library, or one without ``mallopt``, the heap is left
-    as it is.
+    process, on glibc only) are parameters for tests. Returns whether the heap was tuned.
+    Never raises: on another C library, or one without ``mallopt``, the heap is left as it is.
     """
     env = os.environ if environ is None else environ
     for name, value in ENVIRONMENT.items():
         env.setdefault(name, value)
-    if TOP_PAD_VARIABLE in env:
-        return False
+    if any(name in env for name in GLIBC_MALLOC_VARIABLES) or "glibc.malloc." in env.get("GLIBC_TUNABLES", ""):
+        return False  # glibc read the operator's own settings at start-up
     if libc is None:
         if not _glibc():
             return False
@@ -63,7 +66,7 @@ def tune_process(environ: MutableMapping[str, str] | None = None, libc: Any = No
     if mallopt is None:
         return False
     try:
-        return bool(mallopt(M_TOP_PAD, HEAP_TOP_PAD))  # 1 on success
+        return all([bool(mallopt(param, value)) for param, value in HEAP])  # 1 on success
     except (OSError, TypeError, ValueError):
         return False
 
