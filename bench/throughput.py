@@ -4,8 +4,9 @@ Generates digits-shaped traffic (64 features, 10 classes) for many clients, then
   1. parse-only: reading and decoding every line (JSON, validation) — the floor;
   2. replay: the same plus every enabled detector, as ``monitaur-exporter replay`` runs.
 Both run in one process with the command line's process settings (``exporter.tuning``: one
-BLAS thread, no huge pages for numpy's arrays, a pad at the top of the heap), so their
-ratio is meaningful on a noisy machine even when the absolute numbers are not.
+BLAS thread, no huge pages for numpy's arrays), so their ratio is meaningful on a noisy
+machine even when the absolute numbers are not. The kernel time and page faults of the
+fastest replay are reported too: new memory is where a VM's kernel costs most.
 
     python3 bench/throughput.py [--events 100000] [--clients 500] [--repeat 5] [--config FILE] [--resent SHARE] [--split SHARE]
 

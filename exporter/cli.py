@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from exporter.tuning import tune_process
 
-# Before numpy loads: one BLAS thread, no huge pages for numpy's arrays, a pad at the top
-# of the heap (exporter.tuning says why); an operator's own setting wins.
+# Before numpy loads: one BLAS thread, no huge pages for numpy's arrays (exporter.tuning
+# says why); an operator's own setting wins.
 tune_process()
 
 import argparse  # noqa: E402
