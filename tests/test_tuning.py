@@ -37,11 +37,15 @@ def _python(code: str, **env: str) -> str:
 
 
 def test_the_command_line_applies_them_before_numpy_loads() -> None:
-    probe = "import exporter.cli, numpy, os; print(numpy._core.multiarray._get_madvise_hugepage(), os.environ['OMP_NUM_THREADS'])"
-    try:
-        assert _python(probe) == "False 1"
-        assert _python(probe, NUMPY_MADVISE_HUGEPAGE="1", OMP_NUM_THREADS="2") == "True 2"
-    except subprocess.CalledProcessError as exc:
-        if "_get_madvise_hugepage" in exc.stderr:
-            pytest.skip("this numpy does not report its huge-page setting")
-        raise
+    # numpy reads NUMPY_MADVISE_HUGEPAGE when it loads, and reports the result (numpy 1 and 2 differ in where)
+    probe = (
+        "import exporter.cli, numpy, os\n"
+        "core = getattr(numpy, '_core', None) or numpy.core\n"
+        "get = getattr(core.multiarray, '_get_madvise_hugepage', None)\n"
+        "print(get() if get else 'unknown', os.environ['OMP_NUM_THREADS'])"
+    )
+    found = _python(probe)
+    if found.startswith("unknown"):
+        pytest.skip("this numpy does not report its huge-page setting")
+    assert found == "False 1"
+    assert _python(probe, NUMPY_MADVISE_HUGEPAGE="1", OMP_NUM_THREADS="2") == "True 2"
