@@ -20,8 +20,15 @@ from __future__ import annotations
 
 import os
 
-for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(var, "1")
+# The command line's process settings, from the checkout being measured (exporter.tuning,
+# before numpy loads); a checkout older than that module pinned only the BLAS threads.
+try:
+    from exporter.tuning import tune_process
+except ImportError:
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+else:
+    tune_process()
 
 import argparse  # noqa: E402
 import base64  # noqa: E402

@@ -133,6 +133,7 @@ def main() -> int:
             after = resource.getrusage(resource.RUSAGE_SELF)
             kernel.append((after.ru_stime - before.ru_stime, after.ru_minflt - before.ru_minflt))
     groups = (report.get("groups") or {}).values()
+    fastest = full.index(min(full))
     result = {
         "events": args.events,
         "clients": args.clients,
@@ -144,8 +145,8 @@ def main() -> int:
         "replay_events_per_s": round(args.events / min(full)),
         "replay_to_parse_ratio": round(min(parse) / min(full), 3),
         # of the fastest replay: time the kernel spent for it (page faults, mostly) and its page faults
-        "replay_kernel_seconds": round(kernel[full.index(min(full))][0], 2),
-        "replay_page_faults": kernel[full.index(min(full))][1],
+        "replay_kernel_seconds": round(kernel[fastest][0], 2),
+        "replay_page_faults": kernel[fastest][1],
         # with links on: the groups the replay named (honest traffic should form none; --split one of SPLIT_KEYS keys)
         "groups": len(groups),
         "clients_in_groups": sum(len(g["members"]) for g in groups),
