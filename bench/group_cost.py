@@ -53,7 +53,7 @@ def link(groups: ModelGroups, queries: dict[str, int], child: str, parent: str, 
     keys = np.zeros((1, 2), dtype=np.uint64)
     keys[0, 0] = client_key(parent)
     block.prepared["links"] = (np.ones(1, dtype=bool), np.ones(1, dtype=bool), keys)
-    groups.observe(block, np.zeros(1, dtype=bool), lambda c: queries.get(c, 0))
+    groups.observe(block, np.zeros(1, dtype=bool))
 
 
 def grow(groups: ModelGroups, queries: dict[str, int], n: int, shape: str) -> float:
@@ -70,20 +70,20 @@ def grow(groups: ModelGroups, queries: dict[str, int], n: int, shape: str) -> fl
 
 def measure(n: int, shape: str) -> dict[str, float]:
     params = LinksParams()
-    book = GroupBook()
-    groups = book.model("m", params)
     queries: dict[str, int] = {}
+    book = GroupBook(queries=lambda c, m: queries.get(c, 0))
+    groups = book.model("m", params)
     started = time.perf_counter()
     ts = grow(groups, queries, n, shape)
     grow_s = time.perf_counter() - started
     events = sum(queries.values())
     sizes = sorted((len(g.joined) for g in groups.groups.values()), reverse=True)
     t = time.perf_counter()
-    book.summaries(lambda c, m: queries.get(c, 0))
+    book.summaries()
     read = time.perf_counter() - t
     t = time.perf_counter()
     book.forget(f"k{n // 2}")
-    book.summaries(lambda c, m: queries.get(c, 0))
+    book.summaries()
     evict = time.perf_counter() - t
     t = time.perf_counter()
     book.expire(ts + params.ttl_seconds + 1.0)
@@ -99,8 +99,8 @@ def churn(n: int, blocks: int = 200) -> float:
     client ids, which push the two least recently linked keys out. A chain stays one group
     when its oldest keys leave, so every block leaves a large group to re-split."""
     params = LinksParams(max_tracked_clients=n)
-    groups = GroupBook().model("m", params)
     queries: dict[str, int] = {}
+    groups = GroupBook(queries=lambda c, m: queries.get(c, 0)).model("m", params)
     ts = grow(groups, queries, n, "chain")
     started = time.perf_counter()
     for j in range(blocks):
@@ -113,8 +113,8 @@ def steady(tracked: int, blocks: int = 2000) -> float:
     """µs per one-event block once edges age out continuously: each of ``tracked`` clients linked
     once, one link per TTL / ``tracked`` of event time."""
     params = LinksParams(max_tracked_clients=tracked)
-    groups = GroupBook().model("m", params)
     queries: dict[str, int] = {}
+    groups = GroupBook(queries=lambda c, m: queries.get(c, 0)).model("m", params)
     step = params.ttl_seconds / tracked
     for i in range(tracked):
         link(groups, queries, f"c{i}", f"c{(i + 1) % tracked}", i * step)
@@ -133,7 +133,7 @@ def full_tables(peers: int) -> tuple[float, float]:
     n, half = params.max_tracked_clients, max(1, peers // 2)
     queries = {f"c{i}": half for i in range(n)}  # (the feed's own counts, allocated before tracing)
     tracemalloc.start()
-    groups = GroupBook().model("m", params)
+    groups = GroupBook(queries=lambda c, m: queries.get(c, 0)).model("m", params)
     for i in range(n):
         for j in range(1, half + 1):
             link(groups, queries, f"c{i}", f"c{(i + j) % n}", float(i))

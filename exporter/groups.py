@@ -158,7 +158,8 @@ class _Group:
 class ModelGroups:
     """The groups of one model (see the module docstring)."""
 
-    def __init__(self, model: str, params: "LinksParams", threshold: float, new_number: Callable[[], int]) -> None:
+    def __init__(self, model: str, params: "LinksParams", threshold: float, new_number: Callable[[], int],
+                 queries: Callable[[str], int]) -> None:
         self.model = model
         self.params = params
         self.threshold = threshold
@@ -167,37 +168,30 @@ class ModelGroups:
         self.groups: dict[str, _Group] = {}
         self.member_of: dict[int, str] = {}
         self.maxima: list[float] = []  # the maximum score of every dissolved group (calibration)
-        self._queries: Callable[[str], int] = lambda _: 0
+        self._queries = queries  # a client's queries on the model so far (a block's included once it is being observed)
         self._block_counts: dict[int, tuple[int, np.ndarray]] = {}  # key -> (queries before the block, its rows)
         self._names: dict[int, str] = {}  # key -> client id, for the clients of the block being processed
         self._row_keys: list[int] = []  # the block's client key per row
         self._cursor = -1  # rows of the block up to here are counted in every group's ``queries``
         self._touched: set[str] = set()  # groups whose members sent queries in the block so far
-        self._resync = False  # the groups' ``queries`` are to be recounted from the clients' (after a restore)
         self._listers: dict[int, set[int]] = {}  # key -> the clients whose peers hold it (the other view of each edge)
         self._dirty: set[str] = set()  # groups that lost members or edges since their last split (settle)
         self._oldest = math.inf  # no edge or flag is older than this (event time): expiry has nothing to do before
         self._next_scan = -math.inf  # event time before which a block does not scan for expired edges (_drop_stale)
 
     # -- per block ----------------------------------------------------------------------
-    def observe(self, block: "Block", flagged: np.ndarray, queries: Callable[[str], int]) -> None:
+    def observe(self, block: "Block", flagged: np.ndarray) -> None:
         """Fold the block's links (``block.prepared``) into edges and groups, in time order.
 
         ``flagged``: per event of the block, whether the links detector flagged its client
-        right after it; ``queries(client)``: the client's queries on the model so far (the
-        block included).
+        right after it. The clients' query counts already include the block.
         """
         found = block.prepared.get(SOURCE)  # None when the detector failed on the block: its queries still count
-        self._queries = queries
         rows = np.flatnonzero(found[1]) if found is not None else np.zeros(0, dtype=np.int64)
         parents = found[2] if found is not None else None
         self._block_counts, self._touched, self._cursor = {}, set(), -1
         if rows.size or self.groups:
             self._count_block(block)
-            if self._resync:  # after a restore: the members' counts before this block, once
-                self._resync = False
-                for g in self.groups.values():
-                    g.queries = self._members_queries(g)
             for i in rows.tolist():
                 ts = float(block.events[i].ts)
                 child = client_key(block.events[i].client)
@@ -416,8 +410,7 @@ class ModelGroups:
         then recompute every group's score, since its members' query counts have moved on."""
         self._drop_stale(now)
         self.settle()
-        if not self._resync:  # restored groups keep their saved scores until the first block recounts them
-            self._refresh(None)
+        self._refresh(None)
 
     def _drop_stale(self, now: float) -> None:
         limit = now - self.params.ttl_seconds
@@ -546,7 +539,7 @@ class ModelGroups:
         del self.groups[g.gid]
 
     # -- reading --------------------------------------------------------------------------
-    def summary(self, gid: str, queries: Callable[[str], int]) -> GroupSummary:
+    def summary(self, gid: str) -> GroupSummary:
         g = self.groups[gid]
         with_members: dict[int, int] = dict.fromkeys(g.joined, 0)  # each member's links with the others, each edge once
         for k in g.joined:
@@ -561,7 +554,7 @@ class ModelGroups:
             if c.name is None:  # never: a member joined through a query of its own, which named it (load checks it)
                 continue
             links = with_members[k]
-            q = queries(c.name)
+            q = self._queries(c.name)
             members.append(MemberSummary(c.name, links, q, min(1.0, links / max(q, 1)), joined))
         members.sort(key=lambda m: (-m.strength, m.client))
         return GroupSummary(gid, self.model, tuple(members), g.score, g.flagged, self.threshold, g.links, g.created, g.first_flagged)
@@ -631,8 +624,9 @@ class ModelGroups:
         for k, c in clients.items():
             for peer in c.peers:
                 self._listers.setdefault(peer, set()).add(k)
+        for g in groups.values():  # the clients are restored first: their counts are the ones the scores were taken over
+            g.queries = self._members_queries(g)
         self._dirty = set(groups)  # a split may have been due when the snapshot was taken: each group is re-split once
-        self._resync = True
         self._oldest = self._next_scan = -math.inf  # the next block's expiry check looks at everything restored
 
 
@@ -700,8 +694,11 @@ def _share(value: Any) -> float:
 class GroupBook:
     """The groups of every model of a pipeline, and the one sequence their ids come from."""
 
-    def __init__(self, profile: "Profile | None" = None) -> None:
+    def __init__(self, profile: "Profile | None" = None, queries: Callable[[str, str], int] = lambda client, model: 0) -> None:
+        """``queries(client, model)``: the client's queries on the model so far (the pipeline's
+        store), which the groups' scores and the members' strengths are taken over."""
         self.profile = profile
+        self._client_queries = queries
         self.by_model: dict[str, ModelGroups] = {}
         self._next = 1
         self._reserve: Callable[[int], None] | None = None  # records that numbers below its argument may be in use
@@ -732,7 +729,7 @@ class GroupBook:
             mp = self.profile.models.get(model) if self.profile is not None else None
             if mp is not None and "threshold" in (mp.groups or {}) and mp.params.get(SOURCE) == params_digest(params, "threshold"):
                 threshold = float(mp.groups["threshold"])
-            mg = self.by_model[model] = ModelGroups(model, params, threshold, self._number)
+            mg = self.by_model[model] = ModelGroups(model, params, threshold, self._number, lambda c: self._client_queries(c, model))
         return mg
 
     # -- fed by the pipeline -----------------------------------------------------------------
@@ -746,12 +743,12 @@ class GroupBook:
             block.flagged[SOURCE] = np.zeros(len(block), dtype=bool)
         block.flagged[SOURCE][batch.rows] = found.flagged
 
-    def process(self, model: str, params: "LinksParams | None", block: "Block", queries: Callable[[str], int]) -> None:
+    def process(self, model: str, params: "LinksParams | None", block: "Block") -> None:
         """Fold a judged block into the model's groups."""
         flags = block.flagged.get(SOURCE)
         if params is None:
             return
-        self.model(model, params).observe(block, flags if flags is not None else np.zeros(len(block), dtype=bool), queries)
+        self.model(model, params).observe(block, flags if flags is not None else np.zeros(len(block), dtype=bool))
 
     def forget(self, client: str) -> None:
         key = client_key(client)
@@ -763,7 +760,7 @@ class GroupBook:
             mg.expire(now)
 
     # -- reading -------------------------------------------------------------------------------
-    def summaries(self, queries: Callable[[str, str], int], only: str | None = None) -> list[GroupSummary]:
+    def summaries(self, only: str | None = None) -> list[GroupSummary]:
         """Every group, flagged first, then the most members, then by score; or only the group ``only``, if it exists.
 
         Members before score: series are cut at ``max_group_series`` in this order, and a pair of
@@ -772,7 +769,7 @@ class GroupBook:
         Every member costs a client with linked queries of its own."""
         for mg in self.by_model.values():
             mg.settle()
-        out = [mg.summary(gid, lambda c, m=mg.model: queries(c, m)) for mg in self.by_model.values()
+        out = [mg.summary(gid) for mg in self.by_model.values()
                for gid in (mg.groups if only is None else [only] if only in mg.groups else [])]
         return sorted(out, key=lambda s: (not s.flagged, -len(s.members), -s.score, s.group))
 

@@ -94,7 +94,7 @@ class Pipeline:
         self.store = ClientStore(settings.state.max_clients, settings.state.idle_ttl_seconds, self._evicted)
         self.recently_flagged = RecentlyFlagged(settings.verdict.max_recently_flagged)
         self.verdicts = Verdicts(settings.verdict.hold_seconds, self.recently_flagged, self.store, self.metrics, self._forget, event_time)
-        self.groups = GroupBook(profile)
+        self.groups = GroupBook(profile, self._queries_on)
         self.view = ClientView(self.lock, self.store, self.runtimes, self.recently_flagged, self.group_summaries)
         self.collector = ClientCollector(
             self.view,
@@ -282,15 +282,15 @@ class Pipeline:
     def _judge_groups(self, rt: ModelRuntime, block: Block) -> None:
         """Fold the block's cross-client links into the model's groups (after every client's batch was judged)."""
         model = block.model
-
-        def queries(client: str) -> int:
-            st = self.store.get(client)
-            return st.queries.get(model, 0) if st is not None else 0
-
         try:
-            self.groups.process(model, links_params(rt), block, queries)
+            self.groups.process(model, links_params(rt), block)
         except Exception as exc:  # groups are a reading of the links, never a reason to lose the block
             self._detector_failed("links", len(block), model, exc)
+
+    def _queries_on(self, client: str, model: str) -> int:
+        """A client's queries on a model so far (what groups' scores are taken over); 0 if untracked."""
+        st = self.store.get(client)
+        return st.queries.get(model, 0) if st is not None else 0
 
     def group_ids(self, client_id: str) -> list[str]:
         """The groups a client is in (at most one per model), under the lock."""
@@ -300,11 +300,7 @@ class Pipeline:
     def group_summaries(self, only: str | None = None) -> list[GroupSummary]:
         """Every group (flagged first, then by score), or only the group ``only`` (if it exists), under the lock."""
         with self.lock:
-            def queries(client: str, model: str) -> int:
-                st = self.store.get(client)
-                return st.queries.get(model, 0) if st is not None else 0
-
-            return self.groups.summaries(queries, only)
+            return self.groups.summaries(only)
 
     def _group_limits(self, model: str) -> tuple[int, int]:
         params = links_params(self.runtimes.get(model))

@@ -23,9 +23,9 @@ class Feed:
     """A model's groups fed one link at a time, with per-client query counts."""
 
     def __init__(self, params: LinksParams = PARAMS) -> None:
-        self.book = GroupBook()
-        self.groups = self.book.model("m", params)
         self.queries: dict[str, int] = {}
+        self.book = GroupBook(queries=lambda c, m: self.queries.get(c, 0))
+        self.groups = self.book.model("m", params)
 
     def link(self, child: str, parents: list[str], ts: float, flagged: bool = True, queries: int = 0) -> None:
         """One event of ``child`` that continued queries of ``parents`` (after ``queries`` more of its own)."""
@@ -37,7 +37,7 @@ class Feed:
         linked = np.zeros(n, dtype=bool)
         linked[-1] = True
         block.prepared["links"] = (np.ones(n, dtype=bool), linked, keys)
-        self.groups.observe(block, np.full(n, flagged), lambda c: self.queries.get(c, 0))
+        self.groups.observe(block, np.full(n, flagged))
 
     def members(self) -> dict[str, set[str]]:
         return {gid: {self.groups.clients[k].name for k in g.joined} for gid, g in self.groups.groups.items()}
@@ -55,7 +55,7 @@ def test_two_flagged_clients_linked_often_enough_form_a_group_with_a_stable_id()
     assert f.members() == {"g1": {"a", "b"}}  # two links with a, but c made both: a link only *to* a client never joins it
     f.link("a", ["c"], 4.5)
     assert f.members() == {"g1": {"a", "b", "c"}}  # each made one: c joins, the id stays
-    s = f.groups.summary("g1", lambda c: f.queries.get(c, 0))
+    s = f.groups.summary("g1")
     assert {m.client for m in s.members} == {"a", "b", "c"} and s.links == 6 and s.created == 2.0
     assert all(m.links >= 1 and 0 < m.strength <= 1 for m in s.members)
 
@@ -192,7 +192,7 @@ def test_a_client_id_that_starts_with_a_hash_is_listed_as_sent() -> None:
     f.link("a", ["#b"], 1.0)  # "#b" is only a's peer here: known by key
     f.link("#b", ["a"], 2.0)
     assert f.members() == {"g1": {"a", "#b"}}
-    assert {m.client for m in f.groups.summary("g1", lambda c: f.queries.get(c, 0)).members} == {"a", "#b"}
+    assert {m.client for m in f.groups.summary("g1").members} == {"a", "#b"}
 
 
 def _links_between(mg: ModelGroups, a: int, b: int) -> int:
@@ -246,14 +246,14 @@ def test_the_kept_counts_equal_a_recount_from_scratch_through_joins_merges_expir
             f.book.forget(names[int(rng.integers(len(names)))])
         if step % 53 == 0:
             f.groups.expire(t)
-        f.book.summaries(lambda c, m: f.queries.get(c, 0))  # a read settles the groups that lost members
+        f.book.summaries()  # a read settles the groups that lost members
         mg = f.groups
         assert {frozenset(g.joined) for g in mg.groups.values()} == _components(mg)
         for g in mg.groups.values():
             keys = list(g.joined)
             assert g.links == sum(_links_between(mg, a, b) for i, a in enumerate(keys) for b in keys[i + 1 :])
             assert g.queries == sum(f.queries.get(mg.clients[k].name, 0) for k in keys)
-            assert sum(m.links for m in mg.summary(g.gid, lambda c: 0).members) == 2 * g.links  # every edge, from both ends
+            assert sum(m.links for m in mg.summary(g.gid).members) == 2 * g.links  # every edge, from both ends
             assert all(mg.member_of[k] == g.gid for k in keys)
     assert len(f.groups.groups) >= 1  # the feed did make groups
 
@@ -280,7 +280,7 @@ def test_saved_groups_that_do_not_hold_together_are_dropped_and_the_rest_restore
         assert "do not hold together" in caplog.text
         caplog.clear()
         assert book.by_model["m"].groups == {} and book.of("a") == ["g1"]  # model n's copy restored
-        assert [s.group for s in book.summaries(lambda c, m: 1)] == ["g1"]
+        assert [s.group for s in book.summaries()] == ["g1"]
     book = GroupBook()
     book.load({**good, "next": 1}, lambda model: PARAMS)
     f2 = Feed()
@@ -336,7 +336,7 @@ def test_a_block_re_splits_a_group_at_most_once_per_64th_of_the_ttl_and_a_read_a
     f.book.forget("d")
     f.link("x", ["y"], 30.0)
     assert f.members() == {"g1": {"c"}}  # waits again ...
-    assert [s.group for s in f.book.summaries(lambda c, m: 1)] == [] and f.members() == {}  # ... but never for a read
+    assert [s.group for s in f.book.summaries()] == [] and f.members() == {}  # ... but never for a read
 
 
 def test_chance_links_of_an_honest_client_weeks_apart_never_make_it_a_possible_member() -> None:
@@ -391,7 +391,7 @@ def test_pairs_of_keys_with_high_scores_do_not_push_a_larger_flagged_group_out_o
             t += 1.0
             f.link(b, [a], t)
     registry = CollectorRegistry()
-    registry.register(GroupCollector(lambda: f.book.summaries(lambda c, m: f.queries.get(c, 0)),
+    registry.register(GroupCollector(lambda: f.book.summaries(),
                                      lambda m: (params.max_group_series, params.max_member_series)))
     text = generate_latest(registry).decode()
     assert 'monitaur_groups{model="m"} 51.0' in text
@@ -416,7 +416,7 @@ def test_a_group_held_together_by_an_edge_that_space_saving_drops_is_re_split() 
         f.link(s, ["h"], t)  # and h's table is filled by others' links to it
     m, h = f.groups.clients[client_key("m")], f.groups.clients[client_key("h")]
     assert client_key("h") not in m.peers and client_key("m") not in h.peers
-    f.book.summaries(lambda c, m: 1)
+    f.book.summaries()
     assert f.members() == {}  # a read re-splits the group: m and h have no edge left
     assert f.book.of("h") == []
 
@@ -471,6 +471,6 @@ def test_a_re_split_due_when_the_snapshot_was_taken_happens_after_the_restore() 
     g = Feed()
     g.book, g.groups = restored, restored.by_model["m"]
     assert g.members() == {"g1": {"a", "b", "d", "e"}}  # as saved, until the first settle
-    restored.summaries(lambda c, m: 1)
-    f.book.summaries(lambda c, m: 1)
+    restored.summaries()
+    f.book.summaries()
     assert g.members() == f.members() and sorted(map(sorted, g.members().values())) == [["a", "b"], ["d", "e"]]

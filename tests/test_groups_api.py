@@ -43,7 +43,7 @@ def link(a: App, child: str, parents: list[str], ts: float) -> None:
     keys[0, : len(parents)] = [client_key(p) for p in parents]
     block.prepared["links"] = (np.ones(1, dtype=bool), np.ones(1, dtype=bool), keys)
     with a.pipeline.lock:
-        a.pipeline.groups.model("digits", params).observe(block, np.array([True]), lambda c: 1)
+        a.pipeline.groups.model("digits", params).observe(block, np.array([True]))
 
 
 def make_group(a: App) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -240,6 +241,27 @@ def _two_members(groups: int = 1) -> dict[str, Any]:
              "flagged": True, "first_flagged": 1.0}
     return {"clients": [member, {**member, "key": k2, "name": "c2", "peers": [[k1, 3, 1.0, 1, 2]]}],
             "groups": [{**group, "gid": f"g{n}", "number": n} for n in range(1, groups + 1)], "maxima": []}
+
+
+def test_restored_groups_are_scored_over_their_members_restored_queries() -> None:
+    """After a restart a group's score is its links over its members' queries, as before it. The
+    restored groups count the restored clients' queries: they used to count none until the
+    model's next block, so that every restored group scored 1 and was flagged, on reads and
+    sweeps alike."""
+    settings, doc = _thirty_clients_with_links()
+    now = time.time()
+    saved = _two_members()
+    for c in saved["clients"]:
+        c.update(flagged_at=now, own=[now] * 3, peers=[[*c["peers"][0][:2], now, *c["peers"][0][3:]]])
+    g = saved["groups"][0]
+    g.update(created=now, joined=[[k, now] for k, _ in g["joined"]], score=0.075, max_score=0.075, first_flagged=now)
+    doc["groups"]["models"]["digits"] = saved
+    q = Pipeline(settings)
+    assert q.restore(pack(doc)) == 30
+    for _ in range(2):
+        [s] = q.group_summaries()
+        assert s.score == pytest.approx(3 / 40) and {m.client: m.queries for m in s.members} == {"c1": 20, "c2": 20}
+        q.expire()  # the periodic sweep scores them the same way
 
 
 def _edited(model: dict[str, Any], edit: str) -> Any:
