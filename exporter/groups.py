@@ -568,6 +568,10 @@ class ModelGroups:
 
     # -- snapshots -------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
+        """The model's groups for a snapshot, settled first (as a read would see them): a group that
+        lost members and waits for its re-split can hold one member, or one without a flag, which
+        :meth:`load` refuses."""
+        self.settle()
         return {
             "clients": [
                 {"key": k, "name": c.name, "flagged_at": c.flagged_at, "own": list(c.own), "peers": [[p, e.links, e.last, e.made, e.got] for p, e in c.peers.items()]}
