@@ -270,10 +270,14 @@ class Pipeline:
         with self.lock:
             return self.verdicts.release(client_id, who, reason, self.clock())
 
-    def _forget(self, client_id: str) -> None:
+    def _forget(self, client_id: str, groups: bool = True) -> None:
         """Drop what is kept about a client outside its own state: the detectors' shared indexes
-        and its links in the groups (on release and eviction: that history judges it no more)."""
-        self.groups.forget(client_id)
+        and (``groups``) its links in the groups. On release and eviction, all of it: that history
+        judges it no more. When its flag lapses, its own detection restarts, but its links to other
+        clients stay: they are the groups' evidence, which expires by the ``links`` TTL, not by
+        the verdict's hold."""
+        if groups:
+            self.groups.forget(client_id)
         for _, rt in self.runtimes:
             for det in rt.detectors:
                 det.forget_client(client_id)

@@ -17,7 +17,8 @@ how far over their thresholds), and the client stays flagged until one of:
 Released and lapsed clients start afresh: their detector and fusion state is restarted,
 so the history that flagged them does not flag them again at once (a latching detector
 such as ``prada`` would). Their counters and lifetime first-flag indexes (the replay
-report's ``first_flagged_query``) are kept.
+report's ``first_flagged_query``) are kept. A lapsed client also keeps its links to other
+clients, and so its group (:mod:`exporter.groups`): they expire by their own TTL.
 
 Everything here runs under the pipeline's lock; reads go through :class:`exporter.view.ClientView`.
 """
@@ -199,8 +200,9 @@ class RecentlyFlagged:
 class Verdicts:
     """The sticky verdict of every tracked client: flags, holds, releases and evictions.
 
-    ``forget(client_id)`` drops what detectors keep about a client outside its own state
-    (shared indexes); it is called when a client's detector state is restarted.
+    ``forget(client_id, groups)`` drops what detectors keep about a client outside its own
+    state (shared indexes), and its links in the groups if ``groups``; it is called when a
+    client's detector state is restarted: with ``groups`` on release, without when a flag lapses.
     """
 
     def __init__(
@@ -209,7 +211,7 @@ class Verdicts:
         recent: RecentlyFlagged,
         store: "ClientStore",
         metrics: "Metrics",
-        forget: Callable[[str], None],
+        forget: Callable[[str, bool], None],
         event_time: bool = False,
     ) -> None:
         self.hold_seconds = hold_seconds
@@ -342,7 +344,7 @@ class Verdicts:
         self.version += 1
         if release is not None:
             client.released = release
-        restart(client, self._forget)
+        restart(client, lambda client_id: self._forget(client_id, cause != HOLD_EXPIRED))
         self.store.refile(client.client_id)
         self.metrics.flags_cleared.labels(cause).inc()
         if release is not None:

@@ -84,6 +84,44 @@ def test_the_flag_lapses_after_the_hold_without_a_new_flag_and_detection_restart
     assert not p.store["mallory"].suspicious and p.store["mallory"].first_flagged_query == 1  # the lifetime history stays
 
 
+def test_a_lapsed_flag_keeps_the_clients_group() -> None:
+    """A lapse restarts the client's own detection; its links to other clients are the groups'
+    evidence, which expires by the links TTL, not by the verdict's hold. (A lapse used to
+    dissolve the group of a key that still explored with the others, and the group formed
+    again later under a new id, which paged again.) A release still takes it out."""
+    import numpy as np
+
+    from exporter.config import Settings
+    from exporter.detectors.base import Block
+    from exporter.detectors.fingerprint import client_key
+    from exporter.events import Event
+    from exporter.groups import links_params
+
+    clock = Clock(1000.0)
+    settings = Settings(plugins={"marked": "tests.plugins:Marked"}, detectors={"marked": {}, "links": {"enabled": True}},
+                        fusion={"inputs": ["marked"]}, verdict={"hold_seconds": 100}, state={"dir": None})
+    p = Pipeline(settings, Metrics(enabled_detectors(settings)), clock=clock)
+    send(p, clock, "syb-0", True)  # flagged at t = 1001
+    send(p, clock, "syb-1", False, False)
+    params = links_params(p.runtimes.get("digits"))
+    for child, parent in [("syb-0", "syb-1"), ("syb-1", "syb-0")] * 3:  # links found by the links detector
+        clock.t += 1.0
+        block = Block("digits", [Event(child, "digits", clock.t, "tabular", vector=np.zeros(64))])
+        keys = np.zeros((1, 2), dtype=np.uint64)
+        keys[0, 0] = client_key(parent)
+        block.prepared["links"] = (np.ones(1, dtype=bool), np.ones(1, dtype=bool), keys)
+        p.groups.model("digits", params).observe(block, np.array([True]))
+    [gid] = p.group_ids("syb-0")
+    clock.t = 1200.0
+    p.expire()
+    assert p.store["syb-0"].flag.cleared == "hold_expired" and p.store["syb-0"].detector_state == {}
+    assert p.group_ids("syb-0") == p.group_ids("syb-1") == [gid]
+    assert {m.client for m in p.group_summaries(gid)[0].members} == {"syb-0", "syb-1"}
+    send(p, clock, "syb-1", True)
+    p.release("syb-1", "oncall", "checked")
+    assert p.group_ids("syb-0") == p.group_ids("syb-1") == []
+
+
 def test_an_inactive_client_lapses_when_it_comes_back_after_the_hold() -> None:
     clock = Clock(1000.0)
     p = make(clock, latch=True, verdict={"hold_seconds": 100})
