@@ -44,9 +44,9 @@ def _number(group_id: str) -> int:
 def _expected_members(doc: dict[str, Any]) -> set[str] | None | Answer:
     """The members an override request (its body's object) expects the group to have
     (``"members"``), None when it names none, or the 400 answer."""
-    found = doc.get("members")
-    if found is None:
+    if "members" not in doc:  # (a null is refused: a client that writes a missing list as null would lose the guard unawares)
         return None
+    found = doc["members"]
     if not isinstance(found, list) or not found or not all(is_valid_name(c) for c in found):
         return error(400, "invalid_members", "members, if given, is the list of client ids the group had when you read it")
     return set(found)

@@ -156,6 +156,7 @@ def test_a_block_or_release_that_names_the_members_it_read_acts_only_if_they_are
         link(app, child, [parent], 20.0)
     assert app.pipeline.group_ids("late") == [gid]
     for body, reason in [({"reason": "r", "members": "syb-0"}, "invalid_members"), ({"reason": "r", "members": []}, "invalid_members"),
+                         ({"reason": "r", "members": None}, "invalid_members"),
                          ({"reason": "r", "members": ["syb-0", 7]}, "invalid_members")]:
         r = post("release", body)
         assert (r.status_code, r.json()["reason"]) == (400, reason), r.text
