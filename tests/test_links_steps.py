@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from exporter.detectors import links as links_module
-from exporter.detectors.base import Block
+from exporter.detectors.base import Batch, Block
 from exporter.detectors.fingerprint import client_key
 from exporter.detectors.links import LinksDetector
 from exporter.events import Event
@@ -67,11 +67,13 @@ def test_a_sign_step_moves_three_quarters_of_the_probe_features_by_one_size(even
     assert int(picked[0]) == (1 if even >= 6 else 0)
 
 
-def _repeated_steps(same_signs: bool) -> tuple[int, int]:
+def _repeated_steps(same_signs: bool, late: float | None = None) -> tuple[int, int]:
     """Alice makes two sign steps from each of a hundred seeds (her second steps continue her
     first: verified steps, filed in the table of steps). Bob makes two steps from each of his
     own hundred seeds, the second with the signs of alice's second steps (``same_signs``) or
-    with others. Returns how many of bob's second steps are linked, and how many of those to alice."""
+    with others; with ``late``, the block of bob's second steps starts with one query of
+    mallory's stamped then. Returns how many of bob's second steps are linked, and how many of
+    those to alice."""
     det = detector(chunk=16)
     states: dict[str, dict] = {}
     rng = np.random.default_rng(13)
@@ -87,7 +89,16 @@ def _repeated_steps(same_signs: bool) -> tuple[int, int]:
     send(det, states, "bob", np.concatenate([b0, b1]), 1700.0)
     send(det, states, "erin", WORLD.sample(rng, 16), 1900.0)
     signs = second if same_signs else np.where(rng.random(a0.shape) < 0.5, -1.0, 1.0)
-    linked, parent = send(det, states, "bob", b1 + STEP * signs, 2000.0)
+    if late is None:
+        linked, parent = send(det, states, "bob", b1 + STEP * signs, 2000.0)
+    else:
+        events = [Event("mallory", "m", late, "tabular", vector=WORLD.sample(rng, 1)[0])]
+        events += [Event("bob", "m", 2000.0 + i, "tabular", vector=v) for i, v in enumerate(b1 + STEP * signs)]
+        block = Block("m", events)
+        det.prepare(block)
+        for client, rows in (("mallory", np.arange(1)), ("bob", np.arange(1, len(events)))):
+            det.update(states.setdefault(client, det.init_state()), Batch(client, "m", [events[i] for i in rows], block, rows))
+        linked, parent = block.prepared["links"][1][1:], block.prepared["links"][2][1:, 0]
     return int(linked.sum()), int((linked & (parent == client_key("alice"))).sum())
 
 
@@ -101,6 +112,16 @@ def test_a_step_that_repeats_another_clients_verified_step_links_to_that_client(
     assert _repeated_steps(same_signs=False)[0] == 0
     monkeypatch.setattr(links_module, "_ALIKE_VALUES", 1)
     assert _repeated_steps(same_signs=True) == (linked, to_alice)
+
+
+def test_a_later_query_at_the_start_of_a_block_does_not_hide_the_table_of_steps_from_the_others() -> None:
+    """Whether a piece of a block reads the table of steps was decided by its first query's time:
+    one query stamped past the table's window at the head of a block (any client can send one)
+    kept every other query of its piece from being compared, and the result depended on how the
+    events were cut into blocks. The earliest query of the piece decides now."""
+    plain = _repeated_steps(same_signs=True)
+    assert plain[1] >= 50
+    assert _repeated_steps(same_signs=True, late=2000.0 + 3600.0 * 1.5) == plain
 
 
 def test_an_attacker_who_files_the_differences_between_records_as_its_steps_frames_nobody() -> None:

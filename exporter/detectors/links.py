@@ -851,12 +851,13 @@ class LinksDetector(Detector):
         result independent of batching. Matching steps replace the query's own step in ``steps``.
         """
         p = self.params
-        if filing.any() or self._step_last >= ts[0] - p.steps_window:
+        readable = self._step_last >= float(ts.min()) - p.steps_window  # for some query of the piece (each row is checked below)
+        if filing.any() or readable:
             r = self._probe
             floor = self._floor[:r]
             moved = ad >= floor
             step_like = pairs & (count_true(moved) >= min(_PROBE_MIN, r))
-            if step_like.any() and self._step_last >= ts[0] - p.steps_window:
+            if step_like.any() and readable:
                 qi, ki = np.nonzero(step_like)
                 bucket = self._step_bucket(du[qi, ki], moved[qi, ki])
                 fill = np.take(self._step_fill, bucket)
