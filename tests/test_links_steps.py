@@ -110,7 +110,7 @@ def test_a_step_that_repeats_another_clients_verified_step_links_to_that_client(
     linked, to_alice = _repeated_steps(same_signs=True)
     assert to_alice >= 50 and to_alice == linked  # of 100 (the index's buckets miss some of bob's own seeds)
     assert _repeated_steps(same_signs=False)[0] == 0
-    monkeypatch.setattr(links_module, "_ALIKE_VALUES", 1)
+    monkeypatch.setattr(links_module, "_PAIR_VALUES", 1)
     assert _repeated_steps(same_signs=True) == (linked, to_alice)
 
 

@@ -26,7 +26,10 @@ from exporter.hashing import splitmix64
 
 _U64 = np.uint64
 _PROBE_MIN = 3  # probe features on which both steps must agree before the full test
-_ALIKE_VALUES = 1 << 18  # feature values per block of changes tested against the table of steps (1 MiB of float32 per array)
+# Feature values per block of (query, candidate) pairs compared feature by feature (1 MiB of
+# float32 per array): the pairs of a piece can be many and the inputs wide, and one client can
+# make every pair pass the cheap test, so the full comparisons run in blocks of this size.
+_PAIR_VALUES = 1 << 18
 _MAX_DECIMALS = 6
 _MAX_ID = 1 << 62  # a restored index's next id must be below this: ids grow by one per query, and must not pass int64
 FAR_QUANTILE = 0.99  # the anchors' spacing that far_factor multiplies: this quantile of their nearest-other distances
@@ -630,10 +633,12 @@ class LinksDetector(Detector):
         # 3. The full test on the few left.
         passed = np.zeros(usable.shape, dtype=bool)
         straight = np.zeros(usable.shape, dtype=bool)
-        qi, ki = np.nonzero(usable)
-        if qi.size:
-            sel = cpos[qi, ki]
-            passed[qi, ki], straight[qi, ki] = self._continues(u[qi] - take(self._U, sel, axis=0), take(self._S, sel, axis=0))
+        qi, ki = first_pairs(usable, cpos)
+        block = pairs_per_block(u.shape[1])
+        for b in range(0, qi.size, block):
+            bq, bk = qi[b : b + block], ki[b : b + block]
+            sel = cpos[bq, bk]
+            passed[bq, bk], straight[bq, bk] = self._continues(u[bq] - take(self._U, sel, axis=0), take(self._S, sel, axis=0))
         pi, pk = np.nonzero(passed)  # row by row, in candidate order
         owner = take(self._client, cpos[pi, pk])
         other = owner != keys[pi]
@@ -810,12 +815,13 @@ class LinksDetector(Detector):
         if rows.size == 0:
             return near
         c = cpos[rows]
-        ok = alive[rows] & (np.take(self._far_seen, c) == 2)
-        qi, ki = np.nonzero(ok)
+        qi, ki = first_pairs(alive[rows] & (np.take(self._far_seen, c) == 2), c)
         if qi.size == 0:
             return near
-        diff = u[rows[qi]] - np.take(self._U, c[qi, ki], axis=0)
-        d = np.sqrt(np.einsum("ij,ij->i", diff, diff) / u.shape[1])
+        d = np.empty(qi.size, dtype=np.float32)
+        block = pairs_per_block(u.shape[1])
+        for b in range(0, qi.size, block):
+            d[b : b + block] = self._rms(u[rows[qi[b : b + block]]], c[qi[b : b + block], ki[b : b + block]])
         hit = d <= self._near
         qi, ki, d = qi[hit], ki[hit], d[hit]
         owner = np.take(self._client, c[qi, ki])
@@ -829,6 +835,11 @@ class LinksDetector(Detector):
         near[found] = linked[found] = True
         parents[found, 0] = owner[first]
         return near
+
+    def _rms(self, q: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """(n,) the RMS distance (range units) of each query ``q`` (n, width) to the entry at row ``pos`` (n,)."""
+        diff = q - np.take(self._U, pos, axis=0)
+        return np.sqrt(np.einsum("ij,ij->i", diff, diff) / q.shape[1])
 
     def _alike(
         self, u: np.ndarray, du: np.ndarray, ad: np.ndarray, pairs: np.ndarray, cpos: np.ndarray, steps: np.ndarray, filing: np.ndarray,
@@ -873,7 +884,7 @@ class LinksDetector(Detector):
                 ln, ld = np.nonzero(live)
                 # Every change against its bucket's steps, many at once (most are chance collisions of the
                 # hash), in blocks: the pairs can be many and the inputs wide, and a block's arrays stay small.
-                block = max(1, _ALIKE_VALUES // u.shape[1])
+                block = pairs_per_block(u.shape[1])
                 keep = np.zeros(ln.size, dtype=bool)
                 for b in range(0, ln.size, block):
                     bn, bd = ln[b : b + block], ld[b : b + block]
@@ -1163,6 +1174,25 @@ def index_rows(params: LinksParams, width: int) -> int:
     where their rows would take more than ``max_index_mib``, never fewer than two chunks."""
     fit = int(params.max_index_mib * 2**20) // row_bytes(width, params.probe)
     return min(params.max_queries, max(2 * params.chunk, fit))
+
+
+def pairs_per_block(width: int) -> int:
+    """(query, candidate) pairs compared feature by feature at once, for inputs of ``width`` features."""
+    return max(1, _PAIR_VALUES // max(width, 1))
+
+
+def first_pairs(mask: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The (row, column) indexes of ``mask`` (m, K), row by row in column order, keeping only the
+    first column of each row that names a given index row ``pos`` (m, K): a query's candidates
+    come from several hash tables, so one entry can come back up to ``tables`` times, and a
+    cluster of near inputs (one client can send one) would otherwise be compared that many times over."""
+    qi, ki = np.nonzero(mask)
+    if qi.size < 2:
+        return qi, ki
+    at = pos[qi, ki].astype(np.int64)
+    _, first = np.unique(qi.astype(np.int64) * (int(at.max()) + 1) + at, return_index=True)
+    first.sort()
+    return qi[first], ki[first]
 
 
 def recent(
