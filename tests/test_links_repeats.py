@@ -54,6 +54,30 @@ def test_the_reference_keeps_anchors_and_a_positive_far_distance() -> None:
     assert (near < det._far).all() and (far > det._far).all()  # natural inputs on the manifold, the test's synthetic ones off it
 
 
+@pytest.mark.parametrize("offset", [0.0, 1e4, 1e5])
+def test_the_off_manifold_test_holds_for_features_far_from_zero(offset: float) -> None:
+    """Features whose values sit far from zero against their spread (coordinates, pressures):
+    the float32 distances to the anchors, taken from zero, lost the differences to rounding,
+    and at offsets of 1e4 spreads no input was off the manifold. The units start at the benign
+    mean now; the test agrees with distances taken in float64."""
+    rng = np.random.default_rng(8)
+    scales = rng.uniform(0.5, 2.0, 30)
+    benign = offset + rng.normal(0.0, 1.0, (3000, 30)) * scales
+    scaling = Scaling.fit(benign)
+    det = LinksDetector(LinksParams(), ModelContext("m", "tabular", 30, K, scaling, ("links",)))
+    ref = det.fit(Reference(benign, None, scaling))
+    assert ref is not None
+    det.load_reference(savez_roundtrip(ref))
+    near = offset + rng.normal(0.0, 1.0, (300, 30)) * scales
+    away = near + rng.choice([-1.0, 1.0], (300, 30)) * scales * rng.uniform(2.0, 6.0, (300, 1))
+    queries = np.concatenate([near, away])
+    span, anchors = ref["span"], np.asarray(ref["anchors"], dtype=np.float64)
+    exact = np.array([np.sqrt((((q - anchors) / span) ** 2).mean(axis=1)).min() for q in queries])
+    off = exact > det._far
+    assert 100 < off.sum() < 500  # both kinds are there
+    assert (nearest_rms(det._units(queries), det._anchors) > det._far).tolist() == off.tolist()
+
+
 def test_a_repeat_of_another_clients_off_manifold_input_links_the_repeater_only() -> None:
     det = detector(distinct_repeats=0)
     states: dict[str, dict] = {}

@@ -249,7 +249,7 @@ class LinksDetector(Detector):
     # Cross-client evidence: it makes groups and their own alert, not the client's verdict
     # (a member may be flagged on its own evidence by steps, ood or coverage).
     verdict: ClassVar[bool] = False
-    state_format: ClassVar[str] = "2"  # 2: the per-client ring of distinct repeats
+    state_format: ClassVar[str] = "3"  # 2: the per-client ring of distinct repeats; 3: units from the benign mean
     default_enabled: ClassVar[bool] = False  # opt-in: it costs more than half of replay throughput (docs/groups.md, Sixteen hash tables)
     params: LinksParams
 
@@ -269,7 +269,10 @@ class LinksDetector(Detector):
             return None
         x, span, _ = found
         spread = np.where(span > 0, x.std(axis=0) / np.where(span > 0, span, 1.0), 0.0)
-        state: State = {"span": span, "unit": precision_units(x), "spread": spread}
+        # Queries are kept in float32 units of the ranges, centred on the benign mean: uncentred, a
+        # feature whose values sit far from zero against their spread (coordinates, pressures)
+        # loses its small differences to rounding, and so the steps and the distances to the anchors.
+        state: State = {"span": span, "unit": precision_units(x), "spread": spread, "center": x.mean(axis=0)}
         # Anchors are where benign inputs lie: the calibration inputs as sent where there are such.
         # Winsorized, a natural record with one extreme feature would lie off the data, and
         # honest clients that send it would look as if they explored there together.
@@ -291,6 +294,11 @@ class LinksDetector(Detector):
         if not (np.isfinite(span).all() and np.isfinite(unit).all()) or (span < 0).any() or (unit < 0).any():
             raise ValueError("links reference: span and unit must be finite and non-negative")
         self._ref = {"span": span, "unit": unit}
+        if "center" in reference:  # optional: references fitted before it have none (the units start at 0)
+            center = np.asarray(reference["center"], dtype=np.float64)
+            if center.shape != span.shape or not np.isfinite(center).all():
+                raise ValueError("links reference: center must hold one finite value per feature")
+            self._ref["center"] = center
         if "spread" in reference:
             spread = np.asarray(reference["spread"], dtype=np.float64)
             if spread.shape != span.shape or not np.isfinite(spread).all():
@@ -333,6 +341,7 @@ class LinksDetector(Detector):
         self._cap = index_rows(p, cols.size)
         inv = 1.0 / span[cols]
         self._inv = inv.astype(np.float32)
+        self._center = np.asarray(self._ref.get("center", np.zeros_like(span)), dtype=np.float64)[cols]
         self._floor = np.maximum(p.min_step, p.precision_units * unit[cols] * inv).astype(np.float32)
         rng = np.random.default_rng([p.seed, self._dim, p.tables, p.projections])
         a = rng.standard_normal((cols.size, p.tables * p.projections))
@@ -517,8 +526,9 @@ class LinksDetector(Detector):
         off_data[idx] = out_off_data
 
     def _units(self, x: np.ndarray) -> np.ndarray:
-        """(m, width) float32: the queries' moving features (the layout's columns) in units of their ranges."""
-        return (np.take(np.asarray(x, dtype=np.float64), self._cols, axis=1) * self._inv).astype(np.float32)
+        """(m, width) float32: the queries' moving features (the layout's columns) in units of their
+        ranges, from the benign mean (see :meth:`fit`)."""
+        return ((np.take(np.asarray(x, dtype=np.float64), self._cols, axis=1) - self._center) * self._inv).astype(np.float32)
 
     def _buckets(self, u: np.ndarray) -> np.ndarray:
         """(m, tables) flat bucket index of each query in each table."""
@@ -1275,7 +1285,8 @@ def anchor_spacing(anchors: np.ndarray, span: np.ndarray) -> float:
     """The FAR_QUANTILE of the anchors' RMS distances to their nearest other anchor, over the
     features that move (``span`` > 0), in units of their spans."""
     moving = span > 0
-    a = anchors[:, moving] / span[moving]
+    a = anchors[:, moving].astype(np.float64)
+    a = (a - a.mean(axis=0)) / span[moving]  # centred: distances do not move, rounding far from zero would
     return float(np.quantile(nearest_rms(a, a, exclude_self=True), FAR_QUANTILE))
 
 
