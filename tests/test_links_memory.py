@@ -135,3 +135,15 @@ def test_near_inputs_compare_each_pair_once_in_blocks_of_bounded_size(monkeypatc
         pairs = np.concatenate(seen)
         assert np.unique(pairs, axis=0).shape[0] == pairs.shape[0]  # no (query, candidate) pair twice
     assert (linked == expected[0]).all() and (parents == expected[1]).all()
+
+
+def test_the_bucket_tables_are_made_only_once_a_reference_gives_the_units() -> None:
+    """Every admitted model gets a links detector; before its reference (no calibration, a
+    live baseline not yet learned, or never: a model of inputs no reference fits) it found no
+    candidates, but held its bucket tables all the same, 34 MiB at the defaults: sixteen
+    models of two-value inputs took half a GiB."""
+    p = LinksParams()
+    bare = LinksDetector(p, ModelContext("m", "tabular", 64, 10, None, ("links",)))
+    assert bare._slots.nbytes + bare._fill.nbytes + bare._step_slots.nbytes + bare._step_fill.nbytes == 0
+    det = detector()
+    assert det._slots.size == (p.tables << p.bucket_bits) * p.depth and det._step_fill.size == 1 << p.step_bits

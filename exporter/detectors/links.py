@@ -371,12 +371,16 @@ class LinksDetector(Detector):
         self._client = np.zeros(0, dtype=np.uint64)
         self._far_seen = np.zeros(0, dtype=np.int8)  # per entry: 0 not yet tested, 1 on the manifold, 2 off it (a cache of _repeats' test)
         self._reach = np.zeros(0, dtype=np.float32)  # per entry: an upper bound on its RMS distance to the nearest anchor (exact when off the manifold; inf: not known)
-        self._slots = np.full((p.tables << p.bucket_bits) * p.depth, -1, dtype=np.int64)  # bucket -> its recent entry ids (depth per bucket)
-        self._fill = np.zeros(p.tables << p.bucket_bits, dtype=np.int64)  # entries ever put in each bucket
+        # The tables only once a reference gives the units (34 MiB at the defaults): a model that
+        # never gets one (no calibration, a baseline not yet learned) costs none.
+        live = self._inv is not None
+        buckets, step_buckets = ((p.tables << p.bucket_bits), 1 << p.step_bits) if live else (0, 0)
+        self._slots = np.full(buckets * p.depth, -1, dtype=np.int64)  # bucket -> its recent entry ids (depth per bucket)
+        self._fill = np.zeros(buckets, dtype=np.int64)  # entries ever put in each bucket
         self._next = 0  # id of the next indexed query
         self._oldest = 0  # ids below this are past the TTL
-        self._step_slots = np.full((1 << p.step_bits) * p.step_depth, -1, dtype=np.int64)  # step bucket -> recent query ids
-        self._step_fill = np.zeros(1 << p.step_bits, dtype=np.int64)
+        self._step_slots = np.full(step_buckets * p.step_depth, -1, dtype=np.int64)  # step bucket -> recent query ids
+        self._step_fill = np.zeros(step_buckets, dtype=np.int64)
         self._step_last = -np.inf  # event time of the latest filed step
         self._pending: list[tuple[int, int]] = []  # (bucket, query id) of the steps of the current chunk, filed once it is complete
         self._known_size = np.zeros((p.known_steps, r), dtype=np.float32)  # distinct sizes of recent verified steps (probe features)
