@@ -279,8 +279,9 @@ def test_alertmanager_config_contract():
 
 
 def test_exporter_down_inhibits_every_detection_alert():
-    detection = {r["alert"] for g, r in alert_rules() if g == DETECTION_GROUP}
-    assert {"MonitaurModelExtractionSuspected", "MonitaurQueryFlood", "MonitaurBoundaryProbing", "MonitaurSybilClusterSuspected"} <= detection
+    detection = {r["alert"] for g, r in alert_rules() if g in (DETECTION_GROUP, "monitaur.groups")}
+    assert {"MonitaurModelExtractionSuspected", "MonitaurQueryFlood", "MonitaurBoundaryProbing", "MonitaurSybilClusterSuspected",
+            "MonitaurSybilGroupSuspected"} <= detection
     for rule in load_yaml(AM_CONFIG)["inhibit_rules"]:
         if rule.get("source_matchers") == ['alertname="MonitaurExporterDown"']:
             (target,) = rule["target_matchers"]
@@ -333,6 +334,19 @@ def test_amtool_routes(tmp_path, severity, receivers):
     # and the verification really verifies
     wrong = run(AMTOOL, "config", "routes", "test", f"--config.file={config}", "--verify.receivers=nobody", *labels)
     assert wrong.returncode != 0
+
+
+@needs_amtool
+def test_group_alerts_are_notified_per_exporter_and_group_to_both_page_receivers(tmp_path):
+    """The exporters of an HA pair number their groups independently: g3 on one and g3 on the
+    other can be unrelated groups, which must not share a notification."""
+    config = _am_config_for_tools(tmp_path)
+    labels = ["alertname=MonitaurSybilGroupSuspected", "severity=critical", "group=g3", "instance=exporter-a:9717"]
+    res = run(AMTOOL, "config", "routes", "test", f"--config.file={config}", "--verify.receivers=monitaur-email,monitaur-slack", *labels)
+    assert res.returncode == 0, res.stdout + res.stderr
+    (critical,) = [r for r in load_yaml(AM_CONFIG)["route"]["routes"] if r.get("matchers") == ['severity="critical"']]
+    (groups,) = [r for r in critical["routes"] if r.get("matchers") == ['alertname="MonitaurSybilGroupSuspected"']]
+    assert groups["group_by"] == ["alertname", "instance", "group"]
 
 
 # Each fact appears in exactly one field, so a template that drops a field fails the test:
