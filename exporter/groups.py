@@ -830,7 +830,9 @@ def group_threshold(maxima: Iterable[float], default: float, alpha: float) -> tu
     just above the largest benign maximum when there are fewer than ``2 / alpha`` groups
     (no benign group of the calibration would have been flagged), else the value that a
     share ``alpha`` of them exceeded; never below the default's half (a benign sample that
-    happened to form weak groups must not make the first weak group an alarm).
+    happened to form weak groups must not make the first weak group an alarm), and never
+    above 1, the largest score there is: above it, no group of the model would ever be
+    flagged, and nothing would say so (``how`` says it instead).
     """
     x = np.sort(np.asarray(list(maxima), dtype=np.float64))
     if x.size == 0:
@@ -842,6 +844,9 @@ def group_threshold(maxima: Iterable[float], default: float, alpha: float) -> tu
         k = int(np.floor(alpha * x.size))
         tau = float(np.nextafter(x[x.size - k - 1], np.inf))
         how = f"{x.size} groups formed among the benign calibration clients: {alpha:.1%} of them reached the threshold"
+    if tau > 1.0:
+        tau = 1.0
+        how += "; capped at 1, the largest score: benign groups reached it, so groups that score 1 are flagged (check the calibration log)"
     return max(tau, default / 2.0), how
 
 

@@ -93,7 +93,7 @@ class GroupsAPI:
             return error(400, "invalid_group", "not a group id (g<number>)")
         g = self._view.group(group_id)
         if g is None:
-            return error(404, "unknown_group", "no such group (any more): groups dissolve when their links expire")
+            return error(404, "unknown_group", "no such group (any more): a group dissolves when its links expire or its members leave, and one that merged goes on under the older group's id (a member's group: GET /api/v1/clients/{client})")
         return Answer(200, self.group_json(g))
 
     def _target(self, path: str) -> tuple[str | None, str | None]:
@@ -144,7 +144,7 @@ class GroupsAPI:
             return expected
         g = self._view.group(group_id)
         if g is None:
-            return error(404, "unknown_group", "no such group (any more): groups dissolve when their links expire")
+            return error(404, "unknown_group", "no such group (any more): a group dissolves when its links expire or its members leave, and one that merged goes on under the older group's id (a member's group: GET /api/v1/clients/{client})")
         members = [m.client for m in g.members]
         if expected is not None and expected != set(members):
             changed = error(409, "group_changed", "the group's members are not the ones given (members): nothing was done; read it again")

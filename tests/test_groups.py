@@ -194,6 +194,8 @@ def test_group_threshold_sits_above_every_benign_group_of_a_small_calibration() 
     assert 0.011 < tau and tau >= 0.015 and "2 group(s)" in how
     tau, _ = group_threshold([0.2] + [0.001] * 400, 0.03, 0.01)
     assert tau < 0.2  # enough groups: the 1 % quantile, not the one outlier
+    tau, how = group_threshold([0.3, 1.0], 0.03, 0.01)
+    assert tau == 1.0 and "capped at 1" in how  # just above 1 no group could ever be flagged
 
 
 def test_model_groups_use_the_profiles_group_threshold_only_for_the_same_parameters() -> None:
