@@ -123,9 +123,9 @@ def test_near_inputs_compare_each_pair_once_in_blocks_of_bounded_size(monkeypatc
     real = getattr(LinksDetector, name)
     seen: list[np.ndarray] = []
 
-    def spy(self: LinksDetector, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray] | np.ndarray:
+    def spy(self: LinksDetector, a: np.ndarray, b: np.ndarray, *rest: np.ndarray) -> tuple[np.ndarray, np.ndarray] | np.ndarray:
         seen.append(np.concatenate([a, b if b.ndim == 2 else b[:, None].astype(a.dtype)], axis=1))  # (query, candidate)
-        return real(self, a, b)
+        return real(self, a, b, *rest)
 
     monkeypatch.setattr(LinksDetector, name, spy)
     monkeypatch.setattr(links_module, "_PAIR_VALUES", 8 * dim)

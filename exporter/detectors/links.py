@@ -60,6 +60,10 @@ class LinksParams(WindowedParams):
     tolerance: float = Field(0.005, gt=0.0, lt=0.5, description="A step repeats another when each moved feature changed by the same amount within this relative tolerance (an attacker's steps repeat exactly, up to the rounding of logged inputs).")
     agreement: float = Field(0.8, gt=0.0, le=1.0, description="Share of the features moved by both steps that must agree (features clipped at the box differ).")
     min_moved: float = Field(0.3, gt=0.0, le=1.0, description="Both steps move at least this share of the features.")
+    overlap: float = Field(
+        0.8, ge=0.0, le=1.0,
+        description="A change continues another client's step only if, of the features either moves, at least this share is moved by both: a step that moves only features whose natural values are predictable (pixels that are nearly always 0) would otherwise be continued by natural records, and frame their senders (0: no such check).",
+    )
     min_moved_features: int = Field(
         8,
         ge=1,
@@ -652,7 +656,8 @@ class LinksDetector(Detector):
         for b in range(0, qi.size, block):
             bq, bk = qi[b : b + block], ki[b : b + block]
             sel = cpos[bq, bk]
-            passed[bq, bk], straight[bq, bk] = self._continues(u[bq] - take(self._U, sel, axis=0), take(self._S, sel, axis=0))
+            cross = take(self._client, sel) != keys[bq]  # another client's step: the overlap rule applies (_continues)
+            passed[bq, bk], straight[bq, bk] = self._continues(u[bq] - take(self._U, sel, axis=0), take(self._S, sel, axis=0), cross)
         pi, pk = np.nonzero(passed)  # row by row, in candidate order
         owner = take(self._client, cpos[pi, pk])
         other = owner != keys[pi]
@@ -1011,19 +1016,29 @@ class LinksDetector(Detector):
         lo[size < self._floor[: step.shape[-1]]] = np.inf
         return lo, hi
 
-    def _continues(self, delta: np.ndarray, step: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _continues(self, delta: np.ndarray, step: np.ndarray, cross: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Whether each change ``delta`` (n, width) repeats the parent's own ``step``: the
         same size on the features both moved, not back along the parent's step; and whether it goes on
-        along the parent's step (three points on one line: a step, but honest data has such lines too)."""
+        along the parent's step (three points on one line: a step, but honest data has such lines too).
+
+        Where the step is another client's (``cross``), the change must also move mostly the
+        features the step moved (``overlap``). Otherwise a step that moves only features whose
+        natural values are predictable (pixels nearly always 0) is continued by natural records,
+        and frames their senders (tests/test_links_framing.py). A client's own lattice, clipped
+        at the data's bounds where features saturate, keeps the looser rule: its changes are
+        compared only with other clients' verified steps, never linked to its own points."""
         p = self.params
         a, b = np.abs(delta), np.abs(step)
-        both = (a >= self._floor) & (b >= self._floor)
+        da, db = a >= self._floor, b >= self._floor
+        both = da & db
         nb = both.sum(axis=1)
         tol = p.tolerance * np.maximum(a, b)
         along = (both & (np.abs(delta - step) <= tol)).sum(axis=1)
         back = (both & (np.abs(delta + step) <= tol)).sum(axis=1)
         close = along + back
         ok = (nb >= self._min_moved) & (close >= p.agreement * nb) & (back <= p.returns * close)
+        if cross is not None:  # the change moves the features the step moved, and few others
+            ok &= ~cross | (nb >= p.overlap * (da | db).sum(axis=1))
         return ok, ok & (along > p.returns * close)
 
     # -- the index ---------------------------------------------------------------------------
