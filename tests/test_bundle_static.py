@@ -475,7 +475,8 @@ def test_dashboard_conventions(name):
 def test_dashboards_cover_their_topics():
     boards = {n: json.dumps(b) for n, b in dashboards().items()}
     wanted = {
-        "monitaur-overview.json": ["monitaur_client_risk", "monitaur_client_suspicious", "monitaur_client_flagged_timestamp_seconds", "monitaur_client_flags_total", "monitaur_events_total", "monitaur_events_rejected_total"],
+        "monitaur-overview.json": ["monitaur_client_risk", "monitaur_client_suspicious", "monitaur_client_flagged_timestamp_seconds", "monitaur_client_flags_total", "monitaur_events_total", "monitaur_events_rejected_total",
+                                   "monitaur_group_members", "monitaur_group_score", "monitaur_group_suspicious"],
         "monitaur-client.json": ["monitaur_client_queries_total", "monitaur_client_score", "monitaur_prediction_confidence_bucket",
                                  "monitaur_client_cross_client_matches_total", "monitaur_client_peer_matches"],
         "monitaur-health.json": ["monitaur_file_size_bytes", "monitaur_file_offset_bytes", "monitaur_events_rejected_total", "monitaur_detector_errors_total",

@@ -232,6 +232,12 @@ def test_a_sybil_groups_members_page_in_one_notification(stack: Stack) -> None:
             # A member pages alone only if Prometheus saw it flagged outside the group (docs/alerts.md, "Linked groups").
             assert alone <= alone_allowed, (sink, sorted(alone - alone_allowed), sorted(alone_allowed))
             assert all(p.clients == {p.client} for p in ours if p.group is None), "a one-client page names another client"
+        # ---- the overview dashboard's table of linked groups shows the group, flagged, with its members
+        board = json.loads((Path(__file__).resolve().parents[1] / "dashboards" / "monitaur-overview.json").read_text())
+        (panel,) = [p for p in board["panels"] if p["title"] == "Linked groups" and p["type"] == "table"]
+        shown = {t["refId"]: {r["metric"]["group"]: float(r["value"][1]) for r in stack.query(t["expr"].replace("$job", "monitaur"))}
+                 for t in panel["targets"]}
+        assert shown["A"][gid] == len(group) and shown["C"][gid] == 1.0 and 0.0 < shown["B"][gid] <= 1.0, shown
         # ---- the group alert lists the members
         for p in pages(stack, GROUP_ALERT):
             assert p.group == gid
