@@ -698,9 +698,10 @@ def _share(value: Any) -> float:
 class GroupBook:
     """The groups of every model of a pipeline, and the one sequence their ids come from."""
 
-    def __init__(self, profile: "Profile | None" = None, queries: Callable[[str, str], int] = lambda client, model: 0) -> None:
+    def __init__(self, queries: Callable[[str, str], int], profile: "Profile | None" = None) -> None:
         """``queries(client, model)``: the client's queries on the model so far (the pipeline's
-        store), which the groups' scores and the members' strengths are taken over."""
+        store), which the groups' scores and the members' strengths are taken over. Required:
+        a book that counted none scored every group 1 (restored groups did, until this source)."""
         self.profile = profile
         self._client_queries = queries
         self.by_model: dict[str, ModelGroups] = {}

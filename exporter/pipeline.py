@@ -94,7 +94,7 @@ class Pipeline:
         self.store = ClientStore(settings.state.max_clients, settings.state.idle_ttl_seconds, self._evicted)
         self.recently_flagged = RecentlyFlagged(settings.verdict.max_recently_flagged)
         self.verdicts = Verdicts(settings.verdict.hold_seconds, self.recently_flagged, self.store, self.metrics, self._forget, event_time)
-        self.groups = GroupBook(profile, self._queries_on)
+        self.groups = GroupBook(self._queries_on, profile)
         self.view = ClientView(self.lock, self.store, self.runtimes, self.recently_flagged, self.group_summaries)
         self.collector = ClientCollector(
             self.view,

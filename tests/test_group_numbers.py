@@ -17,13 +17,13 @@ def issue(book: GroupBook, n: int) -> list[int]:
 
 def test_numbers_are_reserved_before_use_and_a_new_process_starts_past_the_reservation(tmp_path: Path) -> None:
     path = tmp_path / "group_numbers.json"
-    book = GroupBook()
+    book = GroupBook(lambda c, m: 0)
     book.keep_numbers(NumberReservations(path))
     assert issue(book, 3) == [1, 2, 3]
     assert NumberReservations(path).load() == 1 + BLOCK  # reserved before the first was used
     issue(book, BLOCK)  # into the next block: reserved again before its first number
     assert NumberReservations(path).load() == 1 + 2 * BLOCK
-    crashed = GroupBook()  # no snapshot since: a crash
+    crashed = GroupBook(lambda c, m: 0)  # no snapshot since: a crash
     crashed.keep_numbers(NumberReservations(path))
     assert issue(crashed, 1) == [1 + 2 * BLOCK]
     assert book._next <= 1 + 2 * BLOCK  # nothing the first process issued is issued again
@@ -44,7 +44,7 @@ def test_a_reservation_that_cannot_be_written_is_logged_once_a_minute_and_groups
                                                                                         caplog: pytest.LogCaptureFixture) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    book = GroupBook()
+    book = GroupBook(lambda c, m: 0)
     book.keep_numbers(NumberReservations(blocker / "group_numbers.json"))
     with caplog.at_level(logging.ERROR, logger="monitaur.groups"):
         assert issue(book, 2 * BLOCK + 1)[-1] == 2 * BLOCK + 1

@@ -1016,7 +1016,7 @@ class LinksDetector(Detector):
         lo[size < self._floor[: step.shape[-1]]] = np.inf
         return lo, hi
 
-    def _continues(self, delta: np.ndarray, step: np.ndarray, cross: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def _continues(self, delta: np.ndarray, step: np.ndarray, cross: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Whether each change ``delta`` (n, width) repeats the parent's own ``step``: the
         same size on the features both moved, not back along the parent's step; and whether it goes on
         along the parent's step (three points on one line: a step, but honest data has such lines too).
@@ -1037,8 +1037,7 @@ class LinksDetector(Detector):
         back = (both & (np.abs(delta + step) <= tol)).sum(axis=1)
         close = along + back
         ok = (nb >= self._min_moved) & (close >= p.agreement * nb) & (back <= p.returns * close)
-        if cross is not None:  # the change moves the features the step moved, and few others
-            ok &= ~cross | (nb >= p.overlap * (da | db).sum(axis=1))
+        ok &= ~cross | (nb >= p.overlap * (da | db).sum(axis=1))  # the change moves the features the step moved, and few others
         return ok, ok & (along > p.returns * close)
 
     # -- the index ---------------------------------------------------------------------------
