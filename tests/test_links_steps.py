@@ -177,7 +177,8 @@ def test_a_step_moves_at_least_min_moved_features_or_every_moving_feature_of_a_n
     def passes(det: LinksDetector, moved: int) -> bool:
         step = np.zeros(det._cols.size, dtype=np.float32)
         step[:moved] = STEP / 16
-        got = getattr(det, test)(step[None, :], step[None, :])
+        extra = (np.ones(1, dtype=bool),) if test == "_continues" else ()  # another client's step (the stricter case)
+        got = getattr(det, test)(step[None, :], step[None, :], *extra)
         return bool((got[0] if test == "_continues" else got)[0])  # _continues: (whether it repeats, whether straight)
 
     share = detector()  # the default floor (8) is below 0.3 of the moving features here: the share decides
