@@ -33,6 +33,7 @@ COMPOSE = REPO / "docker-compose.yml"
 RUNBOOK_BASE = "http://localhost:9717/runbook"  # alertmanager/templates/links.tmpl: the exporter's /runbook
 GRAFANA_BASE = "http://localhost:3000"  # ... and the compose stack's Grafana
 PAGE = "MonitaurModelExtractionSuspected"  # the page: sticky verdict, fast timings
+JOINED = "MonitaurSybilGroupJoined"  # a key new to a flagged group: new for 10 minutes only (the rule's comment)
 CLIENT_DASHBOARD = "/d/monitaur-client/monitaur-client?var-client="
 DS_REF = {"type": "prometheus", "uid": "${datasource}"}
 DATASOURCE_UID = "monitaur-prometheus"
@@ -166,6 +167,9 @@ def test_alert_conventions(group, rule):
         # the exporter's verdict is sticky and calibrated: the delay only rides out a scrape (alertmanager.yml, the rule's comment)
         assert rule["for"] == "1m" and rule["keep_firing_for"] == "2m", rule
         assert "by (job, client, model)" in rule["expr"] and '"group"' in rule["expr"], "the flag's model, and the group label pages group by"
+    elif name == JOINED:
+        # its condition holds for the 10 minutes a member stays new; `for` eats into them
+        assert rule["for"] == "1m" and "[1h] offset 10m" in rule["expr"] and "offset 14m" in rule["expr"], rule
     else:
         assert duration_seconds(rule["for"]) >= 300, f"{name}: `for:` shorter than 5m flaps"
     if group == DETECTION_GROUP:
@@ -281,7 +285,7 @@ def test_alertmanager_config_contract():
 def test_exporter_down_inhibits_every_detection_alert():
     detection = {r["alert"] for g, r in alert_rules() if g in (DETECTION_GROUP, "monitaur.groups")}
     assert {"MonitaurModelExtractionSuspected", "MonitaurQueryFlood", "MonitaurBoundaryProbing", "MonitaurSybilClusterSuspected",
-            "MonitaurSybilGroupSuspected"} <= detection
+            "MonitaurSybilGroupSuspected", "MonitaurSybilGroupJoined"} <= detection
     for rule in load_yaml(AM_CONFIG)["inhibit_rules"]:
         if rule.get("source_matchers") == ['alertname="MonitaurExporterDown"']:
             (target,) = rule["target_matchers"]
@@ -341,12 +345,14 @@ def test_group_alerts_are_notified_per_exporter_and_group_to_both_page_receivers
     """The exporters of an HA pair number their groups independently: g3 on one and g3 on the
     other can be unrelated groups, which must not share a notification."""
     config = _am_config_for_tools(tmp_path)
-    labels = ["alertname=MonitaurSybilGroupSuspected", "severity=critical", "group=g3", "instance=exporter-a:9717"]
-    res = run(AMTOOL, "config", "routes", "test", f"--config.file={config}", "--verify.receivers=monitaur-email,monitaur-slack", *labels)
-    assert res.returncode == 0, res.stdout + res.stderr
+    for alertname in ("MonitaurSybilGroupSuspected", "MonitaurSybilGroupJoined"):
+        labels = [f"alertname={alertname}", "severity=critical", "group=g3", "instance=exporter-a:9717", "client=k1"]
+        res = run(AMTOOL, "config", "routes", "test", f"--config.file={config}", "--verify.receivers=monitaur-email,monitaur-slack", *labels)
+        assert res.returncode == 0, res.stdout + res.stderr
     (critical,) = [r for r in load_yaml(AM_CONFIG)["route"]["routes"] if r.get("matchers") == ['severity="critical"']]
-    (groups,) = [r for r in critical["routes"] if r.get("matchers") == ['alertname="MonitaurSybilGroupSuspected"']]
+    (groups,) = [r for r in critical["routes"] if "MonitaurSybilGroupJoined" in str(r.get("matchers"))]
     assert groups["group_by"] == ["alertname", "instance", "group"]
+    assert all(re.fullmatch(groups["matchers"][0].split("=~")[1].strip('"'), name) for name in ("MonitaurSybilGroupSuspected", "MonitaurSybilGroupJoined"))
 
 
 # Each fact appears in exactly one field, so a template that drops a field fails the test:
