@@ -624,6 +624,22 @@ def test_a_group_notification_lists_every_member_and_details_ten(tmp_path):
 
 
 @needs_amtool
+def test_keys_that_join_a_flagged_group_share_one_notification_naming_the_group_and_each_key(tmp_path):
+    """MonitaurSybilGroupJoined: one alert per new key (label client), grouped per exporter and group."""
+    alerts = [{**SAMPLE_ALERT, "labels": {"alertname": "MonitaurSybilGroupJoined", "severity": "critical", "job": "monitaur",
+                                          "instance": "exporter:9717", "group": "g7", "model": "resnet50", "client": client},
+               "fingerprint": f"{i:016x}"} for i, client in enumerate(("k-new1", "k-new2"))]
+    common = {k: v for k, v in alerts[0]["labels"].items() if k != "client"}
+    data = {"receiver": "x", "status": "firing", "alerts": alerts,
+            "groupLabels": {"alertname": "MonitaurSybilGroupJoined", "instance": "exporter:9717", "group": "g7"},
+            "commonLabels": common, "commonAnnotations": {}, "externalURL": "http://alertmanager:9093"}
+    assert render(tmp_path, data, "monitaur.slack.title").strip() == "[FIRING:2] MonitaurSybilGroupJoined — group g7 on model resnet50 (critical)"
+    for template in ("monitaur.slack.text", "monitaur.email.text"):
+        first = render(tmp_path, data, template).split("\n", 1)[0]
+        assert "k-new1" in first and "k-new2" in first, (template, first)
+
+
+@needs_amtool
 @pytest.mark.parametrize(
     "labels,title",
     [
