@@ -169,7 +169,7 @@ def test_alert_conventions(group, rule):
         assert "by (job, client, model)" in rule["expr"] and '"group"' in rule["expr"], "the flag's model, and the group label pages group by"
     elif name == JOINED:
         # its condition holds for the 10 minutes a member stays new; `for` eats into them
-        assert rule["for"] == "1m" and "[1h] offset 10m" in rule["expr"] and "offset 14m" in rule["expr"], rule
+        assert rule["for"] == "1m" and "[1h] offset 10m" in rule["expr"] and "[1h] offset 9m" in rule["expr"], rule
     else:
         assert duration_seconds(rule["for"]) >= 300, f"{name}: `for:` shorter than 5m flaps"
     if group == DETECTION_GROUP:
