@@ -99,7 +99,7 @@ MAY_BE_EMPTY = {
     "MonitaurIngestionUnhealthy": "ingestion works",
     # a flagged group of linked clients: the demo's attackers are not a Sybil split (tests/test_stack_sybil.py has one)
     "MonitaurSybilGroupSuspected": "no linked group in this traffic",
-    # a key that joins a flagged group: needs a flagged group and 15 minutes of its history
+    # a key that joins a group after its page: needs a paged group and 10 minutes of its alert's history
     "MonitaurSybilGroupJoined": "no linked group in this traffic",
     "Linked groups": "the links detector is off here (tests/test_stack_sybil.py reads this panel)",
 }
