@@ -15,8 +15,14 @@ from exporter.detectors.fingerprint import client_key
 from exporter.detectors.links import LinksParams
 from exporter.events import Event
 from exporter.groups import GroupBook, ModelGroups, group_threshold
+from exporter.profile import Profile
 
 PARAMS = LinksParams(group_min_links=2, group_threshold=0.05, ttl_seconds=1000.0)
+
+
+def bare_book(profile: Profile | None = None) -> GroupBook:
+    """A book whose clients sent no queries (its source counts 0): for tests of membership, not scores."""
+    return GroupBook(lambda client, model: 0, profile)
 
 
 class Feed:
@@ -147,7 +153,7 @@ def test_group_state_survives_a_snapshot_round_trip() -> None:
     f = Feed()
     f.link("a", ["b"], 1.0)
     f.link("b", ["a"], 2.0)
-    restored = GroupBook(lambda c, m: 0)
+    restored = bare_book()
     restored.load(unpack(pack(f.book.state())), lambda model: PARAMS)
     assert {gid: {restored.by_model["m"].clients[k].name for k in g.joined} for gid, g in restored.by_model["m"].groups.items()} == f.members()
     restored.by_model["m"]._refresh(None)
@@ -175,7 +181,7 @@ def test_a_snapshot_taken_while_a_re_split_waits_restores_every_group() -> None:
     f.book.forget("b")
     f.link("x", ["y"], 3.0)
     assert f.members()["g1"] == {"a"}  # due, not yet re-split
-    restored = GroupBook(lambda c, m: 0)
+    restored = bare_book()
     restored.load(unpack(pack(f.book.state())), lambda model: PARAMS)
     assert {gid: {restored.by_model["m"].clients[k].name for k in g.joined} for gid, g in restored.by_model["m"].groups.items()} == {"g2": {"p", "q"}}
     assert f.members() == {"g2": {"p", "q"}}
@@ -199,12 +205,12 @@ def test_group_threshold_sits_above_every_benign_group_of_a_small_calibration() 
 
 
 def test_model_groups_use_the_profiles_group_threshold_only_for_the_same_parameters() -> None:
-    from exporter.profile import ModelProfile, Profile, params_digest
+    from exporter.profile import ModelProfile, params_digest
 
     mp = ModelProfile("tabular", 2, 2, None, params={"links": params_digest(PARAMS, "threshold")}, groups={"threshold": 0.2})
-    book = GroupBook(lambda c, m: 0, Profile(0.01, {"m": mp}))
+    book = bare_book(Profile(0.01, {"m": mp}))
     assert book.model("m", PARAMS).threshold == 0.2
-    other = GroupBook(lambda c, m: 0, Profile(0.01, {"m": mp}))
+    other = bare_book(Profile(0.01, {"m": mp}))
     assert other.model("m", LinksParams(group_min_links=5)).threshold == LinksParams().group_threshold
     assert isinstance(book.by_model["m"], ModelGroups)
 
@@ -298,14 +304,14 @@ def test_saved_groups_that_do_not_hold_together_are_dropped_and_the_rest_restore
     for broken in (overlapping, {**overlapping, "groups": [{**g, "joined": [[g["joined"][0][0], 1.0]]}]},
                    {**overlapping, "clients": [{**c, "peers": [[1, "x", 1.0]]} for c in overlapping["clients"]]},
                    {**overlapping, "groups": [{**g, "score": float("nan")}]}):
-        book = GroupBook(lambda c, m: 0)
+        book = bare_book()
         with caplog.at_level(logging.WARNING, logger="monitaur.groups"):
             book.load({**good, "models": {"m": broken, "n": good["models"]["n"]}}, lambda model: PARAMS)
         assert "do not hold together" in caplog.text
         caplog.clear()
         assert book.by_model["m"].groups == {} and book.of("a") == ["g1"]  # model n's copy restored
         assert [s.group for s in book.summaries()] == ["g1"]
-    book = GroupBook(lambda c, m: 0)
+    book = bare_book()
     book.load({**good, "next": 1}, lambda model: PARAMS)
     f2 = Feed()
     f2.book, f2.groups = book, book.by_model["m"]
@@ -495,7 +501,7 @@ def test_a_re_split_due_when_the_snapshot_was_taken_happens_after_the_restore() 
     model = saved["models"]["m"]
     model["clients"] = [{**c, "peers": [e for e in c["peers"] if e[0] != gone]} for c in model["clients"] if c["key"] != gone]
     model["groups"][0]["joined"] = [j for j in model["groups"][0]["joined"] if j[0] != gone]
-    restored = GroupBook(lambda c, m: 0)
+    restored = bare_book()
     restored.load(unpack(pack(saved)), lambda model: PARAMS)
     g = Feed()
     g.book, g.groups = restored, restored.by_model["m"]
