@@ -433,6 +433,21 @@ def test_group_rules_attach_joins_a_client_whose_links_are_spread_over_a_group()
     assert rules.HONEST.match(outsider) and rules.HONEST.match("bapp-0417") and not rules.HONEST.match(spread)
 
 
+def test_coactivity_joins_flagged_clients_by_schedule() -> None:
+    """bench/detection/coactivity.py: flagged clients whose first and last queries are both
+    within the tolerance are joined, a late stop or an unflagged client is not; a schedule edge
+    merges two groups, and brings a client outside every group into one."""
+    co = load("coactivity")
+    span = {"a": (0.0, 100.0), "b": (5.0, 104.0), "c": (8.0, 500.0), "d": (2.0, 99.0), "x": (1.0, 101.0), "y": (1000.0, 1100.0)}
+    edges = co.schedule_edges(span, {"a", "b", "c", "x", "y"}, 10.0)  # d is not flagged
+    assert set(edges) == {frozenset(("a", "b")), frozenset(("a", "x")), frozenset(("b", "x"))}
+    assert co.schedule_edges(span, {"a", "b"}, 4.0) == {}  # starts 5 s apart
+    groups = [{"a", "p"}, {"b", "q"}, {"y", "z"}]
+    got = co.merged(groups, edges)
+    assert sorted(map(sorted, got)) == [["a", "b", "p", "q", "x"], ["y", "z"]]
+    assert sorted(map(sorted, co.merged(groups, type(edges)()))) == sorted(map(sorted, groups))
+
+
 def _group_row(strategy: str, kind: str, size: int, named: bool, queries: float | None = None) -> dict:
     return {"strategy": strategy, "set": kind, "size": size, "named": named, "flagged": named, "queries_at_naming": queries,
             "purity": 1.0 if named else None, "members_flagged": size - 1}
