@@ -358,7 +358,9 @@ class ModelGroups:
             assert gid is not None
             self._join(self.groups[gid], a if ga is None else b, ts)
         elif ga != gb:
-            keep, gone = sorted((self.groups[ga], self.groups[gb]), key=lambda g: (g.created, g.number))
+            # The older id keeps the group: the one issued first (a part split off another group gets
+            # a new number, though its members, and its ``created``, may be older than the other's).
+            keep, gone = sorted((self.groups[ga], self.groups[gb]), key=lambda g: g.number)
             small, large = sorted((gone, keep), key=lambda g: len(g.joined))
             cross = sum(self._weight(k, q) for k in small.joined for q in self._neighbours(k) if q in large.joined)
             for k in gone.joined:  # they join the kept group now (the merge's time, as the scorers read it)
@@ -401,8 +403,15 @@ class ModelGroups:
             g.score = min(1.0, g.links / max(g.queries, 1))
             g.max_score = max(g.max_score, g.score)
             g.flagged = len(g.joined) >= 2 and g.score >= self.threshold
-            if g.flagged and g.first_flagged is None and ts is not None:
-                g.first_flagged = ts
+            if g.flagged and g.first_flagged is None:
+                # A re-split by a read or the sweep has no event time: the latest link between the
+                # members is the moment the evidence that flags it was complete.
+                g.first_flagged = ts if ts is not None else self._latest_link(g)
+
+    def _latest_link(self, g: _Group) -> float:
+        """The event time of the latest link between two members of ``g`` (their edges' ``last``)."""
+        return max((e.last for k in g.joined if (c := self.clients.get(k)) is not None for p, e in c.peers.items() if p in g.joined),
+                   default=max(g.joined.values()))
 
     # -- expiry and eviction -------------------------------------------------------------
     def expire(self, now: float) -> None:

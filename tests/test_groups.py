@@ -81,6 +81,45 @@ def test_a_merge_keeps_the_older_id_and_ids_are_never_reused() -> None:
     assert "g3" in f.members() and "g2" not in f.members()
 
 
+def test_a_merge_after_a_split_keeps_the_older_id() -> None:
+    """A part split off by expiry takes a new id, though its members joined earlier than those of
+    another group: when the two merge, the id issued first (which may have paged) survives. It
+    did not while merges kept the earlier ``created``, and the part's was its earliest member's."""
+    f = Feed()  # group_min_links 2, ttl 1000
+    for x, y, t in (("a", "b", 0.0), ("c", "b", 100.0), ("d", "c", 100.0), ("x", "y", 700.0)):
+        f.link(x, [y], t)
+        f.link(y, [x], t)
+    for t in (900.0, 1050.0):  # every edge but b-c stays alive
+        for x, y in (("a", "b"), ("c", "d"), ("x", "y")):
+            f.link(x, [y], t)
+            f.link(y, [x], t)
+    f.groups.expire(1150.0)
+    assert f.members() == {"g1": {"a", "b"}, "g2": {"x", "y"}, "g3": {"c", "d"}}
+    assert f.groups.groups["g3"].created == 100.0 < f.groups.groups["g2"].created  # its members' own times
+    f.link("c", ["x"], 1200.0)
+    f.link("x", ["c"], 1200.0)
+    assert f.members() == {"g1": {"a", "b"}, "g2": {"c", "d", "x", "y"}}
+
+
+def test_a_flagged_part_split_off_by_the_sweep_has_a_first_flagged_time() -> None:
+    """The sweep and reads re-split groups without an event time; a part they leave flagged takes
+    the time of the latest link between its members as ``first_flagged``, never none."""
+    f = Feed()  # group_min_links 2, threshold 0.05, ttl 1000
+    for x, y in (("a", "b"), ("b", "c"), ("c", "d")):
+        f.link(x, [y], 0.0)
+        f.link(y, [x], 0.0)
+    for t in (600.0, 900.0):  # b-c ages out
+        for x, y in (("a", "b"), ("c", "d")):
+            f.link(x, [y], t)
+            f.link(y, [x], t)
+    assert f.members() == {"g1": {"a", "b", "c", "d"}} and f.groups.groups["g1"].first_flagged == 0.0
+    f.book.expire(1001.0)
+    by_id = {s.group: s for s in f.book.summaries()}
+    assert {g: {m.client for m in s.members} for g, s in by_id.items()} == {"g1": {"a", "b"}, "g2": {"c", "d"}}
+    assert by_id["g2"].flagged and by_id["g2"].first_flagged == 900.0
+    assert by_id["g1"].first_flagged == 0.0  # the id keeps its own
+
+
 def test_framing_an_honest_client_links_only_the_attacker() -> None:
     """An attacker whose queries continue an honest client's (copies, steps away from them) makes
     links *from* itself; the honest client never links itself, is never flagged, never joins.
