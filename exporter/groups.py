@@ -774,6 +774,10 @@ class GroupBook:
             mg.expire(now)
 
     # -- reading -------------------------------------------------------------------------------
+    def models(self) -> list[str]:
+        """The models whose groups are kept (those ``links`` judged a block of)."""
+        return list(self.by_model)
+
     def summaries(self, only: str | None = None) -> list[GroupSummary]:
         """Every group, flagged first, then the most members, then by score; or only the group ``only``, if it exists.
 
@@ -871,9 +875,13 @@ class GroupCollector(Collector):
     * ``monitaur_groups{model}`` and ``monitaur_groups_flagged{model}``: all groups, exported or not.
     """
 
-    def __init__(self, read: Callable[[], list[GroupSummary]], limits: Callable[[str], tuple[int, int]]) -> None:
+    def __init__(self, read: Callable[[], list[GroupSummary]], limits: Callable[[str], tuple[int, int]],
+                 models: Callable[[], Iterable[str]]) -> None:
+        """``read``: every group; ``limits(model)``: its series bounds; ``models``: the models whose
+        groups are kept (their totals read 0 while they have none)."""
         self._read = read
         self._limits = limits
+        self._models = models
 
     def describe(self) -> list:
         return []
@@ -886,7 +894,7 @@ class GroupCollector(Collector):
         info = GaugeMetricFamily("monitaur_group_member_info", "1 for each member of the group (strongest first, up to the configured limit).", labels=["group", "model", "client"])
         total = GaugeMetricFamily("monitaur_groups", "Groups of linked clients, by model.", labels=["model"])
         flagged = GaugeMetricFamily("monitaur_groups_flagged", "Flagged groups of linked clients, by model.", labels=["model"])
-        counts: dict[str, list[int]] = {}
+        counts: dict[str, list[int]] = {m: [0, 0] for m in self._models()}
         shown: dict[str, int] = {}
         for g in found:
             c = counts.setdefault(g.model, [0, 0])

@@ -104,7 +104,7 @@ class Pipeline:
             [m for cls, _ in self.specs.values() for m in cls.client_metrics],
         )
         self.metrics.registry.register(self.collector)
-        self.metrics.registry.register(GroupCollector(self.group_summaries, self._group_limits))
+        self.metrics.registry.register(GroupCollector(self.group_summaries, self._group_limits, self.group_models))
         self.metrics.tracked_clients_limit.set(settings.state.max_clients)
         self.metrics.client_series_limit.set(settings.metrics.max_client_series)
         self._rejects = RateLimitedLog(log)
@@ -305,6 +305,11 @@ class Pipeline:
         """Every group (flagged first, then by score), or only the group ``only`` (if it exists), under the lock."""
         with self.lock:
             return self.groups.summaries(only)
+
+    def group_models(self) -> list[str]:
+        """The models whose groups are kept, under the lock."""
+        with self.lock:
+            return self.groups.models()
 
     def _group_limits(self, model: str) -> tuple[int, int]:
         params = links_params(self.runtimes.get(model))

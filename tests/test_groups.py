@@ -120,6 +120,28 @@ def test_a_flagged_part_split_off_by_the_sweep_has_a_first_flagged_time() -> Non
     assert by_id["g1"].first_flagged == 0.0  # the id keeps its own
 
 
+def test_group_totals_read_zero_when_a_model_has_no_group() -> None:
+    """``monitaur_groups{model}`` and ``monitaur_groups_flagged{model}`` read 0 for a model whose
+    groups are kept while it has none (before the first, after the last dissolves), as labelled
+    totals do, instead of leaving the exposition."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from exporter.groups import GroupCollector
+
+    f = Feed()
+    registry = CollectorRegistry()
+    registry.register(GroupCollector(lambda: f.book.summaries(), lambda m: (PARAMS.max_group_series, PARAMS.max_member_series), f.book.models))
+    assert 'monitaur_groups{model="m"} 0.0' in generate_latest(registry).decode()  # kept, no group formed yet
+    f.link("a", ["b"], 0.0)
+    f.link("b", ["a"], 0.0)
+    text = generate_latest(registry).decode()
+    assert 'monitaur_groups{model="m"} 1.0' in text and 'monitaur_groups_flagged{model="m"} 1.0' in text
+    f.groups.expire(2000.0)
+    text = generate_latest(registry).decode()
+    assert 'monitaur_groups{model="m"} 0.0' in text and 'monitaur_groups_flagged{model="m"} 0.0' in text
+    assert "monitaur_group_suspicious{" not in text
+
+
 def test_framing_an_honest_client_links_only_the_attacker() -> None:
     """An attacker whose queries continue an honest client's (copies, steps away from them) makes
     links *from* itself; the honest client never links itself, is never flagged, never joins.
@@ -461,7 +483,7 @@ def test_pairs_of_keys_with_high_scores_do_not_push_a_larger_flagged_group_out_o
             f.link(b, [a], t)
     registry = CollectorRegistry()
     registry.register(GroupCollector(lambda: f.book.summaries(),
-                                     lambda m: (params.max_group_series, params.max_member_series)))
+                                     lambda m: (params.max_group_series, params.max_member_series), f.book.models))
     text = generate_latest(registry).decode()
     assert 'monitaur_groups{model="m"} 51.0' in text
     assert f'monitaur_group_suspicious{{group="{gid}",model="m"}} 1.0' in text
