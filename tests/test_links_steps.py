@@ -362,3 +362,25 @@ def test_a_block_that_fails_halfway_leaves_the_known_sizes_as_they_were() -> Non
     assert a._known_time.max() > before["known_time"].max()  # what the failed block had learnt, learnt again
     for key, value in b.shared_state().items():
         np.testing.assert_array_equal(a.shared_state()[key], value)
+
+
+@pytest.mark.parametrize("entries", [10, 64, 65, 3000])
+def test_add_peers_names_each_rows_first_distinct_peers_after_those_it_has(entries: int) -> None:
+    """``links.add_peers`` gives what naming the peers one entry at a time gives (the first distinct
+    peers of each row, in order, in its free slots, after those already named), whether it goes
+    one by one (up to ``_FEW_PEERS`` entries) or sorts first (more: a client chooses how many
+    matches its queries make, so that path keeps only the first few distinct peers of a row)."""
+    rng = np.random.default_rng(entries)
+    rows = rng.integers(0, 12, entries)
+    peers = rng.integers(1, 6, entries).astype(np.uint64)
+    parents = np.zeros((12, 2), dtype=np.uint64)
+    parents[:4, 0] = rng.integers(1, 6, 4)  # some rows already name a peer
+    parents[4, :] = [7, 8]  # one is full
+    expected = parents.copy()
+    for row, peer in zip(rows.tolist(), peers.tolist()):
+        slot = expected[row]
+        if peer not in slot and (slot == 0).any():
+            slot[int(np.argmax(slot == 0))] = peer
+    links_module.add_peers(parents, rows, peers)
+    assert (parents == expected).all()
+    assert (parents[4] == [7, 8]).all() and (parents[rows, 0] != 0).all()

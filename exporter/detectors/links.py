@@ -30,6 +30,7 @@ _PROBE_MIN = 3  # probe features on which both steps must agree before the full 
 # float32 per array): the pairs of a piece can be many and the inputs wide, and one client can
 # make every pair pass the cheap test, so the full comparisons run in blocks of this size.
 _PAIR_VALUES = 1 << 18
+_FEW_PEERS = 64  # add_peers names up to this many (row, peer) entries one by one, more by sorting
 _MAX_DECIMALS = 6
 _MAX_ID = 1 << 62  # a restored index's next id must be below this: ids grow by one per query, and must not pass int64
 FAR_QUANTILE = 0.99  # the anchors' spacing that far_factor multiplies: this quantile of their nearest-other distances
@@ -664,13 +665,7 @@ class LinksDetector(Detector):
         linked = np.zeros(m, dtype=bool)
         linked[pi[other]] = True
         parents = np.zeros((m, 2), dtype=np.uint64)
-        found: dict[int, list[int]] = {}
-        for row, key in zip(pi[other].tolist(), owner[other].tolist()):
-            named = found.setdefault(row, [])
-            if len(named) < 2 and key not in named:
-                named.append(key)
-        for row, named in found.items():
-            parents[row, : len(named)] = named
+        add_peers(parents, pi[other], owner[other])
         # 4. Each query's own step: from the first candidate it continued, else from the one it differs
         # from by a sign step (most probe features moved by the same size), else from the nearest (probe distance).
         dist = np.where(alive, np.einsum("mkr,mkr->mk", du, du), np.inf)
@@ -899,7 +894,6 @@ class LinksDetector(Detector):
                 live = (ids >= max(self._oldest, chunk_start + p.chunk - self._cap)) & (ids < chunk_start)
                 ipos = np.where(live, ids % self._alloc, 0)
                 live &= (np.take(self._ts, ipos) >= (ts[qi] - p.steps_window)[:, None]) & (np.take(self._client, ipos) != keys[qi][:, None])
-                matched: set[int] = set()
                 ln, ld = np.nonzero(live)
                 # Every change against its bucket's steps, many at once (most are chance collisions of the
                 # hash), in blocks: the pairs can be many and the inputs wide, and a block's arrays stay small.
@@ -910,18 +904,17 @@ class LinksDetector(Detector):
                     changes = u[qi[bn]] - np.take(self._U, cpos[qi[bn], ki[bn]], axis=0)
                     keep[b : b + block] = self._moves_alike(changes, np.take(self._S, ipos[bn, bd], axis=0))
                 ln, ld = ln[keep], ld[keep]
-                for n, d in zip(ln.tolist(), ld.tolist()):
-                    row = int(qi[n])
-                    pos = int(ipos[n, d])
-                    linked[row] = True
-                    other = self._client[pos]
-                    if other not in parents[row] and (parents[row] == 0).any():
-                        parents[row, int(np.argmax(parents[row] == 0))] = other
-                    if row not in matched and not filing[row]:
-                        steps[row] = u[row] - self._U[cpos[row, ki[n]]]  # a verified step: the query's own from now on
-                        matched.add(row)
+                # Whole arrays, not match by match: a client chooses how many matches its queries
+                # make (up to tables x depth x step_depth each), so their cost must not be Python's.
+                rows = qi[ln]
+                linked[rows] = True
+                add_peers(parents, rows, np.take(self._client, ipos[ln, ld]))
+                _, first = np.unique(rows, return_index=True)  # each row's first match
+                first = first[~filing[rows[first]]]
+                new = rows[first]
+                steps[new] = u[new] - np.take(self._U, cpos[new, ki[ln[first]]], axis=0)  # a verified step: the query's own from now on
                 filing = filing.copy()
-                filing[list(matched)] = True
+                filing[new] = True
             rows = np.flatnonzero(filing)
             if rows.size:
                 mv = np.abs(steps[rows, :r]) >= floor
@@ -1207,6 +1200,42 @@ def index_rows(params: LinksParams, width: int) -> int:
 def pairs_per_block(width: int) -> int:
     """(query, candidate) pairs compared feature by feature at once, for inputs of ``width`` features."""
     return max(1, _PAIR_VALUES // max(width, 1))
+
+
+def add_peers(parents: np.ndarray, rows: np.ndarray, peers: np.ndarray) -> None:
+    """Name, per row of ``parents`` (n, slots; 0: a free slot, filled from the left), the distinct
+    ``peers`` (client keys) of its entries in ``rows``, in their order, in the free slots, after
+    the peers already named.
+
+    Past ``_FEW_PEERS`` entries, only the first ``2 x slots`` distinct peers of each row are
+    looked at one by one (the rest could never take a slot): a client chooses how many
+    matches its queries make, and their number must not set the cost."""
+    if rows.size == 0:
+        return
+    if rows.size > _FEW_PEERS:
+        n = rows.size
+        order = np.lexsort((np.arange(n), peers, rows))  # by row, then peer, then as given
+        r, p = rows[order], peers[order]
+        first = np.ones(n, dtype=bool)
+        first[1:] = (r[1:] != r[:-1]) | (p[1:] != p[:-1])
+        at = np.sort(order[first])  # each (row, peer) once, where it first came, in the given order
+        by_row = np.argsort(rows[at], kind="stable")
+        rs = rows[at][by_row]
+        starts = np.flatnonzero(np.r_[True, rs[1:] != rs[:-1]])
+        rank = np.empty(at.size, dtype=np.int64)
+        rank[by_row] = np.arange(at.size) - np.repeat(starts, np.diff(np.r_[starts, at.size]))
+        at = at[rank < 2 * parents.shape[1]]
+        rows, peers = rows[at], peers[at]
+    slots = parents.shape[1]
+    named: dict[int, list[int]] = {}
+    for row, peer in zip(rows.tolist(), peers.tolist()):
+        have = named.get(row)
+        if have is None:
+            have = named[row] = [q for q in parents[row].tolist() if q]
+        if len(have) < slots and peer not in have:
+            have.append(peer)
+    for row, have in named.items():
+        parents[row, : len(have)] = have
 
 
 def first_pairs(mask: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
