@@ -384,3 +384,29 @@ def test_add_peers_names_each_rows_first_distinct_peers_after_those_it_has(entri
     links_module.add_peers(parents, rows, peers)
     assert (parents == expected).all()
     assert (parents[4] == [7, 8]).all() and (parents[rows, 0] != 0).all()
+
+
+def test_inputs_far_outside_tiny_ranges_raise_no_warning_and_keep_the_index_finite() -> None:
+    """A model whose features span a millionth, sent inputs of 1e15 (valid JSON numbers within the
+    decoder's bound): their cells overflow int64. Each such input once printed a RuntimeWarning
+    from numpy's cast, text on stderr that a client chose to cause; now they hash quietly, and the
+    index and its snapshot stay whole."""
+    import warnings
+
+    from exporter.detectors.base import ModelContext, Reference
+    from exporter.detectors.kit import Scaling
+    from exporter.detectors.links import LinksParams
+
+    rng = np.random.default_rng(0)
+    benign = rng.normal(0.0, 1.0, (3000, 30)) * 1e-6
+    scaling = Scaling.fit(benign)
+    det = LinksDetector(LinksParams(), ModelContext("m", "tabular", 30, 10, scaling, ("links",)))
+    det.load_reference(savez_roundtrip(det.fit(Reference(benign, None, scaling))))
+    x = rng.choice([-1.0, 1.0], (256, 30)) * rng.uniform(1e14, 1e15, (256, 1))
+    events = [Event(f"a{i % 4}", "m", 1000.0 + i, "tabular", vector=v) for i, v in enumerate(x)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        det.prepare(Block("m", events))
+    assert det.index_size() == 256 and np.isfinite(det._U[:256]).all()
+    det.load_shared_state(savez_roundtrip(det.shared_state()))
+    assert det.index_size() == 256

@@ -542,7 +542,8 @@ class LinksDetector(Detector):
     def _buckets(self, u: np.ndarray) -> np.ndarray:
         """(m, tables) flat bucket index of each query in each table."""
         p = self.params
-        cells = np.floor((u @ self._proj + self._offset) * (1.0 / p.width)).astype(np.int64)
+        with np.errstate(invalid="ignore"):  # cells beyond int64 (inputs far outside tiny ranges) share one value, without a warning per input
+            cells = np.floor((u @ self._proj + self._offset) * (1.0 / p.width)).astype(np.int64)
         cells = cells.reshape(u.shape[0], p.tables, p.projections).view(np.uint64)
         h = (cells * self._mix).sum(axis=2, dtype=np.uint64)  # wraps modulo 2**64
         h = splitmix64(h ^ (np.arange(p.tables, dtype=np.uint64) * _U64(0x9E3779B97F4A7C15)))
