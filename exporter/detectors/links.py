@@ -255,7 +255,7 @@ class LinksDetector(Detector):
     # (a member may be flagged on its own evidence by steps, ood or coverage).
     verdict: ClassVar[bool] = False
     state_format: ClassVar[str] = "3"  # 2: the per-client ring of distinct repeats; 3: units from the benign mean
-    default_enabled: ClassVar[bool] = False  # opt-in: it costs more than half of replay throughput (docs/groups-design.md, Sixteen hash tables)
+    default_enabled: ClassVar[bool] = False  # opt-in: it costs about half of replay throughput (docs/groups.md, Cost)
     params: LinksParams
 
     _INITIAL_ROWS = 4096
