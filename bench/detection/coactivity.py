@@ -86,15 +86,13 @@ def schedule_edges(span: dict[str, tuple[float, float]], flagged: set[str], seco
 
 def merged(clusters: list[set[str]], edges: Counter[frozenset[str]]) -> list[set[str]]:
     """``clusters`` joined where an edge links two of them, or one and a client outside every cluster."""
-    where = {c: i for i, part in enumerate(clusters) for c in part}
-    node = lambda c: f"#{where[c]}" if c in where else c  # noqa: E731  (a cluster is one node)
-    joined: Counter[frozenset[str]] = Counter({frozenset((node(a), node(b))): 1 for a, b in (tuple(p) for p in edges) if node(a) != node(b)})
-    nodes = {n for pair in joined for n in pair}
-    out = []
-    for part in components(joined, nodes, 1):
-        out.append(set().union(*(clusters[int(n[1:])] if n.startswith("#") else {n} for n in part)))
-    done = {int(n[1:]) for pair in joined for n in pair if n.startswith("#")}
-    return out + [part for i, part in enumerate(clusters) if i not in done]
+    joined: Counter[frozenset[str]] = Counter(edges)
+    for part in clusters:  # a cluster holds together: a chain through its members
+        members = sorted(part)
+        joined.update(frozenset(pair) for pair in zip(members, members[1:]))
+    parts = components(joined, set().union(*clusters, *edges), 1)
+    covered = set().union(*parts)
+    return parts + [part for part in clusters if not part <= covered]  # (a cluster of one has no edge)
 
 
 def main(argv: list[str] | None = None) -> int:
