@@ -144,6 +144,8 @@ def test_the_bucket_tables_are_made_only_once_a_reference_gives_the_units() -> N
     models of two-value inputs took half a GiB."""
     p = LinksParams()
     bare = LinksDetector(p, ModelContext("m", "tabular", 64, 10, None, ("links",)))
-    assert bare._slots.nbytes + bare._fill.nbytes + bare._step_slots.nbytes + bare._step_fill.nbytes == 0
+    tables = ("_slots", "_fill", "_step_slots", "_step_fill", "_own_slots", "_own_fill")
+    assert sum(getattr(bare, name).nbytes for name in tables) == 0
     det = detector()
     assert det._slots.size == (p.tables << p.bucket_bits) * p.depth and det._step_fill.size == 1 << p.step_bits
+    assert det._own_slots.nbytes + det._own_fill.nbytes == 4096 * (8 * p.own_candidates + 8)  # as docs/groups.md, Cost, says

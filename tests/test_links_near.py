@@ -234,7 +234,8 @@ def test_a_saved_index_with_ids_out_of_range_is_refused_before_anything_changes(
     saved = savez_roundtrip(first.shared_state())
     lo, nxt = (int(v) for v in saved["ids"])
     chunk = first.params.chunk
-    cases = [{part: _with(saved[part], 3, value)} for part, value in (("slots", 10**9), ("step_slots", 10**9), ("fill", -5), ("slots", -7))]
+    parts = (("slots", 10**9), ("step_slots", 10**9), ("own_slots", 10**9), ("fill", -5), ("own_fill", -5), ("slots", -7))
+    cases = [{part: _with(saved[part], 3, value)} for part, value in parts]
     cases += [
         {"ids": np.array([lo + 2**62, nxt + 2**62])},  # ids that would pass int64 soon after: every later block would fail
         {"fill": _with(saved["fill"], 3, nxt + 1)},  # a bucket filed more often than there were queries

@@ -67,14 +67,15 @@ def test_a_sign_step_moves_three_quarters_of_the_probe_features_by_one_size(even
     assert int(picked[0]) == (1 if even >= 6 else 0)
 
 
-def _repeated_steps(same_signs: bool, late: float | None = None) -> tuple[int, int]:
+def _repeated_steps(same_signs: bool, late: float | None = None, busy: int = 0, **params: object) -> tuple[int, int]:
     """Alice makes two sign steps from each of a hundred seeds (her second steps continue her
     first: verified steps, filed in the table of steps). Bob makes two steps from each of his
     own hundred seeds, the second with the signs of alice's second steps (``same_signs``) or
     with others; with ``late``, the block of bob's second steps starts with one query of
-    mallory's stamped then. Returns how many of bob's second steps are linked, and how many of
-    those to alice."""
-    det = detector(chunk=16)
+    mallory's stamped then; with ``busy``, erin sends that many inputs around each of bob's
+    first steps, every pixel one away, before his second (busier traffic in the same buckets). Returns how
+    many of bob's second steps are linked, and how many of those to alice."""
+    det = detector(chunk=16, **params)
     states: dict[str, dict] = {}
     rng = np.random.default_rng(13)
     a0, b0 = WORLD.sample(rng, 100), WORLD.sample(rng, 100)
@@ -88,6 +89,10 @@ def _repeated_steps(same_signs: bool, late: float | None = None) -> tuple[int, i
     b1 = b0 + STEP * np.where(rng.random(b0.shape) < 0.5, -1.0, 1.0)
     send(det, states, "bob", np.concatenate([b0, b1]), 1700.0)
     send(det, states, "erin", WORLD.sample(rng, 16), 1900.0)
+    if busy:
+        near = np.repeat(b1, busy, axis=0)
+        near = np.clip(near + rng.choice([-1.0, 1.0], near.shape), 0.0, 16.0)  # every pixel by one: below a step's floor
+        send(det, states, "erin", near, 1950.0 - len(near))
     signs = second if same_signs else np.where(rng.random(a0.shape) < 0.5, -1.0, 1.0)
     if late is None:
         linked, parent = send(det, states, "bob", b1 + STEP * signs, 2000.0)
@@ -112,6 +117,21 @@ def test_a_step_that_repeats_another_clients_verified_step_links_to_that_client(
     assert _repeated_steps(same_signs=False)[0] == 0
     monkeypatch.setattr(links_module, "_PAIR_VALUES", 1)
     assert _repeated_steps(same_signs=True) == (linked, to_alice)
+
+
+def test_a_key_that_grows_its_own_lattice_finds_its_own_points_when_busier_traffic_pushed_them_out_of_the_buckets() -> None:
+    """Bob's second steps continue his own first steps, but erin then sends 80 inputs around each
+    of those, every pixel one away, most in the same buckets as that point: the shared buckets
+    forget most of bob's points before his second steps come. His own last queries are his
+    candidates too, so his steps are still verified and repeat alice's; without them
+    (``own_candidates: 0``), fewer than half are. (Each of bob's second steps comes 100 of his
+    queries after the point it continues: his last 128 hold it, the default 64 would not.)"""
+    quiet = _repeated_steps(same_signs=True)[1]
+    linked, to_alice = _repeated_steps(same_signs=True, busy=80, own_candidates=128)
+    assert to_alice == linked and to_alice >= 0.9 * quiet  # of 100 (quiet: as many as without erin)
+    assert quiet >= 90
+    assert _repeated_steps(same_signs=True, busy=80, own_candidates=0)[0] <= 0.5 * quiet
+    assert _repeated_steps(same_signs=False, busy=80, own_candidates=128)[0] == 0
 
 
 def test_a_later_query_at_the_start_of_a_block_does_not_hide_the_table_of_steps_from_the_others() -> None:
@@ -330,6 +350,28 @@ def test_known_sizes_survive_a_restart() -> None:
         broken[part].reshape(-1)[0] = value
         with pytest.raises(ValueError, match="known step sizes"):
             detector(chunk=16).load_shared_state(broken)
+
+
+def test_the_clients_own_queries_survive_a_restart_and_a_snapshot_without_them_loads() -> None:
+    """The table of the clients' own queries is saved with the index. A snapshot of an earlier
+    version has none: it loads, with the table empty; one of other parameters is refused."""
+    first = detector(chunk=16)
+    send(first, {}, "alice", WORLD.sample(np.random.default_rng(3), 40), 1000.0)
+    saved = savez_roundtrip(first.shared_state())
+    second = detector(chunk=16)
+    second.load_shared_state(saved)
+    assert (second._own_fill > 0).any()
+    np.testing.assert_array_equal(second._own_slots, first._own_slots)
+    np.testing.assert_array_equal(second._own_fill, first._own_fill)
+    older = {k: v for k, v in saved.items() if k not in ("own_slots", "own_fill")}
+    third = detector(chunk=16)
+    third.load_shared_state(older)
+    assert third.index_size() == 40 and not third._own_fill.any() and (third._own_slots == -1).all()
+    for dropped in ("own_slots", "own_fill"):  # one without the other
+        with pytest.raises(ValueError, match="does not fit"):
+            detector(chunk=16).load_shared_state({k: v for k, v in saved.items() if k != dropped})
+    with pytest.raises(ValueError, match="does not fit"):
+        detector(chunk=16, own_candidates=8).load_shared_state(saved)
 
 
 def test_a_block_that_fails_halfway_leaves_the_known_sizes_as_they_were() -> None:

@@ -25,6 +25,7 @@ from exporter.detectors.kit import count_true, feature_spans, ring_in_order, rin
 from exporter.hashing import splitmix64
 
 _U64 = np.uint64
+_OWN_BITS = 12  # buckets of the table of the clients' own recent queries: 2**_OWN_BITS, clients hashed into them
 _PROBE_MIN = 3  # probe features on which both steps must agree before the full test
 # Feature values per block of (query, candidate) pairs compared feature by feature (1 MiB of
 # float32 per array): the pairs of a piece can be many and the inputs wide, and one client can
@@ -46,6 +47,18 @@ class LinksParams(WindowedParams):
     depth: int = Field(16, ge=1, le=64, description="Most recent queries kept per bucket: candidates per query are at most tables x depth.")
     bucket_bits: int = Field(14, ge=6, le=22, description="Buckets per table: 2**bucket_bits (cells are hashed into them).")
     seed: int = Field(0, ge=0, description="Seed of the projections; the same seed gives the same buckets in every process.")
+    own_candidates: int = Field(
+        64,
+        ge=0,
+        le=1024,
+        description=(
+            "The client's own last new queries added to each of its queries' candidates (a table of the clients' recent "
+            "queries, 4,096 buckets of this many). A key that grows its own part of a split's set steps from its own earlier "
+            "points, which busier traffic in the same region pushes out of the shared buckets before the step that continues "
+            "them comes; with them, its steps are verified and compared with the other keys' (docs/groups.md). A client's "
+            "own points never link it to anybody. 0: none."
+        ),
+    )
     max_queries: int = Field(65_536, ge=4096, le=4_000_000, description="Queries kept in the shared index (all clients of the model); the oldest are overwritten first.")
     max_index_mib: float = Field(
         64.0,
@@ -200,7 +213,11 @@ class LinksDetector(Detector):
     verified steps, else from its nearest candidate). It has
     ``tables`` hash tables; a query's bucket in each is the cell of ``projections`` random
     projections of ``width``, and each bucket keeps its ``depth`` most recent queries. A
-    new query's candidates are those (at most ``tables x depth``); a cheap test on the
+    new query's candidates are those (at most ``tables x depth``) and its own client's last
+    ``own_candidates`` new queries (a table by client): a key that grows its own part of a
+    split's set steps from its own earlier points, and busier traffic in the same region
+    pushes those out of the buckets long before the step that continues them comes. A
+    client's own points give its queries their own steps, never a link. A cheap test on the
     sizes of the two steps on the ``probe`` features (those benign inputs spread most)
     picks the few worth the full test. A query that repeats a point the index holds is no
     new point: it continues nothing and is not filed again, since popular inputs and
@@ -217,9 +234,10 @@ class LinksDetector(Detector):
     counted in indexed queries, not in blocks). Entries past ``ttl_seconds`` or
     overwritten are not compared.
 
-    What it misses: steps of random sizes per feature, parents older than the index holds
-    or pushed out of their buckets by busier traffic (the index remembers buckets, not
-    time: recall falls as benign traffic in the same region grows), the first step from
+    What it misses: steps of random sizes per feature, parents older than the index holds,
+    another client's parents pushed out of their buckets by busier traffic (the index
+    remembers buckets, not time: recall falls as benign traffic in the same region grows;
+    a client's own last ``own_candidates`` are kept apart), the first step from
     each natural seed (a seed has no step to continue), and splits whose members neither
     derive from each other's points nor step alike (each its own lattice, with its own
     substitute; the steps detector still flags each member).
@@ -230,7 +248,7 @@ class LinksDetector(Detector):
     fitted before near links), nearness does not.
 
     Cost per query: one (d x tables·projections) projection, a gather of at most
-    ``tables x depth`` candidate rows and one multiply-add over them, and the full test on
+    ``tables x depth + own_candidates`` candidate rows and one multiply-add over them, and the full test on
     the few that pass the cheap one; with ``near_factor`` > 0, a bound on its distance to the
     anchors from one candidate's (``d'`` multiply-adds), its distance to every anchor
     (``anchors x d'``) only where the bound does not settle the test, and for an off-manifold
@@ -243,7 +261,8 @@ class LinksDetector(Detector):
     features that move in the reference, :func:`row_bytes`), grown with the traffic up to
     its capacity (``max_queries``, or as many as fit in ``max_index_mib``), plus
     ``8 x depth + 8`` bytes per bucket (``tables x 2**bucket_bits`` buckets: 34 MiB with the
-    defaults), plus the map of filed digests: at most ``1.25 x capacity + chunk`` entries of about 100 B in CPython
+    defaults), plus ``8 x own_candidates + 8`` bytes per bucket of the table by client (4,096
+    buckets: 2 MiB with the defaults), plus the map of filed digests: at most ``1.25 x capacity + chunk`` entries of about 100 B in CPython
     (two int objects and a dict slot: about 8 MiB with the defaults), plus ``4·d'·anchors``
     bytes of anchors, plus ``(4·min(probe, d') + 8)·known_steps`` bytes of known step sizes.
     """
@@ -382,6 +401,9 @@ class LinksDetector(Detector):
         buckets, step_buckets = ((p.tables << p.bucket_bits), 1 << p.step_bits) if live else (0, 0)
         self._slots = np.full(buckets * p.depth, -1, dtype=np.int64)  # bucket -> its recent entry ids (depth per bucket)
         self._fill = np.zeros(buckets, dtype=np.int64)  # entries ever put in each bucket
+        own = (1 << _OWN_BITS) if live and p.own_candidates else 0
+        self._own_slots = np.full(own * p.own_candidates, -1, dtype=np.int64)  # client's bucket -> its recent entry ids
+        self._own_fill = np.zeros(own, dtype=np.int64)
         self._next = 0  # id of the next indexed query
         self._oldest = 0  # ids below this are past the TTL
         self._step_slots = np.full(step_buckets * p.step_depth, -1, dtype=np.int64)  # step bucket -> recent query ids
@@ -494,6 +516,7 @@ class LinksDetector(Detector):
             self._expire(float(ts[0]))
             start = 0
             chunk = self.params.chunk
+            own = self.params.own_candidates
             while start < m:
                 if self._alloc < self._cap and self._next >= self._alloc:
                     self._grow()
@@ -511,11 +534,17 @@ class LinksDetector(Detector):
                 rows, repeated = self._new_points(dig[sl], ts[sl], filed_undo)
                 ids = self._next + rows
                 found, order, starts, rank_sorted = recent(buckets[rows], self._fill, self._slots, self.params.depth, ids)
+                if own:  # the clients' own recent queries too (a table by client)
+                    mine = self._own_buckets(keys[sl][rows])
+                    own_found, own_order, own_starts, own_rank = recent(mine, self._own_fill, self._own_slots, own, ids)
+                    found = np.concatenate([found, own_found], axis=1)
                 cand = np.full((stop - start, found.shape[1]), -1, dtype=np.int64)
                 cand[rows] = found
                 out_linked[sl], out_parents[sl], out_off_data[sl] = self._piece(u, ts[sl], dig[sl], keys[sl], cand, repeated >= 0, undo)
                 self._repeats(u, keys[sl], repeated, out_linked[sl], out_parents[sl], out_off_data[sl], undo)
                 file(buckets[rows], order, starts, rank_sorted, self._fill, self._slots, self.params.depth, undo, ids)
+                if own:
+                    file(mine, own_order, own_starts, own_rank, self._own_fill, self._own_slots, own, undo, ids)
                 start = stop
                 if len(self._filed) > self._cap + self._cap // 4:
                     self._prune_filed(filed_undo)  # at most _cap of them are live: memory stays bounded
@@ -549,6 +578,11 @@ class LinksDetector(Detector):
         h = splitmix64(h ^ (np.arange(p.tables, dtype=np.uint64) * _U64(0x9E3779B97F4A7C15)))
         b = (h >> _U64(64 - p.bucket_bits)).astype(np.int64)
         return b + (np.arange(p.tables, dtype=np.int64) << p.bucket_bits)
+
+    @staticmethod
+    def _own_buckets(keys: np.ndarray) -> np.ndarray:
+        """(n, 1) each client's bucket in the table of the clients' own recent queries."""
+        return (splitmix64(keys ^ _U64(0x0D15EA5E)) >> _U64(64 - _OWN_BITS)).astype(np.int64)[:, None]
 
     def _new_points(self, dig: np.ndarray, ts: np.ndarray, filed_undo: list[tuple[int, int | None]]) -> tuple[np.ndarray, np.ndarray]:
         """Rows of a piece (about to take ids ``self._next + row``) that are new points: no entry
@@ -1084,6 +1118,7 @@ class LinksDetector(Detector):
             "U": self._U[pos], "S": self._S[pos],
             "ts": self._ts[pos], "digest": self._digest[pos], "client": self._client[pos],
             "slots": self._slots.copy(), "fill": self._fill.copy(),
+            "own_slots": self._own_slots.copy(), "own_fill": self._own_fill.copy(),
             "step_slots": self._step_slots.copy(), "step_fill": self._step_fill.copy(), "step_last": np.array(self._step_last),
             "pending": np.array(self._pending, dtype=np.int64).reshape(-1, 2),
             "known_size": self._known_size.copy(), "known_time": self._known_time.copy(),
@@ -1107,15 +1142,21 @@ class LinksDetector(Detector):
             raise ValueError("links shared state does not fit these parameters")
         if np.asarray(state["step_slots"]).shape != self._step_slots.shape or np.asarray(state["step_fill"]).shape != self._step_fill.shape:
             raise ValueError("links shared state does not fit these parameters")
+        # The table of the clients' own queries: snapshots of earlier versions lack it (it starts empty).
+        own = ("own_slots", "own_fill") if "own_slots" in state or "own_fill" in state else ()
+        if own and not all(k in state and np.asarray(state[k]).shape == getattr(self, f"_{k}").shape for k in own):
+            raise ValueError("links shared state does not fit these parameters")
         pending = np.asarray(state["pending"], dtype=np.int64).reshape(-1, 2)
         # Every id a table holds is one the index gave (or -1), every count and bucket in range: a
         # snapshot that says otherwise would make every later block fail, and be saved again.
-        ids_ok = all(a.size == 0 or (a.min() >= -1 and a.max() < nxt) for a in (np.asarray(state["slots"]), np.asarray(state["step_slots"]), pending[:, 1]))
+        tables = [np.asarray(state[k]) for k in ("slots", "step_slots", *own[:1])]
+        ids_ok = all(a.size == 0 or (a.min() >= -1 and a.max() < nxt) for a in (*tables, pending[:, 1]))
         # Pending steps are those of the chunk under way and of one just completed (filed at the next piece).
         chunk = self.params.chunk
         ids_ok = ids_ok and len(pending) <= 2 * chunk and (pending.size == 0 or pending[:, 1].min() >= nxt - nxt % chunk - chunk)
         # A bucket's count is at most one per id ever given.
-        counts_ok = all(0 <= np.asarray(state[k]).min() and np.asarray(state[k]).max() <= nxt for k in ("fill", "step_fill"))
+        counts_ok = all(np.asarray(state[k]).size == 0 or 0 <= np.asarray(state[k]).min() and np.asarray(state[k]).max() <= nxt
+                        for k in ("fill", "step_fill", *own[1:]))
         buckets_ok = pending.size == 0 or (pending[:, 0].min() >= 0 and pending[:, 0].max() < self._step_fill.size)
         times_ok = bool(np.isfinite(np.asarray(state["ts"], dtype=np.float64)).all()) and float(state["step_last"]) < np.inf  # -inf: no step yet
         times_ok = times_ok and all(bool(np.isfinite(np.asarray(state[k], dtype=np.float64)).all()) for k in ("U", "S"))  # inputs and steps too
@@ -1146,6 +1187,9 @@ class LinksDetector(Detector):
         self._far_seen[pos], self._reach[pos] = self._off_manifold(self._U[pos])  # not saved: recomputed from the inputs
         self._slots[...] = np.asarray(state["slots"], dtype=np.int64)
         self._fill[...] = np.asarray(state["fill"], dtype=np.int64)
+        if own:
+            self._own_slots[...] = np.asarray(state["own_slots"], dtype=np.int64)
+            self._own_fill[...] = np.asarray(state["own_fill"], dtype=np.int64)
         self._step_slots[...] = np.asarray(state["step_slots"], dtype=np.int64)
         self._step_fill[...] = np.asarray(state["step_fill"], dtype=np.int64)
         self._step_last = float(state["step_last"])
